@@ -1,0 +1,44 @@
+"""Rules a command can break. Raised before any event is triggered, so nothing is recorded.
+
+The service layer maps them to SCIM errors: `InvalidValue` to 400 `invalidValue`,
+`ResourceDeleted` to 404.
+"""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+
+class DomainError(Exception):
+    """A command was refused by the domain."""
+
+
+class InvalidValue(DomainError):
+    """An attribute value breaks a rule.
+
+    `attribute` is the canonical name: "userName", "name.givenName", "enterprise.department".
+    """
+
+    def __init__(self, attribute: str, detail: str | None = None) -> None:
+        self.attribute = attribute
+        self.detail = detail or f"invalid value for {attribute}"
+        super().__init__(self.detail)
+
+
+class ResourceDeleted(DomainError):
+    """A command reached a resource that was already deleted."""
+
+    def __init__(self, resource_id: UUID, detail: str) -> None:
+        self.resource_id = resource_id
+        self.detail = detail
+        super().__init__(detail)
+
+
+class AlreadyDeprovisioned(ResourceDeleted):
+    def __init__(self, user_id: UUID) -> None:
+        super().__init__(user_id, f"user {user_id} is deprovisioned")
+
+
+class GroupAlreadyDeleted(ResourceDeleted):
+    def __init__(self, group_id: UUID) -> None:
+        super().__init__(group_id, f"group {group_id} is deleted")

@@ -1,0 +1,149 @@
+"""The Group aggregate: a group's name and the record of membership changes.
+
+Membership is not held here: a group can have 100,000 members, and replaying them on every
+PATCH would be the cost of every PATCH. The service checks membership rows in the database in
+the same transaction as the append; the aggregate validates the change and records it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from uuid import UUID
+
+from eventsourcing.domain import Aggregate, event
+
+from domain.errors import GroupAlreadyDeleted, InvalidValue
+from domain.schema import resource_id
+
+DISPLAY_NAME = "displayName"
+EXTERNAL_ID = "externalId"
+MEMBERS = "members"
+
+
+class Group(Aggregate):
+    """A group of one tenant; deletion is final."""
+
+    @event("GroupCreated")
+    def __init__(
+        self,
+        id: UUID,
+        tenant_id: UUID,
+        display_name: str,
+        external_id: str | None,
+    ) -> None:
+        # `id` is consumed by the library (it becomes originator_id, not an event field).
+        self.tenant_id = tenant_id
+        self.display_name = display_name
+        self.external_id = external_id
+        self.deleted = False
+
+    @classmethod
+    def create(
+        cls,
+        group_id: UUID,
+        tenant_id: UUID,
+        display_name: str,
+        external_id: str | None = None,
+    ) -> Group:
+        """A new group with the caller's id; the only pending event is GroupCreated."""
+        return cls(
+            id=group_id,
+            tenant_id=tenant_id,
+            display_name=_display_name(display_name),
+            external_id=_external_id(external_id),
+        )
+
+    @classmethod
+    def from_state(
+        cls,
+        group_id: UUID,
+        version: int,
+        tenant_id: UUID,
+        display_name: str,
+        external_id: str | None,
+        created_on: datetime,
+        modified_on: datetime,
+    ) -> Group:
+        """Rebuild a group at `version` from stored state, to apply later events to."""
+        group = object.__new__(cls)
+        group.__base_init__(
+            originator_id=group_id, originator_version=version, timestamp=created_on
+        )
+        group.modified_on = modified_on
+        group.tenant_id = tenant_id
+        group.display_name = display_name
+        group.external_id = external_id
+        group.deleted = False
+        return group
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def update(self, display_name: str, external_id: str | None) -> None:
+        """Move to the desired name and externalId, triggering only what changed."""
+        self._check_not_deleted()
+        display_name = _display_name(display_name)
+        external_id = _external_id(external_id)
+        if display_name != self.display_name:
+            self._rename(display_name)
+        if external_id != self.external_id:
+            self._change_external_id(external_id)
+
+    def change_membership(self, added: Iterable[str], removed: Iterable[str]) -> None:
+        """Record members added and removed (user or group ids); nothing if both are empty.
+
+        Whether an added member exists, or a removed one was a member, is the service's
+        question to the database; here the change must only make sense on its own.
+        """
+        self._check_not_deleted()
+        add = sorted({resource_id(member, MEMBERS) for member in added})
+        remove = sorted({resource_id(member, MEMBERS) for member in removed})
+        both = set(add) & set(remove)
+        if both:
+            listed = ", ".join(sorted(both))
+            raise InvalidValue(MEMBERS, f"members both added and removed: {listed}")
+        if str(self.id) in add:
+            raise InvalidValue(MEMBERS, "a group cannot be a member of itself")
+        if add or remove:
+            self._change_membership(add, remove)
+
+    def delete(self) -> None:
+        """SCIM DELETE. A second call raises GroupAlreadyDeleted."""
+        self._check_not_deleted()
+        self._delete()
+
+    def _check_not_deleted(self) -> None:
+        if self.deleted:
+            raise GroupAlreadyDeleted(self.id)
+
+    # -- events -----------------------------------------------------------------------------
+
+    @event("GroupRenamed")
+    def _rename(self, display_name: str) -> None:
+        self.display_name = display_name
+
+    @event("GroupExternalIdChanged")
+    def _change_external_id(self, external_id: str | None) -> None:
+        self.external_id = external_id
+
+    @event("GroupMembershipChanged")
+    def _change_membership(self, added: list[str], removed: list[str]) -> None:
+        """Changes nothing here: membership lives in the projection, not the aggregate."""
+
+    @event("GroupDeleted")
+    def _delete(self) -> None:
+        self.deleted = True
+
+
+def _display_name(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidValue(DISPLAY_NAME, "displayName is required and must be a non-empty string")
+    return value
+
+
+def _external_id(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise InvalidValue(EXTERNAL_ID, "externalId must be a string")
+    return value

@@ -1,0 +1,167 @@
+"""The canonical user state: which SCIM attributes the domain keeps, and their one spelling.
+
+The service layer turns every SCIM request (POST, PUT, either PATCH style) into a desired state
+of this shape. Normalising it first gives "absent" exactly one representation (the key is
+missing: never None, "", [] or {}), so comparing desired with current state finds real
+changes only, and an unchanged resync from Entra records nothing.
+
+Keys are SCIM attribute names; the enterprise extension lives under "enterprise", except
+`manager`, which is a top-level key holding the manager's user id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from uuid import UUID
+
+from domain.errors import InvalidValue
+
+USER_NAME = "userName"
+ACTIVE = "active"
+NAME = "name"
+EMAILS = "emails"
+MANAGER = "manager"
+ENTERPRISE = "enterprise"
+
+NAME_SUB_ATTRIBUTES = (
+    "formatted",
+    "familyName",
+    "givenName",
+    "middleName",
+    "honorificPrefix",
+    "honorificSuffix",
+)
+USER_STRING_ATTRIBUTES = (
+    "externalId",
+    "displayName",
+    "nickName",
+    "profileUrl",
+    "title",
+    "userType",
+    "preferredLanguage",
+    "locale",
+    "timezone",
+)
+USER_MULTI_VALUED_ATTRIBUTES = (
+    "emails",
+    "phoneNumbers",
+    "ims",
+    "photos",
+    "addresses",
+    "entitlements",
+    "roles",
+    "x509Certificates",
+)
+USER_ENTERPRISE_ATTRIBUTES = (
+    "employeeNumber",
+    "costCenter",
+    "organization",
+    "division",
+    "department",
+)
+# How enterprise sub-attributes are named in UserAttributesChanged and in InvalidValue.
+ENTERPRISE_PREFIX = ENTERPRISE + "."
+
+
+def normalise_user(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the canonical form of a user state, or raise InvalidValue.
+
+    Unknown keys are dropped; empty values are dropped; `active` defaults to True; keys are
+    sorted. Normalising a canonical state returns an equal state.
+    """
+    canonical: dict[str, Any] = {}
+
+    user_name = state.get(USER_NAME)
+    if not isinstance(user_name, str) or not user_name.strip():
+        raise InvalidValue(USER_NAME, "userName is required and must be a non-empty string")
+    canonical[USER_NAME] = user_name
+
+    active = state.get(ACTIVE)
+    if active is None:
+        active = True
+    if not isinstance(active, bool):
+        raise InvalidValue(ACTIVE, "active must be a boolean")
+    canonical[ACTIVE] = active
+
+    for attribute in USER_STRING_ATTRIBUTES:
+        value = _string(state.get(attribute), attribute)
+        if value is not None:
+            canonical[attribute] = value
+
+    name = _sub_attributes(state.get(NAME), NAME, NAME_SUB_ATTRIBUTES)
+    if name:
+        canonical[NAME] = name
+    enterprise = _sub_attributes(state.get(ENTERPRISE), ENTERPRISE, USER_ENTERPRISE_ATTRIBUTES)
+    if enterprise:
+        canonical[ENTERPRISE] = enterprise
+
+    for attribute in USER_MULTI_VALUED_ATTRIBUTES:
+        values = _multi_valued(state.get(attribute), attribute)
+        if values:
+            canonical[attribute] = values
+
+    manager = _string(state.get(MANAGER), MANAGER)
+    if manager is not None:
+        canonical[MANAGER] = resource_id(manager, MANAGER)
+
+    return dict(sorted(canonical.items()))
+
+
+def resource_id(value: object, attribute: str) -> str:
+    """The canonical spelling of an id this service issued (lower-case hyphenated UUID)."""
+    if not isinstance(value, str):
+        raise InvalidValue(attribute, f"{attribute} must be a resource id string")
+    try:
+        return str(UUID(value))
+    except ValueError:
+        detail = f"{attribute} is not a resource id: {value!r}"
+        raise InvalidValue(attribute, detail) from None
+
+
+def _string(value: object, attribute: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise InvalidValue(attribute, f"{attribute} must be a string")
+    return value
+
+
+def _sub_attributes(value: object, attribute: str, known: tuple[str, ...]) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise InvalidValue(attribute, f"{attribute} must be an object")
+    subs = {}
+    for key in sorted(known):
+        sub_value = _string(value.get(key), f"{attribute}.{key}")
+        if sub_value is not None:
+            subs[key] = sub_value
+    return subs or None
+
+
+def _multi_valued(value: object, attribute: str) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    if not isinstance(value, list | tuple):
+        raise InvalidValue(attribute, f"{attribute} must be a list of objects")
+    items: list[dict[str, Any]] = []
+    for raw in value:
+        if not isinstance(raw, Mapping):
+            raise InvalidValue(attribute, f"{attribute} must be a list of objects")
+        if not all(isinstance(key, str) for key in raw):
+            raise InvalidValue(attribute, f"{attribute} sub-attribute names must be strings")
+        item = {}
+        for key in sorted(raw):
+            sub_value = raw[key]
+            if sub_value is None or sub_value == "":
+                continue
+            if not isinstance(sub_value, str | bool):
+                raise InvalidValue(attribute, f"{attribute} values must be strings or booleans")
+            item[key] = sub_value
+        # SCIM order is the client's, so it is kept; exact repeats say nothing new.
+        if item and item not in items:
+            items.append(item)
+    if sum(1 for item in items if item.get("primary") is True) > 1:
+        raise InvalidValue(attribute, f"at most one of {attribute} may be primary")
+    return items

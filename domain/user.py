@@ -1,0 +1,223 @@
+"""The User aggregate: one provisioned user of one tenant, kept as its canonical SCIM state.
+
+Commands take a desired state, diff it with the current one and trigger only the events needed.
+Each `@event` method is an event: its arguments are the stored fields and its body is how the
+event changes the state, on first trigger and on every replay. Bodies never refuse; rules are
+checked by the commands before anything is triggered.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.domain import Aggregate, event
+
+from domain.errors import AlreadyDeprovisioned, InvalidValue
+from domain.schema import (
+    ACTIVE,
+    EMAILS,
+    ENTERPRISE,
+    ENTERPRISE_PREFIX,
+    MANAGER,
+    NAME,
+    USER_ENTERPRISE_ATTRIBUTES,
+    USER_MULTI_VALUED_ATTRIBUTES,
+    USER_NAME,
+    USER_STRING_ATTRIBUTES,
+    normalise_user,
+)
+
+# Attributes with events of their own; every other one goes into UserAttributesChanged.
+_OTHER_MULTI_VALUED = tuple(a for a in USER_MULTI_VALUED_ATTRIBUTES if a != EMAILS)
+
+
+class User(Aggregate):
+    """A user provisioned into one tenant; deprovisioning is final."""
+
+    class EmailChanged(Aggregate.Event):
+        """The user's emails, in full (an empty list clears them).
+
+        Version 1 carried only the work address, as `email: str | None`; version 2 carries the
+        SCIM multi-valued list, so type and primary survive.
+        """
+
+        class_version = 2
+        emails: list[dict[str, Any]]
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            email = state.pop("email", None)
+            state["emails"] = [{"primary": True, "type": "work", "value": email}] if email else []
+
+    @event("UserProvisioned")
+    def __init__(
+        self,
+        id: UUID,
+        tenant_id: UUID,
+        user_name: str,
+        attributes: dict[str, Any],
+    ) -> None:
+        # `id` is consumed by the library (it becomes originator_id, not an event field).
+        self.tenant_id = tenant_id
+        self.deprovisioned = False
+        self._state: dict[str, Any] = {USER_NAME: user_name, **copy.deepcopy(attributes)}
+
+    # -- creation ---------------------------------------------------------------------------
+
+    @staticmethod
+    def normalise(state: Mapping[str, Any]) -> dict[str, Any]:
+        """The canonical form of `state` (see domain.schema); raises InvalidValue."""
+        return normalise_user(state)
+
+    @classmethod
+    def provision(cls, user_id: UUID, tenant_id: UUID, state: Mapping[str, Any]) -> User:
+        """A new user with the caller's id; the only pending event is UserProvisioned."""
+        attributes = normalise_user(state)
+        _check_manager(attributes, user_id)
+        user_name = attributes.pop(USER_NAME)
+        return cls(id=user_id, tenant_id=tenant_id, user_name=user_name, attributes=attributes)
+
+    @classmethod
+    def from_state(
+        cls,
+        user_id: UUID,
+        version: int,
+        tenant_id: UUID,
+        state: Mapping[str, Any],
+        created_on: datetime,
+        modified_on: datetime,
+        *,
+        deprovisioned: bool = False,
+    ) -> User:
+        """Rebuild a user at `version` from a stored canonical state (as `user.state` returned).
+
+        Events after `version` can then be applied with `event.mutate(user)`, as on a snapshot.
+        """
+        user = object.__new__(cls)
+        user.__base_init__(originator_id=user_id, originator_version=version, timestamp=created_on)
+        user.modified_on = modified_on
+        user.tenant_id = tenant_id
+        user.deprovisioned = deprovisioned
+        user._state = copy.deepcopy(dict(state))
+        return user
+
+    # -- read side --------------------------------------------------------------------------
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """The canonical state, sorted by key (a copy: changing it changes nothing)."""
+        return copy.deepcopy(dict(sorted(self._state.items())))
+
+    @property
+    def user_name(self) -> str:
+        return str(self._state[USER_NAME])
+
+    @property
+    def active(self) -> bool:
+        return bool(self._state[ACTIVE])
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def update(self, desired: Mapping[str, Any]) -> None:
+        """Move to the desired state, triggering only the events needed (none if equal)."""
+        self._check_not_deprovisioned()
+        new = normalise_user(desired)
+        _check_manager(new, self.id)
+        old = self._state
+
+        if new[USER_NAME] != old[USER_NAME]:
+            self._change_user_name(new[USER_NAME])
+        if new.get(NAME) != old.get(NAME):
+            self._change_name(new.get(NAME))
+        if new.get(EMAILS) != old.get(EMAILS):
+            self._change_emails(new.get(EMAILS, []))
+        changed = _attribute_changes(old, new)
+        if changed:
+            self._change_attributes(changed)
+        if new.get(MANAGER) != old.get(MANAGER):
+            self._change_manager(new.get(MANAGER))
+        if new[ACTIVE] != old[ACTIVE]:
+            if new[ACTIVE]:
+                self._reactivate()
+            else:
+                self._deactivate()
+
+    def deprovision(self) -> None:
+        """Hard delete (SCIM DELETE). A second call raises AlreadyDeprovisioned."""
+        self._check_not_deprovisioned()
+        self._deprovision()
+
+    def _check_not_deprovisioned(self) -> None:
+        if self.deprovisioned:
+            raise AlreadyDeprovisioned(self.id)
+
+    # -- events -----------------------------------------------------------------------------
+
+    @event("UserNameChanged")
+    def _change_user_name(self, user_name: str) -> None:
+        self._state[USER_NAME] = user_name
+
+    @event("NameChanged")
+    def _change_name(self, name: dict[str, str] | None) -> None:
+        _put(self._state, NAME, name)
+
+    @event(EmailChanged)
+    def _change_emails(self, emails: list[dict[str, Any]]) -> None:
+        _put(self._state, EMAILS, emails)
+
+    @event("UserAttributesChanged")
+    def _change_attributes(self, changed: dict[str, Any]) -> None:
+        for key, value in changed.items():
+            if key.startswith(ENTERPRISE_PREFIX):
+                enterprise = dict(self._state.get(ENTERPRISE, {}))
+                _put(enterprise, key.removeprefix(ENTERPRISE_PREFIX), value)
+                _put(self._state, ENTERPRISE, dict(sorted(enterprise.items())))
+            else:
+                _put(self._state, key, value)
+
+    @event("ManagerChanged")
+    def _change_manager(self, manager: str | None) -> None:
+        _put(self._state, MANAGER, manager)
+
+    @event("UserDeactivated")
+    def _deactivate(self) -> None:
+        self._state[ACTIVE] = False
+
+    @event("UserReactivated")
+    def _reactivate(self) -> None:
+        self._state[ACTIVE] = True
+
+    @event("UserDeprovisioned")
+    def _deprovision(self) -> None:
+        self.deprovisioned = True
+
+
+def _check_manager(state: Mapping[str, Any], user_id: UUID) -> None:
+    if state.get(MANAGER) == str(user_id):
+        raise InvalidValue(MANAGER, "a user cannot be their own manager")
+
+
+def _attribute_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """What UserAttributesChanged records: new values by canonical name, None for cleared."""
+    changed: dict[str, Any] = {}
+    for attribute in USER_STRING_ATTRIBUTES + _OTHER_MULTI_VALUED:
+        if new.get(attribute) != old.get(attribute):
+            changed[attribute] = new.get(attribute)
+    old_enterprise = old.get(ENTERPRISE, {})
+    new_enterprise = new.get(ENTERPRISE, {})
+    for sub in USER_ENTERPRISE_ATTRIBUTES:
+        if new_enterprise.get(sub) != old_enterprise.get(sub):
+            changed[ENTERPRISE_PREFIX + sub] = new_enterprise.get(sub)
+    return dict(sorted(changed.items()))
+
+
+def _put(target: dict[str, Any], key: str, value: Any) -> None:
+    """Set a copy of `value`, or remove the key when the value is empty (cleared)."""
+    if value is None or value == "" or value == [] or value == {}:
+        target.pop(key, None)
+    else:
+        target[key] = copy.deepcopy(value)

@@ -1,0 +1,31 @@
+"""Where the service finds its database and how it listens: flags, environment, defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _int_env(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return int(raw) if raw else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = field(
+        default_factory=lambda: Path(os.environ.get("SCIMLEDGER_DATA_DIR", "var"))
+    )
+    database_url: str | None = field(default_factory=lambda: os.environ.get("DATABASE_URL") or None)
+    host: str = field(default_factory=lambda: os.environ.get("SCIMLEDGER_HOST", "127.0.0.1"))
+    port: int = field(default_factory=lambda: _int_env("SCIMLEDGER_PORT", 8000))
+    pool_min: int = field(default_factory=lambda: _int_env("SCIMLEDGER_POOL_MIN", 2))
+    pool_max: int = field(default_factory=lambda: _int_env("SCIMLEDGER_POOL_MAX", 20))
+    # Entra pages through users; a cap keeps one request from pulling a whole tenant.
+    max_results: int = field(default_factory=lambda: _int_env("SCIMLEDGER_MAX_RESULTS", 1000))
+    max_body_bytes: int = field(
+        default_factory=lambda: _int_env("SCIMLEDGER_MAX_BODY_BYTES", 2 * 1024 * 1024)
+    )
+    # Base URL that Entra is told to use; None means "derive from the request".
+    public_url: str | None = field(default_factory=lambda: os.environ.get("SCIMLEDGER_PUBLIC_URL"))

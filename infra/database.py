@@ -1,0 +1,94 @@
+"""Opening the one database: the embedded server by default, any PostgreSQL via DATABASE_URL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import orjson
+
+from infra.config import Settings
+from infra.embedded import EmbeddedPostgres
+from infra.eventstore import EventStore
+from infra.migrations import migrate
+
+
+class DatabaseUnavailable(Exception):
+    """The database could not be reached or started."""
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=lambda v: b"\x01" + orjson.dumps(v),
+        decoder=lambda b: orjson.loads(b[1:]),
+        schema="pg_catalog",
+        format="binary",
+    )
+
+
+@dataclass
+class Database:
+    dsn: str
+    pool: asyncpg.Pool
+    store: EventStore
+    embedded: EmbeddedPostgres | None
+
+    async def connect(self) -> asyncpg.Connection:
+        """A connection outside the pool (for LISTEN and long-running work)."""
+        conn: asyncpg.Connection = await asyncpg.connect(self.dsn)
+        await _init_connection(conn)
+        return conn
+
+
+async def resolve_dsn(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
+    if settings.database_url:
+        return settings.database_url, None
+    embedded = EmbeddedPostgres(settings.data_dir)
+    try:
+        dsn = await asyncio.to_thread(embedded.start)
+    except Exception as e:  # the wheel raises assorted errors (CalledProcessError, OSError, ...)
+        raise DatabaseUnavailable(
+            f"could not start embedded PostgreSQL in {embedded.pgdata}: {e}"
+        ) from e
+    return dsn, embedded
+
+
+async def create_pool(
+    dsn: str, *, min_size: int = 2, max_size: int = 20, **kw: Any
+) -> asyncpg.Pool:
+    try:
+        pool = await asyncpg.create_pool(
+            dsn, min_size=min_size, max_size=max_size, init=_init_connection, **kw
+        )
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        raise DatabaseUnavailable(f"cannot connect to the database: {e}") from e
+    assert pool is not None
+    return pool
+
+
+@asynccontextmanager
+async def open_database(
+    settings: Settings, *, run_migrations: bool = True
+) -> AsyncIterator[Database]:
+    dsn, embedded = await resolve_dsn(settings)
+    try:
+        pool = await create_pool(dsn, min_size=settings.pool_min, max_size=settings.pool_max)
+        try:
+            if run_migrations:
+                async with pool.acquire() as conn:
+                    await migrate(conn)
+            store = EventStore(pool)
+            try:
+                yield Database(dsn=dsn, pool=pool, store=store, embedded=embedded)
+            finally:
+                await store.close()
+        finally:
+            await pool.close()
+    finally:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)

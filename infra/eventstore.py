@@ -1,0 +1,268 @@
+"""Append-only event store on asyncpg.
+
+Writers append to a stream with an expected version inside their own transaction (the unit of
+work), so the projection rows they change commit with the events or not at all. Two appends to
+the same stream at the same version collide on the primary key: the loser gets
+`ConcurrencyError`, never a silent merge.
+
+Followers read the whole log in commit-safe order: `(transaction_id, notification_id)`, limited
+to transactions older than the oldest one still running. A notification_id drawn by a slow
+transaction can commit after a higher one; ordering by the writer's transaction id and stopping
+at the snapshot's xmin means such an event is never behind a follower's checkpoint when it
+becomes visible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, NamedTuple
+from uuid import UUID
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+from eventsourcing.domain import Aggregate, DomainEventProtocol
+from eventsourcing.persistence import Mapper, StoredEvent
+
+from infra.transcoder import make_mapper
+
+NOTIFY_CHANNEL = "scimledger_events"
+
+# A plain connection or one borrowed from a pool: both run statements the same way.
+Conn = asyncpg.Connection | PoolConnectionProxy
+
+
+class ConcurrencyError(Exception):
+    """Another writer appended to the stream first: reload and retry, or answer 412/409."""
+
+    def __init__(self, originator_id: UUID) -> None:
+        super().__init__(f"stream {originator_id} was appended to concurrently")
+        self.originator_id = originator_id
+
+
+class Position(NamedTuple):
+    """A follower's place in the log. Order is (transaction_id, notification_id)."""
+
+    transaction_id: int
+    notification_id: int
+
+
+START = Position(0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedEvent:
+    originator_id: UUID
+    originator_version: int
+    topic: str
+    state: bytes
+    notification_id: int
+    tenant_id: UUID
+    recorded_at: datetime
+    request_id: str | None
+    transaction_id: int
+
+    @property
+    def position(self) -> Position:
+        return Position(self.transaction_id, self.notification_id)
+
+    def stored(self) -> StoredEvent:
+        return StoredEvent(self.originator_id, self.originator_version, self.topic, self.state)
+
+
+_COLUMNS = (
+    "originator_id, originator_version, topic, state, notification_id, tenant_id,"
+    " recorded_at, request_id, transaction_id"
+)
+
+_INSERT = f"""
+INSERT INTO stored_events (originator_id, originator_version, topic, state, tenant_id, request_id)
+SELECT e.originator_id, e.originator_version, e.topic, e.state, $5::uuid, $6::text
+FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bytea[])
+     AS e (originator_id, originator_version, topic, state)
+RETURNING {_COLUMNS}
+"""
+
+_READ_STREAM = f"""
+SELECT {_COLUMNS} FROM stored_events
+WHERE originator_id = $1 AND originator_version > $2
+ORDER BY originator_version
+"""
+
+_READ_ALL = f"""
+SELECT {_COLUMNS} FROM stored_events
+WHERE (transaction_id, notification_id) > ($1::bigint, $2::bigint)
+  AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())::text::bigint
+ORDER BY transaction_id, notification_id
+LIMIT $3
+"""
+
+
+def _recorded(row: asyncpg.Record) -> RecordedEvent:
+    return RecordedEvent(*row)
+
+
+class EventStore:
+    def __init__(self, pool: asyncpg.Pool, mapper: Mapper[UUID] | None = None) -> None:
+        self.pool = pool
+        self.mapper = mapper or make_mapper()
+        self._wake = asyncio.Event()
+        self._notifier: asyncio.Task[None] | None = None
+
+    # -- writing -----------------------------------------------------------------------------
+
+    async def append(
+        self,
+        conn: Conn,
+        tenant_id: UUID,
+        events: Sequence[DomainEventProtocol[UUID]],
+        request_id: str | None = None,
+    ) -> list[RecordedEvent]:
+        """Append domain events in the caller's transaction; nothing is visible until it commits."""
+        return await self.append_stored(
+            conn, tenant_id, [self.mapper.to_stored_event(e) for e in events], request_id
+        )
+
+    async def append_stored(
+        self,
+        conn: Conn,
+        tenant_id: UUID,
+        stored: Sequence[StoredEvent],
+        request_id: str | None = None,
+    ) -> list[RecordedEvent]:
+        if not stored:
+            return []
+        try:
+            rows = await conn.fetch(
+                _INSERT,
+                [s.originator_id for s in stored],
+                [s.originator_version for s in stored],
+                [s.topic for s in stored],
+                [s.state for s in stored],
+                tenant_id,
+                request_id,
+            )
+        except asyncpg.UniqueViolationError as e:
+            raise ConcurrencyError(_conflicting_stream(stored, e)) from None
+        return [_recorded(r) for r in rows]
+
+    async def append_now(
+        self,
+        tenant_id: UUID,
+        events: Sequence[DomainEventProtocol[UUID]],
+        request_id: str | None = None,
+    ) -> list[RecordedEvent]:
+        """Append atomically on its own (one INSERT statement) and wake followers."""
+        async with self.pool.acquire() as conn:
+            recorded = await self.append(conn, tenant_id, events, request_id)
+        self.notify()
+        return recorded
+
+    def notify(self) -> None:
+        """Tell followers there is something new, after the caller's commit.
+
+        NOTIFY inside the appending transaction would take PostgreSQL's global notify lock
+        until commit and so serialise every commit (and its fsync). One background task sends
+        the NOTIFY instead, coalescing bursts of appends into one message.
+        """
+        if self._notifier is None or self._notifier.done():
+            self._notifier = asyncio.get_running_loop().create_task(self._notify_loop())
+        self._wake.set()
+
+    async def _notify_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                async with self.pool.acquire() as conn:
+                    await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
+                # Followers also poll; a lost wake-up only delays them.
+                await asyncio.sleep(0.5)
+
+    async def close(self) -> None:
+        if self._notifier is not None:
+            self._notifier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._notifier
+            self._notifier = None
+
+    # -- reading -----------------------------------------------------------------------------
+
+    async def read_stream(
+        self, conn: Conn | asyncpg.Pool, originator_id: UUID, after_version: int = 0
+    ) -> list[RecordedEvent]:
+        rows = await conn.fetch(_READ_STREAM, originator_id, after_version)
+        return [_recorded(r) for r in rows]
+
+    async def read_all(
+        self, after: Position = START, limit: int = 1000, conn: Any = None
+    ) -> list[RecordedEvent]:
+        """Committed events after `after`, in commit-safe order; never one that could be skipped."""
+        rows = await (conn or self.pool).fetch(_READ_ALL, after[0], after[1], limit)
+        return [_recorded(r) for r in rows]
+
+    def to_domain(self, recorded: RecordedEvent) -> DomainEventProtocol[UUID]:
+        return self.mapper.to_domain_event(recorded.stored())
+
+    async def load(self, conn: Conn | asyncpg.Pool, originator_id: UUID) -> Aggregate | None:
+        """Rebuild an aggregate by replaying its stream; None if the stream is empty."""
+        aggregate: Any = None
+        for recorded in await self.read_stream(conn, originator_id):
+            aggregate = self.to_domain(recorded).mutate(aggregate)  # type: ignore[attr-defined]
+        return aggregate  # type: ignore[no-any-return]
+
+    async def head(self, conn: Conn | asyncpg.Pool | None = None) -> int:
+        """Highest notification_id committed so far (0 for an empty store)."""
+        value = await (conn or self.pool).fetchval(
+            "SELECT coalesce(max(notification_id), 0) FROM stored_events"
+        )
+        return int(value)
+
+    async def follow(
+        self,
+        after: Position = START,
+        *,
+        batch_size: int = 1000,
+        poll_interval: float = 1.0,
+        dsn_connect: Any = None,
+    ) -> AsyncIterator[list[RecordedEvent]]:
+        """Yield batches forever: LISTEN for appends, poll as a fallback."""
+        woken = asyncio.Event()
+        listener = await (dsn_connect() if dsn_connect else self.pool.acquire())
+
+        def on_notify(*_: object) -> None:
+            woken.set()
+
+        await listener.add_listener(NOTIFY_CHANNEL, on_notify)
+        try:
+            position = after
+            while True:
+                woken.clear()
+                batch = await self.read_all(position, batch_size)
+                if batch:
+                    position = batch[-1].position
+                    yield batch
+                    if len(batch) == batch_size:
+                        continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), poll_interval)
+        finally:
+            with contextlib.suppress(Exception):
+                await listener.remove_listener(NOTIFY_CHANNEL, on_notify)
+            if dsn_connect:
+                await listener.close()
+            else:
+                await self.pool.release(listener)
+
+
+def _conflicting_stream(stored: Iterable[StoredEvent], error: asyncpg.UniqueViolationError) -> UUID:
+    detail = getattr(error, "detail", "") or ""
+    for s in stored:
+        if str(s.originator_id) in detail:
+            return UUID(str(s.originator_id))
+    first = next(iter(stored))
+    return UUID(str(first.originator_id))

@@ -1,0 +1,132 @@
+"""Tenants and their bearer tokens.
+
+A token is 32 random bytes shown once; only its SHA-256 digest is stored. The digest of a
+random 256-bit secret needs no slow hash (there is nothing to brute-force), and lookup by digest
+leaks nothing useful through timing; the final comparison is constant-time all the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from infra.eventstore import Conn
+
+TOKEN_PREFIX = "scimledger_"
+ROLES = ("provisioning", "audit")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the tenant a token belongs to, and what the token may do."""
+
+    tenant_id: uuid.UUID
+    tenant_name: str
+    token_id: uuid.UUID
+    token_name: str
+    role: str
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedToken:
+    id: uuid.UUID
+    tenant: str
+    tenant_id: uuid.UUID
+    token: str
+    role: str
+    name: str
+
+
+class TenantExists(Exception):
+    pass
+
+
+class UnknownTenant(Exception):
+    pass
+
+
+def digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def new_secret() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+async def create_tenant(conn: Conn, name: str) -> IssuedToken:
+    """Create a tenant with one provisioning token."""
+    async with conn.transaction():
+        tenant_id = uuid.uuid4()
+        try:
+            await conn.execute("INSERT INTO tenants (id, name) VALUES ($1, $2)", tenant_id, name)
+        except asyncpg.UniqueViolationError:
+            raise TenantExists(name) from None
+        return await _issue(conn, tenant_id, name, "provisioning", "default")
+
+
+async def issue_token(
+    conn: Conn,
+    tenant: str,
+    role: str = "provisioning",
+    name: str | None = None,
+    expires_at: datetime | None = None,
+) -> IssuedToken:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    tenant_id = await conn.fetchval("SELECT id FROM tenants WHERE name = $1", tenant)
+    if tenant_id is None:
+        raise UnknownTenant(tenant)
+    return await _issue(conn, tenant_id, tenant, role, name or role, expires_at)
+
+
+async def _issue(
+    conn: Conn,
+    tenant_id: uuid.UUID,
+    tenant: str,
+    role: str,
+    name: str,
+    expires_at: datetime | None = None,
+) -> IssuedToken:
+    token = new_secret()
+    token_id = uuid.uuid4()
+    await conn.execute(
+        "INSERT INTO tokens (id, tenant_id, name, role, token_hash, expires_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6)",
+        token_id,
+        tenant_id,
+        name,
+        role,
+        digest(token),
+        expires_at,
+    )
+    return IssuedToken(token_id, tenant, tenant_id, token, role, name)
+
+
+async def authenticate(conn: Conn | asyncpg.Pool, token: str) -> Principal | None:
+    """The principal of a live token of an enabled tenant, or None."""
+    wanted = digest(token)
+    row = await conn.fetchrow(
+        "SELECT k.id, k.name, k.role, k.token_hash, t.id AS tenant_id, t.name AS tenant_name"
+        " FROM tokens k JOIN tenants t ON t.id = k.tenant_id"
+        " WHERE k.token_hash = $1 AND k.revoked_at IS NULL"
+        " AND (k.expires_at IS NULL OR k.expires_at > now()) AND t.disabled_at IS NULL",
+        wanted,
+    )
+    if row is None or not hmac.compare_digest(bytes(row["token_hash"]), wanted):
+        return None
+    return Principal(row["tenant_id"], row["tenant_name"], row["id"], row["name"], row["role"])
+
+
+async def list_tenants(conn: Conn) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT t.name, t.id, t.created_at, t.disabled_at,"
+        " (SELECT count(*) FROM tokens k"
+        "  WHERE k.tenant_id = t.id AND k.revoked_at IS NULL) AS tokens"
+        " FROM tenants t ORDER BY t.created_at, t.name"
+    )

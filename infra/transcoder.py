@@ -1,0 +1,54 @@
+"""Event state serialisation: orjson, with the eventsourcing library's type tags.
+
+orjson writes UUIDs and datetimes as bare strings, which would come back as strings. We tag them
+the way the library's JSONTranscoder does ({"_type_": "uuid_hex", "_data_": ...}) so stored
+states stay readable by the library's own tools and round-trip to the same Python types.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import orjson
+from eventsourcing.persistence import Mapper, Transcoder
+
+
+def _tag(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _tag(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_tag(v) for v in obj]
+    if isinstance(obj, UUID):
+        return {"_type_": "uuid_hex", "_data_": obj.hex}
+    if isinstance(obj, datetime):
+        return {"_type_": "datetime_iso", "_data_": obj.isoformat()}
+    return obj
+
+
+def _untag(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if len(obj) == 2 and "_type_" in obj and "_data_" in obj:
+            kind, data = obj["_type_"], obj["_data_"]
+            if kind == "uuid_hex":
+                return UUID(data)
+            if kind == "datetime_iso":
+                return datetime.fromisoformat(data)
+            raise TypeError(f"unknown type tag in stored event: {kind!r}")
+        return {k: _untag(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_untag(v) for v in obj]
+    return obj
+
+
+class OrjsonTranscoder(Transcoder):
+    def encode(self, obj: Any) -> bytes:
+        return orjson.dumps(_tag(obj))
+
+    def decode(self, data: bytes) -> Any:
+        return _untag(orjson.loads(data))
+
+
+def make_mapper() -> Mapper[UUID]:
+    return Mapper(transcoder=OrjsonTranscoder())

@@ -1,0 +1,36 @@
+"""The aiohttp application: what it owns, and the order its middlewares run in."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from infra.config import Settings
+from infra.database import Database, open_database
+from service import discovery, health
+from service.middlewares import bearer_auth, request_context, scim_errors
+from service.state import DATABASE, SETTINGS
+
+
+def create_app(settings: Settings, database: Database | None = None) -> web.Application:
+    """Build the app. With `database` given (tests, `serve`), the caller owns its lifetime."""
+    app = web.Application(
+        middlewares=[request_context, scim_errors, bearer_auth],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[SETTINGS] = settings
+    if database is not None:
+        app[DATABASE] = database
+    else:
+        app.cleanup_ctx.append(_database_ctx)
+    app[discovery.ENABLED_RESOURCES] = ()
+    health.add_routes(app)
+    discovery.add_routes(app)
+    return app
+
+
+async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with open_database(app[SETTINGS]) as database:
+        app[DATABASE] = database
+        yield

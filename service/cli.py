@@ -1,0 +1,212 @@
+"""The `scimledger` command: serve, migrate, tenants.
+
+Every command takes --data-dir / SCIMLEDGER_DATA_DIR and --database-url / DATABASE_URL and so
+reaches the same database as a `serve` running on that data directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import orjson
+from aiohttp import web
+
+from infra import logging as logsetup
+from infra.config import Settings
+from infra.database import DatabaseUnavailable, open_database
+from infra.migrations import migrate as run_migrations
+from infra.tenants import TenantExists, create_tenant, list_tenants
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class CliError(Exception):
+    """A failure to report on one line with exit code 1."""
+
+
+def database_options(fn: F) -> F:
+    fn = click.option(
+        "--database-url",
+        envvar="DATABASE_URL",
+        default=None,
+        help="postgresql:// URL of an external server instead of the embedded one.",
+    )(fn)
+    fn = click.option(
+        "--data-dir",
+        envvar="SCIMLEDGER_DATA_DIR",
+        default=None,
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Data directory of the embedded PostgreSQL (default ./var).",
+    )(fn)
+    return fn
+
+
+def _settings(data_dir: Path | None, database_url: str | None, **kw: Any) -> Settings:
+    changes: dict[str, Any] = {k: v for k, v in kw.items() if v is not None}
+    if data_dir is not None:
+        changes["data_dir"] = data_dir
+    if database_url:
+        changes["database_url"] = database_url
+    return replace(Settings(), **changes)
+
+
+def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    import uvloop
+
+    return uvloop.run(coro_fn())  # type: ignore[arg-type,no-any-return]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Event-sourced SCIM 2.0 service provider."""
+
+
+@cli.command()
+@click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
+@click.option("--port", default=None, type=int, help="Port to listen on (default 8000).")
+@database_options
+def serve(
+    host: str | None, port: int | None, data_dir: Path | None, database_url: str | None
+) -> None:
+    """Serve SCIM at http://HOST:PORT/scim/v2/."""
+    settings = _settings(data_dir, database_url, host=host, port=port)
+    logsetup.configure()
+    _run(lambda: _serve(settings))
+
+
+async def _serve(settings: Settings) -> None:
+    from service.app import create_app
+
+    async with open_database(settings) as database:
+        async with database.pool.acquire() as conn:
+            has_tenant = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM tenants)")
+            issued = None if has_tenant else await create_tenant(conn, "default")
+        app = create_app(settings, database)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, settings.host, settings.port)
+        try:
+            await site.start()
+        except OSError as e:
+            await runner.cleanup()
+            raise CliError(
+                f"cannot listen on {settings.host}:{settings.port}: {e.strerror}"
+            ) from None
+        url = f"http://{settings.host}:{settings.port}/scim/v2/"
+        if issued is not None:
+            print(
+                "Created tenant 'default'. Paste these into Entra ID (the token is shown once):\n\n"
+                f"  Tenant URL:   {url}\n  Secret Token: {issued.token}\n",
+                flush=True,
+            )
+        else:
+            print(f"Serving SCIM at {url}  (new token: scimledger tenants create NAME)", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            # Stops accepting, then waits for in-flight requests before the pool closes.
+            await runner.cleanup()
+
+
+@cli.command()
+@database_options
+def migrate(data_dir: Path | None, database_url: str | None) -> None:
+    """Apply pending database migrations."""
+    settings = _settings(data_dir, database_url)
+
+    async def go() -> list[str]:
+        async with open_database(settings, run_migrations=False) as db, db.pool.acquire() as conn:
+            return await run_migrations(conn)
+
+    applied = _run(go)
+    print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
+
+
+@cli.group()
+def tenants() -> None:
+    """Tenants and their provisioning tokens."""
+
+
+@tenants.command("create")
+@click.argument("name")
+@click.option("--json", "json_output", is_flag=True, help="Print one JSON line.")
+@database_options
+def tenants_create(
+    name: str, json_output: bool, data_dir: Path | None, database_url: str | None
+) -> None:
+    """Create a tenant and its first provisioning token (shown once)."""
+    settings = _settings(data_dir, database_url)
+
+    async def go() -> Any:
+        async with open_database(settings) as db, db.pool.acquire() as conn:
+            try:
+                return await create_tenant(conn, name)
+            except TenantExists:
+                raise CliError(f"tenant {name!r} already exists") from None
+
+    issued = _run(go)
+    if json_output:
+        print(orjson.dumps({"tenant": issued.tenant, "token": issued.token}).decode())
+    else:
+        print(f"tenant {issued.tenant} created; provisioning token (shown once):\n{issued.token}")
+
+
+@tenants.command("list")
+@click.option("--json", "json_output", is_flag=True, help="Print JSON lines.")
+@database_options
+def tenants_list(json_output: bool, data_dir: Path | None, database_url: str | None) -> None:
+    """List tenants."""
+    settings = _settings(data_dir, database_url)
+
+    async def go() -> Any:
+        async with open_database(settings) as db, db.pool.acquire() as conn:
+            return await list_tenants(conn)
+
+    for row in _run(go):
+        record = {
+            "tenant": row["name"],
+            "id": str(row["id"]),
+            "created": row["created_at"].isoformat(),
+            "disabled": row["disabled_at"] is not None,
+            "tokens": row["tokens"],
+        }
+        if json_output:
+            print(orjson.dumps(record).decode())
+        else:
+            flag = "\tdisabled" if record["disabled"] else ""
+            print(f"{record['tenant']}\t{record['id']}\ttokens={record['tokens']}{flag}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="scimledger", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:
+        print(e.format_message(), file=sys.stderr)
+        sys.exit(2)
+    except click.UsageError as e:
+        print(f"scimledger: error: {e.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except (CliError, DatabaseUnavailable) as e:
+        print(f"scimledger: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except click.ClickException as e:
+        print(f"scimledger: error: {e.format_message()}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

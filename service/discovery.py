@@ -1,0 +1,144 @@
+"""Discovery endpoints (RFC 7644 §4): what this server really supports, nothing more."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from scim2_models import EnterpriseUser, Group, User
+
+from service.errors import ScimError, scim_json
+from service.state import SETTINGS
+
+LIST_RESPONSE = "urn:ietf:params:scim:api:messages:2.0:ListResponse"
+SPC_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"
+RESOURCE_TYPE_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:ResourceType"
+USER_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:User"
+GROUP_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:Group"
+ENTERPRISE_SCHEMA = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
+
+# Resource types are announced only once their endpoints exist (see service/app.py).
+RESOURCE_TYPES: dict[str, dict[str, Any]] = {
+    "User": {
+        "id": "User",
+        "name": "User",
+        "endpoint": "/Users",
+        "description": "User Account",
+        "schema": USER_SCHEMA,
+        "schemaExtensions": [{"schema": ENTERPRISE_SCHEMA, "required": False}],
+    },
+    "Group": {
+        "id": "Group",
+        "name": "Group",
+        "endpoint": "/Groups",
+        "description": "Group",
+        "schema": GROUP_SCHEMA,
+    },
+}
+
+_SCHEMA_MODELS = {"User": (User, USER_SCHEMA), "Group": (Group, GROUP_SCHEMA)}
+
+ENABLED_RESOURCES = web.AppKey("enabled_resources", tuple)
+
+
+def _base_url(request: web.Request) -> str:
+    configured = request.app[SETTINGS].public_url
+    if configured:
+        return configured.rstrip("/")
+    return f"{request.scheme}://{request.host}/scim/v2"
+
+
+def _meta(request: web.Request, resource_type: str, path: str) -> dict[str, str]:
+    return {"resourceType": resource_type, "location": f"{_base_url(request)}{path}"}
+
+
+def _enabled(request: web.Request) -> tuple[str, ...]:
+    enabled: tuple[str, ...] = request.app.get(ENABLED_RESOURCES, ())
+    return enabled
+
+
+def _schemas(request: web.Request) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for name in _enabled(request):
+        model, urn = _SCHEMA_MODELS[name]
+        schema = model.to_schema().model_dump(mode="json", exclude_none=True)
+        schema["meta"] = _meta(request, "Schema", f"/Schemas/{urn}")
+        out.append(schema)
+        if name == "User":
+            ext = EnterpriseUser.to_schema().model_dump(mode="json", exclude_none=True)
+            ext["meta"] = _meta(request, "Schema", f"/Schemas/{ENTERPRISE_SCHEMA}")
+            out.append(ext)
+    return out
+
+
+def _list(resources: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "schemas": [LIST_RESPONSE],
+        "totalResults": len(resources),
+        "itemsPerPage": len(resources),
+        "startIndex": 1,
+        "Resources": resources,
+    }
+
+
+async def service_provider_config(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    users = "User" in _enabled(request)
+    return scim_json(
+        {
+            "schemas": [SPC_SCHEMA],
+            "documentationUri": "https://github.com/scimledger/scimledger#readme",
+            "patch": {"supported": users},
+            "bulk": {"supported": False, "maxOperations": 0, "maxPayloadSize": 0},
+            "filter": {"supported": users, "maxResults": settings.max_results},
+            "changePassword": {"supported": False},
+            "sort": {"supported": users},
+            "etag": {"supported": users},
+            "authenticationSchemes": [
+                {
+                    "type": "oauthbearertoken",
+                    "name": "OAuth Bearer Token",
+                    "description": "Bearer token issued by `scimledger tenants create`",
+                    "primary": True,
+                }
+            ],
+            "meta": _meta(request, "ServiceProviderConfig", "/ServiceProviderConfig"),
+        }
+    )
+
+
+async def resource_types(request: web.Request) -> web.Response:
+    items = [
+        {
+            "schemas": [RESOURCE_TYPE_SCHEMA],
+            **RESOURCE_TYPES[name],
+            "meta": _meta(request, "ResourceType", f"/ResourceTypes/{name}"),
+        }
+        for name in _enabled(request)
+    ]
+    rid = request.match_info.get("id")
+    if rid is None:
+        return scim_json(_list(items))
+    for item in items:
+        if item["id"] == rid:
+            return scim_json(item)
+    raise ScimError(404, f"ResourceType {rid} not found")
+
+
+async def schemas(request: web.Request) -> web.Response:
+    items = _schemas(request)
+    sid = request.match_info.get("id")
+    if sid is None:
+        return scim_json(_list(items))
+    for item in items:
+        if item["id"] == sid:
+            return scim_json(item)
+    raise ScimError(404, f"Schema {sid} not found")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/scim/v2/ServiceProviderConfig", service_provider_config)
+    app.router.add_get("/scim/v2/ResourceTypes", resource_types)
+    app.router.add_get("/scim/v2/ResourceTypes/{id}", resource_types)
+    app.router.add_get("/scim/v2/Schemas", schemas)
+    app.router.add_get("/scim/v2/Schemas/{id}", schemas)
