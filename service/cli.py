@@ -61,7 +61,7 @@ def _settings(data_dir: Path | None, database_url: str | None, **kw: Any) -> Set
 def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     import uvloop
 
-    return uvloop.run(coro_fn())  # type: ignore[arg-type,no-any-return]
+    return uvloop.run(coro_fn())  # type: ignore[arg-type]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

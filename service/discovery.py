@@ -61,7 +61,8 @@ def _schemas(request: web.Request) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for name in _enabled(request):
         model, urn = _SCHEMA_MODELS[name]
-        schema = model.to_schema().model_dump(mode="json", exclude_none=True)
+        to_schema: Any = model.to_schema  # type: ignore[attr-defined]
+        schema = to_schema().model_dump(mode="json", exclude_none=True)
         schema["meta"] = _meta(request, "Schema", f"/Schemas/{urn}")
         out.append(schema)
         if name == "User":
@@ -94,6 +95,14 @@ async def service_provider_config(request: web.Request) -> web.Response:
             "changePassword": {"supported": False},
             "sort": {"supported": users},
             "etag": {"supported": users},
+            # RFC 9865: both index and cursor paging; nextCursor is omitted on the last page.
+            "pagination": {
+                "cursor": users,
+                "index": users,
+                "defaultPaginationMethod": "index",
+                "defaultPageSize": settings.max_results,
+                "maxPageSize": settings.max_results,
+            },
             "authenticationSchemes": [
                 {
                     "type": "oauthbearertoken",

@@ -43,3 +43,23 @@ def scim_json(body: Any, status: int = 200, headers: dict[str, str] | None = Non
         headers=headers,
         content_type=SCIM_CONTENT_TYPE,
     )
+
+
+def not_found(kind: str, resource_id: str) -> ScimError:
+    return ScimError(404, f"{kind} {resource_id} not found")
+
+
+def invalid_value(detail: str) -> ScimError:
+    return ScimError(400, detail, "invalidValue")
+
+
+def invalid_syntax(detail: str) -> ScimError:
+    return ScimError(400, detail, "invalidSyntax")
+
+
+def uniqueness(detail: str) -> ScimError:
+    return ScimError(409, detail, "uniqueness")
+
+
+def precondition_failed(detail: str = "The resource has changed (ETag mismatch)") -> ScimError:
+    return ScimError(412, detail)

@@ -1,0 +1,129 @@
+"""ListResponse queries (RFC 7644 §3.4.2, §3.4.3) and cursor pagination (RFC 9865).
+
+The same parameters arrive as a GET query string or as a POST .search body; both become one
+`ListQuery`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import orjson
+
+from service.errors import ScimError, invalid_syntax, invalid_value
+
+LIST_RESPONSE = "urn:ietf:params:scim:api:messages:2.0:ListResponse"
+SEARCH_REQUEST = "urn:ietf:params:scim:api:messages:2.0:SearchRequest"
+
+
+@dataclass(frozen=True, slots=True)
+class ListQuery:
+    filter: str | None
+    start_index: int
+    count: int
+    sort_by: str | None
+    descending: bool
+    attributes: str | None
+    excluded_attributes: str | None
+    # None: index paging. "": first page of cursor paging. Otherwise an opaque cursor.
+    cursor: str | None
+
+
+def _int(raw: Any, name: str) -> int:
+    if isinstance(raw, bool):
+        raise invalid_value(f"{name} must be an integer")
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        raise invalid_value(f"{name} must be an integer") from None
+
+
+def _names(raw: Any, name: str) -> str | None:
+    if raw is None:
+        return None
+    if isinstance(raw, list) and all(isinstance(x, str) for x in raw):
+        return ",".join(raw)
+    if isinstance(raw, str):
+        return raw
+    raise invalid_value(f"{name} must be a list of attribute names")
+
+
+def parse_list_query(params: Mapping[str, Any], max_results: int) -> ListQuery:
+    """Read the paging, sorting, filtering and projection parameters; names are case-insensitive."""
+    p = {k.lower(): v for k, v in params.items()}
+    raw_filter = p.get("filter")
+    if raw_filter is not None and not isinstance(raw_filter, str):
+        raise ScimError(400, "filter must be a string", "invalidFilter")
+    cursor = p.get("cursor")
+    if cursor is not None and not isinstance(cursor, str):
+        raise ScimError(400, "cursor must be a string", "invalidCursor")
+    if cursor is not None and p.get("startindex") is not None:
+        raise invalid_value("startIndex and cursor cannot be used together")
+    start_index = max(1, _int(p.get("startindex", 1), "startIndex"))
+    # RFC 7644: a negative count is interpreted as 0; an absent one is the server's choice.
+    count = min(max(0, _int(p.get("count", max_results), "count")), max_results)
+    order = p.get("sortorder")
+    if order is not None and (
+        not isinstance(order, str) or order.lower() not in ("ascending", "descending")
+    ):
+        raise invalid_value("sortOrder must be ascending or descending")
+    sort_by = p.get("sortby")
+    if sort_by is not None and not isinstance(sort_by, str):
+        raise invalid_value("sortBy must be an attribute name")
+    if cursor is not None and sort_by:
+        raise invalid_value("sortBy cannot be combined with cursor pagination")
+    return ListQuery(
+        filter=raw_filter or None,
+        start_index=start_index,
+        count=count,
+        sort_by=sort_by or None,
+        descending=bool(order and order.lower() == "descending"),
+        attributes=_names(p.get("attributes"), "attributes"),
+        excluded_attributes=_names(p.get("excludedattributes"), "excludedAttributes"),
+        cursor=cursor,
+    )
+
+
+def search_params(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise invalid_syntax("A SearchRequest must be a JSON object")
+    return {k: v for k, v in body.items() if k != "schemas"}
+
+
+def encode_cursor(created: datetime, resource_id: str) -> str:
+    raw = orjson.dumps([created.isoformat(), resource_id])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        created, resource_id = orjson.loads(base64.urlsafe_b64decode(padded.encode()))
+        return datetime.fromisoformat(created), UUID(resource_id)
+    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
+        raise ScimError(400, "The cursor is not valid", "invalidCursor") from None
+
+
+def list_response(
+    resources: list[dict[str, Any]],
+    total: int,
+    query: ListQuery,
+    next_cursor: str | None = None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "schemas": [LIST_RESPONSE],
+        "totalResults": total,
+        "itemsPerPage": len(resources),
+    }
+    if query.cursor is None:
+        body["startIndex"] = query.start_index
+    elif next_cursor is not None:
+        body["nextCursor"] = next_cursor
+    body["Resources"] = resources
+    return body

@@ -1,0 +1,375 @@
+"""SCIM User JSON to and from the canonical user state of domain/schema.py (pure, no I/O).
+
+Input is read the way Entra writes it: attribute names in any case, explicit nulls for absent
+attributes, `active` as the string "False", the manager as an object, a bare id or a list of one
+object. Read-only and unknown attributes are ignored. Output is always the canonical spelling.
+
+The *document* (`user_document`) is the SCIM JSON of a user's writable attributes: the shape a
+PUT body has, and the one PATCH operations are applied to (service/scim/patch.py). The coercion
+helpers below are shared with patch.py so both read values the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from domain.schema import (
+    ACTIVE,
+    ENTERPRISE,
+    MANAGER,
+    NAME,
+    NAME_SUB_ATTRIBUTES,
+    USER_ENTERPRISE_ATTRIBUTES,
+    USER_MULTI_VALUED_ATTRIBUTES,
+    USER_NAME,
+    USER_STRING_ATTRIBUTES,
+)
+from service.errors import ScimError, invalid_value
+
+USER_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:User"
+ENTERPRISE_SCHEMA = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
+
+# Attributes a client never writes: ignored in bodies, refused as PATCH targets.
+READ_ONLY_ATTRIBUTES = ("id", "meta", "groups", "schemas")
+CORE_STRING_ATTRIBUTES = (USER_NAME, *USER_STRING_ATTRIBUTES)
+
+# Sub-attributes of the multi-valued attributes (RFC 7643 §4.1.2); others are ignored.
+_PLURAL_SUB_ATTRIBUTES = ("value", "display", "type", "primary")
+_ADDRESS_SUB_ATTRIBUTES = (
+    "formatted",
+    "streetAddress",
+    "locality",
+    "region",
+    "postalCode",
+    "country",
+    "type",
+    "primary",
+)
+MULTI_VALUED_SUB_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    attribute: _ADDRESS_SUB_ATTRIBUTES if attribute == "addresses" else _PLURAL_SUB_ATTRIBUTES
+    for attribute in USER_MULTI_VALUED_ATTRIBUTES
+}
+# The enterprise manager (RFC 7643 §4.3): only `value` is kept; `$ref` and `displayName` are
+# derived from it.
+MANAGER_SUB_ATTRIBUTES = ("value", "$ref", "displayName")
+PRIMARY = "primary"
+
+_BOOLEAN_STRINGS = {"true": True, "false": False}
+
+
+def lookup(names: Iterable[str], name: str) -> str | None:
+    """The canonical spelling of `name` among `names` (SCIM names are case-insensitive)."""
+    folded = name.casefold()
+    return next((known for known in names if known.casefold() == folded), None)
+
+
+def to_string(value: object, attribute: str) -> str | None:
+    """A string attribute value; None and "" mean absent."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise invalid_value(f"{attribute} must be a string")
+    return value
+
+
+def to_boolean(value: object, attribute: str) -> bool | None:
+    """A boolean; Entra also sends "True"/"False" (any case). None and "" mean absent."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().casefold() in _BOOLEAN_STRINGS:
+        return _BOOLEAN_STRINGS[value.strip().casefold()]
+    raise invalid_value(f"{attribute} must be a boolean, not {value!r}")
+
+
+def to_sub_attributes(
+    value: object, attribute: str, known: tuple[str, ...]
+) -> dict[str, str] | None:
+    """A complex attribute of string sub-attributes (name, the enterprise strings)."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, Mapping):
+        raise invalid_value(f"{attribute} must be an object")
+    subs: dict[str, str] = {}
+    for key, sub_value in value.items():
+        sub = lookup(known, key) if isinstance(key, str) else None
+        if sub is None:
+            continue
+        text = to_string(sub_value, f"{attribute}.{sub}")
+        if text is None:
+            subs.pop(sub, None)
+        else:
+            subs[sub] = text
+    return subs or None
+
+
+def to_item_value(value: object, attribute: str, sub: str) -> str | bool | None:
+    """One sub-attribute value of a multi-valued item: `primary` is a boolean, others strings."""
+    if sub == PRIMARY:
+        return to_boolean(value, f"{attribute}.{sub}")
+    return to_string(value, f"{attribute}.{sub}")
+
+
+def to_item(value: object, attribute: str) -> dict[str, Any]:
+    """One item of a multi-valued attribute, sub-attributes in canonical spelling."""
+    if not isinstance(value, Mapping):
+        raise invalid_value(f"{attribute} must be a list of objects")
+    known = MULTI_VALUED_SUB_ATTRIBUTES[attribute]
+    item: dict[str, Any] = {}
+    for key, sub_value in value.items():
+        sub = lookup(known, key) if isinstance(key, str) else None
+        if sub is None:
+            continue
+        coerced = to_item_value(sub_value, attribute, sub)
+        if coerced is None:
+            item.pop(sub, None)
+        else:
+            item[sub] = coerced
+    return item
+
+
+def to_items(value: object, attribute: str) -> list[dict[str, Any]] | None:
+    """A multi-valued attribute: a list of objects; None means absent; empty items dropped."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, list | tuple):
+        raise invalid_value(f"{attribute} must be a list of objects")
+    items = [to_item(raw, attribute) for raw in value]
+    return [item for item in items if item] or None
+
+
+def to_manager(value: object) -> str | None:
+    """The manager's id from any form Entra sends: {"value": id, "$ref": ...}, a bare id, or a
+    list of one such object. Empty forms clear it. The id itself is checked by the domain."""
+    if value is None or value == "" or value == [] or value == {}:
+        return None
+    if isinstance(value, list | tuple):
+        if len(value) != 1:
+            raise invalid_value(f"{MANAGER} must be a single value")
+        return to_manager(value[0])
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping):
+        key = lookup((k for k in value if isinstance(k, str)), "value")
+        return None if key is None else to_string(value[key], f"{MANAGER}.value")
+    raise invalid_value(f"{MANAGER} must be an object with a value, or an id")
+
+
+def _mapping(body: object) -> Mapping[str, Any]:
+    if not isinstance(body, Mapping):
+        raise ScimError(400, "the request body must be a JSON object", "invalidSyntax")
+    return body
+
+
+def _keyed(body: Mapping[str, Any]) -> dict[str, Any]:
+    """Body items by case-folded name (the last spelling wins, as in a JSON object)."""
+    return {key.casefold(): value for key, value in body.items() if isinstance(key, str)}
+
+
+def user_from_scim(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A POST/PUT body (or a patched document) -> a desired state in domain/schema.py shape.
+
+    Absent attributes are left out; the domain normalises the result (and requires userName).
+    """
+    fields = _keyed(_mapping(body))
+    state: dict[str, Any] = {}
+
+    for attribute in CORE_STRING_ATTRIBUTES:
+        text = to_string(fields.get(attribute.casefold()), attribute)
+        if text is not None:
+            state[attribute] = text
+    active = to_boolean(fields.get(ACTIVE.casefold()), ACTIVE)
+    if active is not None:
+        state[ACTIVE] = active
+    name = to_sub_attributes(fields.get(NAME.casefold()), NAME, NAME_SUB_ATTRIBUTES)
+    if name:
+        state[NAME] = name
+    for attribute in USER_MULTI_VALUED_ATTRIBUTES:
+        items = to_items(fields.get(attribute.casefold()), attribute)
+        if items:
+            state[attribute] = items
+
+    extension = fields.get(ENTERPRISE_SCHEMA.casefold())
+    if extension is not None and not isinstance(extension, Mapping):
+        raise invalid_value(f"{ENTERPRISE_SCHEMA} must be an object")
+    extension_fields = _keyed(extension or {})
+    enterprise = to_sub_attributes(extension_fields, ENTERPRISE_SCHEMA, USER_ENTERPRISE_ATTRIBUTES)
+    if enterprise:
+        state[ENTERPRISE] = enterprise
+    # Entra's create body carries a top-level "manager": null; the extension's one wins.
+    if MANAGER.casefold() in extension_fields:
+        manager = to_manager(extension_fields[MANAGER.casefold()])
+    else:
+        manager = to_manager(fields.get(MANAGER.casefold()))
+    if manager is not None:
+        state[MANAGER] = manager
+    return state
+
+
+def user_document(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Canonical state -> the SCIM JSON of the user's attributes (no id, no meta).
+
+    user_from_scim(user_document(state)) normalises back to `state`.
+    """
+    extension: dict[str, Any] = dict(copy.deepcopy(state.get(ENTERPRISE) or {}))
+    if state.get(MANAGER):
+        extension[MANAGER] = {"value": state[MANAGER]}
+    document: dict[str, Any] = {
+        "schemas": [USER_SCHEMA, ENTERPRISE_SCHEMA] if extension else [USER_SCHEMA]
+    }
+    order = (
+        USER_NAME,
+        *USER_STRING_ATTRIBUTES,
+        NAME,
+        ACTIVE,
+        *USER_MULTI_VALUED_ATTRIBUTES,
+    )
+    for attribute in order:
+        if attribute in state and state[attribute] is not None:
+            document[attribute] = copy.deepcopy(state[attribute])
+    if extension:
+        document[ENTERPRISE_SCHEMA] = extension
+    return document
+
+
+def _timestamp(moment: datetime) -> str:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def user_resource(
+    state: Mapping[str, Any],
+    *,
+    user_id: str,
+    version: int,
+    created: datetime,
+    last_modified: datetime,
+    location: str,
+    groups: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The full User resource: the document plus id, meta and (when given) groups."""
+    document = user_document(state)
+    resource: dict[str, Any] = {"schemas": document.pop("schemas"), "id": user_id, **document}
+    manager = resource.get(ENTERPRISE_SCHEMA, {}).get(MANAGER)
+    if manager and location.endswith("/" + user_id):
+        manager["$ref"] = location.removesuffix(user_id) + manager["value"]
+    if groups is not None:
+        resource["groups"] = groups
+    resource["meta"] = {
+        "resourceType": "User",
+        "created": _timestamp(created),
+        "lastModified": _timestamp(last_modified),
+        "location": location,
+        "version": f'W/"{version}"',
+    }
+    return resource
+
+
+# -- attributes / excludedAttributes (RFC 7644 §3.4.2.5, §3.9) -------------------------------
+
+_CORE_SCHEMA_PREFIX = "urn:ietf:params:scim:schemas:core:"
+
+# A selection tree: case-folded name -> None (the whole value) or the selected sub-names.
+_Tree = dict[str, "_Tree | None"]
+
+
+def _segments(path: str, schemas: Iterable[str]) -> list[str] | None:
+    """A path as case-folded segments from the resource root, or None when it is unknown.
+
+    `urn:...:core:2.0:User:name.givenName` -> ["name", "givenname"]; an extension's attributes
+    live under its URN key: `urn:...:enterprise:2.0:User:employeeNumber` ->
+    ["urn:...:enterprise:2.0:user", "employeenumber"].
+    """
+    folded = path.strip().casefold()
+    if not folded.startswith("urn:"):
+        return folded.split(".") if folded else None
+    matches = [urn for urn in schemas if folded == urn or folded.startswith(urn + ":")]
+    if not matches:
+        return None
+    urn = max(matches, key=len)
+    prefix = [] if urn.startswith(_CORE_SCHEMA_PREFIX) else [urn]
+    rest = folded[len(urn) + 1 :]
+    segments = prefix + rest.split(".") if rest else prefix
+    return segments or None
+
+
+def _tree(paths: str, resource: Mapping[str, Any]) -> _Tree:
+    schemas = {USER_SCHEMA.casefold(), ENTERPRISE_SCHEMA.casefold()}
+    schemas.update(key.casefold() for key in resource if key.casefold().startswith("urn:"))
+    schemas.update(urn.casefold() for urn in resource.get("schemas") or () if isinstance(urn, str))
+    tree: _Tree = {}
+    for path in paths.split(","):
+        segments = _segments(path, schemas)
+        if not segments:
+            continue
+        node = tree
+        for segment in segments[:-1]:
+            if segment in node and node[segment] is None:
+                break  # the whole value is already selected
+            child = node.get(segment)
+            if child is None:
+                child = node[segment] = {}
+            node = child
+        else:
+            node[segments[-1]] = None
+    return tree
+
+
+def _project(value: Any, tree: _Tree | None, *, keep: bool) -> Any:
+    """Keep (attributes) or drop (excludedAttributes) what `tree` selects; None when empty."""
+    if tree is None:
+        return None if not keep else value
+    if isinstance(value, list):
+        items = [_project(item, tree, keep=keep) for item in value]
+        return [item for item in items if item not in (None, {})] or None
+    if not isinstance(value, Mapping):
+        return value if not keep else None
+    result: dict[str, Any] = {}
+    for key, sub_value in value.items():
+        folded = key.casefold()
+        if folded in tree:
+            projected = _project(sub_value, tree[folded], keep=keep)
+            if projected is not None:
+                result[key] = projected
+        elif not keep:
+            result[key] = sub_value
+    return result or None
+
+
+def select_attributes(
+    resource: dict[str, Any],
+    attributes: str | None,
+    excluded_attributes: str | None,
+    *,
+    always: frozenset[str] = frozenset({"id", "schemas"}),
+) -> dict[str, Any]:
+    """Apply `attributes` then `excludedAttributes` (comma-separated, case-insensitive paths).
+
+    Sub-attributes (`name.givenName`, `emails.value`) and schema-qualified names
+    (`urn:...:enterprise:2.0:User:employeeNumber`) are understood; unknown names are ignored.
+    The `always` attributes are returned whatever is asked; `meta` only when `attributes` is
+    absent or lists it. Returns a new dict; the resource is not changed.
+    """
+    always_folded = {name.casefold() for name in always}
+    result: dict[str, Any] = copy.deepcopy(resource)
+    if attributes and attributes.strip():
+        tree = _tree(attributes, result)
+        result = _project(result, tree, keep=True) or {}
+    if excluded_attributes and excluded_attributes.strip():
+        tree = {
+            key: sub
+            for key, sub in _tree(excluded_attributes, resource).items()
+            if key not in always_folded
+        }
+        result = _project(result, tree, keep=False) or {}
+    # Always-returned attributes come back whole, and everything in the resource's order.
+    return {
+        key: copy.deepcopy(value) if key.casefold() in always_folded else result[key]
+        for key, value in resource.items()
+        if key.casefold() in always_folded or key in result
+    }

@@ -1,0 +1,226 @@
+"""`/scim/v2/Users`: parse the request, call a handler, shape the reply."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import orjson
+from aiohttp import web
+
+from domain.user import User
+from projections import users as users_view
+from service import handlers
+from service.errors import invalid_syntax, not_found, scim_json
+from service.handlers import Caller, etag, etag_matches, parse_id
+from service.scim.filter import SqlParams, user_filter_sql, user_sort_sql
+from service.scim.lists import (
+    ListQuery,
+    decode_cursor,
+    encode_cursor,
+    list_response,
+    parse_list_query,
+    search_params,
+)
+from service.scim.patch import apply_patch, parse_patch_request
+from service.scim.representation import (
+    select_attributes,
+    user_document,
+    user_from_scim,
+    user_resource,
+)
+from service.state import DATABASE, PRINCIPAL, REQUEST_ID, SETTINGS
+
+
+def base_url(request: web.Request) -> str:
+    configured = request.app[SETTINGS].public_url
+    if configured:
+        return configured.rstrip("/")
+    return f"{request.scheme}://{request.host}/scim/v2"
+
+
+def caller(request: web.Request) -> Caller:
+    return Caller(request[PRINCIPAL].tenant_id, request[REQUEST_ID])
+
+
+async def json_body(request: web.Request) -> Any:
+    raw = await request.read()
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise invalid_syntax("The request body is not valid JSON") from None
+
+
+async def json_object(request: web.Request) -> dict[str, Any]:
+    body = await json_body(request)
+    if not isinstance(body, dict):
+        raise invalid_syntax("The request body must be a JSON object")
+    return body
+
+
+def _resource_of_user(request: web.Request, user: User) -> dict[str, Any]:
+    return user_resource(
+        user.state,
+        user_id=str(user.id),
+        version=user.version,
+        created=user.created_on,
+        last_modified=user.modified_on,
+        location=f"{base_url(request)}/Users/{user.id}",
+    )
+
+
+def _resource_of_row(request: web.Request, row: asyncpg.Record) -> dict[str, Any]:
+    return user_resource(
+        row["resource"],
+        user_id=str(row["id"]),
+        version=row["version"],
+        created=row["created"],
+        last_modified=row["last_modified"],
+        location=f"{base_url(request)}/Users/{row['id']}",
+    )
+
+
+def _reply(
+    request: web.Request, resource: dict[str, Any], version: int, status: int = 200
+) -> web.Response:
+    q = request.query
+    body = select_attributes(resource, q.get("attributes"), q.get("excludedAttributes"))
+    headers = {"ETag": etag(version)}
+    if status == 201:
+        headers["Location"] = resource["meta"]["location"]
+    return scim_json(body, status=status, headers=headers)
+
+
+async def create(request: web.Request) -> web.Response:
+    desired = user_from_scim(await json_object(request))
+    user = await handlers.provision_user(request.app[DATABASE], caller(request), desired)
+    return _reply(request, _resource_of_user(request, user), user.version, status=201)
+
+
+async def get(request: web.Request) -> web.StreamResponse:
+    user_id = parse_id(request.match_info["id"])
+    tenant_id = request[PRINCIPAL].tenant_id
+    rows = await users_view.fetch(request.app[DATABASE].pool, tenant_id, [user_id])
+    if not rows:
+        raise not_found("User", str(user_id))
+    row = rows[0]
+    if_none_match = request.headers.get("If-None-Match")
+    if if_none_match and etag_matches(if_none_match, row["version"]):
+        return web.Response(status=304, headers={"ETag": etag(row["version"])})
+    return _reply(request, _resource_of_row(request, row), row["version"])
+
+
+async def replace(request: web.Request) -> web.Response:
+    user_id = parse_id(request.match_info["id"])
+    desired = user_from_scim(await json_object(request))
+    user = await handlers.update_user(
+        request.app[DATABASE],
+        caller(request),
+        user_id,
+        lambda u: u.update(desired),
+        request.headers.get("If-Match"),
+    )
+    return _reply(request, _resource_of_user(request, user), user.version)
+
+
+async def patch(request: web.Request) -> web.Response:
+    user_id = parse_id(request.match_info["id"])
+    operations = parse_patch_request(await json_body(request))
+
+    def change(user: User) -> None:
+        user.update(user_from_scim(apply_patch(user_document(user.state), operations)))
+
+    user = await handlers.update_user(
+        request.app[DATABASE], caller(request), user_id, change, request.headers.get("If-Match")
+    )
+    return _reply(request, _resource_of_user(request, user), user.version)
+
+
+async def delete(request: web.Request) -> web.Response:
+    user_id = parse_id(request.match_info["id"])
+    await handlers.deprovision_user(
+        request.app[DATABASE], caller(request), user_id, request.headers.get("If-Match")
+    )
+    return web.Response(status=204)
+
+
+async def list_(request: web.Request) -> web.Response:
+    query = parse_list_query(request.query, request.app[SETTINGS].max_results)
+    return scim_json(await _search(request, query))
+
+
+async def search(request: web.Request) -> web.Response:
+    params = search_params(await json_body(request))
+    query = parse_list_query(params, request.app[SETTINGS].max_results)
+    return scim_json(await _search(request, query))
+
+
+async def _search(request: web.Request, query: ListQuery) -> dict[str, Any]:
+    tenant_id: UUID = request[PRINCIPAL].tenant_id
+    params = SqlParams([tenant_id])
+    where = "u.tenant_id = $1"
+    if query.filter:
+        where += f" AND ({user_filter_sql(query.filter, params)})"
+    pool = request.app[DATABASE].pool
+    count_sql = f"SELECT count(*) FROM scim_users u WHERE {where}"
+    count_args = list(params.values)  # the count query takes the filter's parameters only
+    if query.count == 0:
+        total = await pool.fetchval(count_sql, *params.values)
+        return list_response([], total, query)
+
+    if query.cursor is not None:
+        order = "u.created, u.id"
+        page_where = where
+        if query.cursor:
+            created, last_id = decode_cursor(query.cursor)
+            after = f"({params.add(created)}, {params.add(last_id)})"
+            page_where += f" AND (u.created, u.id) > {after}"
+        limit = params.add(query.count + 1)
+        sql = (
+            f"SELECT {users_view.COLUMNS} FROM scim_users u WHERE {page_where}"
+            f" ORDER BY {order} LIMIT {limit}"
+        )
+        rows = await pool.fetch(sql, *params.values)
+        more = len(rows) > query.count
+        rows = rows[: query.count]
+        total = await pool.fetchval(count_sql, *count_args)
+        next_cursor = encode_cursor(rows[-1]["created"], str(rows[-1]["id"])) if more else None
+        return list_response(_page(request, rows, query), total, query, next_cursor)
+
+    if query.sort_by:
+        direction = "DESC" if query.descending else "ASC"
+        order = f"{user_sort_sql(query.sort_by)} {direction} NULLS LAST, u.id {direction}"
+    else:
+        order = "u.created, u.id"
+    offset = params.add(query.start_index - 1)
+    limit = params.add(query.count)
+    sql = (
+        f"SELECT {users_view.COLUMNS}, count(*) OVER () AS total FROM scim_users u"
+        f" WHERE {where} ORDER BY {order} OFFSET {offset} LIMIT {limit}"
+    )
+    rows = await pool.fetch(sql, *params.values)
+    if rows:
+        total = rows[0]["total"]
+    else:
+        total = await pool.fetchval(count_sql, *count_args)
+    return list_response(_page(request, rows, query), total, query)
+
+
+def _page(request: web.Request, rows: list[Any], query: ListQuery) -> list[dict[str, Any]]:
+    return [
+        select_attributes(
+            _resource_of_row(request, row), query.attributes, query.excluded_attributes
+        )
+        for row in rows
+    ]
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/scim/v2/Users", create)
+    app.router.add_get("/scim/v2/Users", list_)
+    app.router.add_post("/scim/v2/Users/.search", search)
+    app.router.add_get("/scim/v2/Users/{id}", get)
+    app.router.add_put("/scim/v2/Users/{id}", replace)
+    app.router.add_patch("/scim/v2/Users/{id}", patch)
+    app.router.add_delete("/scim/v2/Users/{id}", delete)
