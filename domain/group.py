@@ -7,8 +7,9 @@ the same transaction as the append; the aggregate validates the change and recor
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate, event
@@ -23,6 +24,22 @@ MEMBERS = "members"
 
 class Group(Aggregate):
     """A group of one tenant; deletion is final."""
+
+    class GroupMembershipChanged(Aggregate.Event):
+        """Members added and removed, by id; `displays` keeps a client's `display` of a new member.
+
+        Version 1 had no `displays` (RFC 7643 §2.4 makes `display` immutable: set when a value
+        is included, kept after); it reads as no displays.
+        """
+
+        class_version = 2
+        added: list[str]
+        removed: list[str]
+        displays: dict[str, str]
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["displays"] = {}
 
     @event("GroupCreated")
     def __init__(
@@ -89,7 +106,12 @@ class Group(Aggregate):
         if external_id != self.external_id:
             self._change_external_id(external_id)
 
-    def change_membership(self, added: Iterable[str], removed: Iterable[str]) -> None:
+    def change_membership(
+        self,
+        added: Iterable[str],
+        removed: Iterable[str],
+        displays: Mapping[str, str] | None = None,
+    ) -> None:
         """Record members added and removed (user or group ids); nothing if both are empty.
 
         Whether an added member exists, or a removed one was a member, is the service's
@@ -104,8 +126,13 @@ class Group(Aggregate):
             raise InvalidValue(MEMBERS, f"members both added and removed: {listed}")
         if str(self.id) in add:
             raise InvalidValue(MEMBERS, "a group cannot be a member of itself")
+        shown = {
+            member: display
+            for member, display in sorted((displays or {}).items())
+            if isinstance(display, str) and display and member in add
+        }
         if add or remove:
-            self._change_membership(add, remove)
+            self._change_membership(add, remove, shown)
 
     def delete(self) -> None:
         """SCIM DELETE. A second call raises GroupAlreadyDeleted."""
@@ -126,8 +153,10 @@ class Group(Aggregate):
     def _change_external_id(self, external_id: str | None) -> None:
         self.external_id = external_id
 
-    @event("GroupMembershipChanged")
-    def _change_membership(self, added: list[str], removed: list[str]) -> None:
+    @event(GroupMembershipChanged)
+    def _change_membership(
+        self, added: list[str], removed: list[str], displays: dict[str, str]
+    ) -> None:
         """Changes nothing here: membership lives in the projection, not the aggregate."""
 
     @event("GroupDeleted")

@@ -67,8 +67,8 @@ ENTERPRISE_PREFIX = ENTERPRISE + "."
 def normalise_user(state: Mapping[str, Any]) -> dict[str, Any]:
     """Return the canonical form of a user state, or raise InvalidValue.
 
-    Unknown keys are dropped; empty values are dropped; `active` defaults to True; keys are
-    sorted. Normalising a canonical state returns an equal state.
+    Unknown keys are dropped; empty values are dropped; `active` may be absent (unassigned);
+    keys are sorted. Normalising a canonical state returns an equal state.
     """
     canonical: dict[str, Any] = {}
 
@@ -78,11 +78,10 @@ def normalise_user(state: Mapping[str, Any]) -> dict[str, Any]:
     canonical[USER_NAME] = user_name
 
     active = state.get(ACTIVE)
-    if active is None:
-        active = True
-    if not isinstance(active, bool):
-        raise InvalidValue(ACTIVE, "active must be a boolean")
-    canonical[ACTIVE] = active
+    if active is not None:
+        if not isinstance(active, bool):
+            raise InvalidValue(ACTIVE, "active must be a boolean")
+        canonical[ACTIVE] = active
 
     for attribute in USER_STRING_ATTRIBUTES:
         value = _string(state.get(attribute), attribute)

@@ -76,7 +76,10 @@ class User(Aggregate):
     @classmethod
     def provision(cls, user_id: UUID, tenant_id: UUID, state: Mapping[str, Any]) -> User:
         """A new user with the caller's id; the only pending event is UserProvisioned."""
-        attributes = normalise_user(state)
+        # A new user is active unless the request says otherwise (the usual SCIM default).
+        attributes = normalise_user(
+            {ACTIVE: True, **{k: v for k, v in state.items() if v is not None}}
+        )
         _check_manager(attributes, user_id)
         user_name = attributes.pop(USER_NAME)
         return cls(id=user_id, tenant_id=tenant_id, user_name=user_name, attributes=attributes)
@@ -118,7 +121,8 @@ class User(Aggregate):
 
     @property
     def active(self) -> bool:
-        return bool(self._state[ACTIVE])
+        """Unassigned (a client removed it) counts as not active: access fails closed."""
+        return self._state.get(ACTIVE) is True
 
     # -- commands ---------------------------------------------------------------------------
 
@@ -140,11 +144,13 @@ class User(Aggregate):
             self._change_attributes(changed)
         if new.get(MANAGER) != old.get(MANAGER):
             self._change_manager(new.get(MANAGER))
-        if new[ACTIVE] != old[ACTIVE]:
-            if new[ACTIVE]:
+        if new.get(ACTIVE) != old.get(ACTIVE):
+            if new.get(ACTIVE) is True:
                 self._reactivate()
-            else:
+            elif new.get(ACTIVE) is False:
                 self._deactivate()
+            else:
+                self._unassign_active()
 
     def deprovision(self) -> None:
         """Hard delete (SCIM DELETE). A second call raises AlreadyDeprovisioned."""
@@ -190,6 +196,11 @@ class User(Aggregate):
     @event("UserReactivated")
     def _reactivate(self) -> None:
         self._state[ACTIVE] = True
+
+    @event("UserActiveUnassigned")
+    def _unassign_active(self) -> None:
+        # RFC 7644 §3.5.2.2: a removed attribute is unassigned, and reads back absent.
+        self._state.pop(ACTIVE, None)
 
     @event("UserDeprovisioned")
     def _deprovision(self) -> None:

@@ -45,7 +45,7 @@ def row_of(user: User) -> tuple[Any, ...]:
         user.id,
         state["userName"],
         state.get("externalId"),
-        state["active"],
+        state.get("active"),
         state.get("displayName"),
         UUID(manager) if manager else None,
         state,

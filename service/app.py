@@ -10,7 +10,7 @@ from infra.config import Settings
 from infra.database import Database, open_database
 from service import discovery, health
 from service.middlewares import bearer_auth, request_context, scim_errors
-from service.scim import users
+from service.scim import groups, users
 from service.state import DATABASE, SETTINGS
 
 
@@ -25,10 +25,11 @@ def create_app(settings: Settings, database: Database | None = None) -> web.Appl
         app[DATABASE] = database
     else:
         app.cleanup_ctx.append(_database_ctx)
-    app[discovery.ENABLED_RESOURCES] = ("User",)
+    app[discovery.ENABLED_RESOURCES] = ("User", "Group")
     health.add_routes(app)
     discovery.add_routes(app)
     users.add_routes(app)
+    groups.add_routes(app)
     return app
 
 

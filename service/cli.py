@@ -90,6 +90,11 @@ async def _serve(settings: Settings) -> None:
             has_tenant = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM tenants)")
             issued = None if has_tenant else await create_tenant(conn, "default")
         app = create_app(settings, database)
+        # Handlers first: a SIGTERM that arrives once the banner is out must stop us cleanly.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, settings.host, settings.port)
@@ -109,10 +114,6 @@ async def _serve(settings: Settings) -> None:
             )
         else:
             print(f"Serving SCIM at {url}  (new token: scimledger tenants create NAME)", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         try:
             await stop.wait()
         finally:

@@ -37,6 +37,10 @@ RESOURCE_TYPES: dict[str, dict[str, Any]] = {
 }
 
 _SCHEMA_MODELS = {"User": (User, USER_SCHEMA), "Group": (Group, GROUP_SCHEMA)}
+# Attributes of the standard schemas that this server does not keep, so it does not announce
+# them (RFC 7644 §4: /Schemas describes the schemas the service provider supports). A password
+# is never kept: an append-only event store would never forget it.
+_UNSUPPORTED_ATTRIBUTES = {USER_SCHEMA: frozenset({"password"})}
 
 ENABLED_RESOURCES = web.AppKey("enabled_resources", tuple)
 
@@ -63,6 +67,8 @@ def _schemas(request: web.Request) -> list[dict[str, Any]]:
         model, urn = _SCHEMA_MODELS[name]
         to_schema: Any = model.to_schema  # type: ignore[attr-defined]
         schema = to_schema().model_dump(mode="json", exclude_none=True)
+        unsupported = _UNSUPPORTED_ATTRIBUTES.get(urn, frozenset())
+        schema["attributes"] = [a for a in schema["attributes"] if a["name"] not in unsupported]
         schema["meta"] = _meta(request, "Schema", f"/Schemas/{urn}")
         out.append(schema)
         if name == "User":
@@ -145,7 +151,14 @@ async def schemas(request: web.Request) -> web.Response:
     raise ScimError(404, f"Schema {sid} not found")
 
 
+async def root_search(request: web.Request) -> web.Response:
+    """A query at the server root, across resource types (RFC 7644 §3.4.2.1, §3.4.3), is a MAY
+    that this server does not implement: 501, as §3.12 lists for an unsupported operation."""
+    raise ScimError(501, "Search at the server root is not supported; search a resource endpoint")
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_post("/scim/v2/.search", root_search)
     app.router.add_get("/scim/v2/ServiceProviderConfig", service_provider_config)
     app.router.add_get("/scim/v2/ResourceTypes", resource_types)
     app.router.add_get("/scim/v2/ResourceTypes/{id}", resource_types)

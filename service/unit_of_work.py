@@ -15,9 +15,11 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 from asyncpg.transaction import Transaction
 
+from domain.group import Group
 from domain.user import User
 from infra.database import Database
 from infra.eventstore import RecordedEvent
+from projections import groups as groups_view
 from projections import users as users_view
 
 
@@ -28,6 +30,7 @@ class UnitOfWork:
         self.request_id = request_id
         self.recorded: list[RecordedEvent] = []
         self._users: dict[UUID, User] = {}
+        self._groups: dict[UUID, Group] = {}
         self._conn: PoolConnectionProxy[Any] | None = None
         self._tx: Transaction | None = None
 
@@ -71,6 +74,33 @@ class UnitOfWork:
     def add_user(self, user: User) -> None:
         self._users[user.id] = user
 
+    async def user_for_update(self, user_id: UUID) -> User | None:
+        """Like `user`, and lock the user's row so no group adds it while it is deleted."""
+        await self.conn.execute(
+            "SELECT 1 FROM scim_users WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
+            self.tenant_id,
+            user_id,
+        )
+        return await self.user(user_id)
+
+    async def group(self, group_id: UUID) -> Group | None:
+        """The group of this tenant, from its row (its snapshot), locked for this transaction.
+
+        A group's stream holds every membership change it ever had; replaying it on each
+        PATCH would cost more as the group grows. The row is written in the same transaction
+        as every group event, so it is always the stream's head, and the row lock orders
+        concurrent writers to one group instead of letting them race and retry.
+        """
+        if group_id in self._groups:
+            return self._groups[group_id]
+        group = await groups_view.load_for_update(self.conn, self.tenant_id, group_id)
+        if group is not None:
+            self._groups[group_id] = group
+        return group
+
+    def add_group(self, group: Group) -> None:
+        self._groups[group.id] = group
+
     async def user_exists(self, user_id: UUID) -> bool:
         found = await self.conn.fetchval(
             "SELECT EXISTS (SELECT 1 FROM scim_users WHERE tenant_id = $1 AND id = $2)",
@@ -81,12 +111,19 @@ class UnitOfWork:
 
     async def flush(self) -> list[RecordedEvent]:
         """Append pending events and update inline views; raises before commit on conflicts."""
-        changed = [u for u in self._users.values() if u.pending_events]
-        events = [e for u in changed for e in u.collect_events()]
-        if not events:
+        users = [u for u in self._users.values() if u.pending_events]
+        groups = [g for g in self._groups.values() if g.pending_events]
+        user_events = [e for u in users for e in u.collect_events()]
+        group_events = [e for g in groups for e in g.collect_events()]
+        if not user_events and not group_events:
             return []
-        recorded = await self.db.store.append(self.conn, self.tenant_id, events, self.request_id)
-        await users_view.write(self.conn, changed)
+        recorded = await self.db.store.append(
+            self.conn, self.tenant_id, [*user_events, *group_events], self.request_id
+        )
+        if users:
+            await users_view.write(self.conn, users)
+        if groups:
+            await groups_view.write(self.conn, groups, group_events)
         self.recorded.extend(recorded)
         return recorded
 

@@ -106,6 +106,22 @@ def test_provision_records_one_event_with_the_whole_normalised_state() -> None:
     assert list(user.state) == sorted(user.state)
 
 
+@pytest.mark.parametrize("state", [{"userName": "a"}, {"userName": "a", "active": None}])
+def test_provision_without_active_is_active(state: dict[str, Any]) -> None:
+    # The SP's documented default for a new user; only updates can leave `active` unassigned.
+    user = provision(state)
+    (created,) = user.collect_events()
+    assert created.attributes == {"active": True}
+    assert user.active is True
+    assert user.state == {"active": True, "userName": "a"}
+
+
+def test_provision_keeps_an_explicit_inactive() -> None:
+    user = provision({"userName": "a", "active": False})
+    assert user.active is False
+    assert user.state == {"active": False, "userName": "a"}
+
+
 def test_provision_refuses_invalid_state_and_records_nothing() -> None:
     with pytest.raises(InvalidValue) as raised:
         provision({"userName": ""})
@@ -157,6 +173,7 @@ def test_update_to_the_same_state_triggers_nothing() -> None:
         ({"emails": []}, "EmailChanged", {"emails": []}),
         ({"manager": MANAGER_ID}, "ManagerChanged", {"manager": MANAGER_ID}),
         ({"active": False}, "UserDeactivated", {}),
+        ({"active": None}, "UserActiveUnassigned", {}),
         ({"externalId": None}, "UserAttributesChanged", {"changed": {"externalId": None}}),
         ({"nickName": "Babs"}, "UserAttributesChanged", {"changed": {"nickName": "Babs"}}),
         (
@@ -241,6 +258,98 @@ def test_deactivate_and_reactivate() -> None:
     assert names(user.collect_events()) == ["UserDeactivated", "UserReactivated"]
 
 
+def without_active(state: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in state.items() if key != "active"}
+
+
+@pytest.mark.parametrize("unassigned", [{}, {"active": None}])
+def test_update_without_active_unassigns_it(unassigned: dict[str, Any]) -> None:
+    # A PATCH `remove active`, a replace with null, or a PUT that omits it (RFC 7644 §3.5.2.2).
+    user = provision()
+    user.collect_events()
+    before = user.state
+    assert user.active
+
+    user.update({**without_active(ENTRA_POST), **unassigned})
+
+    (unassigned_event,) = user.collect_events()
+    assert type(unassigned_event) is User.UserActiveUnassigned
+    recorded = set(vars(unassigned_event)) - {"originator_id", "originator_version", "timestamp"}
+    assert recorded == set()
+    assert user.active is False  # unassigned fails closed
+    assert "active" not in user.state
+    assert user.state == without_active(before)
+    assert user.version == 2
+
+    user.update(without_active(ENTRA_POST))
+    assert user.collect_events() == []
+
+
+def test_unassigning_active_of_a_deactivated_user_does_not_reactivate() -> None:
+    user = provision()
+    user.update({**ENTRA_POST, "active": False})
+    user.collect_events()
+
+    user.update(without_active(ENTRA_POST))
+
+    assert names(user.collect_events()) == ["UserActiveUnassigned"]
+    assert user.active is False
+    assert "active" not in user.state
+
+
+def test_reactivating_an_unassigned_user() -> None:
+    user = provision()
+    user.update(without_active(ENTRA_POST))
+    user.collect_events()
+
+    user.update({**ENTRA_POST, "active": True})
+
+    assert names(user.collect_events()) == ["UserReactivated"]
+    assert user.active is True
+    assert user.state["active"] is True
+
+
+def test_deactivating_an_unassigned_user() -> None:
+    user = provision()
+    user.update(without_active(ENTRA_POST))
+    user.collect_events()
+
+    user.update({**ENTRA_POST, "active": False})
+
+    assert names(user.collect_events()) == ["UserDeactivated"]
+    assert user.state["active"] is False
+
+
+def test_replay_of_unassigned_active_reconstructs_the_same_state() -> None:
+    user = provision()
+    user.update(without_active(ENTRA_POST))  # active -> unassigned
+    user.update({**ENTRA_POST, "active": False})  # unassigned -> deactivated
+    user.update(without_active(ENTRA_POST))  # deactivated -> unassigned
+    unassigned_state = user.state
+    user.update({**ENTRA_POST, "active": True})  # unassigned -> reactivated
+    events = user.collect_events()
+    assert names(events) == [
+        "UserProvisioned",
+        "UserActiveUnassigned",
+        "UserDeactivated",
+        "UserActiveUnassigned",
+        "UserReactivated",
+    ]
+
+    replayed = replay(events)
+    assert replayed == user
+    assert replayed.state == user.state
+    assert replayed.active is True
+
+    m = mapper()
+    stored = [m.to_domain_event(m.to_stored_event(e)) for e in events]
+    at_unassigned = replay(stored[:4])
+    assert at_unassigned.state == unassigned_state
+    assert "active" not in at_unassigned.state
+    assert at_unassigned.active is False
+    assert replay(stored) == user
+
+
 def test_manager_cannot_be_the_user_and_is_stored_in_canonical_spelling() -> None:
     user = provision()
     with pytest.raises(InvalidValue) as raised:
@@ -289,7 +398,7 @@ def test_mutating_state_does_not_change_recorded_events() -> None:
 # -- normalise ----------------------------------------------------------------------------
 
 
-def test_normalise_drops_empty_and_unknown_values_and_defaults_active() -> None:
+def test_normalise_drops_empty_and_unknown_values_and_leaves_active_unassigned() -> None:
     canonical = User.normalise(
         {
             "userName": "a",
@@ -306,8 +415,9 @@ def test_normalise_drops_empty_and_unknown_values_and_defaults_active() -> None:
             "password": "never kept",
         }
     )
-    assert canonical == {"active": True, "phoneNumbers": [{"value": "1"}], "userName": "a"}
+    assert canonical == {"phoneNumbers": [{"value": "1"}], "userName": "a"}
     assert list(canonical) == sorted(canonical)
+    assert User.normalise({"userName": "a", "active": None}) == {"userName": "a"}
 
 
 def test_normalise_keeps_client_order_and_drops_exact_repeats() -> None:
@@ -394,6 +504,7 @@ def lifecycle() -> tuple[User, list[Any]]:
         {"manager": MANAGER_ID},
         {"title": "Engineer", "enterprise": {"department": "R&D"}},
         {"active": False},
+        {"active": None},
         {"active": True},
         {"addresses": [{"locality": "Utrecht", "type": "work"}], "externalId": None},
     ]
@@ -406,7 +517,7 @@ def lifecycle() -> tuple[User, list[Any]]:
 
 def test_replay_reconstructs_equal_state() -> None:
     user, events = lifecycle()
-    assert len(set(names(events))) == 8  # every user event but UserDeprovisioned
+    assert len(set(names(events))) == 9  # every user event but UserDeprovisioned
 
     replayed = replay(events)
 
@@ -579,6 +690,7 @@ def test_stored_topics_are_module_and_qualname() -> None:
         User.UserAttributesChanged: "domain.user:User.UserAttributesChanged",
         User.UserDeactivated: "domain.user:User.UserDeactivated",
         User.UserReactivated: "domain.user:User.UserReactivated",
+        User.UserActiveUnassigned: "domain.user:User.UserActiveUnassigned",
         User.UserDeprovisioned: "domain.user:User.UserDeprovisioned",
         Group.GroupCreated: "domain.group:Group.GroupCreated",
         Group.GroupRenamed: "domain.group:Group.GroupRenamed",

@@ -132,6 +132,36 @@ def test_reactivate_with_true_string() -> None:
     assert patched(disabled, {"op": "Replace", "path": "active", "value": "True"})["active"] is True
 
 
+@pytest.mark.parametrize(
+    "operation",
+    [
+        {"op": "remove", "path": "active"},
+        {"op": "Remove", "path": "Active"},
+        {"op": "remove", "path": f"{USER_SCHEMA}:active"},
+        {"op": "replace", "path": "active", "value": None},
+        {"op": "replace", "value": {"active": None}},
+    ],
+)
+def test_remove_active_on_a_disabled_user_unassigns_it(operation: dict[str, Any]) -> None:
+    # RFC 7644 §3.5.2.2: a removed attribute is unassigned; it must not read back as active.
+    disabled = state_with(active=False)
+    result = patched(disabled, operation)
+    assert "active" not in result
+    assert result == {key: value for key, value in disabled.items() if key != "active"}
+
+    user = User.provision(uuid4(), UUID("00000000-0000-4000-8000-000000000001"), disabled)
+    user.collect_events()
+    operations = parse_patch_request(request(operation))
+    user.update(user_from_scim(apply_patch(user_document(user.state), operations)))
+    assert [type(event).__name__ for event in user.collect_events()] == ["UserActiveUnassigned"]
+    assert "active" not in user.state
+    assert user.active is False
+    assert "active" not in user_document(user.state)
+    # The same PATCH again (Entra retries) changes nothing.
+    user.update(user_from_scim(apply_patch(user_document(user.state), operations)))
+    assert user.collect_events() == []
+
+
 def test_active_garbage_is_invalid_value() -> None:
     assert error_of(STATE, {"op": "Replace", "path": "active", "value": "nope"}) == (
         400,
@@ -165,9 +195,9 @@ def test_replace_or_add_with_empty_clears(op: str, empty: object) -> None:
         {"op": op, "path": "name", "value": empty},
         {"op": op, "path": "emails", "value": empty},
     )
-    assert result == User.normalise(
-        {"userName": STATE["userName"], "externalId": STATE["externalId"], "nickName": "N"}
-    )
+    cleared = ("displayName", "name", "emails")
+    assert result == {key: value for key, value in state.items() if key not in cleared}
+    assert result["active"] is True  # untouched by the operations
 
 
 def test_missing_value_reads_as_null() -> None:

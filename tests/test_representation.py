@@ -117,7 +117,8 @@ def test_read_only_unknown_and_null_attributes_are_ignored() -> None:
         "emails": None,
         ENTERPRISE_SCHEMA: None,
     }
-    assert User.normalise(user_from_scim(body)) == {"active": True, "userName": "a@contoso.com"}
+    # No default for `active` here: an absent one stays absent (the domain decides what that means).
+    assert User.normalise(user_from_scim(body)) == {"userName": "a@contoso.com"}
 
 
 def test_attribute_names_are_case_insensitive() -> None:
@@ -150,12 +151,21 @@ def test_attribute_names_are_case_insensitive() -> None:
         ("true", True),
         ("false", False),
         ("FALSE", False),
-        (None, True),  # absent: the domain's default
     ],
 )
 def test_active_accepts_booleans_and_their_strings(raw: object, expected: bool) -> None:
     state = User.normalise(user_from_scim({"userName": "a", "active": raw}))
     assert state["active"] is expected
+
+
+@pytest.mark.parametrize(
+    "body", [{"userName": "a"}, {"userName": "a", "active": None}, {"userName": "a", "active": ""}]
+)
+def test_absent_or_null_active_stays_unassigned(body: dict[str, Any]) -> None:
+    # RFC 7644 §3.5.2.2: no default at this layer (User.provision defaults a new user to active).
+    desired = user_from_scim(body)
+    assert "active" not in desired
+    assert User.normalise(desired) == {"userName": "a"}
 
 
 @pytest.mark.parametrize("raw", ["yes", "0", 1, 0, [], {"value": True}])
@@ -204,7 +214,6 @@ def test_manager_in_every_form_entra_sends(manager: object) -> None:
 def test_empty_manager_clears_it(manager: object) -> None:
     body = {"userName": "a", ENTERPRISE_SCHEMA: {"manager": manager, "department": "X"}}
     assert User.normalise(user_from_scim(body)) == {
-        "active": True,
         "enterprise": {"department": "X"},
         "userName": "a",
     }
@@ -291,7 +300,12 @@ def test_manager_alone_makes_the_extension() -> None:
     assert user_document(state)[ENTERPRISE_SCHEMA] == {"manager": {"value": MANAGER_ID}}
 
 
-@pytest.mark.parametrize("state", [RICH_STATE, ENTRA_POST_STATE])
+def test_document_of_a_user_without_active_has_no_active() -> None:
+    state = User.normalise({"userName": "a"})
+    assert "active" not in user_document(state)
+
+
+@pytest.mark.parametrize("state", [RICH_STATE, ENTRA_POST_STATE, User.normalise({"userName": "a"})])
 def test_document_round_trips_to_the_same_state(state: dict[str, Any]) -> None:
     assert User.normalise(user_from_scim(user_document(state))) == state
 

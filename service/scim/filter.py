@@ -676,3 +676,50 @@ def user_sort_sql(sort_by: str) -> str:
     """SQL expression (no user data inlined) for sortBy; unknown/multi-valued attribute ->
     ScimError(400, ..., "invalidValue")."""
     return compile_sort(USER_ATTRIBUTES, sort_by)
+
+
+# --- the groups view ---------------------------------------------------------------------
+
+GROUP_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:Group"
+
+GROUP_ATTRIBUTES = AttributeMap(
+    schema=GROUP_SCHEMA,
+    attributes=attributes(
+        Attribute("id", Kind.UUID, "g.id", case_exact=True),
+        Attribute("externalId", Kind.STRING, "g.external_id", case_exact=True),
+        Attribute("displayName", Kind.STRING, "g.display_name"),
+        # One row per member: members.value eq "id" is a primary-key probe.
+        Attribute(
+            "members",
+            Kind.MULTI,
+            "TRUE",
+            sub_attributes=attributes(
+                Attribute("value", Kind.UUID, "{alias}.member_id"),
+                Attribute("type", Kind.STRING, "{alias}.member_type"),
+            ),
+            source=(
+                "(SELECT gm.member_id, gm.member_type FROM scim_group_members gm"
+                " WHERE gm.tenant_id = g.tenant_id AND gm.group_id = g.id) AS {alias}"
+            ),
+        ),
+        Attribute(
+            "meta",
+            Kind.COMPLEX,
+            present="TRUE",
+            sub_attributes=attributes(
+                Attribute("created", Kind.DATETIME, "g.created"),
+                Attribute("lastModified", Kind.DATETIME, "g.last_modified"),
+                Attribute("resourceType", Kind.STRING, "'Group'::text", case_exact=True),
+            ),
+        ),
+    ),
+)
+
+
+def group_filter_sql(expression: str, params: SqlParams) -> str:
+    """A SQL boolean expression over alias g (scim_groups); 400 invalidFilter on error."""
+    return compile_filter(GROUP_ATTRIBUTES, expression, params)
+
+
+def group_sort_sql(sort_by: str) -> str:
+    return compile_sort(GROUP_ATTRIBUTES, sort_by)

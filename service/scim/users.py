@@ -59,7 +59,39 @@ async def json_object(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _resource_of_user(request: web.Request, user: User) -> dict[str, Any]:
+async def groups_of(request: web.Request, user_ids: list[UUID]) -> dict[UUID, list[dict[str, str]]]:
+    """The read-only `groups` attribute: each user's direct groups, from the membership rows."""
+    rows = await request.app[DATABASE].pool.fetch(
+        "SELECT m.member_id, g.id, g.display_name FROM scim_group_members m"
+        " JOIN scim_groups g ON g.tenant_id = m.tenant_id AND g.id = m.group_id"
+        " WHERE m.tenant_id = $1 AND m.member_id = any($2::uuid[])"
+        " ORDER BY lower(g.display_name), g.id",
+        request[PRINCIPAL].tenant_id,
+        user_ids,
+    )
+    base = base_url(request)
+    found: dict[UUID, list[dict[str, str]]] = {}
+    for row in rows:
+        found.setdefault(row["member_id"], []).append(
+            {
+                "value": str(row["id"]),
+                "$ref": f"{base}/Groups/{row['id']}",
+                "display": row["display_name"],
+                "type": "direct",
+            }
+        )
+    return found
+
+
+def _wants_groups(attributes: str | None, excluded: str | None) -> bool:
+    probe = {"schemas": [], "id": "", "groups": [{"value": ""}]}
+    return "groups" in select_attributes(probe, attributes, excluded)
+
+
+async def _resource_of_user(request: web.Request, user: User) -> dict[str, Any]:
+    groups = None
+    if _wants_groups(request.query.get("attributes"), request.query.get("excludedAttributes")):
+        groups = (await groups_of(request, [user.id])).get(user.id)
     return user_resource(
         user.state,
         user_id=str(user.id),
@@ -67,10 +99,13 @@ def _resource_of_user(request: web.Request, user: User) -> dict[str, Any]:
         created=user.created_on,
         last_modified=user.modified_on,
         location=f"{base_url(request)}/Users/{user.id}",
+        groups=groups,
     )
 
 
-def _resource_of_row(request: web.Request, row: asyncpg.Record) -> dict[str, Any]:
+def _resource_of_row(
+    request: web.Request, row: asyncpg.Record, groups: list[dict[str, str]] | None
+) -> dict[str, Any]:
     return user_resource(
         row["resource"],
         user_id=str(row["id"]),
@@ -78,6 +113,7 @@ def _resource_of_row(request: web.Request, row: asyncpg.Record) -> dict[str, Any
         created=row["created"],
         last_modified=row["last_modified"],
         location=f"{base_url(request)}/Users/{row['id']}",
+        groups=groups,
     )
 
 
@@ -95,7 +131,7 @@ def _reply(
 async def create(request: web.Request) -> web.Response:
     desired = user_from_scim(await json_object(request))
     user = await handlers.provision_user(request.app[DATABASE], caller(request), desired)
-    return _reply(request, _resource_of_user(request, user), user.version, status=201)
+    return _reply(request, await _resource_of_user(request, user), user.version, status=201)
 
 
 async def get(request: web.Request) -> web.StreamResponse:
@@ -108,7 +144,10 @@ async def get(request: web.Request) -> web.StreamResponse:
     if_none_match = request.headers.get("If-None-Match")
     if if_none_match and etag_matches(if_none_match, row["version"]):
         return web.Response(status=304, headers={"ETag": etag(row["version"])})
-    return _reply(request, _resource_of_row(request, row), row["version"])
+    groups = None
+    if _wants_groups(request.query.get("attributes"), request.query.get("excludedAttributes")):
+        groups = (await groups_of(request, [user_id])).get(user_id)
+    return _reply(request, _resource_of_row(request, row, groups), row["version"])
 
 
 async def replace(request: web.Request) -> web.Response:
@@ -121,7 +160,7 @@ async def replace(request: web.Request) -> web.Response:
         lambda u: u.update(desired),
         request.headers.get("If-Match"),
     )
-    return _reply(request, _resource_of_user(request, user), user.version)
+    return _reply(request, await _resource_of_user(request, user), user.version)
 
 
 async def patch(request: web.Request) -> web.Response:
@@ -134,7 +173,7 @@ async def patch(request: web.Request) -> web.Response:
     user = await handlers.update_user(
         request.app[DATABASE], caller(request), user_id, change, request.headers.get("If-Match")
     )
-    return _reply(request, _resource_of_user(request, user), user.version)
+    return _reply(request, await _resource_of_user(request, user), user.version)
 
 
 async def delete(request: web.Request) -> web.Response:
@@ -186,7 +225,7 @@ async def _search(request: web.Request, query: ListQuery) -> dict[str, Any]:
         rows = rows[: query.count]
         total = await pool.fetchval(count_sql, *count_args)
         next_cursor = encode_cursor(rows[-1]["created"], str(rows[-1]["id"])) if more else None
-        return list_response(_page(request, rows, query), total, query, next_cursor)
+        return list_response(await _page(request, rows, query), total, query, next_cursor)
 
     if query.sort_by:
         direction = "DESC" if query.descending else "ASC"
@@ -204,13 +243,18 @@ async def _search(request: web.Request, query: ListQuery) -> dict[str, Any]:
         total = rows[0]["total"]
     else:
         total = await pool.fetchval(count_sql, *count_args)
-    return list_response(_page(request, rows, query), total, query)
+    return list_response(await _page(request, rows, query), total, query)
 
 
-def _page(request: web.Request, rows: list[Any], query: ListQuery) -> list[dict[str, Any]]:
+async def _page(request: web.Request, rows: list[Any], query: ListQuery) -> list[dict[str, Any]]:
+    groups: dict[UUID, list[dict[str, str]]] = {}
+    if rows and _wants_groups(query.attributes, query.excluded_attributes):
+        groups = await groups_of(request, [row["id"] for row in rows])
     return [
         select_attributes(
-            _resource_of_row(request, row), query.attributes, query.excluded_attributes
+            _resource_of_row(request, row, groups.get(row["id"])),
+            query.attributes,
+            query.excluded_attributes,
         )
         for row in rows
     ]

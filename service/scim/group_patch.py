@@ -1,0 +1,169 @@
+"""PATCH on a Group, as a change to apply: attributes to set and members to add or remove.
+
+A group may have 100,000 members, so a PATCH is never applied to a member list in memory.
+Operations fold into a `GroupChange` (ids to add, ids to remove, or "every current member
+removed"); the handler then asks the membership rows which of them change anything.
+
+Entra's default style removes members with the ids in `value`
+(`{"op":"Remove","path":"members","value":[{"value":"<id>"}]}`): only those are removed. A
+remove of `members` with no value removes every member, as RFC 7644 §3.5.2.2 says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from scim2_models import InvalidFilterException, ScimFilter
+from scim2_models.path.expressions import CompareOperator, Comparison, LogicalExpr, LogicalOperator
+
+from service.errors import ScimError, invalid_value
+
+GROUP_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:Group"
+# Entra adds this schema to groups it creates; it carries nothing we keep.
+AD_GROUP_SCHEMA = "http://schemas.microsoft.com/2006/11/ResourceManagement/ADSCIM/2.0/Group"
+UNSET: Any = object()  # "not in the request", as distinct from null
+
+
+@dataclass
+class GroupChange:
+    display_name: Any = UNSET
+    external_id: Any = UNSET
+    adds: set[str] = field(default_factory=set)
+    removes: set[str] = field(default_factory=set)
+    clear_members: bool = False
+    # A client's `display` of a member it adds (RFC 7643 §2.4: immutable, set at inclusion).
+    displays: dict[str, str] = field(default_factory=dict)
+
+    def add(self, ids: set[str]) -> None:
+        self.adds |= ids
+        self.removes -= ids
+
+    def remove(self, ids: set[str]) -> None:
+        self.removes |= ids
+        self.adds -= ids
+
+    def replace_members(self, ids: set[str]) -> None:
+        self.clear_members = True
+        self.adds = set(ids)
+        self.removes = set()
+
+    @property
+    def touches_members(self) -> bool:
+        return self.clear_members or bool(self.adds) or bool(self.removes)
+
+
+def _no_target(detail: str) -> ScimError:
+    return ScimError(400, detail, "noTarget")
+
+
+def members_of(value: Any, where: str = "members") -> dict[str, str | None]:
+    """The members of a members value (a list of {"value": id}, one such object, or bare ids),
+    each with the `display` the client gave it, if any."""
+    if value is None:
+        return {}
+    items = value if isinstance(value, list) else [value]
+    found: dict[str, str | None] = {}
+    for item in items:
+        if isinstance(item, str):
+            found.setdefault(item, None)
+            continue
+        if not isinstance(item, Mapping):
+            raise invalid_value(f'{where} must be a list of {{"value": id}} objects')
+        keyed = {k.lower(): v for k, v in item.items()}
+        member = keyed.get("value")
+        if not isinstance(member, str) or not member:
+            raise invalid_value(f"every entry of {where} needs a string value (the member's id)")
+        display = keyed.get("display")
+        found[member] = display if isinstance(display, str) and display else None
+    return found
+
+
+def _filter_ids(expression: str) -> set[str]:
+    """Ids named by `value eq "id"` terms joined by `or` (members[value eq "a" or value eq "b"])."""
+    try:
+        node = ScimFilter(expression).ast
+    except (InvalidFilterException, ValueError) as e:
+        raise ScimError(400, f"invalid members filter: {e}", "invalidPath") from None
+    terms = (
+        node.terms if isinstance(node, LogicalExpr) and node.op == LogicalOperator.or_ else [node]
+    )
+    ids: set[str] = set()
+    for term in terms:
+        if (
+            not isinstance(term, Comparison)
+            or term.attr_path.attr.lower() != "value"
+            or term.op != CompareOperator.eq
+            or not isinstance(term.value, str)
+        ):
+            raise ScimError(
+                400, 'members filters select by value: members[value eq "<id>"]', "invalidPath"
+            )
+        ids.add(term.value)
+    return ids
+
+
+def _string_or_none(value: Any, name: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise invalid_value(f"{name} must be a string")
+    return value
+
+
+def _apply_attribute(change: GroupChange, op: str, name: str, value: Any) -> None:
+    key = name.lower()
+    if key in ("displayname", f"{GROUP_SCHEMA.lower()}:displayname"):
+        if op == "remove":
+            raise ScimError(400, "displayName is required and cannot be removed", "mutability")
+        change.display_name = _string_or_none(value, "displayName")
+    elif key in ("externalid", f"{GROUP_SCHEMA.lower()}:externalid"):
+        change.external_id = None if op == "remove" else _string_or_none(value, "externalId")
+    elif key in ("members", f"{GROUP_SCHEMA.lower()}:members"):
+        members = members_of(value)
+        ids = set(members)
+        if op != "remove":
+            change.displays.update({m: d for m, d in members.items() if d})
+        if op == "add":
+            change.add(ids)
+        elif op == "replace":
+            change.replace_members(ids)
+        elif value is None:
+            change.replace_members(set())
+        else:
+            change.remove(ids)
+    elif key in ("id", "meta", "schemas") or key.startswith("meta."):
+        raise ScimError(400, f"{name} is read-only", "mutability")
+    else:
+        raise ScimError(400, f"Groups have no attribute {name!r}", "invalidPath")
+
+
+def fold_operations(operations: list[dict[str, Any]]) -> GroupChange:
+    """All-or-nothing: any invalid operation raises before anything is applied."""
+    change = GroupChange()
+    for operation in operations:
+        op, path, value = operation["op"], operation["path"], operation["value"]
+        if path is None:
+            if op == "remove":
+                raise _no_target("remove needs a path")
+            if not isinstance(value, Mapping):
+                raise invalid_value(f"{op} without a path needs an object of attributes")
+            for name, item in value.items():
+                if name.lower() in ("schemas", "id", "meta"):
+                    continue
+                _apply_attribute(change, op, name, item)
+            continue
+        bracket = path.find("[")
+        if bracket > 0 and path.endswith("]"):
+            if path[:bracket].strip().lower() != "members":
+                raise ScimError(400, f"unsupported path {path!r}", "invalidPath")
+            ids = _filter_ids(path[bracket + 1 : -1])
+            if op != "remove":
+                raise ScimError(
+                    400, f"{op} on a filtered members path is not supported", "invalidPath"
+                )
+            change.remove(ids)
+            continue
+        _apply_attribute(change, op, path, value)
+    return change

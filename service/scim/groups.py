@@ -1,0 +1,329 @@
+"""`/scim/v2/Groups`: parse the request, call a handler, shape the reply.
+
+Members are read from their rows and, for one group, streamed: a group of 100,000 members is
+written to the client in chunks from a server-side cursor, never built as one list.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import orjson
+from aiohttp import web
+
+from domain.group import Group
+from projections import groups as groups_view
+from service import handlers
+from service.errors import SCIM_CONTENT_TYPE, invalid_value, not_found, scim_json
+from service.handlers import etag, etag_matches, parse_id
+from service.scim.filter import SqlParams, group_filter_sql, group_sort_sql
+from service.scim.group_patch import (
+    AD_GROUP_SCHEMA,
+    GROUP_SCHEMA,
+    GroupChange,
+    fold_operations,
+    members_of,
+)
+from service.scim.lists import (
+    ListQuery,
+    decode_cursor,
+    encode_cursor,
+    list_response,
+    parse_list_query,
+    search_params,
+)
+from service.scim.patch import parse_patch_request
+from service.scim.representation import select_attributes
+from service.scim.users import base_url, caller, json_body, json_object
+from service.state import DATABASE, PRINCIPAL, SETTINGS
+
+_MEMBER_CHUNK = 2000
+
+
+def _timestamp(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def group_resource(
+    base: str,
+    group_id: UUID,
+    display_name: str,
+    external_id: str | None,
+    version: int,
+    created: datetime,
+    last_modified: datetime,
+) -> dict[str, Any]:
+    resource: dict[str, Any] = {"schemas": [GROUP_SCHEMA], "id": str(group_id)}
+    if external_id is not None:
+        resource["externalId"] = external_id
+    resource["displayName"] = display_name
+    resource["meta"] = {
+        "resourceType": "Group",
+        "created": _timestamp(created),
+        "lastModified": _timestamp(last_modified),
+        "location": f"{base}/Groups/{group_id}",
+        "version": etag(version),
+    }
+    return resource
+
+
+def _of_group(base: str, group: Group) -> dict[str, Any]:
+    return group_resource(
+        base,
+        group.id,
+        group.display_name,
+        group.external_id,
+        group.version,
+        group.created_on,
+        group.modified_on,
+    )
+
+
+def _of_row(base: str, row: asyncpg.Record) -> dict[str, Any]:
+    return group_resource(
+        base,
+        row["id"],
+        row["display_name"],
+        row["external_id"],
+        row["version"],
+        row["created"],
+        row["last_modified"],
+    )
+
+
+def member_entry(
+    base: str, member_id: UUID, member_type: str, display: str | None = None
+) -> dict[str, str]:
+    kind = "Groups" if member_type == "Group" else "Users"
+    entry = {"value": str(member_id), "$ref": f"{base}/{kind}/{member_id}", "type": member_type}
+    if display is not None:
+        entry["display"] = display
+    return entry
+
+
+def wants_members(attributes: str | None, excluded: str | None) -> bool:
+    """Would `members` survive this attribute selection? (The same rules as every attribute.)"""
+    probe = {"schemas": [GROUP_SCHEMA], "id": "", "members": [{"value": ""}]}
+    return "members" in select_attributes(probe, attributes, excluded)
+
+
+def _selection(request: web.Request) -> tuple[str | None, str | None]:
+    return request.query.get("attributes"), request.query.get("excludedAttributes")
+
+
+# -- reads ----------------------------------------------------------------------------------
+
+
+async def get(request: web.Request) -> web.StreamResponse:
+    group_id = parse_id(request.match_info["id"], "Group")
+    return await _reply_group(request, group_id, 200)
+
+
+async def _reply_group(
+    request: web.Request, group_id: UUID, status: int, location: bool = False
+) -> web.StreamResponse:
+    tenant_id = request[PRINCIPAL].tenant_id
+    attributes, excluded = _selection(request)
+    base = base_url(request)
+    pool = request.app[DATABASE].pool
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        rows = await groups_view.fetch(conn, tenant_id, [group_id])
+        if not rows:
+            raise not_found("Group", str(group_id))
+        row = rows[0]
+        headers = {"ETag": etag(row["version"])}
+        if_none_match = request.headers.get("If-None-Match")
+        if status == 200 and if_none_match and etag_matches(if_none_match, row["version"]):
+            return web.Response(status=304, headers=headers)
+        resource = _of_row(base, row)
+        if location:
+            headers["Location"] = resource["meta"]["location"]
+        body = select_attributes(resource, attributes, excluded)
+        if not wants_members(attributes, excluded):
+            return scim_json(body, status=status, headers=headers)
+        # Stream: everything but members, then the members chunk by chunk, then the close.
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_type = SCIM_CONTENT_TYPE
+        await response.prepare(request)
+        meta = body.pop("meta", None)
+        head = orjson.dumps(body)
+        await response.write(head[:-1] + (b',"members":[' if len(head) > 2 else b'"members":['))
+        chunk: list[bytes] = []
+        first = True
+        cursor = conn.cursor(
+            "SELECT member_id, member_type, display FROM scim_group_members"
+            " WHERE tenant_id = $1 AND group_id = $2 ORDER BY member_id",
+            tenant_id,
+            group_id,
+            prefetch=_MEMBER_CHUNK,
+        )
+        async for member in cursor:
+            entry = orjson.dumps(member_entry(base, *member.values()))
+            chunk.append(entry if first else b"," + entry)
+            first = False
+            if len(chunk) >= _MEMBER_CHUNK:
+                await response.write(b"".join(chunk))
+                chunk = []
+        tail = b"]" + (b',"meta":' + orjson.dumps(meta) if meta is not None else b"") + b"}"
+        await response.write(b"".join(chunk) + tail)
+        await response.write_eof()
+        return response
+
+
+async def list_(request: web.Request) -> web.Response:
+    query = parse_list_query(request.query, request.app[SETTINGS].max_results)
+    return scim_json(await _search(request, query))
+
+
+async def search(request: web.Request) -> web.Response:
+    params = search_params(await json_body(request))
+    query = parse_list_query(params, request.app[SETTINGS].max_results)
+    return scim_json(await _search(request, query))
+
+
+async def _search(request: web.Request, query: ListQuery) -> dict[str, Any]:
+    tenant_id: UUID = request[PRINCIPAL].tenant_id
+    params = SqlParams([tenant_id])
+    where = "g.tenant_id = $1"
+    if query.filter:
+        where += f" AND ({group_filter_sql(query.filter, params)})"
+    count_args = list(params.values)
+    count_sql = f"SELECT count(*) FROM scim_groups g WHERE {where}"
+    pool = request.app[DATABASE].pool
+    if query.count == 0:
+        return list_response([], await pool.fetchval(count_sql, *count_args), query)
+    columns = ", ".join(f"g.{c.strip()}" for c in groups_view.COLUMNS.split(","))
+    next_cursor = None
+    if query.cursor is not None:
+        page_where = where
+        if query.cursor:
+            created, last_id = decode_cursor(query.cursor)
+            page_where += f" AND (g.created, g.id) > ({params.add(created)}, {params.add(last_id)})"
+        sql = (
+            f"SELECT {columns} FROM scim_groups g WHERE {page_where}"
+            f" ORDER BY g.created, g.id LIMIT {params.add(query.count + 1)}"
+        )
+        rows = list(await pool.fetch(sql, *params.values))
+        if len(rows) > query.count:
+            rows = rows[: query.count]
+            next_cursor = encode_cursor(rows[-1]["created"], str(rows[-1]["id"]))
+        total = await pool.fetchval(count_sql, *count_args)
+    else:
+        if query.sort_by:
+            direction = "DESC" if query.descending else "ASC"
+            order = f"{group_sort_sql(query.sort_by)} {direction} NULLS LAST, g.id {direction}"
+        else:
+            order = "g.created, g.id"
+        sql = (
+            f"SELECT {columns}, count(*) OVER () AS total FROM scim_groups g WHERE {where}"
+            f" ORDER BY {order} OFFSET {params.add(query.start_index - 1)}"
+            f" LIMIT {params.add(query.count)}"
+        )
+        rows = list(await pool.fetch(sql, *params.values))
+        total = rows[0]["total"] if rows else await pool.fetchval(count_sql, *count_args)
+    base = base_url(request)
+    resources = [_of_row(base, row) for row in rows]
+    if rows and wants_members(query.attributes, query.excluded_attributes):
+        members = await pool.fetch(
+            "SELECT group_id, member_id, member_type, display FROM scim_group_members"
+            " WHERE tenant_id = $1 AND group_id = any($2::uuid[]) ORDER BY group_id, member_id",
+            tenant_id,
+            [row["id"] for row in rows],
+        )
+        by_group: dict[UUID, list[dict[str, str]]] = {}
+        for m in members:
+            by_group.setdefault(m["group_id"], []).append(
+                member_entry(base, m["member_id"], m["member_type"], m["display"])
+            )
+        for resource, row in zip(resources, rows, strict=True):
+            if row["id"] in by_group:
+                resource["members"] = by_group[row["id"]]
+    page = [select_attributes(r, query.attributes, query.excluded_attributes) for r in resources]
+    return list_response(page, total, query, next_cursor)
+
+
+# -- writes ---------------------------------------------------------------------------------
+
+
+def _change_from_body(body: dict[str, Any]) -> GroupChange:
+    """A POST/PUT body as a change: the attributes it sets and its full member list."""
+    keyed = {k.lower(): v for k, v in body.items()}
+    schemas = keyed.get("schemas")
+    if schemas is not None and not isinstance(schemas, list):
+        raise invalid_value("schemas must be a list")
+    display_name = keyed.get("displayname")
+    if display_name is not None and not isinstance(display_name, str):
+        raise invalid_value("displayName must be a string")
+    external_id = keyed.get("externalid")
+    if external_id is not None and not isinstance(external_id, str):
+        raise invalid_value("externalId must be a string")
+    change = GroupChange(display_name=display_name, external_id=external_id or None)
+    members = members_of(keyed.get("members"))
+    change.replace_members(set(members))
+    change.displays = {m: d for m, d in members.items() if d}
+    return change
+
+
+async def create(request: web.Request) -> web.StreamResponse:
+    body = await json_object(request)
+    _ = AD_GROUP_SCHEMA  # accepted in "schemas" like any other URN; nothing of it is kept
+    group = await handlers.create_group(
+        request.app[DATABASE], caller(request), _change_from_body(body)
+    )
+    return await _write_reply(request, group, 201)
+
+
+async def replace(request: web.Request) -> web.StreamResponse:
+    group_id = parse_id(request.match_info["id"], "Group")
+    change = _change_from_body(await json_object(request))
+    if change.display_name is None:
+        raise invalid_value("displayName is required")
+    group = await handlers.change_group(
+        request.app[DATABASE], caller(request), group_id, change, request.headers.get("If-Match")
+    )
+    return await _write_reply(request, group, 200)
+
+
+async def patch(request: web.Request) -> web.StreamResponse:
+    group_id = parse_id(request.match_info["id"], "Group")
+    change = fold_operations(parse_patch_request(await json_body(request)))
+    group = await handlers.change_group(
+        request.app[DATABASE], caller(request), group_id, change, request.headers.get("If-Match")
+    )
+    attributes, excluded = _selection(request)
+    if attributes is None and excluded is None:
+        # Entra expects 204 for group PATCH; a reply must never be forced to carry members.
+        return web.Response(status=204, headers={"ETag": etag(group.version)})
+    return await _write_reply(request, group, 200)
+
+
+async def delete(request: web.Request) -> web.Response:
+    group_id = parse_id(request.match_info["id"], "Group")
+    await handlers.delete_group(
+        request.app[DATABASE], caller(request), group_id, request.headers.get("If-Match")
+    )
+    return web.Response(status=204)
+
+
+async def _write_reply(request: web.Request, group: Group, status: int) -> web.StreamResponse:
+    attributes, excluded = _selection(request)
+    if wants_members(attributes, excluded):
+        return await _reply_group(request, group.id, status, location=status == 201)
+    resource = _of_group(base_url(request), group)
+    headers = {"ETag": etag(group.version)}
+    if status == 201:
+        headers["Location"] = resource["meta"]["location"]
+    return scim_json(select_attributes(resource, attributes, excluded), status, headers)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/scim/v2/Groups", create)
+    app.router.add_get("/scim/v2/Groups", list_)
+    app.router.add_post("/scim/v2/Groups/.search", search)
+    app.router.add_get("/scim/v2/Groups/{id}", get)
+    app.router.add_put("/scim/v2/Groups/{id}", replace)
+    app.router.add_patch("/scim/v2/Groups/{id}", patch)
+    app.router.add_delete("/scim/v2/Groups/{id}", delete)
