@@ -3,11 +3,12 @@
 Inline, like the users view: updated in the transaction that appends the group's events. The
 group row doubles as the group's snapshot for the write side (see service/unit_of_work.py):
 membership is never held in memory, only applied to rows from `GroupMembershipChanged` deltas.
+A rebuild replays the same events through the same `write`, into shadow tables.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -17,11 +18,18 @@ from domain.group import Group
 from infra.eventstore import Conn
 
 NAME = "groups"
+# Bump when what the handlers write changes: `projections status` then says a rebuild is due.
+VERSION = 1
+GROUPS, MEMBERS = "scim_groups", "scim_group_members"
+TABLES = (GROUPS, MEMBERS)
+LIVE: Mapping[str, str] = {GROUPS: GROUPS, MEMBERS: MEMBERS}
 
 COLUMNS = "tenant_id, id, display_name, external_id, version, created, last_modified"
 
-_UPSERT = f"""
-INSERT INTO scim_groups ({COLUMNS})
+
+def _upsert(groups: str) -> str:
+    return f"""
+INSERT INTO {groups} ({COLUMNS})
 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bigint[],
                      $6::timestamptz[], $7::timestamptz[])
 ON CONFLICT (tenant_id, id) DO UPDATE SET
@@ -29,20 +37,27 @@ ON CONFLICT (tenant_id, id) DO UPDATE SET
     version = excluded.version, last_modified = excluded.last_modified
 """
 
+
 # A member's type is settled when it joins: ids are UUIDs, so one is a group or a user.
-_ADD_MEMBERS = """
-INSERT INTO scim_group_members (tenant_id, group_id, member_id, member_type, display)
-SELECT $1, $2, m.id,
-       CASE WHEN EXISTS (SELECT 1 FROM scim_groups g WHERE g.tenant_id = $1 AND g.id = m.id)
+def _add_members(groups: str, members: str) -> str:
+    return f"""
+INSERT INTO {members} (tenant_id, group_id, member_id, member_type, display)
+SELECT m.tenant_id, m.group_id, m.member_id,
+       CASE WHEN EXISTS (SELECT 1 FROM {groups} g
+                         WHERE g.tenant_id = m.tenant_id AND g.id = m.member_id)
             THEN 'Group' ELSE 'User' END,
        m.display
-FROM unnest($3::uuid[], $4::text[]) AS m (id, display)
+FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[])
+     AS m (tenant_id, group_id, member_id, display)
 ON CONFLICT DO NOTHING
 """
 
-_REMOVE_MEMBERS = """
-DELETE FROM scim_group_members
-WHERE tenant_id = $1 AND group_id = $2 AND member_id = any($3::uuid[])
+
+def _remove_members(members: str) -> str:
+    return f"""
+DELETE FROM {members} t
+USING unnest($1::uuid[], $2::uuid[], $3::uuid[]) AS m (tenant_id, group_id, member_id)
+WHERE t.tenant_id = m.tenant_id AND t.group_id = m.group_id AND t.member_id = m.member_id
 """
 
 
@@ -58,49 +73,76 @@ def row_of(group: Group) -> tuple[Any, ...]:
     )
 
 
-async def write(conn: Conn, groups: Sequence[Group], events: Sequence[Any]) -> None:
-    """Apply the groups' new state and the membership deltas among `events`, in order."""
+async def write(
+    conn: Conn,
+    groups: Sequence[Group],
+    events: Sequence[Any],
+    tables: Mapping[str, str] = LIVE,
+) -> None:
+    """Make the tables agree with these groups and the membership deltas among `events`.
+
+    Deltas are netted per (group, member) in event order, so a batch of any size is two
+    statements: one delete (anyone removed along the way), one insert (members at the end).
+    """
+    t_groups, t_members = tables[GROUPS], tables[MEMBERS]
     live = [g for g in groups if not g.deleted]
     if live:
         rows = [row_of(g) for g in live]
-        await conn.execute(_UPSERT, *(list(col) for col in zip(*rows, strict=True)))
+        await conn.execute(_upsert(t_groups), *(list(col) for col in zip(*rows, strict=True)))
     tenant = {g.id: g.tenant_id for g in groups}
+    removed: set[tuple[UUID, UUID, str]] = set()
+    final: dict[tuple[UUID, UUID, str], str | bool | None] = {}
     for event in events:
-        kind = type(event).__name__
-        if kind == "GroupMembershipChanged":
-            group_id = event.originator_id
-            if event.removed:
-                await conn.execute(_REMOVE_MEMBERS, tenant[group_id], group_id, event.removed)
-            if event.added:
-                displays = [event.displays.get(m) for m in event.added]
-                await conn.execute(_ADD_MEMBERS, tenant[group_id], group_id, event.added, displays)
+        if type(event).__name__ != "GroupMembershipChanged":
+            continue
+        group_id = event.originator_id
+        for member in event.removed:
+            key = (tenant[group_id], group_id, member)
+            removed.add(key)
+            final[key] = False
+        for member in event.added:
+            final[(tenant[group_id], group_id, member)] = event.displays.get(member)
+    if removed:
+        await conn.execute(_remove_members(t_members), *_columns(removed))
+    adds = [(*key, display) for key, display in final.items() if display is not False]
+    if adds:
+        await conn.execute(_add_members(t_groups, t_members), *_columns(adds))
     gone = [g for g in groups if g.deleted]
     if gone:
-        tenants = [g.tenant_id for g in gone]
-        ids = [g.id for g in gone]
+        ids = ([g.tenant_id for g in gone], [g.id for g in gone])
         await conn.execute(
-            "DELETE FROM scim_group_members t USING unnest($1::uuid[], $2::uuid[]) AS g (tid, gid)"
+            f"DELETE FROM {t_members} t USING unnest($1::uuid[], $2::uuid[]) AS g (tid, gid)"
             " WHERE t.tenant_id = g.tid AND t.group_id = g.gid",
-            tenants,
-            ids,
+            *ids,
         )
         await conn.execute(
-            "DELETE FROM scim_groups t USING unnest($1::uuid[], $2::uuid[]) AS g (tid, gid)"
+            f"DELETE FROM {t_groups} t USING unnest($1::uuid[], $2::uuid[]) AS g (tid, gid)"
             " WHERE t.tenant_id = g.tid AND t.id = g.gid",
-            tenants,
-            ids,
+            *ids,
         )
 
 
-async def load_for_update(conn: Conn, tenant_id: UUID, group_id: UUID) -> Group | None:
-    """The group's snapshot from its row, locked until the transaction ends."""
-    row = await conn.fetchrow(
-        f"SELECT {COLUMNS} FROM scim_groups WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
-        tenant_id,
-        group_id,
-    )
-    if row is None:
-        return None
+def _columns(rows: Any) -> list[list[Any]]:
+    return [list(col) for col in zip(*rows, strict=True)]
+
+
+async def apply(conn: Conn, events: Sequence[Any], tables: Mapping[str, str] = LIVE) -> None:
+    """Replay handler: fold a batch of events (any aggregates) into the given tables."""
+    mine = [e for e in events if isinstance(e, Group.Event)]
+    if not mine:
+        return
+    ids = list({e.originator_id for e in mine})
+    groups: dict[UUID, Group | None] = dict.fromkeys(ids)
+    for row in await conn.fetch(
+        f"SELECT {COLUMNS} FROM {tables[GROUPS]} WHERE id = any($1::uuid[])", ids
+    ):
+        groups[row["id"]] = _from_row(row)
+    for event in mine:
+        groups[event.originator_id] = event.mutate(groups[event.originator_id])
+    await write(conn, [g for g in groups.values() if g is not None], mine, tables)
+
+
+def _from_row(row: Any) -> Group:
     return Group.from_state(
         row["id"],
         row["version"],
@@ -112,6 +154,16 @@ async def load_for_update(conn: Conn, tenant_id: UUID, group_id: UUID) -> Group 
     )
 
 
+async def load_for_update(conn: Conn, tenant_id: UUID, group_id: UUID) -> Group | None:
+    """The group's snapshot from its row, locked until the transaction ends."""
+    row = await conn.fetchrow(
+        f"SELECT {COLUMNS} FROM scim_groups WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
+        tenant_id,
+        group_id,
+    )
+    return None if row is None else _from_row(row)
+
+
 async def fetch(conn: Conn | Pool, tenant_id: UUID, ids: Sequence[UUID]) -> list[Any]:
     return list(
         await conn.fetch(
@@ -120,3 +172,10 @@ async def fetch(conn: Conn | Pool, tenant_id: UUID, ids: Sequence[UUID]) -> list
             list(ids),
         )
     )
+
+
+def describe(table: str, row: Mapping[str, Any]) -> str:
+    """How a diff sample names a row."""
+    if table == GROUPS:
+        return f"group {row.get('display_name')!r} ({row.get('id')})"
+    return f"member {row.get('member_id')} of group {row.get('group_id')}"

@@ -4,12 +4,12 @@ Inline: the write path updates it in the transaction that appends the user's eve
 right after a write sees the write, and the unique index on (tenant, lower(userName)) refuses a
 duplicate before anything commits. The row is a function of the aggregate, and the aggregate is
 a fold of its events (the `@event` bodies in domain/user.py), so a rebuild that replays the
-events through the same aggregate code writes the same rows.
+events through the same aggregate code and the same `write` produces the same rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -19,14 +19,21 @@ from domain.user import User
 from infra.eventstore import Conn
 
 NAME = "users"
+# Bump when what the handlers write changes: `projections status` then says a rebuild is due.
+VERSION = 1
+USERS = "scim_users"
+TABLES = (USERS,)
+LIVE: Mapping[str, str] = {USERS: USERS}
 
 COLUMNS = (
     "tenant_id, id, user_name, external_id, active, display_name, manager_id, resource,"
     " version, created, last_modified"
 )
 
-_UPSERT = f"""
-INSERT INTO scim_users ({COLUMNS})
+
+def _upsert(table: str) -> str:
+    return f"""
+INSERT INTO {table} ({COLUMNS})
 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bool[], $6::text[],
                      $7::uuid[], $8::jsonb[], $9::bigint[], $10::timestamptz[], $11::timestamptz[])
 ON CONFLICT (tenant_id, id) DO UPDATE SET
@@ -55,15 +62,14 @@ def row_of(user: User) -> tuple[Any, ...]:
     )
 
 
-async def write(conn: Conn, users: Sequence[User], table: str = "scim_users") -> None:
+async def write(conn: Conn, users: Sequence[User], tables: Mapping[str, str] = LIVE) -> None:
     """Make the view agree with these aggregates: upsert the live ones, drop deprovisioned ones."""
+    table = tables[USERS]
     live = [u for u in users if not u.deprovisioned]
     gone = [(u.tenant_id, u.id) for u in users if u.deprovisioned]
     if live:
         rows = [row_of(u) for u in live]
-        await conn.execute(
-            _UPSERT.replace("scim_users", table), *(list(col) for col in zip(*rows, strict=True))
-        )
+        await conn.execute(_upsert(table), *(list(col) for col in zip(*rows, strict=True)))
     if gone:
         await conn.execute(
             f"DELETE FROM {table} t USING unnest($1::uuid[], $2::uuid[]) AS g (tenant_id, id)"
@@ -71,6 +77,29 @@ async def write(conn: Conn, users: Sequence[User], table: str = "scim_users") ->
             [g[0] for g in gone],
             [g[1] for g in gone],
         )
+
+
+async def apply(conn: Conn, events: Sequence[Any], tables: Mapping[str, str] = LIVE) -> None:
+    """Replay handler: fold a batch of events (any aggregates) into the given table."""
+    mine = [e for e in events if isinstance(e, User.Event)]
+    if not mine:
+        return
+    ids = list({e.originator_id for e in mine})
+    users: dict[UUID, User | None] = dict.fromkeys(ids)
+    for row in await conn.fetch(
+        f"SELECT {COLUMNS} FROM {tables[USERS]} WHERE id = any($1::uuid[])", ids
+    ):
+        users[row["id"]] = User.from_state(
+            row["id"],
+            row["version"],
+            row["tenant_id"],
+            row["resource"],
+            row["created"],
+            row["last_modified"],
+        )
+    for event in mine:
+        users[event.originator_id] = event.mutate(users[event.originator_id])
+    await write(conn, [u for u in users.values() if u is not None], tables)
 
 
 async def fetch(conn: Conn | Pool, tenant_id: UUID, ids: Sequence[UUID]) -> list[Any]:
@@ -81,3 +110,8 @@ async def fetch(conn: Conn | Pool, tenant_id: UUID, ids: Sequence[UUID]) -> list
             list(ids),
         )
     )
+
+
+def describe(table: str, row: Mapping[str, Any]) -> str:
+    """How a diff sample names a row."""
+    return f"user {row.get('user_name')!r} ({row.get('id')})"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -83,10 +84,13 @@ def serve(
 
 
 async def _serve(settings: Settings) -> None:
+    from projections.rebuild import register as register_projections
+    from projections.registry import PROJECTIONS
     from service.app import create_app
 
     async with open_database(settings) as database:
         async with database.pool.acquire() as conn:
+            await register_projections(conn, list(PROJECTIONS.values()))
             has_tenant = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM tenants)")
             issued = None if has_tenant else await create_tenant(conn, "default")
         app = create_app(settings, database)
@@ -133,6 +137,158 @@ def migrate(data_dir: Path | None, database_url: str | None) -> None:
 
     applied = _run(go)
     print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
+
+
+@cli.group()
+def projections() -> None:
+    """Read models: status, rebuild from the event store, verify against a rebuild."""
+
+
+def _selected(name: str | None, all_: bool) -> list[Any]:
+    from projections.registry import PROJECTIONS
+
+    if all_ == (name is not None):
+        raise click.UsageError("name one projection or pass --all")
+    if name is None:
+        return list(PROJECTIONS.values())
+    if name not in PROJECTIONS:
+        raise click.UsageError(f"unknown projection {name!r} (known: {', '.join(PROJECTIONS)})")
+    return [PROJECTIONS[name]]
+
+
+@projections.command("status")
+@click.option("--json", "json_output", is_flag=True, help="Print JSON lines.")
+@database_options
+def projections_status(json_output: bool, data_dir: Path | None, database_url: str | None) -> None:
+    """Name, version, checkpoint, events behind, last error of every projection."""
+    from projections.rebuild import register, status
+    from projections.registry import PROJECTIONS
+
+    settings = _settings(data_dir, database_url)
+
+    async def go() -> list[dict[str, Any]]:
+        async with open_database(settings) as db:
+            async with db.pool.acquire() as conn:
+                await register(conn, list(PROJECTIONS.values()))
+            return await status(db, list(PROJECTIONS.values()))
+
+    rows = _run(go)
+    if json_output:
+        for row in rows:
+            print(orjson.dumps(row).decode())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "mode", "version", "checkpoint", "behind", "rebuilt", "last error")
+    for row in rows:
+        version = str(row["version"])
+        if row["needs_rebuild"]:
+            version += f" (stored {row['stored_version']}: rebuild due)"
+        table.add_row(
+            row["name"],
+            row["mode"],
+            version,
+            str(row["checkpoint"]),
+            str(row["events_behind"]),
+            row["rebuilt_at"] or "-",
+            row["last_error"] or "-",
+        )
+    Console().print(table)
+
+
+def _rebuild(settings: Settings, selected: list[Any], dry_run: bool, quiet: bool) -> list[Any]:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from projections.rebuild import Rebuilder
+
+    async def go() -> list[Any]:
+        reports = []
+        async with open_database(settings) as db:
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]} events/s"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                disable=quiet,
+            ) as bar:
+                for projection in selected:
+                    task = bar.add_task(f"{projection.name}", total=None, rate="-")
+                    started = time.perf_counter()
+
+                    def tick(done: int, total: int, task: Any = task, t0: float = started) -> None:
+                        rate = done / max(time.perf_counter() - t0, 1e-9)
+                        bar.update(task, completed=done, total=total, rate=f"{rate:,.0f}")
+
+                    rebuilder = Rebuilder(db, projection, progress=tick)
+                    reports.append(await rebuilder.run(dry_run=dry_run))
+        return reports
+
+    return _run(go)
+
+
+def _print_reports(reports: list[Any], *, swapped_word: str) -> None:
+    for report in reports:
+        rate = report.events / max(report.seconds, 1e-9)
+        state = swapped_word if report.swapped else "not swapped (dry run)"
+        print(
+            f"{report.name}: {report.events} events in {report.seconds:.2f}s "
+            f"({rate:,.0f} events/s), {state}"
+        )
+        for d in report.diffs:
+            print(f"  {d.table}: {d.added} added, {d.removed} removed, {d.changed} changed")
+            for kind, samples in d.samples.items():
+                for sample in samples:
+                    print(f"    {kind}: {sample}")
+
+
+@projections.command("rebuild")
+@click.argument("name", required=False)
+@click.option("--all", "all_", is_flag=True, help="Rebuild every projection.")
+@click.option("--dry-run", is_flag=True, help="Build and compare with the live view; no swap.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@database_options
+def projections_rebuild(
+    name: str | None,
+    all_: bool,
+    dry_run: bool,
+    quiet: bool,
+    data_dir: Path | None,
+    database_url: str | None,
+) -> None:
+    """Rebuild from position 0 into shadow tables, catch up, swap atomically."""
+    selected = _selected(name, all_)
+    reports = _rebuild(_settings(data_dir, database_url), selected, dry_run, quiet)
+    _print_reports(reports, swapped_word="swapped in")
+
+
+@projections.command("verify")
+@click.argument("name", required=False)
+@click.option("--all", "all_", is_flag=True, help="Verify every projection.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@database_options
+def projections_verify(
+    name: str | None, all_: bool, quiet: bool, data_dir: Path | None, database_url: str | None
+) -> None:
+    """Rebuild into a shadow and compare with the live view; exit 1 on any drift."""
+    selected = _selected(name, all_)
+    reports = _rebuild(_settings(data_dir, database_url), selected, True, quiet)
+    _print_reports(reports, swapped_word="swapped in")
+    drift = [r.name for r in reports if r.drift]
+    if drift:
+        raise CliError(f"drift in {', '.join(drift)}")
+    print("no drift")
 
 
 @cli.group()

@@ -1,0 +1,353 @@
+"""Rebuild a projection from the event store while the service keeps serving.
+
+1. Shadow tables (`<table>__rebuild`) with the live tables' columns and primary keys.
+2. Replay every event from position 0 through the projection's own handler, in batches,
+   following the log in commit-safe order; then keep catching up until the log is quiet.
+3. Secondary indexes are built on the shadow once, after the bulk load.
+4. Swap: lock the live tables, apply the last events, rename shadow over live, in one
+   transaction. Readers see the old view or the new one, never a half-built one. A writer
+   blocked on the lock finds the new table when it resumes (PostgreSQL resolves a table name
+   again after waiting for its lock) and writes its own change there.
+
+A dry run (or `verify`) stops before the swap and compares the shadow with the live view in
+one snapshot; the shadow is always dropped unless swapped. A failed or interrupted rebuild
+leaves the live tables untouched, and the next run starts from a fresh shadow.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from infra.database import Database
+from infra.eventstore import START, Conn, Position, RecordedEvent
+from projections.registry import Projection
+
+SUFFIX = "__rebuild"
+SAMPLES = 5
+Progress = Callable[[int, int], None]  # (events applied so far, events in the log)
+
+
+@dataclass
+class TableDiff:
+    table: str
+    added: int = 0
+    removed: int = 0
+    changed: int = 0
+    samples: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def drift(self) -> bool:
+        return bool(self.added or self.removed or self.changed)
+
+
+@dataclass
+class RebuildReport:
+    name: str
+    events: int
+    seconds: float
+    swapped: bool
+    diffs: list[TableDiff]
+    position: Position
+
+    @property
+    def drift(self) -> bool:
+        return any(d.drift for d in self.diffs)
+
+
+def shadow_of(table: str) -> str:
+    return table + SUFFIX
+
+
+async def _pk(conn: Conn, table: str) -> tuple[str, list[str]]:
+    row = await conn.fetchrow(
+        """
+        SELECT c.conname, array_agg(a.attname ORDER BY k.ord) AS cols
+        FROM pg_constraint c
+        CROSS JOIN LATERAL unnest(c.conkey) WITH ORDINALITY AS k (attnum, ord)
+        JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
+        WHERE c.conrelid = $1::regclass AND c.contype = 'p'
+        GROUP BY c.conname
+        """,
+        table,
+    )
+    assert row is not None, f"{table} has no primary key"
+    return row["conname"], list(row["cols"])
+
+
+async def _secondary_indexes(conn: Conn, table: str) -> list[tuple[str, str]]:
+    rows = await conn.fetch(
+        """
+        SELECT i.relname AS name, pg_get_indexdef(x.indexrelid) AS def
+        FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+        WHERE x.indrelid = $1::regclass AND NOT x.indisprimary
+        ORDER BY i.relname
+        """,
+        table,
+    )
+    return [(r["name"], r["def"]) for r in rows]
+
+
+async def create_shadow(conn: Conn, table: str) -> None:
+    shadow = shadow_of(table)
+    pk_name, pk_cols = await _pk(conn, table)
+    await conn.execute(f"DROP TABLE IF EXISTS {shadow}")
+    await conn.execute(
+        f"CREATE TABLE {shadow} (LIKE {table} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+    )
+    await conn.execute(
+        f"ALTER TABLE {shadow} ADD CONSTRAINT {pk_name}{SUFFIX} PRIMARY KEY ({', '.join(pk_cols)})"
+    )
+
+
+async def index_shadow(conn: Conn, table: str) -> None:
+    shadow = shadow_of(table)
+    for name, definition in await _secondary_indexes(conn, table):
+        shadow_def = re.sub(
+            r"INDEX (\S+) ON (\S+) ",
+            f"INDEX {name}{SUFFIX} ON {shadow} ",
+            definition,
+            count=1,
+        )
+        await conn.execute(shadow_def)
+
+
+async def swap_in(conn: Conn, table: str) -> None:
+    """Inside the caller's transaction: the shadow takes the live table's name and index names."""
+    shadow = shadow_of(table)
+    pk_name, _ = await _pk(conn, table)
+    indexes = [name for name, _ in await _secondary_indexes(conn, table)]
+    await conn.execute(f"DROP TABLE {table}")
+    await conn.execute(f"ALTER TABLE {shadow} RENAME TO {table}")
+    await conn.execute(f"ALTER TABLE {table} RENAME CONSTRAINT {pk_name}{SUFFIX} TO {pk_name}")
+    for name in indexes:
+        await conn.execute(f"ALTER INDEX {name}{SUFFIX} RENAME TO {name}")
+
+
+async def diff(conn: Conn, projection: Projection, table: str) -> TableDiff:
+    """Rows the shadow adds, removes and changes compared with the live table."""
+    shadow = shadow_of(table)
+    _, keys = await _pk(conn, table)
+    on = " AND ".join(f"s.{k} = l.{k}" for k in keys)
+    result = TableDiff(table)
+    queries = {
+        "added": f"SELECT to_jsonb(s) AS r FROM {shadow} s LEFT JOIN {table} l ON {on}"
+        f" WHERE l.{keys[0]} IS NULL",
+        "removed": f"SELECT to_jsonb(l) AS r FROM {table} l LEFT JOIN {shadow} s ON {on}"
+        f" WHERE s.{keys[0]} IS NULL",
+        "changed": f"SELECT to_jsonb(s) AS r, to_jsonb(l) AS o FROM {shadow} s JOIN {table} l"
+        f" ON {on} WHERE to_jsonb(s) IS DISTINCT FROM to_jsonb(l)",
+    }
+    for kind, sql in queries.items():
+        count = await conn.fetchval(f"SELECT count(*) FROM ({sql}) d")
+        setattr(result, kind, int(count))
+        if count:
+            rows = await conn.fetch(f"{sql} LIMIT {SAMPLES}")
+            result.samples[kind] = [_sample(projection, table, kind, row) for row in rows]
+    return result
+
+
+def _sample(projection: Projection, table: str, kind: str, row: asyncpg.Record) -> str:
+    new = row["r"]
+    label = projection.describe(table, new)
+    if kind != "changed":
+        return label
+    old = row["o"]
+    fields = sorted(k for k in set(new) | set(old) if new.get(k) != old.get(k))
+    details = []
+    for key in fields:
+        before, after = old.get(key), new.get(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            inner = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+            details.append(f"{key}: {', '.join(inner)}")
+        else:
+            details.append(key)
+    return f"{label}: {'; '.join(details)}"
+
+
+class Rebuilder:
+    def __init__(
+        self,
+        db: Database,
+        projection: Projection,
+        *,
+        batch_size: int = 5000,
+        progress: Progress | None = None,
+        lock_timeout: str = "2s",
+    ) -> None:
+        self.db = db
+        self.projection = projection
+        self.batch_size = batch_size
+        self.progress = progress
+        self.lock_timeout = lock_timeout
+        self.position: Position = START
+        self.applied = 0
+        self.tables = {t: shadow_of(t) for t in projection.tables}
+
+    async def _apply(self, conn: Conn, batch: Sequence[RecordedEvent]) -> None:
+        events = [self.db.store.to_domain(r) for r in batch]
+        await self.projection.apply(conn, events, self.tables)
+        self.position = batch[-1].position
+        self.applied += len(batch)
+
+    async def _catch_up(self, conn: Conn, total: int, *, committed_only: bool = False) -> int:
+        """Apply events after the position; `committed_only` reads every committed event,
+        for use when the caller's locks guarantee no writer can still commit below it."""
+        done = 0
+        while True:
+            if committed_only:
+                rows = await conn.fetch(
+                    "SELECT originator_id, originator_version, topic, state, notification_id,"
+                    " tenant_id, recorded_at, request_id, transaction_id FROM stored_events"
+                    " WHERE (transaction_id, notification_id) > ($1::bigint, $2::bigint)"
+                    " ORDER BY transaction_id, notification_id LIMIT $3",
+                    self.position[0],
+                    self.position[1],
+                    self.batch_size,
+                )
+                batch = [RecordedEvent(*r) for r in rows]
+            else:
+                batch = await self.db.store.read_all(self.position, self.batch_size, conn=conn)
+            if not batch:
+                return done
+            await self._apply(conn, batch)
+            done += len(batch)
+            if self.progress:
+                self.progress(self.applied, max(total, self.applied))
+
+    async def run(self, *, dry_run: bool = False) -> RebuildReport:
+        started = time.perf_counter()
+        conn = await self.db.connect()
+        try:
+            total = int(await conn.fetchval("SELECT count(*) FROM stored_events"))
+            for table in self.projection.tables:
+                await create_shadow(conn, table)
+            # Bulk replay, then catch up with what was appended meanwhile until quiet.
+            await self._catch_up(conn, total)
+            while await self._catch_up(conn, total):
+                pass
+            for table in self.projection.tables:
+                await index_shadow(conn, table)
+            if dry_run:
+                diffs = await self._compare(conn, total)
+                swapped = False
+            else:
+                diffs = await self._swap(conn, total)
+                swapped = True
+            return RebuildReport(
+                self.projection.name,
+                self.applied,
+                time.perf_counter() - started,
+                swapped,
+                diffs,
+                self.position,
+            )
+        finally:
+            try:
+                for table in self.projection.tables:
+                    await conn.execute(f"DROP TABLE IF EXISTS {shadow_of(table)}")
+            finally:
+                await conn.close()
+
+    async def _compare(self, conn: Conn, total: int) -> list[TableDiff]:
+        """Shadow against live in one snapshot: both then reflect the same committed events."""
+        async with conn.transaction(isolation="repeatable_read"):
+            await self._catch_up(conn, total, committed_only=True)
+            return [await diff(conn, self.projection, t) for t in self.projection.tables]
+
+    async def _swap(self, conn: Conn, total: int) -> list[TableDiff]:
+        for attempt in range(20):
+            try:
+                async with conn.transaction():
+                    await conn.execute(f"SET LOCAL lock_timeout = '{self.lock_timeout}'")
+                    live = ", ".join(self.projection.tables)
+                    await conn.execute(f"LOCK TABLE {live} IN ACCESS EXCLUSIVE MODE")
+                    # No writer can change the live view now; every event committed so far
+                    # is visible, and any other writer will write its own change after us.
+                    await self._catch_up(conn, total, committed_only=True)
+                    diffs = [await diff(conn, self.projection, t) for t in self.projection.tables]
+                    for table in self.projection.tables:
+                        await swap_in(conn, table)
+                    await record_state(conn, self.projection, self.position, rebuilt=True)
+                return diffs
+            except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError):
+                # Busy writers: let them through, catch up some more, try again.
+                await self._catch_up(conn, total)
+                if attempt == 19:
+                    raise
+        raise AssertionError("unreachable")
+
+
+async def record_state(
+    conn: Conn, projection: Projection, position: Position, *, rebuilt: bool = False
+) -> None:
+    await conn.execute(
+        """
+        INSERT INTO projection_state (name, version, mode, checkpoint_transaction,
+                                      checkpoint_position, rebuilt_at, updated_at)
+        VALUES ($1, $2, $3, $4, $5, CASE WHEN $6 THEN now() END, now())
+        ON CONFLICT (name) DO UPDATE SET
+            version = excluded.version, mode = excluded.mode,
+            checkpoint_transaction = excluded.checkpoint_transaction,
+            checkpoint_position = excluded.checkpoint_position,
+            rebuilt_at = coalesce(excluded.rebuilt_at, projection_state.rebuilt_at),
+            last_error = NULL, updated_at = now()
+        """,
+        projection.name,
+        projection.version,
+        projection.mode,
+        position[0],
+        position[1],
+        rebuilt,
+    )
+
+
+async def register(conn: Conn, projections: Sequence[Projection]) -> None:
+    """Record projections seen for the first time at the code's version (they were built by it:
+    inline projections from the first event on)."""
+    for p in projections:
+        await conn.execute(
+            "INSERT INTO projection_state (name, version, mode) VALUES ($1, $2, $3)"
+            " ON CONFLICT (name) DO NOTHING",
+            p.name,
+            p.version,
+            p.mode,
+        )
+
+
+async def status(db: Database, projections: Sequence[Projection]) -> list[dict[str, Any]]:
+    """Name, version (code and stored), checkpoint, events behind, last error."""
+    async with db.pool.acquire() as conn:
+        head = await conn.fetchrow(
+            "SELECT coalesce(max(notification_id), 0) AS head, count(*) AS events"
+            " FROM stored_events"
+        )
+        assert head is not None
+        stored = {r["name"]: r for r in await conn.fetch("SELECT * FROM projection_state")}
+        out = []
+        for p in projections:
+            row = stored.get(p.name)
+            out.append(
+                {
+                    "name": p.name,
+                    "mode": p.mode,
+                    "version": p.version,
+                    "stored_version": row["version"] if row else None,
+                    # Inline projections are written in the append's own transaction.
+                    "checkpoint": head["head"]
+                    if p.mode == "inline"
+                    else (row["checkpoint_position"] if row else 0),
+                    "events_behind": 0,
+                    "rebuilt_at": row["rebuilt_at"].isoformat()
+                    if row and row["rebuilt_at"]
+                    else None,
+                    "last_error": row["last_error"] if row else None,
+                    "needs_rebuild": row is None or row["version"] != p.version,
+                }
+            )
+        return out
