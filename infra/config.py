@@ -27,5 +27,9 @@ class Settings:
     max_body_bytes: int = field(
         default_factory=lambda: _int_env("SCIMLEDGER_MAX_BODY_BYTES", 2 * 1024 * 1024)
     )
+    # Run the asynchronous projections' catch-up subscribers in this process.
+    run_projections: bool = field(
+        default_factory=lambda: os.environ.get("SCIMLEDGER_RUN_PROJECTIONS", "1") != "0"
+    )
     # Base URL that Entra is told to use; None means "derive from the request".
     public_url: str | None = field(default_factory=lambda: os.environ.get("SCIMLEDGER_PUBLIC_URL"))

@@ -126,7 +126,10 @@ async def authenticate(conn: Conn | asyncpg.Pool, token: str) -> Principal | Non
 async def list_tenants(conn: Conn) -> list[asyncpg.Record]:
     return await conn.fetch(
         "SELECT t.name, t.id, t.created_at, t.disabled_at,"
+        " coalesce(a.users, 0) AS users, coalesce(a.groups, 0) AS groups,"
+        " coalesce(a.events, 0) AS events, a.last_event_at,"
         " (SELECT count(*) FROM tokens k"
         "  WHERE k.tenant_id = t.id AND k.revoked_at IS NULL) AS tokens"
-        " FROM tenants t ORDER BY t.created_at, t.name"
+        " FROM tenants t LEFT JOIN tenant_activity a ON a.tenant_id = t.id"
+        " ORDER BY t.created_at, t.name"
     )

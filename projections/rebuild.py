@@ -189,17 +189,43 @@ class Rebuilder:
         self.applied = 0
         self.tables = {t: shadow_of(t) for t in projection.tables}
 
+    @property
+    def is_async(self) -> bool:
+        return self.projection.mode == "async"
+
+    async def _final_catch_up(self, conn: Conn, total: int) -> Position:
+        """Inside the caller's transaction, bring the shadow to where the live view stands.
+
+        Inline: the caller holds the live tables' locks, so every committed event is in the
+        live view and no writer can commit one that is not. Async: the checkpoint row is
+        locked (the runner waits), and the live view stands exactly at its checkpoint.
+        """
+        if self.is_async:
+            checkpoint = await _checkpoint(conn, self.projection.name, lock=True)
+            await self._catch_up(conn, total, committed_only=True, until=checkpoint)
+            return checkpoint
+        await self._catch_up(conn, total, committed_only=True)
+        return self.position
+
     async def _apply(self, conn: Conn, batch: Sequence[RecordedEvent]) -> None:
         events = [self.db.store.to_domain(r) for r in batch]
-        await self.projection.apply(conn, events, self.tables)
+        await self.projection.apply(conn, events, self.tables, batch)
         self.position = batch[-1].position
         self.applied += len(batch)
 
-    async def _catch_up(self, conn: Conn, total: int, *, committed_only: bool = False) -> int:
+    async def _catch_up(
+        self,
+        conn: Conn,
+        total: int,
+        *,
+        committed_only: bool = False,
+        until: Position | None = None,
+    ) -> int:
         """Apply events after the position; `committed_only` reads every committed event,
-        for use when the caller's locks guarantee no writer can still commit below it."""
+        for use when the caller's locks guarantee no writer can still commit below it.
+        `until` stops at a position (an asynchronous projection's live checkpoint)."""
         done = 0
-        while True:
+        while until is None or self.position < until:
             if committed_only:
                 rows = await conn.fetch(
                     "SELECT originator_id, originator_version, topic, state, notification_id,"
@@ -213,12 +239,15 @@ class Rebuilder:
                 batch = [RecordedEvent(*r) for r in rows]
             else:
                 batch = await self.db.store.read_all(self.position, self.batch_size, conn=conn)
+            if until is not None:
+                batch = [r for r in batch if r.position <= until]
             if not batch:
                 return done
             await self._apply(conn, batch)
             done += len(batch)
             if self.progress:
                 self.progress(self.applied, max(total, self.applied))
+        return done
 
     async def run(self, *, dry_run: bool = False) -> RebuildReport:
         started = time.perf_counter()
@@ -227,9 +256,11 @@ class Rebuilder:
             total = int(await conn.fetchval("SELECT count(*) FROM stored_events"))
             for table in self.projection.tables:
                 await create_shadow(conn, table)
-            # Bulk replay, then catch up with what was appended meanwhile until quiet.
-            await self._catch_up(conn, total)
-            while await self._catch_up(conn, total):
+            # Bulk replay, then catch up with what was appended meanwhile until quiet. An
+            # asynchronous projection's live view stands at its checkpoint: replay up to it.
+            until = await _checkpoint(conn, self.projection.name) if self.is_async else None
+            await self._catch_up(conn, total, until=until)
+            while await self._catch_up(conn, total, until=until):
                 pass
             for table in self.projection.tables:
                 await index_shadow(conn, table)
@@ -257,7 +288,7 @@ class Rebuilder:
     async def _compare(self, conn: Conn, total: int) -> list[TableDiff]:
         """Shadow against live in one snapshot: both then reflect the same committed events."""
         async with conn.transaction(isolation="repeatable_read"):
-            await self._catch_up(conn, total, committed_only=True)
+            await self._final_catch_up(conn, total)
             return [await diff(conn, self.projection, t) for t in self.projection.tables]
 
     async def _swap(self, conn: Conn, total: int) -> list[TableDiff]:
@@ -269,11 +300,11 @@ class Rebuilder:
                     await conn.execute(f"LOCK TABLE {live} IN ACCESS EXCLUSIVE MODE")
                     # No writer can change the live view now; every event committed so far
                     # is visible, and any other writer will write its own change after us.
-                    await self._catch_up(conn, total, committed_only=True)
+                    position = await self._final_catch_up(conn, total)
                     diffs = [await diff(conn, self.projection, t) for t in self.projection.tables]
                     for table in self.projection.tables:
                         await swap_in(conn, table)
-                    await record_state(conn, self.projection, self.position, rebuilt=True)
+                    await record_state(conn, self.projection, position, rebuilt=True)
                 return diffs
             except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError):
                 # Busy writers: let them through, catch up some more, try again.
@@ -281,6 +312,15 @@ class Rebuilder:
                 if attempt == 19:
                     raise
         raise AssertionError("unreachable")
+
+
+async def _checkpoint(conn: Conn, name: str, *, lock: bool = False) -> Position:
+    row = await conn.fetchrow(
+        "SELECT checkpoint_transaction, checkpoint_position FROM projection_state WHERE name = $1"
+        + (" FOR UPDATE" if lock else ""),
+        name,
+    )
+    return Position(row[0], row[1]) if row else START
 
 
 async def record_state(
@@ -305,6 +345,16 @@ async def record_state(
         position[1],
         rebuilt,
     )
+
+
+async def _behind(conn: Conn, row: Any) -> int:
+    position = (row["checkpoint_transaction"], row["checkpoint_position"]) if row else (0, 0)
+    count = await conn.fetchval(
+        "SELECT count(*) FROM stored_events"
+        " WHERE (transaction_id, notification_id) > ($1::bigint, $2::bigint)",
+        *position,
+    )
+    return int(count)
 
 
 async def register(conn: Conn, projections: Sequence[Projection]) -> None:
@@ -342,7 +392,7 @@ async def status(db: Database, projections: Sequence[Projection]) -> list[dict[s
                     "checkpoint": head["head"]
                     if p.mode == "inline"
                     else (row["checkpoint_position"] if row else 0),
-                    "events_behind": 0,
+                    "events_behind": 0 if p.mode == "inline" else await _behind(conn, row),
                     "rebuilt_at": row["rebuilt_at"].isoformat()
                     if row and row["rebuilt_at"]
                     else None,

@@ -8,7 +8,7 @@ from types import ModuleType
 from typing import Any
 
 from infra.eventstore import Conn
-from projections import groups, users
+from projections import activity, groups, users
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,18 @@ class Projection:
     tables: tuple[str, ...]
     module: ModuleType
 
-    async def apply(self, conn: Conn, events: Sequence[Any], tables: Mapping[str, str]) -> None:
-        await self.module.apply(conn, events, tables)
+    async def apply(
+        self,
+        conn: Conn,
+        events: Sequence[Any],
+        tables: Mapping[str, str],
+        recorded: Sequence[Any] | None = None,
+    ) -> None:
+        """Fold a batch of decoded events; `recorded` (same order) carries tenant and time."""
+        if self.mode == "async":
+            await self.module.apply(conn, events, tables, recorded)
+        else:
+            await self.module.apply(conn, events, tables)
 
     def describe(self, table: str, row: Mapping[str, Any]) -> str:
         text: str = self.module.describe(table, row)
@@ -38,5 +48,6 @@ PROJECTIONS: dict[str, Projection] = {
     for p in (
         Projection(users.NAME, users.VERSION, "inline", users.TABLES, users),
         Projection(groups.NAME, groups.VERSION, "inline", groups.TABLES, groups),
+        Projection(activity.NAME, activity.VERSION, "async", activity.TABLES, activity),
     )
 }

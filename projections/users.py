@@ -86,8 +86,11 @@ async def apply(conn: Conn, events: Sequence[Any], tables: Mapping[str, str] = L
         return
     ids = list({e.originator_id for e in mine})
     users: dict[UUID, User | None] = dict.fromkeys(ids)
+    # Take the batch's rows out and write back where they end up: a batch spans several
+    # commits, and a userName one of them freed (delete, rename) may be taken by another.
+    # Row by row upserts would trip the shadow's unique index on such an intermediate state.
     for row in await conn.fetch(
-        f"SELECT {COLUMNS} FROM {tables[USERS]} WHERE id = any($1::uuid[])", ids
+        f"DELETE FROM {tables[USERS]} WHERE id = any($1::uuid[]) RETURNING {COLUMNS}", ids
     ):
         users[row["id"]] = User.from_state(
             row["id"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -25,6 +26,8 @@ def create_app(settings: Settings, database: Database | None = None) -> web.Appl
         app[DATABASE] = database
     else:
         app.cleanup_ctx.append(_database_ctx)
+    if settings.run_projections:
+        app.cleanup_ctx.append(_projection_runners_ctx)
     app[discovery.ENABLED_RESOURCES] = ("User", "Group")
     health.add_routes(app)
     discovery.add_routes(app)
@@ -37,3 +40,16 @@ async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
     async with open_database(app[SETTINGS]) as database:
         app[DATABASE] = database
         yield
+
+
+async def _projection_runners_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Catch-up subscribers of the asynchronous projections (one active across instances)."""
+    from projections.registry import PROJECTIONS
+    from projections.runner import start_all
+
+    stop, tasks, _ = start_all(app[DATABASE], list(PROJECTIONS.values()))
+    yield
+    stop.set()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

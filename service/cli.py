@@ -338,12 +338,20 @@ def tenants_list(json_output: bool, data_dir: Path | None, database_url: str | N
             "created": row["created_at"].isoformat(),
             "disabled": row["disabled_at"] is not None,
             "tokens": row["tokens"],
+            # From the activity projection (asynchronous: may trail the latest writes).
+            "users": row["users"],
+            "groups": row["groups"],
+            "events": row["events"],
+            "last_change": row["last_event_at"].isoformat() if row["last_event_at"] else None,
         }
         if json_output:
             print(orjson.dumps(record).decode())
         else:
             flag = "\tdisabled" if record["disabled"] else ""
-            print(f"{record['tenant']}\t{record['id']}\ttokens={record['tokens']}{flag}")
+            print(
+                f"{record['tenant']}\t{record['id']}\ttokens={record['tokens']}"
+                f"\tusers={record['users']}\tgroups={record['groups']}{flag}"
+            )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -76,12 +76,15 @@ async def _retrying(
 
 async def provision_user(db: Database, caller: Caller, desired: Mapping[str, Any]) -> User:
     user_id = uuid.uuid4()
-    async with UnitOfWork(db, caller.tenant_id, caller.request_id) as uow:
+
+    async def work(uow: UnitOfWork) -> User:
         user = _domain(lambda: User.provision(user_id, caller.tenant_id, desired))
         await _check_manager(uow, user)
         uow.add_user(user)
         await _flush(uow, user.user_name)
-    return user
+        return user
+
+    return await _retrying(db, caller, None, work)
 
 
 async def update_user(
@@ -146,7 +149,8 @@ async def _check_manager(uow: UnitOfWork, user: User) -> None:
 
 async def create_group(db: Database, caller: Caller, change: GroupChange) -> Group:
     group_id = uuid.uuid4()
-    async with UnitOfWork(db, caller.tenant_id, caller.request_id) as uow:
+
+    async def work(uow: UnitOfWork) -> Group:
         display_name = None if change.display_name is UNSET else change.display_name
         external_id = None if change.external_id is UNSET else change.external_id
         group = _domain(
@@ -155,7 +159,9 @@ async def create_group(db: Database, caller: Caller, change: GroupChange) -> Gro
         uow.add_group(group)
         await _change_members(uow, group, change)
         await _flush(uow, group.display_name, "displayName")
-    return group
+        return group
+
+    return await _retrying(db, caller, None, work)
 
 
 async def change_group(

@@ -1,0 +1,74 @@
+"""The activity view (`tenant_activity`): per tenant, users, groups, events, last change.
+
+An asynchronous projection: a catch-up subscriber (projections/runner.py) applies events in
+commit order and moves its checkpoint in the same transaction. Operators read it in
+`scimledger tenants list`; it is cheap to keep because it only counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from infra.eventstore import Conn
+
+NAME = "activity"
+VERSION = 1
+ACTIVITY = "tenant_activity"
+TABLES = (ACTIVITY,)
+LIVE: Mapping[str, str] = {ACTIVITY: ACTIVITY}
+
+_DELTAS = {
+    "UserProvisioned": (1, 0),
+    "UserDeprovisioned": (-1, 0),
+    "GroupCreated": (0, 1),
+    "GroupDeleted": (0, -1),
+}
+
+
+async def apply(
+    conn: Conn,
+    events: Sequence[Any],
+    tables: Mapping[str, str] = LIVE,
+    recorded: Sequence[Any] | None = None,
+) -> None:
+    totals: dict[UUID, list[Any]] = {}
+    tenants = [r.tenant_id for r in recorded] if recorded is not None else [None] * len(events)
+    stamps = [r.recorded_at for r in recorded] if recorded is not None else [None] * len(events)
+    for event, tenant, stamp in zip(events, tenants, stamps, strict=True):
+        tenant = tenant or getattr(event, "tenant_id", None)
+        if tenant is None:
+            continue
+        row = totals.setdefault(tenant, [0, 0, 0, None])
+        kind = type(event).__name__
+        users, groups = _DELTAS.get(kind, (0, 0))
+        row[0] += users
+        row[1] += groups
+        row[2] += 1
+        moment: datetime | None = stamp or getattr(event, "timestamp", None)
+        if moment is not None and (row[3] is None or moment > row[3]):
+            row[3] = moment
+    if not totals:
+        return
+    ids = list(totals)
+    cols = list(zip(*(totals[t] for t in ids), strict=True))
+    await conn.execute(
+        f"""
+        INSERT INTO {tables[ACTIVITY]} AS a
+            (tenant_id, users, groups, events, last_event_at)
+        SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[],
+                             $5::timestamptz[])
+        ON CONFLICT (tenant_id) DO UPDATE SET
+            users = a.users + excluded.users, groups = a.groups + excluded.groups,
+            events = a.events + excluded.events,
+            last_event_at = greatest(a.last_event_at, excluded.last_event_at)
+        """,
+        ids,
+        *[list(c) for c in cols],
+    )
+
+
+def describe(table: str, row: Mapping[str, Any]) -> str:
+    return f"tenant {row.get('tenant_id')}"

@@ -1,0 +1,156 @@
+"""Catch-up subscribers for asynchronous projections.
+
+One runner per projection per instance; exactly one of them is active across all instances,
+holding a session advisory lock on a connection of its own (the others wait on standby and
+take over within `standby_interval` when the active one's connection goes). Each step applies
+a batch of events and moves the checkpoint in the same transaction, with the checkpoint row
+locked, so an event's effect is applied exactly once even across restarts, failovers and
+rebuilds (a rebuild's swap takes the same row lock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import asyncpg
+import structlog
+
+from infra.database import Database
+from infra.eventstore import NOTIFY_CHANNEL, Conn, Position
+from projections.rebuild import register
+from projections.registry import Projection
+
+log = structlog.get_logger("scimledger.projections")
+LOCK_NAMESPACE = 0x5C1E
+
+
+class Runner:
+    def __init__(
+        self,
+        db: Database,
+        projection: Projection,
+        *,
+        batch_size: int = 1000,
+        poll_interval: float = 1.0,
+        standby_interval: float = 1.0,
+    ) -> None:
+        self.db = db
+        self.projection = projection
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.standby_interval = standby_interval
+        self.active = False
+        self.applied = 0
+        self.tables = {t: t for t in projection.tables}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Until `stop` is set: take the lead when it is free, then follow the log."""
+        while not stop.is_set():
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await self.db.connect()
+                leader = await conn.fetchval(
+                    "SELECT pg_try_advisory_lock($1, hashtext($2))",
+                    LOCK_NAMESPACE,
+                    self.projection.name,
+                )
+                if leader:
+                    self.active = True
+                    log.info("projection runner active", projection=self.projection.name)
+                    await register(conn, [self.projection])
+                    await self._follow(conn, stop)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                log.warning(
+                    "projection runner interrupted",
+                    projection=self.projection.name,
+                    error=f"{type(e).__name__}: {e}",
+                )
+            finally:
+                self.active = False
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+            await _wait(stop, self.standby_interval)
+
+    async def _follow(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
+        woken = asyncio.Event()
+
+        def wake(*_: object) -> None:
+            woken.set()
+
+        await conn.add_listener(NOTIFY_CHANNEL, wake)
+        while not stop.is_set():
+            woken.clear()
+            try:
+                done = await self.step(conn)
+            except (OSError, asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError):
+                raise
+            except Exception as e:  # a handler bug: record it, keep the checkpoint, retry
+                await self._record_error(conn, e)
+                await _wait(stop, self.poll_interval * 5)
+                continue
+            if done == self.batch_size:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_first(woken, stop), self.poll_interval)
+
+    async def step(self, conn: Conn) -> int:
+        """Apply one batch after the checkpoint; returns how many events it applied."""
+        async with conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT checkpoint_transaction, checkpoint_position FROM projection_state"
+                " WHERE name = $1 FOR UPDATE",
+                self.projection.name,
+            )
+            position = Position(row[0], row[1]) if row else Position(0, 0)
+            batch = await self.db.store.read_all(position, self.batch_size, conn=conn)
+            if not batch:
+                return 0
+            events = [self.db.store.to_domain(r) for r in batch]
+            await self.projection.apply(conn, events, self.tables, batch)
+            last = batch[-1].position
+            await conn.execute(
+                "UPDATE projection_state SET checkpoint_transaction = $2,"
+                " checkpoint_position = $3, last_error = NULL, updated_at = now()"
+                " WHERE name = $1",
+                self.projection.name,
+                last[0],
+                last[1],
+            )
+        self.applied += len(batch)
+        return len(batch)
+
+    async def _record_error(self, conn: Conn, error: Exception) -> None:
+        text = f"{type(error).__name__}: {error}"[:2000]
+        log.error("projection handler failed", projection=self.projection.name, error=text)
+        with contextlib.suppress(Exception):
+            await conn.execute(
+                "UPDATE projection_state SET last_error = $2, updated_at = now() WHERE name = $1",
+                self.projection.name,
+                text,
+            )
+
+
+async def _first(*events: asyncio.Event) -> None:
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+def start_all(
+    db: Database, projections: list[Projection], **kw: Any
+) -> tuple[asyncio.Event, list[asyncio.Task[None]], list[Runner]]:
+    stop = asyncio.Event()
+    runners = [Runner(db, p, **kw) for p in projections if p.mode == "async"]
+    tasks = [asyncio.get_running_loop().create_task(r.run(stop)) for r in runners]
+    return stop, tasks, runners
