@@ -101,6 +101,13 @@ LIMIT $3
 """
 
 
+_REST_OF_TRANSACTION = f"""
+SELECT {_COLUMNS} FROM stored_events
+WHERE transaction_id = $1 AND notification_id > $2
+ORDER BY notification_id
+"""
+
+
 def _recorded(row: asyncpg.Record) -> RecordedEvent:
     return RecordedEvent(*row)
 
@@ -201,8 +208,16 @@ class EventStore:
     async def read_all(
         self, after: Position = START, limit: int = 1000, conn: Any = None
     ) -> list[RecordedEvent]:
-        """Committed events after `after`, in commit-safe order; never one that could be skipped."""
-        rows = await (conn or self.pool).fetch(_READ_ALL, after[0], after[1], limit)
+        """Committed events after `after`, in commit-safe order; never one that could be skipped.
+
+        A batch ends on a transaction boundary (it may exceed `limit` to get there), so a
+        consumer always sees the whole of what one request appended.
+        """
+        source = conn or self.pool
+        rows = list(await source.fetch(_READ_ALL, after[0], after[1], limit))
+        if len(rows) == limit:
+            last = rows[-1]
+            rows += await source.fetch(_REST_OF_TRANSACTION, last[8], last[4])
         return [_recorded(r) for r in rows]
 
     def to_domain(self, recorded: RecordedEvent) -> DomainEventProtocol[UUID]:

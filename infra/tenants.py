@@ -133,3 +133,24 @@ async def list_tenants(conn: Conn) -> list[asyncpg.Record]:
         " FROM tenants t LEFT JOIN tenant_activity a ON a.tenant_id = t.id"
         " ORDER BY t.created_at, t.name"
     )
+
+
+async def list_tokens(conn: Conn, tenant: str) -> list[asyncpg.Record]:
+    tenant_id = await conn.fetchval("SELECT id FROM tenants WHERE name = $1", tenant)
+    if tenant_id is None:
+        raise UnknownTenant(tenant)
+    return list(
+        await conn.fetch(
+            "SELECT id, name, role, created_at, last_used_at, expires_at, revoked_at"
+            " FROM tokens WHERE tenant_id = $1 ORDER BY created_at, name",
+            tenant_id,
+        )
+    )
+
+
+async def revoke_token(conn: Conn, token_id: uuid.UUID) -> bool:
+    """Revoke at once: authentication reads the tokens table on every request."""
+    done = await conn.execute(
+        "UPDATE tokens SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL", token_id
+    )
+    return bool(done.endswith(" 1"))

@@ -8,7 +8,7 @@ from types import ModuleType
 from typing import Any
 
 from infra.eventstore import Conn
-from projections import activity, groups, users
+from projections import activity, audit, groups, users
 
 
 @dataclass(frozen=True)
@@ -49,5 +49,6 @@ PROJECTIONS: dict[str, Projection] = {
         Projection(users.NAME, users.VERSION, "inline", users.TABLES, users),
         Projection(groups.NAME, groups.VERSION, "inline", groups.TABLES, groups),
         Projection(activity.NAME, activity.VERSION, "async", activity.TABLES, activity),
+        Projection(audit.NAME, audit.VERSION, "async", audit.TABLES, audit),
     )
 }

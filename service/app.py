@@ -9,8 +9,9 @@ from aiohttp import web
 
 from infra.config import Settings
 from infra.database import Database, open_database
-from service import discovery, health
+from service import audit_api, discovery, health
 from service.middlewares import bearer_auth, request_context, scim_errors
+from service.outcomes import record_outcomes
 from service.scim import groups, users
 from service.state import DATABASE, SETTINGS
 
@@ -18,7 +19,7 @@ from service.state import DATABASE, SETTINGS
 def create_app(settings: Settings, database: Database | None = None) -> web.Application:
     """Build the app. With `database` given (tests, `serve`), the caller owns its lifetime."""
     app = web.Application(
-        middlewares=[request_context, scim_errors, bearer_auth],
+        middlewares=[request_context, record_outcomes, scim_errors, bearer_auth],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
@@ -33,6 +34,7 @@ def create_app(settings: Settings, database: Database | None = None) -> web.Appl
     discovery.add_routes(app)
     users.add_routes(app)
     groups.add_routes(app)
+    audit_api.add_routes(app)
     return app
 
 

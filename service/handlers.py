@@ -35,6 +35,8 @@ class Caller:
 
     tenant_id: UUID
     request_id: str
+    # The request as the audit log records it (service/outcomes.py); None outside HTTP.
+    context: Any = None
 
 
 def parse_id(raw: str, kind: str = "User") -> UUID:
@@ -62,7 +64,7 @@ async def _retrying(
 ) -> T:
     for _attempt in range(MAX_ATTEMPTS):
         try:
-            async with UnitOfWork(db, caller.tenant_id, caller.request_id) as uow:
+            async with UnitOfWork(db, caller.tenant_id, caller.request_id, caller.context) as uow:
                 result = await work(uow)
             return result
         except (ConcurrencyError, asyncpg.DeadlockDetectedError):

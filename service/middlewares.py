@@ -13,7 +13,7 @@ from aiohttp import web
 
 from infra.tenants import Principal, authenticate
 from service.errors import ScimError
-from service.state import DATABASE, PRINCIPAL, REQUEST_ID
+from service.state import DATABASE, PRINCIPAL, REQUEST_CONTEXT, REQUEST_ID
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = structlog.get_logger("scimledger.http")
@@ -101,5 +101,11 @@ async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamRespo
         )
     if principal.role != "provisioning" and request.path.startswith("/scim/"):
         raise ScimError(403, "This token may not use the SCIM API")
+    if principal.role != "audit" and request.path.startswith("/audit/"):
+        raise ScimError(403, "Only an audit token may read the provisioning log")
     request[PRINCIPAL] = principal
+    from service.outcomes import context_for, is_audited
+
+    if is_audited(request):
+        request[REQUEST_CONTEXT] = context_for(request)  # type: ignore[misc]
     return await handler(request)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from infra.config import Settings
@@ -12,6 +14,7 @@ SETTINGS = web.AppKey("settings", Settings)
 DATABASE = web.AppKey("database", Database)
 
 REQUEST_ID = web.RequestKey("request_id", str)
+REQUEST_CONTEXT = web.RequestKey("request_context", Any)
 PRINCIPAL = web.RequestKey("principal", Principal)
 
 

@@ -7,6 +7,7 @@ woken after the commit.
 
 from __future__ import annotations
 
+import uuid
 from types import TracebackType
 from typing import Any
 from uuid import UUID
@@ -16,6 +17,7 @@ from asyncpg.pool import PoolConnectionProxy
 from asyncpg.transaction import Transaction
 
 from domain.group import Group
+from domain.request import ProvisioningRequest
 from domain.user import User
 from infra.database import Database
 from infra.eventstore import RecordedEvent
@@ -24,8 +26,11 @@ from projections import users as users_view
 
 
 class UnitOfWork:
-    def __init__(self, db: Database, tenant_id: UUID, request_id: str | None) -> None:
+    def __init__(
+        self, db: Database, tenant_id: UUID, request_id: str | None, context: Any = None
+    ) -> None:
         self.db = db
+        self.context = context
         self.tenant_id = tenant_id
         self.request_id = request_id
         self.recorded: list[RecordedEvent] = []
@@ -56,6 +61,8 @@ class UnitOfWork:
             await self.db.pool.release(self._conn)
             self._conn = None
         if exc_type is None and self.recorded:
+            if self.context is not None:
+                self.context.recorded = True
             self.db.store.notify()
 
     @property
@@ -117,8 +124,18 @@ class UnitOfWork:
         group_events = [e for g in groups for e in g.collect_events()]
         if not user_events and not group_events:
             return []
+        outcome: list[Any] = []
+        if self.context is not None:
+            # The request's own record commits with its changes: one audit entry, whole.
+            record = ProvisioningRequest.record(
+                uuid.uuid4(),
+                self.tenant_id,
+                "success",
+                self.context.describe(self.context.success_status()),
+            )
+            outcome = list(record.collect_events())
         recorded = await self.db.store.append(
-            self.conn, self.tenant_id, [*user_events, *group_events], self.request_id
+            self.conn, self.tenant_id, [*user_events, *group_events, *outcome], self.request_id
         )
         if users:
             await users_view.write(self.conn, users)

@@ -156,7 +156,7 @@ async def test_membership_noops_and_events(
     )
     state = await database.pool.fetchval(
         "SELECT convert_from(state, 'UTF8') FROM stored_events"
-        " ORDER BY notification_id DESC LIMIT 1"
+        " WHERE topic NOT LIKE 'domain.request:%' ORDER BY notification_id DESC LIMIT 1"
     )
     assert b in state and a not in state
 
@@ -182,7 +182,8 @@ async def test_replace_members_appends_only_the_difference(
     import orjson
 
     raw = await database.pool.fetchval(
-        "SELECT state FROM stored_events ORDER BY notification_id DESC LIMIT 1"
+        "SELECT state FROM stored_events WHERE topic NOT LIKE 'domain.request:%'"
+        " ORDER BY notification_id DESC LIMIT 1"
     )
     event = orjson.loads(raw)
     assert event["added"] == [c] and event["removed"] == [a]
@@ -263,7 +264,8 @@ async def test_deleting_a_user_removes_it_from_every_group(
     assert await members(client, auth, g1["id"]) == [b]
     assert await members(client, auth, g2["id"]) == [b]
     topics = await database.pool.fetch(
-        "SELECT topic FROM stored_events ORDER BY notification_id DESC LIMIT 3"
+        "SELECT topic FROM stored_events WHERE topic NOT LIKE 'domain.request:%'"
+        " ORDER BY notification_id DESC LIMIT 3"
     )
     assert sorted(t["topic"] for t in topics) == [
         "domain.group:Group.GroupMembershipChanged",

@@ -30,7 +30,7 @@ from service.scim.representation import (
     user_from_scim,
     user_resource,
 )
-from service.state import DATABASE, PRINCIPAL, REQUEST_ID, SETTINGS
+from service.state import DATABASE, PRINCIPAL, REQUEST_CONTEXT, REQUEST_ID, SETTINGS
 
 
 def base_url(request: web.Request) -> str:
@@ -41,7 +41,7 @@ def base_url(request: web.Request) -> str:
 
 
 def caller(request: web.Request) -> Caller:
-    return Caller(request[PRINCIPAL].tenant_id, request[REQUEST_ID])
+    return Caller(request[PRINCIPAL].tenant_id, request[REQUEST_ID], request.get(REQUEST_CONTEXT))
 
 
 async def json_body(request: web.Request) -> Any:

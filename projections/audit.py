@@ -1,0 +1,330 @@
+"""The provisioning log (`audit_entries`): one entry per SCIM write request.
+
+An asynchronous projection. Every request that writes appends a `RequestRecorded` event (its
+outcome, method, path, token, duration) and, when it changed something, its domain events,
+all in one transaction; a batch always holds whole transactions (see EventStore.read_all).
+The entry for a transaction combines them: what was asked, what happened, and for each
+attribute the value before and after. Values before come from `audit_resources`, the
+projection's own copy of each resource's state, folded with the same aggregate code as the
+views.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+from uuid import UUID
+
+from domain.group import Group
+from domain.request import ProvisioningRequest
+from domain.user import User
+from infra.eventstore import Conn
+
+NAME = "audit"
+VERSION = 1
+ENTRIES, RESOURCES = "audit_entries", "audit_resources"
+TABLES = (ENTRIES, RESOURCES)
+LIVE: Mapping[str, str] = {ENTRIES: ENTRIES, RESOURCES: RESOURCES}
+
+ENTRY_COLUMNS = (
+    "transaction_id, id, tenant_id, activity_at, change_id, action, status, error_code,"
+    " error_reason, target_type, target_id, target_name, source_id, initiated_by, method,"
+    " path, http_status, duration_ms, positions, modified_properties"
+)
+
+# Entra's provisioning-log error codes, from the SCIM error a request got.
+ERROR_CODES = {
+    ("409", "uniqueness"): "EntryConflict",
+    ("404", None): "InvalidAnchor",
+    ("412", None): "EntryConflict",
+    ("401", None): "Unauthorized",
+    ("403", None): "Unauthorized",
+    ("413", None): "InvalidInput",
+    ("429", None): "TooManyRequests",
+    ("500", None): "InternalServerError",
+    ("503", None): "ServiceUnavailable",
+}
+
+
+def error_code(error: Mapping[str, Any]) -> str:
+    status, scim_type = str(error.get("status")), error.get("scimType")
+    code = ERROR_CODES.get((status, scim_type)) or ERROR_CODES.get((status, None))
+    if code:
+        return code
+    if status == "400":
+        detail = str(error.get("detail", ""))
+        return "MandatoryFieldsMissing" if "required" in detail else "InvalidInput"
+    return "Other"
+
+
+def _flat(state: Mapping[str, Any] | None) -> dict[str, str]:
+    """Attribute paths and their values as text, the way modifiedProperties shows them."""
+    out: dict[str, str] = {}
+    for key, value in (state or {}).items():
+        if isinstance(value, dict):
+            for sub, sub_value in value.items():
+                out[f"{key}.{sub}"] = _text(sub_value)
+        else:
+            out[key] = _text(value)
+    return out
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def modified(
+    before: Mapping[str, Any] | None, after: Mapping[str, Any] | None
+) -> list[dict[str, Any]]:
+    old, new = _flat(before), _flat(after)
+    return [
+        {"displayName": key, "oldValue": old.get(key), "newValue": new.get(key)}
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
+
+
+def _group_state(group: Group) -> dict[str, Any]:
+    state: dict[str, Any] = {"displayName": group.display_name}
+    if group.external_id is not None:
+        state["externalId"] = group.external_id
+    return state
+
+
+class _Entry:
+    def __init__(self, record: Any) -> None:
+        self.transaction_id = record.transaction_id
+        self.id: UUID | None = None
+        self.tenant_id = record.tenant_id
+        self.activity_at = record.recorded_at
+        self.change_id = record.request_id
+        self.kinds: list[str] = []
+        self.status = "success"
+        self.error: dict[str, Any] | None = None
+        self.request: dict[str, Any] = {}
+        self.targets: list[tuple[str, UUID, str | None, str | None]] = []
+        self.positions: list[int] = []
+        self.properties: list[dict[str, Any]] = []
+
+    def action(self) -> str:
+        kinds = set(self.kinds)
+        if kinds & {"UserProvisioned", "GroupCreated"}:
+            return "create"
+        if kinds & {"UserDeprovisioned", "GroupDeleted"}:
+            return "delete"
+        if "UserDeactivated" in kinds:
+            return "disable"
+        if kinds:
+            return "update"
+        if self.status == "skipped":
+            return "other"
+        method = str(self.request.get("method", "")).upper()
+        return {"POST": "create", "DELETE": "delete"}.get(method, "update")
+
+    def row(self) -> tuple[Any, ...]:
+        wanted = self.request.get("targetId")
+        target = next((t for t in self.targets if str(t[1]) == wanted), None)
+        target = target or (self.targets[0] if self.targets else None)
+        error = self.error or {}
+        return (
+            self.transaction_id,
+            self.id,
+            self.tenant_id,
+            self.activity_at,
+            self.change_id,
+            self.action(),
+            self.status,
+            error_code(error) if self.error else None,
+            error.get("detail") if self.error else None,
+            target[0] if target else self.request.get("targetType"),
+            target[1] if target else _uuid(wanted),
+            target[2] if target else None,
+            target[3] if target else None,
+            self.request.get("initiatedBy"),
+            self.request.get("method"),
+            self.request.get("path"),
+            self.request.get("status"),
+            self.request.get("durationMs"),
+            self.positions,
+            json.dumps(self.properties),
+        )
+
+
+def _uuid(value: Any) -> UUID | None:
+    try:
+        return UUID(str(value)) if value else None
+    except ValueError:
+        return None
+
+
+async def apply(
+    conn: Conn,
+    events: Sequence[Any],
+    tables: Mapping[str, str] = LIVE,
+    recorded: Sequence[Any] | None = None,
+) -> None:
+    assert recorded is not None, "the audit projection needs the recorded events"
+    resources = await _load_resources(conn, events, tables)
+    entries: dict[int, _Entry] = {}
+    for event, record in zip(events, recorded, strict=True):
+        entry = entries.get(record.transaction_id)
+        if entry is None:
+            entry = entries[record.transaction_id] = _Entry(record)
+        entry.positions.append(record.notification_id)
+        fields: Any = event  # event classes made by @event have no static fields
+        if isinstance(event, ProvisioningRequest.Event):
+            entry.id = event.originator_id
+            entry.status = fields.outcome
+            entry.request = dict(fields.request)
+            entry.error = dict(fields.error) if fields.error else None
+            continue
+        if not isinstance(event, User.Event | Group.Event):
+            continue
+        entry.kinds.append(type(event).__name__)
+        rid = event.originator_id
+        current = resources.get(rid)
+        before = _state_of(current)
+        current = event.mutate(current)
+        resources[rid] = current
+        after = _state_of(current) or {}
+        if isinstance(current, User):
+            name, source = after.get("userName"), after.get("externalId")
+            entry.properties += modified(before, after)
+            _add_target(entry, "User", rid, name, source)
+        elif isinstance(current, Group):
+            _add_target(entry, "Group", rid, current.display_name, current.external_id)
+            entry.properties += modified(before, after)
+            if type(event).__name__ == "GroupMembershipChanged":
+                prefix = "" if _is_main(entry, rid) else f"group {current.display_name}: "
+                if fields.added:
+                    entry.properties.append(
+                        {
+                            "displayName": f"{prefix}members added",
+                            "oldValue": None,
+                            "newValue": ", ".join(fields.added),
+                        }
+                    )
+                if fields.removed:
+                    entry.properties.append(
+                        {
+                            "displayName": f"{prefix}members removed",
+                            "oldValue": ", ".join(fields.removed),
+                            "newValue": None,
+                        }
+                    )
+    await _save_resources(conn, resources, tables)
+    if entries:
+        rows = [e.row() for e in entries.values()]
+        await conn.execute(
+            f"INSERT INTO {tables[ENTRIES]} ({ENTRY_COLUMNS})"
+            " SELECT transaction_id, id, tenant_id, activity_at, change_id, action, status,"
+            " error_code, error_reason, target_type, target_id, target_name, source_id,"
+            " initiated_by, method, path, http_status, duration_ms, positions::bigint[],"
+            " props::jsonb FROM unnest($1::bigint[], $2::uuid[], $3::uuid[], $4::timestamptz[],"
+            " $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],"
+            " $11::uuid[], $12::text[], $13::text[], $14::text[], $15::text[], $16::text[],"
+            " $17::int[], $18::float8[], $19::text[], $20::text[])"
+            " AS e (transaction_id, id, tenant_id, activity_at, change_id, action, status,"
+            " error_code, error_reason, target_type, target_id, target_name, source_id,"
+            " initiated_by, method, path, http_status, duration_ms, positions, props)"
+            " ON CONFLICT (transaction_id) DO NOTHING",
+            *[list(c) for c in zip(*[_arrays(r) for r in rows], strict=True)],
+        )
+
+
+def _arrays(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    # unnest cannot take an array of arrays of varying length: positions travel as text.
+    values = list(row)
+    values[18] = "{" + ",".join(str(p) for p in values[18]) + "}"
+    return tuple(values)
+
+
+def _is_main(entry: _Entry, rid: UUID) -> bool:
+    wanted = entry.request.get("targetId")
+    return str(rid) == wanted or (not wanted and bool(entry.targets) and entry.targets[0][1] == rid)
+
+
+def _add_target(entry: _Entry, kind: str, rid: UUID, name: Any, source: Any) -> None:
+    for i, target in enumerate(entry.targets):
+        if target[1] == rid:
+            entry.targets[i] = (kind, rid, name, source)
+            return
+    entry.targets.append((kind, rid, name, source))
+
+
+def _state_of(aggregate: Any) -> dict[str, Any] | None:
+    if isinstance(aggregate, User):
+        return aggregate.state
+    if isinstance(aggregate, Group):
+        return _group_state(aggregate)
+    return None
+
+
+async def _load_resources(
+    conn: Conn, events: Sequence[Any], tables: Mapping[str, str]
+) -> dict[UUID, Any]:
+    ids = list({e.originator_id for e in events if isinstance(e, User.Event | Group.Event)})
+    found: dict[UUID, Any] = {}
+    if not ids:
+        return found
+    rows = await conn.fetch(
+        f"SELECT tenant_id, id, type, version, state, created, modified FROM {tables[RESOURCES]}"
+        " WHERE id = any($1::uuid[])",
+        ids,
+    )
+    for r in rows:
+        if r["type"] == "User":
+            found[r["id"]] = User.from_state(
+                r["id"], r["version"], r["tenant_id"], r["state"], r["created"], r["modified"]
+            )
+        else:
+            state = r["state"]
+            found[r["id"]] = Group.from_state(
+                r["id"],
+                r["version"],
+                r["tenant_id"],
+                state["displayName"],
+                state.get("externalId"),
+                r["created"],
+                r["modified"],
+            )
+    return found
+
+
+async def _save_resources(
+    conn: Conn, resources: Mapping[UUID, Any], tables: Mapping[str, str]
+) -> None:
+    live, gone = [], []
+    for rid, agg in resources.items():
+        if agg is None:
+            continue
+        if (isinstance(agg, User) and agg.deprovisioned) or (
+            isinstance(agg, Group) and agg.deleted
+        ):
+            gone.append(rid)
+            continue
+        kind = "User" if isinstance(agg, User) else "Group"
+        live.append(
+            (agg.tenant_id, rid, kind, agg.version, _state_of(agg), agg.created_on, agg.modified_on)
+        )
+    if gone:
+        await conn.execute(f"DELETE FROM {tables[RESOURCES]} WHERE id = any($1::uuid[])", gone)
+    if live:
+        await conn.execute(
+            f"INSERT INTO {tables[RESOURCES]}"
+            " (tenant_id, id, type, version, state, created, modified)"
+            " SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bigint[], $5::jsonb[],"
+            " $6::timestamptz[], $7::timestamptz[])"
+            " ON CONFLICT (tenant_id, id) DO UPDATE SET version = excluded.version,"
+            " state = excluded.state, modified = excluded.modified",
+            *[list(c) for c in zip(*live, strict=True)],
+        )
+
+
+def describe(table: str, row: Mapping[str, Any]) -> str:
+    if table == ENTRIES:
+        return f"entry {row.get('id')} ({row.get('action')} {row.get('target_name')!r})"
+    return f"resource {row.get('id')}"

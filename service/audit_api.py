@@ -1,0 +1,182 @@
+"""`/audit/v1`: the provisioning log for compliance officers (an audit token's tenant only)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import orjson
+from aiohttp import web
+
+from domain.group import Group
+from domain.user import User
+from service import audit_queries as q
+from service.errors import ScimError
+from service.scim.groups import group_resource, member_entry
+from service.scim.representation import user_resource
+from service.scim.users import base_url
+from service.state import DATABASE, PRINCIPAL
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def _filter(request: web.Request) -> q.AuditFilter:
+    try:
+        return q.AuditFilter.parse(request.query)
+    except q.BadQuery as e:
+        raise ScimError(400, str(e), "invalidValue") from None
+
+
+async def entries(request: web.Request) -> web.Response:
+    where = _filter(request)
+    try:
+        limit = int(request.query.get("limit", "50"))
+    except ValueError:
+        raise ScimError(400, "limit must be an integer", "invalidValue") from None
+    pool = request.app[DATABASE].pool
+    try:
+        found, next_token = await q.page(
+            pool, request[PRINCIPAL].tenant_id, where, limit, request.query.get("next")
+        )
+    except q.BadQuery as e:
+        raise ScimError(400, str(e), "invalidValue") from None
+    return _json({"entries": found, "next": next_token, "lag": await q.lag(pool)})
+
+
+async def entry(request: web.Request) -> web.Response:
+    found = await q.one(
+        request.app[DATABASE].pool, request[PRINCIPAL].tenant_id, request.match_info["id"]
+    )
+    if found is None:
+        raise ScimError(404, f"audit entry {request.match_info['id']} not found")
+    return _json(found)
+
+
+async def export(request: web.Request) -> web.StreamResponse:
+    fmt = request.query.get("format", "jsonl")
+    if fmt not in ("csv", "jsonl"):
+        raise ScimError(400, "format must be csv or jsonl", "invalidValue")
+    where = _filter(request)
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/csv; charset=utf-8" if fmt == "csv" else "application/x-ndjson",
+            "Content-Disposition": f'attachment; filename="provisioning-log.{fmt}"',
+        }
+    )
+    await response.prepare(request)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    if fmt == "csv":
+        writer.writerow(q.CSV_COLUMNS)
+    chunk: list[bytes] = []
+    async with request.app[DATABASE].pool.acquire() as conn, conn.transaction(readonly=True):
+        async for item in q.stream(conn, request[PRINCIPAL].tenant_id, where):
+            if fmt == "csv":
+                writer.writerow(q.csv_row(item))
+            else:
+                chunk.append(orjson.dumps(item) + b"\n")
+            if len(chunk) >= 500 or buffer.tell() > 256_000:
+                await _flush(response, buffer, chunk)
+    await _flush(response, buffer, chunk)
+    await response.write_eof()
+    return response
+
+
+async def _flush(response: web.StreamResponse, buffer: io.StringIO, chunk: list[bytes]) -> None:
+    data = buffer.getvalue().encode() + b"".join(chunk)
+    buffer.seek(0)
+    buffer.truncate()
+    chunk.clear()
+    if data:
+        await response.write(data)
+
+
+async def history(request: web.Request) -> web.Response:
+    resource_id = _resource_id(request)
+    found = await q.history(request.app[DATABASE].pool, request[PRINCIPAL].tenant_id, resource_id)
+    return _json({"resource": str(resource_id), "entries": found})
+
+
+async def resource_at(request: web.Request) -> web.Response:
+    """The SCIM resource as it was at `at`, rebuilt from its events."""
+    resource_id = _resource_id(request)
+    raw = request.query.get("at")
+    if not raw:
+        raise ScimError(400, "at (an ISO 8601 date-time) is required", "invalidValue")
+    try:
+        at = datetime.fromisoformat(raw.replace("Z", "+00:00").replace(" ", "+"))
+    except ValueError:
+        raise ScimError(400, "at must be an ISO 8601 date-time", "invalidValue") from None
+    if at.tzinfo is None:
+        raise ScimError(400, "at must carry a time zone (e.g. Z)", "invalidValue")
+    db = request.app[DATABASE]
+    aggregate: Any = None
+    members: dict[str, str | None] = {}
+    for recorded in await db.store.read_stream(db.pool, resource_id):
+        if recorded.recorded_at > at:
+            break
+        event: Any = db.store.to_domain(recorded)
+        aggregate = event.mutate(aggregate)
+        if type(event).__name__ == "GroupMembershipChanged":
+            for member in event.removed:
+                members.pop(member, None)
+            for member in event.added:
+                members[member] = event.displays.get(member)
+    tenant_id = request[PRINCIPAL].tenant_id
+    if aggregate is None or getattr(aggregate, "tenant_id", None) != tenant_id:
+        raise ScimError(404, f"resource {resource_id} did not exist at {raw}")
+    base = base_url(request)
+    if isinstance(aggregate, User) and not aggregate.deprovisioned:
+        return _json(
+            user_resource(
+                aggregate.state,
+                user_id=str(resource_id),
+                version=aggregate.version,
+                created=aggregate.created_on,
+                last_modified=aggregate.modified_on,
+                location=f"{base}/Users/{resource_id}",
+            )
+        )
+    if isinstance(aggregate, Group) and not aggregate.deleted:
+        resource = group_resource(
+            base,
+            resource_id,
+            aggregate.display_name,
+            aggregate.external_id,
+            aggregate.version,
+            aggregate.created_on,
+            aggregate.modified_on,
+        )
+        types = await _member_types(request, list(members))
+        resource["members"] = [
+            member_entry(base, UUID(m), types.get(m, "User"), d) for m, d in sorted(members.items())
+        ]
+        return _json(resource)
+    raise ScimError(404, f"resource {resource_id} did not exist at {raw}")
+
+
+async def _member_types(request: web.Request, ids: list[str]) -> dict[str, str]:
+    rows = await request.app[DATABASE].pool.fetch(
+        "SELECT id::text FROM audit_resources WHERE type = 'Group' AND id = any($1::uuid[])", ids
+    )
+    return {r["id"]: "Group" for r in rows}
+
+
+def _resource_id(request: web.Request) -> UUID:
+    try:
+        return UUID(request.match_info["id"])
+    except ValueError:
+        raise ScimError(404, f"resource {request.match_info['id']} not found") from None
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/audit/v1/entries", entries)
+    app.router.add_get("/audit/v1/entries/{id}", entry)
+    app.router.add_get("/audit/v1/export", export)
+    app.router.add_get("/audit/v1/resources/{id}/history", history)
+    app.router.add_get("/audit/v1/resources/{id}", resource_at)

@@ -1,0 +1,265 @@
+"""Reading the provisioning log: filters, keyset pages, exports. Shared by the API and the CLI."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import orjson
+
+from infra.eventstore import Conn
+from projections.audit import ENTRY_COLUMNS
+
+ACTIONS = ("create", "update", "delete", "disable", "other")
+STATUSES = ("success", "failure", "skipped")
+MAX_LIMIT = 500
+
+
+class BadQuery(ValueError):
+    """A filter value that cannot be used; the API answers 400 with the message."""
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    since: datetime | None = None
+    until: datetime | None = None
+    action: str | None = None
+    status: str | None = None
+    target_id: UUID | None = None
+    identity: str | None = None  # target name contains (case-insensitive)
+    change_id: str | None = None
+    error_code: str | None = None
+
+    @classmethod
+    def parse(cls, params: Mapping[str, str]) -> AuditFilter:
+        def when(name: str) -> datetime | None:
+            raw = params.get(name)
+            if not raw:
+                return None
+            try:
+                moment = datetime.fromisoformat(raw.replace("Z", "+00:00").replace(" ", "+"))
+            except ValueError:
+                raise BadQuery(f"{name} must be an ISO 8601 date-time") from None
+            if moment.tzinfo is None:
+                raise BadQuery(f"{name} must carry a time zone (e.g. Z)")
+            return moment
+
+        action, status = params.get("action") or None, params.get("status") or None
+        if action and action not in ACTIONS:
+            raise BadQuery(f"action must be one of {', '.join(ACTIONS)}")
+        if status and status not in STATUSES:
+            raise BadQuery(f"status must be one of {', '.join(STATUSES)}")
+        target = params.get("target") or None
+        try:
+            target_id = UUID(target) if target else None
+        except ValueError:
+            raise BadQuery("target must be a resource id") from None
+        return cls(
+            since=when("from"),
+            until=when("to"),
+            action=action,
+            status=status,
+            target_id=target_id,
+            identity=params.get("identity") or None,
+            change_id=params.get("changeId") or None,
+            error_code=params.get("errorCode") or None,
+        )
+
+    def where(self, tenant_id: UUID) -> tuple[str, list[Any]]:
+        clauses, args = ["tenant_id = $1"], [tenant_id]
+
+        def add(sql: str, value: Any) -> None:
+            args.append(value)
+            clauses.append(sql.replace("?", f"${len(args)}"))
+
+        if self.since:
+            add("activity_at >= ?", self.since)
+        if self.until:
+            add("activity_at < ?", self.until)
+        if self.action:
+            add("action = ?", self.action)
+        if self.status:
+            add("status = ?", self.status)
+        if self.target_id:
+            add("target_id = ?", self.target_id)
+        if self.identity:
+            escaped = self.identity.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            add("target_name ILIKE ?", f"%{escaped}%")
+        if self.change_id:
+            add("change_id = ?", self.change_id)
+        if self.error_code:
+            add("error_code = ?", self.error_code)
+        return " AND ".join(clauses), args
+
+
+def encode_next(row: Any) -> str:
+    raw = orjson.dumps([row["activity_at"].isoformat(), row["transaction_id"]])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_next(token: str) -> tuple[datetime, int]:
+    try:
+        at, txid = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        return datetime.fromisoformat(at), int(txid)
+    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
+        raise BadQuery("next is not a page token of this API") from None
+
+
+def entry_json(row: Any) -> dict[str, Any]:
+    """An entry shaped like Microsoft Graph's provisioningObjectSummary, plus what only we know."""
+    error = None
+    if row["status"] == "failure":
+        error = {"errorCode": row["error_code"], "reason": row["error_reason"]}
+    return {
+        "id": str(row["id"]) if row["id"] else str(row["transaction_id"]),
+        "activityDateTime": row["activity_at"].isoformat().replace("+00:00", "Z"),
+        "tenantId": str(row["tenant_id"]),
+        "changeId": row["change_id"],
+        "provisioningAction": row["action"],
+        "provisioningStatusInfo": {"status": row["status"], "errorInformation": error},
+        "modifiedProperties": row["modified_properties"],
+        "targetIdentity": {
+            "id": str(row["target_id"]) if row["target_id"] else None,
+            "displayName": row["target_name"],
+            "identityType": row["target_type"],
+        },
+        "sourceIdentity": {"id": row["source_id"], "identityType": row["target_type"]},
+        "initiatedBy": {"displayName": row["initiated_by"], "initiatorType": "application"},
+        "durationInMilliseconds": row["duration_ms"],
+        "request": {"method": row["method"], "path": row["path"], "status": row["http_status"]},
+        "eventPositions": list(row["positions"]),
+    }
+
+
+async def page(
+    conn: Conn | asyncpg.Pool,
+    tenant_id: UUID,
+    where: AuditFilter,
+    limit: int = 50,
+    next_token: str | None = None,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Newest first, keyset-paginated (never OFFSET)."""
+    limit = max(1, min(limit, MAX_LIMIT))
+    sql, args = where.where(tenant_id)
+    if next_token:
+        at, txid = decode_next(next_token)
+        args += [at, txid]
+        sql += f" AND (activity_at, transaction_id) < (${len(args) - 1}, ${len(args)})"
+    args.append(limit + 1)
+    rows = await conn.fetch(
+        f"SELECT {ENTRY_COLUMNS} FROM audit_entries WHERE {sql}"
+        f" ORDER BY activity_at DESC, transaction_id DESC LIMIT ${len(args)}",
+        *args,
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return [entry_json(r) for r in rows], encode_next(rows[-1]) if more and rows else None
+
+
+async def one(conn: Conn | asyncpg.Pool, tenant_id: UUID, entry_id: str) -> dict[str, Any] | None:
+    try:
+        key = UUID(entry_id)
+    except ValueError:
+        return None
+    row = await conn.fetchrow(
+        f"SELECT {ENTRY_COLUMNS} FROM audit_entries WHERE tenant_id = $1 AND id = $2",
+        tenant_id,
+        key,
+    )
+    return entry_json(row) if row else None
+
+
+async def history(
+    conn: Conn | asyncpg.Pool, tenant_id: UUID, resource_id: UUID
+) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        f"SELECT {ENTRY_COLUMNS} FROM audit_entries WHERE tenant_id = $1 AND target_id = $2"
+        " ORDER BY activity_at, transaction_id",
+        tenant_id,
+        resource_id,
+    )
+    return [entry_json(r) for r in rows]
+
+
+async def stream(
+    conn: Conn, tenant_id: UUID, where: AuditFilter, chunk: int = 2000
+) -> AsyncIterator[dict[str, Any]]:
+    """Every selected entry, newest first, from a server-side cursor (constant memory).
+    The caller holds `conn` in a transaction."""
+    sql, args = where.where(tenant_id)
+    cursor = conn.cursor(
+        f"SELECT {ENTRY_COLUMNS} FROM audit_entries WHERE {sql}"
+        " ORDER BY activity_at DESC, transaction_id DESC",
+        *args,
+        prefetch=chunk,
+    )
+    async for row in cursor:
+        yield entry_json(row)
+
+
+async def lag(conn: Conn | asyncpg.Pool) -> dict[str, Any]:
+    """How far the (asynchronous) audit log trails the event store."""
+    row = await conn.fetchrow(
+        "SELECT s.checkpoint_transaction, s.checkpoint_position, s.updated_at,"
+        " (SELECT count(*) FROM stored_events e WHERE (e.transaction_id, e.notification_id)"
+        "  > (s.checkpoint_transaction, s.checkpoint_position)) AS behind"
+        " FROM projection_state s WHERE s.name = 'audit'"
+    )
+    if row is None:
+        return {"eventsBehind": None, "checkpoint": None}
+    return {
+        "eventsBehind": int(row["behind"]),
+        "checkpoint": int(row["checkpoint_position"]),
+        "updated": row["updated_at"].isoformat(),
+    }
+
+
+CSV_COLUMNS = (
+    "id",
+    "activityDateTime",
+    "changeId",
+    "provisioningAction",
+    "status",
+    "errorCode",
+    "reason",
+    "targetType",
+    "targetId",
+    "targetDisplayName",
+    "sourceId",
+    "initiatedBy",
+    "method",
+    "path",
+    "httpStatus",
+    "durationInMilliseconds",
+    "modifiedProperties",
+)
+
+
+def csv_row(entry: Mapping[str, Any]) -> list[Any]:
+    error = entry["provisioningStatusInfo"]["errorInformation"] or {}
+    target = entry["targetIdentity"]
+    return [
+        entry["id"],
+        entry["activityDateTime"],
+        entry["changeId"],
+        entry["provisioningAction"],
+        entry["provisioningStatusInfo"]["status"],
+        error.get("errorCode"),
+        error.get("reason"),
+        target["identityType"],
+        target["id"],
+        target["displayName"],
+        entry["sourceIdentity"]["id"],
+        entry["initiatedBy"]["displayName"],
+        entry["request"]["method"],
+        entry["request"]["path"],
+        entry["request"]["status"],
+        entry["durationInMilliseconds"],
+        orjson.dumps(entry["modifiedProperties"]).decode(),
+    ]
