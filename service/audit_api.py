@@ -39,13 +39,15 @@ async def entries(request: web.Request) -> web.Response:
     except ValueError:
         raise ScimError(400, "limit must be an integer", "invalidValue") from None
     pool = request.app[DATABASE].pool
+    # Lag first: the page read after it holds at least everything the lag says is applied.
+    lag = await q.lag(pool)
     try:
         found, next_token = await q.page(
             pool, request[PRINCIPAL].tenant_id, where, limit, request.query.get("next")
         )
     except q.BadQuery as e:
         raise ScimError(400, str(e), "invalidValue") from None
-    return _json({"entries": found, "next": next_token, "lag": await q.lag(pool)})
+    return _json({"entries": found, "next": next_token, "lag": lag})
 
 
 async def entry(request: web.Request) -> web.Response:
