@@ -9,7 +9,7 @@ from aiohttp import web
 
 from infra.config import Settings
 from infra.database import Database, open_database
-from service import audit_api, discovery, health
+from service import audit_api, audit_web, discovery, health
 from service.middlewares import bearer_auth, request_context, scim_errors
 from service.outcomes import record_outcomes
 from service.scim import groups, users
@@ -35,6 +35,7 @@ def create_app(settings: Settings, database: Database | None = None) -> web.Appl
     users.add_routes(app)
     groups.add_routes(app)
     audit_api.add_routes(app)
+    audit_web.add_routes(app)
     return app
 
 

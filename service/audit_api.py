@@ -63,11 +63,22 @@ async def export(request: web.Request) -> web.StreamResponse:
     fmt = request.query.get("format", "jsonl")
     if fmt not in ("csv", "jsonl"):
         raise ScimError(400, "format must be csv or jsonl", "invalidValue")
-    where = _filter(request)
+    return await write_export(request, request[PRINCIPAL].tenant_id, _filter(request), fmt)
+
+
+async def write_export(
+    request: web.Request,
+    tenant_id: UUID,
+    where: q.AuditFilter,
+    fmt: str,
+    filename: str = "provisioning-log",
+) -> web.StreamResponse:
+    """Stream every selected entry as CSV or JSON lines (shared with the web pages)."""
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/csv; charset=utf-8" if fmt == "csv" else "application/x-ndjson",
-            "Content-Disposition": f'attachment; filename="provisioning-log.{fmt}"',
+            "Content-Disposition": f'attachment; filename="{filename}.{fmt}"',
+            "Cache-Control": "no-store",
         }
     )
     await response.prepare(request)
@@ -77,7 +88,7 @@ async def export(request: web.Request) -> web.StreamResponse:
         writer.writerow(q.CSV_COLUMNS)
     chunk: list[bytes] = []
     async with request.app[DATABASE].pool.acquire() as conn, conn.transaction(readonly=True):
-        async for item in q.stream(conn, request[PRINCIPAL].tenant_id, where):
+        async for item in q.stream(conn, tenant_id, where):
             if fmt == "csv":
                 writer.writerow(q.csv_row(item))
             else:

@@ -23,6 +23,12 @@ _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 
 
+def _audit_page(path: str) -> bool:
+    """The compliance officers' web pages sign in with a cookie session (service/audit_web.py);
+    the JSON API under /audit/v1/ keeps bearer tokens."""
+    return path == "/audit" or (path.startswith("/audit/") and not path.startswith("/audit/v1/"))
+
+
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Give every request an id, and write exactly one access-log line for it."""
@@ -87,7 +93,7 @@ def _bearer(request: web.Request) -> str | None:
 
 @web.middleware
 async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path in _PUBLIC_PATHS:
+    if request.path in _PUBLIC_PATHS or _audit_page(request.path):
         return await handler(request)
     token = _bearer(request)
     principal: Principal | None = None
