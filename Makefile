@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck bench-append clean
+.PHONY: run test lint typecheck bench-append bench-users bench-groups clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,12 @@ typecheck: $(STAMP)
 
 bench-append: $(STAMP)
 	$(BIN)/python -m bench.append
+
+bench-users: $(STAMP)
+	$(BIN)/python -m bench.users
+
+bench-groups: $(STAMP)
+	$(BIN)/python -m bench.groups
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
