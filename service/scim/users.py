@@ -88,9 +88,14 @@ def _wants_groups(attributes: str | None, excluded: str | None) -> bool:
     return "groups" in select_attributes(probe, attributes, excluded)
 
 
-async def _resource_of_user(request: web.Request, user: User) -> dict[str, Any]:
+async def _resource_of_user(
+    request: web.Request, user: User, *, new: bool = False
+) -> dict[str, Any]:
     groups = None
-    if _wants_groups(request.query.get("attributes"), request.query.get("excludedAttributes")):
+    # A user created by this very request is in no group yet: no query for it.
+    if not new and _wants_groups(
+        request.query.get("attributes"), request.query.get("excludedAttributes")
+    ):
         groups = (await groups_of(request, [user.id])).get(user.id)
     return user_resource(
         user.state,
@@ -131,7 +136,9 @@ def _reply(
 async def create(request: web.Request) -> web.Response:
     desired = user_from_scim(await json_object(request))
     user = await handlers.provision_user(request.app[DATABASE], caller(request), desired)
-    return _reply(request, await _resource_of_user(request, user), user.version, status=201)
+    return _reply(
+        request, await _resource_of_user(request, user, new=True), user.version, status=201
+    )
 
 
 async def get(request: web.Request) -> web.StreamResponse:
