@@ -31,6 +31,18 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+async def _reset_connection(conn: asyncpg.Connection) -> None:
+    """What a connection must not carry back into the pool: an open transaction.
+
+    asyncpg's default reset sends four statements (advisory unlock, CLOSE ALL, UNLISTEN,
+    RESET ALL) on every release, a round trip per borrowed connection. This service keeps no
+    session state on pooled connections: cursors live in transactions, listeners unlisten
+    when removed, advisory locks are transaction-scoped or held on connections of their own.
+    """
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 @dataclass
 class Database:
     dsn: str
@@ -63,7 +75,12 @@ async def create_pool(
 ) -> asyncpg.Pool:
     try:
         pool = await asyncpg.create_pool(
-            dsn, min_size=min_size, max_size=max_size, init=_init_connection, **kw
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            init=_init_connection,
+            reset=_reset_connection,
+            **kw,
         )
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
         raise DatabaseUnavailable(f"cannot connect to the database: {e}") from e
