@@ -27,7 +27,15 @@ def _tag(obj: Any) -> Any:
     return obj
 
 
+_CONTAINERS = (dict, list)  # all orjson makes besides scalars
+
+
 def _untag(obj: Any) -> Any:
+    """Tagged values back to UUIDs and datetimes.
+
+    `obj` is orjson's fresh output, which nothing else holds: containers are updated in place
+    and scalars are never visited (a replay decodes every event of the store, so this is hot).
+    """
     if isinstance(obj, dict):
         if len(obj) == 2 and "_type_" in obj and "_data_" in obj:
             kind, data = obj["_type_"], obj["_data_"]
@@ -36,9 +44,15 @@ def _untag(obj: Any) -> Any:
             if kind == "datetime_iso":
                 return datetime.fromisoformat(data)
             raise TypeError(f"unknown type tag in stored event: {kind!r}")
-        return {k: _untag(v) for k, v in obj.items()}
+        for key, value in obj.items():
+            if type(value) in _CONTAINERS:
+                obj[key] = _untag(value)
+        return obj
     if isinstance(obj, list):
-        return [_untag(v) for v in obj]
+        for i, value in enumerate(obj):
+            if type(value) in _CONTAINERS:
+                obj[i] = _untag(value)
+        return obj
     return obj
 
 

@@ -16,6 +16,8 @@ leaves the live tables untouched, and the next run starts from a fresh shadow.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -23,12 +25,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+from eventsourcing.utils import TopicError, resolve_topic
 
 from infra.database import Database
 from infra.eventstore import START, Conn, Position, RecordedEvent
 from projections.registry import Projection
 
 SUFFIX = "__rebuild"
+_COLUMNS = (
+    "originator_id, originator_version, topic, state, notification_id, tenant_id, recorded_at,"
+    " request_id, transaction_id"
+)
 SAMPLES = 5
 Progress = Callable[[int, int], None]  # (events applied so far, events in the log)
 
@@ -170,6 +177,31 @@ def _sample(projection: Projection, table: str, kind: str, row: asyncpg.Record) 
     return f"{label}: {'; '.join(details)}"
 
 
+class _ReadAhead(list[RecordedEvent]):
+    """A batch read (and decoded) on a pooled connection while the one before was applied."""
+
+    def __init__(
+        self,
+        rows: list[RecordedEvent],
+        after: Position,
+        mine: Sequence[RecordedEvent],
+        events: list[Any],
+    ) -> None:
+        super().__init__(rows)
+        self.after = after
+        self.mine = mine
+        self.events = events
+
+
+@functools.lru_cache(maxsize=1024)
+def _folds(handles: tuple[type, ...], topic: str) -> bool:
+    """Does a projection folding events of the classes `handles` want this topic's events?"""
+    try:
+        return issubclass(resolve_topic(topic), handles)
+    except TopicError:
+        return True  # decode it: the mapper reports an unknown topic as it always has
+
+
 class Rebuilder:
     def __init__(
         self,
@@ -188,30 +220,79 @@ class Rebuilder:
         self.position: Position = START
         self.applied = 0
         self.tables = {t: shadow_of(t) for t in projection.tables}
+        self._ahead: asyncio.Task[_ReadAhead] | None = None
 
     @property
     def is_async(self) -> bool:
         return self.projection.mode == "async"
 
-    async def _final_catch_up(self, conn: Conn, total: int) -> Position:
+    async def _hold_checkpoint(self, conn: Conn) -> Position | None:
+        """Async: lock the checkpoint row (the runner waits) and return the live view's position.
+
+        Taken before any live table, in the runner's own order (checkpoint row, then tables):
+        the other order deadlocks with a runner step that holds the row and waits for a table.
+        """
+        return await _checkpoint(conn, self.projection.name, lock=True) if self.is_async else None
+
+    async def _final_catch_up(
+        self, conn: Conn, total: int, checkpoint: Position | None
+    ) -> Position:
         """Inside the caller's transaction, bring the shadow to where the live view stands.
 
         Inline: the caller holds the live tables' locks, so every committed event is in the
-        live view and no writer can commit one that is not. Async: the checkpoint row is
-        locked (the runner waits), and the live view stands exactly at its checkpoint.
+        live view and no writer can commit one that is not. Async: the caller holds the
+        checkpoint row (`_hold_checkpoint`), and the live view stands exactly at it.
         """
-        if self.is_async:
-            checkpoint = await _checkpoint(conn, self.projection.name, lock=True)
+        if checkpoint is not None:
             await self._catch_up(conn, total, committed_only=True, until=checkpoint)
             return checkpoint
         await self._catch_up(conn, total, committed_only=True)
         return self.position
 
+    def _decode(self, batch: Sequence[RecordedEvent]) -> tuple[Sequence[RecordedEvent], list[Any]]:
+        # Decoding is most of a replay's cost: a projection that names the event classes it
+        # folds (`HANDLES`) gets only those, the ones its own filter would keep anyway.
+        handles = getattr(self.projection.module, "HANDLES", None)
+        mine = batch if handles is None else [r for r in batch if _folds(handles, r.topic)]
+        return mine, [self.db.store.to_domain(r) for r in mine]
+
     async def _apply(self, conn: Conn, batch: Sequence[RecordedEvent]) -> None:
-        events = [self.db.store.to_domain(r) for r in batch]
-        await self.projection.apply(conn, events, self.tables, batch)
+        if isinstance(batch, _ReadAhead):
+            mine, events = batch.mine, batch.events
+        else:
+            mine, events = self._decode(batch)
+        await self.projection.apply(conn, events, self.tables, mine)
         self.position = batch[-1].position
         self.applied += len(batch)
+
+    async def _read(self, conn: Conn, until: Position | None) -> list[RecordedEvent]:
+        """The next batch after the position. While it is applied, the one after it is read
+        and decoded on a pooled connection, so PostgreSQL and Python work at the same time.
+
+        Reading earlier changes nothing: a read returns committed events only, in commit-safe
+        order, whenever it runs; one for another position (a retried swap) is not used.
+        """
+        ahead, self._ahead = self._ahead, None
+        batch: list[RecordedEvent] = []
+        if ahead is not None:
+            early = await ahead
+            if early.after == self.position:
+                batch = early
+        if not batch:
+            batch = await self.db.store.read_all(self.position, self.batch_size, conn=conn)
+        if len(batch) >= self.batch_size and (until is None or batch[-1].position < until):
+            self._ahead = asyncio.ensure_future(self._read_ahead(batch[-1].position))
+        return batch
+
+    async def _read_ahead(self, after: Position) -> _ReadAhead:
+        rows = await self.db.store.read_all(after, self.batch_size)
+        return _ReadAhead(rows, after, *self._decode(rows))
+
+    async def _stop_reading_ahead(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.cancel()
+            await asyncio.gather(ahead, return_exceptions=True)
 
     async def _catch_up(
         self,
@@ -227,19 +308,28 @@ class Rebuilder:
         done = 0
         while until is None or self.position < until:
             if committed_only:
-                rows = await conn.fetch(
-                    "SELECT originator_id, originator_version, topic, state, notification_id,"
-                    " tenant_id, recorded_at, request_id, transaction_id FROM stored_events"
-                    " WHERE (transaction_id, notification_id) > ($1::bigint, $2::bigint)"
-                    " ORDER BY transaction_id, notification_id LIMIT $3",
-                    self.position[0],
-                    self.position[1],
-                    self.batch_size,
+                rows = list(
+                    await conn.fetch(
+                        f"SELECT {_COLUMNS} FROM stored_events"
+                        " WHERE (transaction_id, notification_id) > ($1::bigint, $2::bigint)"
+                        " ORDER BY transaction_id, notification_id LIMIT $3",
+                        self.position[0],
+                        self.position[1],
+                        self.batch_size,
+                    )
                 )
+                if len(rows) == self.batch_size:
+                    # Like read_all, end on a transaction boundary: handlers see whole requests.
+                    rows += await conn.fetch(
+                        f"SELECT {_COLUMNS} FROM stored_events WHERE transaction_id = $1"
+                        " AND notification_id > $2 ORDER BY notification_id",
+                        rows[-1]["transaction_id"],
+                        rows[-1]["notification_id"],
+                    )
                 batch = [RecordedEvent(*r) for r in rows]
             else:
-                batch = await self.db.store.read_all(self.position, self.batch_size, conn=conn)
-            if until is not None:
+                batch = await self._read(conn, until)
+            if until is not None and batch and batch[-1].position > until:
                 batch = [r for r in batch if r.position <= until]
             if not batch:
                 return done
@@ -280,37 +370,60 @@ class Rebuilder:
             )
         finally:
             try:
+                await self._stop_reading_ahead()
                 for table in self.projection.tables:
                     await conn.execute(f"DROP TABLE IF EXISTS {shadow_of(table)}")
             finally:
                 await conn.close()
 
     async def _compare(self, conn: Conn, total: int) -> list[TableDiff]:
-        """Shadow against live in one snapshot: both then reflect the same committed events."""
-        async with conn.transaction(isolation="repeatable_read"):
-            await self._final_catch_up(conn, total)
+        """Shadow against live in one snapshot: both then reflect the same committed events.
+
+        Async: the live view only moves under the checkpoint row's lock, which we hold, so
+        read committed is stable; a snapshot taken before waiting for that lock would be
+        stale (a serialization failure whenever the runner was mid-step).
+        """
+        async with conn.transaction(
+            isolation="read_committed" if self.is_async else "repeatable_read"
+        ):
+            checkpoint = await self._hold_checkpoint(conn)
+            await self._final_catch_up(conn, total, checkpoint)
             return [await diff(conn, self.projection, t) for t in self.projection.tables]
 
     async def _swap(self, conn: Conn, total: int) -> list[TableDiff]:
         for attempt in range(20):
+            # What the transaction applies to the shadow is undone with it if it fails.
+            saved = self.position, self.applied
             try:
                 async with conn.transaction():
                     await conn.execute(f"SET LOCAL lock_timeout = '{self.lock_timeout}'")
-                    live = ", ".join(self.projection.tables)
-                    await conn.execute(f"LOCK TABLE {live} IN ACCESS EXCLUSIVE MODE")
+                    checkpoint = await self._hold_checkpoint(conn)
+                    # Wait for the first table only, holding no other live table: a reader
+                    # joining them in the other order would otherwise deadlock with us (and
+                    # get an error). The rest now or never (NOWAIT), then retry.
+                    first, *rest = self.projection.tables
+                    await conn.execute(f"LOCK TABLE {first} IN ACCESS EXCLUSIVE MODE")
+                    if rest:
+                        await conn.execute(
+                            f"LOCK TABLE {', '.join(rest)} IN ACCESS EXCLUSIVE MODE NOWAIT"
+                        )
                     # No writer can change the live view now; every event committed so far
                     # is visible, and any other writer will write its own change after us.
-                    position = await self._final_catch_up(conn, total)
+                    position = await self._final_catch_up(conn, total, checkpoint)
                     diffs = [await diff(conn, self.projection, t) for t in self.projection.tables]
                     for table in self.projection.tables:
                         await swap_in(conn, table)
                     await record_state(conn, self.projection, position, rebuilt=True)
                 return diffs
             except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError):
-                # Busy writers: let them through, catch up some more, try again.
-                await self._catch_up(conn, total)
                 if attempt == 19:
                     raise
+                # Busy writers: let them through, catch up some more (never past an async
+                # view's checkpoint: the runner applies those events itself), try again.
+                self.position, self.applied = saved
+                await asyncio.sleep(0.01 * (attempt + 1))
+                until = await _checkpoint(conn, self.projection.name) if self.is_async else None
+                await self._catch_up(conn, total, until=until)
         raise AssertionError("unreachable")
 
 
