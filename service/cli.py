@@ -418,6 +418,366 @@ def tokens_revoke(token_id: str, data_dir: Path | None, database_url: str | None
     print(f"revoked {token_id}")
 
 
+def _audit_filters(fn: F) -> F:
+    """The provisioning portal's filters, as options (audit list and audit export)."""
+    for flag, key, metavar, help_text in reversed(_AUDIT_FILTERS):
+        fn = click.option(flag, key, default=None, metavar=metavar, help=help_text)(fn)
+    return fn
+
+
+_AUDIT_FILTERS = (
+    ("--from", "since", "ISO", "At or after this ISO 8601 date-time (with a zone, e.g. Z)."),
+    ("--to", "until", "ISO", "Before this ISO 8601 date-time (with a zone, e.g. Z)."),
+    ("--action", "action", "ACTION", "create, update, delete, disable or other."),
+    ("--status", "status", "STATUS", "success, failure or skipped."),
+    ("--target", "target", "ID", "Id of the user or group the entry is about."),
+    ("--identity", "identity", "TEXT", "Target display name contains (case-insensitive)."),
+    ("--change-id", "change_id", "ID", "The request id (X-Request-Id) of the change."),
+    ("--error-code", "error_code", "CODE", "Entra error code, e.g. EntryConflict."),
+)
+
+
+def _audit_filter(
+    since: str | None,
+    until: str | None,
+    action: str | None,
+    status: str | None,
+    target: str | None,
+    identity: str | None,
+    change_id: str | None,
+    error_code: str | None,
+) -> Any:
+    from service.audit_queries import AuditFilter, BadQuery
+
+    params = {
+        "from": since,
+        "to": until,
+        "action": action,
+        "status": status,
+        "target": target,
+        "identity": identity,
+        "changeId": change_id,
+        "errorCode": error_code,
+    }
+    try:
+        return AuditFilter.parse({k: v for k, v in params.items() if v is not None})
+    except BadQuery as e:
+        raise click.UsageError(str(e)) from None
+
+
+async def _tenant_id(conn: Any, tenant: str) -> Any:
+    tenant_id = await conn.fetchval("SELECT id FROM tenants WHERE name = $1", tenant)
+    if tenant_id is None:
+        raise CliError(f"no tenant named {tenant!r}")
+    return tenant_id
+
+
+def _audit_console() -> Any:
+    from rich.console import Console
+
+    # Piped output keeps one row per entry instead of folding to 80 columns.
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
+def _audit_table(entries: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    table = Table("time", "id", "action", "status", "type", "target", "error", "change id")
+    for e in entries:
+        error = e["provisioningStatusInfo"]["errorInformation"] or {}
+        target = e["targetIdentity"]
+        table.add_row(
+            e["activityDateTime"],
+            e["id"],
+            e["provisioningAction"],
+            e["provisioningStatusInfo"]["status"],
+            target["identityType"] or "-",
+            target["displayName"] or target["id"] or "-",
+            error.get("errorCode") or "-",
+            e["changeId"] or "-",
+        )
+    return table
+
+
+def _quiet_broken_pipe() -> None:
+    """`scimledger audit … | head`: the reader left; stop without a traceback."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(1)
+
+
+@cli.group()
+def audit() -> None:
+    """The provisioning log of a tenant, for scripts: list, show, history, export.
+
+    The log is kept asynchronously from the event store, so it may trail the latest writes
+    by a moment.
+    """
+
+
+@audit.command("list")
+@click.option("--tenant", required=True, help="Tenant name.")
+@_audit_filters
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 500),
+    default=50,
+    show_default=True,
+    help="Entries per page (at most 500).",
+)
+@click.option("--next", "next_token", default=None, help="Page token from a previous page.")
+@click.option(
+    "--json",
+    "json_output",
+    is_flag=True,
+    help='One entry per line, newest first; then {"next": TOKEN} as the last line only if'
+    " there is a further page (pass it back with --next).",
+)
+@database_options
+def audit_list(
+    tenant: str,
+    since: str | None,
+    until: str | None,
+    action: str | None,
+    status: str | None,
+    target: str | None,
+    identity: str | None,
+    change_id: str | None,
+    error_code: str | None,
+    limit: int,
+    next_token: str | None,
+    json_output: bool,
+    data_dir: Path | None,
+    database_url: str | None,
+) -> None:
+    """Entries newest first, a page at a time.
+
+    Keyset pages: pass the token of one page with --next to get the following one.
+    """
+    from service import audit_queries as q
+
+    where = _audit_filter(since, until, action, status, target, identity, change_id, error_code)
+    if next_token is not None:
+        try:
+            q.decode_next(next_token)
+        except q.BadQuery as e:
+            raise click.UsageError(str(e)) from None
+    settings = _settings(data_dir, database_url)
+
+    async def go() -> tuple[list[dict[str, Any]], str | None]:
+        async with open_database(settings) as db, db.pool.acquire() as conn:
+            tenant_id = await _tenant_id(conn, tenant)
+            try:
+                return await q.page(conn, tenant_id, where, limit, next_token)
+            except q.BadQuery as e:
+                raise click.UsageError(str(e)) from None
+
+    entries, more = _run(go)
+    try:
+        if json_output:
+            lines = [orjson.dumps(e) for e in entries]
+            if more:
+                lines.append(orjson.dumps({"next": more}))
+            sys.stdout.buffer.write(b"".join(line + b"\n" for line in lines))
+            sys.stdout.flush()
+            return
+        console = _audit_console()
+        console.print(_audit_table(entries))
+        if more:
+            console.print(f"next page: --next {more}", highlight=False, soft_wrap=True)
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+
+
+@audit.command("show")
+@click.option("--tenant", required=True, help="Tenant name.")
+@click.argument("entry_id")
+@click.option("--json", "json_output", is_flag=True, help="Print the entry as one JSON line.")
+@database_options
+def audit_show(
+    tenant: str,
+    entry_id: str,
+    json_output: bool,
+    data_dir: Path | None,
+    database_url: str | None,
+) -> None:
+    """One entry: the request, its outcome, the attributes it changed."""
+    from service import audit_queries as q
+
+    settings = _settings(data_dir, database_url)
+
+    async def go() -> dict[str, Any] | None:
+        async with open_database(settings) as db, db.pool.acquire() as conn:
+            return await q.one(conn, await _tenant_id(conn, tenant), entry_id)
+
+    entry = _run(go)
+    if entry is None:
+        raise CliError(f"no audit entry {entry_id} in tenant {tenant!r}")
+    if json_output:
+        print(orjson.dumps(entry).decode())
+        return
+    from rich.table import Table
+
+    status = entry["provisioningStatusInfo"]
+    error = status["errorInformation"] or {}
+    target, request = entry["targetIdentity"], entry["request"]
+    facts = Table.grid(padding=(0, 2))
+    for label, value in (
+        ("id", entry["id"]),
+        ("time", entry["activityDateTime"]),
+        ("action", entry["provisioningAction"]),
+        ("status", status["status"]),
+        ("error", f"{error['errorCode']}: {error['reason']}" if error else None),
+        ("target", f"{target['identityType']} {target['id']} ({target['displayName']})"),
+        ("source id", entry["sourceIdentity"]["id"]),
+        ("initiated by", entry["initiatedBy"]["displayName"]),
+        ("request", f"{request['method']} {request['path']} -> {request['status']}"),
+        ("duration ms", entry["durationInMilliseconds"]),
+        ("change id", entry["changeId"]),
+        ("events", ", ".join(str(p) for p in entry["eventPositions"])),
+    ):
+        facts.add_row(label, "-" if value is None else str(value))
+    console = _audit_console()
+    console.print(facts)
+    if entry["modifiedProperties"]:
+        changes = Table("property", "old value", "new value")
+        for p in entry["modifiedProperties"]:
+            changes.add_row(p["displayName"], p["oldValue"] or "-", p["newValue"] or "-")
+        console.print(changes)
+
+
+@audit.command("history")
+@click.option("--tenant", required=True, help="Tenant name.")
+@click.argument("resource_id")
+@click.option("--json", "json_output", is_flag=True, help="One entry per line, oldest first.")
+@database_options
+def audit_history(
+    tenant: str,
+    resource_id: str,
+    json_output: bool,
+    data_dir: Path | None,
+    database_url: str | None,
+) -> None:
+    """Every entry about one user or group, oldest first."""
+    import uuid as _uuid
+
+    from service import audit_queries as q
+
+    try:
+        key = _uuid.UUID(resource_id)
+    except ValueError:
+        raise click.BadParameter(f"{resource_id!r} is not a resource id") from None
+    settings = _settings(data_dir, database_url)
+
+    async def go() -> list[dict[str, Any]]:
+        async with open_database(settings) as db, db.pool.acquire() as conn:
+            return await q.history(conn, await _tenant_id(conn, tenant), key)
+
+    entries = _run(go)
+    try:
+        if json_output:
+            sys.stdout.buffer.write(b"".join(orjson.dumps(e) + b"\n" for e in entries))
+            sys.stdout.flush()
+        else:
+            _audit_console().print(_audit_table(entries))
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+
+
+@audit.command("export")
+@click.option("--tenant", required=True, help="Tenant name.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "jsonl"]),
+    required=True,
+    help="csv (a header row, then one row per entry) or jsonl (one entry per line).",
+)
+@_audit_filters
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write to FILE (complete or not at all) instead of stdout.",
+)
+@database_options
+def audit_export(
+    tenant: str,
+    fmt: str,
+    since: str | None,
+    until: str | None,
+    action: str | None,
+    status: str | None,
+    target: str | None,
+    identity: str | None,
+    change_id: str | None,
+    error_code: str | None,
+    output: Path | None,
+    data_dir: Path | None,
+    database_url: str | None,
+) -> None:
+    """Every selected entry, newest first, streamed in constant memory."""
+    import csv
+    import io
+    import os
+    import tempfile
+
+    from service import audit_queries as q
+
+    where = _audit_filter(since, until, action, status, target, identity, change_id, error_code)
+    settings = _settings(data_dir, database_url)
+
+    async def go(sink: Any) -> int:
+        text = io.StringIO()
+        writer = csv.writer(text)
+        if fmt == "csv":
+            writer.writerow(q.CSV_COLUMNS)
+        chunk: list[bytes] = []
+        count = 0
+
+        def flush() -> None:
+            sink.write(text.getvalue().encode() + b"".join(chunk))
+            text.seek(0)
+            text.truncate()
+            chunk.clear()
+
+        async with open_database(settings) as db, db.pool.acquire() as conn:
+            tenant_id = await _tenant_id(conn, tenant)
+            async with conn.transaction(readonly=True):
+                async for entry in q.stream(conn, tenant_id, where):
+                    if fmt == "csv":
+                        writer.writerow(q.csv_row(entry))
+                    else:
+                        chunk.append(orjson.dumps(entry) + b"\n")
+                    count += 1
+                    if len(chunk) >= 500 or text.tell() > 256_000:
+                        flush()
+        flush()
+        return count
+
+    if output is None:
+        try:
+            _run(lambda: go(sys.stdout.buffer))
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _quiet_broken_pipe()
+        return
+    target_dir = output.resolve().parent
+    if not target_dir.is_dir():
+        raise CliError(f"cannot write {output}: no directory {target_dir}")
+    fd, partial = tempfile.mkstemp(prefix=f".{output.name}.", dir=target_dir)
+    try:
+        with os.fdopen(fd, "wb") as sink:
+            count = _run(lambda: go(sink))
+        os.replace(partial, output)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+    print(f"exported {count} entries to {output}", file=sys.stderr)
+
+
 @cli.group()
 def tenants() -> None:
     """Tenants and their provisioning tokens."""
