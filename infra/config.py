@@ -31,5 +31,9 @@ class Settings:
     run_projections: bool = field(
         default_factory=lambda: os.environ.get("SCIMLEDGER_RUN_PROJECTIONS", "1") != "0"
     )
+    # Also record reads (GET and .search) in the provisioning log; writes always are.
+    audit_reads: bool = field(
+        default_factory=lambda: os.environ.get("SCIMLEDGER_AUDIT_READS", "0") == "1"
+    )
     # Base URL that Entra is told to use; None means "derive from the request".
     public_url: str | None = field(default_factory=lambda: os.environ.get("SCIMLEDGER_PUBLIC_URL"))

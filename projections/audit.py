@@ -119,8 +119,8 @@ class _Entry:
             return "disable"
         if kinds:
             return "update"
-        if self.status == "skipped":
-            return "other"
+        if self.status != "failure":
+            return "other"  # nothing changed ("already match"), or an audited read
         method = str(self.request.get("method", "")).upper()
         return {"POST": "create", "DELETE": "delete"}.get(method, "update")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -152,14 +153,30 @@ async def page(
         args += [at, txid]
         sql += f" AND (activity_at, transaction_id) < (${len(args) - 1}, ${len(args)})"
     args.append(limit + 1)
-    rows = await conn.fetch(
+    statement = (
         f"SELECT {ENTRY_COLUMNS} FROM audit_entries WHERE {sql}"
-        f" ORDER BY activity_at DESC, transaction_id DESC LIMIT ${len(args)}",
-        *args,
+        f" ORDER BY activity_at DESC, transaction_id DESC LIMIT ${len(args)}"
     )
+    if where.identity:
+        # "contains" must be planned for its value: a generic plan always takes the trigram
+        # index, which cannot narrow a one- or two-letter term and rechecks every row.
+        async with _connection(conn) as c, c.transaction(readonly=True):
+            await c.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+            rows = await c.fetch(statement, *args)
+    else:
+        rows = await conn.fetch(statement, *args)
     more = len(rows) > limit
     rows = rows[:limit]
     return [entry_json(r) for r in rows], encode_next(rows[-1]) if more and rows else None
+
+
+@asynccontextmanager
+async def _connection(source: Conn | asyncpg.Pool) -> AsyncIterator[Conn]:
+    if isinstance(source, asyncpg.Pool):
+        async with source.acquire() as conn:
+            yield conn
+    else:
+        yield source
 
 
 async def one(conn: Conn | asyncpg.Pool, tenant_id: UUID, entry_id: str) -> dict[str, Any] | None:

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from domain.request import ProvisioningRequest
 from service.middlewares import Handler
-from service.state import DATABASE, PRINCIPAL, REQUEST_CONTEXT, REQUEST_ID
+from service.state import DATABASE, PRINCIPAL, REQUEST_CONTEXT, REQUEST_ID, SETTINGS
 
 log = structlog.get_logger("scimledger.audit")
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -62,11 +62,12 @@ class RequestContext:
 
 
 def is_audited(request: web.Request) -> bool:
-    return (
-        request.method in WRITE_METHODS
-        and request.path.startswith("/scim/v2/")
-        and not request.path.endswith("/.search")
-    )
+    """Writes always; reads (GET, .search) only when SCIMLEDGER_AUDIT_READS is on."""
+    if not request.path.startswith("/scim/v2/"):
+        return False
+    if request.method in WRITE_METHODS and not request.path.endswith("/.search"):
+        return True
+    return bool(request.app[SETTINGS].audit_reads) and request.method in ("GET", "POST")
 
 
 def context_for(request: web.Request) -> RequestContext:
@@ -102,8 +103,10 @@ async def record_outcomes(request: web.Request, handler: Handler) -> web.StreamR
             parsed = {}
         error = {k: parsed.get(k) for k in ("status", "scimType", "detail")}
         error["status"] = error["status"] or str(status)
-    else:
+    elif request.method in WRITE_METHODS and not request.path.endswith("/.search"):
         outcome = "skipped"
+    else:
+        outcome = "success"  # an audited read
     record = ProvisioningRequest.record(
         uuid.uuid4(), context.tenant_id, outcome, context.describe(status), error
     )

@@ -229,3 +229,26 @@ async def test_history_and_time_travel(
     assert r.status == 404
     r = await client.get(f"/audit/v1/resources/{uuid.uuid4()}/history", headers=reader)
     assert (await r.json())["entries"] == []
+
+
+async def test_reads_are_audited_only_when_the_setting_is_on(
+    settings: Any, database: Database, tenant: IssuedToken, auth: dict[str, str]
+) -> None:
+    import dataclasses
+
+    from aiohttp.test_utils import TestServer
+
+    from service.app import create_app
+
+    reader = await audit_auth(database)
+    for audit_reads, expected in ((False, 0), (True, 2)):
+        app = create_app(dataclasses.replace(settings, audit_reads=audit_reads), database)
+        async with TestClient(TestServer(app, host="127.0.0.1")) as c:
+            before = len((await settled(c, reader))["entries"])
+            await c.get("/scim/v2/Users", headers=auth)
+            await c.post("/scim/v2/Users/.search", json={"filter": 'userName eq "x"'}, headers=auth)
+            entries = (await settled(c, reader))["entries"]
+            assert len(entries) - before == expected
+            if expected:
+                assert {e["provisioningAction"] for e in entries[:2]} == {"other"}
+                assert {e["request"]["method"] for e in entries[:2]} == {"GET", "POST"}
