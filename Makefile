@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck bench-append bench-users bench-groups clean
+.PHONY: run test lint typecheck bench-append bench-users bench-groups bench-audit bench-rebuild clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,12 @@ bench-users: $(STAMP)
 
 bench-groups: $(STAMP)
 	$(BIN)/python -m bench.groups
+
+bench-audit: $(STAMP)
+	$(BIN)/python -m bench.audit
+
+bench-rebuild: $(STAMP)
+	$(BIN)/python -m bench.rebuild
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
