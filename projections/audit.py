@@ -105,7 +105,8 @@ class _Entry:
         self.status = "success"
         self.error: dict[str, Any] | None = None
         self.request: dict[str, Any] = {}
-        self.targets: list[tuple[str, UUID, str | None, str | None]] = []
+        # Resources the request touched, in the order it first touched them.
+        self.targets: dict[UUID, tuple[str, UUID, str | None, str | None]] = {}
         self.positions: list[int] = []
         self.properties: list[dict[str, Any]] = []
 
@@ -126,8 +127,8 @@ class _Entry:
 
     def row(self) -> tuple[Any, ...]:
         wanted = self.request.get("targetId")
-        target = next((t for t in self.targets if str(t[1]) == wanted), None)
-        target = target or (self.targets[0] if self.targets else None)
+        target = self.targets.get(_uuid(wanted)) if wanted else None  # type: ignore[arg-type]
+        target = target or next(iter(self.targets.values()), None)
         error = self.error or {}
         return (
             self.transaction_id,
@@ -244,15 +245,11 @@ def _arrays(row: tuple[Any, ...]) -> tuple[Any, ...]:
 
 def _is_main(entry: _Entry, rid: UUID) -> bool:
     wanted = entry.request.get("targetId")
-    return str(rid) == wanted or (not wanted and bool(entry.targets) and entry.targets[0][1] == rid)
+    return str(rid) == wanted or (not wanted and next(iter(entry.targets), None) == rid)
 
 
 def _add_target(entry: _Entry, kind: str, rid: UUID, name: Any, source: Any) -> None:
-    for i, target in enumerate(entry.targets):
-        if target[1] == rid:
-            entry.targets[i] = (kind, rid, name, source)
-            return
-    entry.targets.append((kind, rid, name, source))
+    entry.targets[rid] = (kind, rid, name, source)
 
 
 def _state_of(aggregate: Any) -> dict[str, Any] | None:
