@@ -19,7 +19,7 @@ from projections import groups as groups_view
 from service import handlers
 from service.errors import SCIM_CONTENT_TYPE, invalid_value, not_found, scim_json
 from service.handlers import etag, etag_matches, parse_id
-from service.scim.filter import SqlParams, group_filter_sql, group_sort_sql
+from service.scim.filter import group_filter_sql, group_sort_sql
 from service.scim.group_patch import (
     AD_GROUP_SCHEMA,
     GROUP_SCHEMA,
@@ -29,8 +29,8 @@ from service.scim.group_patch import (
 )
 from service.scim.lists import (
     ListQuery,
-    decode_cursor,
-    encode_cursor,
+    View,
+    fetch_page,
     list_response,
     parse_list_query,
     search_params,
@@ -184,46 +184,14 @@ async def search(request: web.Request) -> web.Response:
     return scim_json(await _search(request, query))
 
 
+GROUPS_VIEW = View("scim_groups", "g", groups_view.COLUMNS, group_filter_sql, group_sort_sql)
+
+
 async def _search(request: web.Request, query: ListQuery) -> dict[str, Any]:
     tenant_id: UUID = request[PRINCIPAL].tenant_id
-    params = SqlParams([tenant_id])
-    where = "g.tenant_id = $1"
-    if query.filter:
-        where += f" AND ({group_filter_sql(query.filter, params)})"
-    count_args = list(params.values)
-    count_sql = f"SELECT count(*) FROM scim_groups g WHERE {where}"
     pool = request.app[DATABASE].pool
-    if query.count == 0:
-        return list_response([], await pool.fetchval(count_sql, *count_args), query)
-    columns = ", ".join(f"g.{c.strip()}" for c in groups_view.COLUMNS.split(","))
-    next_cursor = None
-    if query.cursor is not None:
-        page_where = where
-        if query.cursor:
-            created, last_id = decode_cursor(query.cursor)
-            page_where += f" AND (g.created, g.id) > ({params.add(created)}, {params.add(last_id)})"
-        sql = (
-            f"SELECT {columns} FROM scim_groups g WHERE {page_where}"
-            f" ORDER BY g.created, g.id LIMIT {params.add(query.count + 1)}"
-        )
-        rows = list(await pool.fetch(sql, *params.values))
-        if len(rows) > query.count:
-            rows = rows[: query.count]
-            next_cursor = encode_cursor(rows[-1]["created"], str(rows[-1]["id"]))
-        total = await pool.fetchval(count_sql, *count_args)
-    else:
-        if query.sort_by:
-            direction = "DESC" if query.descending else "ASC"
-            order = f"{group_sort_sql(query.sort_by)} {direction} NULLS LAST, g.id {direction}"
-        else:
-            order = "g.created, g.id"
-        sql = (
-            f"SELECT {columns}, count(*) OVER () AS total FROM scim_groups g WHERE {where}"
-            f" ORDER BY {order} OFFSET {params.add(query.start_index - 1)}"
-            f" LIMIT {params.add(query.count)}"
-        )
-        rows = list(await pool.fetch(sql, *params.values))
-        total = rows[0]["total"] if rows else await pool.fetchval(count_sql, *count_args)
+    page = await fetch_page(pool, GROUPS_VIEW, tenant_id, query)
+    rows = page.rows
     base = base_url(request)
     resources = [_of_row(base, row) for row in rows]
     if rows and wants_members(query.attributes, query.excluded_attributes):
@@ -241,8 +209,10 @@ async def _search(request: web.Request, query: ListQuery) -> dict[str, Any]:
         for resource, row in zip(resources, rows, strict=True):
             if row["id"] in by_group:
                 resource["members"] = by_group[row["id"]]
-    page = [select_attributes(r, query.attributes, query.excluded_attributes) for r in resources]
-    return list_response(page, total, query, next_cursor)
+    selected = [
+        select_attributes(r, query.attributes, query.excluded_attributes) for r in resources
+    ]
+    return list_response(selected, page.total, query, page.next_cursor)
 
 
 # -- writes ---------------------------------------------------------------------------------

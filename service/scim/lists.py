@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+import asyncpg
 import orjson
 
 from service.errors import ScimError, invalid_syntax, invalid_value
+from service.scim.filter import SqlParams
 
 LIST_RESPONSE = "urn:ietf:params:scim:api:messages:2.0:ListResponse"
 SEARCH_REQUEST = "urn:ietf:params:scim:api:messages:2.0:SearchRequest"
@@ -127,3 +129,68 @@ def list_response(
         body["nextCursor"] = next_cursor
     body["Resources"] = resources
     return body
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """A resource view that lists page through: its table, row alias and filter compilers."""
+
+    table: str
+    alias: str
+    columns: str  # comma-separated, unqualified
+    filter_sql: Callable[[str, SqlParams], str]
+    sort_sql: Callable[[str], str]
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    rows: list[Any]
+    total: int
+    next_cursor: str | None = None
+
+
+async def fetch_page(pool: asyncpg.Pool, view: View, tenant_id: UUID, query: ListQuery) -> Page:
+    """One page of a tenant's resources: index paging (OFFSET, any sortBy) or RFC 9865
+    cursors (keyset on created, id). Every value reaches SQL as a parameter."""
+    a = view.alias
+    params = SqlParams([tenant_id])
+    where = f"{a}.tenant_id = $1"
+    if query.filter:
+        where += f" AND ({view.filter_sql(query.filter, params)})"
+    count_args = list(params.values)  # the count query takes the filter's parameters only
+    count_sql = f"SELECT count(*) FROM {view.table} {a} WHERE {where}"
+    if query.count == 0:
+        return Page([], int(await pool.fetchval(count_sql, *count_args)))
+    columns = ", ".join(f"{a}.{c.strip()}" for c in view.columns.split(","))
+    if query.cursor is not None:
+        if query.cursor:
+            created, last_id = decode_cursor(query.cursor)
+            after = f"({params.add(created)}, {params.add(last_id)})"
+            where += f" AND ({a}.created, {a}.id) > {after}"
+        rows = list(
+            await pool.fetch(
+                f"SELECT {columns} FROM {view.table} {a} WHERE {where}"
+                f" ORDER BY {a}.created, {a}.id LIMIT {params.add(query.count + 1)}",
+                *params.values,
+            )
+        )
+        next_cursor = None
+        if len(rows) > query.count:
+            rows = rows[: query.count]
+            next_cursor = encode_cursor(rows[-1]["created"], str(rows[-1]["id"]))
+        return Page(rows, int(await pool.fetchval(count_sql, *count_args)), next_cursor)
+    if query.sort_by:
+        direction = "DESC" if query.descending else "ASC"
+        order = f"{view.sort_sql(query.sort_by)} {direction} NULLS LAST, {a}.id {direction}"
+    else:
+        order = f"{a}.created, {a}.id"
+    rows = list(
+        await pool.fetch(
+            f"SELECT {columns}, count(*) OVER () AS total FROM {view.table} {a} WHERE {where}"
+            f" ORDER BY {order} OFFSET {params.add(query.start_index - 1)}"
+            f" LIMIT {params.add(query.count)}",
+            *params.values,
+        )
+    )
+    total = rows[0]["total"] if rows else await pool.fetchval(count_sql, *count_args)
+    return Page(rows, int(total))

@@ -14,11 +14,11 @@ from projections import users as users_view
 from service import handlers
 from service.errors import invalid_syntax, not_found, scim_json
 from service.handlers import Caller, etag, etag_matches, parse_id
-from service.scim.filter import SqlParams, user_filter_sql, user_sort_sql
+from service.scim.filter import user_filter_sql, user_sort_sql
 from service.scim.lists import (
     ListQuery,
-    decode_cursor,
-    encode_cursor,
+    View,
+    fetch_page,
     list_response,
     parse_list_query,
     search_params,
@@ -202,55 +202,14 @@ async def search(request: web.Request) -> web.Response:
     return scim_json(await _search(request, query))
 
 
+USERS_VIEW = View("scim_users", "u", users_view.COLUMNS, user_filter_sql, user_sort_sql)
+
+
 async def _search(request: web.Request, query: ListQuery) -> dict[str, Any]:
-    tenant_id: UUID = request[PRINCIPAL].tenant_id
-    params = SqlParams([tenant_id])
-    where = "u.tenant_id = $1"
-    if query.filter:
-        where += f" AND ({user_filter_sql(query.filter, params)})"
     pool = request.app[DATABASE].pool
-    count_sql = f"SELECT count(*) FROM scim_users u WHERE {where}"
-    count_args = list(params.values)  # the count query takes the filter's parameters only
-    if query.count == 0:
-        total = await pool.fetchval(count_sql, *params.values)
-        return list_response([], total, query)
-
-    if query.cursor is not None:
-        order = "u.created, u.id"
-        page_where = where
-        if query.cursor:
-            created, last_id = decode_cursor(query.cursor)
-            after = f"({params.add(created)}, {params.add(last_id)})"
-            page_where += f" AND (u.created, u.id) > {after}"
-        limit = params.add(query.count + 1)
-        sql = (
-            f"SELECT {users_view.COLUMNS} FROM scim_users u WHERE {page_where}"
-            f" ORDER BY {order} LIMIT {limit}"
-        )
-        rows = await pool.fetch(sql, *params.values)
-        more = len(rows) > query.count
-        rows = rows[: query.count]
-        total = await pool.fetchval(count_sql, *count_args)
-        next_cursor = encode_cursor(rows[-1]["created"], str(rows[-1]["id"])) if more else None
-        return list_response(await _page(request, rows, query), total, query, next_cursor)
-
-    if query.sort_by:
-        direction = "DESC" if query.descending else "ASC"
-        order = f"{user_sort_sql(query.sort_by)} {direction} NULLS LAST, u.id {direction}"
-    else:
-        order = "u.created, u.id"
-    offset = params.add(query.start_index - 1)
-    limit = params.add(query.count)
-    sql = (
-        f"SELECT {users_view.COLUMNS}, count(*) OVER () AS total FROM scim_users u"
-        f" WHERE {where} ORDER BY {order} OFFSET {offset} LIMIT {limit}"
-    )
-    rows = await pool.fetch(sql, *params.values)
-    if rows:
-        total = rows[0]["total"]
-    else:
-        total = await pool.fetchval(count_sql, *count_args)
-    return list_response(await _page(request, rows, query), total, query)
+    page = await fetch_page(pool, USERS_VIEW, request[PRINCIPAL].tenant_id, query)
+    resources = await _page(request, page.rows, query)
+    return list_response(resources, page.total, query, page.next_cursor)
 
 
 async def _page(request: web.Request, rows: list[Any], query: ListQuery) -> list[dict[str, Any]]:
