@@ -108,14 +108,20 @@ async def _issue(
     return IssuedToken(token_id, tenant, tenant_id, token, role, name)
 
 
+# When a token (alias k) of a tenant (alias t) may be used: every check of a token says this.
+LIVE_TOKEN = (
+    "k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())"
+    " AND t.disabled_at IS NULL"
+)
+
+
 async def authenticate(conn: Conn | asyncpg.Pool, token: str) -> Principal | None:
     """The principal of a live token of an enabled tenant, or None."""
     wanted = digest(token)
     row = await conn.fetchrow(
         "SELECT k.id, k.name, k.role, k.token_hash, t.id AS tenant_id, t.name AS tenant_name"
         " FROM tokens k JOIN tenants t ON t.id = k.tenant_id"
-        " WHERE k.token_hash = $1 AND k.revoked_at IS NULL"
-        " AND (k.expires_at IS NULL OR k.expires_at > now()) AND t.disabled_at IS NULL",
+        f" WHERE k.token_hash = $1 AND {LIVE_TOKEN}",
         wanted,
     )
     if row is None or not hmac.compare_digest(bytes(row["token_hash"]), wanted):

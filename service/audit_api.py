@@ -17,8 +17,7 @@ from service import audit_queries as q
 from service.errors import ScimError
 from service.scim.groups import group_resource, member_entry
 from service.scim.representation import user_resource
-from service.scim.users import base_url
-from service.state import DATABASE, PRINCIPAL
+from service.state import DATABASE, PRINCIPAL, base_url
 
 
 def _json(body: Any, status: int = 200) -> web.Response:

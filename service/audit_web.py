@@ -21,7 +21,7 @@ from uuid import UUID
 
 from aiohttp import web
 
-from infra.tenants import Principal, authenticate, digest
+from infra.tenants import LIVE_TOKEN, Principal, authenticate, digest
 from service import audit_api
 from service import audit_queries as q
 from service.state import DATABASE, PRINCIPAL
@@ -77,9 +77,7 @@ _SESSION_SQL = (
     "SELECT k.id, k.name, k.role, t.id AS tenant_id, t.name AS tenant_name"
     " FROM audit_sessions s JOIN tokens k ON k.id = s.token_id"
     " JOIN tenants t ON t.id = k.tenant_id"
-    " WHERE s.id_hash = $1 AND s.expires_at > now() AND k.role = 'audit'"
-    " AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())"
-    " AND t.disabled_at IS NULL"
+    f" WHERE s.id_hash = $1 AND s.expires_at > now() AND k.role = 'audit' AND {LIVE_TOKEN}"
 )
 
 Page = Callable[[web.Request, Principal], Awaitable[web.StreamResponse]]

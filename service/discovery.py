@@ -8,7 +8,7 @@ from aiohttp import web
 from scim2_models import EnterpriseUser, Group, User
 
 from service.errors import ScimError, scim_json
-from service.state import SETTINGS
+from service.state import SETTINGS, base_url
 
 LIST_RESPONSE = "urn:ietf:params:scim:api:messages:2.0:ListResponse"
 SPC_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"
@@ -45,15 +45,8 @@ _UNSUPPORTED_ATTRIBUTES = {USER_SCHEMA: frozenset({"password"})}
 ENABLED_RESOURCES = web.AppKey("enabled_resources", tuple)
 
 
-def _base_url(request: web.Request) -> str:
-    configured = request.app[SETTINGS].public_url
-    if configured:
-        return configured.rstrip("/")
-    return f"{request.scheme}://{request.host}/scim/v2"
-
-
 def _meta(request: web.Request, resource_type: str, path: str) -> dict[str, str]:
-    return {"resourceType": resource_type, "location": f"{_base_url(request)}{path}"}
+    return {"resourceType": resource_type, "location": f"{base_url(request)}{path}"}
 
 
 def _enabled(request: web.Request) -> tuple[str, ...]:

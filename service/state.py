@@ -20,3 +20,11 @@ PRINCIPAL = web.RequestKey("principal", Principal)
 
 def principal(request: web.Request) -> Principal:
     return request[PRINCIPAL]
+
+
+def base_url(request: web.Request) -> str:
+    """The SCIM base URL resources are located under (configured, or this request's host)."""
+    configured = request.app[SETTINGS].public_url
+    if configured:
+        return configured.rstrip("/")
+    return f"{request.scheme}://{request.host}/scim/v2"

@@ -36,15 +36,11 @@ from service.scim.lists import (
     search_params,
 )
 from service.scim.patch import parse_patch_request
-from service.scim.representation import select_attributes
-from service.scim.users import base_url, caller, json_body, json_object
-from service.state import DATABASE, PRINCIPAL, SETTINGS
+from service.scim.representation import scim_timestamp, select_attributes
+from service.scim.users import caller, json_body, json_object
+from service.state import DATABASE, PRINCIPAL, SETTINGS, base_url
 
 _MEMBER_CHUNK = 2000
-
-
-def _timestamp(moment: datetime) -> str:
-    return moment.isoformat().replace("+00:00", "Z")
 
 
 def group_resource(
@@ -62,8 +58,8 @@ def group_resource(
     resource["displayName"] = display_name
     resource["meta"] = {
         "resourceType": "Group",
-        "created": _timestamp(created),
-        "lastModified": _timestamp(last_modified),
+        "created": scim_timestamp(created),
+        "lastModified": scim_timestamp(last_modified),
         "location": f"{base}/Groups/{group_id}",
         "version": etag(version),
     }

@@ -236,7 +236,8 @@ def user_document(state: Mapping[str, Any]) -> dict[str, Any]:
     return document
 
 
-def _timestamp(moment: datetime) -> str:
+def scim_timestamp(moment: datetime) -> str:
+    """ISO 8601 in UTC with Z, as meta.created and meta.lastModified carry it."""
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
@@ -262,8 +263,8 @@ def user_resource(
         resource["groups"] = groups
     resource["meta"] = {
         "resourceType": "User",
-        "created": _timestamp(created),
-        "lastModified": _timestamp(last_modified),
+        "created": scim_timestamp(created),
+        "lastModified": scim_timestamp(last_modified),
         "location": location,
         "version": f'W/"{version}"',
     }

@@ -30,14 +30,14 @@ from service.scim.representation import (
     user_from_scim,
     user_resource,
 )
-from service.state import DATABASE, PRINCIPAL, REQUEST_CONTEXT, REQUEST_ID, SETTINGS
-
-
-def base_url(request: web.Request) -> str:
-    configured = request.app[SETTINGS].public_url
-    if configured:
-        return configured.rstrip("/")
-    return f"{request.scheme}://{request.host}/scim/v2"
+from service.state import (
+    DATABASE,
+    PRINCIPAL,
+    REQUEST_CONTEXT,
+    REQUEST_ID,
+    SETTINGS,
+    base_url,
+)
 
 
 def caller(request: web.Request) -> Caller:
