@@ -23,7 +23,7 @@ from infra import logging as logsetup
 from infra.config import Settings
 from infra.database import DatabaseUnavailable, open_database
 from infra.migrations import migrate as run_migrations
-from infra.tenants import TenantExists, create_tenant, list_tenants
+from infra.tenants import TenantExists, UnknownTenant, create_tenant, list_tenants
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -57,6 +57,16 @@ def _settings(data_dir: Path | None, database_url: str | None, **kw: Any) -> Set
     if database_url:
         changes["database_url"] = database_url
     return replace(Settings(), **changes)
+
+
+def _on_connection(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
+    """Run `work(conn)` on a pooled connection of the database these settings name."""
+
+    async def go() -> T:
+        async with open_database(settings) as db, db.pool.acquire() as conn:
+            return await work(conn)
+
+    return _run(go)
 
 
 def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
@@ -332,19 +342,14 @@ def tokens_create(
     """Issue a token (the secret is shown once, and only its hash is stored)."""
     from datetime import UTC, datetime, timedelta
 
-    from infra.tenants import UnknownTenant, issue_token
+    from infra.tenants import issue_token
 
     settings = _settings(data_dir, database_url)
     expires_at = datetime.now(UTC) + timedelta(seconds=_duration(expires)) if expires else None
 
-    async def go() -> Any:
-        async with open_database(settings) as db, db.pool.acquire() as conn:
-            try:
-                return await issue_token(conn, tenant, role, name, expires_at)
-            except UnknownTenant:
-                raise CliError(f"no tenant named {tenant!r}") from None
-
-    issued = _run(go)
+    issued = _on_connection(
+        settings, lambda conn: issue_token(conn, tenant, role, name, expires_at)
+    )
     if json_output:
         print(
             orjson.dumps(
@@ -368,18 +373,11 @@ def tokens_list(
     tenant: str, json_output: bool, data_dir: Path | None, database_url: str | None
 ) -> None:
     """Names, roles, created, last used, expiry; never the secret."""
-    from infra.tenants import UnknownTenant, list_tokens
+    from infra.tenants import list_tokens
 
     settings = _settings(data_dir, database_url)
 
-    async def go() -> Any:
-        async with open_database(settings) as db, db.pool.acquire() as conn:
-            try:
-                return await list_tokens(conn, tenant)
-            except UnknownTenant:
-                raise CliError(f"no tenant named {tenant!r}") from None
-
-    for row in _run(go):
+    for row in _on_connection(settings, lambda conn: list_tokens(conn, tenant)):
         record = {
             k: (v.isoformat() if hasattr(v, "isoformat") else str(v) if v is not None else None)
             for k, v in dict(row).items()
@@ -409,11 +407,7 @@ def tokens_revoke(token_id: str, data_dir: Path | None, database_url: str | None
         raise click.BadParameter(f"{token_id!r} is not a token id") from None
     settings = _settings(data_dir, database_url)
 
-    async def go() -> bool:
-        async with open_database(settings) as db, db.pool.acquire() as conn:
-            return await revoke_token(conn, key)
-
-    if not _run(go):
+    if not _on_connection(settings, lambda conn: revoke_token(conn, key)):
         raise CliError(f"no live token {token_id}")
     print(f"revoked {token_id}")
 
@@ -608,11 +602,10 @@ def audit_show(
 
     settings = _settings(data_dir, database_url)
 
-    async def go() -> dict[str, Any] | None:
-        async with open_database(settings) as db, db.pool.acquire() as conn:
-            return await q.one(conn, await _tenant_id(conn, tenant), entry_id)
+    async def work(conn: Any) -> dict[str, Any] | None:
+        return await q.one(conn, await _tenant_id(conn, tenant), entry_id)
 
-    entry = _run(go)
+    entry = _on_connection(settings, work)
     if entry is None:
         raise CliError(f"no audit entry {entry_id} in tenant {tenant!r}")
     if json_output:
@@ -671,11 +664,10 @@ def audit_history(
         raise click.BadParameter(f"{resource_id!r} is not a resource id") from None
     settings = _settings(data_dir, database_url)
 
-    async def go() -> list[dict[str, Any]]:
-        async with open_database(settings) as db, db.pool.acquire() as conn:
-            return await q.history(conn, await _tenant_id(conn, tenant), key)
+    async def work(conn: Any) -> list[dict[str, Any]]:
+        return await q.history(conn, await _tenant_id(conn, tenant), key)
 
-    entries = _run(go)
+    entries = _on_connection(settings, work)
     try:
         if json_output:
             sys.stdout.buffer.write(b"".join(orjson.dumps(e) + b"\n" for e in entries))
@@ -793,14 +785,7 @@ def tenants_create(
     """Create a tenant and its first provisioning token (shown once)."""
     settings = _settings(data_dir, database_url)
 
-    async def go() -> Any:
-        async with open_database(settings) as db, db.pool.acquire() as conn:
-            try:
-                return await create_tenant(conn, name)
-            except TenantExists:
-                raise CliError(f"tenant {name!r} already exists") from None
-
-    issued = _run(go)
+    issued = _on_connection(settings, lambda conn: create_tenant(conn, name))
     if json_output:
         print(orjson.dumps({"tenant": issued.tenant, "token": issued.token}).decode())
     else:
@@ -814,11 +799,7 @@ def tenants_list(json_output: bool, data_dir: Path | None, database_url: str | N
     """List tenants."""
     settings = _settings(data_dir, database_url)
 
-    async def go() -> Any:
-        async with open_database(settings) as db, db.pool.acquire() as conn:
-            return await list_tenants(conn)
-
-    for row in _run(go):
+    for row in _on_connection(settings, list_tenants):
         record = {
             "tenant": row["name"],
             "id": str(row["id"]),
@@ -854,6 +835,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except (CliError, DatabaseUnavailable) as e:
         print(f"scimledger: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except UnknownTenant as e:
+        print(f"scimledger: error: no tenant named {e.args[0]!r}", file=sys.stderr)
+        sys.exit(1)
+    except TenantExists as e:
+        print(f"scimledger: error: tenant {e.args[0]!r} already exists", file=sys.stderr)
         sys.exit(1)
     except click.ClickException as e:
         print(f"scimledger: error: {e.format_message()}", file=sys.stderr)
