@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import json
 import random
 import re
@@ -85,6 +84,7 @@ from rich.progress import (
 from rich.table import Table
 
 from bench.common import durable_postgres, machine, percentile
+from bench.users import _die_with_parent, server_process, tail, wait_ready
 from domain.group import Group
 from domain.request import ProvisioningRequest
 from domain.user import User
@@ -569,12 +569,6 @@ async def move_audit_checkpoint_to_head(dsn: str) -> None:
         await conn.close()
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGTERM if this benchmark dies without cleaning up (Linux only)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def cli(*args: str, timeout: float = 600) -> str:
     done = subprocess.run(
         [str(SCIMLEDGER), *args],
@@ -602,53 +596,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def server_process(dsn: str, port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """`scimledger serve` in its own session (Ctrl-C reaches only us); SIGTERM on the way out."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(SCIMLEDGER), "serve", "--port", str(port), "--database-url", dsn],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    err.print("[yellow]server ignored SIGTERM for 30 s; killing it")
-                    proc.kill()
-                    proc.wait()
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-async def wait_ready(
-    session: aiohttp.ClientSession, origin: str, proc: subprocess.Popen[bytes], log: Path
-) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(f"scimledger serve exited with {proc.returncode}:\n{tail(log)}")
-        with contextlib.suppress(aiohttp.ClientError, OSError):
-            async with session.get(f"{origin}/readyz") as r:
-                if r.status == 200:
-                    return
-        await asyncio.sleep(0.2)
-    raise BenchError(f"scimledger serve not ready after 120 s:\n{tail(log)}")
 
 
 class RssSampler:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import os
 import random
 import re
@@ -70,6 +69,7 @@ from rich.progress import (
 from rich.table import Table
 
 from bench.common import durable_postgres, machine
+from bench.users import _die_with_parent, tree_cpu
 from domain.group import Group
 from domain.user import User
 from infra.config import Settings
@@ -577,12 +577,6 @@ REPORT = re.compile(r"^(\w+): (\d+) events in ([\d.]+)s \(([\d,]+) events/s\)")
 DIFF = re.compile(r"^  (\w+): (\d+) added, (\d+) removed, (\d+) changed")
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGTERM if this benchmark dies without cleaning up (Linux only)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def high_water(pid: int) -> int:
     """VmHWM: the peak RSS of the process since its exec (0 if unknown, e.g. not Linux).
 
@@ -603,21 +597,6 @@ def machine_busy() -> float:
     """CPU seconds that processes on this machine spent, all cores."""
     t = psutil.cpu_times()
     return float(t.user + t.system + getattr(t, "nice", 0.0))
-
-
-def process_cpu(proc: psutil.Process) -> float:
-    t = proc.cpu_times()
-    return float(t.user + t.system)
-
-
-def tree_cpu(root: psutil.Process) -> float:
-    """A process, its live children, and its reaped children (postmaster and backends)."""
-    t = root.cpu_times()
-    total = float(t.user + t.system + t.children_user + t.children_system)
-    for child in root.children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            total += process_cpu(child)
-    return total
 
 
 async def postmaster_of(dsn: str) -> tuple[psutil.Process | None, str]:
