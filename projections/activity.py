@@ -8,7 +8,6 @@ commit order and moves its checkpoint in the same transaction. Operators read it
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -34,22 +33,17 @@ async def apply(
     tables: Mapping[str, str] = LIVE,
     recorded: Sequence[Any] | None = None,
 ) -> None:
+    assert recorded is not None, "the activity projection counts recorded events"
     totals: dict[UUID, list[Any]] = {}
-    tenants = [r.tenant_id for r in recorded] if recorded is not None else [None] * len(events)
-    stamps = [r.recorded_at for r in recorded] if recorded is not None else [None] * len(events)
-    for event, tenant, stamp in zip(events, tenants, stamps, strict=True):
-        tenant = tenant or getattr(event, "tenant_id", None)
-        if tenant is None:
-            continue
-        row = totals.setdefault(tenant, [0, 0, 0, None])
+    for event, record in zip(events, recorded, strict=True):
+        row = totals.setdefault(record.tenant_id, [0, 0, 0, None])
         kind = type(event).__name__
         users, groups = _DELTAS.get(kind, (0, 0))
         row[0] += users
         row[1] += groups
         row[2] += 1
-        moment: datetime | None = stamp or getattr(event, "timestamp", None)
-        if moment is not None and (row[3] is None or moment > row[3]):
-            row[3] = moment
+        if row[3] is None or record.recorded_at > row[3]:
+            row[3] = record.recorded_at
     if not totals:
         return
     ids = list(totals)

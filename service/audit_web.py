@@ -24,7 +24,7 @@ from aiohttp import web
 from infra.tenants import LIVE_TOKEN, Principal, authenticate, digest
 from service import audit_api
 from service import audit_queries as q
-from service.state import DATABASE, PRINCIPAL
+from service.state import DATABASE, PRINCIPAL, Handler
 
 COOKIE = "scimledger_audit"
 COOKIE_PATH = "/audit/"
@@ -81,7 +81,6 @@ _SESSION_SQL = (
 )
 
 Page = Callable[[web.Request, Principal], Awaitable[web.StreamResponse]]
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 # --- sessions -------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 
 import asyncpg
 import structlog
@@ -13,9 +12,9 @@ from aiohttp import web
 
 from infra.tenants import Principal, authenticate
 from service.errors import ScimError
-from service.state import DATABASE, PRINCIPAL, REQUEST_CONTEXT, REQUEST_ID
+from service.outcomes import context_for, is_audited
+from service.state import DATABASE, PRINCIPAL, REQUEST_CONTEXT, REQUEST_ID, Handler
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = structlog.get_logger("scimledger.http")
 
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -110,8 +109,6 @@ async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamRespo
     if principal.role != "audit" and request.path.startswith("/audit/"):
         raise ScimError(403, "Only an audit token may read the provisioning log")
     request[PRINCIPAL] = principal
-    from service.outcomes import context_for, is_audited
-
     if is_audited(request):
         request[REQUEST_CONTEXT] = context_for(request)  # type: ignore[misc]
     return await handler(request)

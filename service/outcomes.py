@@ -18,8 +18,7 @@ import structlog
 from aiohttp import web
 
 from domain.request import ProvisioningRequest
-from service.middlewares import Handler
-from service.state import DATABASE, PRINCIPAL, REQUEST_CONTEXT, REQUEST_ID, SETTINGS
+from service.state import DATABASE, PRINCIPAL, REQUEST_CONTEXT, REQUEST_ID, SETTINGS, Handler
 
 log = structlog.get_logger("scimledger.audit")
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
