@@ -24,11 +24,14 @@ size (100,000, then `--events`; only 100,000 with `--quick`) three runs of
    expected: the views were just rebuilt from the same events);
 3. rebuild: the steady state an operator meets, every live view current.
 
-Per run: wall seconds of the subprocess (start-up and connecting included), events/s counted
-as events x projections / seconds (every projection replays the whole log), each projection's
-own events/s as the CLI prints it, the subprocess's peak RSS (its VmHWM, read every 50 ms),
-its CPU seconds (`wait4`) and PostgreSQL's, and the CPU everything else on the machine used
-meanwhile (a shared machine shows). The table is written as markdown to
+The command rebuilds the projections side by side, each in a worker process it forks (one
+per core at a time). Per run: wall seconds of the subprocess (start-up and connecting
+included), events/s counted as events x projections / seconds (every projection replays the
+whole log) and, stricter, the log's events / seconds (all projections of one event), each
+projection's own events/s as the CLI prints it, the peak RSS of the command and its workers
+(the sum of their VmHWM, read every 50 ms), their CPU seconds (`wait4`: the command reaps its
+workers) and PostgreSQL's, and the CPU everything else on the machine used meanwhile (a shared
+machine shows). The table is written as markdown to
 bench/results/rebuild-latest.md.
 """
 
@@ -92,6 +95,7 @@ COLUMNS = (
     "run",
     "seconds",
     "events/s",
+    "log events/s",
     "per projection events/s",
     "peak RSS MB",
     "rebuild CPU s",
@@ -536,8 +540,10 @@ class Run:
     size: int
     name: str
     seconds: float
-    peak_rss: int  # bytes: VmHWM, the process's own high-water mark, read every 50 ms
-    sampled_rss: int  # bytes: the highest RSS seen in those samples
+    # bytes: the sum of the VmHWM (high-water mark) of the command and of every process it
+    # started (workers rebuilding side by side), read every 50 ms: an upper bound of its peak
+    peak_rss: int
+    sampled_rss: int  # bytes: the highest sum of their RSS seen in those samples
     cpu: float
     other_cpu: float | None  # CPU seconds of everything else on the machine meanwhile
     postgres_cpu: float | None
@@ -557,6 +563,7 @@ class Run:
             self.name,
             f"{self.seconds:.1f}",
             f"{self.rate:,.0f}",
+            f"{self.size / self.seconds:,.0f}",
             per,
             f"{self.peak_rss / 2**20:,.0f}",
             f"{self.cpu:.1f}",
@@ -573,7 +580,7 @@ class Run:
         return f"+{added:,} -{removed:,} ~{changed:,}"
 
 
-REPORT = re.compile(r"^(\w+): (\d+) events in ([\d.]+)s \(([\d,]+) events/s\)")
+REPORT = re.compile(r"^(\w+): (\d+) events in ([\d.]+)s \(([\d,]+) events/s[;)]")
 DIFF = re.compile(r"^  (\w+): (\d+) added, (\d+) removed, (\d+) changed")
 
 
@@ -659,19 +666,28 @@ def measure(
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         spy = _attach_py_spy(proc.pid, py_spy) if py_spy is not None else None
-        sampled = peak = 0
+        sampled = 0
+        marks: dict[int, int] = {}  # pid -> its VmHWM, the command's and its workers'
         try:
             watched = psutil.Process(proc.pid)
             while True:
-                # wait4 reaps the child and returns its own rusage (CPU times), not all children's.
+                # wait4 reaps the child and returns its rusage: its own CPU and that of the
+                # children it reaped (the CLI forks its workers and joins them).
                 pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
                 if pid:
                     seconds = time.perf_counter() - started
                     proc.returncode = os.waitstatus_to_exitcode(status)
                     break
                 with contextlib.suppress(psutil.Error):
-                    sampled = max(sampled, watched.memory_info().rss)
-                peak = max(peak, high_water(proc.pid))
+                    tree = [watched, *watched.children(recursive=True)]
+                    rss = 0
+                    for member in tree:
+                        with contextlib.suppress(psutil.Error):
+                            rss += member.memory_info().rss
+                            marks[member.pid] = max(
+                                marks.get(member.pid, 0), high_water(member.pid)
+                            )
+                    sampled = max(sampled, rss)
                 time.sleep(0.05)
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
@@ -681,6 +697,7 @@ def measure(
         finally:
             if spy is not None:
                 spy.wait(timeout=60)
+        peak = sum(marks.values())
         out.seek(0)
         text = out.read().decode(errors="replace")
         errors.seek(0)
@@ -899,6 +916,7 @@ def report(args: Args, outcome: Outcome) -> None:
         )
     notes.append(
         "events/s = events x projections / wall seconds of the subprocess (start-up included);"
+        " log events/s = events / the same seconds (every projection of each event);"
         " per projection: the CLI's own figure (shadow tables, replay, indexes, diff, swap)"
     )
     footer = f"{outcome.revision}; {outcome.settings}; {machine()}"

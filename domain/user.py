@@ -94,17 +94,20 @@ class User(Aggregate):
         modified_on: datetime,
         *,
         deprovisioned: bool = False,
+        owned: bool = False,
     ) -> User:
         """Rebuild a user at `version` from a stored canonical state (as `user.state` returned).
 
         Events after `version` can then be applied with `event.mutate(user)`, as on a snapshot.
+        `owned`: the caller hands `state` over (a freshly decoded row nothing else holds), so
+        it is kept as it is instead of copied; a replay builds users from rows by the thousand.
         """
         user = object.__new__(cls)
         user.__base_init__(originator_id=user_id, originator_version=version, timestamp=created_on)
         user.modified_on = modified_on
         user.tenant_id = tenant_id
         user.deprovisioned = deprovisioned
-        user._state = _copy(dict(state))
+        user._state = dict(state) if owned else _copy(dict(state))
         return user
 
     # -- read side --------------------------------------------------------------------------
@@ -114,6 +117,12 @@ class User(Aggregate):
         """The canonical state, sorted by key (a copy: changing it changes nothing)."""
         copied: dict[str, Any] = _copy(dict(sorted(self._state.items())))
         return copied
+
+    @property
+    def state_view(self) -> Mapping[str, Any]:
+        """The canonical state itself, unsorted and not copied: for projections that read it at
+        once (to write a row, to list its attributes) and never keep or change it."""
+        return self._state
 
     @property
     def user_name(self) -> str:

@@ -28,6 +28,7 @@ def _tag(obj: Any) -> Any:
 
 
 _CONTAINERS = (dict, list)  # all orjson makes besides scalars
+_TAG_KEY = b'"_type_"'
 
 
 def _untag(obj: Any) -> Any:
@@ -61,7 +62,19 @@ class OrjsonTranscoder(Transcoder):
         return orjson.dumps(_tag(obj))
 
     def decode(self, data: bytes) -> Any:
-        return _untag(orjson.loads(data))
+        obj = orjson.loads(data)
+        tags = data.count(_TAG_KEY)
+        if not tags or type(obj) is not dict:
+            return obj if not tags else _untag(obj)
+        # Most events' only tagged values are top-level (timestamp, tenant): untag those and
+        # walk the nested containers only if the bytes hold more tags than that. Counting
+        # the key in the bytes never undercounts (a string containing it escapes its quotes,
+        # which can only overcount, and then the full walk runs).
+        for key, value in obj.items():
+            if type(value) is dict and len(value) == 2 and "_type_" in value:
+                obj[key] = _untag(value)
+                tags -= 1
+        return _untag(obj) if tags > 0 else obj
 
 
 def make_mapper() -> Mapper[UUID]:

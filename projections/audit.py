@@ -11,10 +11,11 @@ views.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 from uuid import UUID
+
+import orjson
 
 from domain.group import Group
 from domain.request import ProvisioningRequest
@@ -22,7 +23,8 @@ from domain.user import User
 from infra.eventstore import Conn
 
 NAME = "audit"
-VERSION = 1
+# 2: list and object values in modifiedProperties are UTF-8 JSON (orjson), not \u-escaped.
+VERSION = 2
 ENTRIES, RESOURCES = "audit_entries", "audit_resources"
 TABLES = (ENTRIES, RESOURCES)
 LIVE: Mapping[str, str] = {ENTRIES: ENTRIES, RESOURCES: RESOURCES}
@@ -58,7 +60,7 @@ def error_code(error: Mapping[str, Any]) -> str:
     return "Other"
 
 
-def _flat(state: Mapping[str, Any] | None) -> dict[str, str]:
+def _flat(state: Mapping[str, Any] | None) -> Mapping[str, str]:
     """Attribute paths and their values as text, the way modifiedProperties shows them."""
     out: dict[str, str] = {}
     for key, value in (state or {}).items():
@@ -73,13 +75,18 @@ def _flat(state: Mapping[str, Any] | None) -> dict[str, str]:
 def _text(value: Any) -> str:
     if isinstance(value, str):
         return value
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
 
 
 def modified(
     before: Mapping[str, Any] | None, after: Mapping[str, Any] | None
 ) -> list[dict[str, Any]]:
-    old, new = _flat(before), _flat(after)
+    return _changes(_flat(before), _flat(after))
+
+
+def _changes(old: Mapping[str, str], new: Mapping[str, str]) -> list[dict[str, Any]]:
+    if old == new:
+        return []
     return [
         {"displayName": key, "oldValue": old.get(key), "newValue": new.get(key)}
         for key in sorted(set(old) | set(new))
@@ -150,7 +157,7 @@ class _Entry:
             self.request.get("status"),
             self.request.get("durationMs"),
             self.positions,
-            json.dumps(self.properties),
+            orjson.dumps(self.properties).decode(),
         )
 
 
@@ -170,6 +177,7 @@ async def apply(
     assert recorded is not None, "the audit projection needs the recorded events"
     resources = await _load_resources(conn, events, tables)
     entries: dict[int, _Entry] = {}
+    flats: dict[UUID, Mapping[str, str]] = {}
     for event, record in zip(events, recorded, strict=True):
         entry = entries.get(record.transaction_id)
         if entry is None:
@@ -187,17 +195,18 @@ async def apply(
         entry.kinds.append(type(event).__name__)
         rid = event.originator_id
         current = resources.get(rid)
-        before = _state_of(current)
+        # Each resource's attributes as text, kept from one event to its next in the batch.
+        before = flats[rid] if rid in flats else _flat(_state_of(current))
         current = event.mutate(current)
         resources[rid] = current
-        after = _state_of(current) or {}
+        after = flats[rid] = _flat(_state_of(current))
         if isinstance(current, User):
             name, source = after.get("userName"), after.get("externalId")
-            entry.properties += modified(before, after)
+            entry.properties += _changes(before, after)
             _add_target(entry, "User", rid, name, source)
         elif isinstance(current, Group):
             _add_target(entry, "Group", rid, current.display_name, current.external_id)
-            entry.properties += modified(before, after)
+            entry.properties += _changes(before, after)
             if type(event).__name__ == "GroupMembershipChanged":
                 prefix = "" if _is_main(entry, rid) else f"group {current.display_name}: "
                 if fields.added:
@@ -252,9 +261,10 @@ def _add_target(entry: _Entry, kind: str, rid: UUID, name: Any, source: Any) -> 
     entry.targets[rid] = (kind, rid, name, source)
 
 
-def _state_of(aggregate: Any) -> dict[str, Any] | None:
+def _state_of(aggregate: Any) -> Mapping[str, Any] | None:
+    """The attributes an entry lists; read at once, never kept (a user's is not a copy)."""
     if isinstance(aggregate, User):
-        return aggregate.state
+        return aggregate.state_view
     if isinstance(aggregate, Group):
         return _group_state(aggregate)
     return None
@@ -275,7 +285,13 @@ async def _load_resources(
     for r in rows:
         if r["type"] == "User":
             found[r["id"]] = User.from_state(
-                r["id"], r["version"], r["tenant_id"], r["state"], r["created"], r["modified"]
+                r["id"],
+                r["version"],
+                r["tenant_id"],
+                r["state"],
+                r["created"],
+                r["modified"],
+                owned=True,
             )
         else:
             state = r["state"]

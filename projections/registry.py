@@ -38,6 +38,11 @@ class Projection:
         else:
             await self.module.apply(conn, events, tables)
 
+    @property
+    def decodes(self) -> bool:
+        """Does `apply` read the decoded events, or only the recorded ones (topic, tenant…)?"""
+        return bool(getattr(self.module, "DECODES", True))
+
     def describe(self, table: str, row: Mapping[str, Any]) -> str:
         text: str = self.module.describe(table, row)
         return text

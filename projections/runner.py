@@ -108,7 +108,7 @@ class Runner:
             batch = await self.db.store.read_all(position, self.batch_size, conn=conn)
             if not batch:
                 return 0
-            events = [self.db.store.to_domain(r) for r in batch]
+            events = [self.db.store.to_domain(r) for r in batch] if self.projection.decodes else []
             await self.projection.apply(conn, events, self.tables, batch)
             last = batch[-1].position
             await conn.execute(

@@ -47,7 +47,7 @@ ON CONFLICT (tenant_id, id) DO UPDATE SET
 
 
 def row_of(user: User) -> tuple[Any, ...]:
-    state = user.state
+    state = user.state_view  # written as jsonb right away: key order and sharing don't matter
     manager = state.get("manager")
     return (
         user.tenant_id,
@@ -101,6 +101,7 @@ async def apply(conn: Conn, events: Sequence[Any], tables: Mapping[str, str] = L
             row["resource"],
             row["created"],
             row["last_modified"],
+            owned=True,
         )
     for event in mine:
         users[event.originator_id] = event.mutate(users[event.originator_id])

@@ -207,7 +207,13 @@ def projections_status(json_output: bool, data_dir: Path | None, database_url: s
     Console().print(table)
 
 
-def _rebuild(settings: Settings, selected: list[Any], dry_run: bool, quiet: bool) -> list[Any]:
+def _rebuild(
+    settings: Settings, selected: list[Any], dry_run: bool, quiet: bool, jobs: int | None = None
+) -> list[Any]:
+    """Rebuild the selected projections, each with its progress bar; several side by side in
+    processes of their own (`jobs`, default one per core) when more than one is selected."""
+    import os
+
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -218,30 +224,60 @@ def _rebuild(settings: Settings, selected: list[Any], dry_run: bool, quiet: bool
         TimeRemainingColumn,
     )
 
+    from projections import parallel
     from projections.rebuild import Rebuilder
+
+    if jobs is None:
+        jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    side_by_side = len(selected) > 1 and jobs > 1
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} events/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=quiet,
+        # Side by side, the workers are forked from this process: no refresh thread then,
+        # the bar is redrawn on their progress messages instead.
+        auto_refresh=not side_by_side,
+    )
+    tasks = {p.name: bar.add_task(p.name, total=None, rate="-") for p in selected}
+    started: dict[str, float] = {}
+
+    def tick(name: str, done: int, total: int) -> None:
+        t0 = started.setdefault(name, time.perf_counter())
+        rate = done / max(time.perf_counter() - t0, 1e-9)
+        bar.update(tasks[name], completed=done, total=total, rate=f"{rate:,.0f}")
+        if side_by_side:
+            bar.refresh()
+
+    if side_by_side:
+        with bar:
+            results = parallel.run(
+                settings, [p.name for p in selected], dry_run=dry_run, jobs=jobs, tick=tick
+            )
+        reports = [r for r in results if not isinstance(r, parallel.Failed)]
+        failed = [r for r in results if isinstance(r, parallel.Failed)]
+        if failed:
+            _print_reports(reports, swapped_word="swapped in")
+            raise CliError(
+                "; ".join(f"{f.name} failed (live view untouched): {f.error}" for f in failed)
+            )
+        return reports
 
     async def go() -> list[Any]:
         reports = []
         async with open_database(settings) as db:
-            with Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]} events/s"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-                disable=quiet,
-            ) as bar:
+            with bar:
                 for projection in selected:
-                    task = bar.add_task(f"{projection.name}", total=None, rate="-")
-                    started = time.perf_counter()
+                    started[projection.name] = time.perf_counter()
 
-                    def tick(done: int, total: int, task: Any = task, t0: float = started) -> None:
-                        rate = done / max(time.perf_counter() - t0, 1e-9)
-                        bar.update(task, completed=done, total=total, rate=f"{rate:,.0f}")
+                    def progress(done: int, total: int, name: str = projection.name) -> None:
+                        tick(name, done, total)
 
-                    rebuilder = Rebuilder(db, projection, progress=tick)
+                    rebuilder = Rebuilder(db, projection, progress=progress)
                     reports.append(await rebuilder.run(dry_run=dry_run))
         return reports
 
@@ -254,7 +290,8 @@ def _print_reports(reports: list[Any], *, swapped_word: str) -> None:
         state = swapped_word if report.swapped else "not swapped (dry run)"
         print(
             f"{report.name}: {report.events} events in {report.seconds:.2f}s "
-            f"({rate:,.0f} events/s), {state}"
+            f"({rate:,.0f} events/s; CPU {report.cpu_seconds:.2f}s,"
+            f" peak RSS {report.peak_rss / 2**20:,.0f} MB), {state}"
         )
         for d in report.diffs:
             print(f"  {d.table}: {d.added} added, {d.removed} removed, {d.changed} changed")
@@ -263,23 +300,34 @@ def _print_reports(reports: list[Any], *, swapped_word: str) -> None:
                     print(f"    {kind}: {sample}")
 
 
+def _jobs_option(fn: F) -> F:
+    return click.option(
+        "--jobs",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Projections rebuilt side by side, each in its own process (default: one per core).",
+    )(fn)
+
+
 @projections.command("rebuild")
 @click.argument("name", required=False)
 @click.option("--all", "all_", is_flag=True, help="Rebuild every projection.")
 @click.option("--dry-run", is_flag=True, help="Build and compare with the live view; no swap.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@_jobs_option
 @database_options
 def projections_rebuild(
     name: str | None,
     all_: bool,
     dry_run: bool,
     quiet: bool,
+    jobs: int | None,
     data_dir: Path | None,
     database_url: str | None,
 ) -> None:
     """Rebuild from position 0 into shadow tables, catch up, swap atomically."""
     selected = _selected(name, all_)
-    reports = _rebuild(_settings(data_dir, database_url), selected, dry_run, quiet)
+    reports = _rebuild(_settings(data_dir, database_url), selected, dry_run, quiet, jobs)
     _print_reports(reports, swapped_word="swapped in")
 
 
@@ -287,13 +335,19 @@ def projections_rebuild(
 @click.argument("name", required=False)
 @click.option("--all", "all_", is_flag=True, help="Verify every projection.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@_jobs_option
 @database_options
 def projections_verify(
-    name: str | None, all_: bool, quiet: bool, data_dir: Path | None, database_url: str | None
+    name: str | None,
+    all_: bool,
+    quiet: bool,
+    jobs: int | None,
+    data_dir: Path | None,
+    database_url: str | None,
 ) -> None:
     """Rebuild into a shadow and compare with the live view; exit 1 on any drift."""
     selected = _selected(name, all_)
-    reports = _rebuild(_settings(data_dir, database_url), selected, True, quiet)
+    reports = _rebuild(_settings(data_dir, database_url), selected, True, quiet, jobs)
     _print_reports(reports, swapped_word="swapped in")
     drift = [r.name for r in reports if r.drift]
     if drift:

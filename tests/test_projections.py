@@ -451,6 +451,47 @@ async def test_cli_status_verify_and_rebuild(api: Scim, database: Database, fres
         assert len(err.strip().splitlines()) == 1 and err.startswith("scimledger: error: ")
 
 
+async def test_cli_rebuild_all_side_by_side_and_one_failing(
+    api: Scim, database: Database, fresh_dsn: str
+) -> None:
+    """`rebuild --all` runs the projections in processes of their own: each swaps its view in
+    (rows equal to before), and one that fails is named, exit 1, its live view untouched, while
+    the others still finish."""
+    await workload(api, random.Random(11), n=8)
+    await settle(database)
+    before = await snapshot(database)
+    oids = await table_oids(database)
+
+    def cli(*args: str) -> Any:
+        return run("projections", *args, "--quiet", "--database-url", fresh_dsn)
+
+    code, out, err = await cli("rebuild", "--all", "--jobs", "4")
+    assert code == 0, (out, err)
+    lines = [line for line in out.splitlines() if " events in " in line]
+    assert [line.split(":")[0] for line in lines] == list(PROJECTIONS)
+    assert all(line.endswith("swapped in") and "peak RSS" in line for line in lines), out
+    assert await snapshot(database) == before
+    oids = await table_oids(database)
+
+    # A view where the audit shadow goes: its worker fails on creating the shadow.
+    await database.pool.execute("CREATE VIEW audit_entries__rebuild AS SELECT 1 AS x")
+    try:
+        code, out, err = await cli("rebuild", "--all", "--jobs", "2")
+    finally:
+        await database.pool.execute("DROP VIEW audit_entries__rebuild")
+    assert code == 1, (out, err)
+    assert err.startswith("scimledger: error: audit failed (live view untouched): ")
+    assert len(err.strip().splitlines()) == 1, err
+    swapped = [line.split(":")[0] for line in out.splitlines() if line.endswith("swapped in")]
+    assert swapped == [p for p in PROJECTIONS if p != "audit"]
+    after = await table_oids(database)
+    assert {t: o for t, o in after.items() if t.startswith("audit_")} == {
+        t: o for t, o in oids.items() if t.startswith("audit_")
+    }
+    assert await snapshot(database) == before
+    assert await leftover_shadows(database) == []
+
+
 async def test_names_freed_and_taken_again_while_the_rebuild_catches_up(
     api: Scim, database: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
