@@ -49,10 +49,12 @@ class Database:
     pool: asyncpg.Pool
     store: EventStore
     embedded: EmbeddedPostgres | None
+    # Seconds to wait for a new connection before giving up (asyncpg's default is 60).
+    connect_timeout: float = 60.0
 
     async def connect(self) -> asyncpg.Connection:
         """A connection outside the pool (for LISTEN and long-running work)."""
-        conn: asyncpg.Connection = await asyncpg.connect(self.dsn)
+        conn: asyncpg.Connection = await asyncpg.connect(self.dsn, timeout=self.connect_timeout)
         await _init_connection(conn)
         return conn
 
@@ -90,20 +92,34 @@ async def create_pool(
 
 @asynccontextmanager
 async def open_database(
-    settings: Settings, *, run_migrations: bool = True
+    settings: Settings, *, run_migrations: bool = True, serving: bool = False
 ) -> AsyncIterator[Database]:
+    """The database these settings name. `serving`: the pool of an HTTP server, whose every
+    statement gets `db_command_timeout` (never set for the CLI: a rebuild's statements may
+    rightly run long)."""
     dsn, embedded = await resolve_dsn(settings)
     try:
-        pool = await create_pool(dsn, min_size=settings.pool_min, max_size=settings.pool_max)
+        pool = await create_pool(
+            dsn,
+            min_size=settings.pool_min,
+            max_size=settings.pool_max,
+            timeout=settings.db_connect_timeout,
+            command_timeout=settings.db_command_timeout if serving else None,
+        )
         try:
-            if run_migrations:
-                async with pool.acquire() as conn:
-                    await migrate(conn)
-            store = EventStore(pool)
+            database = Database(dsn, pool, EventStore(pool), embedded, settings.db_connect_timeout)
             try:
-                yield Database(dsn=dsn, pool=pool, store=store, embedded=embedded)
+                if run_migrations:
+                    # A connection of its own, without the pool's statement timeout: applying a
+                    # migration (or waiting for another instance to apply it) may take long.
+                    conn = await database.connect()
+                    try:
+                        await migrate(conn)
+                    finally:
+                        await conn.close()
+                yield database
             finally:
-                await store.close()
+                await database.store.close()
         finally:
             await pool.close()
     finally:
