@@ -12,9 +12,11 @@ from typing import Any
 
 import asyncpg
 import orjson
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from infra.config import Settings
+from infra.database import create_pool
 from infra.tenants import create_tenant
 from service.app import create_app
 from tests.test_entra_groups import GROUP
@@ -206,3 +208,22 @@ async def _audit_token(conn: Any) -> dict[str, str]:
 
     issued = await issue_token(conn, "acme", "audit", "compliance")
     return {"Authorization": f"Bearer {issued.token}"}
+
+
+async def test_waiting_for_a_pooled_connection_is_bounded(fresh_dsn: str) -> None:
+    """Every connection held (by slow clients, say): the next query gives up, not waits on."""
+    pool = await create_pool(fresh_dsn, min_size=1, max_size=1, acquire_timeout=0.2)
+    try:
+        held = await pool.acquire()
+        with pytest.raises(TimeoutError):
+            await pool.fetchval("SELECT 1")
+        with pytest.raises(TimeoutError):
+            async with pool.acquire():
+                pass
+        await pool.release(held)
+        assert await pool.fetchval("SELECT 1") == 1
+        # An explicit timeout still wins over the default.
+        async with pool.acquire(timeout=5) as conn:
+            assert await conn.fetchval("SELECT 2") == 2
+    finally:
+        await pool.close()
