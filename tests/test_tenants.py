@@ -18,6 +18,7 @@ from infra.database import Database, create_pool
 from infra.eventstore import EventStore
 from infra.tenants import IssuedToken, create_tenant, issue_token
 from service.app import create_app
+from tests.test_audit_web import sign_in
 from tests.test_cli import _serve, _stop, run
 from tests.test_entra_users import entra_user
 
@@ -73,13 +74,16 @@ async def test_cli_disable_and_enable_a_tenant(fresh_dsn: str, client: Client) -
     audit_token = created["token"]
     assert await status(client, scim_token) == 200
     assert await status(client, audit_token, "/audit/v1/entries") == 200
+    await sign_in(client, audit_token)  # a web session of the provisioning log
+    assert "<h1>Provisioning log</h1>" in await (await client.get("/audit/")).text()
 
     code, out, err = await run("tenants", "disable", "contoso", "--database-url", fresh_dsn)
     assert code == 0, err
     assert out.strip() == "tenant contoso disabled"
-    # Both roles, from the very next request.
+    # Both roles, from the very next request; the web session ends too.
     assert await status(client, scim_token) == 401
     assert await status(client, audit_token, "/audit/v1/entries") == 401
+    assert "Sign in to the provisioning log" in await (await client.get("/audit/")).text()
     code, out, _ = await run("tenants", "list", "--json", "--database-url", fresh_dsn)
     assert code == 0 and json.loads(out)["disabled"] is True
     code, out, _ = await run("tenants", "disable", "contoso", "--database-url", fresh_dsn)
