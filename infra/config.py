@@ -12,6 +12,11 @@ def _int_env(name: str, default: int) -> int:
     return int(raw) if raw else default
 
 
+def _float_env(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return float(raw) if raw else default
+
+
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path = field(
@@ -26,6 +31,27 @@ class Settings:
     max_results: int = field(default_factory=lambda: _int_env("SCIMLEDGER_MAX_RESULTS", 1000))
     max_body_bytes: int = field(
         default_factory=lambda: _int_env("SCIMLEDGER_MAX_BODY_BYTES", 2 * 1024 * 1024)
+    )
+    # PATCH limits, far above what Entra sends (member adds in batches of a few hundred).
+    max_patch_operations: int = field(
+        default_factory=lambda: _int_env("SCIMLEDGER_MAX_PATCH_OPERATIONS", 1000)
+    )
+    max_patch_members: int = field(
+        default_factory=lambda: _int_env("SCIMLEDGER_MAX_PATCH_MEMBERS", 10000)
+    )
+    # Requests per second per token (a token bucket of `rate_limit_burst`); 0 turns it off.
+    # Entra sends at most about 25 requests/s per tenant.
+    rate_limit: float = field(default_factory=lambda: _float_env("SCIMLEDGER_RATE_LIMIT", 100.0))
+    rate_limit_burst: int = field(
+        default_factory=lambda: _int_env("SCIMLEDGER_RATE_LIMIT_BURST", 200)
+    )
+    # Seconds: to open a database connection, and (in `serve`) for one statement to answer.
+    # A stopped or unreachable database then gives 503 instead of a request that hangs.
+    db_connect_timeout: float = field(
+        default_factory=lambda: _float_env("SCIMLEDGER_DB_CONNECT_TIMEOUT", 5.0)
+    )
+    db_command_timeout: float = field(
+        default_factory=lambda: _float_env("SCIMLEDGER_DB_COMMAND_TIMEOUT", 30.0)
     )
     # Run the asynchronous projections' catch-up subscribers in this process.
     run_projections: bool = field(

@@ -49,10 +49,12 @@ class Database:
     pool: asyncpg.Pool
     store: EventStore
     embedded: EmbeddedPostgres | None
+    # Seconds to wait for a new connection before giving up (asyncpg's default is 60).
+    connect_timeout: float = 60.0
 
     async def connect(self) -> asyncpg.Connection:
         """A connection outside the pool (for LISTEN and long-running work)."""
-        conn: asyncpg.Connection = await asyncpg.connect(self.dsn)
+        conn: asyncpg.Connection = await asyncpg.connect(self.dsn, timeout=self.connect_timeout)
         await _init_connection(conn)
         return conn
 
@@ -70,40 +72,79 @@ async def resolve_dsn(settings: Settings) -> tuple[str, EmbeddedPostgres | None]
     return dsn, embedded
 
 
+class _Pool(asyncpg.Pool):
+    """asyncpg's pool, with a default bound on the wait for a connection (asyncpg has none:
+    a pool whose connections are all held, e.g. by slow clients of streamed replies, would
+    make every other request wait forever). TimeoutError past it: a 503 for HTTP requests."""
+
+    acquire_timeout: float | None = None
+
+    def acquire(self, *, timeout: float | None = None) -> Any:
+        return super().acquire(timeout=self.acquire_timeout if timeout is None else timeout)
+
+
 async def create_pool(
-    dsn: str, *, min_size: int = 2, max_size: int = 20, **kw: Any
+    dsn: str,
+    *,
+    min_size: int = 2,
+    max_size: int = 20,
+    acquire_timeout: float | None = None,
+    **kw: Any,
 ) -> asyncpg.Pool:
+    # What asyncpg.create_pool does, with our pool class (its every query acquires through
+    # `acquire`, so the bound holds for pool.fetch() and friends too).
+    pool = _Pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        max_queries=50000,
+        max_inactive_connection_lifetime=300.0,
+        init=_init_connection,
+        reset=_reset_connection,
+        loop=None,
+        connection_class=asyncpg.Connection,
+        record_class=asyncpg.Record,
+        **kw,
+    )
+    pool.acquire_timeout = acquire_timeout
     try:
-        pool = await asyncpg.create_pool(
-            dsn,
-            min_size=min_size,
-            max_size=max_size,
-            init=_init_connection,
-            reset=_reset_connection,
-            **kw,
-        )
+        await pool
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
         raise DatabaseUnavailable(f"cannot connect to the database: {e}") from e
-    assert pool is not None
     return pool
 
 
 @asynccontextmanager
 async def open_database(
-    settings: Settings, *, run_migrations: bool = True
+    settings: Settings, *, run_migrations: bool = True, serving: bool = False
 ) -> AsyncIterator[Database]:
+    """The database these settings name. `serving`: the pool of an HTTP server, whose every
+    statement, and every wait for a free connection, gets `db_command_timeout` (never set for
+    the CLI: a rebuild's statements may rightly run long)."""
     dsn, embedded = await resolve_dsn(settings)
     try:
-        pool = await create_pool(dsn, min_size=settings.pool_min, max_size=settings.pool_max)
+        pool = await create_pool(
+            dsn,
+            min_size=settings.pool_min,
+            max_size=settings.pool_max,
+            timeout=settings.db_connect_timeout,
+            command_timeout=settings.db_command_timeout if serving else None,
+            acquire_timeout=settings.db_command_timeout if serving else None,
+        )
         try:
-            if run_migrations:
-                async with pool.acquire() as conn:
-                    await migrate(conn)
-            store = EventStore(pool)
+            database = Database(dsn, pool, EventStore(pool), embedded, settings.db_connect_timeout)
             try:
-                yield Database(dsn=dsn, pool=pool, store=store, embedded=embedded)
+                if run_migrations:
+                    # A connection of its own, without the pool's statement timeout: applying a
+                    # migration (or waiting for another instance to apply it) may take long.
+                    conn = await database.connect()
+                    try:
+                        await migrate(conn)
+                    finally:
+                        await conn.close()
+                yield database
             finally:
-                await store.close()
+                await database.store.close()
         finally:
             await pool.close()
     finally:

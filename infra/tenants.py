@@ -115,18 +115,51 @@ LIVE_TOKEN = (
 )
 
 
+# `last_used_at` is written at most once per this interval per token, not on every request.
+LAST_USED_RESOLUTION = "60 seconds"
+
+
 async def authenticate(conn: Conn | asyncpg.Pool, token: str) -> Principal | None:
-    """The principal of a live token of an enabled tenant, or None."""
+    """The principal of a live token of an enabled tenant, or None.
+
+    Nothing is cached: every request reads the token's row, so a revoked or expired token, or
+    one of a disabled tenant, is refused from the next request on, on every instance.
+    """
     wanted = digest(token)
     row = await conn.fetchrow(
-        "SELECT k.id, k.name, k.role, k.token_hash, t.id AS tenant_id, t.name AS tenant_name"
+        "SELECT k.id, k.name, k.role, k.token_hash, t.id AS tenant_id, t.name AS tenant_name,"
+        " (k.last_used_at IS NULL OR k.last_used_at"
+        f"  < now() - interval '{LAST_USED_RESOLUTION}') AS stale"
         " FROM tokens k JOIN tenants t ON t.id = k.tenant_id"
         f" WHERE k.token_hash = $1 AND {LIVE_TOKEN}",
         wanted,
     )
     if row is None or not hmac.compare_digest(bytes(row["token_hash"]), wanted):
         return None
+    if row["stale"]:
+        # Re-checked under the row lock: instances racing here write once between them.
+        await conn.execute(
+            "UPDATE tokens SET last_used_at = now() WHERE id = $1 AND (last_used_at IS NULL"
+            f" OR last_used_at < now() - interval '{LAST_USED_RESOLUTION}')",
+            row["id"],
+        )
     return Principal(row["tenant_id"], row["tenant_name"], row["id"], row["name"], row["role"])
+
+
+async def set_tenant_disabled(conn: Conn, name: str, disabled: bool) -> bool:
+    """Disable (or enable again) a tenant; False if it already was. Its tokens get 401 from
+    the next request on, and its audit web sessions end; nothing of its data is touched."""
+    tenant = await conn.fetchrow("SELECT id, disabled_at FROM tenants WHERE name = $1", name)
+    if tenant is None:
+        raise UnknownTenant(name)
+    if (tenant["disabled_at"] is not None) == disabled:
+        return False
+    await conn.execute(
+        "UPDATE tenants SET disabled_at = CASE WHEN $2 THEN now() END WHERE id = $1",
+        tenant["id"],
+        disabled,
+    )
+    return True
 
 
 async def list_tenants(conn: Conn) -> list[asyncpg.Record]:

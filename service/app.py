@@ -10,7 +10,7 @@ from aiohttp import web
 from infra.config import Settings
 from infra.database import Database, open_database
 from service import audit_api, audit_web, discovery, health
-from service.middlewares import bearer_auth, request_context, scim_errors
+from service.middlewares import bearer_auth, rate_limit, request_context, scim_errors
 from service.outcomes import record_outcomes
 from service.scim import groups, users
 from service.state import DATABASE, SETTINGS
@@ -18,8 +18,10 @@ from service.state import DATABASE, SETTINGS
 
 def create_app(settings: Settings, database: Database | None = None) -> web.Application:
     """Build the app. With `database` given (tests, `serve`), the caller owns its lifetime."""
+    limit = rate_limit(settings.rate_limit, settings.rate_limit_burst)
     app = web.Application(
-        middlewares=[request_context, record_outcomes, scim_errors, bearer_auth],
+        middlewares=[request_context, record_outcomes, scim_errors, bearer_auth]
+        + ([limit] if limit else []),
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
@@ -40,7 +42,7 @@ def create_app(settings: Settings, database: Database | None = None) -> web.Appl
 
 
 async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
-    async with open_database(app[SETTINGS]) as database:
+    async with open_database(app[SETTINGS], serving=True) as database:
         app[DATABASE] = database
         yield
 

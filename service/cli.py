@@ -98,7 +98,7 @@ async def _serve(settings: Settings) -> None:
     from projections.registry import PROJECTIONS
     from service.app import create_app
 
-    async with open_database(settings) as database:
+    async with open_database(settings, serving=True) as database:
         async with database.pool.acquire() as conn:
             await register_projections(conn, list(PROJECTIONS.values()))
             has_tenant = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM tenants)")
@@ -441,7 +441,15 @@ def tokens_list(
             if json_output
             else "\t".join(
                 str(record[k] or "-")
-                for k in ("id", "name", "role", "created_at", "expires_at", "revoked_at")
+                for k in (
+                    "id",
+                    "name",
+                    "role",
+                    "created_at",
+                    "last_used_at",
+                    "expires_at",
+                    "revoked_at",
+                )
             )
         )
 
@@ -874,6 +882,33 @@ def tenants_list(json_output: bool, data_dir: Path | None, database_url: str | N
                 f"{record['tenant']}\t{record['id']}\ttokens={record['tokens']}"
                 f"\tusers={record['users']}\tgroups={record['groups']}{flag}"
             )
+
+
+def _set_disabled(
+    name: str, disabled: bool, data_dir: Path | None, database_url: str | None
+) -> None:
+    from infra.tenants import set_tenant_disabled
+
+    settings = _settings(data_dir, database_url)
+    changed = _on_connection(settings, lambda conn: set_tenant_disabled(conn, name, disabled))
+    state = "disabled" if disabled else "enabled"
+    print(f"tenant {name} {state}" if changed else f"tenant {name} was already {state}")
+
+
+@tenants.command("disable")
+@click.argument("name")
+@database_options
+def tenants_disable(name: str, data_dir: Path | None, database_url: str | None) -> None:
+    """Refuse every token of a tenant (401) from the next request on; its data stays."""
+    _set_disabled(name, True, data_dir, database_url)
+
+
+@tenants.command("enable")
+@click.argument("name")
+@database_options
+def tenants_enable(name: str, data_dir: Path | None, database_url: str | None) -> None:
+    """Accept a disabled tenant's live tokens again."""
+    _set_disabled(name, False, data_dir, database_url)
 
 
 def main(argv: list[str] | None = None) -> None:

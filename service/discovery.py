@@ -89,7 +89,12 @@ async def service_provider_config(request: web.Request) -> web.Response:
             "schemas": [SPC_SCHEMA],
             "documentationUri": "https://github.com/scimledger/scimledger#readme",
             "patch": {"supported": users},
-            "bulk": {"supported": False, "maxOperations": 0, "maxPayloadSize": 0},
+            # No bulk endpoint; maxPayloadSize still says how large any request body may be.
+            "bulk": {
+                "supported": False,
+                "maxOperations": 0,
+                "maxPayloadSize": settings.max_body_bytes,
+            },
             "filter": {"supported": users, "maxResults": settings.max_results},
             "changePassword": {"supported": False},
             "sort": {"supported": users},

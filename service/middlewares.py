@@ -1,7 +1,9 @@
-"""Cross-cutting concerns: request ids and access log, SCIM errors, bearer-token auth."""
+"""Cross-cutting concerns: request ids and access log, SCIM errors, bearer-token auth, the
+per-token rate limit."""
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import uuid
@@ -9,6 +11,7 @@ import uuid
 import asyncpg
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from infra.tenants import Principal, authenticate
 from service.errors import ScimError
@@ -65,13 +68,19 @@ async def scim_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        detail = {404: "Resource not found", 405: "Method not allowed"}.get(e.status, e.reason)
+        detail = {
+            404: "Resource not found",
+            405: "Method not allowed",
+            413: f"The request body is larger than {request.client_max_size} bytes",
+        }.get(e.status, e.reason)
         return ScimError(e.status, detail).response()
     except (
-        OSError,
-        asyncpg.CannotConnectNowError,
+        OSError,  # TimeoutError too: connect and statement timeouts (infra/config.py)
         asyncpg.InterfaceError,
-        asyncpg.exceptions.ConnectionDoesNotExistError,
+        # Class 08 (connection exception) and 57P (shutdown, cannot connect now).
+        asyncpg.PostgresConnectionError,
+        asyncpg.exceptions.OperatorInterventionError,
+        asyncpg.TooManyConnectionsError,
     ) as e:
         log.warning(
             "database unavailable", error=type(e).__name__, request_id=request.get(REQUEST_ID)
@@ -112,3 +121,57 @@ async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamRespo
     if is_audited(request):
         request[REQUEST_CONTEXT] = context_for(request)  # type: ignore[misc]
     return await handler(request)
+
+
+class TokenBuckets:
+    """Per-token rate limit: a token bucket per bearer token, in this process's memory.
+
+    Each token may send `rate` requests per second on average and `burst` at once. The state
+    is per instance: with N instances behind a load balancer a token gets up to N x the rate,
+    which is fine for a guard against runaway clients (Entra stays near 25 requests/s per
+    tenant). Keys are token ids of authenticated requests, so the table grows only with the
+    tokens that exist.
+    """
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(max(burst, 1))
+        self._buckets: dict[uuid.UUID, tuple[float, float]] = {}
+
+    def take(self, key: uuid.UUID, now: float | None = None) -> float:
+        """0 if the request may go, else the seconds until the bucket holds one again."""
+        now = time.monotonic() if now is None else now
+        tokens, stamp = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - stamp) * self.rate)
+        if tokens >= 1.0:
+            self._buckets[key] = (tokens - 1.0, now)
+            return 0.0
+        self._buckets[key] = (tokens, now)
+        return (1.0 - tokens) / self.rate
+
+
+def rate_limit(rate: float, burst: int) -> Middleware | None:
+    """The rate-limit middleware (it runs after bearer_auth), or None when `rate` is 0.
+
+    A refused request gets 429 with Retry-After and is not recorded in the provisioning log:
+    recording it would cost the database write that the limit is there to spare.
+    """
+    if rate <= 0:
+        return None
+    buckets = TokenBuckets(rate, burst)
+
+    @web.middleware
+    async def limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+        principal = request.get(PRINCIPAL)
+        if principal is not None:
+            wait = buckets.take(principal.token_id)
+            if wait > 0:
+                request.pop(REQUEST_CONTEXT, None)
+                raise ScimError(
+                    429,
+                    f"Too many requests for this token (limit {rate:g}/s); retry later",
+                    headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                )
+        return await handler(request)
+
+    return limit

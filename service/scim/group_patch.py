@@ -58,12 +58,15 @@ def _no_target(detail: str) -> ScimError:
     return ScimError(400, detail, "noTarget")
 
 
-def members_of(value: Any, where: str = "members") -> dict[str, str | None]:
+def members_of(
+    value: Any, where: str = "members", limit: int | None = None
+) -> dict[str, str | None]:
     """The members of a members value (a list of {"value": id}, one such object, or bare ids),
-    each with the `display` the client gave it, if any."""
+    each with the `display` the client gave it, if any; at most `limit` of them."""
     if value is None:
         return {}
     items = value if isinstance(value, list) else [value]
+    _check_count(len(items), limit)
     found: dict[str, str | None] = {}
     for item in items:
         if isinstance(item, str):
@@ -78,6 +81,14 @@ def members_of(value: Any, where: str = "members") -> dict[str, str | None]:
         display = keyed.get("display")
         found[member] = display if isinstance(display, str) and display else None
     return found
+
+
+def _check_count(count: int, limit: int | None) -> None:
+    if limit is not None and count > limit:
+        raise invalid_value(
+            f"a PATCH operation may name at most {limit} members, not {count}"
+            " (Settings.max_patch_members); send them in several operations or requests"
+        )
 
 
 def _filter_ids(expression: str) -> set[str]:
@@ -112,7 +123,9 @@ def _string_or_none(value: Any, name: str) -> str | None:
     return value
 
 
-def _apply_attribute(change: GroupChange, op: str, name: str, value: Any) -> None:
+def _apply_attribute(
+    change: GroupChange, op: str, name: str, value: Any, max_members: int | None = None
+) -> None:
     key = name.lower()
     if key in ("displayname", f"{GROUP_SCHEMA.lower()}:displayname"):
         if op == "remove":
@@ -121,7 +134,7 @@ def _apply_attribute(change: GroupChange, op: str, name: str, value: Any) -> Non
     elif key in ("externalid", f"{GROUP_SCHEMA.lower()}:externalid"):
         change.external_id = None if op == "remove" else _string_or_none(value, "externalId")
     elif key in ("members", f"{GROUP_SCHEMA.lower()}:members"):
-        members = members_of(value)
+        members = members_of(value, limit=max_members)
         ids = set(members)
         if op != "remove":
             change.displays.update({m: d for m, d in members.items() if d})
@@ -139,8 +152,12 @@ def _apply_attribute(change: GroupChange, op: str, name: str, value: Any) -> Non
         raise ScimError(400, f"Groups have no attribute {name!r}", "invalidPath")
 
 
-def fold_operations(operations: list[dict[str, Any]]) -> GroupChange:
-    """All-or-nothing: any invalid operation raises before anything is applied."""
+def fold_operations(
+    operations: list[dict[str, Any]], max_members: int | None = None
+) -> GroupChange:
+    """All-or-nothing: any invalid operation raises before anything is applied.
+
+    `max_members` (Settings.max_patch_members) caps the members one operation names."""
     change = GroupChange()
     for operation in operations:
         op, path, value = operation["op"], operation["path"], operation["value"]
@@ -152,18 +169,19 @@ def fold_operations(operations: list[dict[str, Any]]) -> GroupChange:
             for name, item in value.items():
                 if name.lower() in ("schemas", "id", "meta"):
                     continue
-                _apply_attribute(change, op, name, item)
+                _apply_attribute(change, op, name, item, max_members)
             continue
         bracket = path.find("[")
         if bracket > 0 and path.endswith("]"):
             if path[:bracket].strip().lower() != "members":
                 raise ScimError(400, f"unsupported path {path!r}", "invalidPath")
             ids = _filter_ids(path[bracket + 1 : -1])
+            _check_count(len(ids), max_members)
             if op != "remove":
                 raise ScimError(
                     400, f"{op} on a filtered members path is not supported", "invalidPath"
                 )
             change.remove(ids)
             continue
-        _apply_attribute(change, op, path, value)
+        _apply_attribute(change, op, path, value, max_members)
     return change

@@ -255,7 +255,9 @@ async def replace(request: web.Request) -> web.StreamResponse:
 
 async def patch(request: web.Request) -> web.StreamResponse:
     group_id = parse_id(request.match_info["id"], "Group")
-    change = fold_operations(parse_patch_request(await json_body(request)))
+    settings = request.app[SETTINGS]
+    operations = parse_patch_request(await json_body(request), settings.max_patch_operations)
+    change = fold_operations(operations, settings.max_patch_members)
     group = await handlers.change_group(
         request.app[DATABASE], caller(request), group_id, change, request.headers.get("If-Match")
     )

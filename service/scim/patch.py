@@ -98,8 +98,9 @@ def _operation(raw: object, index: int) -> dict[str, Any]:
     return {"op": op.casefold(), "path": (path or "").strip() or None, "value": value}
 
 
-def parse_patch_request(body: Any) -> list[dict[str, Any]]:
-    """The operations of a PatchOp request, normalised; 400 invalidSyntax when malformed."""
+def parse_patch_request(body: Any, max_operations: int | None = None) -> list[dict[str, Any]]:
+    """The operations of a PatchOp request, normalised; 400 invalidSyntax when malformed,
+    400 invalidValue beyond `max_operations` (Settings.max_patch_operations)."""
     if not isinstance(body, Mapping):
         raise invalid_syntax("the PATCH body must be a JSON object")
     _, schemas = _field(body, "schemas")
@@ -110,6 +111,10 @@ def parse_patch_request(body: Any) -> list[dict[str, Any]]:
     present, operations = _field(body, "Operations")
     if not present or not isinstance(operations, list):
         raise invalid_syntax("a PATCH body must carry an Operations list")
+    if max_operations is not None and len(operations) > max_operations:
+        raise invalid_value(
+            f"a PATCH may carry at most {max_operations} operations, not {len(operations)}"
+        )
     return [_operation(raw, index) for index, raw in enumerate(operations)]
 
 

@@ -172,7 +172,9 @@ async def replace(request: web.Request) -> web.Response:
 
 async def patch(request: web.Request) -> web.Response:
     user_id = parse_id(request.match_info["id"])
-    operations = parse_patch_request(await json_body(request))
+    operations = parse_patch_request(
+        await json_body(request), request.app[SETTINGS].max_patch_operations
+    )
 
     def change(user: User) -> None:
         user.update(user_from_scim(apply_patch(user_document(user.state), operations)))
