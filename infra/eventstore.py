@@ -43,6 +43,17 @@ class ConcurrencyError(Exception):
         self.originator_id = originator_id
 
 
+class OutOfOrder(ConcurrencyError):
+    """The stream's previous version was written by a transaction with a higher id than ours
+    (see _INSERT): nothing was appended; the same change succeeds in a new transaction."""
+
+    def __init__(self, originator_id: UUID) -> None:
+        Exception.__init__(
+            self, f"stream {originator_id}: a newer transaction wrote the previous version"
+        )
+        self.originator_id = originator_id
+
+
 class Position(NamedTuple):
     """A follower's place in the log. Order is (transaction_id, notification_id)."""
 
@@ -78,11 +89,24 @@ _COLUMNS = (
     " recorded_at, request_id, transaction_id"
 )
 
+# Followers read in transaction id order, so a stream's events must have ascending
+# transaction ids. A writer takes its id when it first writes or locks a row, which may be
+# before it waited for the writer of the stream's previous version; then its id is the lower
+# of the two. Such an append inserts nothing (`late`) and is retried in a new transaction, whose
+# id is higher than that of every committed one.
 _INSERT = f"""
+WITH e AS (
+    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bytea[])
+        AS e (originator_id, originator_version, topic, state)
+), late AS (
+    SELECT 1 FROM e JOIN stored_events p
+        ON p.originator_id = e.originator_id AND p.originator_version = e.originator_version - 1
+    WHERE p.transaction_id > pg_current_xact_id()::text::bigint
+    LIMIT 1
+)
 INSERT INTO stored_events (originator_id, originator_version, topic, state, tenant_id, request_id)
 SELECT e.originator_id, e.originator_version, e.topic, e.state, $5::uuid, $6::text
-FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bytea[])
-     AS e (originator_id, originator_version, topic, state)
+FROM e WHERE NOT EXISTS (SELECT 1 FROM late)
 RETURNING {_COLUMNS}
 """
 
@@ -154,6 +178,8 @@ class EventStore:
             )
         except asyncpg.UniqueViolationError as e:
             raise ConcurrencyError(_conflicting_stream(stored, e)) from None
+        if len(rows) != len(stored):
+            raise OutOfOrder(UUID(str(stored[0].originator_id)))
         return [_recorded(r) for r in rows]
 
     async def append_now(

@@ -20,7 +20,7 @@ from domain.errors import InvalidValue, ResourceDeleted
 from domain.group import Group
 from domain.user import User
 from infra.database import Database
-from infra.eventstore import ConcurrencyError
+from infra.eventstore import ConcurrencyError, OutOfOrder
 from service.errors import ScimError, invalid_value, not_found, precondition_failed, uniqueness
 from service.scim.group_patch import UNSET, GroupChange
 from service.unit_of_work import UnitOfWork, is_unique_violation
@@ -67,6 +67,8 @@ async def _retrying(
             async with UnitOfWork(db, caller.tenant_id, caller.request_id, caller.context) as uow:
                 result = await work(uow)
             return result
+        except OutOfOrder:
+            continue  # not a conflict: If-Match was checked and holds; a new transaction
         except (ConcurrencyError, asyncpg.DeadlockDetectedError):
             if if_match is not None:
                 raise precondition_failed() from None

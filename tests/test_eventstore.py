@@ -14,7 +14,14 @@ import pytest
 from eventsourcing.persistence import StoredEvent
 
 from infra.database import Database
-from infra.eventstore import START, ConcurrencyError, EventStore, Position, RecordedEvent
+from infra.eventstore import (
+    START,
+    ConcurrencyError,
+    EventStore,
+    OutOfOrder,
+    Position,
+    RecordedEvent,
+)
 from infra.transcoder import OrjsonTranscoder
 
 TENANT = uuid.UUID("00000000-0000-0000-0000-0000000000aa")
@@ -97,6 +104,39 @@ async def test_racing_writers_on_one_stream_exactly_one_wins(database: Database)
         await t2
     versions = await store.read_stream(database.pool, stream)
     assert [OrjsonTranscoder().decode(r.state)["payload"] for r in versions] == [None, "first"]
+
+
+async def test_a_stream_is_never_appended_below_its_previous_transaction(
+    database: Database,
+) -> None:
+    """A writer whose transaction id was taken before the stream's previous version was
+    written (it waited on a lock meanwhile) would put its event first in the followers' order:
+    the append inserts nothing and says so; in a new transaction it succeeds, in order."""
+    store = database.store
+    stream = uuid.uuid4()
+    async with database.pool.acquire() as conn, conn.transaction():
+        await store.append_stored(conn, TENANT, [stored(stream, 1, "v1")])
+    async with database.pool.acquire() as early, database.pool.acquire() as other:
+        async with early.transaction():
+            await early.fetchval("SELECT pg_current_xact_id()")  # takes its id now
+            async with other.transaction():
+                await store.append_stored(other, TENANT, [stored(stream, 2, "v2")])
+            with pytest.raises(OutOfOrder) as raised:
+                await store.append_stored(early, TENANT, [stored(stream, 3, "v3")])
+            assert isinstance(raised.value, ConcurrencyError)
+            assert raised.value.originator_id == stream
+        async with early.transaction():
+            await store.append_stored(early, TENANT, [stored(stream, 3, "v3")])
+    back = await store.read_stream(database.pool, stream)
+    assert [r.originator_version for r in back] == [1, 2, 3]
+    order = [r for r in await store.read_all(START, 100) if r.originator_id == stream]
+    assert [r.originator_version for r in order] == [1, 2, 3]
+    assert [r.transaction_id for r in order] == sorted(r.transaction_id for r in order)
+    # Several versions of one stream in one append, and a new stream: no predecessor to check.
+    fresh = uuid.uuid4()
+    async with database.pool.acquire() as conn, conn.transaction():
+        rows = await store.append_stored(conn, TENANT, [stored(fresh, 1), stored(fresh, 2)])
+    assert [r.originator_version for r in rows] == [1, 2]
 
 
 async def test_read_all_hides_events_of_an_open_transaction(database: Database) -> None:
