@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -43,16 +44,25 @@ async def _reset_connection(conn: asyncpg.Connection) -> None:
         await conn.execute("ROLLBACK")
 
 
+def _server_settings() -> dict[str, str]:
+    """Name our sessions in pg_stat_activity: which process holds which connection."""
+    return {"application_name": f"scimledger:{os.getpid()}"}
+
+
 @dataclass
 class Database:
     dsn: str
     pool: asyncpg.Pool
     store: EventStore
     embedded: EmbeddedPostgres | None
+    # A session-mode URL when `dsn` goes through a transaction-pooling PgBouncer.
+    direct_dsn: str | None = None
 
     async def connect(self) -> asyncpg.Connection:
-        """A connection outside the pool (for LISTEN and long-running work)."""
-        conn: asyncpg.Connection = await asyncpg.connect(self.dsn)
+        """A connection outside the pool, a real session (for LISTEN and session locks)."""
+        conn: asyncpg.Connection = await asyncpg.connect(
+            self.direct_dsn or self.dsn, server_settings=_server_settings()
+        )
         await _init_connection(conn)
         return conn
 
@@ -71,8 +81,16 @@ async def resolve_dsn(settings: Settings) -> tuple[str, EmbeddedPostgres | None]
 
 
 async def create_pool(
-    dsn: str, *, min_size: int = 2, max_size: int = 20, **kw: Any
+    dsn: str,
+    *,
+    min_size: int = 2,
+    max_size: int = 20,
+    statement_cache_size: int | None = None,
+    **kw: Any,
 ) -> asyncpg.Pool:
+    """A pool; `statement_cache_size` None means SCIMLEDGER_STATEMENT_CACHE_SIZE (default 100)."""
+    if statement_cache_size is None:
+        statement_cache_size = Settings().statement_cache_size
     try:
         pool = await asyncpg.create_pool(
             dsn,
@@ -80,6 +98,8 @@ async def create_pool(
             max_size=max_size,
             init=_init_connection,
             reset=_reset_connection,
+            statement_cache_size=statement_cache_size,
+            server_settings=_server_settings(),
             **kw,
         )
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
@@ -94,14 +114,24 @@ async def open_database(
 ) -> AsyncIterator[Database]:
     dsn, embedded = await resolve_dsn(settings)
     try:
-        pool = await create_pool(dsn, min_size=settings.pool_min, max_size=settings.pool_max)
+        pool = await create_pool(
+            dsn,
+            min_size=settings.pool_min,
+            max_size=settings.pool_max,
+            statement_cache_size=settings.statement_cache_size,
+        )
         try:
             if run_migrations:
-                async with pool.acquire() as conn:
-                    await migrate(conn)
+                await _migrate(pool, settings.direct_database_url)
             store = EventStore(pool)
             try:
-                yield Database(dsn=dsn, pool=pool, store=store, embedded=embedded)
+                yield Database(
+                    dsn=dsn,
+                    pool=pool,
+                    store=store,
+                    embedded=embedded,
+                    direct_dsn=settings.direct_database_url,
+                )
             finally:
                 await store.close()
         finally:
@@ -109,3 +139,19 @@ async def open_database(
     finally:
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
+
+
+async def _migrate(pool: asyncpg.Pool, direct_dsn: str | None) -> None:
+    """Migrations hold a session advisory lock: through PgBouncer they need the direct URL."""
+    if direct_dsn is None:
+        async with pool.acquire() as conn:
+            await migrate(conn)
+        return
+    try:
+        direct = await asyncpg.connect(direct_dsn, server_settings=_server_settings())
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        raise DatabaseUnavailable(f"cannot connect to the direct database URL: {e}") from e
+    try:
+        await migrate(direct)
+    finally:
+        await direct.close()

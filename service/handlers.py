@@ -19,6 +19,7 @@ import asyncpg
 from domain.errors import InvalidValue, ResourceDeleted
 from domain.group import Group
 from domain.user import User
+from infra import metrics
 from infra.database import Database
 from infra.eventstore import ConcurrencyError
 from service.errors import ScimError, invalid_value, not_found, precondition_failed, uniqueness
@@ -62,14 +63,20 @@ def etag_matches(header: str, version: int) -> bool:
 async def _retrying(
     db: Database, caller: Caller, if_match: str | None, work: Callable[[UnitOfWork], Awaitable[T]]
 ) -> T:
-    for _attempt in range(MAX_ATTEMPTS):
+    for attempt in range(MAX_ATTEMPTS):
         try:
             async with UnitOfWork(db, caller.tenant_id, caller.request_id, caller.context) as uow:
                 result = await work(uow)
             return result
-        except (ConcurrencyError, asyncpg.DeadlockDetectedError):
+        except (ConcurrencyError, asyncpg.DeadlockDetectedError) as e:
+            if isinstance(e, asyncpg.DeadlockDetectedError):
+                metrics.CONFLICTS.labels("deadlock").inc()
             if if_match is not None:
+                metrics.CONFLICT_ANSWERS.labels("412").inc()
                 raise precondition_failed() from None
+            if attempt + 1 < MAX_ATTEMPTS:
+                metrics.RETRIES.inc()
+    metrics.CONFLICT_ANSWERS.labels("409").inc()
     raise ScimError(409, "The resource is being changed by other requests; retry", "mutability")
 
 
