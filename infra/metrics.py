@@ -46,7 +46,8 @@ RETRIES = Counter(
 )
 CONFLICT_ANSWERS = Counter(
     "scimledger_write_conflict_answers",
-    "Writes answered 412 (stale If-Match) or 409 (still losing after every retry).",
+    "Writes that lost a race and were answered 412 (the client sent If-Match) or 409 (lost"
+    " every retry). A stale If-Match seen at load is a plain 412 in the request counter.",
     ["status"],
 )
 PROJECTION_APPLIED = Counter(
