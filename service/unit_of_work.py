@@ -25,6 +25,9 @@ from projections import groups as groups_view
 from projections import users as users_view
 
 
+_STREAM_LOCKS = 0x5C1F  # advisory lock namespace of group streams (0x5C1E: projection runners)
+
+
 class UnitOfWork:
     def __init__(
         self, db: Database, tenant_id: UUID, request_id: str | None, context: Any = None
@@ -100,6 +103,13 @@ class UnitOfWork:
         """
         if group_id in self._groups:
             return self._groups[group_id]
+        # Writers to one group first queue on a lock that assigns no transaction id: each then
+        # takes its id (its place in the followers' order) after the previous writer committed,
+        # so the group's events reach followers in version order. Waiters on the row lock alone
+        # hold ids taken before they waited, and are not woken in that order.
+        await self.conn.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2))", _STREAM_LOCKS, str(group_id)
+        )
         group = await groups_view.load_for_update(self.conn, self.tenant_id, group_id)
         if group is not None:
             self._groups[group_id] = group
