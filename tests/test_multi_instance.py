@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from infra.database import Database
 from infra.tenants import IssuedToken
@@ -151,8 +150,8 @@ async def leaders(database: Database) -> dict[str, int]:
 async def test_three_instances_under_concurrent_entra_load(
     fresh_dsn: str, database: Database, tenant: IssuedToken, tmp_path: Path
 ) -> None:
-    users = [f"mi.user{i}@contoso.com" for i in range(24)]
-    group_names = [f"MI Group {i}" for i in range(4)]
+    users = [f"mi.user{i}@contoso.com" for i in range(16)]
+    group_names = [f"MI Group {i}" for i in range(3)]
     async with (
         instances(fresh_dsn, tmp_path) as servers,
         aiohttp.ClientSession() as http,
@@ -175,7 +174,6 @@ async def test_three_instances_under_concurrent_entra_load(
         for lost in (c for c in creates if c.status == 409):
             assert lost.body["scimType"] == "uniqueness"
         user_ids = [c.body["id"] for c in won if "userName" in c.body]
-        group_ids = [c.body["id"] for c in won if "displayName" in c.body and "members" in c.body]
         group_ids = [c.body["id"] for c in won if c.body.get("schemas") == [GROUP]]
         assert len(user_ids) == len(users) and len(group_ids) == len(group_names)
 
@@ -187,7 +185,9 @@ async def test_three_instances_under_concurrent_entra_load(
                 servers[i],
                 "PATCH",
                 f"/Users/{uid}",
-                patch_op({"op": "Replace", "path": attr, "value": f"{attr[-10:]}-{uid[:8]}"}),
+                patch_op(
+                    {"op": "Replace", "path": attr, "value": f"{attr.split(':')[-1]}-{uid[:8]}"}
+                ),
             )
             for uid in user_ids
             for i, attr in enumerate(attributes)
@@ -211,8 +211,8 @@ async def test_three_instances_under_concurrent_entra_load(
         for n, uid in enumerate(user_ids):
             got = await send(servers[(n + 1) % 3], "GET", f"/Users/{uid}")
             assert got.status == 200
-            assert got.body["title"] == f"{'title'[-10:]}-{uid[:8]}"
-            assert got.body["nickName"] == f"{'nickName'[-10:]}-{uid[:8]}"
+            assert got.body["title"] == f"title-{uid[:8]}"
+            assert got.body["nickName"] == f"nickName-{uid[:8]}"
             assert got.body[ENTERPRISE]["department"] == f"department-{uid[:8]}"
         for n, gid in enumerate(group_ids):
             got = await send(servers[n % 3], "GET", f"/Groups/{gid}")
@@ -220,8 +220,30 @@ async def test_three_instances_under_concurrent_entra_load(
             assert sorted(m["value"] for m in got.body["members"]) == sorted(user_ids)
 
         # Exactly one runner per asynchronous projection across the three instances.
-        assert set(await leaders(database)) == {"activity", "audit"}
-        assert set((await leaders(database)).values()) <= {s.proc.pid for s in servers}
+        before = await leaders(database)
+        assert set(before) == {"activity", "audit"}
+        assert set(before.values()) <= {s.proc.pid for s in servers}
+        await caught_up(database)
+
+        # 3. The instance leading the activity projection dies (SIGKILL: no goodbye); a
+        #    standby elsewhere takes the lead within about SCIMLEDGER_RUNNER_STANDBY_INTERVAL.
+        killed = next(s for s in servers if s.proc.pid == before["activity"])
+        killed.proc.send_signal(signal.SIGKILL)
+        await killed.proc.wait()
+        t0 = time.monotonic()
+
+        async def taken_over() -> bool:
+            now = await leaders(database)
+            return set(now) == {"activity", "audit"} and killed.proc.pid not in now.values()
+
+        await eventually(taken_over)
+        print(f"runner takeover after SIGKILL: {time.monotonic() - t0:.2f}s")  # not asserted
+        survivors = [s for s in servers if s is not killed]
+        assert set((await leaders(database)).values()) <= {s.proc.pid for s in survivors}
+        # The new leaders project what is written after the kill.
+        late = await send(survivors[0], "POST", "/Users", entra_user("after.kill@contoso.com"))
+        assert late.status == 201
+        users.append("after.kill@contoso.com")
         await caught_up(database)
 
     pool = database.pool
@@ -232,6 +254,10 @@ async def test_three_instances_under_concurrent_entra_load(
     assert await pool.fetchval(
         "SELECT count(*) FROM scim_groups WHERE tenant_id = $1", tenant.tenant_id
     ) == len(group_names)
+    # The activity view counted every user once, across the failover.
+    assert await pool.fetchval(
+        "SELECT users FROM tenant_activity WHERE tenant_id = $1", tenant.tenant_id
+    ) == len(users)
     # Every 2xx write is in the store, with its domain events.
     writes = [s for s in send.sent if s.method != "GET"]
     stored = {
@@ -255,53 +281,6 @@ async def test_three_instances_under_concurrent_entra_load(
     )
     assert code == 0, out + err
     assert "no drift" in out
-
-
-@pytest.mark.parametrize("victim", ["activity"])
-async def test_a_killed_instance_hands_its_runners_over(
-    fresh_dsn: str, database: Database, tenant: IssuedToken, tmp_path: Path, victim: str
-) -> None:
-    async with (
-        instances(fresh_dsn, tmp_path) as servers,
-        aiohttp.ClientSession() as http,
-    ):
-        send = Driver(http, tenant.token)
-        assert (
-            await send(servers[0], "POST", "/Users", entra_user("before@contoso.com"))
-        ).status == 201
-        await caught_up(database)
-        before = await leaders(database)
-        by_pid = {s.proc.pid: s for s in servers}
-        killed = by_pid[before[victim]]
-        killed.proc.send_signal(signal.SIGKILL)
-        await killed.proc.wait()
-        t0 = time.monotonic()
-
-        async def taken_over() -> bool:
-            now = await leaders(database)
-            return set(now) == {"activity", "audit"} and killed.proc.pid not in now.values()
-
-        await eventually(taken_over, within=30)
-        took = time.monotonic() - t0
-        survivors = [s for s in servers if s is not killed]
-        assert set((await leaders(database)).values()) <= {s.proc.pid for s in survivors}
-        # The new leaders project what is written after the kill.
-        created = await send(survivors[0], "POST", "/Users", entra_user("after@contoso.com"))
-        assert created.status == 201
-        await caught_up(database)
-        activity = await database.pool.fetchrow(
-            "SELECT users FROM tenant_activity WHERE tenant_id = $1", tenant.tenant_id
-        )
-        assert activity is not None and activity["users"] == 2
-        entries = await database.pool.fetchval(
-            "SELECT count(*) FROM audit_entries WHERE change_id = $1", created.request_id
-        )
-        assert entries == 1
-        print(f"runner takeover after SIGKILL: {took:.2f}s")  # measured, not asserted
-    code, out, err = await run(
-        "projections", "verify", "--all", "--quiet", "--database-url", fresh_dsn
-    )
-    assert code == 0, out + err
 
 
 async def test_concurrent_writers_to_one_group_reach_followers_in_version_order(
