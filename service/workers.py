@@ -113,9 +113,11 @@ async def serve_workers(settings: Settings, workers: int) -> None:
         # scrape of any worker sums them all (service/metrics.py).
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="scimledger-metrics-")
     try:
-        # A pool of at most one connection: the parent only prepares the database.
-        async with open_database(replace(settings, pool_min=0, pool_max=1)) as database:
+        # One connection, for the setup only: the parent holds none while the workers serve
+        # (the embedded server, if that is the database, stays attached until they are gone).
+        async with open_database(replace(settings, pool_min=1, pool_max=1)) as database:
             issued = await first_start(database)
+            await database.pool.close()
             worker_settings = replace(settings, database_url=database.dsn)
             async with _Workers(worker_settings, workers) as pool:
                 await pool.started(stop)
