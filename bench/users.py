@@ -169,8 +169,10 @@ def server_process(dsn: str, port: int, log: Path) -> Iterator[subprocess.Popen[
     with log.open("wb") as out:
         proc = subprocess.Popen(
             # One process: the figures (and the CPU sampled from this pid) are one server's.
-            [str(SCIMLEDGER), "serve", "--workers", "1", "--port", str(port)]
-            + ["--database-url", dsn],
+            [
+                *(str(SCIMLEDGER), "serve", "--workers", "1", "--port", str(port)),
+                *("--database-url", dsn),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
