@@ -24,7 +24,6 @@ from infra.eventstore import RecordedEvent
 from projections import groups as groups_view
 from projections import users as users_view
 
-
 _STREAM_LOCKS = 0x5C1F  # advisory lock namespace of group streams (0x5C1E: projection runners)
 
 
