@@ -19,7 +19,7 @@ from service.state import DATABASE, PRINCIPAL, REQUEST_CONTEXT, REQUEST_ID, Hand
 log = structlog.get_logger("scimledger.http")
 
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-# Paths that answer without a token: liveness and readiness probes.
+# Paths that answer without a token: liveness and readiness probes, metrics (see metrics.py).
 _PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
