@@ -30,6 +30,11 @@ MAX_ATTEMPTS = 8
 T = TypeVar("T")
 
 
+class _GroupsChanged(Exception):
+    """A resource joined a group while it was leaving its groups: start again, queueing for
+    that one too (service/unit_of_work.py, `queued_for`)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Caller:
     """Who asks, and which request this is (it is stored with every event it causes)."""
@@ -68,6 +73,9 @@ async def _retrying(
             async with UnitOfWork(db, caller.tenant_id, caller.request_id, caller.context) as uow:
                 result = await work(uow)
             return result
+        except _GroupsChanged:
+            if attempt + 1 < MAX_ATTEMPTS:
+                metrics.RETRIES.inc()
         except (ConcurrencyError, asyncpg.DeadlockDetectedError) as e:
             if isinstance(e, asyncpg.DeadlockDetectedError):
                 metrics.CONFLICTS.labels("deadlock").inc()
@@ -121,6 +129,7 @@ async def deprovision_user(
     """Hard delete; the user leaves every group it was in, as membership events on them."""
 
     async def work(uow: UnitOfWork) -> None:
+        await uow.queue_for_groups_of(user_id)
         user = await _load_user(uow, user_id, if_match, lock=True)
         _domain(user.deprovision)
         await _leave_groups(uow, user_id)
@@ -194,6 +203,7 @@ async def delete_group(
     """The group goes, and leaves every group it was nested in, as membership events on them."""
 
     async def work(uow: UnitOfWork) -> None:
+        await uow.queue_for_groups_of(group_id)
         group = await _load_group(uow, group_id, if_match)
         _domain(group.delete)
         await _leave_groups(uow, group_id)
@@ -315,6 +325,8 @@ async def _leave_groups(uow: UnitOfWork, member_id: UUID) -> None:
         member_id,
     )
     for row in rows:
+        if not uow.queued_for(row["group_id"]):
+            raise _GroupsChanged
         parent = await uow.group(row["group_id"])
         if parent is not None and not parent.deleted:
             parent.change_membership([], [str(member_id)])
