@@ -168,7 +168,11 @@ def server_process(dsn: str, port: int, log: Path) -> Iterator[subprocess.Popen[
     """`scimledger serve` in its own session (Ctrl-C reaches only us); SIGTERM on the way out."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [str(SCIMLEDGER), "serve", "--port", str(port), "--database-url", dsn],
+            # One process: the figures (and the CPU sampled from this pid) are one server's.
+            [
+                *(str(SCIMLEDGER), "serve", "--workers", "1", "--port", str(port)),
+                *("--database-url", dsn),
+            ],
             # One token drives the whole load: the per-token rate limit would measure itself.
             env={**os.environ, "SCIMLEDGER_RATE_LIMIT": "0"},
             stdin=subprocess.DEVNULL,

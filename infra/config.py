@@ -63,3 +63,22 @@ class Settings:
     )
     # Base URL that Entra is told to use; None means "derive from the request".
     public_url: str | None = field(default_factory=lambda: os.environ.get("SCIMLEDGER_PUBLIC_URL"))
+    # asyncpg's prepared-statement cache; 0 for PgBouncer in transaction mode (docs/operations.md).
+    statement_cache_size: int = field(
+        default_factory=lambda: _int_env("SCIMLEDGER_STATEMENT_CACHE_SIZE", 100)
+    )
+    # A session-mode (direct, not transaction-pooled) URL for what needs a session of its own:
+    # the projection runners' leadership lock and LISTEN, and the migrations' lock.
+    direct_database_url: str | None = field(
+        default_factory=lambda: os.environ.get("SCIMLEDGER_DIRECT_DATABASE_URL") or None
+    )
+    # How often a standby projection runner retries for the lead (seconds).
+    runner_standby_interval: float = field(
+        default_factory=lambda: float(os.environ.get("SCIMLEDGER_RUNNER_STANDBY_INTERVAL", "1"))
+    )
+    # GET /metrics (Prometheus text format, no token); 0 turns the endpoint off.
+    metrics: bool = field(default_factory=lambda: os.environ.get("SCIMLEDGER_METRICS", "1") != "0")
+    # Seconds `serve` waits for in-flight requests on SIGTERM before it cuts them off.
+    shutdown_timeout: float = field(
+        default_factory=lambda: float(os.environ.get("SCIMLEDGER_SHUTDOWN_TIMEOUT", "30"))
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -43,6 +44,11 @@ async def _reset_connection(conn: asyncpg.Connection) -> None:
         await conn.execute("ROLLBACK")
 
 
+def _server_settings() -> dict[str, str]:
+    """Name our sessions in pg_stat_activity: which process holds which connection."""
+    return {"application_name": f"scimledger:{os.getpid()}"}
+
+
 @dataclass
 class Database:
     dsn: str
@@ -51,10 +57,17 @@ class Database:
     embedded: EmbeddedPostgres | None
     # Seconds to wait for a new connection before giving up (asyncpg's default is 60).
     connect_timeout: float = 60.0
+    # A session-mode URL when `dsn` goes through a transaction-pooling PgBouncer.
+    direct_dsn: str | None = None
 
     async def connect(self) -> asyncpg.Connection:
-        """A connection outside the pool (for LISTEN and long-running work)."""
-        conn: asyncpg.Connection = await asyncpg.connect(self.dsn, timeout=self.connect_timeout)
+        """A connection outside the pool, a real session (for LISTEN, session locks and
+        long-running work)."""
+        conn: asyncpg.Connection = await asyncpg.connect(
+            self.direct_dsn or self.dsn,
+            timeout=self.connect_timeout,
+            server_settings=_server_settings(),
+        )
         await _init_connection(conn)
         return conn
 
@@ -89,8 +102,12 @@ async def create_pool(
     min_size: int = 2,
     max_size: int = 20,
     acquire_timeout: float | None = None,
+    statement_cache_size: int | None = None,
     **kw: Any,
 ) -> asyncpg.Pool:
+    """A pool; `statement_cache_size` None means SCIMLEDGER_STATEMENT_CACHE_SIZE (default 100)."""
+    if statement_cache_size is None:
+        statement_cache_size = Settings().statement_cache_size
     # What asyncpg.create_pool does, with our pool class (its every query acquires through
     # `acquire`, so the bound holds for pool.fetch() and friends too).
     pool = _Pool(
@@ -104,6 +121,8 @@ async def create_pool(
         loop=None,
         connection_class=asyncpg.Connection,
         record_class=asyncpg.Record,
+        statement_cache_size=statement_cache_size,
+        server_settings=_server_settings(),
         **kw,
     )
     pool.acquire_timeout = acquire_timeout
@@ -130,13 +149,22 @@ async def open_database(
             timeout=settings.db_connect_timeout,
             command_timeout=settings.db_command_timeout if serving else None,
             acquire_timeout=settings.db_command_timeout if serving else None,
+            statement_cache_size=settings.statement_cache_size,
         )
         try:
-            database = Database(dsn, pool, EventStore(pool), embedded, settings.db_connect_timeout)
+            database = Database(
+                dsn,
+                pool,
+                EventStore(pool),
+                embedded,
+                settings.db_connect_timeout,
+                settings.direct_database_url,
+            )
             try:
                 if run_migrations:
                     # A connection of its own, without the pool's statement timeout: applying a
                     # migration (or waiting for another instance to apply it) may take long.
+                    # It holds a session advisory lock: through PgBouncer, the direct URL.
                     conn = await database.connect()
                     try:
                         await migrate(conn)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,6 +28,7 @@ from asyncpg.pool import PoolConnectionProxy
 from eventsourcing.domain import Aggregate, DomainEventProtocol
 from eventsourcing.persistence import Mapper, StoredEvent
 
+from infra import metrics
 from infra.transcoder import make_mapper
 
 NOTIFY_CHANNEL = "scimledger_events"
@@ -166,6 +168,7 @@ class EventStore:
     ) -> list[RecordedEvent]:
         if not stored:
             return []
+        started = time.perf_counter()
         try:
             rows = await conn.fetch(
                 _INSERT,
@@ -177,9 +180,13 @@ class EventStore:
                 request_id,
             )
         except asyncpg.UniqueViolationError as e:
+            metrics.CONFLICTS.labels("version").inc()
             raise ConcurrencyError(_conflicting_stream(stored, e)) from None
         if len(rows) != len(stored):
             raise OutOfOrder(UUID(str(stored[0].originator_id)))
+        metrics.APPEND_SECONDS.observe(time.perf_counter() - started)
+        metrics.APPENDS.inc()
+        metrics.EVENTS_APPENDED.inc(len(rows))
         return [_recorded(r) for r in rows]
 
     async def append_now(

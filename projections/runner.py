@@ -1,8 +1,11 @@
 """Catch-up subscribers for asynchronous projections.
 
 One runner per projection per instance; exactly one of them is active across all instances,
-holding a session advisory lock on a connection of its own (the others wait on standby and
-take over within `standby_interval` when the active one's connection goes). Each step applies
+holding a session advisory lock on a connection of its own (the others wait on standby, each
+on a connection of its own, retrying the lock every `standby_interval` seconds, and so take over
+within about that long once the active one's session ends: a killed instance's connection
+closes with its process). The lock is a session's: through PgBouncer in transaction mode the
+runners need a direct URL (SCIMLEDGER_DIRECT_DATABASE_URL, see Database.connect). Each step applies
 a batch of events and moves the checkpoint in the same transaction, with the checkpoint row
 locked, so an event's effect is applied exactly once even across restarts, failovers and
 rebuilds (a rebuild's swap takes the same row lock).
@@ -17,6 +20,7 @@ from typing import Any
 import asyncpg
 import structlog
 
+from infra import metrics
 from infra.database import Database
 from infra.eventstore import NOTIFY_CHANNEL, Conn, Position
 from projections.rebuild import register
@@ -51,16 +55,22 @@ class Runner:
             conn: asyncpg.Connection | None = None
             try:
                 conn = await self.db.connect()
-                leader = await conn.fetchval(
-                    "SELECT pg_try_advisory_lock($1, hashtext($2))",
-                    LOCK_NAMESPACE,
-                    self.projection.name,
-                )
-                if leader:
-                    self.active = True
-                    log.info("projection runner active", projection=self.projection.name)
-                    await register(conn, [self.projection])
-                    await self._follow(conn, stop)
+                while not stop.is_set():
+                    leader = await conn.fetchval(
+                        "SELECT pg_try_advisory_lock($1, hashtext($2))",
+                        LOCK_NAMESPACE,
+                        self.projection.name,
+                    )
+                    if leader:
+                        break
+                    await _wait(stop, self.standby_interval)
+                else:
+                    continue
+                self.active = True
+                metrics.RUNNER_ACTIVE.labels(self.projection.name).set(1)
+                log.info("projection runner active", projection=self.projection.name)
+                await register(conn, [self.projection])
+                await self._follow(conn, stop)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
                 log.warning(
                     "projection runner interrupted",
@@ -68,6 +78,8 @@ class Runner:
                     error=f"{type(e).__name__}: {e}",
                 )
             finally:
+                if self.active:
+                    metrics.RUNNER_ACTIVE.labels(self.projection.name).set(0)
                 self.active = False
                 if conn is not None:
                     with contextlib.suppress(Exception):
@@ -120,6 +132,7 @@ class Runner:
                 last[1],
             )
         self.applied += len(batch)
+        metrics.PROJECTION_APPLIED.labels(self.projection.name).inc(len(batch))
         return len(batch)
 
     async def _record_error(self, conn: Conn, error: Exception) -> None:

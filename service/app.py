@@ -9,7 +9,7 @@ from aiohttp import web
 
 from infra.config import Settings
 from infra.database import Database, open_database
-from service import audit_api, audit_web, discovery, health
+from service import audit_api, audit_web, discovery, health, metrics
 from service.middlewares import bearer_auth, rate_limit, request_context, scim_errors
 from service.outcomes import record_outcomes
 from service.scim import groups, users
@@ -38,6 +38,8 @@ def create_app(settings: Settings, database: Database | None = None) -> web.Appl
     groups.add_routes(app)
     audit_api.add_routes(app)
     audit_web.add_routes(app)
+    if settings.metrics:
+        metrics.add_routes(app)
     return app
 
 
@@ -52,7 +54,11 @@ async def _projection_runners_ctx(app: web.Application) -> AsyncIterator[None]:
     from projections.registry import PROJECTIONS
     from projections.runner import start_all
 
-    stop, tasks, _ = start_all(app[DATABASE], list(PROJECTIONS.values()))
+    stop, tasks, _ = start_all(
+        app[DATABASE],
+        list(PROJECTIONS.values()),
+        standby_interval=app[SETTINGS].runner_standby_interval,
+    )
     yield
     stop.set()
     for task in tasks:

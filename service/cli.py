@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 
 import click
 import orjson
-from aiohttp import web
 
 from infra import logging as logsetup
 from infra.config import Settings
@@ -83,51 +82,48 @@ def cli() -> None:
 @cli.command()
 @click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
 @click.option("--port", default=None, type=int, help="Port to listen on (default 8000).")
+@click.option(
+    "--workers",
+    envvar="SCIMLEDGER_WORKERS",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Processes sharing the port (SO_REUSEPORT); default one per core. 1: one process.",
+)
 @database_options
 def serve(
-    host: str | None, port: int | None, data_dir: Path | None, database_url: str | None
+    host: str | None,
+    port: int | None,
+    workers: int | None,
+    data_dir: Path | None,
+    database_url: str | None,
 ) -> None:
     """Serve SCIM at http://HOST:PORT/scim/v2/."""
+    from service.workers import ListenError, default_workers, serve_workers
+
     settings = _settings(data_dir, database_url, host=host, port=port)
     logsetup.configure()
-    _run(lambda: _serve(settings))
+    count = workers or default_workers()
+    try:
+        _run(lambda: _serve(settings) if count == 1 else serve_workers(settings, count))
+    except ListenError as e:
+        raise CliError(str(e)) from None
 
 
 async def _serve(settings: Settings) -> None:
-    from projections.rebuild import register as register_projections
-    from projections.registry import PROJECTIONS
+    """One process: the server, its pool and its projection runners."""
     from service.app import create_app
+    from service.workers import first_start, listen, print_banner
 
     async with open_database(settings, serving=True) as database:
-        async with database.pool.acquire() as conn:
-            await register_projections(conn, list(PROJECTIONS.values()))
-            has_tenant = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM tenants)")
-            issued = None if has_tenant else await create_tenant(conn, "default")
+        issued = await first_start(database)
         app = create_app(settings, database)
         # Handlers first: a SIGTERM that arrives once the banner is out must stop us cleanly.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, settings.host, settings.port)
-        try:
-            await site.start()
-        except OSError as e:
-            await runner.cleanup()
-            raise CliError(
-                f"cannot listen on {settings.host}:{settings.port}: {e.strerror}"
-            ) from None
-        url = f"http://{settings.host}:{settings.port}/scim/v2/"
-        if issued is not None:
-            print(
-                "Created tenant 'default'. Paste these into Entra ID (the token is shown once):\n\n"
-                f"  Tenant URL:   {url}\n  Secret Token: {issued.token}\n",
-                flush=True,
-            )
-        else:
-            print(f"Serving SCIM at {url}  (new token: scimledger tenants create NAME)", flush=True)
+        runner = await listen(app, settings)
+        print_banner(settings, issued)
         try:
             await stop.wait()
         finally:

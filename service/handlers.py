@@ -19,6 +19,7 @@ import asyncpg
 from domain.errors import InvalidValue, ResourceDeleted
 from domain.group import Group
 from domain.user import User
+from infra import metrics
 from infra.database import Database
 from infra.eventstore import ConcurrencyError, OutOfOrder
 from service.errors import ScimError, invalid_value, not_found, precondition_failed, uniqueness
@@ -27,6 +28,11 @@ from service.unit_of_work import UnitOfWork, is_unique_violation
 
 MAX_ATTEMPTS = 8
 T = TypeVar("T")
+
+
+class _GroupsChanged(Exception):
+    """A resource joined a group while it was leaving its groups: start again, queueing for
+    that one too (service/unit_of_work.py, `queued_for`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,16 +68,27 @@ def etag_matches(header: str, version: int) -> bool:
 async def _retrying(
     db: Database, caller: Caller, if_match: str | None, work: Callable[[UnitOfWork], Awaitable[T]]
 ) -> T:
-    for _attempt in range(MAX_ATTEMPTS):
+    for attempt in range(MAX_ATTEMPTS):
         try:
             async with UnitOfWork(db, caller.tenant_id, caller.request_id, caller.context) as uow:
                 result = await work(uow)
             return result
         except OutOfOrder:
-            continue  # not a conflict: If-Match was checked and holds; a new transaction
-        except (ConcurrencyError, asyncpg.DeadlockDetectedError):
+            # Not a conflict: If-Match was checked and holds; a new transaction succeeds.
+            if attempt + 1 < MAX_ATTEMPTS:
+                metrics.RETRIES.inc()
+        except _GroupsChanged:
+            if attempt + 1 < MAX_ATTEMPTS:
+                metrics.RETRIES.inc()
+        except (ConcurrencyError, asyncpg.DeadlockDetectedError) as e:
+            if isinstance(e, asyncpg.DeadlockDetectedError):
+                metrics.CONFLICTS.labels("deadlock").inc()
             if if_match is not None:
+                metrics.CONFLICT_ANSWERS.labels("412").inc()
                 raise precondition_failed() from None
+            if attempt + 1 < MAX_ATTEMPTS:
+                metrics.RETRIES.inc()
+    metrics.CONFLICT_ANSWERS.labels("409").inc()
     raise ScimError(409, "The resource is being changed by other requests; retry", "mutability")
 
 
@@ -116,6 +133,7 @@ async def deprovision_user(
     """Hard delete; the user leaves every group it was in, as membership events on them."""
 
     async def work(uow: UnitOfWork) -> None:
+        await uow.queue_for_groups_of(user_id)
         user = await _load_user(uow, user_id, if_match, lock=True)
         _domain(user.deprovision)
         await _leave_groups(uow, user_id)
@@ -189,6 +207,7 @@ async def delete_group(
     """The group goes, and leaves every group it was nested in, as membership events on them."""
 
     async def work(uow: UnitOfWork) -> None:
+        await uow.queue_for_groups_of(group_id)
         group = await _load_group(uow, group_id, if_match)
         _domain(group.delete)
         await _leave_groups(uow, group_id)
@@ -310,6 +329,8 @@ async def _leave_groups(uow: UnitOfWork, member_id: UUID) -> None:
         member_id,
     )
     for row in rows:
+        if not uow.queued_for(row["group_id"]):
+            raise _GroupsChanged
         parent = await uow.group(row["group_id"])
         if parent is not None and not parent.deleted:
             parent.change_membership([], [str(member_id)])

@@ -15,14 +15,15 @@ from aiohttp.typedefs import Middleware
 
 from infra.tenants import Principal, authenticate
 from service.errors import ScimError
+from service.metrics import observe_request
 from service.outcomes import context_for, is_audited
 from service.state import DATABASE, PRINCIPAL, REQUEST_CONTEXT, REQUEST_ID, Handler
 
 log = structlog.get_logger("scimledger.http")
 
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-# Paths that answer without a token: liveness and readiness probes.
-_PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+# Paths that answer without a token: liveness and readiness probes, metrics (see metrics.py).
+_PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 def _audit_page(path: str) -> bool:
@@ -44,7 +45,12 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         status = response.status
         response.headers["X-Request-Id"] = request_id
         return response
+    except web.HTTPException as e:  # redirects of the audit pages leave as exceptions
+        status = e.status
+        raise
     finally:
+        elapsed = time.perf_counter() - started
+        observe_request(request, status, elapsed)
         principal = request.get(PRINCIPAL)
         # The query string is left out on purpose: filters carry userNames and e-mail addresses.
         log.info(
@@ -52,7 +58,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             method=request.method,
             path=request.path,
             status=status,
-            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            duration_ms=round(elapsed * 1000, 2),
             tenant=principal.tenant_name if principal else None,
             request_id=request_id,
         )

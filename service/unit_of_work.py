@@ -24,6 +24,8 @@ from infra.eventstore import RecordedEvent
 from projections import groups as groups_view
 from projections import users as users_view
 
+_STREAM_LOCKS = 0x5C1F  # advisory lock namespace of group streams (0x5C1E: projection runners)
+
 
 class UnitOfWork:
     def __init__(
@@ -36,6 +38,7 @@ class UnitOfWork:
         self.recorded: list[RecordedEvent] = []
         self._users: dict[UUID, User] = {}
         self._groups: dict[UUID, Group] = {}
+        self._queued: set[UUID] = set()
         self._conn: PoolConnectionProxy[Any] | None = None
         self._tx: Transaction | None = None
 
@@ -100,10 +103,39 @@ class UnitOfWork:
         """
         if group_id in self._groups:
             return self._groups[group_id]
+        await self._queue_for(group_id)
         group = await groups_view.load_for_update(self.conn, self.tenant_id, group_id)
         if group is not None:
             self._groups[group_id] = group
         return group
+
+    async def _queue_for(self, group_id: UUID) -> None:
+        """Writers to one group first queue on a lock that assigns no transaction id: each then
+        takes its id (its place in the followers' order) after the previous writer committed,
+        so the group's events reach followers in version order. Waiters on the row lock alone
+        hold ids taken before they waited, and are not woken in that order."""
+        if group_id not in self._queued:
+            await self.conn.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2))", _STREAM_LOCKS, str(group_id)
+            )
+            self._queued.add(group_id)
+
+    async def queue_for_groups_of(self, member_id: UUID) -> None:
+        """Before this transaction takes its id: queue for every group `member_id` is in (it
+        is about to leave them), in one order. See `queued_for`."""
+        rows = await self.conn.fetch(
+            "SELECT group_id FROM scim_group_members WHERE tenant_id = $1 AND member_id = $2"
+            " ORDER BY group_id",
+            self.tenant_id,
+            member_id,
+        )
+        for row in rows:
+            await self._queue_for(row["group_id"])
+
+    def queued_for(self, group_id: UUID) -> bool:
+        """Whether this transaction queued for the group before it took its id. A writer that
+        joins a group after that would write it under an id older than the group's last."""
+        return group_id in self._queued
 
     def add_group(self, group: Group) -> None:
         self._groups[group.id] = group

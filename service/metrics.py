@@ -1,0 +1,149 @@
+"""GET /metrics: this server's Prometheus metrics (text format), without a token.
+
+It tells request counts and latencies per route template, event-store appends, write
+conflicts and retries, each asynchronous projection's lag, and the database pool's use; no
+label carries an id, a name, a tenant or a token, so the page holds nothing secret. It is on by
+default and unauthenticated, like /healthz: keep it off the public load balancer (route only
+/scim/ and /audit/ there) or turn it off with SCIMLEDGER_METRICS=0 (docs/operations.md).
+
+One process is one instance. Under `serve --workers N` the workers share one
+PROMETHEUS_MULTIPROC_DIR (set by the parent), and a scrape reaching any worker reports the sum
+over all of them (pool gauges summed over live workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from infra import metrics as m
+from service.state import DATABASE
+
+# Bounds the work of one scrape when a projection is far behind: the gauge then reads "at least".
+_LAG_COUNT_CAP = 1_000_000
+_LAG_SQL = """
+SELECT count(*) AS events, extract(epoch FROM now() - min(recorded_at)) AS seconds
+FROM (
+    SELECT recorded_at FROM stored_events
+    WHERE (transaction_id, notification_id) > ($1::bigint, $2::bigint)
+    ORDER BY transaction_id, notification_id
+    LIMIT $3
+) behind
+"""
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def observe_request(request: web.Request, status: int, seconds: float) -> None:
+    """Count one answered request under its route template (never the raw path)."""
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    m.REQUESTS.labels(request.method, route, str(status)).inc()
+    m.REQUEST_SECONDS.labels(request.method, route).observe(seconds)
+
+
+def sample_pool(pool: asyncpg.Pool) -> None:
+    size = pool.get_size()
+    m.POOL_SIZE.set(size)
+    m.POOL_IN_USE.set(size - pool.get_idle_size())
+    m.POOL_MAX.set(pool.get_max_size())
+
+
+class _Lag(Collector):
+    """Each asynchronous projection's distance from the head of the log, read at scrape time."""
+
+    def __init__(self, rows: list[tuple[str, int, float]]) -> None:
+        self.rows = rows
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        events = GaugeMetricFamily(
+            "scimledger_projection_lag_events",
+            "Events committed but not yet applied by the projection.",
+            labels=["projection"],
+        )
+        seconds = GaugeMetricFamily(
+            "scimledger_projection_lag_seconds",
+            "Age of the oldest event the projection has not applied (0 when caught up).",
+            labels=["projection"],
+        )
+        for name, behind, age in self.rows:
+            events.add_metric([name], behind)
+            seconds.add_metric([name], age)
+        yield events
+        yield seconds
+
+
+async def _lag(pool: asyncpg.Pool) -> list[tuple[str, int, float]]:
+    from projections.registry import PROJECTIONS
+
+    names = [p.name for p in PROJECTIONS.values() if p.mode == "async"]
+    out = []
+    async with pool.acquire() as conn:
+        checkpoints = {
+            r["name"]: (r["checkpoint_transaction"], r["checkpoint_position"])
+            for r in await conn.fetch(
+                "SELECT name, checkpoint_transaction, checkpoint_position FROM projection_state"
+                " WHERE name = any($1::text[])",
+                names,
+            )
+        }
+        for name in names:
+            after = checkpoints.get(name, (0, 0))
+            row = await conn.fetchrow(_LAG_SQL, after[0], after[1], _LAG_COUNT_CAP)
+            assert row is not None
+            out.append((name, int(row["events"]), float(row["seconds"] or 0.0)))
+    return out
+
+
+async def metrics(request: web.Request) -> web.Response:
+    pool = request.app[DATABASE].pool
+    sample_pool(pool)
+    if multiprocess_dir():
+        from prometheus_client import multiprocess
+
+        base = CollectorRegistry()
+        multiprocess.MultiProcessCollector(base)  # type: ignore[no-untyped-call]
+    else:
+        base = REGISTRY
+    lag = CollectorRegistry(auto_describe=False)
+    try:
+        lag.register(_Lag(await _lag(pool)))
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        pass  # the database is away: the process's own figures still tell something
+    body = generate_latest(base) + generate_latest(lag)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def pool_sampler_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Under several workers, keep each worker's pool gauges fresh for scrapes of the others."""
+    task: asyncio.Task[Any] | None = None
+    if multiprocess_dir():
+
+        async def sample() -> None:
+            while True:
+                sample_pool(app[DATABASE].pool)
+                await asyncio.sleep(1.0)
+
+        task = asyncio.get_running_loop().create_task(sample())
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/metrics", metrics)
+    app.cleanup_ctx.append(pool_sampler_ctx)
