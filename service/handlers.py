@@ -99,7 +99,10 @@ async def update_user(
     """Apply `change` (a domain command on the loaded user) and commit what it triggered."""
 
     async def work(uow: UnitOfWork) -> User:
-        user = await _load_user(uow, user_id, if_match)
+        # The row lock queues writers to one user (as groups do): under a burst of PATCHes
+        # each one loads the state the previous one committed, instead of all racing on one
+        # version and running out of retries.
+        user = await _load_user(uow, user_id, if_match, lock=True)
         _domain(partial(change, user))
         await _check_manager(uow, user)
         await _flush(uow, user.user_name)
