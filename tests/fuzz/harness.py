@@ -43,8 +43,8 @@ SCIM_TYPES = frozenset(
 )
 # aiohttp's limit on the request line (its max_line_size default).
 MAX_REQUEST_LINE = 8190
-_PLACEHOLDER = re.compile(r"@@([UG])(\d+)@@|@@N@@")
-_PLACEHOLDER_BYTES = re.compile(rb"@@([UG])(\d+)@@|@@N@@")
+_PLACEHOLDER = re.compile(r"@@([UG])(\d+)@@|@@[NQ]@@")
+_PLACEHOLDER_BYTES = re.compile(rb"@@([UG])(\d+)@@|@@[NQ]@@")
 
 # Rows a rejected request must leave alone: domain events and the inline views.
 FINGERPRINT_SQL = """
@@ -96,10 +96,17 @@ class Harness:
         return pool[int(index or 0) % len(pool)]
 
     def fill(self, text: str) -> str:
-        return _PLACEHOLDER.sub(lambda m: self._id(m.group(1), m.group(2)), text)
+        def one(m: re.Match[str]) -> str:
+            if m.group(0) == "@@Q@@":
+                return uuid.uuid4().hex[:12]  # unique on every send
+            return self._id(m.group(1), m.group(2))
+
+        return _PLACEHOLDER.sub(one, text)
 
     def fill_bytes(self, raw: bytes) -> bytes:
         def one(m: re.Match[bytes]) -> bytes:
+            if m.group(0) == b"@@Q@@":
+                return uuid.uuid4().hex[:12].encode()
             kind = m.group(1).decode() if m.group(1) else None
             index = m.group(2).decode() if m.group(2) else None
             return self._id(kind, index).encode()

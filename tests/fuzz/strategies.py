@@ -4,12 +4,14 @@ Every strategy mixes valid input (what Entra sends), near-valid input (one thing
 garbage. Ids of resources that exist are not known while examples are drawn, so bodies, paths
 and filters carry placeholders that the harness fills in when it sends the request:
 `@@U3@@` is the id of the 4th user created so far (modulo how many exist), `@@G1@@` a group's,
-`@@N@@` a fresh random UUID.
+`@@N@@` a fresh random UUID, `@@Q@@` a fresh unique token.
 """
 
 from __future__ import annotations
 
 import json
+import random
+import string
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,8 +71,21 @@ def one_in(n: int) -> st.SearchStrategy[bool]:
 
 
 _any_char = st.characters(exclude_categories=())  # surrogates and controls included
-huge = st.sampled_from([300, 2_800, 9_000, 70_000]).flatmap(
-    lambda n: st.sampled_from(["x" * n, "é" * n, ("ab\x00" * n)[:n], "\U0001f600" * (n // 4)])
+
+
+def _noise(n: int, seed: int) -> str:
+    """n characters that do not compress (PostgreSQL compresses long values before indexing
+    them, so "x" * 9000 fits an index entry and a random 3000 characters do not)."""
+    return "".join(random.Random(seed).choices(string.ascii_letters + string.digits, k=n))
+
+
+huge = st.one_of(
+    st.sampled_from([300, 2_800, 9_000, 70_000]).flatmap(
+        lambda n: st.sampled_from(["x" * n, "é" * n, ("ab\x00" * n)[:n], "\U0001f600" * (n // 4)])
+    ),
+    st.tuples(st.sampled_from([1_000, 2_700, 4_000, 20_000]), st.integers(0, 2**32)).map(
+        lambda t: _noise(*t)
+    ),
 )
 text = st.one_of(
     st.text(max_size=12),
@@ -126,6 +141,7 @@ def _ids(kind: str) -> st.SearchStrategy[str]:
     """A placeholder for an existing resource id, or some other id."""
     return st.one_of(
         st.integers(0, 50).map(lambda k: f"@@{kind}{k}@@"),
+        st.integers(0, 50).map(lambda k: f"@@{kind}{k}@@"),
         st.integers(0, 50).map(lambda k: f"@@{'G' if kind == 'U' else 'U'}{k}@@"),
         st.just("@@N@@"),
         short_text,
@@ -180,8 +196,49 @@ user_names = st.one_of(
 )
 
 
+# @@Q@@ becomes a fresh value on every send: hypothesis replays near-identical examples, and
+# a valid create should not turn into a 409 because of that.
+unique_names = st.just("u@@Q@@@contoso.com")
+words = st.text(alphabet=string.ascii_letters + " -'é", min_size=1, max_size=16)
+
+
+@st.composite
+def valid_user_bodies(draw: st.DrawFn) -> dict[str, Any]:
+    """What Entra sends on a create or a PUT, with valid values throughout."""
+    name = draw(unique_names)
+    body: dict[str, Any] = {
+        "schemas": [USER, ENTERPRISE],
+        "externalId": "@@Q@@",
+        "userName": name,
+        "active": draw(st.sampled_from([True, False, "True", "False"])),
+        "displayName": draw(words),
+        "emails": [{"primary": True, "type": "work", "value": name}],
+        "name": {"givenName": draw(words), "familyName": draw(words)},
+        "addresses": None,
+        "manager": None,
+    }
+    if draw(st.booleans()):
+        body[ENTERPRISE] = {
+            "department": draw(words),
+            "employeeNumber": str(draw(st.integers(0, 99999))),
+        }
+    if draw(one_in(3)):
+        body[ENTERPRISE] = {**body.get(ENTERPRISE, {}), "manager": {"value": "@@U1@@"}}
+    if draw(st.booleans()):
+        body["phoneNumbers"] = [{"type": "mobile", "value": str(draw(st.integers(0, 10**9)))}]
+    return body
+
+
 @st.composite
 def user_bodies(draw: st.DrawFn) -> Any:
+    if draw(st.booleans()):
+        valid = draw(valid_user_bodies())
+        return draw(st.one_of(st.just(valid), mutated(valid, USER_KEYS)))
+    return draw(hostile_user_bodies())
+
+
+@st.composite
+def hostile_user_bodies(draw: st.DrawFn) -> Any:
     body: dict[str, Any] = {
         "schemas": draw(
             st.one_of(
@@ -246,7 +303,7 @@ def group_bodies(draw: st.DrawFn) -> Any:
     body: dict[str, Any] = {
         "schemas": draw(st.one_of(st.just([GROUP]), st.just([GROUP, AD_GROUP]), json_values)),
         "displayName": draw(
-            st.one_of(st.integers(0, 10**9).map(lambda n: f"Fuzz Group {n}"), text, scalars)
+            st.one_of(st.just("Fuzz Group @@Q@@"), text, scalars)
         ),
     }
     if draw(st.booleans()):
@@ -449,8 +506,36 @@ def operations(draw: st.DrawFn) -> Any:
     return draw(st.one_of(st.just(operation), mutated(operation, PATCH_KEYS), json_values))
 
 
+ENTRA_USER_OPS = st.one_of(
+    st.tuples(st.just("displayName"), words),
+    st.tuples(st.just("title"), st.one_of(words, st.just(""))),
+    st.tuples(st.just("active"), st.sampled_from(["False", "True", False, True])),
+    st.tuples(st.just('emails[type eq "work"].value'), unique_names),
+    st.tuples(st.just("name.givenName"), words),
+    st.tuples(st.just(f"{ENTERPRISE}:department"), words),
+    st.tuples(st.just(f"{ENTERPRISE}:manager"), st.just("@@U2@@")),
+    st.tuples(st.just("userName"), unique_names),
+    st.tuples(st.just('phoneNumbers[type eq "mobile"].value'), st.integers(0, 10**6).map(str)),
+).map(lambda t: {"op": "Replace", "path": t[0], "value": t[1]})
+ENTRA_NO_PATH_OPS = st.dictionaries(
+    st.sampled_from(["displayName", "name.familyName", f"{ENTERPRISE}:costCenter", "title"]),
+    words,
+    min_size=1,
+).map(lambda v: {"op": "replace", "value": v})
+ENTRA_GROUP_OPS = st.one_of(
+    st.tuples(st.sampled_from(["Add", "Remove"]), st.integers(0, 50)).map(
+        lambda t: {"op": t[0], "path": "members", "value": [{"value": f"@@U{t[1]}@@"}]}
+    ),
+    words.map(lambda w: {"op": "Replace", "path": "displayName", "value": f"Group {w}"}),
+)
+
+
 @st.composite
 def patch_bodies(draw: st.DrawFn) -> Any:
+    if draw(st.booleans()):
+        # The shapes Entra sends (for a user or a group: the other kind answers 400).
+        valid = st.one_of(ENTRA_USER_OPS, ENTRA_NO_PATH_OPS, ENTRA_GROUP_OPS)
+        return {"schemas": [PATCH_OP], "Operations": draw(st.lists(valid, min_size=1, max_size=3))}
     body = {
         "schemas": draw(st.one_of(st.just([PATCH_OP]), st.just([PATCH_OP.upper()]), json_values)),
         "Operations": draw(st.one_of(st.lists(operations(), max_size=4), json_values)),
@@ -527,6 +612,8 @@ def _dumps(value: Any, ascii_only: bool) -> bytes:
 def encoded(draw: st.DrawFn, value: Any) -> bytes:
     """JSON bytes of `value`, sometimes broken: truncated, bad bytes, BOM, deep nesting."""
     raw = _dumps(value, draw(st.integers(0, 4)) > 0)
+    if draw(st.booleans()):
+        return raw
     what = draw(st.integers(0, 12))
     if what == 0:
         raw = raw[: draw(st.integers(0, len(raw)))]
