@@ -8,9 +8,12 @@ a SCIM error, never anything else.
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
+import json
 import os
 import re
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -107,9 +110,17 @@ async def test_fuzzed_requests_never_500_and_rejected_ones_write_nothing(
 async def test_inputs_the_fuzz_found_are_refused_whole(
     client: TestClient[Any, Any], database: Database, tenant: IssuedToken
 ) -> None:
-    """Each of these was a 500 or a stalled audit log before it was fixed."""
+    """Each of these was a 500 or a stalled audit log before it was fixed (found by the fuzz,
+    or by probing what its first runs did not reach)."""
     noise = fz._noise(4000, 1)  # does not compress: too long for an index entry
     user = {"schemas": [fz.USER], "userName": "a@contoso.com"}
+    def cursor(created: str) -> str:
+        raw = json.dumps([created, str(uuid.uuid4())]).encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    def get(kind: str, name: str, value: str) -> fz.Request:
+        return fz.Request("GET", f"/scim/v2/{kind}", query=[(name, value)])
+
     def post(kind: str, body: dict[str, Any]) -> fz.Request:
         return fz.Request("POST", f"/scim/v2/{kind}", body=fz._dumps(body, True))
 
@@ -123,6 +134,11 @@ async def test_inputs_the_fuzz_found_are_refused_whole(
         # NUL and an unpaired surrogate in the path: the audit record must still be written.
         (fz.Request("DELETE", "/scim/v2/Users/a\x00b"), 404),
         (fz.Request("PATCH", "/scim/v2/Groups/\ud800", body=b"{}"), 404),
+        # Paging past what a bigint holds is an empty page; a forged cursor is invalidCursor.
+        (get("Users", "startIndex", str(10**39)), 200),
+        (get("Groups", "startIndex", str(2**64)), 200),
+        (get("Users", "cursor", cursor("0001-01-01T00:00:00+14:00")), 400),
+        (get("Groups", "cursor", cursor("9999-12-31T23:59:59-14:00")), 400),
     ]
     async with Harness(f"http://{client.host}:{client.port}", tenant.token, database) as harness:
         for request, status in cases:

@@ -9,6 +9,7 @@ and filters carry placeholders that the harness fills in when it sends the reque
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import string
@@ -548,6 +549,7 @@ def patch_bodies(draw: st.DrawFn) -> Any:
 int_params = st.one_of(
     st.integers(-5, 200).map(str),
     st.sampled_from(["0", "-0", "1e3", "10" * 20, "9" * 5000, "0x10", " 5", "", "abc"]),
+    st.sampled_from([str(2**63 - 1), str(2**63), str(2**64), str(10**39), str(-(2**63))]),
     st.integers(-(2**70), 2**70).map(str),
     short_text,
 )
@@ -556,6 +558,28 @@ attribute_lists = st.one_of(
         st.sampled_from([*FILTER_ATTRIBUTES, "groups", "members", "schemas"]), max_size=4
     ).map(",".join),
     text,
+)
+# Cursors shaped like ours (base64url of [created, id]) with extreme or wrong parts.
+forged_cursors = st.tuples(
+    st.one_of(
+        st.sampled_from(
+            [
+                "2026-01-01T00:00:00+00:00",
+                "2026-01-01",
+                "0001-01-01T00:00:00+14:00",
+                "9999-12-31T23:59:59-14:00",
+                "0001-01-01T00:00:00",
+                "24:00",
+            ]
+        ),
+        short_text,
+        json_values,
+    ),
+    st.one_of(st.just("00000000-0000-0000-0000-000000000000"), json_values),
+).map(
+    lambda t: base64.urlsafe_b64encode(json.dumps(list(t)).encode("utf-8", "surrogatepass"))
+    .decode()
+    .rstrip("=")
 )
 QUERY_PARAMS = {
     "filter": filters,
@@ -568,23 +592,49 @@ QUERY_PARAMS = {
     "cursor": st.one_of(
         st.just(""),
         st.sampled_from(["WyJ4IiwieSJd", "W10", "bnVsbA", "WzEsMl0", "!!!", "=" * 5]),
+        forged_cursors,
         text,
     ),
     "count ": int_params,
     "bogus": short_text,
 }
-query_params = st.lists(
-    st.sampled_from(sorted(QUERY_PARAMS)).flatmap(
-        lambda name: st.tuples(st.just(name), QUERY_PARAMS[name])
+# Sensible values, so that one hostile parameter is not hidden behind another's 400.
+SANE_PARAMS = {
+    "filter": st.sampled_from(
+        [
+            'userName eq "u1@contoso.com"',
+            'displayName sw "a"',
+            "active eq true",
+            'emails[type eq "work"].value co "@"',
+            'members.value eq "@@U0@@"',
+            'meta.lastModified gt "2020-01-01T00:00:00Z"',
+        ]
     ),
-    max_size=5,
-)
+    "count": st.integers(0, 20).map(str),
+    "startIndex": st.integers(1, 20).map(str),
+    "sortBy": st.sampled_from(["userName", "displayName", "meta.created", "externalId"]),
+    "sortOrder": st.sampled_from(["ascending", "descending"]),
+    "attributes": st.sampled_from(["userName", "displayName,members", "emails.value"]),
+    "excludedAttributes": st.sampled_from(["members", "groups", "name.givenName"]),
+}
+
+
+@st.composite
+def query_params(draw: st.DrawFn) -> list[tuple[str, str]]:
+    """A few parameters: one of them hostile, the others mostly sensible."""
+    names = draw(st.lists(st.sampled_from(sorted(QUERY_PARAMS)), max_size=4, unique=True))
+    hot = draw(st.sampled_from(names)) if names else None
+    out = []
+    for name in names:
+        hostile = name == hot or name not in SANE_PARAMS or draw(one_in(4))
+        out.append((name, draw(QUERY_PARAMS[name] if hostile else SANE_PARAMS[name])))
+    return out
 
 
 @st.composite
 def search_bodies(draw: st.DrawFn) -> Any:
     body: dict[str, Any] = {"schemas": [SEARCH]}
-    for name, value in draw(query_params):
+    for name, value in draw(query_params()):
         body[name.strip()] = draw(st.one_of(st.just(value), json_values))
     return draw(st.one_of(st.just(body), mutated(body, list(QUERY_PARAMS)), json_values))
 
@@ -684,9 +734,9 @@ def requests(draw: st.DrawFn) -> Request:
         method, path, body = "POST", f"/scim/v2/{kind}", draw(bodies)
     elif verb == "get":
         method, path = "GET", draw(_resource_path(kind))
-        query = draw(query_params)
+        query = draw(query_params())
     elif verb == "list":
-        method, path, query = "GET", f"/scim/v2/{kind}", draw(query_params)
+        method, path, query = "GET", f"/scim/v2/{kind}", draw(query_params())
     elif verb == "search":
         method, path, body = "POST", f"/scim/v2/{kind}/.search", draw(search_bodies())
     elif verb == "put":
@@ -694,7 +744,7 @@ def requests(draw: st.DrawFn) -> Request:
     elif verb == "patch":
         method, path, body = "PATCH", draw(_resource_path(kind)), draw(patch_bodies())
         if draw(one_in(4)):
-            query = draw(query_params)
+            query = draw(query_params())
     elif verb == "delete":
         method, path = "DELETE", draw(_resource_path(kind))
     else:
