@@ -63,8 +63,9 @@ class RequestContext:
 
 
 def _text_safe(fields: dict[str, Any]) -> dict[str, Any]:
-    """Strings that PostgreSQL text can hold and orjson can write: a path or an error detail
-    may echo a client's NUL or unpaired surrogate (from a percent-encoded URL)."""
+    """Strings PostgreSQL text can hold: a path or an error detail may echo a client's NUL
+    (`/Users/%00`), which would stop the audit projection at this record. (Unpaired
+    surrogates, which orjson refuses to write, are replaced too.)"""
     return {
         k: v.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
         if isinstance(v, str)
