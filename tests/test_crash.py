@@ -162,7 +162,14 @@ async def test_sigkill_under_write_load_loses_no_acknowledged_request(
             os.kill(proc.pid, signal.SIGKILL)  # mid-load: every worker has a request in flight
             await asyncio.gather(*workers)  # a worker's own assertion error fails the test
         await stop(proc)
-        assert proc.returncode == -signal.SIGKILL
+        # (Its exit status is not checked: asyncio reports 255 when the kernel's reaping
+        # races its child watcher.) It is gone: nothing listens on its port any more.
+        async with aiohttp.ClientSession() as http:
+            try:
+                async with http.get(f"{base}/readyz"):
+                    raise AssertionError("the killed server still answers")
+            except aiohttp.ClientConnectionError:
+                pass
     finally:
         if proc.returncode is None:
             proc.kill()
