@@ -76,6 +76,7 @@ class Harness:
     tried: int = 0
     protocol_rejects: int = 0
     statuses: Counter[int] = field(default_factory=Counter)
+    kinds: Counter[str] = field(default_factory=Counter)
     failures: list[Failure] = field(default_factory=list)
     _http: aiohttp.ClientSession | None = None
 
@@ -147,6 +148,7 @@ class Harness:
             reply_headers = response.headers
         self.tried += 1
         self.statuses[status] += 1
+        self.kinds[_kind(request)] += 1
         shown = {k: v for k, v in headers.items() if k != "Authorization"}
         summary = f"{request.method} {str(url)[:300]} {shown} body={(body or b'')[:300]!r}"
 
@@ -249,6 +251,9 @@ class Harness:
             f" ({self.protocol_rejects} refused by the HTTP parser: request line over 8 KiB)",
             "  statuses: " + ", ".join(f"{s}: {n}" for s, n in sorted(self.statuses.items())),
         ]
+        lines.append(
+            "  requests: " + ", ".join(f"{k}: {n}" for k, n in sorted(self.kinds.items()))
+        )
         lines += [f"  {n} x {what}" for what, n in kinds.most_common()]
         seen: set[str] = set()
         for failure in self.failures:
@@ -256,3 +261,15 @@ class Harness:
                 seen.add(failure.what)
                 lines.append(f"  e.g. {failure}")
         return "\n".join(lines)
+
+
+def _kind(request: Request) -> str:
+    """`PATCH /Users/{id}`, `GET /Groups`, `POST /Users/.search`: what the request aimed at."""
+    parts = request.path.removeprefix("/scim/v2/").split("/")
+    if len(parts) > 1 and parts[1] == ".search":
+        target = f"/{parts[0]}/.search"
+    elif parts[0] in ("Users", "Groups"):
+        target = f"/{parts[0]}" + ("/{id}" if len(parts) > 1 else "")
+    else:
+        target = " other"
+    return f"{request.method} {target}".replace("  ", " ")
