@@ -45,7 +45,7 @@ from tests.fuzz.harness import SCIM_TYPES, Harness
 from tests.test_projections import rebuild_all, settle
 
 EXAMPLES = int(os.environ.get("SCIMLEDGER_FUZZ_EXAMPLES", "200"))
-PARSER_EXAMPLES = int(os.environ.get("SCIMLEDGER_FUZZ_PARSER_EXAMPLES", "150"))
+PARSER_EXAMPLES = int(os.environ.get("SCIMLEDGER_FUZZ_PARSER_EXAMPLES", "100"))
 
 parser_settings = settings(
     max_examples=PARSER_EXAMPLES,
