@@ -139,6 +139,7 @@ async def test_inputs_the_fuzz_found_are_refused_whole(
         (get("Groups", "startIndex", str(2**64)), 200),
         (get("Users", "cursor", cursor("0001-01-01T00:00:00+14:00")), 400),
         (get("Groups", "cursor", cursor("9999-12-31T23:59:59-14:00")), 400),
+        (get("Users", "cursor", "WyIwMDAxLTAxLTAxVDAwOjAwOjAwIiwgW11d"), 400),  # [created, []]
     ]
     async with Harness(f"http://{client.host}:{client.port}", tenant.token, database) as harness:
         for request, status in cases:

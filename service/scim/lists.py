@@ -111,6 +111,8 @@ def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         created, resource_id = orjson.loads(base64.urlsafe_b64decode(padded.encode()))
+        if not isinstance(created, str) or not isinstance(resource_id, str):
+            raise TypeError("a cursor is two strings")  # UUID([]) raises AttributeError
         when = datetime.fromisoformat(created)
         # In UTC, as the column is; a forged one may fall outside the calendar there.
         when = (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC)
