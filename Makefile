@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck bench-append bench-users bench-groups bench-audit bench-rebuild clean
+.PHONY: run test fuzz lint typecheck bench-append bench-users bench-groups bench-audit bench-rebuild clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,6 +19,13 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
+
+# The long fuzz run: 10,000+ generated and mutated SCIM requests against a live app and the
+# parsers; prints requests tried and failures found. (`make test` runs a short pass.)
+fuzz: $(STAMP)
+	SCIMLEDGER_FUZZ_EXAMPLES=$${SCIMLEDGER_FUZZ_EXAMPLES:-10000} \
+	SCIMLEDGER_FUZZ_PARSER_EXAMPLES=$${SCIMLEDGER_FUZZ_PARSER_EXAMPLES:-5000} \
+	$(BIN)/python -m pytest tests/test_fuzz.py -q -s -p no:cacheprovider
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -7,6 +7,7 @@ client's view is stale and it gets 412.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -118,7 +119,10 @@ async def update_user(
     """Apply `change` (a domain command on the loaded user) and commit what it triggered."""
 
     async def work(uow: UnitOfWork) -> User:
-        user = await _load_user(uow, user_id, if_match)
+        # The row lock queues writers to one user (as groups do): under a burst of PATCHes
+        # each one loads the state the previous one committed, instead of all racing on one
+        # version and running out of retries.
+        user = await _load_user(uow, user_id, if_match, lock=True)
         _domain(partial(change, user))
         await _check_manager(uow, user)
         await _flush(uow, user.user_name)
@@ -339,6 +343,16 @@ async def _leave_groups(uow: UnitOfWork, member_id: UUID) -> None:
 # -- shared -------------------------------------------------------------------------------
 
 
+# The views' indexes over client text, by the attribute that feeds them.
+_INDEXED_ATTRIBUTES = {
+    "scim_users_user_name_uq": "userName",
+    "scim_users_external_id_idx": "externalId",
+    "scim_users_email_keys_idx": "emails",
+    "scim_groups_display_name_uq": "displayName",
+    "scim_groups_external_id_idx": "externalId",
+}
+
+
 async def _flush(uow: UnitOfWork, name: str, attribute: str = "userName") -> None:
     try:
         await uow.flush()
@@ -348,6 +362,12 @@ async def _flush(uow: UnitOfWork, name: str, attribute: str = "userName") -> Non
         ):
             raise uniqueness(f"{attribute} {name!r} is already taken") from None
         raise
+    except asyncpg.ProgramLimitExceededError as e:
+        # A long value that does not compress outgrows an index entry (about 2.7 kB); the
+        # transaction is rolled back whole.
+        index = re.search(r'for index "([^"]+)"', str(e))
+        what = _INDEXED_ATTRIBUTES.get(index.group(1), "a value") if index else "a value"
+        raise invalid_value(f"{what} is too long to be stored") from None
 
 
 def _domain(command: Callable[[], T]) -> T:

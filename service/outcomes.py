@@ -41,16 +41,18 @@ class RequestContext:
     recorded: bool = False
 
     def describe(self, status: int) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "path": self.path,
-            "status": status,
-            "initiatedBy": self.initiated_by,
-            "client": self.client,
-            "targetType": self.target_type,
-            "targetId": self.target_id,
-            "durationMs": round((time.perf_counter() - self.started) * 1000, 3),
-        }
+        return _text_safe(
+            {
+                "method": self.method,
+                "path": self.path,
+                "status": status,
+                "initiatedBy": self.initiated_by,
+                "client": self.client,
+                "targetType": self.target_type,
+                "targetId": self.target_id,
+                "durationMs": round((time.perf_counter() - self.started) * 1000, 3),
+            }
+        )
 
     def success_status(self, query: Any = None) -> int:
         if self.method == "POST":
@@ -58,6 +60,18 @@ class RequestContext:
         if self.method == "DELETE" or (self.method == "PATCH" and self.target_type == "Group"):
             return 204
         return 200
+
+
+def _text_safe(fields: dict[str, Any]) -> dict[str, Any]:
+    """Strings PostgreSQL text can hold: a path or an error detail may echo a client's NUL
+    (`/Users/%00`), which would stop the audit projection at this record. (Unpaired
+    surrogates, which orjson refuses to write, are replaced too.)"""
+    return {
+        k: v.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+        if isinstance(v, str)
+        else v
+        for k, v in fields.items()
+    }
 
 
 def is_audited(request: web.Request) -> bool:
@@ -102,6 +116,7 @@ async def record_outcomes(request: web.Request, handler: Handler) -> web.StreamR
             parsed = {}
         error = {k: parsed.get(k) for k in ("status", "scimType", "detail")}
         error["status"] = error["status"] or str(status)
+        error = _text_safe(error)
     elif request.method in WRITE_METHODS and not request.path.endswith("/.search"):
         outcome = "skipped"
     else:

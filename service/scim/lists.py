@@ -10,7 +10,7 @@ import base64
 import binascii
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -35,6 +35,9 @@ class ListQuery:
     excluded_attributes: str | None
     # None: index paging. "": first page of cursor paging. Otherwise an opaque cursor.
     cursor: str | None
+
+
+_MAX_START_INDEX = 2**63
 
 
 def _int(raw: Any, name: str) -> int:
@@ -67,7 +70,8 @@ def parse_list_query(params: Mapping[str, Any], max_results: int) -> ListQuery:
         raise ScimError(400, "cursor must be a string", "invalidCursor")
     if cursor is not None and p.get("startindex") is not None:
         raise invalid_value("startIndex and cursor cannot be used together")
-    start_index = max(1, _int(p.get("startindex", 1), "startIndex"))
+    # Past the last result is an empty page, however far: OFFSET is a bigint.
+    start_index = min(max(1, _int(p.get("startindex", 1), "startIndex")), _MAX_START_INDEX)
     # RFC 7644: a negative count is interpreted as 0; an absent one is the server's choice.
     count = min(max(0, _int(p.get("count", max_results), "count")), max_results)
     order = p.get("sortorder")
@@ -107,8 +111,13 @@ def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         created, resource_id = orjson.loads(base64.urlsafe_b64decode(padded.encode()))
-        return datetime.fromisoformat(created), UUID(resource_id)
-    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
+        if not isinstance(created, str) or not isinstance(resource_id, str):
+            raise TypeError("a cursor is two strings")  # UUID([]) raises AttributeError
+        when = datetime.fromisoformat(created)
+        # In UTC, as the column is; a forged one may fall outside the calendar there.
+        when = (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC)
+        return when, UUID(resource_id)
+    except (ValueError, TypeError, OverflowError, binascii.Error, orjson.JSONDecodeError):
         raise ScimError(400, "The cursor is not valid", "invalidCursor") from None
 
 

@@ -12,7 +12,7 @@ from aiohttp import web
 from domain.user import User
 from projections import users as users_view
 from service import handlers
-from service.errors import invalid_syntax, not_found, scim_json
+from service.errors import invalid_syntax, invalid_value, not_found, scim_json
 from service.handlers import Caller, etag, etag_matches, parse_id
 from service.scim.filter import user_filter_sql, user_sort_sql
 from service.scim.lists import (
@@ -47,9 +47,28 @@ def caller(request: web.Request) -> Caller:
 async def json_body(request: web.Request) -> Any:
     raw = await request.read()
     try:
-        return orjson.loads(raw)
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise invalid_syntax("The request body is not valid JSON") from None
+    if b"\\u0000" in raw and _holds_nul(body):
+        # Valid JSON, but PostgreSQL text and jsonb cannot hold U+0000.
+        raise invalid_value("Strings in the request body cannot contain NUL (U+0000)")
+    return body
+
+
+def _holds_nul(value: Any) -> bool:
+    pending = [value]
+    while pending:  # iterative: orjson allows nesting deeper than Python's recursion limit
+        item = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
 
 
 async def json_object(request: web.Request) -> dict[str, Any]:
