@@ -24,7 +24,7 @@ from infra.eventstore import RecordedEvent
 from projections import groups as groups_view
 from projections import users as users_view
 
-_STREAM_LOCKS = 0x5C1F  # advisory lock namespace of group streams (0x5C1E: projection runners)
+_STREAM_LOCKS = 0x5C1F  # advisory locks of user and group streams (0x5C1E: projection runners)
 
 
 class UnitOfWork:
@@ -85,7 +85,9 @@ class UnitOfWork:
         self._users[user.id] = user
 
     async def user_for_update(self, user_id: UUID) -> User | None:
-        """Like `user`, and lock the user's row so no group adds it while it is deleted."""
+        """Like `user`, and lock the user's row so no group adds it while it is deleted, and
+        concurrent writers queue instead of racing (after `_queue_for`, as for groups)."""
+        await self._queue_for(user_id)
         await self.conn.execute(
             "SELECT 1 FROM scim_users WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
             self.tenant_id,
@@ -110,10 +112,12 @@ class UnitOfWork:
         return group
 
     async def _queue_for(self, group_id: UUID) -> None:
-        """Writers to one group first queue on a lock that assigns no transaction id: each then
-        takes its id (its place in the followers' order) after the previous writer committed,
-        so the group's events reach followers in version order. Waiters on the row lock alone
-        hold ids taken before they waited, and are not woken in that order."""
+        """Writers to one stream (a group, or a user they lock) first queue on a lock that
+        assigns no transaction id: each then takes its id (its place in the followers' order)
+        after the previous writer committed, so the stream's events reach followers in version
+        order. Waiters on the row lock alone hold ids taken before they waited, and are not
+        woken in that order. (Should one still come late, the event store refuses its append
+        and the handler retries it: infra.eventstore.OutOfOrder.)"""
         if group_id not in self._queued:
             await self.conn.execute(
                 "SELECT pg_advisory_xact_lock($1, hashtext($2))", _STREAM_LOCKS, str(group_id)
