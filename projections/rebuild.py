@@ -309,9 +309,11 @@ class Rebuilder:
         return _ReadAhead(rows, after, *self._decode(rows))
 
     async def _stop_reading_ahead(self) -> None:
+        # Let it finish rather than cancel it: a query cancelled half-way can hand its pooled
+        # connection back in a state the next user trips on (seen as "SET TRANSACTION
+        # ISOLATION LEVEL must be called before any query"). It is one batch's read.
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
-            ahead.cancel()
             await asyncio.gather(ahead, return_exceptions=True)
 
     async def _catch_up(
