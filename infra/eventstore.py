@@ -86,6 +86,12 @@ FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bytea[])
 RETURNING {_COLUMNS}
 """
 
+# `append_with`: the append and one more data-modifying statement (its parameters numbered from
+# APPEND_PARAMETERS + 1) in one SQL statement, so one round trip and one transaction.
+APPEND_PARAMETERS = 6
+_APPEND_WITH = "WITH appended AS ({insert}), also AS ({statement}) SELECT * FROM appended"
+_PRIMARY_KEY = "stored_events_pkey"
+
 _READ_STREAM = f"""
 SELECT {_COLUMNS} FROM stored_events
 WHERE originator_id = $1 AND originator_version > $2
@@ -154,6 +160,42 @@ class EventStore:
             )
         except asyncpg.UniqueViolationError as e:
             raise ConcurrencyError(_conflicting_stream(stored, e)) from None
+        return [_recorded(r) for r in rows]
+
+    async def append_with(
+        self,
+        conn: Conn,
+        tenant_id: UUID,
+        events: Sequence[DomainEventProtocol[UUID]],
+        request_id: str | None,
+        statement: str,
+        args: Sequence[Any],
+    ) -> list[RecordedEvent]:
+        """Append and run `statement` (e.g. a view's upsert) in the same SQL statement.
+
+        One round trip; outside an explicit transaction the statement is its own transaction,
+        committed (durably) before this returns. A clash on the events' primary key is a
+        ConcurrencyError; any other error (a view's unique index) is raised as it is, and
+        nothing is written.
+        """
+        stored = [self.mapper.to_stored_event(e) for e in events]
+        if not stored:
+            raise ValueError("append_with needs at least one event")
+        try:
+            rows = await conn.fetch(
+                _APPEND_WITH.format(insert=_INSERT, statement=statement),
+                [s.originator_id for s in stored],
+                [s.originator_version for s in stored],
+                [s.topic for s in stored],
+                [s.state for s in stored],
+                tenant_id,
+                request_id,
+                *args,
+            )
+        except asyncpg.UniqueViolationError as e:
+            if getattr(e, "constraint_name", None) == _PRIMARY_KEY:
+                raise ConcurrencyError(_conflicting_stream(stored, e)) from None
+            raise
         return [_recorded(r) for r in rows]
 
     async def append_now(
