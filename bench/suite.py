@@ -138,10 +138,12 @@ QUICK = Sizes(
     rebuild_events=100_000,
     audit_entries=100_000,
     audit_samples=30,
-    peer_seed_timeout=120,
-    peer_group_timeout=120,
+    peer_seed_timeout=60,
+    peer_group_timeout=60,
 )
 SPARE = 200  # users in no group, for the add/remove pairs
+PEER_PAIRS = 40
+PARTS = ("peer", "groups", "cycle", "rebuild", "audit")
 
 
 # --- CPU accounting -------------------------------------------------------------------------------
@@ -683,6 +685,11 @@ class Context:
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     pg_version: str = ""
+    skip: frozenset[str] = frozenset()
+
+    @property
+    def no_peer(self) -> str:
+        return "skipped" if "peer" in self.skip else "not installed"
     group_p50: dict[int, tuple[float, float]] = field(default_factory=dict)  # ours, by size
 
     def add(self, row: Row) -> None:
@@ -803,7 +810,7 @@ async def http_part(
                     f"{post.rate:,.0f} req/s; p50 {ms(post.p50)}, p99 {ms(post.p99)}",
                     f"{peer_post.rate:,.0f} req/s; p50 {ms(peer_post.p50)}, p99 {ms(peer_post.p99)}"
                     if peer_post
-                    else "not installed",
+                    else ctx.no_peer,
                     "≥ 0.6 x floor and ≥ 3 x peer",
                     f"{verdict(ok1)}: {ratio_floor:.2f} x floor, "
                     + (f"{ratio_peer:.1f} x peer" if ratio_peer else "no peer"),
@@ -878,7 +885,7 @@ async def http_part(
                     )
             base_rate = gets[0][1].rate
             for size, got, cpu in gets:
-                _, peer_got, why = peer_gets.get(size, (0, None, "not installed"))
+                _, peer_got, why = peer_gets.get(size, (0, None, ctx.no_peer))
                 largest = size == s.users[-1]
                 ok2 = None
                 target = ""
@@ -934,8 +941,14 @@ async def http_part(
                 )
 
             # (3) groups, ours and the peer's
-            await groups_part(ctx, session, base, token, ids, ours, progress, "scimledger")
-            if peer_load is not None and theirs is not None and peer_load.user_ids is not None:
+            if "groups" not in ctx.skip:
+                await groups_part(ctx, session, base, token, ids, ours, progress, "scimledger")
+            if (
+                "groups" not in ctx.skip
+                and peer_load is not None
+                and theirs is not None
+                and peer_load.user_ids is not None
+            ):
                 await groups_part(
                     ctx,
                     session,
@@ -947,6 +960,8 @@ async def http_part(
                     "peer",
                 )
             # (4) the Entra cycle, on a tenant of its own
+            if "cycle" in ctx.skip:
+                return
             cycle_token = create_tenant(dsn)
             cycle = await entra_cycle(session, base, cycle_token, s.cycle, ours, progress)
             c = cycle.cpu
@@ -1020,10 +1035,12 @@ async def groups_part(
     available = sorted(k for k in ids if k < largest + SPARE)
     args = gbench.Args(
         sizes=s.groups,
-        pairs=s.pairs,
+        # The peer takes seconds per PATCH of a large group: fewer pairs, each size's share
+        # of them bounded by a timeout below.
+        pairs=min(s.pairs, PEER_PAIRS) if peer else s.pairs,
         gets=5,
         rounds=5,
-        warmup=10,
+        warmup=2 if peer else 10,
         batch=500,
         spare=SPARE,
         concurrency=1,
@@ -1060,7 +1077,14 @@ async def groups_part(
             break
         measured.append(g)
     if measured:
-        await run.sequential(measured)
+        try:
+            await asyncio.wait_for(run.sequential(measured), s.peer_group_timeout if peer else None)
+        except TimeoutError:
+            done = ", ".join(f"{len(g.add)} at {g.size:,}" for g in measured)
+            bounded.append(
+                f"pairs: cut short after {s.peer_group_timeout:.0f} s; pairs measured: {done}"
+            )
+            measured = [g for g in measured if g.add and g.remove]
     for row in group_rows(ctx, measured, who, bounded):
         ctx.add(row)
 
@@ -1076,7 +1100,7 @@ def group_rows(
             if row is None:
                 continue
             add, rem = percentile(g.add, 50), percentile(g.remove, 50)
-            row.peer = f"add p50 {ms(add)}, remove p50 {ms(rem)}"
+            row.peer = f"add p50 {ms(add)}, remove p50 {ms(rem)} ({len(g.add)} pairs)"
             mine = ctx.group_p50.get(g.size)
             if mine:
                 row.verdict += (
@@ -1089,6 +1113,8 @@ def group_rows(
             row = ours.get(f"{size} members")
             if row is not None:
                 row.peer = "not measured: " + text.split(":", 1)[1].strip()
+            else:
+                ctx.notes.append(f"(3, 8) peer {text}")
         ctx.notes.append(
             "(3, 8) peer groups: created without the ADSCIM schema URN and members removed with"
             ' a filter path (`members[value eq "id"]`): scim2-server refuses Entra\'s group body'
@@ -1224,8 +1250,14 @@ def run_all(ctx: Context) -> int:
         port, peer_port = free_port(), free_port()
         with contextlib.ExitStack() as servers:
             proc = servers.enter_context(server_process(dsn, port, tmp / "serve.log"))
-            peer = servers.enter_context(peer_process(peer_port, peer_token, tmp / "peer.log"))
-            if peer is None:
+            peer = (
+                None
+                if "peer" in ctx.skip
+                else servers.enter_context(peer_process(peer_port, peer_token, tmp / "peer.log"))
+            )
+            if "peer" in ctx.skip:
+                ctx.notes.append("(8) the peer was skipped (--skip peer)")
+            elif peer is None:
                 ctx.notes.append(
                     f"(8) the peer is not installed ({PEER}): `make bench` installs it"
                 )
@@ -1250,8 +1282,10 @@ def run_all(ctx: Context) -> int:
                     f"{type(e).__name__}: {e}\nserver log:\n{tail(tmp / 'serve.log')}"
                 ) from e
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        rebuild_part(ctx, dsn, rev)
-        audit_part(ctx, dsn)
+        if "rebuild" not in ctx.skip:
+            rebuild_part(ctx, dsn, rev)
+        if "audit" not in ctx.skip:
+            audit_part(ctx, dsn)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     ctx.rows.sort(key=lambda r: int(r.item))
     machine = machine_description(ctx.pg_version, load_before, rev)
@@ -1280,9 +1314,19 @@ def run_all(ctx: Context) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="smaller sizes: a few minutes")
+    parser.add_argument(
+        "--skip",
+        default="",
+        help=f"comma-separated parts to leave out: {', '.join(PARTS)} (the table says so)",
+    )
     ns = parser.parse_args(argv)
+    skip = frozenset(part for part in ns.skip.split(",") if part)
+    if not skip <= set(PARTS):
+        parser.error(f"--skip takes {', '.join(PARTS)}")
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    ctx = Context(QUICK if ns.quick else FULL, bool(ns.quick))
+    ctx = Context(QUICK if ns.quick else FULL, bool(ns.quick), skip=skip)
+    if skip:
+        ctx.notes.append(f"parts left out of this run: {', '.join(sorted(skip))}")
     try:
         return run_all(ctx)
     except wrk.WrkMissing as e:
