@@ -4,10 +4,11 @@ Handlers never touch a connection: they load through the unit of work, call the 
 commit. Events and the inline projection rows commit together or not at all; followers are
 woken after the commit.
 
-The transaction starts with the first read (`begin`). A write that read nothing (POST /Users
-without a manager) needs none: its flush is ONE statement (the events' INSERT with the users
-view's upsert), which PostgreSQL runs as its own transaction, one round trip instead of four.
-Nothing may fail after such a flush: it is committed when `flush` returns.
+The transaction starts with the first locking read or multi-statement write (`begin`). A user
+write that took no lock (POST /Users, PATCH /Users) needs none: its flush is ONE statement (the
+events' INSERT with the users view's upsert), which PostgreSQL runs as its own transaction;
+POST /Users is one round trip instead of four. Nothing may fail after such a flush: it is
+committed when `flush` returns.
 """
 
 from __future__ import annotations
@@ -87,6 +88,13 @@ class UnitOfWork:
                 self.context.recorded = True
             self.db.store.notify()
 
+    def _reader(self) -> PoolConnectionProxy[Any]:
+        """For plain reads (no lock): they need no transaction. Under READ COMMITTED each
+        statement sees what was committed when it started, in a transaction or not; a user's
+        stream is guarded by its version (a rival append makes the flush a ConcurrencyError)."""
+        assert self._conn is not None, "the unit of work is not open"
+        return self._conn
+
     @property
     def conn(self) -> PoolConnectionProxy[Any]:
         """The connection, once `begin` started the transaction."""
@@ -96,7 +104,7 @@ class UnitOfWork:
 
     async def user(self, user_id: UUID) -> User | None:
         """The user of this tenant, replayed from its stream; None if absent or another tenant's."""
-        aggregate = await self.db.store.load(await self.begin(), user_id)
+        aggregate = await self.db.store.load(self._reader(), user_id)
         if not isinstance(aggregate, User) or aggregate.tenant_id != self.tenant_id:
             return None
         self._users[user_id] = aggregate
@@ -133,7 +141,7 @@ class UnitOfWork:
         self._groups[group.id] = group
 
     async def user_exists(self, user_id: UUID) -> bool:
-        found = await (await self.begin()).fetchval(
+        found = await self._reader().fetchval(
             "SELECT EXISTS (SELECT 1 FROM scim_users WHERE tenant_id = $1 AND id = $2)",
             self.tenant_id,
             user_id,
