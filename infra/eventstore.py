@@ -30,6 +30,7 @@ from eventsourcing.persistence import Mapper, StoredEvent
 from infra.transcoder import make_mapper
 
 NOTIFY_CHANNEL = "scimledger_events"
+NOTIFY_COALESCE_SECONDS = 0.05
 
 # A plain connection or one borrowed from a pool: both run statements the same way.
 Conn = asyncpg.Connection | PoolConnectionProxy
@@ -224,6 +225,10 @@ class EventStore:
     async def _notify_loop(self) -> None:
         while True:
             await self._wake.wait()
+            # Let a burst of commits gather: one NOTIFY for all of them, so that followers
+            # (the asynchronous projections' runners) read them as one batch rather than one
+            # small batch, with its own transaction, per commit.
+            await asyncio.sleep(NOTIFY_COALESCE_SECONDS)
             self._wake.clear()
             try:
                 async with self.pool.acquire() as conn:
