@@ -898,7 +898,7 @@ async def http_part(
                     peer_text = f"{peer_got.rate:,.0f} req/s; p99 {ms(peer_got.p99)}" + (
                         f" ({why})" if why else ""
                     )
-                ratio = f"; {got.rate / peer_got.rate:.1f} x peer" if peer_got else ""
+                ratio = f"{got.rate / peer_got.rate:.1f} x the peer's rate" if peer_got else ""
                 ctx.add(
                     Row(
                         "2",
@@ -907,13 +907,17 @@ async def http_part(
                         f"{got.rate:,.0f} req/s; p99 {ms(got.p99)}",
                         peer_text,
                         target,
-                        (
-                            f"{verdict(ok2)}: {got.rate / base_rate:.2f} x the rate at"
-                            f" {s.users[0]:,}"
-                            if largest
-                            else ""
-                        )
-                        + ratio,
+                        "; ".join(
+                            part
+                            for part in (
+                                f"{verdict(ok2)}: {got.rate / base_rate:.2f} x the rate at"
+                                f" {s.users[0]:,}"
+                                if largest
+                                else "",
+                                ratio,
+                            )
+                            if part
+                        ),
                         cpu.text(),
                     )
                 )
@@ -1003,7 +1007,8 @@ async def http_part(
                 " for every user but the first; per group: GET filter displayName eq"
                 " (excludedAttributes=members) → POST (ADSCIM schema URN); then member adds,"
                 f" ≤ {MEMBER_BATCH} per PATCH; 'limited by the client' is met when the client is"
-                " the busiest process, or when no process reached 0.8 of a core"
+                " the busiest process, or when no process reached 0.8 of a core; inconclusive"
+                " when the machine was full (the CPU it had left was used up)"
             )
 
 
@@ -1113,10 +1118,14 @@ def group_rows(
             row.peer = f"add p50 {ms(add)}, remove p50 {ms(rem)} ({len(g.add)} pairs)"
             mine = ctx.group_p50.get(g.size)
             if mine:
-                row.verdict += (
-                    f"; {add / mine[0]:.1f} x / {rem / mine[1]:.1f} x faster than peer"
-                    if mine[0]
-                    else ""
+                row.verdict = "; ".join(
+                    part
+                    for part in (
+                        row.verdict,
+                        f"peer's p50 / ours: add {add / mine[0]:.1f} x,"
+                        f" remove {rem / mine[1]:.1f} x",
+                    )
+                    if part
                 )
         for text in bounded:
             size = text.split(":", 1)[0]
