@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test fuzz lint typecheck bench-append bench-users bench-groups bench-audit bench-rebuild clean
+.PHONY: run test fuzz lint typecheck bench bench-quick bench-append bench-users bench-groups bench-audit bench-rebuild clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,20 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+# The whole table (bench/results/latest.md; hours on a small machine) and a few-minute version
+# (bench/results/quick.md). Needs wrk: `apt-get install wrk`.
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench.suite
+
+bench-quick: $(BENCH_STAMP)
+	$(BIN)/python -m bench.suite --quick
 
 bench-append: $(STAMP)
 	$(BIN)/python -m bench.append

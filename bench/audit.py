@@ -1086,7 +1086,8 @@ def bench(args: argparse.Namespace, dsn: str) -> Outcome:
                         dsn, origin, token, tenant, args.samples, progress
                     )
                     exports = []
-                    for fmt in ("csv", "jsonl"):
+                    # bench.suite needs the query figures only.
+                    for fmt in ("csv", "jsonl") if getattr(args, "exports", True) else ():
                         t = progress.add_task(f"export {fmt} over HTTP", total=None, rate="")
                         e = await export_http(origin, token, fmt, proc.pid, per_tenant)
                         progress.update(t, total=1, completed=1, rate=f"{e.rate:,.0f}/s")
@@ -1099,7 +1100,7 @@ def bench(args: argparse.Namespace, dsn: str) -> Outcome:
                     raise BenchError(
                         f"{type(failure).__name__}: {failure}\nserver log:\n{tail(log)}"
                     ) from failure
-        for fmt in ("csv", "jsonl"):
+        for fmt in ("csv", "jsonl") if getattr(args, "exports", True) else ():
             t = progress.add_task(f"export {fmt} with the CLI", total=None, rate="")
             by_cli = export_cli(dsn, tenant, fmt, per_tenant)
             progress.update(t, total=1, completed=1, rate=f"{by_cli.rate:,.0f}/s")

@@ -32,6 +32,7 @@ from infra import metrics
 from infra.transcoder import make_mapper
 
 NOTIFY_CHANNEL = "scimledger_events"
+NOTIFY_COALESCE_SECONDS = 0.05
 
 # A plain connection or one borrowed from a pool: both run statements the same way.
 Conn = asyncpg.Connection | PoolConnectionProxy
@@ -94,14 +95,14 @@ _COLUMNS = (
 # Followers read in transaction id order, so a stream's events must have ascending
 # transaction ids. A writer takes its id when it first writes or locks a row, which may be
 # before it waited for the writer of the stream's previous version; then its id is the lower
-# of the two. Such an append inserts nothing (`late`) and is retried in a new transaction, whose
-# id is higher than that of every committed one.
+# of the two. Such an append fails whole (`late` raises SL001, migration 0010), and is retried
+# in a new transaction, whose id is higher than that of every committed one.
 _INSERT = f"""
 WITH e AS (
     SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bytea[])
         AS e (originator_id, originator_version, topic, state)
 ), late AS (
-    SELECT 1 FROM e JOIN stored_events p
+    SELECT scimledger_stream_written_later(p.originator_id) FROM e JOIN stored_events p
         ON p.originator_id = e.originator_id AND p.originator_version = e.originator_version - 1
     WHERE p.transaction_id > pg_current_xact_id()::text::bigint
     LIMIT 1
@@ -111,6 +112,13 @@ SELECT e.originator_id, e.originator_version, e.topic, e.state, $5::uuid, $6::te
 FROM e WHERE NOT EXISTS (SELECT 1 FROM late)
 RETURNING {_COLUMNS}
 """
+_OUT_OF_ORDER = "SL001"
+
+# `append_with`: the append and one more data-modifying statement (its parameters numbered from
+# APPEND_PARAMETERS + 1) in one SQL statement, so one round trip and one transaction.
+APPEND_PARAMETERS = 6
+_APPEND_WITH = "WITH appended AS ({insert}), also AS ({statement}) SELECT * FROM appended"
+_PRIMARY_KEY = "stored_events_pkey"
 
 _READ_STREAM = f"""
 SELECT {_COLUMNS} FROM stored_events
@@ -182,11 +190,55 @@ class EventStore:
         except asyncpg.UniqueViolationError as e:
             metrics.CONFLICTS.labels("version").inc()
             raise ConcurrencyError(_conflicting_stream(stored, e)) from None
-        if len(rows) != len(stored):
-            raise OutOfOrder(UUID(str(stored[0].originator_id)))
+        except asyncpg.PostgresError as e:
+            if e.sqlstate == _OUT_OF_ORDER:
+                metrics.CONFLICTS.labels("order").inc()
+                raise OutOfOrder(_late_stream(stored, e)) from None
+            raise
         metrics.APPEND_SECONDS.observe(time.perf_counter() - started)
         metrics.APPENDS.inc()
         metrics.EVENTS_APPENDED.inc(len(rows))
+        return [_recorded(r) for r in rows]
+
+    async def append_with(
+        self,
+        conn: Conn,
+        tenant_id: UUID,
+        events: Sequence[DomainEventProtocol[UUID]],
+        request_id: str | None,
+        statement: str,
+        args: Sequence[Any],
+    ) -> list[RecordedEvent]:
+        """Append and run `statement` (e.g. a view's upsert) in the same SQL statement.
+
+        One round trip; outside an explicit transaction the statement is its own transaction,
+        committed (durably) before this returns. A clash on the events' primary key is a
+        ConcurrencyError; any other error (a view's unique index) is raised as it is, and
+        nothing is written.
+        """
+        stored = [self.mapper.to_stored_event(e) for e in events]
+        if not stored:
+            raise ValueError("append_with needs at least one event")
+        try:
+            rows = await conn.fetch(
+                _APPEND_WITH.format(insert=_INSERT, statement=statement),
+                [s.originator_id for s in stored],
+                [s.originator_version for s in stored],
+                [s.topic for s in stored],
+                [s.state for s in stored],
+                tenant_id,
+                request_id,
+                *args,
+            )
+        except asyncpg.UniqueViolationError as e:
+            if getattr(e, "constraint_name", None) == _PRIMARY_KEY:
+                raise ConcurrencyError(_conflicting_stream(stored, e)) from None
+            raise
+        except asyncpg.PostgresError as e:
+            if e.sqlstate == _OUT_OF_ORDER:
+                metrics.CONFLICTS.labels("order").inc()
+                raise OutOfOrder(_late_stream(stored, e)) from None
+            raise
         return [_recorded(r) for r in rows]
 
     async def append_now(
@@ -215,6 +267,10 @@ class EventStore:
     async def _notify_loop(self) -> None:
         while True:
             await self._wake.wait()
+            # Let a burst of commits gather: one NOTIFY for all of them, so that followers
+            # (the asynchronous projections' runners) read them as one batch rather than one
+            # small batch, with its own transaction, per commit.
+            await asyncio.sleep(NOTIFY_COALESCE_SECONDS)
             self._wake.clear()
             try:
                 async with self.pool.acquire() as conn:
@@ -305,6 +361,14 @@ class EventStore:
                 await listener.close()
             else:
                 await self.pool.release(listener)
+
+
+def _late_stream(stored: Sequence[StoredEvent], error: asyncpg.PostgresError) -> UUID:
+    message = str(error)
+    for s in stored:
+        if str(s.originator_id) in message:
+            return UUID(str(s.originator_id))
+    return UUID(str(stored[0].originator_id))
 
 
 def _conflicting_stream(stored: Iterable[StoredEvent], error: asyncpg.UniqueViolationError) -> UUID:

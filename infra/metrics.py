@@ -38,7 +38,9 @@ APPEND_SECONDS = Histogram(
 )
 CONFLICTS = Counter(
     "scimledger_version_conflicts",
-    "Writes that lost a race: version (another append to the stream came first) or deadlock.",
+    # version: another append to the stream came first; order: the stream's previous version
+    # came from a newer transaction (retried, see infra.eventstore.OutOfOrder); deadlock.
+    "Writes that lost a race: version, order or deadlock.",
     ["kind"],
 )
 RETRIES = Counter(

@@ -248,7 +248,7 @@ async def _change_members(uow: UnitOfWork, group: Group, change: GroupChange) ->
         return
     adds = _canonical_ids(change.adds, strict=True)
     removes = _canonical_ids(change.removes, strict=False)
-    conn, tenant = uow.conn, uow.tenant_id
+    conn, tenant = await uow.begin(), uow.tenant_id
     if change.clear_members:
         rows = await conn.fetch(
             "SELECT member_id FROM scim_group_members WHERE tenant_id = $1 AND group_id = $2",
@@ -287,7 +287,7 @@ async def _check_new_members(uow: UnitOfWork, group: Group, added: set[UUID]) ->
 
     The rows are locked for share, so a member cannot be deleted while it joins.
     """
-    conn, tenant, ids = uow.conn, uow.tenant_id, sorted(added)
+    conn, tenant, ids = await uow.begin(), uow.tenant_id, sorted(added)
     users = await conn.fetch(
         "SELECT id FROM scim_users WHERE tenant_id = $1 AND id = any($2::uuid[]) FOR SHARE",
         tenant,
@@ -326,7 +326,7 @@ async def _check_new_members(uow: UnitOfWork, group: Group, added: set[UUID]) ->
 
 
 async def _leave_groups(uow: UnitOfWork, member_id: UUID) -> None:
-    rows = await uow.conn.fetch(
+    rows = await (await uow.begin()).fetch(
         "SELECT group_id FROM scim_group_members WHERE tenant_id = $1 AND member_id = $2"
         " ORDER BY group_id",
         uow.tenant_id,

@@ -3,10 +3,17 @@
 Handlers never touch a connection: they load through the unit of work, call the domain, and
 commit. Events and the inline projection rows commit together or not at all; followers are
 woken after the commit.
+
+The transaction starts with the first locking read or multi-statement write (`begin`). A user
+write that took no lock (POST /Users, PATCH /Users) needs none: its flush is ONE statement (the
+events' INSERT with the users view's upsert), which PostgreSQL runs as its own transaction;
+POST /Users is one round trip instead of four. Nothing may fail after such a flush: it is
+committed when `flush` returns.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 from types import TracebackType
 from typing import Any
@@ -20,11 +27,18 @@ from domain.group import Group
 from domain.request import ProvisioningRequest
 from domain.user import User
 from infra.database import Database
-from infra.eventstore import RecordedEvent
+from infra.eventstore import APPEND_PARAMETERS, RecordedEvent
 from projections import groups as groups_view
 from projections import users as users_view
 
 _STREAM_LOCKS = 0x5C1F  # advisory locks of user and group streams (0x5C1E: projection runners)
+
+# The users view's upsert, its parameters numbered after the append's (EventStore.append_with).
+_USERS_UPSERT = re.sub(
+    r"\$(\d+)",
+    lambda m: f"${int(m[1]) + APPEND_PARAMETERS}",
+    users_view._upsert(users_view.USERS),
+)
 
 
 class UnitOfWork:
@@ -41,12 +55,20 @@ class UnitOfWork:
         self._queued: set[UUID] = set()
         self._conn: PoolConnectionProxy[Any] | None = None
         self._tx: Transaction | None = None
+        self._committed = False  # a flush without a transaction: committed by its statement
 
     async def __aenter__(self) -> UnitOfWork:
         self._conn = await self.db.pool.acquire()
-        self._tx = self._conn.transaction()
-        await self._tx.start()
         return self
+
+    async def begin(self) -> PoolConnectionProxy[Any]:
+        """The connection, in this unit's transaction (started on the first call)."""
+        assert self._conn is not None, "the unit of work is not open"
+        if self._tx is None:
+            assert not self._committed, "this unit of work already committed"
+            self._tx = self._conn.transaction()
+            await self._tx.start()
+        return self._conn
 
     async def __aexit__(
         self,
@@ -54,28 +76,38 @@ class UnitOfWork:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        assert self._conn is not None and self._tx is not None
+        assert self._conn is not None
         try:
-            if exc_type is None:
-                await self._tx.commit()
-            else:
-                await self._tx.rollback()
+            if self._tx is not None:
+                if exc_type is None:
+                    await self._tx.commit()
+                else:
+                    await self._tx.rollback()
         finally:
             await self.db.pool.release(self._conn)
             self._conn = None
-        if exc_type is None and self.recorded:
+        if (exc_type is None or self._committed) and self.recorded:
             if self.context is not None:
                 self.context.recorded = True
             self.db.store.notify()
 
+    def _reader(self) -> PoolConnectionProxy[Any]:
+        """For plain reads (no lock): they need no transaction. Under READ COMMITTED each
+        statement sees what was committed when it started, in a transaction or not; a user's
+        stream is guarded by its version (a rival append makes the flush a ConcurrencyError)."""
+        assert self._conn is not None, "the unit of work is not open"
+        return self._conn
+
     @property
     def conn(self) -> PoolConnectionProxy[Any]:
+        """The connection, once `begin` started the transaction."""
         assert self._conn is not None, "the unit of work is not open"
+        assert self._tx is not None, "begin() the unit of work before using its connection"
         return self._conn
 
     async def user(self, user_id: UUID) -> User | None:
         """The user of this tenant, replayed from its stream; None if absent or another tenant's."""
-        aggregate = await self.db.store.load(self.conn, user_id)
+        aggregate = await self.db.store.load(self._reader(), user_id)
         if not isinstance(aggregate, User) or aggregate.tenant_id != self.tenant_id:
             return None
         self._users[user_id] = aggregate
@@ -88,7 +120,7 @@ class UnitOfWork:
         """Like `user`, and lock the user's row so no group adds it while it is deleted, and
         concurrent writers queue instead of racing (after `_queue_for`, as for groups)."""
         await self._queue_for(user_id)
-        await self.conn.execute(
+        await (await self.begin()).execute(
             "SELECT 1 FROM scim_users WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
             self.tenant_id,
             user_id,
@@ -106,7 +138,7 @@ class UnitOfWork:
         if group_id in self._groups:
             return self._groups[group_id]
         await self._queue_for(group_id)
-        group = await groups_view.load_for_update(self.conn, self.tenant_id, group_id)
+        group = await groups_view.load_for_update(await self.begin(), self.tenant_id, group_id)
         if group is not None:
             self._groups[group_id] = group
         return group
@@ -119,7 +151,7 @@ class UnitOfWork:
         woken in that order. (Should one still come late, the event store refuses its append
         and the handler retries it: infra.eventstore.OutOfOrder.)"""
         if group_id not in self._queued:
-            await self.conn.execute(
+            await (await self.begin()).execute(
                 "SELECT pg_advisory_xact_lock($1, hashtext($2))", _STREAM_LOCKS, str(group_id)
             )
             self._queued.add(group_id)
@@ -127,7 +159,7 @@ class UnitOfWork:
     async def queue_for_groups_of(self, member_id: UUID) -> None:
         """Before this transaction takes its id: queue for every group `member_id` is in (it
         is about to leave them), in one order. See `queued_for`."""
-        rows = await self.conn.fetch(
+        rows = await (await self.begin()).fetch(
             "SELECT group_id FROM scim_group_members WHERE tenant_id = $1 AND member_id = $2"
             " ORDER BY group_id",
             self.tenant_id,
@@ -145,7 +177,7 @@ class UnitOfWork:
         self._groups[group.id] = group
 
     async def user_exists(self, user_id: UUID) -> bool:
-        found = await self.conn.fetchval(
+        found = await self._reader().fetchval(
             "SELECT EXISTS (SELECT 1 FROM scim_users WHERE tenant_id = $1 AND id = $2)",
             self.tenant_id,
             user_id,
@@ -170,13 +202,27 @@ class UnitOfWork:
                 self.context.describe(self.context.success_status()),
             )
             outcome = list(record.collect_events())
-        recorded = await self.db.store.append(
-            self.conn, self.tenant_id, [*user_events, *group_events, *outcome], self.request_id
-        )
-        if users:
-            await users_view.write(self.conn, users)
-        if groups:
-            await groups_view.write(self.conn, groups, group_events)
+        events = [*user_events, *group_events, *outcome]
+        if users and not groups and not any(u.deprovisioned for u in users):
+            # The common write (a user created or changed): one statement, one round trip.
+            rows = [users_view.row_of(u) for u in users]
+            assert self._conn is not None, "the unit of work is not open"
+            recorded = await self.db.store.append_with(
+                self._conn,
+                self.tenant_id,
+                events,
+                self.request_id,
+                _USERS_UPSERT,
+                [list(column) for column in zip(*rows, strict=True)],
+            )
+            self._committed = self._tx is None
+        else:
+            conn = await self.begin()
+            recorded = await self.db.store.append(conn, self.tenant_id, events, self.request_id)
+            if users:
+                await users_view.write(conn, users)
+            if groups:
+                await groups_view.write(conn, groups, group_events)
         self.recorded.extend(recorded)
         return recorded
 

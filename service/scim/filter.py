@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -625,6 +626,28 @@ def _parse_datetime(value: Any, name: str) -> datetime:
         raise _FilterError(f"{name}: {value!r} is out of range") from None
 
 
+# --- the lookups identity providers send ---------------------------------------------------
+
+# `userName eq "x"`, `externalId eq "x"`, `displayName eq "x"`: what Entra sends before every
+# create. Written exactly so (one space each side of a lower-case `eq`, a plain attribute name,
+# a quoted value without escapes or control characters) a filter is always valid, and is
+# compiled without the parser by the same comparison code the parser's tree would reach.
+_SIMPLE_EQ = re.compile(r'([A-Za-z][A-Za-z0-9_]*) eq "([^"\\\x00-\x1f]*)"')
+
+
+def _simple_eq(attribute_map: AttributeMap, expression: str, params: SqlParams) -> str | None:
+    """The SQL of an `attr eq "value"` filter on a string attribute; None for anything else."""
+    match = _SIMPLE_EQ.fullmatch(expression) if len(expression) <= MAX_FILTER_LENGTH else None
+    if match is None:
+        return None
+    attribute = attribute_map.lookup(AttrPath(match[1]))
+    if attribute is None or attribute.kind is not Kind.STRING:
+        return None
+    return FilterCompiler(attribute_map, params)._compare_string(
+        attribute, CompareOperator.eq, match[2]
+    )
+
+
 # --- public API -------------------------------------------------------------------------
 
 
@@ -632,7 +655,9 @@ def compile_filter(attribute_map: AttributeMap, expression: str, params: SqlPara
     """A SQL boolean expression for a SCIM filter; parameters are added only on success."""
     scratch = SqlParams(list(params.values))
     try:
-        sql = FilterCompiler(attribute_map, scratch).compile(expression)
+        sql = _simple_eq(attribute_map, expression, scratch) or FilterCompiler(
+            attribute_map, scratch
+        ).compile(expression)
     except ScimError:
         raise
     except _FilterError as e:

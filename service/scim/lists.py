@@ -158,9 +158,15 @@ class Page:
     next_cursor: str | None = None
 
 
-async def fetch_page(pool: asyncpg.Pool, view: View, tenant_id: UUID, query: ListQuery) -> Page:
+async def fetch_page(
+    pool: asyncpg.Pool, view: View, tenant_id: UUID, query: ListQuery, extra: str | None = None
+) -> Page:
     """One page of a tenant's resources: index paging (OFFSET, any sortBy) or RFC 9865
-    cursors (keyset on created, id). Every value reaches SQL as a parameter."""
+    cursors (keyset on created, id). Every value reaches SQL as a parameter.
+
+    `extra`: a SQL expression over the page's row `p` (e.g. a correlated subquery), selected
+    as the column `extra` in the same round trip, computed for the page's rows only.
+    """
     a = view.alias
     params = SqlParams([tenant_id])
     where = f"{a}.tenant_id = $1"
@@ -178,8 +184,11 @@ async def fetch_page(pool: asyncpg.Pool, view: View, tenant_id: UUID, query: Lis
             where += f" AND ({a}.created, {a}.id) > {after}"
         rows = list(
             await pool.fetch(
-                f"SELECT {columns} FROM {view.table} {a} WHERE {where}"
-                f" ORDER BY {a}.created, {a}.id LIMIT {params.add(query.count + 1)}",
+                _with_extra(
+                    f"SELECT {columns} FROM {view.table} {a} WHERE {where}"
+                    f" ORDER BY {a}.created, {a}.id LIMIT {params.add(query.count + 1)}",
+                    extra,
+                ),
                 *params.values,
             )
         )
@@ -195,11 +204,22 @@ async def fetch_page(pool: asyncpg.Pool, view: View, tenant_id: UUID, query: Lis
         order = f"{a}.created, {a}.id"
     rows = list(
         await pool.fetch(
-            f"SELECT {columns}, count(*) OVER () AS total FROM {view.table} {a} WHERE {where}"
-            f" ORDER BY {order} OFFSET {params.add(query.start_index - 1)}"
-            f" LIMIT {params.add(query.count)}",
+            _with_extra(
+                f"SELECT {columns}, count(*) OVER () AS total FROM {view.table} {a} WHERE {where}"
+                f" ORDER BY {order} OFFSET {params.add(query.start_index - 1)}"
+                f" LIMIT {params.add(query.count)}",
+                extra,
+            ),
             *params.values,
         )
     )
     total = rows[0]["total"] if rows else await pool.fetchval(count_sql, *count_args)
     return Page(rows, int(total))
+
+
+def _with_extra(page_sql: str, extra: str | None) -> str:
+    # The page is a subquery, so `extra` runs once per row of the page, in the page's order
+    # (a plain scan of a subquery keeps its ORDER BY), never for the rows the page skipped.
+    if extra is None:
+        return page_sql
+    return f"SELECT p.*, {extra} AS extra FROM ({page_sql}) p"

@@ -225,18 +225,38 @@ async def search(request: web.Request) -> web.Response:
 
 USERS_VIEW = View("scim_users", "u", users_view.COLUMNS, user_filter_sql, user_sort_sql)
 
+# The `groups` of a page's user `p`, in the page's query (one round trip less than groups_of):
+# [[group id, displayName], ...] in groups_of's order, or NULL.
+_GROUPS_OF_ROW = (
+    "(SELECT jsonb_agg(jsonb_build_array(g.id, g.display_name)"
+    " ORDER BY lower(g.display_name), g.id)"
+    " FROM scim_group_members m"
+    " JOIN scim_groups g ON g.tenant_id = m.tenant_id AND g.id = m.group_id"
+    " WHERE m.tenant_id = p.tenant_id AND m.member_id = p.id)"
+)
+
 
 async def _search(request: web.Request, query: ListQuery) -> dict[str, Any]:
     pool = request.app[DATABASE].pool
-    page = await fetch_page(pool, USERS_VIEW, request[PRINCIPAL].tenant_id, query)
-    resources = await _page(request, page.rows, query)
+    wants = _wants_groups(query.attributes, query.excluded_attributes)
+    extra = _GROUPS_OF_ROW if wants else None
+    page = await fetch_page(pool, USERS_VIEW, request[PRINCIPAL].tenant_id, query, extra)
+    resources = _page(request, page.rows, query, wants)
     return list_response(resources, page.total, query, page.next_cursor)
 
 
-async def _page(request: web.Request, rows: list[Any], query: ListQuery) -> list[dict[str, Any]]:
+def _page(
+    request: web.Request, rows: list[Any], query: ListQuery, wants: bool
+) -> list[dict[str, Any]]:
     groups: dict[UUID, list[dict[str, str]]] = {}
-    if rows and _wants_groups(query.attributes, query.excluded_attributes):
-        groups = await groups_of(request, [row["id"] for row in rows])
+    if wants:
+        base = base_url(request)
+        for row in rows:
+            if row["extra"]:
+                groups[row["id"]] = [
+                    {"value": i, "$ref": f"{base}/Groups/{i}", "display": d, "type": "direct"}
+                    for i, d in row["extra"]
+                ]
     return [
         select_attributes(
             _resource_of_row(request, row, groups.get(row["id"])),
