@@ -176,29 +176,7 @@ class EventStore:
     ) -> list[RecordedEvent]:
         if not stored:
             return []
-        started = time.perf_counter()
-        try:
-            rows = await conn.fetch(
-                _INSERT,
-                [s.originator_id for s in stored],
-                [s.originator_version for s in stored],
-                [s.topic for s in stored],
-                [s.state for s in stored],
-                tenant_id,
-                request_id,
-            )
-        except asyncpg.UniqueViolationError as e:
-            metrics.CONFLICTS.labels("version").inc()
-            raise ConcurrencyError(_conflicting_stream(stored, e)) from None
-        except asyncpg.PostgresError as e:
-            if e.sqlstate == _OUT_OF_ORDER:
-                metrics.CONFLICTS.labels("order").inc()
-                raise OutOfOrder(_late_stream(stored, e)) from None
-            raise
-        metrics.APPEND_SECONDS.observe(time.perf_counter() - started)
-        metrics.APPENDS.inc()
-        metrics.EVENTS_APPENDED.inc(len(rows))
-        return [_recorded(r) for r in rows]
+        return await self._insert(conn, _INSERT, stored, tenant_id, request_id)
 
     async def append_with(
         self,
@@ -219,9 +197,23 @@ class EventStore:
         stored = [self.mapper.to_stored_event(e) for e in events]
         if not stored:
             raise ValueError("append_with needs at least one event")
+        sql = _APPEND_WITH.format(insert=_INSERT, statement=statement)
+        return await self._insert(conn, sql, stored, tenant_id, request_id, *args)
+
+    async def _insert(
+        self,
+        conn: Conn,
+        sql: str,
+        stored: Sequence[StoredEvent],
+        tenant_id: UUID,
+        request_id: str | None,
+        *args: Any,
+    ) -> list[RecordedEvent]:
+        """Run an append statement (`_INSERT`, alone or with more); its errors as ours."""
+        started = time.perf_counter()
         try:
             rows = await conn.fetch(
-                _APPEND_WITH.format(insert=_INSERT, statement=statement),
+                sql,
                 [s.originator_id for s in stored],
                 [s.originator_version for s in stored],
                 [s.topic for s in stored],
@@ -231,14 +223,18 @@ class EventStore:
                 *args,
             )
         except asyncpg.UniqueViolationError as e:
-            if getattr(e, "constraint_name", None) == _PRIMARY_KEY:
-                raise ConcurrencyError(_conflicting_stream(stored, e)) from None
-            raise
+            if getattr(e, "constraint_name", None) != _PRIMARY_KEY:
+                raise  # a view's unique index, in the same statement
+            metrics.CONFLICTS.labels("version").inc()
+            raise ConcurrencyError(_conflicting_stream(stored, e)) from None
         except asyncpg.PostgresError as e:
             if e.sqlstate == _OUT_OF_ORDER:
                 metrics.CONFLICTS.labels("order").inc()
                 raise OutOfOrder(_late_stream(stored, e)) from None
             raise
+        metrics.APPEND_SECONDS.observe(time.perf_counter() - started)
+        metrics.APPENDS.inc()
+        metrics.EVENTS_APPENDED.inc(len(rows))
         return [_recorded(r) for r in rows]
 
     async def append_now(

@@ -8,11 +8,13 @@ import random
 import uuid
 from collections import defaultdict
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import pytest
 from eventsourcing.persistence import StoredEvent
 
+from domain.user import User
 from infra.database import Database
 from infra.eventstore import (
     START,
@@ -23,6 +25,7 @@ from infra.eventstore import (
     RecordedEvent,
 )
 from infra.transcoder import OrjsonTranscoder
+from service.unit_of_work import UnitOfWork
 
 TENANT = uuid.UUID("00000000-0000-0000-0000-0000000000aa")
 
@@ -111,22 +114,32 @@ async def test_a_stream_is_never_appended_below_its_previous_transaction(
 ) -> None:
     """A writer whose transaction id was taken before the stream's previous version was
     written (it waited on a lock meanwhile) would put its event first in the followers' order:
-    the append inserts nothing and says so; in a new transaction it succeeds, in order."""
+    its append fails whole, a view change made in the same statement included; in a new
+    transaction it succeeds, in order."""
     store = database.store
     stream = uuid.uuid4()
     async with database.pool.acquire() as conn, conn.transaction():
         await store.append_stored(conn, TENANT, [stored(stream, 1, "v1")])
-    async with database.pool.acquire() as early, database.pool.acquire() as other:
-        async with early.transaction():
-            await early.fetchval("SELECT pg_current_xact_id()")  # takes its id now
-            async with other.transaction():
-                await store.append_stored(other, TENANT, [stored(stream, 2, "v2")])
+
+    async def late(append: Any) -> None:
+        async with database.pool.acquire() as early, database.pool.acquire() as other:
             with pytest.raises(OutOfOrder) as raised:
-                await store.append_stored(early, TENANT, [stored(stream, 3, "v3")])
+                async with early.transaction():
+                    await early.fetchval("SELECT pg_current_xact_id()")  # takes its id now
+                    async with other.transaction():
+                        version = await other.fetchval(
+                            "SELECT max(originator_version) FROM stored_events"
+                            " WHERE originator_id = $1",
+                            stream,
+                        )
+                        await store.append_stored(other, TENANT, [stored(stream, version + 1)])
+                    await append(early, version + 2)
             assert isinstance(raised.value, ConcurrencyError)
             assert raised.value.originator_id == stream
-        async with early.transaction():
-            await store.append_stored(early, TENANT, [stored(stream, 3, "v3")])
+            async with early.transaction():
+                await append(early, version + 2)
+
+    await late(lambda conn, v: store.append_stored(conn, TENANT, [stored(stream, v)]))
     back = await store.read_stream(database.pool, stream)
     assert [r.originator_version for r in back] == [1, 2, 3]
     order = [r for r in await store.read_all(START, 100) if r.originator_id == stream]
@@ -137,6 +150,38 @@ async def test_a_stream_is_never_appended_below_its_previous_transaction(
     async with database.pool.acquire() as conn, conn.transaction():
         rows = await store.append_stored(conn, TENANT, [stored(fresh, 1), stored(fresh, 2)])
     assert [r.originator_version for r in rows] == [1, 2]
+
+
+async def test_a_late_one_statement_write_leaves_neither_events_nor_view_row(
+    database: Database,
+) -> None:
+    """The same for a user write whose events and view row go in one statement (append_with):
+    it fails whole, and the retry in a new transaction applies it after the rival's."""
+    user = User.provision(uuid.uuid4(), TENANT, {"userName": "kim@contoso.com"})
+    async with UnitOfWork(database, TENANT, "r1") as uow:
+        uow.add_user(user)
+        await uow.flush()
+    with pytest.raises(OutOfOrder):
+        async with UnitOfWork(database, TENANT, "late") as uow:
+            await (await uow.begin()).fetchval("SELECT pg_current_xact_id()")  # its id, now
+            async with UnitOfWork(database, TENANT, "rival") as rival:
+                theirs = await rival.user(user.id)
+                assert theirs is not None
+                theirs.update({**theirs.state, "displayName": "Two"})
+                await rival.flush()
+            mine = await uow.user(user.id)
+            assert mine is not None and mine.version == 2
+            mine.update({**mine.state, "displayName": "Three"})
+            await uow.flush()
+    sql = "SELECT display_name, version FROM scim_users WHERE id = $1"
+    assert tuple(await database.pool.fetchrow(sql, user.id)) == ("Two", 2)
+    assert len(await database.store.read_stream(database.pool, user.id)) == 2
+    async with UnitOfWork(database, TENANT, "again") as uow:
+        mine = await uow.user(user.id)
+        assert mine is not None
+        mine.update({**mine.state, "displayName": "Three"})
+        await uow.flush()
+    assert tuple(await database.pool.fetchrow(sql, user.id)) == ("Three", 3)
 
 
 async def test_read_all_hides_events_of_an_open_transaction(database: Database) -> None:

@@ -84,7 +84,8 @@ async def test_counters_move_with_route_templates_and_no_ids(
     assert moved(before, after, "scimledger_append_duration_seconds_count") >= 1
     assert value(after, "scimledger_db_pool_max_connections") == 20
     assert value(after, "scimledger_db_pool_connections") >= 1
-    assert value(after, "scimledger_db_pool_connections_in_use") >= 1  # the scrape's own
+    in_use = value(after, "scimledger_db_pool_connections_in_use")
+    assert 0 <= in_use <= value(after, "scimledger_db_pool_connections")
     for projection in ("activity", "audit"):
         assert (
             "scimledger_projection_lag_events",
