@@ -409,13 +409,21 @@ class Rebuilder:
         Async: the live view only moves under the checkpoint row's lock, which we hold, so
         read committed is stable; a snapshot taken before waiting for that lock would be
         stale (a serialization failure whenever the runner was mid-step).
+
+        What it applies to the shadow is rolled back, and the position with it: it read every
+        event committed in its snapshot, beyond writers still in progress with lower
+        transaction ids, and a swap that went on from there would never apply theirs.
         """
-        async with conn.transaction(
-            isolation="read_committed" if self.is_async else "repeatable_read"
-        ):
+        saved = self.position, self.applied
+        tx = conn.transaction(isolation="read_committed" if self.is_async else "repeatable_read")
+        await tx.start()
+        try:
             checkpoint = await self._hold_checkpoint(conn)
             await self._final_catch_up(conn, total, checkpoint)
             return [await diff(conn, self.projection, t) for t in self.projection.tables]
+        finally:
+            await tx.rollback()
+            self.position, self.applied = saved
 
     async def _swap(self, conn: Conn, total: int) -> None:
         for attempt in range(20):

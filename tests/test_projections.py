@@ -287,6 +287,52 @@ async def test_rebuild_while_writes_continue(
         assert not report.swapped and not report.drift, report.diffs
 
 
+async def test_a_write_committing_while_the_swap_waits_is_in_the_new_view(
+    database: Database, tenant: IssuedToken
+) -> None:
+    """A writer with the lower transaction id is still in progress when the rebuild compares
+    (in a snapshot where a later writer is already committed), and commits while the swap waits
+    for its lock: its change must be in the swapped-in view. (Comparing once moved the position
+    past it, and the swap then never applied it: a lost write.)"""
+    tid = tenant.tenant_id
+    people = [User.provision(uuid.uuid4(), tid, {"userName": f"p{i}@x"}) for i in range(3)]
+    async with UnitOfWork(database, tid, "seed") as uow:
+        for person in people:
+            uow.add_user(person)
+        await uow.flush()
+    first, second = people[0].id, people[1].id
+
+    async def rename(uow: UnitOfWork, user_id: uuid.UUID, name: str) -> None:
+        user = await uow.user_for_update(user_id)
+        assert user is not None
+        user.update({**user.state, "displayName": name})
+        await uow.flush()
+
+    async with UnitOfWork(database, tid, "early") as early:
+        await (await early.begin()).fetchval("SELECT pg_current_xact_id()")  # the lower id
+        async with UnitOfWork(database, tid, "later") as later:
+            await rename(later, second, "Later")
+        await rename(early, first, "Early")  # written to the live view, not yet committed
+        rebuilding = asyncio.create_task(Rebuilder(database, PROJECTIONS["users"]).run())
+        # Until the swap waits for this transaction's lock on the live view.
+        for _ in range(400):
+            waiting = await database.pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND query LIKE 'LOCK TABLE scim_users%'"
+            )
+            if waiting or rebuilding.done():
+                break
+            await asyncio.sleep(0.02)
+        assert waiting and not rebuilding.done()
+    report = await rebuilding
+    assert report.swapped
+    sql = "SELECT id, display_name FROM scim_users WHERE tenant_id = $1"
+    names = {r["id"]: r["display_name"] for r in await database.pool.fetch(sql, tid)}
+    assert (names[first], names[second]) == ("Early", "Later")
+    (check,) = [r for r in await rebuild_all(database, dry_run=True) if r.name == "users"]
+    assert not check.drift, check.diffs
+
+
 async def test_dry_run_names_what_a_fixed_handler_would_change(
     api: Scim, database: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
