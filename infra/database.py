@@ -122,7 +122,8 @@ async def create_pool(
         connection_class=asyncpg.Connection,
         record_class=asyncpg.Record,
         statement_cache_size=statement_cache_size,
-        server_settings=_server_settings(),
+        # Ours (the session's name) and the caller's (e.g. a benchmark's synchronous_commit).
+        server_settings={**_server_settings(), **kw.pop("server_settings", {})},
         **kw,
     )
     pool.acquire_timeout = acquire_timeout
