@@ -83,7 +83,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from bench.common import durable_postgres, machine, percentile
+from bench.common import ROOT, SCIMLEDGER, durable_postgres, machine, percentile, revision
 from bench.users import _die_with_parent, server_process, tail, wait_ready
 from domain.group import Group
 from domain.request import ProvisioningRequest
@@ -100,10 +100,7 @@ from projections.runner import Runner
 from service import audit_queries as q
 from service.audit_queries import AuditFilter
 
-ROOT = Path(__file__).resolve().parent.parent
-SCIMLEDGER = ROOT / ".venv" / "bin" / "scimledger"
 RESULTS = ROOT / "bench" / "results" / "audit-latest.md"
-CODE = ("service", "domain", "infra", "projections")
 QUICK = 100_000
 TARGET_MS = 50.0
 DAYS = 90
@@ -969,25 +966,6 @@ class Outcome:
     exports: list[Export]
     settings: str
     table_mb: float
-
-
-def revision() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--", *CODE],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "commit unknown"
-    return f"commit {head}" + (" + uncommitted changes" if dirty else "")
 
 
 async def facts(dsn: str, tenant: Tenant) -> tuple[str, list[tuple[str, str, int]], int, float]:

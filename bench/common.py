@@ -5,12 +5,19 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
+
 from infra.embedded import EmbeddedPostgres
+
+ROOT = Path(__file__).resolve().parent.parent
+SCIMLEDGER = ROOT / ".venv" / "bin" / "scimledger"
+CODE = ("service", "domain", "infra", "projections")  # the code a benchmark measures
 
 
 @contextmanager
@@ -56,3 +63,29 @@ def percentile(samples: list[float], pct: float) -> float:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def machine_busy() -> float:
+    """CPU seconds that processes on this machine spent, all cores (interrupts not included)."""
+    t = psutil.cpu_times()
+    return float(t.user + t.system + getattr(t, "nice", 0.0))
+
+
+def revision() -> str:
+    """The commit the measured code came from, and whether it had uncommitted changes."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", *CODE],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "commit unknown"
+    return f"commit {head}" + (" + uncommitted changes" if dirty else "")

@@ -71,7 +71,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from bench.common import durable_postgres, machine
+from bench.common import ROOT, SCIMLEDGER, durable_postgres, machine, machine_busy, revision
 from bench.users import _die_with_parent, tree_cpu
 from domain.group import Group
 from domain.user import User
@@ -84,10 +84,7 @@ from projections.rebuild import register
 from projections.registry import PROJECTIONS
 from projections.runner import Runner
 
-ROOT = Path(__file__).resolve().parent.parent
-SCIMLEDGER = ROOT / ".venv" / "bin" / "scimledger"
 RESULTS = ROOT / "bench" / "results" / "rebuild-latest.md"
-CODE = ("service", "domain", "infra", "projections")  # the code a rebuild runs
 SMALL = 100_000
 TARGET = 50_000  # events/s, events x projections / seconds (the issue's goal)
 COLUMNS = (
@@ -600,12 +597,6 @@ def high_water(pid: int) -> int:
     return 0
 
 
-def machine_busy() -> float:
-    """CPU seconds that processes on this machine spent, all cores."""
-    t = psutil.cpu_times()
-    return float(t.user + t.system + getattr(t, "nice", 0.0))
-
-
 async def postmaster_of(dsn: str) -> tuple[psutil.Process | None, str]:
     """The postmaster, if the server runs on this machine, and its durability settings."""
     conn = await asyncpg.connect(dsn)
@@ -847,26 +838,6 @@ def bench(args: Args, dsn: str, rev: str) -> Outcome:
                 if dry_run and run.diff_text() != "none":
                     raise BenchError(f"a dry run right after a rebuild found drift:\n{run.output}")
     return Outcome(runs, marks, seeded.topics, settings, rev)
-
-
-def revision() -> str:
-    """The commit the rebuild ran from, and whether its code had uncommitted changes."""
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--", *CODE],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "commit unknown"
-    return f"commit {head}" + (" + uncommitted changes" if dirty else "")
 
 
 def report(args: Args, outcome: Outcome) -> None:

@@ -57,10 +57,16 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from bench.common import durable_postgres, machine, percentile
+from bench.common import (
+    ROOT,
+    SCIMLEDGER,
+    durable_postgres,
+    machine,
+    machine_busy,
+    percentile,
+    revision,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-SCIMLEDGER = ROOT / ".venv" / "bin" / "scimledger"
 RESULTS = ROOT / "bench" / "results" / "users-latest.md"
 SCIM = "application/scim+json"
 ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
@@ -222,12 +228,6 @@ def tree_cpu(root: psutil.Process) -> float:
         with contextlib.suppress(psutil.Error):
             total += process_cpu(child)
     return total
-
-
-def machine_busy() -> float:
-    """CPU seconds that processes on this machine spent, all cores (interrupts not included)."""
-    t = psutil.cpu_times()
-    return float(t.user + t.system + getattr(t, "nice", 0.0))
 
 
 @dataclass
@@ -536,37 +536,6 @@ async def bench(
     if proc.poll() is not None:
         raise BenchError(f"scimledger serve exited with {proc.returncode}:\n{tail(log)}")
     return Outcome(phases, seeding, settings, rev, reached)
-
-
-def revision() -> str:
-    """The commit the server ran from, and whether its code had uncommitted changes."""
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            [
-                "git",
-                "-C",
-                str(ROOT),
-                "status",
-                "--porcelain",
-                "--",
-                "service",
-                "domain",
-                "infra",
-                "projections",
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "commit unknown"
-    return f"commit {head}" + (" + uncommitted changes" if dirty else "")
 
 
 def report(args: Args, outcome: Outcome) -> None:
