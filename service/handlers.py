@@ -326,16 +326,11 @@ async def _check_new_members(uow: UnitOfWork, group: Group, added: set[UUID]) ->
 
 
 async def _leave_groups(uow: UnitOfWork, member_id: UUID) -> None:
-    rows = await (await uow.begin()).fetch(
-        "SELECT group_id FROM scim_group_members WHERE tenant_id = $1 AND member_id = $2"
-        " ORDER BY group_id",
-        uow.tenant_id,
-        member_id,
-    )
-    for row in rows:
-        if not uow.queued_for(row["group_id"]):
+    # Read again under the member's lock: it may have joined a group since it queued.
+    for group_id in await uow.groups_of(member_id):
+        if not uow.queued_for(group_id):
             raise _GroupsChanged
-        parent = await uow.group(row["group_id"])
+        parent = await uow.group(group_id)
         if parent is not None and not parent.deleted:
             parent.change_membership([], [str(member_id)])
 

@@ -156,17 +156,21 @@ class UnitOfWork:
             )
             self._queued.add(group_id)
 
-    async def queue_for_groups_of(self, member_id: UUID) -> None:
-        """Before this transaction takes its id: queue for every group `member_id` is in (it
-        is about to leave them), in one order. See `queued_for`."""
+    async def groups_of(self, member_id: UUID) -> list[UUID]:
+        """The groups `member_id` is directly in, in one order, as this transaction sees them."""
         rows = await (await self.begin()).fetch(
             "SELECT group_id FROM scim_group_members WHERE tenant_id = $1 AND member_id = $2"
             " ORDER BY group_id",
             self.tenant_id,
             member_id,
         )
-        for row in rows:
-            await self._queue_for(row["group_id"])
+        return [row["group_id"] for row in rows]
+
+    async def queue_for_groups_of(self, member_id: UUID) -> None:
+        """Before this transaction takes its id: queue for every group `member_id` is in (it
+        is about to leave them), in one order. See `queued_for`."""
+        for group_id in await self.groups_of(member_id):
+            await self._queue_for(group_id)
 
     def queued_for(self, group_id: UUID) -> bool:
         """Whether this transaction queued for the group before it took its id. A writer that
