@@ -78,13 +78,8 @@ def _text(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
 
 
-def modified(
-    before: Mapping[str, Any] | None, after: Mapping[str, Any] | None
-) -> list[dict[str, Any]]:
-    return _changes(_flat(before), _flat(after))
-
-
 def _changes(old: Mapping[str, str], new: Mapping[str, str]) -> list[dict[str, Any]]:
+    """modifiedProperties: the attributes (flattened by `_flat`) whose text changed."""
     if old == new:
         return []
     return [
