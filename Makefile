@@ -33,12 +33,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# The whole table (bench/results/latest.md; hours on a small machine) and a few-minute version
-# (bench/results/quick.md). Needs wrk: `apt-get install wrk`.
+# The whole table (bench/results/latest.md; about an hour on a small machine) and a few-minute
+# version (bench/results/quick.md). The load client is Debian's wrk, installed here if missing.
 BENCH_STAMP := $(VENV)/.bench-installed
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)

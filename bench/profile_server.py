@@ -16,12 +16,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import aiohttp
 import orjson
 from rich.progress import Progress
 
 from bench import wrk
 from bench.suite import NAME_FORMAT, RowMaker, seed_users
-from bench.users import ROOT, entra_body, err, free_port, served
+from bench.users import ROOT, Served, entra_body, err, free_port, served, wait_ready
 from infra.database import create_pool
 from infra.tenants import authenticate
 
@@ -61,7 +62,9 @@ def profiled(pid: int, folded: Path, origin: str, script: str, seconds: float) -
         spy.wait(timeout=120)
 
 
-async def _seed(dsn: str, token: str, users: int) -> None:
+async def _seed(dsn: str, token: str, users: int, origin: str, s: Served) -> None:
+    async with aiohttp.ClientSession() as session:
+        await wait_ready(session, origin, s.proc, s.log)
     pool = await create_pool(dsn, min_size=1, max_size=1)
     try:
         principal = await authenticate(pool, token)
@@ -96,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with served(port, "bench-profile-") as s:
         import uvloop
 
-        uvloop.run(_seed(s.dsn, s.token, ns.users))
+        uvloop.run(_seed(s.dsn, s.token, ns.users, origin, s))
         body = orjson.loads(entra_body(0))
         body["userName"] = body["emails"][0]["value"] = wrk.NAME
         body["externalId"] = wrk.EXTERNAL_ID

@@ -174,9 +174,11 @@ def server_process(dsn: str, port: int, log: Path) -> Iterator[subprocess.Popen[
     """`scimledger serve` in its own session (Ctrl-C reaches only us); SIGTERM on the way out."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            # One process: the figures (and the CPU sampled from this pid) are one server's.
+            # One process by default: the figures (and the CPU sampled from this pid) are one
+            # server's. BENCH_WORKERS=N runs `serve --workers N` (CPU then counts the parent).
             [
-                *(str(SCIMLEDGER), "serve", "--workers", "1", "--port", str(port)),
+                *(str(SCIMLEDGER), "serve", "--workers", os.environ.get("BENCH_WORKERS", "1")),
+                *("--port", str(port)),
                 *("--database-url", dsn),
             ],
             # One token drives the whole load: the per-token rate limit would measure itself.
