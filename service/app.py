@@ -9,11 +9,12 @@ from aiohttp import web
 
 from infra.config import Settings
 from infra.database import Database, open_database
+from infra.tenants import Authenticator
 from service import audit_api, audit_web, discovery, health, metrics
 from service.middlewares import bearer_auth, rate_limit, request_context, scim_errors
 from service.outcomes import record_outcomes
 from service.scim import groups, users
-from service.state import DATABASE, SETTINGS
+from service.state import AUTHENTICATOR, DATABASE, SETTINGS
 
 
 def create_app(settings: Settings, database: Database | None = None) -> web.Application:
@@ -25,6 +26,7 @@ def create_app(settings: Settings, database: Database | None = None) -> web.Appl
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
+    app[AUTHENTICATOR] = Authenticator(lambda: app[DATABASE].pool)
     if database is not None:
         app[DATABASE] = database
     else:

@@ -13,11 +13,11 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from infra.tenants import Principal, authenticate
+from infra.tenants import Principal
 from service.errors import ScimError
 from service.metrics import observe_request
 from service.outcomes import context_for, is_audited
-from service.state import DATABASE, PRINCIPAL, REQUEST_CONTEXT, REQUEST_ID, Handler
+from service.state import AUTHENTICATOR, PRINCIPAL, REQUEST_CONTEXT, REQUEST_ID, Handler
 
 log = structlog.get_logger("scimledger.http")
 
@@ -112,7 +112,7 @@ async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamRespo
     token = _bearer(request)
     principal: Principal | None = None
     if token is not None:
-        principal = await authenticate(request.app[DATABASE].pool, token)
+        principal = await request.app[AUTHENTICATOR](token)
     if principal is None:
         raise ScimError(
             401,

@@ -3,6 +3,7 @@ use recorded cheaply; the secret never listed and never logged."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -10,13 +11,14 @@ from dataclasses import replace
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from infra.config import Settings
 from infra.database import Database, create_pool
 from infra.eventstore import EventStore
-from infra.tenants import IssuedToken, create_tenant, issue_token
+from infra.tenants import Authenticator, IssuedToken, create_tenant, issue_token, revoke_token
 from service.app import create_app
 from tests.test_audit_web import sign_in
 from tests.test_cli import _serve, _stop, run
@@ -238,3 +240,103 @@ async def test_tokens_never_reach_the_log(
     for token in (tenant.token, reader.token, revoked.token):
         assert token not in output
         assert token.removeprefix("scimledger_") not in output
+
+
+class _HeldPool:
+    """The real pool, with a gate between a lookup's result and its return: a lookup can be
+    kept in flight after PostgreSQL answered it. Counts the lookups."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.lookups = 0
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.answered = asyncio.Event()
+
+    async def fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:
+        self.lookups += 1
+        rows = await self.pool.fetch(sql, *args)
+        self.answered.set()
+        await self.gate.wait()
+        return rows
+
+    async def execute(self, sql: str, *args: object) -> str:
+        return await self.pool.execute(sql, *args)
+
+
+async def test_concurrent_requests_share_a_lookup_and_each_gets_its_principal(
+    database: Database, tenant: IssuedToken
+) -> None:
+    async with database.pool.acquire() as conn:
+        other = await create_tenant(conn, "fabrikam")
+    held = _HeldPool(database.pool)
+    check = Authenticator(lambda: held)  # type: ignore[arg-type, return-value]
+    tokens = [tenant.token, other.token, "scimledger_not-a-token"] * 20
+    held.gate.clear()
+    first = asyncio.create_task(check(tenant.token))
+    await held.answered.wait()
+    # 60 requests arrive while the first lookup is in flight: all wait for ONE more lookup.
+    rest = [asyncio.create_task(check(t)) for t in tokens]
+    await asyncio.sleep(0)
+    held.gate.set()
+    got = await asyncio.gather(first, *rest)
+    assert held.lookups == 2
+    assert got[0] is not None and got[0].tenant_id == tenant.tenant_id
+    for token, principal in zip(tokens, got[1:], strict=True):
+        if token == tenant.token:
+            assert principal is not None and principal.tenant_name == "acme"
+        elif token == other.token:
+            assert principal is not None and principal.tenant_name == "fabrikam"
+        else:
+            assert principal is None
+    # Alone, a request gets a lookup of its own at once.
+    assert await check(other.token) is not None and held.lookups == 3
+
+
+async def test_a_request_never_joins_a_lookup_that_began_before_it(
+    database: Database, tenant: IssuedToken
+) -> None:
+    """A lookup in flight answered before the token was revoked; a request arriving after the
+    revocation must not take that answer: it waits for a lookup of its own."""
+    held = _HeldPool(database.pool)
+    check = Authenticator(lambda: held)  # type: ignore[arg-type, return-value]
+    held.gate.clear()
+    before = asyncio.create_task(check(tenant.token))
+    await held.answered.wait()  # PostgreSQL has said: live
+    async with database.pool.acquire() as conn:
+        assert await revoke_token(conn, tenant.id)
+    after = asyncio.create_task(check(tenant.token))
+    await asyncio.sleep(0)
+    held.gate.set()
+    assert (await before) is not None  # it arrived before the revocation
+    assert (await after) is None
+    assert held.lookups == 2
+
+
+async def test_a_failed_lookup_fails_each_waiter_and_the_next_one_works(
+    database: Database, fresh_dsn: str, tenant: IssuedToken
+) -> None:
+    closed = await create_pool(fresh_dsn, min_size=1, max_size=1)
+    await closed.close()
+    pools = [closed, database.pool]
+    check = Authenticator(lambda: pools[0])
+    results = await asyncio.gather(*(check(tenant.token) for _ in range(5)), return_exceptions=True)
+    assert all(isinstance(r, asyncpg.InterfaceError) for r in results), results
+    pools.pop(0)
+    assert (await check(tenant.token)) is not None
+
+
+async def test_a_cancelled_request_leaves_the_others_their_answer(
+    database: Database, tenant: IssuedToken
+) -> None:
+    held = _HeldPool(database.pool)
+    check = Authenticator(lambda: held)  # type: ignore[arg-type, return-value]
+    held.gate.clear()
+    gone = asyncio.create_task(check(tenant.token))
+    stays = asyncio.create_task(check(tenant.token))
+    await held.answered.wait()
+    gone.cancel()
+    held.gate.set()
+    assert (await stays) is not None
+    with pytest.raises(asyncio.CancelledError):
+        await gone
