@@ -571,6 +571,10 @@ class PeerGroups(gbench.Bench):
 class CycleResult:
     requests: int
     cpu: Cpu
+    phases: dict[str, float]  # seconds per phase: users, managers, groups, members
+
+    def phase_text(self) -> str:
+        return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.phases.items())
 
 
 async def entra_cycle(
@@ -673,11 +677,17 @@ async def entra_cycle(
         await asyncio.gather(*(worker() for _ in range(connections)))
 
     before = meter.read()
-    await phase(n_users, user)
-    await phase(n_users, manager, start=1)
-    await phase(n_groups, group)
-    await phase(len(batches), members)
-    return CycleResult(requests, meter.since(before))
+    phases: dict[str, float] = {}
+    for label, n, one, start in (
+        ("users", n_users, user, 0),
+        ("managers", n_users, manager, 1),
+        ("groups", n_groups, group, 0),
+        ("members", len(batches), members, 0),
+    ):
+        t0 = time.perf_counter()
+        await phase(n, one, start)
+        phases[label] = time.perf_counter() - t0
+    return CycleResult(requests, meter.since(before), phases)
 
 
 # --- the run --------------------------------------------------------------------------------------

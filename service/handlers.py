@@ -118,11 +118,18 @@ async def update_user(
 ) -> User:
     """Apply `change` (a domain command on the loaded user) and commit what it triggered."""
 
+    attempts = 0
+
     async def work(uow: UnitOfWork) -> User:
-        # The row lock queues writers to one user (as groups do): under a burst of PATCHes
-        # each one loads the state the previous one committed, instead of all racing on one
-        # version and running out of retries.
-        user = await _load_user(uow, user_id, if_match, lock=True)
+        # The first try takes no lock: load, change, and ONE statement (the append, guarded
+        # by the stream's version, with the view's upsert), as Entra's PATCHes of distinct
+        # users need. One that lost a race retries queued on the user's row lock (as group
+        # writers do): under a burst of PATCHes to one user each retry loads the state the
+        # previous one committed, instead of all racing on one version and running out of
+        # retries.
+        nonlocal attempts
+        attempts += 1
+        user = await _load_user(uow, user_id, if_match, lock=attempts > 1)
         _domain(partial(change, user))
         await _check_manager(uow, user)
         await _flush(uow, user.user_name)
