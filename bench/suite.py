@@ -1058,18 +1058,27 @@ async def http_part(
             )
 
 
+_PEER_STOPPED: set[int] = set()  # id() of peer loads whose growth timed out
+
+
 async def peer_get(
     load: Load, origin: str, token: str, size: int, s: Sizes, meter: Meter
 ) -> tuple[int, wrk.WrkRun | None, str]:
     """Grow the peer to `size` users (bounded by a timeout), then GET by userName there."""
     why = ""
-    try:
-        await asyncio.wait_for(load.seed_to(size), s.peer_seed_timeout)
-    except TimeoutError:
-        why = (
-            f"its POSTs reached {load.stored:,} users of {size:,} in"
-            f" {s.peer_seed_timeout:.0f} s: measured at {load.stored:,}"
-        )
+    if id(load) in _PEER_STOPPED:
+        # Grown no further once it ran out of time: POSTs cut short by the timeout may have
+        # landed all the same, and resuming would send their userNames again (409).
+        why = f"not grown past {load.stored:,} (its time ran out at a smaller size)"
+    else:
+        try:
+            await asyncio.wait_for(load.seed_to(size), s.peer_seed_timeout)
+        except TimeoutError:
+            _PEER_STOPPED.add(id(load))
+            why = (
+                f"its POSTs reached {load.stored:,} users of {size:,} in"
+                f" {s.peer_seed_timeout:.0f} s: measured at {load.stored:,}"
+            )
     stored = load.stored
     if stored == 0:
         return 0, None, "no users stored"
