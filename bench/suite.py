@@ -514,6 +514,8 @@ def peer_user_body(i: int) -> bytes:
 class PeerLoad(Load):
     """bench.users' seeding against the peer, with the body it accepts."""
 
+    landed = 0  # users it answered 201 for (`stored` counts whole seeding steps only)
+
     def creator(self, first: int, n: int) -> Callable[[int], Awaitable[None]]:
         bodies = [peer_user_body(first + i) for i in range(n)]
 
@@ -524,6 +526,7 @@ class PeerLoad(Load):
                 raw = await r.read()
                 if r.status != 201:
                     raise BenchError(f"peer POST /Users -> {r.status}: {raw[:300]!r}")
+            self.landed += 1
             if self.user_ids is not None:
                 self.user_ids[first + i] = orjson.loads(raw)["id"]
 
@@ -1075,9 +1078,11 @@ async def peer_get(
             await asyncio.wait_for(load.seed_to(size), s.peer_seed_timeout)
         except TimeoutError:
             _PEER_STOPPED.add(id(load))
+            landed = getattr(load, "landed", load.stored)
             why = (
-                f"its POSTs reached {load.stored:,} users of {size:,} in"
-                f" {s.peer_seed_timeout:.0f} s: measured at {load.stored:,}"
+                f"its POSTs reached {landed:,} users of {size:,} in"
+                f" {s.peer_seed_timeout:.0f} s: measured there, asking for the first"
+                f" {load.stored:,}"
             )
     stored = load.stored
     if stored == 0:
