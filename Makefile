@@ -33,7 +33,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# The whole table (bench/results/latest.md; about an hour on a small machine) and a few-minute
+# The whole table (bench/results/latest.md; about 40 minutes on 2 cores) and a few-minute
 # version (bench/results/quick.md). The load client is Debian's wrk, installed here if missing.
 BENCH_STAMP := $(VENV)/.bench-installed
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
