@@ -193,10 +193,15 @@ class Authenticator:
                 try:
                     found = await authenticate_many(self._pool(), list(batch))
                 except BaseException as e:
-                    # Each waiter fails as its own lookup would have (503 for an outage).
+                    # Each waiter fails as its own lookup would have (503 for an outage), or
+                    # is cancelled with it (shutdown).
                     for futures in batch.values():
                         for future in futures:
-                            if not future.done():
+                            if future.done():
+                                continue
+                            if isinstance(e, asyncio.CancelledError):
+                                future.cancel()
+                            else:
                                 future.set_exception(e)
                     if not isinstance(e, Exception):
                         raise

@@ -340,3 +340,24 @@ async def test_a_cancelled_request_leaves_the_others_their_answer(
     assert (await stays) is not None
     with pytest.raises(asyncio.CancelledError):
         await gone
+
+
+async def test_a_lookup_cancelled_at_shutdown_cancels_its_waiters(
+    database: Database, tenant: IssuedToken
+) -> None:
+    held = _HeldPool(database.pool)
+    check = Authenticator(lambda: held)  # type: ignore[arg-type, return-value]
+    held.gate.clear()
+    waiters = [asyncio.create_task(check(tenant.token)) for _ in range(3)]
+    await held.answered.wait()
+    late = asyncio.create_task(check(tenant.token))  # queued for the next lookup
+    await asyncio.sleep(0)
+    lookups = check._task
+    assert lookups is not None
+    lookups.cancel()
+    for task in [*waiters, late]:
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    # A new lookup starts for the next request.
+    held.gate.set()
+    assert (await check(tenant.token)) is not None
