@@ -114,6 +114,7 @@ async def test_inputs_the_fuzz_found_are_refused_whole(
     or by probing what its first runs did not reach)."""
     noise = fz._noise(4000, 1)  # does not compress: too long for an index entry
     user = {"schemas": [fz.USER], "userName": "a@contoso.com"}
+
     def cursor(created: str) -> str:
         raw = json.dumps([created, str(uuid.uuid4())]).encode()
         return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -174,9 +175,7 @@ def test_filter_compiler_gives_parameterised_sql_or_invalid_filter(expression: s
             assert not (isinstance(value, str) and "\x00" in value)
 
 
-def _sort_expressions(
-    attribute_map: AttributeMap, compile_: Callable[[str], str]
-) -> set[str]:
+def _sort_expressions(attribute_map: AttributeMap, compile_: Callable[[str], str]) -> set[str]:
     names = [(None, attribute_map.attributes)]
     names += [(urn, table) for urn, table in attribute_map.extensions.items()]
     out: set[str] = set()
@@ -284,4 +283,3 @@ def test_resource_bodies_read_to_a_state_or_a_scim_error(body: Any) -> None:
         _change_from_body(body)
     except ScimError as e:
         assert _is_scim_400(e), e.body()
-

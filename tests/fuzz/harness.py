@@ -251,9 +251,7 @@ class Harness:
             f" ({self.protocol_rejects} refused by the HTTP parser: request line over 8 KiB)",
             "  statuses: " + ", ".join(f"{s}: {n}" for s, n in sorted(self.statuses.items())),
         ]
-        lines.append(
-            "  requests: " + ", ".join(f"{k}: {n}" for k, n in sorted(self.kinds.items()))
-        )
+        lines.append("  requests: " + ", ".join(f"{k}: {n}" for k, n in sorted(self.kinds.items())))
         lines += [f"  {n} x {what}" for what, n in kinds.most_common()]
         seen: set[str] = set()
         for failure in self.failures:

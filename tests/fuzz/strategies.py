@@ -66,6 +66,7 @@ NASTY = [
     "00000000-0000-0000-0000-000000000000",
 ]
 
+
 def one_in(n: int) -> st.SearchStrategy[bool]:
     """True about once in n draws (hypothesis favours 0 and the bounds, so not `== 0`)."""
     return st.integers(0, n - 1).map(lambda k: k == n // 2)
@@ -303,9 +304,7 @@ member_refs = st.one_of(
 def group_bodies(draw: st.DrawFn) -> Any:
     body: dict[str, Any] = {
         "schemas": draw(st.one_of(st.just([GROUP]), st.just([GROUP, AD_GROUP]), json_values)),
-        "displayName": draw(
-            st.one_of(st.just("Fuzz Group @@Q@@"), text, scalars)
-        ),
+        "displayName": draw(st.one_of(st.just("Fuzz Group @@Q@@"), text, scalars)),
     }
     if draw(st.booleans()):
         body["externalId"] = draw(st.one_of(text, scalars))
@@ -393,9 +392,7 @@ def _combine(children: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
     return st.one_of(
         children.map(lambda f: f"({f})"),
         children.map(lambda f: f"not ({f})"),
-        st.tuples(children, st.sampled_from(["and", "or", "AND", "xor"]), children).map(
-            " ".join
-        ),
+        st.tuples(children, st.sampled_from(["and", "or", "AND", "xor"]), children).map(" ".join),
         st.tuples(st.sampled_from(["emails", "members", "addresses", "name", "x"]), children).map(
             lambda t: f"{t[0]}[{t[1]}]"
         ),
@@ -554,9 +551,9 @@ int_params = st.one_of(
     short_text,
 )
 attribute_lists = st.one_of(
-    st.lists(
-        st.sampled_from([*FILTER_ATTRIBUTES, "groups", "members", "schemas"]), max_size=4
-    ).map(",".join),
+    st.lists(st.sampled_from([*FILTER_ATTRIBUTES, "groups", "members", "schemas"]), max_size=4).map(
+        ",".join
+    ),
     text,
 )
 # Cursors shaped like ours (base64url of [created, id]) with extreme or wrong parts.
@@ -577,9 +574,11 @@ forged_cursors = st.tuples(
     ),
     st.one_of(st.just("00000000-0000-0000-0000-000000000000"), json_values),
 ).map(
-    lambda t: base64.urlsafe_b64encode(json.dumps(list(t)).encode("utf-8", "surrogatepass"))
-    .decode()
-    .rstrip("=")
+    lambda t: (
+        base64.urlsafe_b64encode(json.dumps(list(t)).encode("utf-8", "surrogatepass"))
+        .decode()
+        .rstrip("=")
+    )
 )
 QUERY_PARAMS = {
     "filter": filters,
