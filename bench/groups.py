@@ -245,10 +245,13 @@ class Client:
     def url(self, group_id: str, query: str = "") -> yarl.URL:
         return yarl.URL(f"{self.base}/Groups/{group_id}{query}", encoded=True)
 
+    def group_body(self, name: str) -> bytes:
+        return group_body(name)
+
     async def create(self, name: str) -> str:
         async with self.session.post(
             yarl.URL(f"{self.base}/Groups", encoded=True),
-            data=group_body(name),
+            data=self.group_body(name),
             headers=self.write_headers,
         ) as r:
             raw = await r.read()

@@ -64,7 +64,7 @@ from bench.users import (
     BenchError,
     Load,
     Meters,
-    _die_with_parent,
+    child_process,
     client_cpu,
     create_tenant,
     entra_body,
@@ -470,25 +470,10 @@ def peer_process(port: int, token: str, log: Path) -> Iterator[subprocess.Popen[
     if not PEER.exists():
         yield None
         return
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(PEER), "--port", str(port), "--bearer-token", token],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+    with child_process(
+        [str(PEER), "--port", str(port), "--bearer-token", token], log, stop_timeout=10
+    ) as proc:
+        yield proc
 
 
 async def wait_peer(session: aiohttp.ClientSession, base: str, token: str, log: Path) -> None:
@@ -515,6 +500,9 @@ class PeerLoad(Load):
     """bench.users' seeding against the peer, with the body it accepts."""
 
     landed = 0  # users it answered 201 for (`stored` counts whole seeding steps only)
+    # Set once its growth timed out: it is grown no further (POSTs cut short by the timeout
+    # may have landed all the same, and resuming would send their userNames again: 409).
+    stopped = False
 
     def creator(self, first: int, n: int) -> Callable[[int], Awaitable[None]]:
         bodies = [peer_user_body(first + i) for i in range(n)]
@@ -536,22 +524,14 @@ class PeerLoad(Load):
 class PeerClient(gbench.Client):
     """Groups on the peer: no ADSCIM schema URN (it refuses unknown extensions)."""
 
-    async def create(self, name: str) -> str:
-        body = orjson.dumps(
+    def group_body(self, name: str) -> bytes:
+        return orjson.dumps(
             {
                 "schemas": [gbench.GROUP_SCHEMA],
                 "externalId": str(uuid.uuid4()),
                 "displayName": name,
             }
         )
-        async with self.session.post(
-            yarl.URL(f"{self.base}/Groups", encoded=True), data=body, headers=self.write_headers
-        ) as r:
-            raw = await r.read()
-            if r.status != 201:
-                raise BenchError(f"peer POST /Groups -> {r.status}: {raw[:300]!r}")
-        group_id: str = orjson.loads(raw)["id"]
-        return group_id
 
 
 class PeerGroups(gbench.Bench):
@@ -1061,26 +1041,20 @@ async def http_part(
             )
 
 
-_PEER_STOPPED: set[int] = set()  # id() of peer loads whose growth timed out
-
-
 async def peer_get(
-    load: Load, origin: str, token: str, size: int, s: Sizes, meter: Meter
+    load: PeerLoad, origin: str, token: str, size: int, s: Sizes, meter: Meter
 ) -> tuple[int, wrk.WrkRun | None, str]:
     """Grow the peer to `size` users (bounded by a timeout), then GET by userName there."""
     why = ""
-    if id(load) in _PEER_STOPPED:
-        # Grown no further once it ran out of time: POSTs cut short by the timeout may have
-        # landed all the same, and resuming would send their userNames again (409).
+    if load.stopped:
         why = f"not grown past {load.stored:,} (its time ran out at a smaller size)"
     else:
         try:
             await asyncio.wait_for(load.seed_to(size), s.peer_seed_timeout)
         except TimeoutError:
-            _PEER_STOPPED.add(id(load))
-            landed = getattr(load, "landed", load.stored)
+            load.stopped = True
             why = (
-                f"its POSTs reached {landed:,} users of {size:,} in"
+                f"its POSTs reached {load.landed:,} users of {size:,} in"
                 f" {s.peer_seed_timeout:.0f} s: measured there, asking for the first"
                 f" {load.stored:,}"
             )

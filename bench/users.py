@@ -170,19 +170,15 @@ def _die_with_parent() -> None:
 
 
 @contextlib.contextmanager
-def server_process(dsn: str, port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """`scimledger serve` in its own session (Ctrl-C reaches only us); SIGTERM on the way out."""
+def child_process(
+    argv: list[str], log: Path, *, env: dict[str, str] | None = None, stop_timeout: float = 30
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A server of the benchmark's, in its own session (Ctrl-C reaches only us), its output in
+    `log`; SIGTERM on the way out, SIGKILL if it ignores that for `stop_timeout` seconds."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            # One process by default: the figures (and the CPU sampled from this pid) are one
-            # server's. BENCH_WORKERS=N runs `serve --workers N` (CPU then counts the parent).
-            [
-                *(str(SCIMLEDGER), "serve", "--workers", os.environ.get("BENCH_WORKERS", "1")),
-                *("--port", str(port)),
-                *("--database-url", dsn),
-            ],
-            # One token drives the whole load: the per-token rate limit would measure itself.
-            env={**os.environ, "SCIMLEDGER_RATE_LIMIT": "0"},
+            argv,
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -195,11 +191,30 @@ def server_process(dsn: str, port: int, log: Path) -> Iterator[subprocess.Popen[
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
-                    proc.wait(timeout=30)
+                    proc.wait(timeout=stop_timeout)
                 except subprocess.TimeoutExpired:
-                    err.print("[yellow]server ignored SIGTERM for 30 s; killing it")
+                    err.print(f"[yellow]{Path(argv[0]).name} ignored SIGTERM; killing it")
                     proc.kill()
                     proc.wait()
+
+
+def server_process(
+    dsn: str, port: int, log: Path
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    """`scimledger serve` (see child_process).
+
+    One process by default: the figures (and the CPU sampled from this pid) are one server's.
+    BENCH_WORKERS=N runs `serve --workers N` (CPU then counts the parent only).
+    """
+    return child_process(
+        [
+            *(str(SCIMLEDGER), "serve", "--workers", os.environ.get("BENCH_WORKERS", "1")),
+            *("--port", str(port), "--database-url", dsn),
+        ],
+        log,
+        # One token drives the whole load: the per-token rate limit would measure itself.
+        env={**os.environ, "SCIMLEDGER_RATE_LIMIT": "0"},
+    )
 
 
 def tail(path: Path, lines: int = 20) -> str:
