@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import secrets
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -195,28 +195,33 @@ class Authenticator:
                 except BaseException as e:
                     # Each waiter fails as its own lookup would have (503 for an outage), or
                     # is cancelled with it (shutdown).
-                    for futures in batch.values():
-                        for future in futures:
-                            if future.done():
-                                continue
-                            if isinstance(e, asyncio.CancelledError):
-                                future.cancel()
-                            else:
-                                future.set_exception(e)
+                    for _, future in _pending(batch):
+                        if isinstance(e, asyncio.CancelledError):
+                            future.cancel()
+                        else:
+                            future.set_exception(e)
                     if not isinstance(e, Exception):
                         raise
                     continue
-                for wanted, futures in batch.items():
-                    principal = found.get(wanted)
-                    for future in futures:
-                        if not future.done():
-                            future.set_result(principal)
+                for wanted, future in _pending(batch):
+                    future.set_result(found.get(wanted))
         finally:
             self._task = None
             waiting, self._waiting = self._waiting, {}
-            for futures in waiting.values():  # only when cancelled (shutdown)
-                for future in futures:
-                    future.cancel()
+            for _, future in _pending(waiting):  # only when cancelled (shutdown)
+                future.cancel()
+
+
+def _pending(
+    waiting: dict[bytes, list[asyncio.Future[Principal | None]]],
+) -> Iterator[tuple[bytes, asyncio.Future[Principal | None]]]:
+    """(digest, future) for each request of `waiting` that still waits (not cancelled)."""
+    return (
+        (wanted, future)
+        for wanted, futures in waiting.items()
+        for future in futures
+        if not future.done()
+    )
 
 
 async def set_tenant_disabled(conn: Conn, name: str, disabled: bool) -> bool:
