@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -79,15 +80,24 @@ async def fresh_dsn(server_dsn: str, template_dsn: str) -> AsyncIterator[str]:
         await admin.close()
 
 
-@pytest.fixture
-async def database(fresh_dsn: str) -> AsyncIterator[Database]:
-    pool = await create_pool(fresh_dsn, min_size=1, max_size=20)
+@asynccontextmanager
+async def database_on(
+    dsn: str, *, min_size: int = 1, max_size: int = 20
+) -> AsyncIterator[Database]:
+    """A Database on `dsn` with a pool of its own (as `serve` makes one), closed on the way out."""
+    pool = await create_pool(dsn, min_size=min_size, max_size=max_size)
     store = EventStore(pool)
     try:
-        yield Database(dsn=fresh_dsn, pool=pool, store=store, embedded=None)
+        yield Database(dsn=dsn, pool=pool, store=store, embedded=None)
     finally:
         await store.close()
         await pool.close()
+
+
+@pytest.fixture
+async def database(fresh_dsn: str) -> AsyncIterator[Database]:
+    async with database_on(fresh_dsn) as db:
+        yield db
 
 
 @pytest.fixture

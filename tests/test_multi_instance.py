@@ -150,6 +150,16 @@ async def leaders(database: Database) -> dict[str, int]:
     return names
 
 
+async def followers_order(database: Database, stream: str) -> list[int]:
+    """A stream's versions in the order followers read them (transaction, then position)."""
+    rows = await database.pool.fetch(
+        "SELECT originator_version FROM stored_events WHERE originator_id = $1"
+        " ORDER BY transaction_id, notification_id",
+        uuid.UUID(stream),
+    )
+    return [r["originator_version"] for r in rows]
+
+
 async def test_three_instances_under_concurrent_entra_load(
     fresh_dsn: str, database: Database, tenant: IssuedToken, tmp_path: Path
 ) -> None:
@@ -304,14 +314,7 @@ async def test_concurrent_writers_to_one_group_reach_followers_in_version_order(
         assert r.status == 204, await r.text()
 
     await asyncio.gather(*(add(u) for u in users))
-    versions = [
-        r["originator_version"]
-        for r in await database.pool.fetch(
-            "SELECT originator_version FROM stored_events WHERE originator_id = $1"
-            " ORDER BY transaction_id, notification_id",
-            uuid.UUID(group["id"]),
-        )
-    ]
+    versions = await followers_order(database, group["id"])
     assert versions == list(range(1, 42))
     await caught_up(database)
     rows = await status(database, list(PROJECTIONS.values()))
@@ -365,14 +368,7 @@ async def test_a_deletion_that_waits_for_a_group_writes_it_in_version_order(
         assert (await delete).status == 204
     finally:
         await holder.close()
-    versions = [
-        r["originator_version"]
-        for r in await database.pool.fetch(
-            "SELECT originator_version FROM stored_events WHERE originator_id = $1"
-            " ORDER BY transaction_id, notification_id",
-            uuid.UUID(group["id"]),
-        )
-    ]
+    versions = await followers_order(database, group["id"])
     assert versions == sorted(versions)
 
 
@@ -418,12 +414,5 @@ async def test_a_deletion_starts_again_when_its_user_joins_a_group_meanwhile(
     for group in (first, second):
         r = await client.get(f"/scim/v2/Groups/{group['id']}", headers=auth)
         assert r.status == 200 and not (await r.json(content_type=None)).get("members")
-        versions = [
-            r["originator_version"]
-            for r in await database.pool.fetch(
-                "SELECT originator_version FROM stored_events WHERE originator_id = $1"
-                " ORDER BY transaction_id, notification_id",
-                uuid.UUID(group["id"]),
-            )
-        ]
+        versions = await followers_order(database, group["id"])
         assert versions == [1, 2, 3]  # created, joined, left

@@ -13,13 +13,13 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from infra.config import Settings
-from infra.database import Database, create_pool
-from infra.eventstore import EventStore
+from infra.database import Database
 from infra.tenants import create_tenant, issue_token
 from projections.rebuild import Rebuilder, register
 from projections.registry import PROJECTIONS
 from projections.runner import Runner
 from service.app import create_app
+from tests.conftest import database_on
 from tests.test_entra_groups import create_group, patch_group
 from tests.test_entra_users import create as create_user
 from tests.test_entra_users import patch
@@ -47,13 +47,8 @@ async def uncached(fresh_dsn: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIter
     """A database whose pool was made the way `serve` makes it with the setting at 0."""
     monkeypatch.setenv("SCIMLEDGER_STATEMENT_CACHE_SIZE", "0")
     assert Settings().statement_cache_size == 0
-    pool = await create_pool(fresh_dsn, min_size=POOL_SIZE, max_size=POOL_SIZE)
-    store = EventStore(pool)
-    try:
-        yield Database(dsn=fresh_dsn, pool=pool, store=store, embedded=None)
-    finally:
-        await store.close()
-        await pool.close()
+    async with database_on(fresh_dsn, min_size=POOL_SIZE, max_size=POOL_SIZE) as db:
+        yield db
 
 
 async def exercise(db: Database, dsn: str, tmp: Any) -> None:
@@ -107,11 +102,6 @@ async def test_no_named_statement_is_left_on_a_server_connection(
 
 async def test_the_default_cache_does_leave_them(fresh_dsn: str, tmp_path: Any) -> None:
     """The check above can fail: asyncpg's default caches named statements per connection."""
-    pool = await create_pool(fresh_dsn, min_size=POOL_SIZE, max_size=POOL_SIZE)
-    db = Database(dsn=fresh_dsn, pool=pool, store=EventStore(pool), embedded=None)
-    try:
+    async with database_on(fresh_dsn, min_size=POOL_SIZE, max_size=POOL_SIZE) as db:
         await exercise(db, fresh_dsn, tmp_path)
-        assert len(await prepared_statements(pool)) > 10
-    finally:
-        await db.store.close()
-        await pool.close()
+        assert len(await prepared_statements(db.pool)) > 10

@@ -17,9 +17,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from infra.config import Settings
 from infra.database import Database, create_pool
-from infra.eventstore import EventStore
 from infra.tenants import Authenticator, IssuedToken, create_tenant, issue_token, revoke_token
 from service.app import create_app
+from tests.conftest import database_on
 from tests.test_audit_web import sign_in
 from tests.test_cli import _serve, _stop, run
 from tests.test_entra_users import entra_user
@@ -46,16 +46,10 @@ async def status(client: Client, token: str, path: str = SPC) -> int:
 @pytest.fixture
 async def second_instance(settings: Settings, fresh_dsn: str) -> AsyncIterator[Client]:
     """Another app on the same database, with its own pool: a second running instance."""
-    pool = await create_pool(fresh_dsn, min_size=1, max_size=5)
-    store = EventStore(pool)
-    database = Database(dsn=fresh_dsn, pool=pool, store=store, embedded=None)
-    app = create_app(replace(settings, run_projections=False), database)
-    try:
+    async with database_on(fresh_dsn, max_size=5) as database:
+        app = create_app(replace(settings, run_projections=False), database)
         async with TestClient(TestServer(app, host="127.0.0.1")) as c:
             yield c
-    finally:
-        await store.close()
-        await pool.close()
 
 
 async def test_cli_disable_and_enable_a_tenant(fresh_dsn: str, client: Client) -> None:
@@ -244,14 +238,15 @@ async def test_tokens_never_reach_the_log(
 
 class _HeldPool:
     """The real pool, with a gate between a lookup's result and its return: a lookup can be
-    kept in flight after PostgreSQL answered it. Counts the lookups."""
+    kept in flight after PostgreSQL answered it (the gate starts closed). Counts the lookups."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
         self.lookups = 0
         self.gate = asyncio.Event()
-        self.gate.set()
         self.answered = asyncio.Event()
+        # Token checks through this pool, as the middleware makes them.
+        self.check = Authenticator(lambda: self)  # type: ignore[arg-type, return-value]
 
     async def fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:
         self.lookups += 1
@@ -270,9 +265,8 @@ async def test_concurrent_requests_share_a_lookup_and_each_gets_its_principal(
     async with database.pool.acquire() as conn:
         other = await create_tenant(conn, "fabrikam")
     held = _HeldPool(database.pool)
-    check = Authenticator(lambda: held)  # type: ignore[arg-type, return-value]
+    check = held.check
     tokens = [tenant.token, other.token, "scimledger_not-a-token"] * 20
-    held.gate.clear()
     first = asyncio.create_task(check(tenant.token))
     await held.answered.wait()
     # 60 requests arrive while the first lookup is in flight: all wait for ONE more lookup.
@@ -299,8 +293,7 @@ async def test_a_request_never_joins_a_lookup_that_began_before_it(
     """A lookup in flight answered before the token was revoked; a request arriving after the
     revocation must not take that answer: it waits for a lookup of its own."""
     held = _HeldPool(database.pool)
-    check = Authenticator(lambda: held)  # type: ignore[arg-type, return-value]
-    held.gate.clear()
+    check = held.check
     before = asyncio.create_task(check(tenant.token))
     await held.answered.wait()  # PostgreSQL has said: live
     async with database.pool.acquire() as conn:
@@ -330,8 +323,7 @@ async def test_a_cancelled_request_leaves_the_others_their_answer(
     database: Database, tenant: IssuedToken
 ) -> None:
     held = _HeldPool(database.pool)
-    check = Authenticator(lambda: held)  # type: ignore[arg-type, return-value]
-    held.gate.clear()
+    check = held.check
     gone = asyncio.create_task(check(tenant.token))
     stays = asyncio.create_task(check(tenant.token))
     await held.answered.wait()
@@ -346,8 +338,7 @@ async def test_a_lookup_cancelled_at_shutdown_cancels_its_waiters(
     database: Database, tenant: IssuedToken
 ) -> None:
     held = _HeldPool(database.pool)
-    check = Authenticator(lambda: held)  # type: ignore[arg-type, return-value]
-    held.gate.clear()
+    check = held.check
     waiters = [asyncio.create_task(check(tenant.token)) for _ in range(3)]
     await held.answered.wait()
     late = asyncio.create_task(check(tenant.token))  # queued for the next lookup
