@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test fuzz lint typecheck bench bench-quick bench-append bench-users bench-groups bench-audit bench-rebuild clean
+.PHONY: run test system-packages fuzz lint typecheck bench bench-quick bench-append bench-users bench-groups bench-audit bench-rebuild clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -12,10 +12,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Debian packages the suite drives: Chromium (the audit page's browser test, through Playwright;
+# no browser download) and wrk (the benchmark's load client). Installed only when missing.
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+system-packages:
+	@missing=""; \
+	[ -x /usr/bin/chromium ] || missing="chromium"; \
+	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
 run: $(STAMP)
 	$(BIN)/scimledger serve
 
-test: $(STAMP)
+test: $(STAMP) system-packages
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
@@ -36,18 +49,15 @@ typecheck: $(STAMP)
 # The whole table (bench/results/latest.md; about 40 minutes on 2 cores) and a few-minute
 # version (bench/results/quick.md). The load client is Debian's wrk, installed here if missing.
 BENCH_STAMP := $(VENV)/.bench-installed
-SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
-	command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 	touch $(BENCH_STAMP)
 
-bench: $(BENCH_STAMP)
+bench: $(BENCH_STAMP) system-packages
 	$(BIN)/python -m bench.suite
 
-bench-quick: $(BENCH_STAMP)
+bench-quick: $(BENCH_STAMP) system-packages
 	$(BIN)/python -m bench.suite --quick
 
 bench-append: $(STAMP)

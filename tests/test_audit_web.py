@@ -1,6 +1,6 @@
 """The compliance officers' web pages at /audit/: sessions over HTTP, and the portal in Chromium.
 
-The browser test drives Debian's Chromium (/usr/bin/chromium, installed by .ci/run) through
+The browser test drives Debian's Chromium (/usr/bin/chromium, installed by `make test`) through
 Playwright; it fails, never skips, when that browser is missing or cannot start.
 """
 
@@ -238,7 +238,7 @@ async def browser() -> AsyncIterator[Browser]:
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail(
             f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium, as"
-            " .ci/run does) to run the browser test"
+            " `make test` does) to run the browser test"
         )
     async with async_playwright() as playwright:
         launched = await playwright.chromium.launch(
