@@ -17,6 +17,7 @@ from uuid import UUID
 
 import orjson
 
+from domain.errors import bounded
 from domain.group import Group
 from domain.request import ProvisioningRequest
 from domain.user import User
@@ -24,7 +25,9 @@ from infra.eventstore import Conn
 
 NAME = "audit"
 # 2: list and object values in modifiedProperties are UTF-8 JSON (orjson), not \u-escaped.
-VERSION = 2
+# 3: the error reason is bounded (domain.errors.bounded), also for requests recorded before it
+#    was; and the client's X-Request-Id (`clientRequestId`) has a column of its own.
+VERSION = 3
 ENTRIES, RESOURCES = "audit_entries", "audit_resources"
 TABLES = (ENTRIES, RESOURCES)
 LIVE: Mapping[str, str] = {ENTRIES: ENTRIES, RESOURCES: RESOURCES}
@@ -141,7 +144,7 @@ class _Entry:
             self.action(),
             self.status,
             error_code(error) if self.error else None,
-            error.get("detail") if self.error else None,
+            bounded(str(error.get("detail"))) if error.get("detail") is not None else None,
             target[0] if target else self.request.get("targetType"),
             target[1] if target else _uuid(wanted),
             target[2] if target else None,

@@ -17,6 +17,7 @@ import orjson
 import structlog
 from aiohttp import web
 
+from domain.errors import bounded
 from domain.request import ProvisioningRequest
 from service.state import DATABASE, PRINCIPAL, REQUEST_CONTEXT, REQUEST_ID, SETTINGS, Handler
 
@@ -65,9 +66,10 @@ class RequestContext:
 def _text_safe(fields: dict[str, Any]) -> dict[str, Any]:
     """Strings PostgreSQL text can hold: a path or an error detail may echo a client's NUL
     (`/Users/%00`), which would stop the audit projection at this record. (Unpaired
-    surrogates, which orjson refuses to write, are replaced too.)"""
+    surrogates, which orjson refuses to write, are replaced too.) And bounded: the record is
+    kept forever, and an error detail may quote a client's input at any length."""
     return {
-        k: v.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+        k: bounded(v.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8"))
         if isinstance(v, str)
         else v
         for k, v in fields.items()
