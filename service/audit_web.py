@@ -24,7 +24,7 @@ from aiohttp import web
 from infra.tenants import LIVE_TOKEN, Principal, authenticate, digest
 from service import audit_api
 from service import audit_queries as q
-from service.state import DATABASE, PRINCIPAL, Handler
+from service.state import DATABASE, PRINCIPAL, SETTINGS, Handler
 
 COOKIE = "scimledger_audit"
 COOKIE_PATH = "/audit/"
@@ -126,9 +126,25 @@ def _signed_in(page: Page, *, landing: bool = False) -> Handler:
 
 
 def _same_origin(request: web.Request) -> bool:
-    """A cross-site form post is refused (on top of SameSite=Strict)."""
+    """A cross-site form post is refused (on top of SameSite=Strict). `Origin: null` (a
+    sandboxed frame, a data: or file: page, a cross-origin redirect) is no origin of ours.
+    Behind a proxy the page's origin is that of SCIMLEDGER_PUBLIC_URL."""
     origin = request.headers.get("Origin")
-    return origin is None or origin == "null" or urlsplit(origin).netloc == request.host
+    if origin is None:
+        return True
+    ours = {request.host}
+    public = request.app[SETTINGS].public_url
+    if public:
+        ours.add(urlsplit(public).netloc)
+    return origin != "null" and urlsplit(origin).netloc in ours
+
+
+def _secure(request: web.Request) -> bool:
+    """Whether the session cookie is Secure: the request came over HTTPS, or the service is
+    published at an https SCIMLEDGER_PUBLIC_URL (a TLS-terminating load balancer forwards
+    plain HTTP, so the request alone never says so)."""
+    public = request.app[SETTINGS].public_url or ""
+    return request.secure or public.lower().startswith("https://")
 
 
 def _local(target: str) -> str:
@@ -172,13 +188,14 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
         path=COOKIE_PATH,
         httponly=True,
         samesite="Strict",
-        secure=request.secure,
+        secure=_secure(request),
     )
     return response
 
 
 async def sign_out(request: web.Request) -> web.StreamResponse:
-    if request.method == "POST" and not _same_origin(request):
+    """POST only (a GET is 405): a link or an image on another page must not end a session."""
+    if not _same_origin(request):
         return _sign_in_page(
             COOKIE_PATH, error="Sign-out from another site is refused.", status=403
         )
@@ -188,7 +205,9 @@ async def sign_out(request: web.Request) -> web.StreamResponse:
             "DELETE FROM audit_sessions WHERE id_hash = $1", digest(session_id)
         )
     response = _redirect(COOKIE_PATH + "?signed-out=1")
-    response.del_cookie(COOKIE, path=COOKIE_PATH, httponly=True, samesite="Strict")
+    response.del_cookie(
+        COOKIE, path=COOKIE_PATH, secure=_secure(request), httponly=True, samesite="Strict"
+    )
     return response
 
 
@@ -365,7 +384,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/audit/sign-in", sign_in)
     app.router.add_get("/audit/sign-in", redirect_to_log)
     app.router.add_post("/audit/sign-out", sign_out)
-    app.router.add_get("/audit/sign-out", sign_out)
     app.router.add_get("/audit/entries/{id}", _signed_in(entry_page))
     app.router.add_get("/audit/resources/{id}", _signed_in(resource_page))
     app.router.add_get("/audit/export", _signed_in(export_page))
@@ -388,7 +406,9 @@ _SECURITY_HEADERS = {
     ),
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    # Not no-referrer: under it browsers send `Origin: null` with our own form posts, and null
+    # is refused at sign-in (_same_origin). Other sites still get no referrer.
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 
