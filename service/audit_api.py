@@ -17,7 +17,7 @@ from service import audit_queries as q
 from service.errors import ScimError
 from service.scim.groups import group_resource, member_entry
 from service.scim.representation import user_resource
-from service.state import DATABASE, PRINCIPAL, base_url
+from service.state import DATABASE, PRINCIPAL, SETTINGS, base_url
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -127,11 +127,22 @@ async def resource_at(request: web.Request) -> web.Response:
     if at.tzinfo is None:
         raise ScimError(400, "at must carry a time zone (e.g. Z)", "invalidValue")
     db = request.app[DATABASE]
+    tenant_id = request[PRINCIPAL].tenant_id
+    cap = request.app[SETTINGS].max_replay_events
+    # Only this tenant's stream is read, and at most `cap` events of it: a bound, not a
+    # snapshot, because time travel is an officer's occasional question, and a snapshot per
+    # point in time would cost every write. Past the cap the question is refused, not cut.
+    stream = await db.store.read_stream_until(db.pool, tenant_id, resource_id, at, cap + 1)
+    if len(stream) > cap:
+        raise ScimError(
+            400,
+            f"resource {resource_id} had more than {cap} events by {raw}; this service replays"
+            " at most that many (SCIMLEDGER_MAX_REPLAY_EVENTS)",
+            "tooMany",
+        )
     aggregate: Any = None
     members: dict[str, str | None] = {}
-    for recorded in await db.store.read_stream(db.pool, resource_id):
-        if recorded.recorded_at > at:
-            break
+    for recorded in stream:
         event: Any = db.store.to_domain(recorded)
         aggregate = event.mutate(aggregate)
         if type(event).__name__ == "GroupMembershipChanged":
@@ -139,7 +150,6 @@ async def resource_at(request: web.Request) -> web.Response:
                 members.pop(member, None)
             for member in event.added:
                 members[member] = event.displays.get(member)
-    tenant_id = request[PRINCIPAL].tenant_id
     if aggregate is None or getattr(aggregate, "tenant_id", None) != tenant_id:
         raise ScimError(404, f"resource {resource_id} did not exist at {raw}")
     base = base_url(request)
@@ -164,19 +174,12 @@ async def resource_at(request: web.Request) -> web.Response:
             aggregate.created_on,
             aggregate.modified_on,
         )
-        types = await _member_types(request, list(members))
+        types = await q.member_types(db.pool, tenant_id, list(members))
         resource["members"] = [
             member_entry(base, UUID(m), types.get(m, "User"), d) for m, d in sorted(members.items())
         ]
         return _json(resource)
     raise ScimError(404, f"resource {resource_id} did not exist at {raw}")
-
-
-async def _member_types(request: web.Request, ids: list[str]) -> dict[str, str]:
-    rows = await request.app[DATABASE].pool.fetch(
-        "SELECT id::text FROM audit_resources WHERE type = 'Group' AND id = any($1::uuid[])", ids
-    )
-    return {r["id"]: "Group" for r in rows}
 
 
 def _resource_id(request: web.Request) -> UUID:

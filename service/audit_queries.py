@@ -204,6 +204,19 @@ async def history(
     return [entry_json(r) for r in rows]
 
 
+async def member_types(
+    conn: Conn | asyncpg.Pool, tenant_id: UUID, ids: list[str]
+) -> dict[str, str]:
+    """The ids among `ids` that are groups of `tenant_id` (the others are users)."""
+    rows = await conn.fetch(
+        "SELECT id::text FROM audit_resources"
+        " WHERE tenant_id = $1 AND type = 'Group' AND id = any($2::uuid[])",
+        tenant_id,
+        ids,
+    )
+    return {r["id"]: "Group" for r in rows}
+
+
 async def stream(
     conn: Conn, tenant_id: UUID, where: AuditFilter, chunk: int = 2000
 ) -> AsyncIterator[dict[str, Any]]:
