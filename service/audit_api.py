@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -14,6 +12,7 @@ from aiohttp import web
 from domain.group import Group
 from domain.user import User
 from service import audit_queries as q
+from service.audit_export import CONTENT_TYPES, ExportWriter
 from service.errors import ScimError
 from service.scim.groups import group_resource, member_entry
 from service.scim.representation import user_resource
@@ -75,37 +74,22 @@ async def write_export(
     """Stream every selected entry as CSV or JSON lines (shared with the web pages)."""
     response = web.StreamResponse(
         headers={
-            "Content-Type": "text/csv; charset=utf-8" if fmt == "csv" else "application/x-ndjson",
+            "Content-Type": CONTENT_TYPES[fmt],
             "Content-Disposition": f'attachment; filename="{filename}.{fmt}"',
             "Cache-Control": "no-store",
         }
     )
     await response.prepare(request)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    if fmt == "csv":
-        writer.writerow(q.CSV_COLUMNS)
-    chunk: list[bytes] = []
+    out = ExportWriter(fmt)
     async with request.app[DATABASE].pool.acquire() as conn, conn.transaction(readonly=True):
         async for item in q.stream(conn, tenant_id, where):
-            if fmt == "csv":
-                writer.writerow(q.csv_row(item))
-            else:
-                chunk.append(orjson.dumps(item) + b"\n")
-            if len(chunk) >= 500 or buffer.tell() > 256_000:
-                await _flush(response, buffer, chunk)
-    await _flush(response, buffer, chunk)
+            out.add(item)
+            if out.full:
+                await response.write(out.take())
+    if data := out.take():
+        await response.write(data)
     await response.write_eof()
     return response
-
-
-async def _flush(response: web.StreamResponse, buffer: io.StringIO, chunk: list[bytes]) -> None:
-    data = buffer.getvalue().encode() + b"".join(chunk)
-    buffer.seek(0)
-    buffer.truncate()
-    chunk.clear()
-    if data:
-        await response.write(data)
 
 
 async def history(request: web.Request) -> web.Response:

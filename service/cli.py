@@ -769,42 +769,27 @@ def audit_export(
     database_url: str | None,
 ) -> None:
     """Every selected entry, newest first, streamed in constant memory."""
-    import csv
-    import io
     import os
     import tempfile
 
     from service import audit_queries as q
+    from service.audit_export import ExportWriter
 
     where = _audit_filter(since, until, action, status, target, identity, change_id, error_code)
     settings = _settings(data_dir, database_url)
 
     async def go(sink: Any) -> int:
-        text = io.StringIO()
-        writer = csv.writer(text)
-        if fmt == "csv":
-            writer.writerow(q.CSV_COLUMNS)
-        chunk: list[bytes] = []
+        out = ExportWriter(fmt)
         count = 0
-
-        def flush() -> None:
-            sink.write(text.getvalue().encode() + b"".join(chunk))
-            text.seek(0)
-            text.truncate()
-            chunk.clear()
-
         async with open_database(settings) as db, db.pool.acquire() as conn:
             tenant_id = await _tenant_id(conn, tenant)
             async with conn.transaction(readonly=True):
                 async for entry in q.stream(conn, tenant_id, where):
-                    if fmt == "csv":
-                        writer.writerow(q.csv_row(entry))
-                    else:
-                        chunk.append(orjson.dumps(entry) + b"\n")
+                    out.add(entry)
                     count += 1
-                    if len(chunk) >= 500 or text.tell() > 256_000:
-                        flush()
-        flush()
+                    if out.full:
+                        sink.write(out.take())
+        sink.write(out.take())
         return count
 
     if output is None:

@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient
 
 from infra.database import Database
 from infra.tenants import IssuedToken
-from service.audit_queries import CSV_COLUMNS
+from service.audit_export import CSV_COLUMNS
 from tests.test_audit import audit_auth, settled
 from tests.test_cli import run
 from tests.test_entra_users import create as create_user
