@@ -35,7 +35,7 @@ LIVE: Mapping[str, str] = {ENTRIES: ENTRIES, RESOURCES: RESOURCES}
 ENTRY_COLUMNS = (
     "transaction_id, id, tenant_id, activity_at, change_id, action, status, error_code,"
     " error_reason, target_type, target_id, target_name, source_id, initiated_by, method,"
-    " path, http_status, duration_ms, positions, modified_properties"
+    " path, http_status, duration_ms, positions, modified_properties, client_request_id"
 )
 
 # Entra's provisioning-log error codes, from the SCIM error a request got.
@@ -156,6 +156,7 @@ class _Entry:
             self.request.get("durationMs"),
             self.positions,
             orjson.dumps(self.properties).decode(),
+            self.request.get("clientRequestId"),
         )
 
 
@@ -231,13 +232,14 @@ async def apply(
             " SELECT transaction_id, id, tenant_id, activity_at, change_id, action, status,"
             " error_code, error_reason, target_type, target_id, target_name, source_id,"
             " initiated_by, method, path, http_status, duration_ms, positions::bigint[],"
-            " props::jsonb FROM unnest($1::bigint[], $2::uuid[], $3::uuid[], $4::timestamptz[],"
-            " $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],"
-            " $11::uuid[], $12::text[], $13::text[], $14::text[], $15::text[], $16::text[],"
-            " $17::int[], $18::float8[], $19::text[], $20::text[])"
+            " props::jsonb, client_request_id FROM unnest($1::bigint[], $2::uuid[], $3::uuid[],"
+            " $4::timestamptz[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[],"
+            " $10::text[], $11::uuid[], $12::text[], $13::text[], $14::text[], $15::text[],"
+            " $16::text[], $17::int[], $18::float8[], $19::text[], $20::text[], $21::text[])"
             " AS e (transaction_id, id, tenant_id, activity_at, change_id, action, status,"
             " error_code, error_reason, target_type, target_id, target_name, source_id,"
-            " initiated_by, method, path, http_status, duration_ms, positions, props)"
+            " initiated_by, method, path, http_status, duration_ms, positions, props,"
+            " client_request_id)"
             " ON CONFLICT (transaction_id) DO NOTHING",
             *[list(c) for c in zip(*[_arrays(r) for r in rows], strict=True)],
         )

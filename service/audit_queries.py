@@ -35,6 +35,7 @@ class AuditFilter:
     target_id: UUID | None = None
     identity: str | None = None  # target name contains (case-insensitive)
     change_id: str | None = None
+    client_request_id: str | None = None
     error_code: str | None = None
 
     @classmethod
@@ -69,6 +70,7 @@ class AuditFilter:
             target_id=target_id,
             identity=params.get("identity") or None,
             change_id=params.get("changeId") or None,
+            client_request_id=params.get("clientRequestId") or None,
             error_code=params.get("errorCode") or None,
         )
 
@@ -94,6 +96,8 @@ class AuditFilter:
             add("target_name ILIKE ?", f"%{escaped}%")
         if self.change_id:
             add("change_id = ?", self.change_id)
+        if self.client_request_id:
+            add("client_request_id = ?", self.client_request_id)
         if self.error_code:
             add("error_code = ?", self.error_code)
         return " AND ".join(clauses), args
@@ -122,6 +126,7 @@ def entry_json(row: Any) -> dict[str, Any]:
         "activityDateTime": row["activity_at"].isoformat().replace("+00:00", "Z"),
         "tenantId": str(row["tenant_id"]),
         "changeId": row["change_id"],
+        "clientRequestId": row["client_request_id"],
         "provisioningAction": row["action"],
         "provisioningStatusInfo": {"status": row["status"], "errorInformation": error},
         "modifiedProperties": row["modified_properties"],

@@ -41,7 +41,17 @@ RANGES: dict[str, tuple[str, timedelta | None]] = {
 }
 DEFAULT_RANGE = "7d"
 # The query parameters of the list page that links (detail, next page, export) carry along.
-FILTER_KEYS = ("range", "from", "to", "action", "status", "identity", "changeId", "errorCode")
+FILTER_KEYS = (
+    "range",
+    "from",
+    "to",
+    "action",
+    "status",
+    "identity",
+    "changeId",
+    "clientRequestId",
+    "errorCode",
+)
 
 # Entra's "Troubleshooting & recommendations", for the error codes the audit projection gives.
 RECOMMENDATIONS = {
@@ -240,6 +250,7 @@ class Filters:
             "action": v["action"],
             "status": v["status"],
             "changeId": v["changeId"],
+            "clientRequestId": v["clientRequestId"],
             "errorCode": v["errorCode"],
         }
         # Identity is a name or an id, as in Entra's portal.
@@ -512,6 +523,8 @@ def _filter_form(filters: Filters) -> str:
         f' value="{e_(v["identity"])}"></label>'
         f'<label>Change id<input type="search" name="changeId" value="{e_(v["changeId"])}">'
         "</label>"
+        '<label>Client request id<input type="search" name="clientRequestId"'
+        f' value="{e_(v["clientRequestId"])}"></label>'
         '<label>Error code<input type="search" name="errorCode"'
         f' value="{e_(v["errorCode"])}" placeholder="e.g. EntryConflict"></label>'
         f"{limit}"
@@ -731,6 +744,7 @@ def _entry_detail(entry: Mapping[str, Any], filters: Filters) -> str:
                 "Change id",
                 f'<a href="{e_(change_url)}"><code>{e_(entry["changeId"])}</code></a>',
             ),
+            ("Client request id (X-Request-Id)", _value(entry.get("clientRequestId"))),
             ("Initiated by", f"token {e_(entry['initiatedBy']['displayName'])}"),
         ]
     )

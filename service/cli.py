@@ -484,7 +484,13 @@ _AUDIT_FILTERS = (
     ("--status", "status", "STATUS", "success, failure or skipped."),
     ("--target", "target", "ID", "Id of the user or group the entry is about."),
     ("--identity", "identity", "TEXT", "Target display name contains (case-insensitive)."),
-    ("--change-id", "change_id", "ID", "The request id (X-Request-Id) of the change."),
+    ("--change-id", "change_id", "ID", "The service's request id of the change."),
+    (
+        "--client-request-id",
+        "client_request_id",
+        "ID",
+        "The client's own X-Request-Id of the change.",
+    ),
     ("--error-code", "error_code", "CODE", "Entra error code, e.g. EntryConflict."),
 )
 
@@ -497,6 +503,7 @@ def _audit_filter(
     target: str | None,
     identity: str | None,
     change_id: str | None,
+    client_request_id: str | None,
     error_code: str | None,
 ) -> Any:
     from service.audit_queries import AuditFilter, BadQuery
@@ -509,6 +516,7 @@ def _audit_filter(
         "target": target,
         "identity": identity,
         "changeId": change_id,
+        "clientRequestId": client_request_id,
         "errorCode": error_code,
     }
     try:
@@ -597,6 +605,7 @@ def audit_list(
     target: str | None,
     identity: str | None,
     change_id: str | None,
+    client_request_id: str | None,
     error_code: str | None,
     limit: int,
     next_token: str | None,
@@ -610,7 +619,9 @@ def audit_list(
     """
     from service import audit_queries as q
 
-    where = _audit_filter(since, until, action, status, target, identity, change_id, error_code)
+    where = _audit_filter(
+        since, until, action, status, target, identity, change_id, client_request_id, error_code
+    )
     if next_token is not None:
         try:
             q.decode_next(next_token)
@@ -687,6 +698,7 @@ def audit_show(
         ("request", f"{request['method']} {request['path']} -> {request['status']}"),
         ("duration ms", entry["durationInMilliseconds"]),
         ("change id", entry["changeId"]),
+        ("client request id", entry["clientRequestId"]),
         ("events", ", ".join(str(p) for p in entry["eventPositions"])),
     ):
         facts.add_row(label, "-" if value is None else str(value))
@@ -763,6 +775,7 @@ def audit_export(
     target: str | None,
     identity: str | None,
     change_id: str | None,
+    client_request_id: str | None,
     error_code: str | None,
     output: Path | None,
     data_dir: Path | None,
@@ -775,7 +788,9 @@ def audit_export(
     from service import audit_queries as q
     from service.audit_export import ExportWriter
 
-    where = _audit_filter(since, until, action, status, target, identity, change_id, error_code)
+    where = _audit_filter(
+        since, until, action, status, target, identity, change_id, client_request_id, error_code
+    )
     settings = _settings(data_dir, database_url)
 
     async def go(sink: Any) -> int:
