@@ -30,12 +30,17 @@ def _filter(request: web.Request) -> q.AuditFilter:
         raise ScimError(400, str(e), "invalidValue") from None
 
 
-async def entries(request: web.Request) -> web.Response:
-    where = _filter(request)
+def _limit(request: web.Request) -> int:
+    """`limit` (default 50); above audit_queries.MAX_LIMIT it is capped, not refused."""
     try:
-        limit = int(request.query.get("limit", "50"))
+        return int(request.query.get("limit", "50"))
     except ValueError:
         raise ScimError(400, "limit must be an integer", "invalidValue") from None
+
+
+async def entries(request: web.Request) -> web.Response:
+    where = _filter(request)
+    limit = _limit(request)
     pool = request.app[DATABASE].pool
     # Lag first: the page read after it holds at least everything the lag says is applied.
     lag = await q.lag(pool)
@@ -94,8 +99,18 @@ async def write_export(
 
 async def history(request: web.Request) -> web.Response:
     resource_id = _resource_id(request)
-    found = await q.history(request.app[DATABASE].pool, request[PRINCIPAL].tenant_id, resource_id)
-    return _json({"resource": str(resource_id), "entries": found})
+    limit = _limit(request)
+    try:
+        found, next_token = await q.history(
+            request.app[DATABASE].pool,
+            request[PRINCIPAL].tenant_id,
+            resource_id,
+            limit,
+            request.query.get("next"),
+        )
+    except q.BadQuery as e:
+        raise ScimError(400, str(e), "invalidValue") from None
+    return _json({"resource": str(resource_id), "entries": found, "next": next_token})
 
 
 async def resource_at(request: web.Request) -> web.Response:

@@ -198,15 +198,29 @@ async def one(conn: Conn | asyncpg.Pool, tenant_id: UUID, entry_id: str) -> dict
 
 
 async def history(
-    conn: Conn | asyncpg.Pool, tenant_id: UUID, resource_id: UUID
-) -> list[dict[str, Any]]:
+    conn: Conn | asyncpg.Pool,
+    tenant_id: UUID,
+    resource_id: UUID,
+    limit: int = 50,
+    next_token: str | None = None,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """The entries about one resource, oldest first, keyset-paginated like `page`."""
+    limit = max(1, min(limit, MAX_LIMIT))
+    args: list[Any] = [tenant_id, resource_id]
+    after = ""
+    if next_token:
+        at, txid = decode_next(next_token)
+        args += [at, txid]
+        after = " AND (activity_at, transaction_id) > ($3, $4)"
+    args.append(limit + 1)
     rows = await conn.fetch(
         f"SELECT {ENTRY_COLUMNS} FROM audit_entries WHERE tenant_id = $1 AND target_id = $2"
-        " ORDER BY activity_at, transaction_id",
-        tenant_id,
-        resource_id,
+        f"{after} ORDER BY activity_at, transaction_id LIMIT ${len(args)}",
+        *args,
     )
-    return [entry_json(r) for r in rows]
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return [entry_json(r) for r in rows], encode_next(rows[-1]) if more and rows else None
 
 
 async def member_types(

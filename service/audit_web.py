@@ -346,16 +346,29 @@ async def resource_page(request: web.Request, principal: Principal) -> web.Strea
         resource_id = UUID(request.match_info["id"])
     except ValueError:
         resource_id = None
-    found = []
+    page = Filters.from_query(request.query)  # its limit and next token
+    found: list[dict[str, Any]] = []
+    next_token: str | None = None
     if resource_id is not None:
-        found = await q.history(request.app[DATABASE].pool, principal.tenant_id, resource_id)
+        try:
+            found, next_token = await q.history(
+                request.app[DATABASE].pool,
+                principal.tenant_id,
+                resource_id,
+                page.limit,
+                page.next_token,
+            )
+        except q.BadQuery as e:
+            body = f'{back}<h1>History</h1><p class="notice error" role="alert">{e_(e)}</p>'
+            return _html("History", body, principal, status=400)
     if not found:
         body = (
             back + "<h1>No history</h1>"
             '<p class="notice error">The provisioning log has no entry for this resource.</p>'
         )
         return _html("No history", body, principal, status=404)
-    return _html("Resource history", back + _history(str(resource_id), found), principal)
+    history = _history(str(resource_id), found) + _history_pager(str(resource_id), page, next_token)
+    return _html("Resource history", back + history, principal)
 
 
 async def export_page(request: web.Request, principal: Principal) -> web.StreamResponse:
@@ -615,6 +628,19 @@ def _pager(filters: Filters, next_token: str | None) -> str:
     return f'<nav class="pager">{"".join(links)}</nav>' if links else ""
 
 
+def _history_pager(resource_id: str, page: Filters, next_token: str | None) -> str:
+    base = f"/audit/resources/{resource_id}"
+    limit = {"limit": str(page.limit)} if page.limit != PAGE_SIZE else {}
+    links = []
+    if page.next_token:
+        first = base + (f"?{urlencode(limit)}" if limit else "")
+        links.append(f'<a class="button secondary" href="{e_(first)}">First page</a>')
+    if next_token:
+        href = f"{base}?{urlencode({**limit, 'next': next_token})}"
+        links.append(f'<a class="button" rel="next" href="{e_(href)}">Next page →</a>')
+    return f'<nav class="pager">{"".join(links)}</nav>' if links else ""
+
+
 def _list_url(filters: Filters) -> str:
     query = filters.query()
     return "/audit/" + (f"?{query}" if query else "")
@@ -811,7 +837,8 @@ def _history(resource_id: str, entries: list[dict[str, Any]]) -> str:
         )
     return (
         f"<h1>History of {e_(latest.get('identityType'))} {e_(name or '')}</h1>"
-        f"<p>Resource id <code>{e_(resource_id)}</code> · every change, oldest first.</p>"
+        f"<p>Resource id <code>{e_(resource_id)}</code> · every change, oldest first,"
+        " a page at a time.</p>"
         '<table class="history"><thead><tr><th>Date</th><th>Action</th><th>Status</th>'
         f"<th>Changes (old → new)</th><th>Change id</th></tr></thead><tbody>{''.join(rows)}"
         "</tbody></table>"

@@ -714,16 +714,32 @@ def audit_show(
 @audit.command("history")
 @click.option("--tenant", required=True, help="Tenant name.")
 @click.argument("resource_id")
-@click.option("--json", "json_output", is_flag=True, help="One entry per line, oldest first.")
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 500),
+    default=50,
+    show_default=True,
+    help="Entries per page (at most 500).",
+)
+@click.option("--next", "next_token", default=None, help="Page token from a previous page.")
+@click.option(
+    "--json",
+    "json_output",
+    is_flag=True,
+    help='One entry per line, oldest first; then {"next": TOKEN} as the last line only if'
+    " there is a further page (pass it back with --next).",
+)
 @database_options
 def audit_history(
     tenant: str,
     resource_id: str,
+    limit: int,
+    next_token: str | None,
     json_output: bool,
     data_dir: Path | None,
     database_url: str | None,
 ) -> None:
-    """Every entry about one user or group, oldest first."""
+    """The entries about one user or group, oldest first, a page at a time (as `list`)."""
     import uuid as _uuid
 
     from service import audit_queries as q
@@ -732,18 +748,29 @@ def audit_history(
         key = _uuid.UUID(resource_id)
     except ValueError:
         raise click.BadParameter(f"{resource_id!r} is not a resource id") from None
+    if next_token is not None:
+        try:
+            q.decode_next(next_token)
+        except q.BadQuery as e:
+            raise click.UsageError(str(e)) from None
     settings = _settings(data_dir, database_url)
 
-    async def work(conn: Any) -> list[dict[str, Any]]:
-        return await q.history(conn, await _tenant_id(conn, tenant), key)
+    async def work(conn: Any) -> tuple[list[dict[str, Any]], str | None]:
+        return await q.history(conn, await _tenant_id(conn, tenant), key, limit, next_token)
 
-    entries = _on_connection(settings, work)
+    entries, more = _on_connection(settings, work)
     try:
         if json_output:
-            sys.stdout.buffer.write(b"".join(orjson.dumps(e) + b"\n" for e in entries))
+            lines = [orjson.dumps(e) for e in entries]
+            if more:
+                lines.append(orjson.dumps({"next": more}))
+            sys.stdout.buffer.write(b"".join(line + b"\n" for line in lines))
             sys.stdout.flush()
-        else:
-            _audit_console().print(_audit_table(entries))
+            return
+        console = _audit_console()
+        console.print(_audit_table(entries))
+        if more:
+            console.print(f"next page: --next {more}", highlight=False, soft_wrap=True)
     except BrokenPipeError:
         _quiet_broken_pipe()
 
