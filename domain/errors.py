@@ -11,12 +11,15 @@ from uuid import UUID
 # An error detail may quote the client's input (`invalid path '…'`); the reply and the
 # provisioning log, which keeps it forever, get at most this much of it.
 MAX_DETAIL = 500
-_HEAD, _TAIL = 400, 80
+# Room for the mark up to "…[cut 999,999,999,999,999 characters]…", so a bounded detail is
+# never longer than MAX_DETAIL, and bounding it again (the audit record) changes nothing.
+_TAIL, _MARK_ROOM = 80, 40
+_HEAD = MAX_DETAIL - _TAIL - _MARK_ROOM
 
 
 def bounded(detail: str) -> str:
     """`detail`, or past MAX_DETAIL characters its head and tail with the cut marked between
-    them: "invalid path 'xxx…[cut 199,520 characters]…xxx'"."""
+    them: "invalid path 'xxx…[cut 199,540 characters]…xxx'"."""
     if len(detail) <= MAX_DETAIL:
         return detail
     return f"{detail[:_HEAD]}…[cut {len(detail) - _HEAD - _TAIL:,} characters]…{detail[-_TAIL:]}"
