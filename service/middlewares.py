@@ -57,7 +57,6 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     try:
         response = await handler(request)
         status = response.status
-        response.headers["X-Request-Id"] = request_id
         return response
     except web.HTTPException as e:  # redirects of the audit pages leave as exceptions
         status = e.status
@@ -77,6 +76,15 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             request_id=request_id,
             client_request_id=client_request_id,
         )
+
+
+async def stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """X-Request-Id on every reply, set as its headers are sent (on_response_prepare): a
+    streamed reply (a group with its members, an export) has sent them before the
+    middleware sees it."""
+    request_id = request.get(REQUEST_ID)
+    if request_id is not None:
+        response.headers["X-Request-Id"] = request_id
 
 
 @web.middleware

@@ -26,7 +26,7 @@ from service.app import create_app
 from tests.test_audit import audit_auth, settled
 from tests.test_audit_cli import audit, json_lines
 from tests.test_audit_web import audit_token, sign_in
-from tests.test_entra_groups import create_group, patch_group
+from tests.test_entra_groups import GROUP, create_group, patch_group
 from tests.test_entra_users import PATCH_OP, entra_user, headers, patch
 from tests.test_entra_users import create as create_user
 
@@ -184,6 +184,33 @@ async def test_the_change_id_is_the_servers_and_the_clients_id_is_kept_apart(
     await sign_in(client, token.token)
     html = await (await client.get(f"/audit/entries/{by_change[server_ids[0]]['id']}")).text()
     assert "entra-1" in html and server_ids[0] in html
+
+
+async def test_every_reply_carries_its_request_id_streamed_ones_too(
+    client: Client, auth: dict[str, str], database: Database, tenant: IssuedToken
+) -> None:
+    """The reply's X-Request-Id is how a client finds its change: streamed replies (a group
+    with its members, an export) carry it too."""
+    reader = await audit_auth(database)
+    group = await create_group(client, auth)
+    r = await client.get(f"/scim/v2/Groups/{group['id']}", headers=auth)
+    replies = [r]
+    r = await client.get("/audit/v1/export?format=jsonl", headers=reader)
+    replies.append(r)
+    r = await client.get("/audit/v1/nothing-here", headers=reader)
+    replies.append(r)
+    for reply in replies:
+        await reply.read()
+        assert re.fullmatch(r"[0-9a-f]{32}", reply.headers.get("X-Request-Id", "")), reply.url
+    r = await client.post(
+        "/scim/v2/Groups",
+        json={"schemas": [GROUP], "displayName": "Streamed"},
+        headers=headers(auth),
+    )
+    assert r.status == 201
+    created = r.headers.get("X-Request-Id")
+    entries = (await settled(client, reader))["entries"]
+    assert created is not None and created in {e["changeId"] for e in entries}
 
 
 async def test_the_cli_shows_the_clients_request_id(
