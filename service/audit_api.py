@@ -128,9 +128,11 @@ async def resource_at(request: web.Request) -> web.Response:
     db = request.app[DATABASE]
     tenant_id = request[PRINCIPAL].tenant_id
     cap = request.app[SETTINGS].max_replay_events
-    # Only this tenant's stream is read, and at most `cap` events of it: a bound, not a
-    # snapshot, because time travel is an officer's occasional question, and a snapshot per
-    # point in time would cost every write. Past the cap the question is refused, not cut.
+    # Only this tenant's stream is read (another tenant's reads as empty: 404), and at most
+    # `cap` events of it. A bound rather than snapshots: time travel is an officer's
+    # occasional question, and snapshots would add a table kept by the write path (or the
+    # audit projection) and a shape to upcast per aggregate; a user's stream stays far below
+    # the cap. Past it the question is refused (400 tooMany), never answered from a cut stream.
     stream = await db.store.read_stream_until(db.pool, tenant_id, resource_id, at, cap + 1)
     if len(stream) > cap:
         raise ScimError(
