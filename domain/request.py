@@ -44,7 +44,8 @@ class ProvisioningRequest(Aggregate):
         error: dict[str, Any] | None = None,
     ) -> ProvisioningRequest:
         """`request`: method, path, status, initiatedBy, client, targetType, targetId,
-        durationMs. `error` (failures only): status, scimType, detail."""
+        clientRequestId (the client's X-Request-Id, if any), durationMs. `error` (failures
+        only): status, scimType, detail."""
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}")
         return cls(

@@ -78,6 +78,10 @@ class Settings:
     )
     # GET /metrics (Prometheus text format, no token); 0 turns the endpoint off.
     metrics: bool = field(default_factory=lambda: os.environ.get("SCIMLEDGER_METRICS", "1") != "0")
+    # Events one audit time-travel request (`/audit/v1/resources/{id}?at=`) may replay.
+    max_replay_events: int = field(
+        default_factory=lambda: _int_env("SCIMLEDGER_MAX_REPLAY_EVENTS", 10000)
+    )
     # Seconds `serve` waits for in-flight requests on SIGTERM before it cuts them off.
     shutdown_timeout: float = field(
         default_factory=lambda: float(os.environ.get("SCIMLEDGER_SHUTDOWN_TIMEOUT", "30"))

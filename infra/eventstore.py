@@ -126,6 +126,13 @@ WHERE originator_id = $1 AND originator_version > $2
 ORDER BY originator_version
 """
 
+_READ_STREAM_UNTIL = f"""
+SELECT {_COLUMNS} FROM stored_events
+WHERE originator_id = $1 AND tenant_id = $2 AND recorded_at <= $3
+ORDER BY originator_version
+LIMIT $4
+"""
+
 _READ_ALL = f"""
 SELECT {_COLUMNS} FROM stored_events
 WHERE (transaction_id, notification_id) > ($1::bigint, $2::bigint)
@@ -288,6 +295,19 @@ class EventStore:
         self, conn: Conn | asyncpg.Pool, originator_id: UUID, after_version: int = 0
     ) -> list[RecordedEvent]:
         rows = await conn.fetch(_READ_STREAM, originator_id, after_version)
+        return [_recorded(r) for r in rows]
+
+    async def read_stream_until(
+        self,
+        conn: Conn | asyncpg.Pool,
+        tenant_id: UUID,
+        originator_id: UUID,
+        until: datetime,
+        limit: int,
+    ) -> list[RecordedEvent]:
+        """The first `limit` events of a stream of `tenant_id` recorded at or before `until`
+        (a stream of another tenant reads as empty: none of its events is read)."""
+        rows = await conn.fetch(_READ_STREAM_UNTIL, originator_id, tenant_id, until, limit)
         return [_recorded(r) for r in rows]
 
     async def read_all(

@@ -17,6 +17,7 @@ from uuid import UUID
 
 import orjson
 
+from domain.errors import bounded
 from domain.group import Group
 from domain.request import ProvisioningRequest
 from domain.user import User
@@ -24,7 +25,9 @@ from infra.eventstore import Conn
 
 NAME = "audit"
 # 2: list and object values in modifiedProperties are UTF-8 JSON (orjson), not \u-escaped.
-VERSION = 2
+# 3: the error reason is bounded (domain.errors.bounded), also for requests recorded before it
+#    was; and the client's X-Request-Id (`clientRequestId`) has a column of its own.
+VERSION = 3
 ENTRIES, RESOURCES = "audit_entries", "audit_resources"
 TABLES = (ENTRIES, RESOURCES)
 LIVE: Mapping[str, str] = {ENTRIES: ENTRIES, RESOURCES: RESOURCES}
@@ -32,7 +35,7 @@ LIVE: Mapping[str, str] = {ENTRIES: ENTRIES, RESOURCES: RESOURCES}
 ENTRY_COLUMNS = (
     "transaction_id, id, tenant_id, activity_at, change_id, action, status, error_code,"
     " error_reason, target_type, target_id, target_name, source_id, initiated_by, method,"
-    " path, http_status, duration_ms, positions, modified_properties"
+    " path, http_status, duration_ms, positions, modified_properties, client_request_id"
 )
 
 # Entra's provisioning-log error codes, from the SCIM error a request got.
@@ -141,7 +144,7 @@ class _Entry:
             self.action(),
             self.status,
             error_code(error) if self.error else None,
-            error.get("detail") if self.error else None,
+            bounded(str(error.get("detail"))) if error.get("detail") is not None else None,
             target[0] if target else self.request.get("targetType"),
             target[1] if target else _uuid(wanted),
             target[2] if target else None,
@@ -153,6 +156,7 @@ class _Entry:
             self.request.get("durationMs"),
             self.positions,
             orjson.dumps(self.properties).decode(),
+            self.request.get("clientRequestId"),
         )
 
 
@@ -228,13 +232,14 @@ async def apply(
             " SELECT transaction_id, id, tenant_id, activity_at, change_id, action, status,"
             " error_code, error_reason, target_type, target_id, target_name, source_id,"
             " initiated_by, method, path, http_status, duration_ms, positions::bigint[],"
-            " props::jsonb FROM unnest($1::bigint[], $2::uuid[], $3::uuid[], $4::timestamptz[],"
-            " $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],"
-            " $11::uuid[], $12::text[], $13::text[], $14::text[], $15::text[], $16::text[],"
-            " $17::int[], $18::float8[], $19::text[], $20::text[])"
+            " props::jsonb, client_request_id FROM unnest($1::bigint[], $2::uuid[], $3::uuid[],"
+            " $4::timestamptz[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[],"
+            " $10::text[], $11::uuid[], $12::text[], $13::text[], $14::text[], $15::text[],"
+            " $16::text[], $17::int[], $18::float8[], $19::text[], $20::text[], $21::text[])"
             " AS e (transaction_id, id, tenant_id, activity_at, change_id, action, status,"
             " error_code, error_reason, target_type, target_id, target_name, source_id,"
-            " initiated_by, method, path, http_status, duration_ms, positions, props)"
+            " initiated_by, method, path, http_status, duration_ms, positions, props,"
+            " client_request_id)"
             " ON CONFLICT (transaction_id) DO NOTHING",
             *[list(c) for c in zip(*[_arrays(r) for r in rows], strict=True)],
         )

@@ -11,7 +11,13 @@ from infra.config import Settings
 from infra.database import Database, open_database
 from infra.tenants import Authenticator
 from service import audit_api, audit_web, discovery, health, metrics
-from service.middlewares import bearer_auth, rate_limit, request_context, scim_errors
+from service.middlewares import (
+    bearer_auth,
+    rate_limit,
+    request_context,
+    scim_errors,
+    stamp_request_id,
+)
 from service.outcomes import record_outcomes
 from service.scim import groups, users
 from service.state import AUTHENTICATOR, DATABASE, SETTINGS
@@ -25,6 +31,7 @@ def create_app(settings: Settings, database: Database | None = None) -> web.Appl
         + ([limit] if limit else []),
         client_max_size=settings.max_body_bytes,
     )
+    app.on_response_prepare.append(stamp_request_id)
     app[SETTINGS] = settings
     app[AUTHENTICATOR] = Authenticator(lambda: app[DATABASE].pool)
     if database is not None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -14,10 +12,11 @@ from aiohttp import web
 from domain.group import Group
 from domain.user import User
 from service import audit_queries as q
+from service.audit_export import CONTENT_TYPES, ExportWriter
 from service.errors import ScimError
 from service.scim.groups import group_resource, member_entry
 from service.scim.representation import user_resource
-from service.state import DATABASE, PRINCIPAL, base_url
+from service.state import DATABASE, PRINCIPAL, SETTINGS, base_url
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -31,12 +30,17 @@ def _filter(request: web.Request) -> q.AuditFilter:
         raise ScimError(400, str(e), "invalidValue") from None
 
 
-async def entries(request: web.Request) -> web.Response:
-    where = _filter(request)
+def _limit(request: web.Request) -> int:
+    """`limit` (default 50); above audit_queries.MAX_LIMIT it is capped, not refused."""
     try:
-        limit = int(request.query.get("limit", "50"))
+        return int(request.query.get("limit", "50"))
     except ValueError:
         raise ScimError(400, "limit must be an integer", "invalidValue") from None
+
+
+async def entries(request: web.Request) -> web.Response:
+    where = _filter(request)
+    limit = _limit(request)
     pool = request.app[DATABASE].pool
     # Lag first: the page read after it holds at least everything the lag says is applied.
     lag = await q.lag(pool)
@@ -75,43 +79,38 @@ async def write_export(
     """Stream every selected entry as CSV or JSON lines (shared with the web pages)."""
     response = web.StreamResponse(
         headers={
-            "Content-Type": "text/csv; charset=utf-8" if fmt == "csv" else "application/x-ndjson",
+            "Content-Type": CONTENT_TYPES[fmt],
             "Content-Disposition": f'attachment; filename="{filename}.{fmt}"',
             "Cache-Control": "no-store",
         }
     )
     await response.prepare(request)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    if fmt == "csv":
-        writer.writerow(q.CSV_COLUMNS)
-    chunk: list[bytes] = []
+    out = ExportWriter(fmt)
     async with request.app[DATABASE].pool.acquire() as conn, conn.transaction(readonly=True):
         async for item in q.stream(conn, tenant_id, where):
-            if fmt == "csv":
-                writer.writerow(q.csv_row(item))
-            else:
-                chunk.append(orjson.dumps(item) + b"\n")
-            if len(chunk) >= 500 or buffer.tell() > 256_000:
-                await _flush(response, buffer, chunk)
-    await _flush(response, buffer, chunk)
+            out.add(item)
+            if out.full:
+                await response.write(out.take())
+    if data := out.take():
+        await response.write(data)
     await response.write_eof()
     return response
 
 
-async def _flush(response: web.StreamResponse, buffer: io.StringIO, chunk: list[bytes]) -> None:
-    data = buffer.getvalue().encode() + b"".join(chunk)
-    buffer.seek(0)
-    buffer.truncate()
-    chunk.clear()
-    if data:
-        await response.write(data)
-
-
 async def history(request: web.Request) -> web.Response:
     resource_id = _resource_id(request)
-    found = await q.history(request.app[DATABASE].pool, request[PRINCIPAL].tenant_id, resource_id)
-    return _json({"resource": str(resource_id), "entries": found})
+    limit = _limit(request)
+    try:
+        found, next_token = await q.history(
+            request.app[DATABASE].pool,
+            request[PRINCIPAL].tenant_id,
+            resource_id,
+            limit,
+            request.query.get("next"),
+        )
+    except q.BadQuery as e:
+        raise ScimError(400, str(e), "invalidValue") from None
+    return _json({"resource": str(resource_id), "entries": found, "next": next_token})
 
 
 async def resource_at(request: web.Request) -> web.Response:
@@ -127,11 +126,24 @@ async def resource_at(request: web.Request) -> web.Response:
     if at.tzinfo is None:
         raise ScimError(400, "at must carry a time zone (e.g. Z)", "invalidValue")
     db = request.app[DATABASE]
+    tenant_id = request[PRINCIPAL].tenant_id
+    cap = request.app[SETTINGS].max_replay_events
+    # Only this tenant's stream is read (another tenant's reads as empty: 404), and at most
+    # `cap` events of it. A bound rather than snapshots: time travel is an officer's
+    # occasional question, and snapshots would add a table kept by the write path (or the
+    # audit projection) and a shape to upcast per aggregate; a user's stream stays far below
+    # the cap. Past it the question is refused (400 tooMany), never answered from a cut stream.
+    stream = await db.store.read_stream_until(db.pool, tenant_id, resource_id, at, cap + 1)
+    if len(stream) > cap:
+        raise ScimError(
+            400,
+            f"resource {resource_id} had more than {cap} events by {raw}; this service replays"
+            " at most that many (SCIMLEDGER_MAX_REPLAY_EVENTS)",
+            "tooMany",
+        )
     aggregate: Any = None
     members: dict[str, str | None] = {}
-    for recorded in await db.store.read_stream(db.pool, resource_id):
-        if recorded.recorded_at > at:
-            break
+    for recorded in stream:
         event: Any = db.store.to_domain(recorded)
         aggregate = event.mutate(aggregate)
         if type(event).__name__ == "GroupMembershipChanged":
@@ -139,7 +151,6 @@ async def resource_at(request: web.Request) -> web.Response:
                 members.pop(member, None)
             for member in event.added:
                 members[member] = event.displays.get(member)
-    tenant_id = request[PRINCIPAL].tenant_id
     if aggregate is None or getattr(aggregate, "tenant_id", None) != tenant_id:
         raise ScimError(404, f"resource {resource_id} did not exist at {raw}")
     base = base_url(request)
@@ -164,19 +175,12 @@ async def resource_at(request: web.Request) -> web.Response:
             aggregate.created_on,
             aggregate.modified_on,
         )
-        types = await _member_types(request, list(members))
+        types = await q.member_types(db.pool, tenant_id, list(members))
         resource["members"] = [
             member_entry(base, UUID(m), types.get(m, "User"), d) for m, d in sorted(members.items())
         ]
         return _json(resource)
     raise ScimError(404, f"resource {resource_id} did not exist at {raw}")
-
-
-async def _member_types(request: web.Request, ids: list[str]) -> dict[str, str]:
-    rows = await request.app[DATABASE].pool.fetch(
-        "SELECT id::text FROM audit_resources WHERE type = 'Group' AND id = any($1::uuid[])", ids
-    )
-    return {r["id"]: "Group" for r in rows}
 
 
 def _resource_id(request: web.Request) -> UUID:

@@ -35,6 +35,7 @@ class AuditFilter:
     target_id: UUID | None = None
     identity: str | None = None  # target name contains (case-insensitive)
     change_id: str | None = None
+    client_request_id: str | None = None
     error_code: str | None = None
 
     @classmethod
@@ -69,6 +70,7 @@ class AuditFilter:
             target_id=target_id,
             identity=params.get("identity") or None,
             change_id=params.get("changeId") or None,
+            client_request_id=params.get("clientRequestId") or None,
             error_code=params.get("errorCode") or None,
         )
 
@@ -94,6 +96,8 @@ class AuditFilter:
             add("target_name ILIKE ?", f"%{escaped}%")
         if self.change_id:
             add("change_id = ?", self.change_id)
+        if self.client_request_id:
+            add("client_request_id = ?", self.client_request_id)
         if self.error_code:
             add("error_code = ?", self.error_code)
         return " AND ".join(clauses), args
@@ -122,6 +126,7 @@ def entry_json(row: Any) -> dict[str, Any]:
         "activityDateTime": row["activity_at"].isoformat().replace("+00:00", "Z"),
         "tenantId": str(row["tenant_id"]),
         "changeId": row["change_id"],
+        "clientRequestId": row["client_request_id"],
         "provisioningAction": row["action"],
         "provisioningStatusInfo": {"status": row["status"], "errorInformation": error},
         "modifiedProperties": row["modified_properties"],
@@ -193,15 +198,42 @@ async def one(conn: Conn | asyncpg.Pool, tenant_id: UUID, entry_id: str) -> dict
 
 
 async def history(
-    conn: Conn | asyncpg.Pool, tenant_id: UUID, resource_id: UUID
-) -> list[dict[str, Any]]:
+    conn: Conn | asyncpg.Pool,
+    tenant_id: UUID,
+    resource_id: UUID,
+    limit: int = 50,
+    next_token: str | None = None,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """The entries about one resource, oldest first, keyset-paginated like `page`."""
+    limit = max(1, min(limit, MAX_LIMIT))
+    args: list[Any] = [tenant_id, resource_id]
+    after = ""
+    if next_token:
+        at, txid = decode_next(next_token)
+        args += [at, txid]
+        after = " AND (activity_at, transaction_id) > ($3, $4)"
+    args.append(limit + 1)
     rows = await conn.fetch(
         f"SELECT {ENTRY_COLUMNS} FROM audit_entries WHERE tenant_id = $1 AND target_id = $2"
-        " ORDER BY activity_at, transaction_id",
-        tenant_id,
-        resource_id,
+        f"{after} ORDER BY activity_at, transaction_id LIMIT ${len(args)}",
+        *args,
     )
-    return [entry_json(r) for r in rows]
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return [entry_json(r) for r in rows], encode_next(rows[-1]) if more and rows else None
+
+
+async def member_types(
+    conn: Conn | asyncpg.Pool, tenant_id: UUID, ids: list[str]
+) -> dict[str, str]:
+    """The ids among `ids` that are groups of `tenant_id` (the others are users)."""
+    rows = await conn.fetch(
+        "SELECT id::text FROM audit_resources"
+        " WHERE tenant_id = $1 AND type = 'Group' AND id = any($2::uuid[])",
+        tenant_id,
+        ids,
+    )
+    return {r["id"]: "Group" for r in rows}
 
 
 async def stream(
@@ -235,48 +267,3 @@ async def lag(conn: Conn | asyncpg.Pool) -> dict[str, Any]:
         "checkpoint": int(row["checkpoint_position"]),
         "updated": row["updated_at"].isoformat(),
     }
-
-
-CSV_COLUMNS = (
-    "id",
-    "activityDateTime",
-    "changeId",
-    "provisioningAction",
-    "status",
-    "errorCode",
-    "reason",
-    "targetType",
-    "targetId",
-    "targetDisplayName",
-    "sourceId",
-    "initiatedBy",
-    "method",
-    "path",
-    "httpStatus",
-    "durationInMilliseconds",
-    "modifiedProperties",
-)
-
-
-def csv_row(entry: Mapping[str, Any]) -> list[Any]:
-    error = entry["provisioningStatusInfo"]["errorInformation"] or {}
-    target = entry["targetIdentity"]
-    return [
-        entry["id"],
-        entry["activityDateTime"],
-        entry["changeId"],
-        entry["provisioningAction"],
-        entry["provisioningStatusInfo"]["status"],
-        error.get("errorCode"),
-        error.get("reason"),
-        target["identityType"],
-        target["id"],
-        target["displayName"],
-        entry["sourceIdentity"]["id"],
-        entry["initiatedBy"]["displayName"],
-        entry["request"]["method"],
-        entry["request"]["path"],
-        entry["request"]["status"],
-        entry["durationInMilliseconds"],
-        orjson.dumps(entry["modifiedProperties"]).decode(),
-    ]

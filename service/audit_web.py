@@ -24,7 +24,7 @@ from aiohttp import web
 from infra.tenants import LIVE_TOKEN, Principal, authenticate, digest
 from service import audit_api
 from service import audit_queries as q
-from service.state import DATABASE, PRINCIPAL, Handler
+from service.state import DATABASE, PRINCIPAL, SETTINGS, Handler
 
 COOKIE = "scimledger_audit"
 COOKIE_PATH = "/audit/"
@@ -41,7 +41,17 @@ RANGES: dict[str, tuple[str, timedelta | None]] = {
 }
 DEFAULT_RANGE = "7d"
 # The query parameters of the list page that links (detail, next page, export) carry along.
-FILTER_KEYS = ("range", "from", "to", "action", "status", "identity", "changeId", "errorCode")
+FILTER_KEYS = (
+    "range",
+    "from",
+    "to",
+    "action",
+    "status",
+    "identity",
+    "changeId",
+    "clientRequestId",
+    "errorCode",
+)
 
 # Entra's "Troubleshooting & recommendations", for the error codes the audit projection gives.
 RECOMMENDATIONS = {
@@ -126,9 +136,25 @@ def _signed_in(page: Page, *, landing: bool = False) -> Handler:
 
 
 def _same_origin(request: web.Request) -> bool:
-    """A cross-site form post is refused (on top of SameSite=Strict)."""
+    """A cross-site form post is refused (on top of SameSite=Strict). `Origin: null` (a
+    sandboxed frame, a data: or file: page, a cross-origin redirect) is no origin of ours.
+    Behind a proxy the page's origin is that of SCIMLEDGER_PUBLIC_URL."""
     origin = request.headers.get("Origin")
-    return origin is None or origin == "null" or urlsplit(origin).netloc == request.host
+    if origin is None:
+        return True
+    ours = {request.host}
+    public = request.app[SETTINGS].public_url
+    if public:
+        ours.add(urlsplit(public).netloc)
+    return origin != "null" and urlsplit(origin).netloc in ours
+
+
+def _secure(request: web.Request) -> bool:
+    """Whether the session cookie is Secure: the request came over HTTPS, or the service is
+    published at an https SCIMLEDGER_PUBLIC_URL (a TLS-terminating load balancer forwards
+    plain HTTP, so the request alone never says so)."""
+    public = request.app[SETTINGS].public_url or ""
+    return request.secure or public.lower().startswith("https://")
 
 
 def _local(target: str) -> str:
@@ -172,13 +198,14 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
         path=COOKIE_PATH,
         httponly=True,
         samesite="Strict",
-        secure=request.secure,
+        secure=_secure(request),
     )
     return response
 
 
 async def sign_out(request: web.Request) -> web.StreamResponse:
-    if request.method == "POST" and not _same_origin(request):
+    """POST only (a GET is 405): a link or an image on another page must not end a session."""
+    if not _same_origin(request):
         return _sign_in_page(
             COOKIE_PATH, error="Sign-out from another site is refused.", status=403
         )
@@ -188,7 +215,9 @@ async def sign_out(request: web.Request) -> web.StreamResponse:
             "DELETE FROM audit_sessions WHERE id_hash = $1", digest(session_id)
         )
     response = _redirect(COOKIE_PATH + "?signed-out=1")
-    response.del_cookie(COOKIE, path=COOKIE_PATH, httponly=True, samesite="Strict")
+    response.del_cookie(
+        COOKIE, path=COOKIE_PATH, secure=_secure(request), httponly=True, samesite="Strict"
+    )
     return response
 
 
@@ -221,6 +250,7 @@ class Filters:
             "action": v["action"],
             "status": v["status"],
             "changeId": v["changeId"],
+            "clientRequestId": v["clientRequestId"],
             "errorCode": v["errorCode"],
         }
         # Identity is a name or an id, as in Entra's portal.
@@ -316,16 +346,29 @@ async def resource_page(request: web.Request, principal: Principal) -> web.Strea
         resource_id = UUID(request.match_info["id"])
     except ValueError:
         resource_id = None
-    found = []
+    page = Filters.from_query(request.query)  # its limit and next token
+    found: list[dict[str, Any]] = []
+    next_token: str | None = None
     if resource_id is not None:
-        found = await q.history(request.app[DATABASE].pool, principal.tenant_id, resource_id)
+        try:
+            found, next_token = await q.history(
+                request.app[DATABASE].pool,
+                principal.tenant_id,
+                resource_id,
+                page.limit,
+                page.next_token,
+            )
+        except q.BadQuery as e:
+            body = f'{back}<h1>History</h1><p class="notice error" role="alert">{e_(e)}</p>'
+            return _html("History", body, principal, status=400)
     if not found:
         body = (
             back + "<h1>No history</h1>"
             '<p class="notice error">The provisioning log has no entry for this resource.</p>'
         )
         return _html("No history", body, principal, status=404)
-    return _html("Resource history", back + _history(str(resource_id), found), principal)
+    history = _history(str(resource_id), found) + _history_pager(str(resource_id), page, next_token)
+    return _html("Resource history", back + history, principal)
 
 
 async def export_page(request: web.Request, principal: Principal) -> web.StreamResponse:
@@ -365,7 +408,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/audit/sign-in", sign_in)
     app.router.add_get("/audit/sign-in", redirect_to_log)
     app.router.add_post("/audit/sign-out", sign_out)
-    app.router.add_get("/audit/sign-out", sign_out)
     app.router.add_get("/audit/entries/{id}", _signed_in(entry_page))
     app.router.add_get("/audit/resources/{id}", _signed_in(resource_page))
     app.router.add_get("/audit/export", _signed_in(export_page))
@@ -388,7 +430,9 @@ _SECURITY_HEADERS = {
     ),
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    # Not no-referrer: under it browsers send `Origin: null` with our own form posts, and null
+    # is refused at sign-in (_same_origin). Other sites still get no referrer.
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 
@@ -492,6 +536,8 @@ def _filter_form(filters: Filters) -> str:
         f' value="{e_(v["identity"])}"></label>'
         f'<label>Change id<input type="search" name="changeId" value="{e_(v["changeId"])}">'
         "</label>"
+        '<label>Client request id<input type="search" name="clientRequestId"'
+        f' value="{e_(v["clientRequestId"])}"></label>'
         '<label>Error code<input type="search" name="errorCode"'
         f' value="{e_(v["errorCode"])}" placeholder="e.g. EntryConflict"></label>'
         f"{limit}"
@@ -578,6 +624,19 @@ def _pager(filters: Filters, next_token: str | None) -> str:
         links.append(f'<a class="button secondary" href="{e_(_list_url(filters))}">First page</a>')
     if next_token:
         href = "/audit/?" + filters.query(next=next_token)
+        links.append(f'<a class="button" rel="next" href="{e_(href)}">Next page →</a>')
+    return f'<nav class="pager">{"".join(links)}</nav>' if links else ""
+
+
+def _history_pager(resource_id: str, page: Filters, next_token: str | None) -> str:
+    base = f"/audit/resources/{resource_id}"
+    limit = {"limit": str(page.limit)} if page.limit != PAGE_SIZE else {}
+    links = []
+    if page.next_token:
+        first = base + (f"?{urlencode(limit)}" if limit else "")
+        links.append(f'<a class="button secondary" href="{e_(first)}">First page</a>')
+    if next_token:
+        href = f"{base}?{urlencode({**limit, 'next': next_token})}"
         links.append(f'<a class="button" rel="next" href="{e_(href)}">Next page →</a>')
     return f'<nav class="pager">{"".join(links)}</nav>' if links else ""
 
@@ -711,6 +770,7 @@ def _entry_detail(entry: Mapping[str, Any], filters: Filters) -> str:
                 "Change id",
                 f'<a href="{e_(change_url)}"><code>{e_(entry["changeId"])}</code></a>',
             ),
+            ("Client request id (X-Request-Id)", _value(entry.get("clientRequestId"))),
             ("Initiated by", f"token {e_(entry['initiatedBy']['displayName'])}"),
         ]
     )
@@ -777,7 +837,8 @@ def _history(resource_id: str, entries: list[dict[str, Any]]) -> str:
         )
     return (
         f"<h1>History of {e_(latest.get('identityType'))} {e_(name or '')}</h1>"
-        f"<p>Resource id <code>{e_(resource_id)}</code> · every change, oldest first.</p>"
+        f"<p>Resource id <code>{e_(resource_id)}</code> · every change, oldest first,"
+        " a page at a time.</p>"
         '<table class="history"><thead><tr><th>Date</th><th>Action</th><th>Status</th>'
         f"<th>Changes (old → new)</th><th>Change id</th></tr></thead><tbody>{''.join(rows)}"
         "</tbody></table>"

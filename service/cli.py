@@ -484,7 +484,13 @@ _AUDIT_FILTERS = (
     ("--status", "status", "STATUS", "success, failure or skipped."),
     ("--target", "target", "ID", "Id of the user or group the entry is about."),
     ("--identity", "identity", "TEXT", "Target display name contains (case-insensitive)."),
-    ("--change-id", "change_id", "ID", "The request id (X-Request-Id) of the change."),
+    ("--change-id", "change_id", "ID", "The service's request id of the change."),
+    (
+        "--client-request-id",
+        "client_request_id",
+        "ID",
+        "The client's own X-Request-Id of the change.",
+    ),
     ("--error-code", "error_code", "CODE", "Entra error code, e.g. EntryConflict."),
 )
 
@@ -497,6 +503,7 @@ def _audit_filter(
     target: str | None,
     identity: str | None,
     change_id: str | None,
+    client_request_id: str | None,
     error_code: str | None,
 ) -> Any:
     from service.audit_queries import AuditFilter, BadQuery
@@ -509,6 +516,7 @@ def _audit_filter(
         "target": target,
         "identity": identity,
         "changeId": change_id,
+        "clientRequestId": client_request_id,
         "errorCode": error_code,
     }
     try:
@@ -597,6 +605,7 @@ def audit_list(
     target: str | None,
     identity: str | None,
     change_id: str | None,
+    client_request_id: str | None,
     error_code: str | None,
     limit: int,
     next_token: str | None,
@@ -610,7 +619,9 @@ def audit_list(
     """
     from service import audit_queries as q
 
-    where = _audit_filter(since, until, action, status, target, identity, change_id, error_code)
+    where = _audit_filter(
+        since, until, action, status, target, identity, change_id, client_request_id, error_code
+    )
     if next_token is not None:
         try:
             q.decode_next(next_token)
@@ -687,6 +698,7 @@ def audit_show(
         ("request", f"{request['method']} {request['path']} -> {request['status']}"),
         ("duration ms", entry["durationInMilliseconds"]),
         ("change id", entry["changeId"]),
+        ("client request id", entry["clientRequestId"]),
         ("events", ", ".join(str(p) for p in entry["eventPositions"])),
     ):
         facts.add_row(label, "-" if value is None else str(value))
@@ -702,16 +714,32 @@ def audit_show(
 @audit.command("history")
 @click.option("--tenant", required=True, help="Tenant name.")
 @click.argument("resource_id")
-@click.option("--json", "json_output", is_flag=True, help="One entry per line, oldest first.")
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 500),
+    default=50,
+    show_default=True,
+    help="Entries per page (at most 500).",
+)
+@click.option("--next", "next_token", default=None, help="Page token from a previous page.")
+@click.option(
+    "--json",
+    "json_output",
+    is_flag=True,
+    help='One entry per line, oldest first; then {"next": TOKEN} as the last line only if'
+    " there is a further page (pass it back with --next).",
+)
 @database_options
 def audit_history(
     tenant: str,
     resource_id: str,
+    limit: int,
+    next_token: str | None,
     json_output: bool,
     data_dir: Path | None,
     database_url: str | None,
 ) -> None:
-    """Every entry about one user or group, oldest first."""
+    """The entries about one user or group, oldest first, a page at a time (as `list`)."""
     import uuid as _uuid
 
     from service import audit_queries as q
@@ -720,18 +748,29 @@ def audit_history(
         key = _uuid.UUID(resource_id)
     except ValueError:
         raise click.BadParameter(f"{resource_id!r} is not a resource id") from None
+    if next_token is not None:
+        try:
+            q.decode_next(next_token)
+        except q.BadQuery as e:
+            raise click.UsageError(str(e)) from None
     settings = _settings(data_dir, database_url)
 
-    async def work(conn: Any) -> list[dict[str, Any]]:
-        return await q.history(conn, await _tenant_id(conn, tenant), key)
+    async def work(conn: Any) -> tuple[list[dict[str, Any]], str | None]:
+        return await q.history(conn, await _tenant_id(conn, tenant), key, limit, next_token)
 
-    entries = _on_connection(settings, work)
+    entries, more = _on_connection(settings, work)
     try:
         if json_output:
-            sys.stdout.buffer.write(b"".join(orjson.dumps(e) + b"\n" for e in entries))
+            lines = [orjson.dumps(e) for e in entries]
+            if more:
+                lines.append(orjson.dumps({"next": more}))
+            sys.stdout.buffer.write(b"".join(line + b"\n" for line in lines))
             sys.stdout.flush()
-        else:
-            _audit_console().print(_audit_table(entries))
+            return
+        console = _audit_console()
+        console.print(_audit_table(entries))
+        if more:
+            console.print(f"next page: --next {more}", highlight=False, soft_wrap=True)
     except BrokenPipeError:
         _quiet_broken_pipe()
 
@@ -763,48 +802,36 @@ def audit_export(
     target: str | None,
     identity: str | None,
     change_id: str | None,
+    client_request_id: str | None,
     error_code: str | None,
     output: Path | None,
     data_dir: Path | None,
     database_url: str | None,
 ) -> None:
     """Every selected entry, newest first, streamed in constant memory."""
-    import csv
-    import io
     import os
     import tempfile
 
     from service import audit_queries as q
+    from service.audit_export import ExportWriter
 
-    where = _audit_filter(since, until, action, status, target, identity, change_id, error_code)
+    where = _audit_filter(
+        since, until, action, status, target, identity, change_id, client_request_id, error_code
+    )
     settings = _settings(data_dir, database_url)
 
     async def go(sink: Any) -> int:
-        text = io.StringIO()
-        writer = csv.writer(text)
-        if fmt == "csv":
-            writer.writerow(q.CSV_COLUMNS)
-        chunk: list[bytes] = []
+        out = ExportWriter(fmt)
         count = 0
-
-        def flush() -> None:
-            sink.write(text.getvalue().encode() + b"".join(chunk))
-            text.seek(0)
-            text.truncate()
-            chunk.clear()
-
         async with open_database(settings) as db, db.pool.acquire() as conn:
             tenant_id = await _tenant_id(conn, tenant)
             async with conn.transaction(readonly=True):
                 async for entry in q.stream(conn, tenant_id, where):
-                    if fmt == "csv":
-                        writer.writerow(q.csv_row(entry))
-                    else:
-                        chunk.append(orjson.dumps(entry) + b"\n")
+                    out.add(entry)
                     count += 1
-                    if len(chunk) >= 500 or text.tell() > 256_000:
-                        flush()
-        flush()
+                    if out.full:
+                        sink.write(out.take())
+        sink.write(out.take())
         return count
 
     if output is None:

@@ -7,11 +7,16 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from domain.errors import bounded
+
 SCIM_CONTENT_TYPE = "application/scim+json"
 ERROR_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:Error"
 
 
 class ScimError(Exception):
+    """An error reply. Its detail is bounded (domain.errors.bounded): many quote the client's
+    input, and the provisioning log keeps the detail of every failed request."""
+
     def __init__(
         self,
         status: int,
@@ -19,9 +24,9 @@ class ScimError(Exception):
         scim_type: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(detail)
+        self.detail = bounded(detail)
+        super().__init__(self.detail)
         self.status = status
-        self.detail = detail
         self.scim_type = scim_type
         self.headers = headers or {}
 

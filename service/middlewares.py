@@ -17,11 +17,18 @@ from infra.tenants import Principal
 from service.errors import ScimError
 from service.metrics import observe_request
 from service.outcomes import context_for, is_audited
-from service.state import AUTHENTICATOR, PRINCIPAL, REQUEST_CONTEXT, REQUEST_ID, Handler
+from service.state import (
+    AUTHENTICATOR,
+    CLIENT_REQUEST_ID,
+    PRINCIPAL,
+    REQUEST_CONTEXT,
+    REQUEST_ID,
+    Handler,
+)
 
 log = structlog.get_logger("scimledger.http")
 
-_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 # Paths that answer without a token: liveness and readiness probes, metrics (see metrics.py).
 _PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
@@ -34,16 +41,22 @@ def _audit_page(path: str) -> bool:
 
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Give every request an id, and write exactly one access-log line for it."""
-    incoming = request.headers.get("X-Request-Id", "")
-    request_id = incoming if _SAFE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    """Give every request an id, and write exactly one access-log line for it.
+
+    The id is always ours: it is the audit entry's change id, which a client must not forge
+    or collide. A client's own X-Request-Id (safe characters, at most 64) is kept beside it.
+    """
+    request_id = uuid.uuid4().hex
     request[REQUEST_ID] = request_id
+    incoming = request.headers.get("X-Request-Id", "")
+    client_request_id = incoming if _SAFE_REQUEST_ID.fullmatch(incoming) else None
+    if client_request_id is not None:
+        request[CLIENT_REQUEST_ID] = client_request_id
     started = time.perf_counter()
     status = 500
     try:
         response = await handler(request)
         status = response.status
-        response.headers["X-Request-Id"] = request_id
         return response
     except web.HTTPException as e:  # redirects of the audit pages leave as exceptions
         status = e.status
@@ -61,7 +74,17 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             duration_ms=round(elapsed * 1000, 2),
             tenant=principal.tenant_name if principal else None,
             request_id=request_id,
+            client_request_id=client_request_id,
         )
+
+
+async def stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """X-Request-Id on every reply, set as its headers are sent (on_response_prepare): a
+    streamed reply (a group with its members, an export) has sent them before the
+    middleware sees it."""
+    request_id = request.get(REQUEST_ID)
+    if request_id is not None:
+        response.headers["X-Request-Id"] = request_id
 
 
 @web.middleware

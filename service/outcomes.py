@@ -17,8 +17,17 @@ import orjson
 import structlog
 from aiohttp import web
 
+from domain.errors import bounded
 from domain.request import ProvisioningRequest
-from service.state import DATABASE, PRINCIPAL, REQUEST_CONTEXT, REQUEST_ID, SETTINGS, Handler
+from service.state import (
+    CLIENT_REQUEST_ID,
+    DATABASE,
+    PRINCIPAL,
+    REQUEST_CONTEXT,
+    REQUEST_ID,
+    SETTINGS,
+    Handler,
+)
 
 log = structlog.get_logger("scimledger.audit")
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -36,6 +45,7 @@ class RequestContext:
     client: str | None
     target_type: str | None
     target_id: str | None
+    client_request_id: str | None = None
     started: float = field(default_factory=time.perf_counter)
     # Set by the unit of work when it committed domain events with the outcome.
     recorded: bool = False
@@ -50,6 +60,7 @@ class RequestContext:
                 "client": self.client,
                 "targetType": self.target_type,
                 "targetId": self.target_id,
+                "clientRequestId": self.client_request_id,
                 "durationMs": round((time.perf_counter() - self.started) * 1000, 3),
             }
         )
@@ -65,9 +76,10 @@ class RequestContext:
 def _text_safe(fields: dict[str, Any]) -> dict[str, Any]:
     """Strings PostgreSQL text can hold: a path or an error detail may echo a client's NUL
     (`/Users/%00`), which would stop the audit projection at this record. (Unpaired
-    surrogates, which orjson refuses to write, are replaced too.)"""
+    surrogates, which orjson refuses to write, are replaced too.) And bounded: the record is
+    kept forever, and an error detail may quote a client's input at any length."""
     return {
-        k: v.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+        k: bounded(v.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8"))
         if isinstance(v, str)
         else v
         for k, v in fields.items()
@@ -96,6 +108,7 @@ def context_for(request: web.Request) -> RequestContext:
         client=request.remote,
         target_type=target_type,
         target_id=parts[1] if len(parts) > 1 and parts[1] else None,
+        client_request_id=request.get(CLIENT_REQUEST_ID),
     )
 
 

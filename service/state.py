@@ -20,6 +20,8 @@ AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 REQUEST_ID = web.RequestKey("request_id", str)
+# The client's own X-Request-Id, when it sent a safe one: kept beside ours, never instead of it.
+CLIENT_REQUEST_ID = web.RequestKey("client_request_id", str)
 REQUEST_CONTEXT = web.RequestKey("request_context", Any)
 PRINCIPAL = web.RequestKey("principal", Principal)
 

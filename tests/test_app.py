@@ -104,7 +104,8 @@ async def test_one_json_access_log_line_per_request_without_the_token(
         r = await client.get(
             "/scim/v2/ServiceProviderConfig", headers={**auth, "X-Request-Id": request_id}
         )
-        assert r.headers["X-Request-Id"] == request_id
+        assert r.headers["X-Request-Id"] != request_id  # the client's id is not ours
+        server_id = r.headers["X-Request-Id"]
         await client.get("/scim/v2/ServiceProviderConfig", headers={"Authorization": "Bearer x"})
     structlog.reset_defaults()
     logged = [json.loads(line) for line in buf.getvalue().splitlines() if line.strip()]
@@ -113,12 +114,14 @@ async def test_one_json_access_log_line_per_request_without_the_token(
     assert len(lines) == 2
     first, second = lines
     assert first["event"] == "request"
-    assert {k: first[k] for k in ("method", "path", "status", "tenant", "request_id")} == {
+    keys = ("method", "path", "status", "tenant", "request_id", "client_request_id")
+    assert {k: first[k] for k in keys} == {
         "method": "GET",
         "path": "/scim/v2/ServiceProviderConfig",
         "status": 200,
         "tenant": "acme",
-        "request_id": request_id,
+        "request_id": server_id,
+        "client_request_id": request_id,
     }
     assert isinstance(first["duration_ms"], float)
     assert second["status"] == 401 and second["tenant"] is None

@@ -106,7 +106,7 @@ async def test_one_entry_per_write_request(
         "modifiedProperties"
     ]
     failed = entries[-5]
-    assert failed["changeId"] == "dup-1"
+    assert failed["clientRequestId"] == "dup-1" and failed["changeId"] != "dup-1"
     assert failed["provisioningStatusInfo"]["errorInformation"]["errorCode"] == "EntryConflict"
     assert failed["request"]["status"] == 409
     members = entries[-7]

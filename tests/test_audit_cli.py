@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient
 
 from infra.database import Database
 from infra.tenants import IssuedToken
-from service.audit_queries import CSV_COLUMNS
+from service.audit_export import CSV_COLUMNS
 from tests.test_audit import audit_auth, settled
 from tests.test_cli import run
 from tests.test_entra_users import create as create_user
@@ -85,11 +85,13 @@ async def test_list_filters_and_pages_as_json_lines(
     failed = next(e for e in api if e["provisioningStatusInfo"]["status"] == "failure")
     created = next(e for e in api if e["provisioningAction"] == "create" and e is not failed)
     updated = next(e for e in api if e["provisioningAction"] == "update")
-    assert failed["changeId"] == "dup-cli-1"
+    assert failed["clientRequestId"] == "dup-cli-1"
     checks = {
         ("--status", "failure"): [failed["id"]],
         ("--error-code", "EntryConflict"): [failed["id"]],
-        ("--change-id", "dup-cli-1"): [failed["id"]],
+        ("--change-id", failed["changeId"]): [failed["id"]],
+        ("--change-id", "dup-cli-1"): [],
+        ("--client-request-id", "dup-cli-1"): [failed["id"]],
         ("--action", "update"): [updated["id"]],
         ("--action", "create", "--status", "success"): [created["id"]],
         ("--target", user_id): [updated["id"], created["id"]],
@@ -153,7 +155,7 @@ async def test_export_csv_and_jsonl(
     assert [r["id"] for r in by_column] == [e["id"] for e in api]  # newest first, like list
     failed = next(r for r in by_column if r["status"] == "failure")
     assert failed["errorCode"] == "EntryConflict" and failed["httpStatus"] == "409"
-    assert failed["changeId"] == "dup-cli-1" and failed["method"] == "POST"
+    assert failed["clientRequestId"] == "dup-cli-1" and failed["method"] == "POST"
     updated = next(r for r in by_column if r["provisioningAction"] == "update")
     assert {"displayName": "title", "oldValue": None, "newValue": "Countess"} in json.loads(
         updated["modifiedProperties"]

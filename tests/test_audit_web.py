@@ -310,7 +310,7 @@ async def test_compliance_officer_in_the_browser(
     assert download.suggested_filename.endswith(".csv")
     text = (await download.path()).read_text(encoding="utf-8")
     exported = list(csv.DictReader(io.StringIO(text, newline="")))
-    assert [(r["status"], r["errorCode"], r["changeId"]) for r in exported] == [
+    assert [(r["status"], r["errorCode"], r["clientRequestId"]) for r in exported] == [
         ("failure", "EntryConflict", "dup-1")
     ]
 

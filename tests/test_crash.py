@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,15 +92,12 @@ async def worker(
     """create user -> rename it -> add it to this worker's group, over and over."""
 
     async def call(method: str, path: str, body: dict[str, Any]) -> tuple[int, Any, str]:
-        request_id = f"crash-{uuid.uuid4().hex}"
-        headers = {
-            "Authorization": f"Bearer {token}",
-            "Content-Type": SCIM,
-            "X-Request-Id": request_id,
-        }
+        """Status, body and the request's id (the service's own, from X-Request-Id)."""
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": SCIM}
         async with http.request(method, f"{base}{path}", json=body, headers=headers) as r:
             text = await r.text()
-            return r.status, (await r.json(content_type=None)) if text else None, request_id
+            parsed = (await r.json(content_type=None)) if text else None
+            return r.status, parsed, r.headers["X-Request-Id"]
 
     def ack(status: int, expected: int, request_id: str) -> None:
         assert status == expected, (status, request_id)

@@ -500,10 +500,11 @@ async def test_events_carry_the_request_id(
         headers={**headers(auth), "X-Request-Id": "entra-change-1"},
     )
     assert r.status == 201
+    request_id = r.headers["X-Request-Id"]  # the service's own, not the client's
     rows = await database.pool.fetch(
         "SELECT topic, request_id FROM stored_events ORDER BY notification_id"
     )
     assert [(r["topic"], r["request_id"]) for r in rows] == [
-        ("domain.user:User.UserProvisioned", "entra-change-1"),
-        ("domain.request:ProvisioningRequest.RequestRecorded", "entra-change-1"),
+        ("domain.user:User.UserProvisioned", request_id),
+        ("domain.request:ProvisioningRequest.RequestRecorded", request_id),
     ]

@@ -103,19 +103,14 @@ class Driver:
         self.gate = asyncio.Semaphore(24)
 
     async def __call__(self, instance: Instance, method: str, path: str, body: Any = None) -> Sent:
-        request_id = f"mi-{uuid.uuid4().hex}"
         async with (
             self.gate,
-            self.http.request(
-                method,
-                instance.url + path,
-                json=body,
-                headers={**self.auth, "X-Request-Id": request_id},
-            ) as r,
+            self.http.request(method, instance.url + path, json=body, headers=self.auth) as r,
         ):
             text = await r.read()
             parsed = await r.json(content_type=None) if text else None
-        sent = Sent(method, request_id, r.status, parsed)
+        # The request's id is the service's own (the change id), from X-Request-Id.
+        sent = Sent(method, r.headers["X-Request-Id"], r.status, parsed)
         self.sent.append(sent)
         return sent
 

@@ -100,7 +100,6 @@ async def test_workers_share_the_port_and_metrics_and_drain_on_sigterm(fresh_dsn
                     data=orjson.dumps(entra_user("in.flight@contoso.com")),
                     headers={
                         **auth,
-                        "X-Request-Id": "in-flight-1",
                         "Content-Type": "application/scim+json",
                     },
                 )
@@ -126,6 +125,7 @@ async def test_workers_share_the_port_and_metrics_and_drain_on_sigterm(fresh_dsn
             response = await asyncio.wait_for(post, 60)
             assert response.status == 201, await response.text()
             created = await response.json(content_type=None)
+            request_id = response.headers["X-Request-Id"]
         assert await asyncio.wait_for(proc.wait(), 60) == 0
         await eventually(lambda: asyncio.sleep(0, gone(everything)))
         # The write the client was told about is stored: its row, its events, its record.
@@ -138,7 +138,7 @@ async def test_workers_share_the_port_and_metrics_and_drain_on_sigterm(fresh_dsn
         topics = [
             r["topic"]
             for r in await blocker.fetch(
-                "SELECT topic FROM stored_events WHERE request_id = 'in-flight-1'"
+                "SELECT topic FROM stored_events WHERE request_id = $1", request_id
             )
         ]
         assert any("UserProvisioned" in t for t in topics)
