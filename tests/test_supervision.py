@@ -274,7 +274,7 @@ def _zombie() -> tuple[int, subprocess.Popen[bytes]]:
 async def test_serve_starts_after_it_and_its_postmaster_were_killed_together(
     serve: Serve, stale: str
 ) -> None:
-    await serve.start()
+    await serve.start("--workers", "1")  # one process: the SIGKILL takes the whole service
     async with aiohttp.ClientSession() as http:
         writers = Writers(serve.base, serve.token())
         writers.start(http, 2)
