@@ -77,10 +77,14 @@ class EmbeddedPostgres:
                 self._prune_attach_list()
                 # The server may have been restarted since we attached: stop that one.
                 pid = self.postmaster_pid()
-                if pid is None:
+                try:
+                    running = psutil.Process(pid) if pid is not None else None
+                except psutil.Error:
+                    running = None
+                if running is None:
                     server._postmaster_info = None  # nothing to stop
                 elif server._postmaster_info is not None:
-                    server._postmaster_info.process = psutil.Process(pid)
+                    server._postmaster_info.process = running
             server.cleanup()
 
     def postmaster_pid(self) -> int | None:
