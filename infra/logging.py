@@ -13,6 +13,18 @@ def _dumps(obj: object, default: object = None) -> str:
     return orjson.dumps(obj, default=str).decode()
 
 
+class _LibraryRecords(logging.Handler):
+    """Libraries' stdlib log records (asyncpg's pool retrying a lost connection, say) as our
+    JSON lines: the message and the exception's type and text, never a multi-line traceback."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields: dict[str, object] = {"logger": record.name}
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            fields["error"] = f"{type(error).__name__}: {error}"
+        structlog.get_logger().log(record.levelno, record.getMessage(), **fields)
+
+
 def configure(level: int = logging.INFO) -> None:
     structlog.configure(
         processors=[
@@ -23,8 +35,12 @@ def configure(level: int = logging.INFO) -> None:
             structlog.processors.JSONRenderer(serializer=_dumps),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # One write per line (print() makes two): workers sharing stderr never interleave.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     # aiohttp's own access log would duplicate ours (and print the raw request line).
     logging.getLogger("aiohttp.access").disabled = True
+    root = logging.getLogger()
+    if not any(isinstance(h, _LibraryRecords) for h in root.handlers):
+        root.addHandler(_LibraryRecords())

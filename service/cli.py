@@ -111,12 +111,19 @@ def serve(
 
 async def _serve(settings: Settings) -> None:
     """One process: the server, its pool and its projection runners."""
+    from infra.supervisor import supervised
     from service.app import create_app
+    from service.state import SUPERVISOR
     from service.workers import first_start, listen, print_banner
 
-    async with open_database(settings, serving=True) as database:
+    async with (
+        open_database(settings, serving=True) as database,
+        supervised(database.embedded) as supervisor,
+    ):
         issued = await first_start(database)
         app = create_app(settings, database)
+        if supervisor is not None:
+            app[SUPERVISOR] = supervisor
         # Handlers first: a SIGTERM that arrives once the banner is out must stop us cleanly.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -6,7 +6,7 @@ import orjson
 from aiohttp import web
 
 from infra.migrations import pending
-from service.state import DATABASE
+from service.state import DATABASE, SUPERVISOR
 
 
 def _json(body: object, status: int = 200) -> web.Response:
@@ -14,6 +14,11 @@ def _json(body: object, status: int = 200) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    supervisor = request.app.get(SUPERVISOR)
+    if supervisor is not None and not supervisor.healthy:
+        # Restarting the whole service is the remedy left: say so to the orchestrator.
+        body = {"status": "unhealthy", "error": "the embedded PostgreSQL cannot be restarted"}
+        return _json(body, status=503)
     return _json({"status": "ok"})
 
 

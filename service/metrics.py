@@ -22,12 +22,13 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from infra import metrics as m
-from service.state import DATABASE
+from infra.supervisor import SupervisorStatus
+from service.state import DATABASE, SUPERVISOR
 
 # Bounds the work of one scrape when a projection is far behind: the gauge then reads "at least".
 _LAG_COUNT_CAP = 1_000_000
@@ -85,6 +86,25 @@ class _Lag(Collector):
         yield seconds
 
 
+class _Supervision(Collector):
+    """The embedded PostgreSQL's supervisor (one per `serve`, its figures shared with workers)."""
+
+    def __init__(self, status: SupervisorStatus) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "scimledger_embedded_postgres_restarts",
+            "Times the embedded PostgreSQL was found not running and was restarted.",
+            value=self.status.restarts,
+        )
+        yield CounterMetricFamily(
+            "scimledger_embedded_postgres_failed_restarts",
+            "Attempts to restart the embedded PostgreSQL that failed.",
+            value=self.status.failed_restarts,
+        )
+
+
 async def _lag(pool: asyncpg.Pool) -> list[tuple[str, int, float]]:
     from projections.registry import PROJECTIONS
 
@@ -123,6 +143,11 @@ async def metrics(request: web.Request) -> web.Response:
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
         pass  # the database is away: the process's own figures still tell something
     body = generate_latest(base) + generate_latest(lag)
+    supervisor = request.app.get(SUPERVISOR)
+    if supervisor is not None:
+        supervision = CollectorRegistry(auto_describe=False)
+        supervision.register(_Supervision(supervisor))
+        body += generate_latest(supervision)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -110,6 +110,9 @@ async def scim_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         asyncpg.PostgresConnectionError,
         asyncpg.exceptions.OperatorInterventionError,
         asyncpg.TooManyConnectionsError,
+        # A connection the server dropped mid-statement (its postmaster killed) has been seen
+        # to fail so, with "cannot switch to state …; another operation is in progress".
+        asyncpg.InternalClientError,
     ) as e:
         log.warning(
             "database unavailable", error=type(e).__name__, request_id=request.get(REQUEST_ID)

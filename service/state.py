@@ -9,12 +9,15 @@ from aiohttp import web
 
 from infra.config import Settings
 from infra.database import Database
+from infra.supervisor import SupervisorStatus
 from infra.tenants import Authenticator, Principal
 
 SETTINGS = web.AppKey("settings", Settings)
 DATABASE = web.AppKey("database", Database)
 # Bearer-token checks of this process (infra.tenants.Authenticator: shared lookups, no cache).
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
+# The embedded PostgreSQL's supervisor (infra.supervisor); absent with DATABASE_URL.
+SUPERVISOR = web.AppKey("supervisor", SupervisorStatus)
 
 # An aiohttp handler, as middlewares see the rest of the chain.
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -4,7 +4,8 @@ The parent does what must happen once: it starts (or attaches to) the database, 
 migrations, creates the first tenant and prints its token. Then it starts N workers (spawned,
 not forked), each its own aiohttp server with its own pool and projection runners, all
 listening on the same address with SO_REUSEPORT, so the kernel spreads connections over them.
-The parent keeps the embedded PostgreSQL attached until the last worker is gone.
+The parent keeps the embedded PostgreSQL attached until the last worker is gone, and supervises
+it (infra.supervisor): the workers read the supervisor's status for /healthz and /metrics.
 
 SIGTERM (or SIGINT) to the parent is forwarded to every worker; each stops accepting, finishes
 its in-flight requests (up to SCIMLEDGER_SHUTDOWN_TIMEOUT seconds), stops its runners and
@@ -34,6 +35,7 @@ from aiohttp import web
 from infra import logging as logsetup
 from infra.config import Settings
 from infra.database import Database, open_database
+from infra.supervisor import SupervisorStatus, supervised
 from infra.tenants import IssuedToken, create_tenant
 
 log = structlog.get_logger("scimledger.workers")
@@ -119,7 +121,10 @@ async def serve_workers(settings: Settings, workers: int) -> None:
             issued = await first_start(database)
             await database.pool.close()
             worker_settings = replace(settings, database_url=database.dsn)
-            async with _Workers(worker_settings, workers) as pool:
+            async with (
+                supervised(database.embedded) as supervisor,
+                _Workers(worker_settings, workers, supervisor) as pool,
+            ):
                 await pool.started(stop)
                 print_banner(settings, issued, workers)
                 await pool.supervise(stop)
@@ -129,9 +134,10 @@ async def serve_workers(settings: Settings, workers: int) -> None:
 
 
 class _Workers:
-    def __init__(self, settings: Settings, count: int) -> None:
+    def __init__(self, settings: Settings, count: int, supervisor: SupervisorStatus | None) -> None:
         self.settings = settings
         self.count = count
+        self.supervisor = supervisor
         self.context = multiprocessing.get_context("spawn")
         self.messages: Any = self.context.Queue()
         self.procs: dict[int, BaseProcess] = {}
@@ -147,7 +153,7 @@ class _Workers:
     def _start(self, index: int) -> None:
         proc = self.context.Process(
             target=_worker_main,
-            args=(self.settings, index, self.messages),
+            args=(self.settings, index, self.messages, self.supervisor),
             name=f"scimledger-worker-{index}",
         )
         proc.start()
@@ -236,23 +242,30 @@ def _die_with_parent() -> None:
                 os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _worker_main(settings: Settings, index: int, messages: Any) -> None:
+def _worker_main(
+    settings: Settings, index: int, messages: Any, supervisor: SupervisorStatus | None
+) -> None:
     _die_with_parent()
     logsetup.configure()
     import uvloop
 
     try:
-        uvloop.run(_worker(settings, index, messages))
+        uvloop.run(_worker(settings, index, messages, supervisor))
     except ListenError:
         sys.exit(1)
 
 
-async def _worker(settings: Settings, index: int, messages: Any) -> None:
+async def _worker(
+    settings: Settings, index: int, messages: Any, supervisor: SupervisorStatus | None
+) -> None:
     from service.app import create_app
+    from service.state import SUPERVISOR
 
     stop = _stop_on_signals()
     async with open_database(settings, run_migrations=False, serving=True) as database:
         app = create_app(settings, database)
+        if supervisor is not None:
+            app[SUPERVISOR] = supervisor
         try:
             runner = await listen(app, settings, reuse_port=True)
         except ListenError as e:
