@@ -11,21 +11,31 @@ from infra.config import Settings
 from infra.database import Database, open_database
 from infra.tenants import Authenticator
 from service import audit_api, audit_web, discovery, health, metrics
-from service.middlewares import bearer_auth, rate_limit, request_context, scim_errors
+from service.middlewares import (
+    bearer_auth,
+    concurrency_limit,
+    rate_limit,
+    request_context,
+    scim_errors,
+)
 from service.outcomes import record_outcomes
 from service.scim import groups, users
 from service.state import AUTHENTICATOR, DATABASE, SETTINGS
+from service.streams import STREAM_SLOTS, TokenSlots
 
 
 def create_app(settings: Settings, database: Database | None = None) -> web.Application:
     """Build the app. With `database` given (tests, `serve`), the caller owns its lifetime."""
     limit = rate_limit(settings.rate_limit, settings.rate_limit_burst)
+    concurrency = concurrency_limit(settings.max_concurrent_per_token)
     app = web.Application(
         middlewares=[request_context, record_outcomes, scim_errors, bearer_auth]
-        + ([limit] if limit else []),
+        + ([limit] if limit else [])
+        + ([concurrency] if concurrency else []),
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
+    app[STREAM_SLOTS] = TokenSlots(settings.max_streams_per_token, "streamed replies")
     app[AUTHENTICATOR] = Authenticator(lambda: app[DATABASE].pool)
     if database is not None:
         app[DATABASE] = database

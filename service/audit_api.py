@@ -18,6 +18,7 @@ from service.errors import ScimError
 from service.scim.groups import group_resource, member_entry
 from service.scim.representation import user_resource
 from service.state import DATABASE, PRINCIPAL, base_url
+from service.streams import Stream, streaming
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -80,32 +81,30 @@ async def write_export(
             "Cache-Control": "no-store",
         }
     )
-    await response.prepare(request)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     if fmt == "csv":
         writer.writerow(q.CSV_COLUMNS)
     chunk: list[bytes] = []
-    async with request.app[DATABASE].pool.acquire() as conn, conn.transaction(readonly=True):
-        async for item in q.stream(conn, tenant_id, where):
+    # Pages read from the pool one at a time: no connection is held while `out` waits.
+    async with streaming(request, response) as out:
+        async for item in q.stream(request.app[DATABASE].pool, tenant_id, where):
             if fmt == "csv":
                 writer.writerow(q.csv_row(item))
             else:
                 chunk.append(orjson.dumps(item) + b"\n")
             if len(chunk) >= 500 or buffer.tell() > 256_000:
-                await _flush(response, buffer, chunk)
-    await _flush(response, buffer, chunk)
-    await response.write_eof()
+                await _flush(out, buffer, chunk)
+        await _flush(out, buffer, chunk)
     return response
 
 
-async def _flush(response: web.StreamResponse, buffer: io.StringIO, chunk: list[bytes]) -> None:
+async def _flush(out: Stream, buffer: io.StringIO, chunk: list[bytes]) -> None:
     data = buffer.getvalue().encode() + b"".join(chunk)
     buffer.seek(0)
     buffer.truncate()
     chunk.clear()
-    if data:
-        await response.write(data)
+    await out.write(data)
 
 
 async def history(request: web.Request) -> web.Response:
