@@ -40,7 +40,7 @@ async def entries(request: web.Request) -> web.Response:
         raise ScimError(400, "limit must be an integer", "invalidValue") from None
     pool = request.app[DATABASE].pool
     # Lag first: the page read after it holds at least everything the lag says is applied.
-    lag = await q.lag(pool)
+    lag = await q.lag(pool, request[PRINCIPAL].tenant_id)
     try:
         found, next_token = await q.page(
             pool, request[PRINCIPAL].tenant_id, where, limit, request.query.get("next")

@@ -232,21 +232,32 @@ async def stream(
         after = (rows[-1]["activity_at"], rows[-1]["transaction_id"])
 
 
-async def lag(conn: Conn | asyncpg.Pool) -> dict[str, Any]:
-    """How far the (asynchronous) audit log trails the event store."""
+# The lag is counted over at most this many of the tenant's newest events; past it, "at least".
+LAG_COUNT_CAP = 1000
+
+
+async def lag(conn: Conn | asyncpg.Pool, tenant_id: UUID) -> dict[str, Any]:
+    """How far the (asynchronous) audit log trails this tenant's own events.
+
+    Counted over the tenant's newest LAG_COUNT_CAP events only (its own index, newest
+    first), so a request reads at most that many rows however far behind the log is, and
+    neither the figure nor its cost tells anything about other tenants: no global position,
+    no time of the projection's last step. `eventsBehindCapped`: the count reached the cap.
+    """
     row = await conn.fetchrow(
-        "SELECT s.checkpoint_transaction, s.checkpoint_position, s.updated_at,"
-        " (SELECT count(*) FROM stored_events e WHERE (e.transaction_id, e.notification_id)"
-        "  > (s.checkpoint_transaction, s.checkpoint_position)) AS behind"
-        " FROM projection_state s WHERE s.name = 'audit'"
+        "SELECT (SELECT count(*) FROM ("
+        "  SELECT e.transaction_id, e.notification_id FROM stored_events e"
+        "  WHERE e.tenant_id = $1 ORDER BY e.notification_id DESC LIMIT $2) recent"
+        "  WHERE (recent.transaction_id, recent.notification_id)"
+        "   > (s.checkpoint_transaction, s.checkpoint_position)) AS behind"
+        " FROM projection_state s WHERE s.name = 'audit'",
+        tenant_id,
+        LAG_COUNT_CAP,
     )
     if row is None:
-        return {"eventsBehind": None, "checkpoint": None}
-    return {
-        "eventsBehind": int(row["behind"]),
-        "checkpoint": int(row["checkpoint_position"]),
-        "updated": row["updated_at"].isoformat(),
-    }
+        return {"eventsBehind": None, "eventsBehindCapped": False}
+    behind = int(row["behind"])
+    return {"eventsBehind": behind, "eventsBehindCapped": behind >= LAG_COUNT_CAP}
 
 
 CSV_COLUMNS = (

@@ -285,7 +285,7 @@ async def log_page(request: web.Request, principal: Principal) -> web.StreamResp
         )
     except q.BadQuery as e:
         error = str(e)
-    lag = await q.lag(pool)
+    lag = await q.lag(pool, principal.tenant_id)
     parts = [
         "<h1>Provisioning log</h1>",
         _lag_notice(lag),
@@ -453,6 +453,8 @@ def _lag_notice(lag: Mapping[str, Any]) -> str:
     if behind == 0:
         return ""
     plural = "event" if behind == 1 else "events"
+    if lag.get("eventsBehindCapped"):
+        behind, plural = f"{behind:,}+", "events"
     return (
         f'<p class="notice warn lag" role="status">The log is {behind} {plural} behind the'
         " event store: the newest changes may not be shown yet. Reload in a moment.</p>"
