@@ -21,20 +21,20 @@ from service.middlewares import (
 from service.outcomes import record_outcomes
 from service.scim import groups, users
 from service.state import AUTHENTICATOR, DATABASE, SETTINGS
-from service.streams import STREAM_SLOTS, TokenSlots
+from service.streams import REQUEST_SLOTS, STREAM_SLOTS, TokenSlots
 
 
 def create_app(settings: Settings, database: Database | None = None) -> web.Application:
     """Build the app. With `database` given (tests, `serve`), the caller owns its lifetime."""
     limit = rate_limit(settings.rate_limit, settings.rate_limit_burst)
-    concurrency = concurrency_limit(settings.max_concurrent_per_token)
     app = web.Application(
         middlewares=[request_context, record_outcomes, scim_errors, bearer_auth]
         + ([limit] if limit else [])
-        + ([concurrency] if concurrency else []),
+        + [concurrency_limit],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
+    app[REQUEST_SLOTS] = TokenSlots(settings.max_concurrent_per_token, "requests")
     app[STREAM_SLOTS] = TokenSlots(settings.max_streams_per_token, "streamed replies")
     app[AUTHENTICATOR] = Authenticator(lambda: app[DATABASE].pool)
     if database is not None:

@@ -25,6 +25,7 @@ from infra.tenants import LIVE_TOKEN, Principal, authenticate, digest
 from service import audit_api
 from service import audit_queries as q
 from service.state import DATABASE, PRINCIPAL, Handler
+from service.streams import REQUEST_SLOTS
 
 COOKIE = "scimledger_audit"
 COOKIE_PATH = "/audit/"
@@ -120,7 +121,8 @@ def _signed_in(page: Page, *, landing: bool = False) -> Handler:
         principal = await _session(request)
         if principal is None:
             return _sign_in_page(request.path_qs, status=200 if landing else 401)
-        return await page(request, principal)
+        with request.app[REQUEST_SLOTS].hold(principal.token_id):
+            return await page(request, principal)
 
     return handler
 

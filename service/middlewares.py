@@ -18,7 +18,7 @@ from service.errors import ScimError
 from service.metrics import observe_request
 from service.outcomes import context_for, is_audited
 from service.state import AUTHENTICATOR, PRINCIPAL, REQUEST_CONTEXT, REQUEST_ID, Handler
-from service.streams import TokenSlots
+from service.streams import REQUEST_SLOTS
 
 log = structlog.get_logger("scimledger.http")
 
@@ -184,25 +184,19 @@ def rate_limit(rate: float, burst: int) -> Middleware | None:
     return limit
 
 
-def concurrency_limit(limit: int) -> Middleware | None:
-    """The per-token cap on requests in flight (it runs after bearer_auth), or None when 0.
+@web.middleware
+async def concurrency_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The per-token cap on requests in flight (it runs after bearer_auth; 0 means none).
 
     Below the pool's size, it keeps one token's slow requests (expensive filters, streams to
     a client that does not read) from holding every connection. A refused request gets 429
     with Retry-After and is not recorded in the provisioning log, like the rate limit's.
     """
-    if limit <= 0:
-        return None
-    slots = TokenSlots(limit, "requests")
-
-    @web.middleware
-    async def limit_concurrency(request: web.Request, handler: Handler) -> web.StreamResponse:
-        principal = request.get(PRINCIPAL)
-        if principal is None:
-            return await handler(request)
-        if slots.full(principal.token_id):
-            request.pop(REQUEST_CONTEXT, None)
-        with slots.hold(principal.token_id):
-            return await handler(request)
-
-    return limit_concurrency
+    principal = request.get(PRINCIPAL)
+    if principal is None:
+        return await handler(request)
+    slots = request.app[REQUEST_SLOTS]
+    if slots.full(principal.token_id):
+        request.pop(REQUEST_CONTEXT, None)
+    with slots.hold(principal.token_id):
+        return await handler(request)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from uuid import UUID
 
 import asyncpg
@@ -58,6 +58,9 @@ class TokenSlots:
                 del self._held[token_id]
 
 
+# Requests in flight per token (SCIMLEDGER_MAX_CONCURRENT_PER_TOKEN): bearer-token requests in
+# a middleware (service/middlewares.py), the audit web pages once their session is known.
+REQUEST_SLOTS = web.AppKey("request_slots", TokenSlots)
 # Streamed replies in flight per token (SCIMLEDGER_MAX_STREAMS_PER_TOKEN).
 STREAM_SLOTS = web.AppKey("stream_slots", TokenSlots)
 
@@ -90,12 +93,18 @@ class Stream:
 
 
 @asynccontextmanager
-async def streaming(request: web.Request, response: web.StreamResponse) -> AsyncIterator[Stream]:
+async def streaming(
+    request: web.Request, response: web.StreamResponse, *, capped: bool = True
+) -> AsyncIterator[Stream]:
     """Take one of the token's stream slots (429 past the cap), prepare `response`, and end it:
     with write_eof, or, when the client is too slow or the reply cannot be finished, by
-    closing the socket so the client never takes a truncated body for a whole one."""
-    principal = request[PRINCIPAL]
-    with request.app[STREAM_SLOTS].hold(principal.token_id):
+    closing the socket so the client never takes a truncated body for a whole one.
+
+    `capped=False` for the reply to a write that is done: it is never refused (a 429 would
+    make the client retry a write that succeeded), only counted while the cap has room."""
+    slots = request.app[STREAM_SLOTS]
+    token_id = request[PRINCIPAL].token_id
+    with slots.hold(token_id) if capped or not slots.full(token_id) else nullcontext():
         await response.prepare(request)
         stream = Stream(request, response, request.app[SETTINGS].slow_client_timeout)
         try:

@@ -212,6 +212,7 @@ async def until_served(client: Client, path: str, auth: dict[str, str]) -> None:
 async def test_stalled_group_readers_hold_no_connection(served: Served) -> None:
     group_id = await big_group(served)
     small = (await create_group(served.client, served.a, "Few"))["id"]
+    user_a = await create_user(served.client, served.a)
     user_b = await create_user(served.client, served.b)
     async with (
         stalled(served, f"/scim/v2/Groups/{group_id}", bearer(served.a)),
@@ -225,6 +226,14 @@ async def test_stalled_group_readers_hold_no_connection(served: Served) -> None:
         # ... the token's next stream is 429, and its plain reads are served.
         await throttled(served.client, f"/scim/v2/Groups/{small}", served.a)
         assert await status_of(served.client, "/scim/v2/Users?count=1", served.a) == 200
+        # A write is done before its reply streams: that reply is never refused.
+        r = await served.client.post(
+            "/scim/v2/Groups",
+            headers=headers(served.a),
+            json={"displayName": "Late", "members": [{"value": user_a["id"]}]},
+        )
+        assert r.status == 201, await r.text()
+        assert [m["value"] for m in (await r.json(content_type=None))["members"]] == [user_a["id"]]
     # The stalled clients are gone: their slots are free again.
     await until_served(served.client, f"/scim/v2/Groups/{small}", served.a)
 
@@ -335,3 +344,31 @@ async def test_a_group_changed_while_streamed_is_cut_not_mixed(served: Served) -
     whole = orjson.loads(await r.read())
     assert len(whole["members"]) == MEMBERS + 1
     assert len({m["value"] for m in whole["members"]}) == MEMBERS + 1
+
+
+@env(
+    SCIMLEDGER_MAX_STREAMS_PER_TOKEN="0",
+    SCIMLEDGER_MAX_CONCURRENT_PER_TOKEN="2",
+    SCIMLEDGER_SLOW_CLIENT_TIMEOUT="600",
+)
+async def test_the_audit_web_pages_count_against_the_token_cap(served: Served) -> None:
+    """The web pages sign in with a session of an audit token: its requests share the token's
+    cap with the API's."""
+    await seed_audit_log(served)
+    async with served.pool.acquire() as conn:
+        audit = await issue_token(conn, "tenant-a", "audit", "compliance")
+    reader = {"Authorization": f"Bearer {audit.token}"}
+    r = await served.client.post(
+        "/audit/sign-in", data={"token": audit.token}, allow_redirects=False
+    )
+    assert r.status == 303, await r.text()
+    session = {"Cookie": f"scimledger_audit={r.cookies['scimledger_audit'].value}"}
+    async with (
+        stalled(served, "/audit/export?format=jsonl", f"Cookie: {session['Cookie']}"),
+        stalled(served, "/audit/v1/export?format=jsonl", bearer(reader)),
+    ):
+        await throttled(served.client, "/audit/v1/entries?limit=1", reader)
+        r = await served.client.get("/audit/", headers=session)
+        assert r.status == 429 and int(r.headers["Retry-After"]) >= 1
+        assert await status_of(served.client, "/scim/v2/Users", served.b) == 200
+    await until_served(served.client, "/audit/v1/entries?limit=1", reader)

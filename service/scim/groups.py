@@ -122,7 +122,7 @@ async def get(request: web.Request) -> web.StreamResponse:
 
 
 async def _reply_group(
-    request: web.Request, group_id: UUID, status: int, location: bool = False
+    request: web.Request, group_id: UUID, status: int, location: bool = False, written: bool = False
 ) -> web.StreamResponse:
     tenant_id = request[PRINCIPAL].tenant_id
     attributes, excluded = _selection(request)
@@ -150,7 +150,7 @@ async def _reply_group(
     # sent in the ETag (otherwise the reply is cut: truncated, never a mix of two versions).
     response = web.StreamResponse(status=status, headers=headers)
     response.content_type = SCIM_CONTENT_TYPE
-    async with streaming(request, response) as out:
+    async with streaming(request, response, capped=not written) as out:
         meta = body.pop("meta", None)
         head = orjson.dumps(body)
         await out.write(head[:-1] + (b',"members":[' if len(head) > 2 else b'"members":['))
@@ -317,7 +317,7 @@ async def delete(request: web.Request) -> web.Response:
 async def _write_reply(request: web.Request, group: Group, status: int) -> web.StreamResponse:
     attributes, excluded = _selection(request)
     if wants_members(attributes, excluded):
-        return await _reply_group(request, group.id, status, location=status == 201)
+        return await _reply_group(request, group.id, status, location=status == 201, written=True)
     resource = _of_group(base_url(request), group)
     headers = {"ETag": etag(group.version)}
     if status == 201:
