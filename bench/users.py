@@ -212,8 +212,13 @@ def server_process(
             *("--port", str(port), "--database-url", dsn),
         ],
         log,
-        # One token drives the whole load: the per-token rate limit would measure itself.
-        env={**os.environ, "SCIMLEDGER_RATE_LIMIT": "0"},
+        # One token drives the whole load: the per-token rate limit and cap on requests in
+        # flight (16 connections > its default 10) would measure themselves.
+        env={
+            **os.environ,
+            "SCIMLEDGER_RATE_LIMIT": "0",
+            "SCIMLEDGER_MAX_CONCURRENT_PER_TOKEN": "0",
+        },
     )
 
 

@@ -86,3 +86,18 @@ class Settings:
     shutdown_timeout: float = field(
         default_factory=lambda: float(os.environ.get("SCIMLEDGER_SHUTDOWN_TIMEOUT", "30"))
     )
+    # Seconds one write of a streamed reply (a group's members, an audit export) may wait for a
+    # slow client; past it the reply is cut and the connection closed. No database connection
+    # is held while a stream waits on its client.
+    slow_client_timeout: float = field(
+        default_factory=lambda: _float_env("SCIMLEDGER_SLOW_CLIENT_TIMEOUT", 30.0)
+    )
+    # Streamed replies in flight per token (0 = no cap); past it 429 with Retry-After.
+    max_streams_per_token: int = field(
+        default_factory=lambda: _int_env("SCIMLEDGER_MAX_STREAMS_PER_TOKEN", 4)
+    )
+    # Requests in flight per token (0 = no cap), below the pool's size so that one token (or
+    # its expensive filters) cannot hold every connection; past it 429 with Retry-After.
+    max_concurrent_per_token: int = field(
+        default_factory=lambda: _int_env("SCIMLEDGER_MAX_CONCURRENT_PER_TOKEN", 10)
+    )

@@ -13,6 +13,7 @@ from infra.tenants import Authenticator
 from service import audit_api, audit_web, discovery, health, metrics
 from service.middlewares import (
     bearer_auth,
+    concurrency_limit,
     rate_limit,
     request_context,
     scim_errors,
@@ -21,6 +22,7 @@ from service.middlewares import (
 from service.outcomes import record_outcomes
 from service.scim import groups, users
 from service.state import AUTHENTICATOR, DATABASE, SETTINGS
+from service.streams import REQUEST_SLOTS, STREAM_SLOTS, TokenSlots
 
 
 def create_app(settings: Settings, database: Database | None = None) -> web.Application:
@@ -28,11 +30,14 @@ def create_app(settings: Settings, database: Database | None = None) -> web.Appl
     limit = rate_limit(settings.rate_limit, settings.rate_limit_burst)
     app = web.Application(
         middlewares=[request_context, record_outcomes, scim_errors, bearer_auth]
-        + ([limit] if limit else []),
+        + ([limit] if limit else [])
+        + [concurrency_limit],
         client_max_size=settings.max_body_bytes,
     )
     app.on_response_prepare.append(stamp_request_id)
     app[SETTINGS] = settings
+    app[REQUEST_SLOTS] = TokenSlots(settings.max_concurrent_per_token, "requests")
+    app[STREAM_SLOTS] = TokenSlots(settings.max_streams_per_token, "streamed replies")
     app[AUTHENTICATOR] = Authenticator(lambda: app[DATABASE].pool)
     if database is not None:
         app[DATABASE] = database

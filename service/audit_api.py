@@ -17,6 +17,7 @@ from service.errors import ScimError
 from service.scim.groups import group_resource, member_entry
 from service.scim.representation import user_resource
 from service.state import DATABASE, PRINCIPAL, SETTINGS, base_url
+from service.streams import streaming
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -43,7 +44,7 @@ async def entries(request: web.Request) -> web.Response:
     limit = _limit(request)
     pool = request.app[DATABASE].pool
     # Lag first: the page read after it holds at least everything the lag says is applied.
-    lag = await q.lag(pool)
+    lag = await q.lag(pool, request[PRINCIPAL].tenant_id)
     try:
         found, next_token = await q.page(
             pool, request[PRINCIPAL].tenant_id, where, limit, request.query.get("next")
@@ -84,16 +85,15 @@ async def write_export(
             "Cache-Control": "no-store",
         }
     )
-    await response.prepare(request)
     out = ExportWriter(fmt)
-    async with request.app[DATABASE].pool.acquire() as conn, conn.transaction(readonly=True):
-        async for item in q.stream(conn, tenant_id, where):
+    # Pages read from the pool one at a time: no connection is held while the client reads.
+    async with streaming(request, response) as stream:
+        async for item in q.stream(request.app[DATABASE].pool, tenant_id, where):
             out.add(item)
             if out.full:
-                await response.write(out.take())
-    if data := out.take():
-        await response.write(data)
-    await response.write_eof()
+                await stream.write(out.take())
+        if data := out.take():
+            await stream.write(data)
     return response
 
 

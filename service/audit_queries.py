@@ -152,12 +152,26 @@ async def page(
 ) -> tuple[list[dict[str, Any]], str | None]:
     """Newest first, keyset-paginated (never OFFSET)."""
     limit = max(1, min(limit, MAX_LIMIT))
+    after = decode_next(next_token) if next_token else None
+    rows = await _rows(conn, tenant_id, where, limit + 1, after)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return [entry_json(r) for r in rows], encode_next(rows[-1]) if more and rows else None
+
+
+async def _rows(
+    conn: Conn | asyncpg.Pool,
+    tenant_id: UUID,
+    where: AuditFilter,
+    limit: int,
+    after: tuple[datetime, int] | None,
+) -> list[asyncpg.Record]:
+    """Up to `limit` selected rows, newest first, older than `after` (activity_at, txid)."""
     sql, args = where.where(tenant_id)
-    if next_token:
-        at, txid = decode_next(next_token)
-        args += [at, txid]
+    if after is not None:
+        args += list(after)
         sql += f" AND (activity_at, transaction_id) < (${len(args) - 1}, ${len(args)})"
-    args.append(limit + 1)
+    args.append(limit)
     statement = (
         f"SELECT {ENTRY_COLUMNS} FROM audit_entries WHERE {sql}"
         f" ORDER BY activity_at DESC, transaction_id DESC LIMIT ${len(args)}"
@@ -167,12 +181,8 @@ async def page(
         # index, which cannot narrow a one- or two-letter term and rechecks every row.
         async with _connection(conn) as c, c.transaction(readonly=True):
             await c.execute("SET LOCAL plan_cache_mode = force_custom_plan")
-            rows = await c.fetch(statement, *args)
-    else:
-        rows = await conn.fetch(statement, *args)
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return [entry_json(r) for r in rows], encode_next(rows[-1]) if more and rows else None
+            return await c.fetch(statement, *args)
+    return await conn.fetch(statement, *args)
 
 
 @asynccontextmanager
@@ -237,33 +247,47 @@ async def member_types(
 
 
 async def stream(
-    conn: Conn, tenant_id: UUID, where: AuditFilter, chunk: int = 2000
+    source: Conn | asyncpg.Pool, tenant_id: UUID, where: AuditFilter, chunk: int = 2000
 ) -> AsyncIterator[dict[str, Any]]:
-    """Every selected entry, newest first, from a server-side cursor (constant memory).
-    The caller holds `conn` in a transaction."""
-    sql, args = where.where(tenant_id)
-    cursor = conn.cursor(
-        f"SELECT {ENTRY_COLUMNS} FROM audit_entries WHERE {sql}"
-        " ORDER BY activity_at DESC, transaction_id DESC",
-        *args,
-        prefetch=chunk,
-    )
-    async for row in cursor:
-        yield entry_json(row)
+    """Every selected entry, newest first, in keyset pages (constant memory).
+
+    From a pool, each page is read in a connection acquisition of its own, so a consumer that
+    waits between entries (an HTTP client that reads slowly) holds no connection. Entries the
+    log gains meanwhile may or may not be included; none is repeated or skipped."""
+    after: tuple[datetime, int] | None = None
+    while True:
+        rows = await _rows(source, tenant_id, where, chunk, after)
+        for row in rows:
+            yield entry_json(row)
+        if len(rows) < chunk:
+            return
+        after = (rows[-1]["activity_at"], rows[-1]["transaction_id"])
 
 
-async def lag(conn: Conn | asyncpg.Pool) -> dict[str, Any]:
-    """How far the (asynchronous) audit log trails the event store."""
+# The lag is counted over at most this many of the tenant's newest events; past it, "at least".
+LAG_COUNT_CAP = 1000
+
+
+async def lag(conn: Conn | asyncpg.Pool, tenant_id: UUID) -> dict[str, Any]:
+    """How far the (asynchronous) audit log trails this tenant's own events.
+
+    Counted over the tenant's newest LAG_COUNT_CAP events only (its own index, newest
+    first), so a request reads at most that many rows however far behind the log is, and
+    neither the figure nor its cost tells anything about other tenants: no global position,
+    no time of the projection's last step. `eventsBehindCapped`: the count reached the cap.
+    """
     row = await conn.fetchrow(
-        "SELECT s.checkpoint_transaction, s.checkpoint_position, s.updated_at,"
-        " (SELECT count(*) FROM stored_events e WHERE (e.transaction_id, e.notification_id)"
-        "  > (s.checkpoint_transaction, s.checkpoint_position)) AS behind"
-        " FROM projection_state s WHERE s.name = 'audit'"
+        "SELECT (SELECT count(*) FROM ("
+        "  SELECT e.transaction_id, e.notification_id FROM stored_events e"
+        "  WHERE e.tenant_id = $1 ORDER BY e.notification_id DESC LIMIT $2) recent"
+        "  WHERE (recent.transaction_id, recent.notification_id)"
+        "   > (s.checkpoint_transaction, s.checkpoint_position)) AS behind"
+        " FROM projection_state s WHERE s.name = 'audit'",
+        tenant_id,
+        LAG_COUNT_CAP,
     )
     if row is None:
-        return {"eventsBehind": None, "checkpoint": None}
-    return {
-        "eventsBehind": int(row["behind"]),
-        "checkpoint": int(row["checkpoint_position"]),
-        "updated": row["updated_at"].isoformat(),
-    }
+        return {"eventsBehind": None, "eventsBehindCapped": False}
+    behind = int(row["behind"])
+    return {"eventsBehind": behind, "eventsBehindCapped": behind >= LAG_COUNT_CAP}
+

@@ -25,6 +25,7 @@ from infra.tenants import LIVE_TOKEN, Principal, authenticate, digest
 from service import audit_api
 from service import audit_queries as q
 from service.state import DATABASE, PRINCIPAL, SETTINGS, Handler
+from service.streams import REQUEST_SLOTS
 
 COOKIE = "scimledger_audit"
 COOKIE_PATH = "/audit/"
@@ -130,7 +131,8 @@ def _signed_in(page: Page, *, landing: bool = False) -> Handler:
         principal = await _session(request)
         if principal is None:
             return _sign_in_page(request.path_qs, status=200 if landing else 401)
-        return await page(request, principal)
+        with request.app[REQUEST_SLOTS].hold(principal.token_id):
+            return await page(request, principal)
 
     return handler
 
@@ -315,7 +317,7 @@ async def log_page(request: web.Request, principal: Principal) -> web.StreamResp
         )
     except q.BadQuery as e:
         error = str(e)
-    lag = await q.lag(pool)
+    lag = await q.lag(pool, principal.tenant_id)
     parts = [
         "<h1>Provisioning log</h1>",
         _lag_notice(lag),
@@ -497,6 +499,8 @@ def _lag_notice(lag: Mapping[str, Any]) -> str:
     if behind == 0:
         return ""
     plural = "event" if behind == 1 else "events"
+    if lag.get("eventsBehindCapped"):
+        behind, plural = f"{behind:,}+", "events"
     return (
         f'<p class="notice warn lag" role="status">The log is {behind} {plural} behind the'
         " event store: the newest changes may not be shown yet. Reload in a moment.</p>"

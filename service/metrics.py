@@ -31,7 +31,7 @@ from infra.supervisor import SupervisorStatus
 from service.state import DATABASE, SUPERVISOR
 
 # Bounds the work of one scrape when a projection is far behind: the gauge then reads "at least".
-_LAG_COUNT_CAP = 1_000_000
+_LAG_COUNT_CAP = 10_000
 _LAG_SQL = """
 SELECT count(*) AS events, extract(epoch FROM now() - min(recorded_at)) AS seconds
 FROM (

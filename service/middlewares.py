@@ -25,6 +25,7 @@ from service.state import (
     REQUEST_ID,
     Handler,
 )
+from service.streams import REQUEST_SLOTS
 
 log = structlog.get_logger("scimledger.http")
 
@@ -207,3 +208,21 @@ def rate_limit(rate: float, burst: int) -> Middleware | None:
         return await handler(request)
 
     return limit
+
+
+@web.middleware
+async def concurrency_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The per-token cap on requests in flight (it runs after bearer_auth; 0 means none).
+
+    Below the pool's size, it keeps one token's slow requests (expensive filters, streams to
+    a client that does not read) from holding every connection. A refused request gets 429
+    with Retry-After and is not recorded in the provisioning log, like the rate limit's.
+    """
+    principal = request.get(PRINCIPAL)
+    if principal is None:
+        return await handler(request)
+    slots = request.app[REQUEST_SLOTS]
+    if slots.full(principal.token_id):
+        request.pop(REQUEST_CONTEXT, None)
+    with slots.hold(principal.token_id):
+        return await handler(request)

@@ -102,9 +102,11 @@ async def database(fresh_dsn: str) -> AsyncIterator[Database]:
 
 @pytest.fixture
 def settings(tmp_path: Path, fresh_dsn: str) -> Settings:
-    # Load tests drive one token harder than the production rate limit allows; the limit's
-    # own tests (tests/test_limits.py) set it.
-    return Settings(data_dir=tmp_path, database_url=fresh_dsn, rate_limit=0)
+    # Load tests drive one token harder than the production rate limit and per-token cap on
+    # requests in flight allow; the limits' own tests (test_limits.py, test_streams.py) set them.
+    return Settings(
+        data_dir=tmp_path, database_url=fresh_dsn, rate_limit=0, max_concurrent_per_token=0
+    )
 
 
 @pytest.fixture

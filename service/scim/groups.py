@@ -1,7 +1,8 @@
 """`/scim/v2/Groups`: parse the request, call a handler, shape the reply.
 
 Members are read from their rows and, for one group, streamed: a group of 100,000 members is
-written to the client in chunks from a server-side cursor, never built as one list.
+written to the client in keyset pages, never built as one list, and no database connection is
+held while the client takes them (service/streams.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import orjson
 from aiohttp import web
 
 from domain.group import Group
+from infra.eventstore import Conn
 from projections import groups as groups_view
 from service import handlers
 from service.errors import SCIM_CONTENT_TYPE, invalid_value, not_found, scim_json
@@ -39,6 +41,7 @@ from service.scim.patch import parse_patch_request
 from service.scim.representation import scim_timestamp, select_attributes
 from service.scim.users import caller, json_body, json_object
 from service.state import DATABASE, PRINCIPAL, SETTINGS, base_url
+from service.streams import StreamCut, streaming
 
 _MEMBER_CHUNK = 2000
 
@@ -119,7 +122,7 @@ async def get(request: web.Request) -> web.StreamResponse:
 
 
 async def _reply_group(
-    request: web.Request, group_id: UUID, status: int, location: bool = False
+    request: web.Request, group_id: UUID, status: int, location: bool = False, written: bool = False
 ) -> web.StreamResponse:
     tenant_id = request[PRINCIPAL].tenant_id
     attributes, excluded = _selection(request)
@@ -140,33 +143,68 @@ async def _reply_group(
         body = select_attributes(resource, attributes, excluded)
         if not wants_members(attributes, excluded):
             return scim_json(body, status=status, headers=headers)
-        # Stream: everything but members, then the members chunk by chunk, then the close.
-        response = web.StreamResponse(status=status, headers=headers)
-        response.content_type = SCIM_CONTENT_TYPE
-        await response.prepare(request)
+        members = await _member_page(conn, tenant_id, group_id, None)
+    # Stream: everything but members, then the members page by page, then the close. No
+    # connection is held while a write waits for the client: each further page is read in a
+    # short transaction of its own, which also checks that the group is still at the version
+    # sent in the ETag (otherwise the reply is cut: truncated, never a mix of two versions).
+    response = web.StreamResponse(status=status, headers=headers)
+    response.content_type = SCIM_CONTENT_TYPE
+    async with streaming(request, response, capped=not written) as out:
         meta = body.pop("meta", None)
         head = orjson.dumps(body)
-        await response.write(head[:-1] + (b',"members":[' if len(head) > 2 else b'"members":['))
-        chunk: list[bytes] = []
+        await out.write(head[:-1] + (b',"members":[' if len(head) > 2 else b'"members":['))
         first = True
-        cursor = conn.cursor(
+        while True:
+            chunk: list[bytes] = []
+            for member in members:
+                entry = orjson.dumps(member_entry(base, *member.values()))
+                chunk.append(entry if first else b"," + entry)
+                first = False
+            await out.write(b"".join(chunk))
+            if len(members) < _MEMBER_CHUNK:
+                break
+            members = await _next_member_page(
+                pool, tenant_id, group_id, row["version"], members[-1]["member_id"]
+            )
+        tail = b"]" + (b',"meta":' + orjson.dumps(meta) if meta is not None else b"") + b"}"
+        await out.write(tail)
+    return response
+
+
+async def _member_page(
+    conn: Conn, tenant_id: UUID, group_id: UUID, after: UUID | None
+) -> list[asyncpg.Record]:
+    """Up to _MEMBER_CHUNK members in member_id order, after `after` (a keyset page: an index
+    range of the primary key, however deep into the group)."""
+    if after is None:
+        return await conn.fetch(
             "SELECT member_id, member_type, display FROM scim_group_members"
-            " WHERE tenant_id = $1 AND group_id = $2 ORDER BY member_id",
+            " WHERE tenant_id = $1 AND group_id = $2 ORDER BY member_id LIMIT $3",
             tenant_id,
             group_id,
-            prefetch=_MEMBER_CHUNK,
+            _MEMBER_CHUNK,
         )
-        async for member in cursor:
-            entry = orjson.dumps(member_entry(base, *member.values()))
-            chunk.append(entry if first else b"," + entry)
-            first = False
-            if len(chunk) >= _MEMBER_CHUNK:
-                await response.write(b"".join(chunk))
-                chunk = []
-        tail = b"]" + (b',"meta":' + orjson.dumps(meta) if meta is not None else b"") + b"}"
-        await response.write(b"".join(chunk) + tail)
-        await response.write_eof()
-        return response
+    return await conn.fetch(
+        "SELECT member_id, member_type, display FROM scim_group_members"
+        " WHERE tenant_id = $1 AND group_id = $2 AND member_id > $3 ORDER BY member_id LIMIT $4",
+        tenant_id,
+        group_id,
+        after,
+        _MEMBER_CHUNK,
+    )
+
+
+async def _next_member_page(
+    pool: asyncpg.Pool, tenant_id: UUID, group_id: UUID, version: int, after: UUID
+) -> list[asyncpg.Record]:
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        now = await conn.fetchval(
+            "SELECT version FROM scim_groups WHERE tenant_id = $1 AND id = $2", tenant_id, group_id
+        )
+        if now != version:
+            raise StreamCut("the group changed while its members were sent")
+        return await _member_page(conn, tenant_id, group_id, after)
 
 
 async def list_(request: web.Request) -> web.Response:
@@ -279,7 +317,7 @@ async def delete(request: web.Request) -> web.Response:
 async def _write_reply(request: web.Request, group: Group, status: int) -> web.StreamResponse:
     attributes, excluded = _selection(request)
     if wants_members(attributes, excluded):
-        return await _reply_group(request, group.id, status, location=status == 201)
+        return await _reply_group(request, group.id, status, location=status == 201, written=True)
     resource = _of_group(base_url(request), group)
     headers = {"ETag": etag(group.version)}
     if status == 201:
