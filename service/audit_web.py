@@ -24,6 +24,7 @@ from aiohttp import web
 from infra.tenants import LIVE_TOKEN, Principal, authenticate, digest
 from service import audit_api
 from service import audit_queries as q
+from service.boundary import in_utc, is_credential
 from service.state import DATABASE, PRINCIPAL, Handler
 
 COOKIE = "scimledger_audit"
@@ -103,7 +104,7 @@ async def _open_session(request: web.Request, principal: Principal) -> str:
 async def _session(request: web.Request) -> Principal | None:
     """The principal of the request's session, if it is open and its token still live."""
     session_id = request.cookies.get(COOKIE, "")
-    if not session_id or len(session_id) > 128:
+    if not session_id or len(session_id) > 128 or not is_credential(session_id):
         return None
     row = await request.app[DATABASE].pool.fetchrow(_SESSION_SQL, digest(session_id))
     if row is None:
@@ -128,13 +129,23 @@ def _signed_in(page: Page, *, landing: bool = False) -> Handler:
 def _same_origin(request: web.Request) -> bool:
     """A cross-site form post is refused (on top of SameSite=Strict)."""
     origin = request.headers.get("Origin")
-    return origin is None or origin == "null" or urlsplit(origin).netloc == request.host
+    if origin is None or origin == "null":
+        return True
+    try:
+        return urlsplit(origin).netloc == request.host
+    except ValueError:  # e.g. "http://[": not a URL, so not ours
+        return False
 
 
 def _local(target: str) -> str:
     """Where to go after signing in: a page of ours, never another site."""
-    parts = urlsplit(target)
-    if parts.scheme or parts.netloc or not parts.path.startswith(COOKIE_PATH) or "\\" in target:
+    if "\\" in target or not target.isprintable():  # a control character cannot go in Location
+        return COOKIE_PATH
+    try:
+        parts = urlsplit(target)
+    except ValueError:
+        return COOKIE_PATH
+    if parts.scheme or parts.netloc or not parts.path.startswith(COOKIE_PATH):
         return COOKIE_PATH
     if parts.path.startswith("/audit/sign-"):
         return COOKIE_PATH
@@ -257,6 +268,8 @@ def _moment(raw: str, label: str) -> datetime | None:
         moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
     except ValueError:
         raise q.BadQuery(f"{label} must be a date and time, like 2025-01-31T09:00.") from None
+    if in_utc(moment) is None:
+        raise q.BadQuery(f"{label} is out of range: years 1 to 9999 in UTC.")
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 

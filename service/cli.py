@@ -908,6 +908,15 @@ def tenants_enable(name: str, data_dir: Path | None, database_url: str | None) -
 
 
 def main(argv: list[str] | None = None) -> None:
+    from service.boundary import text_problem
+
+    # Every option may end up in a query (a tenant name, an audit filter): an argument the
+    # database cannot hold is a usage error, not a traceback.
+    for position, arg in enumerate(sys.argv[1:] if argv is None else argv, start=1):
+        problem = text_problem(arg)
+        if problem:
+            print(f"scimledger: error: argument {position} {problem}", file=sys.stderr)
+            sys.exit(2)
     try:
         cli.main(args=argv, prog_name="scimledger", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as e:
