@@ -13,15 +13,17 @@ from infra.tenants import Authenticator
 from service import audit_api, audit_web, discovery, health, metrics
 from service.middlewares import bearer_auth, rate_limit, request_context, scim_errors
 from service.outcomes import record_outcomes
-from service.scim import groups, users
+from service.scim import groups, paths, users
 from service.state import AUTHENTICATOR, DATABASE, SETTINGS
 
 
 def create_app(settings: Settings, database: Database | None = None) -> web.Application:
     """Build the app. With `database` given (tests, `serve`), the caller owns its lifetime."""
     limit = rate_limit(settings.rate_limit, settings.rate_limit_burst)
+    spelling = [paths.canonical_spelling]  # first: the middlewares after it see canonical paths
     app = web.Application(
-        middlewares=[request_context, record_outcomes, scim_errors, bearer_auth]
+        middlewares=spelling
+        + [request_context, record_outcomes, scim_errors, bearer_auth]
         + ([limit] if limit else []),
         client_max_size=settings.max_body_bytes,
     )
@@ -42,6 +44,7 @@ def create_app(settings: Settings, database: Database | None = None) -> web.Appl
     audit_web.add_routes(app)
     if settings.metrics:
         metrics.add_routes(app)
+    paths.add_routes(app)  # last: other spellings of the routes above
     return app
 
 
