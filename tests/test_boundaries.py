@@ -13,6 +13,7 @@ import base64
 import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -185,7 +186,7 @@ async def test_sign_in_refuses_an_origin_or_next_it_cannot_use(
 
 
 async def test_cli_refuses_arguments_postgres_cannot_hold(
-    fresh_dsn: str, tenant: IssuedToken
+    fresh_dsn: str, tenant: IssuedToken, tmp_path: Path
 ) -> None:
     not_utf8 = os.fsdecode(b"Ada\xff")  # how Python hands over an argv byte that is not UTF-8
     for args in (
@@ -203,3 +204,18 @@ async def test_cli_refuses_arguments_postgres_cannot_hold(
         assert "Traceback" not in err
     code, _, err = await run("audit", "list", "--tenant", "acme", "--database-url", fresh_dsn)
     assert code == 0, err
+    # A file name is the file system's business: any bytes it takes.
+    output = tmp_path / os.fsdecode(b"log-\xe9.csv")
+    code, _, err = await run(
+        "audit",
+        "export",
+        "--tenant",
+        "acme",
+        "--format",
+        "csv",
+        "--output",
+        str(output),
+        "--database-url",
+        fresh_dsn,
+    )
+    assert code == 0 and output.read_text().startswith("id,"), err
