@@ -24,7 +24,7 @@ from aiohttp.test_utils import TestClient
 from infra.database import Database
 from infra.tenants import IssuedToken
 from tests.test_audit import audit_auth
-from tests.test_cli import run
+from tests.test_cli import _serve, _stop, run
 from tests.test_entra_users import create as create_user
 
 Client = TestClient[Any, Any]
@@ -128,10 +128,11 @@ async def test_audit_pages_refuse_what_postgres_cannot_hold(
     assert_no_stack_trace(log_lines)
 
 
-async def raw_request(client: Client, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
-    """One HTTP/1.1 request as bytes (headers aiohttp's client will not send); the status
-    and the body of the reply."""
-    reader, writer = await asyncio.open_connection(client.host, client.port)
+async def raw_request(client: Client | int, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
+    """One HTTP/1.1 request as bytes (headers aiohttp's client will not send) to the test
+    client's server or a port; the status and the body of the reply."""
+    host, port = ("127.0.0.1", client) if isinstance(client, int) else (client.host, client.port)
+    reader, writer = await asyncio.open_connection(host, port)
     try:
         length = f"Content-Length: {len(body)}\r\n".encode() if body else b""
         writer.write(head + b"Host: localhost\r\nConnection: close\r\n" + length + b"\r\n" + body)
@@ -219,3 +220,27 @@ async def test_cli_refuses_arguments_postgres_cannot_hold(
         fresh_dsn,
     )
     assert code == 0 and output.read_text().startswith("id,"), err
+
+
+async def test_requests_the_http_parser_refuses_leave_one_log_line_each(fresh_dsn: str) -> None:
+    """Invalid UTF-8 in the request line, a line over 8 KiB, a NUL in a header: aiohttp's
+    parser answers 400 before any handler runs, and logged each with a traceback."""
+    refused = [
+        b"GET /scim/v2/Users/\xff\xfe HTTP/1.1\r\n",
+        b"GET /scim/v2/Users?filter=" + b"x" * 9000 + b" HTTP/1.1\r\n",
+        b"GET /scim/v2/Users HTTP/1.1\r\nX-Request-Id: a\x00b\r\n",
+    ]
+    proc, _, port = await _serve("--database-url", fresh_dsn, "--workers", "1")
+    try:
+        for head in refused:
+            status, _ = await raw_request(port, head)
+            assert status == 400, head[:40]
+    finally:
+        assert await _stop(proc) == 0
+    assert proc.stderr is not None
+    err = (await proc.stderr.read()).decode()
+    assert "Traceback" not in err, err
+    lines = [json.loads(line) for line in err.splitlines()]  # structlog's JSON, one per line
+    parser = [line for line in lines if line["event"] == "request refused by the HTTP parser"]
+    assert [line["status"] for line in parser] == [400] * len(refused), lines
+    assert "x" * 100 not in err  # what the client sent is not echoed
