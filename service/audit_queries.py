@@ -121,8 +121,8 @@ def decode_next(token: str) -> tuple[datetime, int]:
         at, txid = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         moment = datetime.fromisoformat(at)
     except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
-        moment = None
-    if moment is None or moment.tzinfo is None or in_utc(moment) is None or not is_bigint(txid):
+        raise BadQuery("next is not a page token of this API") from None
+    if moment.tzinfo is None or in_utc(moment) is None or not is_bigint(txid):
         raise BadQuery("next is not a page token of this API")
     return moment, txid
 
