@@ -7,6 +7,7 @@ import sys
 
 import orjson
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
 
 def _dumps(obj: object, default: object = None) -> str:
@@ -44,3 +45,22 @@ def configure(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     if not any(isinstance(h, _LibraryRecords) for h in root.handlers):
         root.addHandler(_LibraryRecords())
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _ParserRefusals) for f in server.filters):
+        server.addFilter(_ParserRefusals())
+
+
+class _ParserRefusals(logging.Filter):
+    """aiohttp's HTTP parser answers a malformed request (invalid UTF-8 in the request line, a
+    line over 8 KiB, a NUL in a header) with 400 before any handler runs, and logs the parse
+    error with its traceback. That is the client's mistake, not ours: one JSON line says it
+    instead, without the bytes the client sent (they may hold anything)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        structlog.get_logger("scimledger.http").info(
+            "request refused by the HTTP parser", status=error.code, error=type(error).__name__
+        )
+        return False

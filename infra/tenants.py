@@ -53,7 +53,8 @@ class UnknownTenant(Exception):
 
 
 def digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode("utf-8")).digest()
+    # surrogateescape: a token read from invalid UTF-8 hashes to its bytes (and matches none).
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
 
 
 def new_secret() -> str:

@@ -20,7 +20,7 @@ from service.middlewares import (
     stamp_request_id,
 )
 from service.outcomes import record_outcomes
-from service.scim import groups, users
+from service.scim import groups, paths, users
 from service.state import AUTHENTICATOR, DATABASE, SETTINGS
 from service.streams import REQUEST_SLOTS, STREAM_SLOTS, TokenSlots
 
@@ -28,8 +28,10 @@ from service.streams import REQUEST_SLOTS, STREAM_SLOTS, TokenSlots
 def create_app(settings: Settings, database: Database | None = None) -> web.Application:
     """Build the app. With `database` given (tests, `serve`), the caller owns its lifetime."""
     limit = rate_limit(settings.rate_limit, settings.rate_limit_burst)
+    spelling = [paths.canonical_spelling]  # first: the middlewares after it see canonical paths
     app = web.Application(
-        middlewares=[request_context, record_outcomes, scim_errors, bearer_auth]
+        middlewares=spelling
+        + [request_context, record_outcomes, scim_errors, bearer_auth]
         + ([limit] if limit else [])
         + [concurrency_limit],
         client_max_size=settings.max_body_bytes,
@@ -54,6 +56,7 @@ def create_app(settings: Settings, database: Database | None = None) -> web.Appl
     audit_web.add_routes(app)
     if settings.metrics:
         metrics.add_routes(app)
+    paths.add_routes(app)  # last: other spellings of the routes above
     return app
 
 

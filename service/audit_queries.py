@@ -16,6 +16,7 @@ import orjson
 
 from infra.eventstore import Conn
 from projections.audit import ENTRY_COLUMNS
+from service.boundary import in_utc, is_bigint, text_problem
 
 ACTIONS = ("create", "update", "delete", "disable", "other")
 STATUSES = ("success", "failure", "skipped")
@@ -50,7 +51,16 @@ class AuditFilter:
                 raise BadQuery(f"{name} must be an ISO 8601 date-time") from None
             if moment.tzinfo is None:
                 raise BadQuery(f"{name} must carry a time zone (e.g. Z)")
+            if in_utc(moment) is None:
+                raise BadQuery(f"{name} is out of range (years 1 to 9999 in UTC)")
             return moment
+
+        def text(name: str) -> str | None:
+            raw = params.get(name) or None
+            problem = text_problem(raw) if raw else None
+            if problem:
+                raise BadQuery(f"{name} {problem}")
+            return raw
 
         action, status = params.get("action") or None, params.get("status") or None
         if action and action not in ACTIONS:
@@ -68,10 +78,10 @@ class AuditFilter:
             action=action,
             status=status,
             target_id=target_id,
-            identity=params.get("identity") or None,
-            change_id=params.get("changeId") or None,
-            client_request_id=params.get("clientRequestId") or None,
-            error_code=params.get("errorCode") or None,
+            identity=text("identity"),
+            change_id=text("changeId"),
+            client_request_id=text("clientRequestId"),
+            error_code=text("errorCode"),
         )
 
     def where(self, tenant_id: UUID) -> tuple[str, list[Any]]:
@@ -109,11 +119,16 @@ def encode_next(row: Any) -> str:
 
 
 def decode_next(token: str) -> tuple[datetime, int]:
+    """The (activity_at, transaction_id) a page token of encode_next holds; a forged one is
+    refused here, before its values reach a bigint and a timestamptz."""
     try:
         at, txid = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        return datetime.fromisoformat(at), int(txid)
+        moment = datetime.fromisoformat(at)
     except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
         raise BadQuery("next is not a page token of this API") from None
+    if moment.tzinfo is None or in_utc(moment) is None or not is_bigint(txid):
+        raise BadQuery("next is not a page token of this API")
+    return moment, txid
 
 
 def entry_json(row: Any) -> dict[str, Any]:

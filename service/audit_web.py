@@ -24,6 +24,7 @@ from aiohttp import web
 from infra.tenants import LIVE_TOKEN, Principal, authenticate, digest
 from service import audit_api
 from service import audit_queries as q
+from service.boundary import in_utc, is_credential
 from service.state import DATABASE, PRINCIPAL, SETTINGS, Handler
 from service.streams import REQUEST_SLOTS
 
@@ -114,7 +115,7 @@ async def _open_session(request: web.Request, principal: Principal) -> str:
 async def _session(request: web.Request) -> Principal | None:
     """The principal of the request's session, if it is open and its token still live."""
     session_id = request.cookies.get(COOKIE, "")
-    if not session_id or len(session_id) > 128:
+    if not session_id or len(session_id) > 128 or not is_credential(session_id):
         return None
     row = await request.app[DATABASE].pool.fetchrow(_SESSION_SQL, digest(session_id))
     if row is None:
@@ -148,7 +149,10 @@ def _same_origin(request: web.Request) -> bool:
     public = request.app[SETTINGS].public_url
     if public:
         ours.add(urlsplit(public).netloc)
-    return origin != "null" and urlsplit(origin).netloc in ours
+    try:
+        return origin != "null" and urlsplit(origin).netloc in ours
+    except ValueError:  # e.g. "http://[": not a URL, so not ours
+        return False
 
 
 def _secure(request: web.Request) -> bool:
@@ -161,8 +165,13 @@ def _secure(request: web.Request) -> bool:
 
 def _local(target: str) -> str:
     """Where to go after signing in: a page of ours, never another site."""
-    parts = urlsplit(target)
-    if parts.scheme or parts.netloc or not parts.path.startswith(COOKIE_PATH) or "\\" in target:
+    if "\\" in target or not target.isprintable():  # a control character cannot go in Location
+        return COOKIE_PATH
+    try:
+        parts = urlsplit(target)
+    except ValueError:
+        return COOKIE_PATH
+    if parts.scheme or parts.netloc or not parts.path.startswith(COOKIE_PATH):
         return COOKIE_PATH
     if parts.path.startswith("/audit/sign-"):
         return COOKIE_PATH
@@ -289,6 +298,8 @@ def _moment(raw: str, label: str) -> datetime | None:
         moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
     except ValueError:
         raise q.BadQuery(f"{label} must be a date and time, like 2025-01-31T09:00.") from None
+    if in_utc(moment) is None:
+        raise q.BadQuery(f"{label} is out of range: years 1 to 9999 in UTC.")
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 

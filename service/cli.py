@@ -941,7 +941,31 @@ def tenants_enable(name: str, data_dir: Path | None, database_url: str | None) -
     _set_disabled(name, False, data_dir, database_url)
 
 
+# Options naming a file or directory: any bytes the file system takes.
+_PATH_OPTIONS = ("--data-dir", "--output")
+
+
+def _unusable_argument(args: list[str]) -> str | None:
+    """Any other argument may end up in a query (a tenant name, an audit filter): one the
+    database cannot hold (not UTF-8, as Python hands over such argv bytes) is a usage error,
+    not a traceback."""
+    from service.boundary import text_problem
+
+    previous = ""
+    for position, arg in enumerate(args, start=1):
+        path = previous in _PATH_OPTIONS or arg.startswith(tuple(f"{o}=" for o in _PATH_OPTIONS))
+        previous = arg
+        problem = None if path else text_problem(arg)
+        if problem:
+            return f"argument {position} {problem}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
+    unusable = _unusable_argument(sys.argv[1:] if argv is None else argv)
+    if unusable:
+        print(f"scimledger: error: {unusable}", file=sys.stderr)
+        sys.exit(2)
     try:
         cli.main(args=argv, prog_name="scimledger", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as e:

@@ -14,6 +14,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from infra.tenants import Principal
+from service.boundary import is_credential
 from service.errors import ScimError
 from service.metrics import observe_request
 from service.outcomes import context_for, is_audited
@@ -127,9 +128,10 @@ async def scim_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 def _bearer(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or not is_credential(token):
         return None
-    return token.strip()
+    return token
 
 
 @web.middleware

@@ -365,6 +365,8 @@ filter_values = st.one_of(
             '"2026-01-01T00:00:00Z"',
             '"0001-01-01T00:00:00+05:00"',
             '"9999-12-31T23:59:59-05:00"',
+            '"0000-01-01T00:00:00Z"',
+            '"99999-01-01T00:00:00Z"',
             '"work"',
             '"User"',
             '"@@U1@@"',
@@ -697,6 +699,22 @@ CONTENT_TYPES = [
 ]
 
 
+# Bearer values no token has: non-ASCII, a line separator, a valid token with a tail. (aiohttp's
+# client drops lone surrogates and refuses control characters, so invalid UTF-8 in a header is
+# sent over a raw socket by tests/test_boundaries.py instead.)
+CREDENTIALS = [
+    "Bearer x",
+    "Basic abc",
+    "bearer",
+    "",
+    "Bearer é",
+    "Bearer \u0100",
+    "Bearer a\u2028b",
+    "Bearer \udcff\udcfe",
+    "Bearer @@A@@é",
+]
+
+
 @st.composite
 def headers(draw: st.DrawFn) -> dict[str, str]:
     out: dict[str, str] = {}
@@ -707,7 +725,7 @@ def headers(draw: st.DrawFn) -> dict[str, str]:
     if draw(one_in(6)):
         out["If-None-Match"] = draw(IF_MATCH)
     if draw(one_in(40)):
-        out["Authorization"] = draw(st.sampled_from(["Bearer x", "Basic abc", "bearer", ""]))
+        out["Authorization"] = draw(st.sampled_from(CREDENTIALS))
     if draw(one_in(10)):
         out["X-Request-Id"] = draw(st.sampled_from(["../../etc", "a" * 200, "x y"]))
     return out
@@ -719,7 +737,81 @@ def _resource_path(kind: str) -> st.SearchStrategy[str]:
 
 
 @st.composite
+def spelled(draw: st.DrawFn, path: str) -> str:
+    """Sometimes the same path as clients also write it: the endpoint in another case, a
+    trailing slash, a doubled one (a tenant URL ending in `/` joined with `/Users`)."""
+    if not path.startswith("/scim/v2/") or not draw(one_in(4)):
+        return path
+    endpoint, sep, rest = path.removeprefix("/scim/v2/").partition("/")
+    case = draw(st.sampled_from([str.lower, str.upper, str.swapcase, str]))
+    slash = draw(st.sampled_from(["/", "//"]))
+    return f"/scim/v2{slash}{case(endpoint)}{sep}{rest}" + draw(st.sampled_from(["", "/"]))
+
+
+# -- the audit API: GETs with an audit token (the harness fills @@A@@) ----------------------
+
+AUDIT_BEARER = "Bearer @@A@@"
+timestamps = st.one_of(
+    st.sampled_from(
+        [
+            "2026-01-01T00:00:00Z",
+            "0001-01-01T00:00:00+05:00",  # year 0 in UTC
+            "9999-12-31T23:59:59-05:00",  # year 10000 in UTC
+            "0000-01-01T00:00:00Z",
+            "99999-01-01T00:00:00Z",
+            "2026-01-01T00:00:00",
+            "2026-13-01T00:00:00Z",
+        ]
+    ),
+    short_text,
+)
+# Page tokens shaped like the API's own (base64url of [activity_at, transaction id]).
+page_tokens = st.tuples(
+    st.one_of(timestamps, json_values),
+    st.one_of(st.sampled_from([2**63 - 1, 2**63, 2**64, -(2**63) - 1, 1e300, True]), numbers),
+).map(lambda t: base64.urlsafe_b64encode(json.dumps(list(t)).encode()).decode().rstrip("="))
+audit_text = st.one_of(st.sampled_from(NASTY), text)  # NUL and surrogates often
+AUDIT_PARAMS = {
+    "identity": audit_text,
+    "changeId": audit_text,
+    "errorCode": audit_text,
+    "from": timestamps,
+    "to": timestamps,
+    "action": st.one_of(st.sampled_from(["create", "update", "delete", "other"]), short_text),
+    "status": st.one_of(st.sampled_from(["success", "failure", "skipped"]), short_text),
+    "target": st.one_of(user_ids, short_text),
+    "limit": int_params,
+    "next": st.one_of(page_tokens, short_text),
+    "format": st.sampled_from(["csv", "jsonl", "xml", ""]),
+}
+
+
+@st.composite
+def audit_requests(draw: st.DrawFn) -> Request:
+    path = draw(
+        st.sampled_from(
+            [
+                "/audit/v1/entries",
+                "/audit/v1/export",
+                "/audit/v1/entries/@@N@@",
+                "/audit/v1/resources/@@U0@@/history",
+                "/audit/v1/resources/@@U0@@",
+            ]
+        )
+    )
+    names = draw(
+        st.lists(st.sampled_from(sorted(AUDIT_PARAMS)), min_size=1, max_size=3, unique=True)
+    )
+    query = [(name, draw(AUDIT_PARAMS[name])) for name in names]
+    if path.endswith("@@U0@@"):
+        query.append(("at", draw(timestamps)))
+    return Request("GET", path, query, None, {"Authorization": AUDIT_BEARER})
+
+
+@st.composite
 def requests(draw: st.DrawFn) -> Request:
+    if draw(one_in(6)):
+        return draw(audit_requests())
     kind = draw(st.sampled_from(["Users", "Groups"]))
     bodies = user_bodies() if kind == "Users" else group_bodies()
     verb = draw(
@@ -767,4 +859,4 @@ def requests(draw: st.DrawFn) -> Request:
         )
         body = draw(st.one_of(st.none(), json_values, bodies, patch_bodies()))
     raw = None if body is None and method in ("GET", "DELETE") else draw(encoded(body))
-    return Request(method, path, query, raw, draw(headers()))
+    return Request(method, draw(spelled(path)), query, raw, draw(headers()))
