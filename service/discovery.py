@@ -16,6 +16,10 @@ RESOURCE_TYPE_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:ResourceType"
 USER_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:User"
 GROUP_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:Group"
 ENTERPRISE_SCHEMA = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
+# RFC 7643 §5 has a place for the body size (bulk.maxPayloadSize) and the page size
+# (filter.maxResults), none for the other limits a request is refused past (400 invalidValue);
+# an extension of the ServiceProviderConfig (RFC 7643 §3: "schemas" lists it) says them.
+LIMITS_SCHEMA = "urn:scimledger:params:scim:schemas:extension:limits:1.0:ServiceProviderConfig"
 
 # Resource types are announced only once their endpoints exist (see service/app.py).
 RESOURCE_TYPES: dict[str, dict[str, Any]] = {
@@ -86,7 +90,7 @@ async def service_provider_config(request: web.Request) -> web.Response:
     users = "User" in _enabled(request)
     return scim_json(
         {
-            "schemas": [SPC_SCHEMA],
+            "schemas": [SPC_SCHEMA, LIMITS_SCHEMA],
             "documentationUri": "https://github.com/scimledger/scimledger#readme",
             "patch": {"supported": users},
             # No bulk endpoint; maxPayloadSize still says how large any request body may be.
@@ -115,6 +119,12 @@ async def service_provider_config(request: web.Request) -> web.Response:
                     "primary": True,
                 }
             ],
+            LIMITS_SCHEMA: {
+                "maxMultiValues": settings.max_multi_values,
+                "maxStringLength": settings.max_string_length,
+                "maxPatchOperations": settings.max_patch_operations,
+                "maxPatchMembers": settings.max_patch_members,
+            },
             "meta": _meta(request, "ServiceProviderConfig", "/ServiceProviderConfig"),
         }
     )

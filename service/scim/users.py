@@ -53,7 +53,26 @@ async def json_body(request: web.Request) -> Any:
     if b"\\u0000" in raw and _holds_nul(body):
         # Valid JSON, but PostgreSQL text and jsonb cannot hold U+0000.
         raise invalid_value("Strings in the request body cannot contain NUL (U+0000)")
+    _check_string_lengths(body, request.app[SETTINGS].max_string_length)
     return body
+
+
+def _check_string_lengths(value: Any, max_length: int) -> None:
+    """400 invalidValue for any string of a body (a member name too) past max_length."""
+    pending = [value]
+    while pending:  # iterative, as _holds_nul: one visit per value
+        item = pending.pop()
+        if isinstance(item, str):
+            if len(item) > max_length:
+                raise invalid_value(
+                    f"A string in the request body is {len(item)} characters long; at most"
+                    f" {max_length} are accepted (SCIMLEDGER_MAX_STRING_LENGTH)"
+                )
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
 
 
 def _holds_nul(value: Any) -> bool:
@@ -153,7 +172,7 @@ def _reply(
 
 
 async def create(request: web.Request) -> web.Response:
-    desired = user_from_scim(await json_object(request))
+    desired = user_from_scim(await json_object(request), request.app[SETTINGS].max_multi_values)
     user = await handlers.provision_user(request.app[DATABASE], caller(request), desired)
     return _reply(
         request, await _resource_of_user(request, user, new=True), user.version, status=201
@@ -178,7 +197,7 @@ async def get(request: web.Request) -> web.StreamResponse:
 
 async def replace(request: web.Request) -> web.Response:
     user_id = parse_id(request.match_info["id"])
-    desired = user_from_scim(await json_object(request))
+    desired = user_from_scim(await json_object(request), request.app[SETTINGS].max_multi_values)
     user = await handlers.update_user(
         request.app[DATABASE],
         caller(request),
@@ -191,12 +210,20 @@ async def replace(request: web.Request) -> web.Response:
 
 async def patch(request: web.Request) -> web.Response:
     user_id = parse_id(request.match_info["id"])
-    operations = parse_patch_request(
-        await json_body(request), request.app[SETTINGS].max_patch_operations
-    )
+    settings = request.app[SETTINGS]
+    operations = parse_patch_request(await json_body(request), settings.max_patch_operations)
 
     def change(user: User) -> None:
-        user.update(user_from_scim(apply_patch(user_document(user.state), operations)))
+        document = apply_patch(user_document(user.state), operations, settings.max_multi_values)
+        # PATCH is the one way a user grows past what one request carries; a user no PUT could
+        # carry would make every later write pay for it again.
+        size = len(orjson.dumps(document))
+        if size > settings.max_body_bytes:
+            raise invalid_value(
+                f"This PATCH would make the user {size} bytes of JSON, more than a request body"
+                f" may carry ({settings.max_body_bytes}, SCIMLEDGER_MAX_BODY_BYTES)"
+            )
+        user.update(user_from_scim(document))
 
     user = await handlers.update_user(
         request.app[DATABASE], caller(request), user_id, change, request.headers.get("If-Match")
