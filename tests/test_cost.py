@@ -17,7 +17,7 @@ from service.discovery import LIMITS_SCHEMA
 from service.scim.patch import MAX_PATCH_COST, apply_patch, parse_patch_request
 from tests import test_limits
 from tests.test_entra_groups import PATCH_OP, create_group, members
-from tests.test_entra_users import entra_user, event_count, get_user, headers
+from tests.test_entra_users import ENTERPRISE, entra_user, event_count, get_user, headers
 from tests.test_limits import Client, MakeClient, scim_error
 
 DEFAULTS = Settings()
@@ -153,7 +153,7 @@ async def test_patch_work_is_bounded_and_writes_nothing_past_it(
     assert "too costly" in (await scim_error(r, 400, "invalidValue"))["detail"]
     assert await event_count(database) == before
     # Within it (the paths cost their length too): applied.
-    r = await client.patch(path, json=filtered(MAX_PATCH_COST // (n + 100)), headers=headers(auth))
+    r = await client.patch(path, json=filtered(MAX_PATCH_COST // (n + 200)), headers=headers(auth))
     assert r.status == 200, await r.text()
     assert (await r.json(content_type=None))["emails"][0]["display"] == "d0"
 
@@ -204,6 +204,32 @@ async def test_string_length_is_capped_in_every_body(
     assert (await get_user(small, auth, user["id"]))["displayName"] == "x" * 100
 
 
+async def test_deep_or_container_heavy_bodies_are_refused_before_any_work(
+    client: Client, auth: dict[str, str], database: Database
+) -> None:
+    deep = entra_user("deep@contoso.com") | {"roles": [{"value": "r", "x": [[["y"]]]}]}
+    for _ in range(32):
+        deep = {"schemas": deep["schemas"], "userName": "deep@contoso.com", "nested": deep}
+    r = await client.post("/scim/v2/Users", json=deep, headers=headers(auth))
+    assert "nested deeper than 32" in (await scim_error(r, 400, "invalidValue"))["detail"]
+    # 2 MiB of `[[[...]]]` (valid JSON, 1000 deep) would take half a second to build as lists.
+    nested = b"[" * 1000 + b"]" * 1000
+    body = b'{"userName": "lists@contoso.com", "roles": [' + b",".join([nested] * 1000) + b"]}"
+    r = await client.post("/scim/v2/Users", data=body, headers=headers(auth))
+    assert "objects and arrays" in (await scim_error(r, 400, "invalidValue"))["detail"]
+    assert await event_count(database) == 0
+    # As deep as SCIM goes: the enterprise manager in a PATCH without a path.
+    user = await create(client, auth, "shallow@contoso.com")
+    manager = await create(client, auth, "boss@contoso.com")
+    value = {ENTERPRISE: {"manager": {"value": manager["id"]}}}
+    r = await client.patch(
+        f"/scim/v2/Users/{user['id']}",
+        json=patch_body(op(None, value, "replace")),
+        headers=headers(auth),
+    )
+    assert r.status == 200, await r.text()
+
+
 async def test_patch_cannot_grow_a_user_past_what_one_body_carries(
     make_client: MakeClient, auth: dict[str, str], database: Database
 ) -> None:
@@ -221,16 +247,29 @@ async def test_patch_cannot_grow_a_user_past_what_one_body_carries(
     assert (await get_user(small, auth, user["id"])).get("displayName") is None
 
 
-async def test_repeated_group_members_are_one_each(
+async def test_group_members_are_capped_and_repeats_are_one_each(
     client: Client, auth: dict[str, str], database: Database
 ) -> None:
     ids = [(await create(client, auth, f"m{i}@contoso.com"))["id"] for i in range(3)]
-    body = {"displayName": "Many", "members": [{"value": ids[i % 3]} for i in range(20_000)]}
+    n = DEFAULTS.max_patch_members  # a POST or PUT names members as one PATCH operation may
+    before = await event_count(database)
+    body = {"displayName": "Many", "members": [{"value": ids[i % 3]} for i in range(n + 1)]}
+    r = await client.post("/scim/v2/Groups", json=body, headers=headers(auth))
+    assert f"may name at most {n} members" in (await scim_error(r, 400, "invalidValue"))["detail"]
+    assert await event_count(database) == before
+    body["members"] = body["members"][:n]
     r = await client.post("/scim/v2/Groups", json=body, headers=headers(auth))
     assert r.status == 201, await r.text()
     group = await r.json(content_type=None)
     assert await members(client, auth, group["id"]) == sorted(ids)
-    again = [{"value": ids[i % 3]} for i in range(DEFAULTS.max_patch_members)]
+    r = await client.put(
+        f"/scim/v2/Groups/{group['id']}",
+        json={"displayName": "Many", "members": [{"value": ids[0]}] * (n + 1)},
+        headers=headers(auth),
+    )
+    await scim_error(r, 400, "invalidValue")
+    assert await members(client, auth, group["id"]) == sorted(ids)
+    again = [{"value": ids[i % 3]} for i in range(n)]
     before = await event_count(database)
     r = await client.patch(
         f"/scim/v2/Groups/{group['id']}",
