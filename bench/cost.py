@@ -307,7 +307,9 @@ async def _gets(victim: Client, user: str, seconds: float) -> list[float]:
     return samples
 
 
-async def run(s: Served, origin: str, victim_token: str, samples: int, seconds: float) -> Outcome:
+async def run(
+    s: Served, origin: str, victim_token: str, samples: int, seconds: float, shapes: list[Shape]
+) -> Outcome:
     server = psutil.Process(s.proc.pid)
     timeout = aiohttp.ClientTimeout(total=TIMEOUT + 60)
     async with aiohttp.ClientSession(timeout=timeout) as hs, aiohttp.ClientSession() as vs:
@@ -318,7 +320,7 @@ async def run(s: Served, origin: str, victim_token: str, samples: int, seconds: 
         _, raw = await victim.send("POST", "/Users", _user("victim@contoso.com"))
         victim_user = orjson.loads(raw)["id"]
         measured = []
-        for shape in SHAPES:
+        for shape in shapes:
             tries = [await _one(hostile, shape, t, server) for _ in range(samples)]
             worst = max(tries, key=lambda m: m.cpu)
             err.print(
@@ -326,6 +328,8 @@ async def run(s: Served, origin: str, victim_token: str, samples: int, seconds: 
                 f" server CPU {worst.cpu:.3f} s, wall {worst.wall:.3f} s"
             )
             measured.append(worst)
+        if seconds <= 0:
+            return Outcome(measured, [], [], 0)
         alone = await _gets(victim, victim_user, seconds)
         sent = 0
         stop = asyncio.Event()
@@ -333,7 +337,7 @@ async def run(s: Served, origin: str, victim_token: str, samples: int, seconds: 
         async def hostile_load() -> None:
             nonlocal sent
             while not stop.is_set():
-                for shape in SHAPES:
+                for shape in shapes:
                     if stop.is_set():
                         return
                     await _one(hostile, shape, t, server)
@@ -382,23 +386,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=2, help="tries per shape (the most counts)")
     parser.add_argument("--seconds", type=float, default=20, help="each GET p99 phase")
     parser.add_argument("--code", type=Path, help="run the server from this checkout instead")
+    parser.add_argument("--only", default="", help="only the shapes whose name contains this")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"default {RESULTS.name}")
     ns = parser.parse_args(argv)
+    shapes = [shape for shape in SHAPES if ns.only in shape.name]
+    if not shapes:
+        parser.error(f"no shape's name contains {ns.only!r}")
     if ns.code is not None:
         os.environ["PYTHONPATH"] = str(ns.code.resolve())
     shown = f" --samples {ns.samples} --seconds {ns.seconds:g}"
     shown += f" --code {ns.code}" if ns.code else ""
+    shown += f" --only '{ns.only}'" if ns.only else ""
     port = free_port()
     import uvloop
 
     with served(port, "bench-cost-") as s:
         victim = create_tenant(s.dsn)
-        outcome = uvloop.run(run(s, f"http://127.0.0.1:{port}", victim, ns.samples, ns.seconds))
+        origin = f"http://127.0.0.1:{port}"
+        outcome = uvloop.run(run(s, origin, victim, ns.samples, ns.seconds, shapes))
         rev = s.revision if ns.code is None else f"code from {ns.code}"
     text = report(outcome, rev, shown)
     print(text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
-    err.print(f"written to {RESULTS.relative_to(ROOT)}")
+    ns.out.parent.mkdir(parents=True, exist_ok=True)
+    ns.out.write_text(text)
+    err.print(f"written to {ns.out}")
     return 0
 
 
