@@ -29,8 +29,17 @@ import aiohttp
 import orjson
 import psutil
 
-from bench.common import ROOT, percentile
-from bench.users import Served, create_tenant, err, free_port, process_cpu, served, wait_ready
+from bench.common import ROOT, percentile, revision
+from bench.users import (
+    Served,
+    create_tenant,
+    err,
+    free_port,
+    process_cpu,
+    served,
+    server_process,
+    wait_ready,
+)
 
 LIMIT = 2 * 1024 * 1024 - 4096  # bodies just under the default SCIMLEDGER_MAX_BODY_BYTES
 TARGET_CPU = 1.0  # server CPU seconds per request
@@ -350,6 +359,17 @@ async def run(
             stop.set()
             await load
     return Outcome(measured, alone, loaded, sent)
+
+
+def measure(dsn: str, samples: int, seconds: float, log: Path) -> Outcome:
+    """For bench.suite: a server of its own on `dsn` (a database of its own), every shape."""
+    import uvloop
+
+    port = free_port()
+    token, victim = create_tenant(dsn), create_tenant(dsn)
+    with server_process(dsn, port, log) as proc:
+        s = Served(dsn, token, proc, log, revision())
+        return uvloop.run(run(s, f"http://127.0.0.1:{port}", victim, samples, seconds, SHAPES))
 
 
 def report(outcome: Outcome, rev: str, shown: str) -> str:
