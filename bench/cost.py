@@ -316,6 +316,31 @@ async def _gets(victim: Client, user: str, seconds: float) -> list[float]:
     return samples
 
 
+async def _victim(origin: str, token: str, user: str, seconds: float) -> list[float]:
+    """The other tenant's GETs, timed in a process of their own: building 2 MiB bodies here
+    would stall this event loop and count as the server's latency."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.cost",
+        "--victim",
+        orjson.dumps([origin, token, user, seconds]).decode(),
+        stdout=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"the other tenant's GETs failed ({proc.returncode})")
+    samples: list[float] = orjson.loads(out)
+    return samples
+
+
+async def _victim_main(origin: str, token: str, user: str, seconds: float) -> None:
+    async with aiohttp.ClientSession() as session:
+        samples = await _gets(Client(session, f"{origin}/scim/v2", token), user, seconds)
+    sys.stdout.write(orjson.dumps(samples).decode())
+
+
 async def run(
     s: Served, origin: str, victim_token: str, samples: int, seconds: float, shapes: list[Shape]
 ) -> Outcome:
@@ -339,7 +364,7 @@ async def run(
             measured.append(worst)
         if seconds <= 0:
             return Outcome(measured, [], [], 0)
-        alone = await _gets(victim, victim_user, seconds)
+        alone = await _victim(origin, victim_token, victim_user, seconds)
         sent = 0
         stop = asyncio.Event()
 
@@ -354,7 +379,7 @@ async def run(
 
         load = asyncio.create_task(hostile_load())
         try:
-            loaded = await _gets(victim, victim_user, seconds)
+            loaded = await _victim(origin, victim_token, victim_user, seconds)
         finally:
             stop.set()
             await load
@@ -408,7 +433,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--code", type=Path, help="run the server from this checkout instead")
     parser.add_argument("--only", default="", help="only the shapes whose name contains this")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"default {RESULTS.name}")
+    parser.add_argument("--victim", help=argparse.SUPPRESS)  # [origin, token, user, seconds]
     ns = parser.parse_args(argv)
+    if ns.victim:
+        asyncio.run(_victim_main(*orjson.loads(ns.victim)))
+        return 0
     shapes = [shape for shape in SHAPES if ns.only in shape.name]
     if not shapes:
         parser.error(f"no shape's name contains {ns.only!r}")

@@ -12,6 +12,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
+from domain.schema import USER_MULTI_VALUED_ATTRIBUTES as MULTI_VALUED
 from domain.user import User
 from projections import users as users_view
 from service import handlers
@@ -221,6 +222,22 @@ def _reply(
     return scim_json(body, status=status, headers=headers)
 
 
+# A user holding more values than this is changed in a worker thread (see _costly).
+THREAD_USER_VALUES = 100
+
+
+def _costly(request: web.Request) -> Callable[[User], bool]:
+    """Whether a change to a user costs enough to leave the event loop: a large body, or a
+    user of many values (each write copies, diffs and stores all of them)."""
+    large = (request.content_length or 0) > THREAD_BODY_BYTES
+
+    def costly(user: User) -> bool:
+        state = user.state_view
+        return large or sum(len(state.get(a) or ()) for a in MULTI_VALUED) > THREAD_USER_VALUES
+
+    return costly
+
+
 async def _desired(request: web.Request) -> dict[str, Any]:
     """The desired state a POST or PUT body describes (off the loop when the body is large)."""
     body = await json_object(request)
@@ -261,6 +278,7 @@ async def replace(request: web.Request) -> web.Response:
         user_id,
         lambda u: u.update(desired),
         request.headers.get("If-Match"),
+        _costly(request),
     )
     return _reply(request, await _resource_of_user(request, user), user.version)
 
@@ -283,7 +301,12 @@ async def patch(request: web.Request) -> web.Response:
         user.update(user_from_scim(document))
 
     user = await handlers.update_user(
-        request.app[DATABASE], caller(request), user_id, change, request.headers.get("If-Match")
+        request.app[DATABASE],
+        caller(request),
+        user_id,
+        change,
+        request.headers.get("If-Match"),
+        _costly(request),
     )
     return _reply(request, await _resource_of_user(request, user), user.version)
 
