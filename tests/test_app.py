@@ -54,7 +54,7 @@ async def test_service_provider_config(client: Client, auth: dict[str, str]) -> 
     assert r.status == 200
     assert r.headers["Content-Type"].startswith(SCIM)
     body = await r.json(content_type=None)
-    assert body["schemas"][0] == "urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"
+    assert body["schemas"] == ["urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"]
     assert body["bulk"]["supported"] is False
     assert body["changePassword"]["supported"] is False
     assert body["authenticationSchemes"][0]["type"] == "oauthbearertoken"

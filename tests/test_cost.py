@@ -13,7 +13,6 @@ from typing import Any
 from domain.schema import normalise_user
 from infra.config import Settings
 from infra.database import Database
-from service.discovery import LIMITS_SCHEMA
 from service.scim.patch import MAX_PATCH_COST, apply_patch, parse_patch_request
 from tests import test_limits
 from tests.test_entra_groups import PATCH_OP, create_group, members
@@ -47,7 +46,18 @@ def patch_body(*ops: dict[str, Any]) -> dict[str, Any]:
     return {"schemas": [PATCH_OP], "Operations": list(ops)}
 
 
-async def test_limits_are_settings_and_announced_in_service_provider_config(
+def _descriptions(schemas: dict[str, Any]) -> dict[str, str]:
+    """Attribute path -> description, over every schema /Schemas lists."""
+    out: dict[str, str] = {}
+    for schema in schemas["Resources"]:
+        for attribute in schema["attributes"]:
+            out[attribute["name"]] = attribute.get("description", "")
+            for sub in attribute.get("subAttributes", []):
+                out[f"{attribute['name']}.{sub['name']}"] = sub.get("description", "")
+    return out
+
+
+async def test_limits_are_settings_and_announced_in_the_schemas(
     client: Client, make_client: MakeClient, auth: dict[str, str], monkeypatch: Any
 ) -> None:
     assert (DEFAULTS.max_multi_values, DEFAULTS.max_string_length) == (1000, 65536)
@@ -55,19 +65,23 @@ async def test_limits_are_settings_and_announced_in_service_provider_config(
     monkeypatch.setenv("SCIMLEDGER_MAX_STRING_LENGTH", "99")
     assert (Settings().max_multi_values, Settings().max_string_length) == (7, 99)
 
-    r = await client.get("/scim/v2/ServiceProviderConfig", headers=auth)
-    spc = await r.json(content_type=None)
-    assert LIMITS_SCHEMA in spc["schemas"]
-    assert spc[LIMITS_SCHEMA] == {
-        "maxMultiValues": 1000,
-        "maxStringLength": 65536,
-        "maxPatchOperations": 1000,
-        "maxPatchMembers": 10000,
-    }
+    # RFC 7643 has no structured place for them (and strict clients refuse a
+    # ServiceProviderConfig extension): each writable attribute's description says its limit.
+    r = await client.get("/scim/v2/Schemas", headers=auth)
+    said = _descriptions(await r.json(content_type=None))
+    assert said["emails"].endswith("At most 1000 values.")
+    assert said["x509Certificates"].endswith("At most 1000 values.")
+    assert said["userName"].endswith("At most 65536 characters.")
+    assert said["emails.value"].endswith("At most 65536 characters.")
+    assert said["employeeNumber"].endswith("At most 65536 characters.")
+    assert "At most 10000 members in a POST or PUT body" in said["members"]
+    assert "At most" not in said["groups"]  # read-only: nothing to refuse
+
     small = await make_client(max_multi_values=7, max_string_length=99)
-    r = await small.get("/scim/v2/ServiceProviderConfig", headers=auth)
-    limits = (await r.json(content_type=None))[LIMITS_SCHEMA]
-    assert (limits["maxMultiValues"], limits["maxStringLength"]) == (7, 99)
+    r = await small.get("/scim/v2/Schemas", headers=auth)
+    said = _descriptions(await r.json(content_type=None))
+    assert said["roles"].endswith("At most 7 values.")
+    assert said["displayName"].endswith("At most 99 characters.")
 
 
 async def test_multi_valued_attributes_are_capped_and_the_cap_is_accepted(
