@@ -196,6 +196,17 @@ SHAPES: list[Shape] = [
         ),
     ),
     Shape(
+        "POST /Groups, 10,000 members (the cap; 3 users, repeated)",
+        "POST",
+        lambda t: "/Groups",
+        lambda t: orjson.dumps(
+            {
+                "displayName": f"g-{uuid.uuid4().hex}",
+                "members": [{"value": t.members[i % 3]} for i in range(10_000)],
+            }
+        ),
+    ),
+    Shape(
         "POST /Groups, 2 MiB of members (3 users, repeated)",
         "POST",
         lambda t: "/Groups",
