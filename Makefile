@@ -34,9 +34,11 @@ test: $(STAMP) system-packages
 	$(BIN)/python -m pytest -q
 
 # The long fuzz run: 10,000+ generated and mutated SCIM requests against a live app and the
-# parsers; prints requests tried and failures found. (`make test` runs a short pass.)
+# parsers; prints requests tried, failures found and the slowest request (a request over
+# SCIMLEDGER_FUZZ_MAX_CPU seconds of CPU is a failure). (`make test` runs a short pass.)
 fuzz: $(STAMP)
 	SCIMLEDGER_FUZZ_EXAMPLES=$${SCIMLEDGER_FUZZ_EXAMPLES:-10000} \
+	SCIMLEDGER_FUZZ_MAX_CPU=$${SCIMLEDGER_FUZZ_MAX_CPU:-1} \
 	SCIMLEDGER_FUZZ_PARSER_EXAMPLES=$${SCIMLEDGER_FUZZ_PARSER_EXAMPLES:-5000} \
 	$(BIN)/python -m pytest tests/test_fuzz.py -q -s -p no:cacheprovider
 

@@ -145,7 +145,7 @@ QUICK = Sizes(
 )
 SPARE = 200  # users in no group, for the add/remove pairs
 PEER_PAIRS = 40
-PARTS = ("peer", "groups", "cycle", "rebuild", "audit")
+PARTS = ("peer", "groups", "cycle", "rebuild", "audit", "cost")
 
 
 # --- CPU accounting -------------------------------------------------------------------------------
@@ -1283,6 +1283,37 @@ def audit_part(ctx: Context, dsn: str) -> None:
     )
 
 
+def cost_part(ctx: Context, dsn: str, log: Path) -> None:
+    from bench import cost as cbench
+
+    target_dsn = asyncio.run(make_database(dsn, "bench_cost"))
+    samples, seconds = (1, 5.0) if ctx.quick else (3, 20.0)
+    outcome = cbench.measure(target_dsn, samples, seconds, log)
+    worst = outcome.worst
+    ctx.add(
+        Row(
+            "9",
+            "the costliest request bodies (bench.cost): server CPU for one request; another"
+            " tenant's GET p99 meanwhile",
+            f"{len(outcome.measured)} shapes up to 2 MiB",
+            f"most CPU {worst.cpu:.2f} s ({worst.shape}, {worst.status});"
+            f" other tenant's p99 {cbench.p99(outcome.alone)} alone,"
+            f" {cbench.p99(outcome.loaded)} under the hostile load",
+            "",
+            f"≤ {cbench.TARGET_CPU:.0f} s of CPU per request",
+            verdict(outcome.met),
+            "",
+        )
+    )
+    ctx.notes.append(
+        f"(9) bench.cost: each shape {samples} time(s) one at a time on an idle server, its CPU"
+        " read from /proc of the server process before and after; then the other tenant's"
+        f" GET /Users/{{id}} one at a time for {seconds:.0f} s alone and {seconds:.0f} s while"
+        f" the hostile tenant sent the shapes back to back ({outcome.hostile_sent} of them);"
+        " `python -m bench.cost` prints every shape"
+    )
+
+
 # --- main -----------------------------------------------------------------------------------------
 
 
@@ -1339,6 +1370,8 @@ def run_all(ctx: Context) -> int:
             rebuild_part(ctx, dsn, rev)
         if "audit" not in ctx.skip:
             audit_part(ctx, dsn)
+        if "cost" not in ctx.skip:
+            cost_part(ctx, dsn, tmp / "serve-cost.log")
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     ctx.rows.sort(key=lambda r: int(r.item))
     machine = machine_description(ctx.pg_version, load_before, rev)

@@ -145,6 +145,7 @@ def _multi_valued(value: object, attribute: str) -> list[dict[str, Any]]:
     if not isinstance(value, list | tuple):
         raise InvalidValue(attribute, f"{attribute} must be a list of objects")
     items: list[dict[str, Any]] = []
+    seen: set[tuple[tuple[str, str | bool], ...]] = set()
     for raw in value:
         if not isinstance(raw, Mapping):
             raise InvalidValue(attribute, f"{attribute} must be a list of objects")
@@ -158,8 +159,12 @@ def _multi_valued(value: object, attribute: str) -> list[dict[str, Any]]:
             if not isinstance(sub_value, str | bool):
                 raise InvalidValue(attribute, f"{attribute} values must be strings or booleans")
             item[key] = sub_value
-        # SCIM order is the client's, so it is kept; exact repeats say nothing new.
-        if item and item not in items:
+        # SCIM order is the client's, so it is kept; exact repeats say nothing new. Items are
+        # built with sorted keys, so equal items have equal tuples: one hash each, not a
+        # comparison with every earlier item.
+        key = tuple(item.items())
+        if item and key not in seen:
+            seen.add(key)
             items.append(item)
     if sum(1 for item in items if item.get("primary") is True) > 1:
         raise InvalidValue(attribute, f"at most one of {attribute} may be primary")

@@ -39,6 +39,15 @@ class Settings:
     max_patch_members: int = field(
         default_factory=lambda: _int_env("SCIMLEDGER_MAX_PATCH_MEMBERS", 10000)
     )
+    # Values of one multi-valued User attribute (emails, roles, x509Certificates, ...) and
+    # characters of one string in a body: Entra sends a handful of values, strings of a few KB
+    # (an x509 certificate) at most. They bound what one request, and a stored user, can cost.
+    max_multi_values: int = field(
+        default_factory=lambda: _int_env("SCIMLEDGER_MAX_MULTI_VALUES", 1000)
+    )
+    max_string_length: int = field(
+        default_factory=lambda: _int_env("SCIMLEDGER_MAX_STRING_LENGTH", 65536)
+    )
     # Requests per second per token (a token bucket of `rate_limit_burst`); 0 turns it off.
     # Entra sends at most about 25 requests/s per tenant.
     rate_limit: float = field(default_factory=lambda: _float_env("SCIMLEDGER_RATE_LIMIT", 100.0))

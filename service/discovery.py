@@ -7,6 +7,7 @@ from typing import Any
 from aiohttp import web
 from scim2_models import EnterpriseUser, Group, User
 
+from infra.config import Settings
 from service.errors import ScimError, scim_json
 from service.state import SETTINGS, base_url
 
@@ -54,7 +55,35 @@ def _enabled(request: web.Request) -> tuple[str, ...]:
     return enabled
 
 
+def _announce_limits(attributes: list[dict[str, Any]], settings: Settings) -> None:
+    """Say the limits a value is refused past (400 invalidValue) in its attribute's description.
+
+    RFC 7643 has a structured place for the body size (bulk.maxPayloadSize) and the page size
+    (filter.maxResults) only: no attribute characteristic for a length or a count, and strict
+    clients (scim2-models, hence scim2-client) refuse a ServiceProviderConfig with members of
+    an extension. The description is the one place every client reads without breaking.
+    """
+    for attribute in attributes:
+        if attribute.get("mutability") in ("readOnly", "immutable"):
+            continue
+        said = []
+        if attribute.get("type") in ("string", "reference", "binary"):
+            said.append(f"At most {settings.max_string_length} characters.")
+        if attribute.get("multiValued") and attribute["name"] == "members":
+            said.append(
+                f"At most {settings.max_patch_members} members in a POST or PUT body, or in one"
+                " PATCH operation."
+            )
+        elif attribute.get("multiValued"):
+            said.append(f"At most {settings.max_multi_values} values.")
+        if said:
+            description = attribute.get("description", "").rstrip()
+            attribute["description"] = " ".join([description, *said]).strip()
+        _announce_limits(attribute.get("subAttributes", []), settings)
+
+
 def _schemas(request: web.Request) -> list[dict[str, Any]]:
+    settings = request.app[SETTINGS]
     out: list[dict[str, Any]] = []
     for name in _enabled(request):
         model, urn = _SCHEMA_MODELS[name]
@@ -62,10 +91,12 @@ def _schemas(request: web.Request) -> list[dict[str, Any]]:
         schema = to_schema().model_dump(mode="json", exclude_none=True)
         unsupported = _UNSUPPORTED_ATTRIBUTES.get(urn, frozenset())
         schema["attributes"] = [a for a in schema["attributes"] if a["name"] not in unsupported]
+        _announce_limits(schema["attributes"], settings)
         schema["meta"] = _meta(request, "Schema", f"/Schemas/{urn}")
         out.append(schema)
         if name == "User":
             ext = EnterpriseUser.to_schema().model_dump(mode="json", exclude_none=True)
+            _announce_limits(ext["attributes"], settings)
             ext["meta"] = _meta(request, "Schema", f"/Schemas/{ENTERPRISE_SCHEMA}")
             out.append(ext)
     return out

@@ -7,6 +7,7 @@ client's view is stale and it gets 412.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -115,8 +116,12 @@ async def update_user(
     user_id: UUID,
     change: Callable[[User], None],
     if_match: str | None = None,
+    in_thread: Callable[[User], bool] | None = None,
 ) -> User:
-    """Apply `change` (a domain command on the loaded user) and commit what it triggered."""
+    """Apply `change` (a domain command on the loaded user) and commit what it triggered.
+
+    When `in_thread(user)` says the change is costly (a large body, a user of many values),
+    it runs in a worker thread, so the event loop keeps serving other requests meanwhile."""
 
     attempts = 0
 
@@ -130,7 +135,10 @@ async def update_user(
         nonlocal attempts
         attempts += 1
         user = await _load_user(uow, user_id, if_match, lock=attempts > 1)
-        _domain(partial(change, user))
+        if in_thread is not None and in_thread(user):
+            await asyncio.to_thread(_domain, partial(change, user))
+        else:
+            _domain(partial(change, user))
         await _check_manager(uow, user)
         await _flush(uow, user.user_name)
         return user

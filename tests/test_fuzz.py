@@ -2,7 +2,9 @@
 a SCIM error, never anything else.
 
 `make test` runs a short derandomized pass (SCIMLEDGER_FUZZ_EXAMPLES, default 200 requests);
-`make fuzz` runs the same HTTP fuzz with 10,000+ and prints what it tried and found.
+`make fuzz` runs the same HTTP fuzz with 10,000+ and prints what it tried and found. One
+request in 20 is one of the costliest shapes (tests/fuzz/cost.py); with SCIMLEDGER_FUZZ_MAX_CPU
+set (`make fuzz`: 1 s), a request that takes more CPU than that is a failure.
 """
 
 from __future__ import annotations
@@ -40,12 +42,18 @@ from service.scim.group_patch import GroupChange, fold_operations
 from service.scim.groups import _change_from_body
 from service.scim.patch import apply_patch, parse_patch_request
 from service.scim.representation import user_document, user_from_scim
+from tests.fuzz import cost
 from tests.fuzz import strategies as fz
 from tests.fuzz.harness import SCIM_TYPES, Harness
 from tests.test_projections import rebuild_all, settle
 
 EXAMPLES = int(os.environ.get("SCIMLEDGER_FUZZ_EXAMPLES", "200"))
 PARSER_EXAMPLES = int(os.environ.get("SCIMLEDGER_FUZZ_PARSER_EXAMPLES", "100"))
+MAX_CPU = (
+    float(os.environ["SCIMLEDGER_FUZZ_MAX_CPU"])
+    if os.environ.get("SCIMLEDGER_FUZZ_MAX_CPU")
+    else None
+)
 
 parser_settings = settings(
     max_examples=PARSER_EXAMPLES,
@@ -79,6 +87,8 @@ async def run_fuzz(
     for request in _seed_requests():
         assert await harness.send(request) == 201, harness.report()
     loop = asyncio.get_running_loop()
+    # One request in 20 is one of the costliest shapes (tests/fuzz/cost.py).
+    mixed = st.integers(0, 19).flatmap(lambda k: cost.requests() if k == 0 else fz.requests())
 
     @settings(
         max_examples=examples,
@@ -88,7 +98,7 @@ async def run_fuzz(
         phases=[Phase.generate],
         suppress_health_check=list(HealthCheck),
     )
-    @given(request=fz.requests() if strategy is None else strategy)
+    @given(request=mixed if strategy is None else strategy)
     def one(request: fz.Request) -> None:
         harness.run(request, loop)
 
@@ -105,7 +115,8 @@ async def test_fuzzed_requests_never_500_and_rejected_ones_write_nothing(
     client: TestClient[Any, Any], database: Database, tenant: IssuedToken
 ) -> None:
     base = f"http://{client.host}:{client.port}"
-    async with Harness(base, tenant.token, database, await audit_token(database)) as harness:
+    reader = await audit_token(database)
+    async with Harness(base, tenant.token, database, reader, max_cpu=MAX_CPU) as harness:
         await run_fuzz(harness, EXAMPLES)
     print("\n" + harness.report())
     assert harness.tried >= EXAMPLES
@@ -122,10 +133,27 @@ async def test_fuzzed_audit_queries_never_500(
     """The audit API's parameters alone (the mixed run above reaches them less often): NUL,
     surrogates, dates outside UTC's calendar, forged page tokens."""
     base = f"http://{client.host}:{client.port}"
-    async with Harness(base, tenant.token, database, await audit_token(database)) as harness:
+    reader = await audit_token(database)
+    async with Harness(base, tenant.token, database, reader, max_cpu=MAX_CPU) as harness:
         await run_fuzz(harness, max(50, EXAMPLES // 4), fz.audit_requests())
     print("\n" + harness.report())
     assert not harness.failures, harness.report()
+
+
+async def test_the_costliest_requests_are_answered_and_refused_whole(
+    client: TestClient[Any, Any], database: Database, tenant: IssuedToken
+) -> None:
+    """Each shape of tests/fuzz/cost.py once, at its worst size (up to the 2 MiB body limit):
+    no 5xx, a SCIM error that wrote nothing when refused; the report names the slowest."""
+    base = f"http://{client.host}:{client.port}"
+    async with Harness(base, tenant.token, database, max_cpu=MAX_CPU) as harness:
+        for request in _seed_requests():
+            assert await harness.send(request) == 201, harness.report()
+        statuses = [await harness.send(request) for request in cost.worst()]
+    print("\n" + harness.report())
+    assert not harness.failures, harness.report()
+    # Some are taken (the limits themselves), most refused: neither kind went unexercised.
+    assert 201 in statuses and 200 in statuses and 400 in statuses, statuses
 
 
 async def test_inputs_the_fuzz_found_are_refused_whole(

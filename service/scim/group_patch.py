@@ -86,7 +86,8 @@ def members_of(
 def _check_count(count: int, limit: int | None) -> None:
     if limit is not None and count > limit:
         raise invalid_value(
-            f"a PATCH operation may name at most {limit} members, not {count}"
+            f"a PATCH operation (or a POST or PUT body) may name at most {limit} members,"
+            f" not {count}"
             " (Settings.max_patch_members); send them in several operations or requests"
         )
 

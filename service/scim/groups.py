@@ -8,6 +8,7 @@ held while the client takes them (service/streams.py).
 from __future__ import annotations
 
 from datetime import datetime
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -39,7 +40,7 @@ from service.scim.lists import (
 )
 from service.scim.patch import parse_patch_request
 from service.scim.representation import scim_timestamp, select_attributes
-from service.scim.users import caller, json_body, json_object
+from service.scim.users import caller, json_body, json_object, off_loop
 from service.state import DATABASE, PRINCIPAL, SETTINGS, base_url
 from service.streams import StreamCut, streaming
 
@@ -252,8 +253,9 @@ async def _search(request: web.Request, query: ListQuery) -> dict[str, Any]:
 # -- writes ---------------------------------------------------------------------------------
 
 
-def _change_from_body(body: dict[str, Any]) -> GroupChange:
-    """A POST/PUT body as a change: the attributes it sets and its full member list."""
+def _change_from_body(body: dict[str, Any], max_members: int | None = None) -> GroupChange:
+    """A POST/PUT body as a change: the attributes it sets and its full member list (at most
+    `max_members`, Settings.max_patch_members, as one PATCH operation may name)."""
     keyed = {k.lower(): v for k, v in body.items()}
     schemas = keyed.get("schemas")
     if schemas is not None and not isinstance(schemas, list):
@@ -265,24 +267,30 @@ def _change_from_body(body: dict[str, Any]) -> GroupChange:
     if external_id is not None and not isinstance(external_id, str):
         raise invalid_value("externalId must be a string")
     change = GroupChange(display_name=display_name, external_id=external_id or None)
-    members = members_of(keyed.get("members"))
+    members = members_of(keyed.get("members"), limit=max_members)
     change.replace_members(set(members))
     change.displays = {m: d for m, d in members.items() if d}
     return change
 
 
+async def _change_of(request: web.Request, body: dict[str, Any]) -> GroupChange:
+    max_members = request.app[SETTINGS].max_patch_members
+    return await off_loop(
+        request.content_length or 0, partial(_change_from_body, body, max_members)
+    )
+
+
 async def create(request: web.Request) -> web.StreamResponse:
     body = await json_object(request)
     _ = AD_GROUP_SCHEMA  # accepted in "schemas" like any other URN; nothing of it is kept
-    group = await handlers.create_group(
-        request.app[DATABASE], caller(request), _change_from_body(body)
-    )
+    change = await _change_of(request, body)
+    group = await handlers.create_group(request.app[DATABASE], caller(request), change)
     return await _write_reply(request, group, 201)
 
 
 async def replace(request: web.Request) -> web.StreamResponse:
     group_id = parse_id(request.match_info["id"], "Group")
-    change = _change_from_body(await json_object(request))
+    change = await _change_of(request, await json_object(request))
     if change.display_name is None:
         raise invalid_value("displayName is required")
     group = await handlers.change_group(
@@ -295,7 +303,8 @@ async def patch(request: web.Request) -> web.StreamResponse:
     group_id = parse_id(request.match_info["id"], "Group")
     settings = request.app[SETTINGS]
     operations = parse_patch_request(await json_body(request), settings.max_patch_operations)
-    change = fold_operations(operations, settings.max_patch_members)
+    size = request.content_length or 0
+    change = await off_loop(size, partial(fold_operations, operations, settings.max_patch_members))
     group = await handlers.change_group(
         request.app[DATABASE], caller(request), group_id, change, request.headers.get("If-Match")
     )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from scim2_models import Path, SCIMException
@@ -39,6 +39,7 @@ from domain.schema import (
     USER_MULTI_VALUED_ATTRIBUTES,
 )
 from service.errors import ScimError, invalid_syntax, invalid_value
+from service.scim.filter import MAX_FILTER_DEPTH, _check_nesting, _FilterError
 from service.scim.representation import (
     CORE_STRING_ATTRIBUTES,
     ENTERPRISE_SCHEMA,
@@ -47,6 +48,7 @@ from service.scim.representation import (
     PRIMARY,
     READ_ONLY_ATTRIBUTES,
     USER_SCHEMA,
+    check_multi_values,
     lookup,
     to_boolean,
     to_item,
@@ -62,6 +64,15 @@ Kind = Literal["string", "boolean", "complex", "multi", "manager", "extension"]
 # Sub-attributes of an item that say nothing on their own: an item left with only these after a
 # sub-attribute is cleared (an email without its address) is dropped.
 _HOLLOW = frozenset({"type", PRIMARY})
+
+# A path is refused past this many characters (400 invalidPath), and its value filter past
+# MAX_FILTER_DEPTH levels of nesting, as a filter is: Entra's longest path is the manager's URN.
+MAX_PATH_LENGTH = 1024
+# What one PATCH may cost, in units of about 1.5 µs of CPU: a path costs 16 + 2 per character
+# the first time it is parsed, an operation on a multi-valued attribute one unit per value it
+# examines (times the terms of its value filter). Entra's PATCHes cost hundreds; the cap keeps
+# the most costly PATCH a 2 MiB body can carry under 0.1 s of CPU.
+MAX_PATCH_COST = 50_000
 
 
 def _invalid_path(detail: str) -> ScimError:
@@ -131,6 +142,7 @@ class _Target:
     extension: bool = False  # the attribute lives in the enterprise extension object
     sub_attribute: str | None = None
     value_filter: FilterNode | None = None
+    terms: int = 1  # the value filter's comparisons: what matching one item costs
 
     @property
     def label(self) -> str:
@@ -159,15 +171,46 @@ def _sub_attributes(kind: Kind, attribute: str) -> tuple[str, ...]:
     return ()
 
 
+@dataclass
+class _Cost:
+    """What one PATCH has spent (MAX_PATCH_COST), the paths it resolved, and its value cap."""
+
+    max_values: int | None = None
+    spent: int = 0
+    targets: dict[str, _Target] = field(default_factory=dict)
+
+    def spend(self, units: int) -> None:
+        self.spent += units
+        if self.spent > MAX_PATCH_COST:
+            raise invalid_value(
+                "this PATCH is too costly to apply in one request (its paths, and the values"
+                " of multi-valued attributes its operations examine); send its operations in"
+                " several requests"
+            )
+
+    def resolve(self, text: str) -> _Target:
+        target = self.targets.get(text)
+        if target is None:
+            self.spend(16 + 2 * len(text))  # parsing costs ~20 µs, and more per character
+            target = self.targets[text] = _resolve(text)
+        return target
+
+
 def _resolve(text: str) -> _Target:
     """The target of a PATCH path; 400 invalidPath (or mutability for read-only attributes)."""
     if text.casefold() == ENTERPRISE_SCHEMA.casefold():
         return _Target(text, "extension", ENTERPRISE_SCHEMA)
+    if len(text) > MAX_PATH_LENGTH:
+        raise _invalid_path(f"a path may be at most {MAX_PATH_LENGTH} characters long")
+    try:
+        _check_nesting(text)
+    except _FilterError:
+        raise _invalid_path(f"a path's filter may nest at most {MAX_FILTER_DEPTH} levels") from None
     try:
         path = Path(text)
         parts, uri, value_filter = path.parts, path.schema, path.value_filter
-    except (SCIMException, ValueError) as exc:
-        raise _invalid_path(f"invalid path {text!r}: {exc}") from None
+    except (SCIMException, ValueError, RecursionError) as exc:
+        raise _invalid_path(f"invalid path {text[:100]!r}: {exc}") from None
 
     name, sub = parts[0], (parts[1] if len(parts) > 1 else None)
     scopes: list[tuple[bool, dict[str, Kind]]]
@@ -194,13 +237,16 @@ def _resolve(text: str) -> _Target:
         sub_attribute = lookup(known_subs, sub)
         if sub_attribute is None:
             raise _invalid_path(f"unknown sub-attribute in path {text!r}")
+    terms = 1
     if value_filter is not None:
         if kind not in ("multi", "manager"):
             raise _invalid_path(f"{attribute} takes no value filter: {text!r}")
+        terms = 0
         for filter_path in _filter_paths(value_filter):
             if filter_path.uri or filter_path.sub_attr or not lookup(known_subs, filter_path.attr):
                 raise _invalid_path(f"unknown attribute {filter_path} in the filter of {text!r}")
-    return _Target(text, kind, attribute, extension, sub_attribute, value_filter)
+            terms += 1
+    return _Target(text, kind, attribute, extension, sub_attribute, value_filter, max(terms, 1))
 
 
 def _find(scopes: list[tuple[bool, dict[str, Kind]]], name: str) -> tuple[bool, str, Kind] | None:
@@ -241,22 +287,24 @@ def _compare(actual: Any, op: CompareOperator, expected: Any) -> bool:
             return actual is expected
         return op == CompareOperator.ne and actual is not expected
     if isinstance(actual, str) and isinstance(expected, str):
-        left, right = actual.casefold(), expected.casefold()
-        checks: dict[CompareOperator, Callable[[], bool]] = {
-            CompareOperator.eq: lambda: left == right,
-            CompareOperator.ne: lambda: left != right,
-            CompareOperator.co: lambda: right in left,
-            CompareOperator.sw: lambda: left.startswith(right),
-            CompareOperator.ew: lambda: left.endswith(right),
-            CompareOperator.gt: lambda: left > right,
-            CompareOperator.ge: lambda: left >= right,
-            CompareOperator.lt: lambda: left < right,
-            CompareOperator.le: lambda: left <= right,
-        }
-        return checks[op]()
+        return _STRING_CHECKS[op](actual.casefold(), expected.casefold())
     if op == CompareOperator.eq:
         return bool(actual == expected)
     return op == CompareOperator.ne and actual != expected
+
+
+# Built once: a filter is matched against every value of an attribute, on every operation.
+_STRING_CHECKS: dict[CompareOperator, Callable[[str, str], bool]] = {
+    CompareOperator.eq: str.__eq__,
+    CompareOperator.ne: str.__ne__,
+    CompareOperator.co: lambda left, right: right in left,
+    CompareOperator.sw: str.startswith,
+    CompareOperator.ew: str.endswith,
+    CompareOperator.gt: str.__gt__,
+    CompareOperator.ge: str.__ge__,
+    CompareOperator.lt: str.__lt__,
+    CompareOperator.le: str.__le__,
+}
 
 
 def _matches(node: FilterNode, item: Mapping[str, Any]) -> bool:
@@ -317,7 +365,7 @@ def _container(document: dict[str, Any], target: _Target) -> dict[str, Any]:
     return extension
 
 
-def _apply(document: dict[str, Any], op: str, target: _Target, value: Any) -> None:
+def _apply(document: dict[str, Any], op: str, target: _Target, value: Any, cost: _Cost) -> None:
     container = _container(document, target)
     if target.kind == "string":
         _put(
@@ -329,11 +377,11 @@ def _apply(document: dict[str, Any], op: str, target: _Target, value: Any) -> No
     elif target.kind == "complex":
         _apply_complex(container, op, target, value)
     elif target.kind == "multi":
-        _apply_multi(container, op, target, value)
+        _apply_multi(container, op, target, value, cost)
     elif target.kind == "manager":
         _apply_manager(container, op, target, value)
     else:
-        _apply_extension(document, op, value)
+        _apply_extension(document, op, value, cost)
 
 
 def _apply_complex(container: dict[str, Any], op: str, target: _Target, value: Any) -> None:
@@ -354,11 +402,13 @@ def _apply_complex(container: dict[str, Any], op: str, target: _Target, value: A
     _put(container, target.attribute, current)
 
 
-def _new_items(value: Any, target: _Target) -> list[dict[str, Any]]:
+def _new_items(value: Any, target: _Target, cost: _Cost) -> list[dict[str, Any]]:
     """The items an add or replace carries: a list of objects, or one object."""
     if value is None or value == "":
         return []
     raw_items = value if isinstance(value, list) else [value]
+    check_multi_values(len(raw_items), target.attribute, cost.max_values)
+    cost.spend(len(raw_items))
     if not all(isinstance(raw, Mapping) for raw in raw_items):
         raise invalid_value(f"{target.attribute} must be a list of objects")
     return [item for item in (to_item(raw, target.attribute) for raw in raw_items) if item]
@@ -368,9 +418,14 @@ def _hollow(item: Mapping[str, Any]) -> bool:
     return set(item) <= _HOLLOW
 
 
-def _apply_multi(container: dict[str, Any], op: str, target: _Target, value: Any) -> None:
+def _apply_multi(
+    container: dict[str, Any], op: str, target: _Target, value: Any, cost: _Cost
+) -> None:
     items: list[dict[str, Any]] = [dict(item) for item in container.get(target.attribute) or []]
+    before = len(items)
     value_filter, sub = target.value_filter, target.sub_attribute
+    # Every branch below reads each current value once (a copy, a filter match, a lookup).
+    cost.spend(before * (target.terms if value_filter is not None else 1))
     selected = [
         index
         for index, item in enumerate(items)
@@ -385,8 +440,9 @@ def _apply_multi(container: dict[str, Any], op: str, target: _Target, value: Any
             items = [item for item in items if not _hollow(item)]
         elif value_filter is None and value is not None:
             # Entra's style: remove only the listed values, not the whole attribute.
-            listed = _new_items(value, target)
-            items = [item for item in items if not any(_same(item, gone) for gone in listed)]
+            listed = _Listed(_new_items(value, target, cost))
+            cost.spend(before * len(listed.shapes))
+            items = [item for item in items if not listed.names(item)]
         else:
             chosen = set(selected)
             items = [item for index, item in enumerate(items) if index not in chosen]
@@ -408,7 +464,7 @@ def _apply_multi(container: dict[str, Any], op: str, target: _Target, value: Any
             chosen = set(selected)
             items = [item for index, item in enumerate(items) if index not in chosen]
         else:
-            new_items = _new_items(value, target)
+            new_items = _new_items(value, target, cost)
             if len(new_items) != 1:
                 raise invalid_value(f"{target.path} takes one object as its value")
             new = new_items[0]
@@ -423,20 +479,58 @@ def _apply_multi(container: dict[str, Any], op: str, target: _Target, value: Any
                 touched.append(item)
 
     else:
-        new_items = _new_items(value, target)
+        new_items = _new_items(value, target, cost)
         if op == "replace" or value is None or value == "":
             items = []
+        # Exact repeats say nothing new: one hash per value, not a comparison with each other.
+        present = {_identity(item) for item in items}
         for item in new_items:
-            if item not in items:
+            identity = _identity(item)
+            if identity not in present:
+                present.add(identity)
                 items.append(item)
                 touched.append(item)
 
-    if any(item.get(PRIMARY) is True for item in touched):
+    if len(items) > before:
+        check_multi_values(len(items), target.attribute, cost.max_values)
+    if touched and any(item.get(PRIMARY) is True for item in touched):
         # RFC 7644 §3.5.2: a value made primary demotes the others.
+        new_ids = {id(item) for item in touched}
         for item in items:
-            if item.get(PRIMARY) is True and not any(item is new for new in touched):
+            if item.get(PRIMARY) is True and id(item) not in new_ids:
                 item[PRIMARY] = False
     _put(container, target.attribute, items)
+
+
+def _identity(item: Mapping[str, Any]) -> frozenset[tuple[str, Any]]:
+    """Equal items (dicts with equal keys and values, in any order) have equal identities."""
+    return frozenset(item.items())
+
+
+def _folded(value: Any) -> tuple[str, Any]:
+    """A sub-attribute value as `_compare(..., eq, ...)` sees it: strings in any case."""
+    return ("s", value.casefold()) if isinstance(value, str) else (type(value).__name__, value)
+
+
+class _Listed:
+    """The values an Entra-style remove lists, indexed: an item is named by a listed value when
+    every sub-attribute the listing gives agrees (`_compare` eq). One set per shape of listing
+    (which sub-attributes it gives; at most 2^8), so checking an item costs one lookup per
+    shape instead of a comparison with every listed value."""
+
+    def __init__(self, listed: list[dict[str, Any]]) -> None:
+        self.shapes: dict[tuple[str, ...], set[tuple[tuple[str, Any], ...]]] = {}
+        for value in listed:
+            if value:
+                keys = tuple(sorted(value))
+                self.shapes.setdefault(keys, set()).add(tuple(_folded(value[k]) for k in keys))
+
+    def names(self, item: Mapping[str, Any]) -> bool:
+        for keys, values in self.shapes.items():
+            if all(item.get(k) not in (None, "") for k in keys):
+                if tuple(_folded(item[k]) for k in keys) in values:
+                    return True
+        return False
 
 
 def _created(target: _Target, *, strict: bool = True) -> dict[str, Any]:
@@ -448,13 +542,6 @@ def _created(target: _Target, *, strict: bool = True) -> dict[str, Any]:
             raise _no_target(f"{target.path} matches no value and describes none to create")
         return {}
     return described
-
-
-def _same(item: Mapping[str, Any], listed: Mapping[str, Any]) -> bool:
-    """Whether `item` is the listed one: every sub-attribute given in the listing agrees."""
-    return bool(listed) and all(
-        _compare(item.get(key), CompareOperator.eq, expected) for key, expected in listed.items()
-    )
 
 
 def _apply_manager(container: dict[str, Any], op: str, target: _Target, value: Any) -> None:
@@ -482,7 +569,7 @@ def _apply_manager(container: dict[str, Any], op: str, target: _Target, value: A
     _put(container, MANAGER, None if manager_id is None else {"value": manager_id})
 
 
-def _apply_extension(document: dict[str, Any], op: str, value: Any) -> None:
+def _apply_extension(document: dict[str, Any], op: str, value: Any, cost: _Cost) -> None:
     """The whole enterprise extension object: add and replace merge its attributes."""
     if op == "remove" or value is None or value == "":
         document.pop(ENTERPRISE_SCHEMA, None)
@@ -493,10 +580,10 @@ def _apply_extension(document: dict[str, Any], op: str, value: Any) -> None:
         attribute = lookup(_ENTERPRISE_KINDS, key) if isinstance(key, str) else None
         if attribute is not None:
             target = _Target(key, _ENTERPRISE_KINDS[attribute], attribute, extension=True)
-            _apply(document, op, target, sub_value)
+            _apply(document, op, target, sub_value, cost)
 
 
-def _apply_without_path(document: dict[str, Any], op: str, value: Any) -> None:
+def _apply_without_path(document: dict[str, Any], op: str, value: Any, cost: _Cost) -> None:
     """add/replace with no path: each key of the value object is a path (plain, dotted as
     `name.givenName`, or URN-qualified), or the extension URN with an object. As in a PUT
     body, read-only and unknown keys are ignored."""
@@ -506,12 +593,12 @@ def _apply_without_path(document: dict[str, Any], op: str, value: Any) -> None:
         if not isinstance(key, str):
             continue
         try:
-            target = _resolve(key)
+            target = cost.resolve(key)
         except ScimError as exc:
             if exc.scim_type in ("invalidPath", "mutability"):
                 continue
             raise
-        _apply(document, op, target, attribute_value)
+        _apply(document, op, target, attribute_value, cost)
 
 
 def _tidy(document: dict[str, Any]) -> None:
@@ -522,13 +609,20 @@ def _tidy(document: dict[str, Any]) -> None:
     document["schemas"] = schemas
 
 
-def apply_patch(document: Mapping[str, Any], operations: list[dict[str, Any]]) -> dict[str, Any]:
+def apply_patch(
+    document: Mapping[str, Any],
+    operations: list[dict[str, Any]],
+    max_values: int | None = None,
+) -> dict[str, Any]:
     """Apply PATCH operations to a user document (see representation.user_document).
 
     Returns a new document; the input is untouched. All or nothing: the first invalid operation
     raises ScimError and nothing is applied. A remove whose value filter matches nothing is a
     no-op (RFC 7644 allows 400 noTarget; robustness wins, Entra never relies on either).
+    `max_values` (Settings.max_multi_values): 400 invalidValue for an operation that lists more
+    values, or grows a multi-valued attribute past it. Past MAX_PATCH_COST: 400 invalidValue.
     """
+    cost = _Cost(max_values)
     result = copy.deepcopy(dict(document))
     for index, raw in enumerate(operations):
         operation = _operation(raw, index)
@@ -536,8 +630,8 @@ def apply_patch(document: Mapping[str, Any], operations: list[dict[str, Any]]) -
         if path is None:
             if op == "remove":
                 raise _no_target(f"Operations[{index}]: remove needs a path")
-            _apply_without_path(result, op, value)
+            _apply_without_path(result, op, value, cost)
         else:
-            _apply(result, op, _resolve(path), value)
+            _apply(result, op, cost.resolve(path), value, cost)
     _tidy(result)
     return result

@@ -132,12 +132,24 @@ def to_item(value: object, attribute: str) -> dict[str, Any]:
     return item
 
 
-def to_items(value: object, attribute: str) -> list[dict[str, Any]] | None:
+def check_multi_values(count: int, attribute: str, max_values: int | None) -> None:
+    """400 invalidValue past Settings.max_multi_values (checked before any value is read)."""
+    if max_values is not None and count > max_values:
+        raise invalid_value(
+            f"{attribute} may hold at most {max_values} values, not {count}"
+            " (SCIMLEDGER_MAX_MULTI_VALUES)"
+        )
+
+
+def to_items(
+    value: object, attribute: str, max_values: int | None = None
+) -> list[dict[str, Any]] | None:
     """A multi-valued attribute: a list of objects; None means absent; empty items dropped."""
     if value is None or value == "":
         return None
     if not isinstance(value, list | tuple):
         raise invalid_value(f"{attribute} must be a list of objects")
+    check_multi_values(len(value), attribute, max_values)
     items = [to_item(raw, attribute) for raw in value]
     return [item for item in items if item] or None
 
@@ -170,10 +182,11 @@ def _keyed(body: Mapping[str, Any]) -> dict[str, Any]:
     return {key.casefold(): value for key, value in body.items() if isinstance(key, str)}
 
 
-def user_from_scim(body: Mapping[str, Any]) -> dict[str, Any]:
+def user_from_scim(body: Mapping[str, Any], max_values: int | None = None) -> dict[str, Any]:
     """A POST/PUT body (or a patched document) -> a desired state in domain/schema.py shape.
 
     Absent attributes are left out; the domain normalises the result (and requires userName).
+    `max_values` (Settings.max_multi_values) caps each multi-valued attribute: 400 invalidValue.
     """
     fields = _keyed(_mapping(body))
     state: dict[str, Any] = {}
@@ -189,7 +202,7 @@ def user_from_scim(body: Mapping[str, Any]) -> dict[str, Any]:
     if name:
         state[NAME] = name
     for attribute in USER_MULTI_VALUED_ATTRIBUTES:
-        items = to_items(fields.get(attribute.casefold()), attribute)
+        items = to_items(fields.get(attribute.casefold()), attribute, max_values)
         if items:
             state[attribute] = items
 

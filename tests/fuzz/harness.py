@@ -4,7 +4,9 @@ For every request: status < 500; a 4xx carries a SCIM Error body whose `status` 
 status and whose scimType, if any, is one RFC 7644 / RFC 9865 define; and a rejected request
 appends no event but its own audit record (RequestRecorded, outcome failure) and changes no
 row of the users and groups views. Failures are collected, not raised, so one run reports all
-of them.
+of them. The CPU each request took (this process's: the app runs in it) is kept: the report
+names the slowest, and `max_cpu` (SCIMLEDGER_FUZZ_MAX_CPU in `make fuzz`) makes one past it a
+failure.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -80,6 +83,9 @@ class Harness:
     statuses: Counter[int] = field(default_factory=Counter)
     kinds: Counter[str] = field(default_factory=Counter)
     failures: list[Failure] = field(default_factory=list)
+    max_cpu: float | None = None
+    slowest_cpu: float = 0.0
+    slowest: str = ""
     _http: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Harness:
@@ -144,6 +150,7 @@ class Harness:
         body = None if request.body is None else self.fill_bytes(request.body)
         before = await self.fingerprint()
         url = self.url(request)
+        cpu = time.process_time()
         try:
             async with self._http.request(
                 request.method, url, data=body, headers=headers, skip_auto_headers=["Content-Type"]
@@ -157,6 +164,7 @@ class Harness:
             summary = f"{request.method} {str(url)[:300]}"
             self.failures.append(Failure("no complete reply", summary, 0, repr(e)))
             return 0
+        cpu = time.process_time() - cpu
         self.tried += 1
         self.statuses[status] += 1
         self.kinds[_kind(request)] += 1
@@ -166,6 +174,13 @@ class Harness:
 
         def fail(what: str) -> None:
             self.failures.append(Failure(what, summary, status, raw[:500].decode(errors="replace")))
+
+        if cpu > self.slowest_cpu:
+            self.slowest_cpu = cpu
+            sent = summary.split(" body=", 1)[-1][:160]
+            self.slowest = f"{_kind(request)} -> {status}, {len(body or b''):,} bytes: {sent}"
+        if self.max_cpu is not None and cpu > self.max_cpu:
+            fail(f"over {self.max_cpu:g} s of CPU ({cpu:.2f} s)")
 
         if status >= 500:
             fail("5xx")
@@ -266,6 +281,7 @@ class Harness:
             "  statuses: " + ", ".join(f"{s}: {n}" for s, n in sorted(self.statuses.items())),
         ]
         lines.append("  requests: " + ", ".join(f"{k}: {n}" for k, n in sorted(self.kinds.items())))
+        lines.append(f"  slowest: {self.slowest_cpu:.3f} s of CPU, {self.slowest}")
         lines += [f"  {n} x {what}" for what, n in kinds.most_common()]
         seen: set[str] = set()
         for failure in self.failures:
