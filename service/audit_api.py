@@ -13,6 +13,7 @@ from domain.group import Group
 from domain.user import User
 from service import audit_queries as q
 from service.audit_export import CONTENT_TYPES, ExportWriter
+from service.boundary import in_utc
 from service.errors import ScimError
 from service.scim.groups import group_resource, member_entry
 from service.scim.representation import user_resource
@@ -125,6 +126,8 @@ async def resource_at(request: web.Request) -> web.Response:
         raise ScimError(400, "at must be an ISO 8601 date-time", "invalidValue") from None
     if at.tzinfo is None:
         raise ScimError(400, "at must carry a time zone (e.g. Z)", "invalidValue")
+    if in_utc(at) is None:
+        raise ScimError(400, "at is out of range (years 1 to 9999 in UTC)", "invalidValue")
     db = request.app[DATABASE]
     tenant_id = request[PRINCIPAL].tenant_id
     cap = request.app[SETTINGS].max_replay_events

@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractResource, AbstractRoute, MatchInfoError, _InfoDict
 from yarl import URL
 
-from service.state import Handler
+from service.state import REQUEST_ID, Handler
 
 PREFIX = ("scim", "v2")
 _ENDPOINTS = {
@@ -105,7 +105,14 @@ async def canonical_spelling(request: web.Request, handler: Handler) -> web.Stre
     path = canonical_path(request.rel_url.raw_path)
     if path is None:
         return await handler(request)
-    return await handler(request.clone(rel_url=_with_path(request.rel_url, path)))
+    canonical = request.clone(rel_url=_with_path(request.rel_url, path))
+    try:
+        return await handler(canonical)
+    finally:
+        # A clone has a copy of the state: the reply is prepared with this request (by aiohttp
+        # for a plain reply), whose X-Request-Id (stamp_request_id) is the clone's id.
+        if REQUEST_ID in canonical:
+            request[REQUEST_ID] = canonical[REQUEST_ID]
 
 
 def add_routes(app: web.Application) -> None:
