@@ -584,24 +584,35 @@ def audit() -> None:
     """
 
 
+def _page_options(order: str) -> Callable[[F], F]:
+    """--limit, --next and --json of a paged audit command (`order`: which entry comes first)."""
+
+    def wrap(command: F) -> F:
+        command = click.option(
+            "--json",
+            "json_output",
+            is_flag=True,
+            help=f'One entry per line, {order} first; then {{"next": TOKEN}} as the last line'
+            " only if there is a further page (pass it back with --next).",
+        )(command)
+        command = click.option(
+            "--next", "next_token", default=None, help="Page token from a previous page."
+        )(command)
+        return click.option(
+            "--limit",
+            type=click.IntRange(1, 500),
+            default=50,
+            show_default=True,
+            help="Entries per page (at most 500).",
+        )(command)
+
+    return wrap
+
+
 @audit.command("list")
 @click.option("--tenant", required=True, help="Tenant name.")
 @_audit_filters
-@click.option(
-    "--limit",
-    type=click.IntRange(1, 500),
-    default=50,
-    show_default=True,
-    help="Entries per page (at most 500).",
-)
-@click.option("--next", "next_token", default=None, help="Page token from a previous page.")
-@click.option(
-    "--json",
-    "json_output",
-    is_flag=True,
-    help='One entry per line, newest first; then {"next": TOKEN} as the last line only if'
-    " there is a further page (pass it back with --next).",
-)
+@_page_options("newest")
 @database_options
 def audit_list(
     tenant: str,
@@ -721,21 +732,7 @@ def audit_show(
 @audit.command("history")
 @click.option("--tenant", required=True, help="Tenant name.")
 @click.argument("resource_id")
-@click.option(
-    "--limit",
-    type=click.IntRange(1, 500),
-    default=50,
-    show_default=True,
-    help="Entries per page (at most 500).",
-)
-@click.option("--next", "next_token", default=None, help="Page token from a previous page.")
-@click.option(
-    "--json",
-    "json_output",
-    is_flag=True,
-    help='One entry per line, oldest first; then {"next": TOKEN} as the last line only if'
-    " there is a further page (pass it back with --next).",
-)
+@_page_options("oldest")
 @database_options
 def audit_history(
     tenant: str,
