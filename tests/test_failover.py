@@ -1,0 +1,298 @@
+"""A PostgreSQL failover under load: the primary is SIGKILLed, its synchronous standby promoted.
+
+The service runs on the pair's two-host URL (target_session_attrs=read-write), 16 clients
+create users and add them to groups. Then: every acknowledged write is on the new primary, the
+service answered nothing in 5xx but 503 (a SCIM Error with Retry-After), it was back within
+10 s of the promotion, the provisioning log has an entry for every request answered (the 503s
+too, written once the database was back), the followers continue on the new primary with no
+gap and no duplicate (transaction ids continue from the standby's replayed state), and
+`projections verify --all` is clean.
+
+Each run logs one line `failover window` (seconds from the SIGKILL and from the promotion to
+the first acknowledged write); with SCIMLEDGER_FAILOVER_LOG set it is appended there as JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+from aiohttp import ClientError
+from aiohttp.test_utils import TestClient, TestServer
+
+from infra.config import Settings
+from infra.tenants import create_tenant
+from service.app import create_app
+from tests.pg_pair import PgPair
+from tests.test_entra_groups import GROUP
+from tests.test_entra_users import PATCH_OP, entra_user
+
+Client = TestClient[Any, Any]
+SCIM = "application/scim+json"
+ERROR = "urn:ietf:params:scim:api:messages:2.0:Error"
+WRITERS = 16
+GROUPS = 4
+LOAD_BEFORE_KILL = 2.0  # seconds of load on the old primary
+DETECTION = 0.5  # the orchestrator's time to notice, before it promotes
+LOAD_AFTER_BACK = 2.0  # seconds of load once writes are acknowledged again
+BACK_WITHIN = 10.0
+
+
+@dataclass
+class Outcome:
+    kind: str  # "user" or "member"
+    status: int  # 0: no reply at all (a transport error)
+    request_id: str | None
+    started: float
+    ended: float
+    target: str | None
+    retry_after: str | None
+    body: bytes
+
+
+async def _write(
+    client: Client, kind: str, method: str, path: str, body: Any, auth: dict[str, str]
+) -> Outcome:
+    started = time.monotonic()
+    try:
+        r = await asyncio.wait_for(
+            client.request(
+                method, path, data=orjson.dumps(body), headers={**auth, "Content-Type": SCIM}
+            ),
+            60,
+        )
+        raw = await r.read()
+    except (ClientError, TimeoutError) as e:
+        return Outcome(kind, 0, None, started, time.monotonic(), None, None, repr(e).encode())
+    target = None
+    if kind == "user" and r.status == 201:
+        target = orjson.loads(raw)["id"]
+    return Outcome(
+        kind,
+        r.status,
+        r.headers.get("X-Request-Id"),
+        started,
+        time.monotonic(),
+        target,
+        r.headers.get("Retry-After"),
+        raw,
+    )
+
+
+async def _writer(
+    client: Client,
+    auth: dict[str, str],
+    groups: list[str],
+    n: int,
+    stop: asyncio.Event,
+    outcomes: list[Outcome],
+    members: list[tuple[str, str]],
+) -> None:
+    i = 0
+    while not stop.is_set():
+        i += 1
+        user = await _write(
+            client, "user", "POST", "/scim/v2/Users",
+            entra_user(f"w{n}-{i}-{uuid.uuid4().hex[:6]}@x.com"), auth,
+        )
+        outcomes.append(user)
+        if user.status != 201:
+            await asyncio.sleep(0.05)  # as a client would, before it tries again
+            continue
+        assert user.target is not None
+        group = groups[i % len(groups)]
+        add = {
+            "schemas": [PATCH_OP],
+            "Operations": [{"op": "add", "path": "members", "value": [{"value": user.target}]}],
+        }
+        member = await _write(client, "member", "PATCH", f"/scim/v2/Groups/{group}", add, auth)
+        member.target = f"{group}/{user.target}"
+        outcomes.append(member)
+        if member.status == 204:
+            members.append((group, user.target))
+
+
+def _verify(url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "scimledger"), "projections", "verify", "--all",
+         "--quiet", "--database-url", url],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+
+
+async def test_failover_loses_no_acknowledged_write(tmp_path: Path) -> None:
+    pair = PgPair(tmp_path / "pair")
+    await asyncio.to_thread(pair.start)
+    try:
+        await _failover(pair, tmp_path)
+    finally:
+        await asyncio.to_thread(pair.stop)
+
+
+async def _failover(pair: PgPair, tmp_path: Path) -> None:
+    settings = Settings(
+        data_dir=tmp_path,
+        database_url=pair.url,
+        pool_min=2,
+        pool_max=20,
+        db_connect_timeout=2.0,
+        db_command_timeout=5.0,
+        rate_limit=0,
+        max_concurrent_per_token=0,
+        runner_standby_interval=0.5,
+    )
+    async with TestClient(TestServer(create_app(settings), host="127.0.0.1")) as client:
+        conn = await asyncpg.connect(pair.url)
+        try:
+            issued = await create_tenant(conn, "acme")
+        finally:
+            await conn.close()
+        auth = {"Authorization": f"Bearer {issued.token}"}
+        groups = []
+        for g in range(GROUPS):
+            r = await client.post(
+                "/scim/v2/Groups",
+                data=orjson.dumps({"schemas": [GROUP], "displayName": f"G{g}"}),
+                headers={**auth, "Content-Type": SCIM},
+            )
+            assert r.status == 201, await r.text()
+            groups.append((await r.json(content_type=None))["id"])
+
+        outcomes: list[Outcome] = []
+        members: list[tuple[str, str]] = []
+        stop = asyncio.Event()
+        writers = [
+            asyncio.create_task(_writer(client, auth, groups, n, stop, outcomes, members))
+            for n in range(WRITERS)
+        ]
+        try:
+            await asyncio.sleep(LOAD_BEFORE_KILL)
+            killed = time.monotonic()
+            await asyncio.to_thread(pair.kill_primary)
+            await asyncio.sleep(DETECTION)
+            # What the standby replayed, just before it is promoted: the highest transaction
+            # id of any committed event (acknowledged writes are all here: synchronous).
+            replayed_xid = int(
+                pair.standby.psql("SELECT coalesce(max(transaction_id), 0) FROM stored_events")
+            )
+            await asyncio.to_thread(pair.promote)
+            promoted = time.monotonic()
+            deadline = promoted + BACK_WITHIN + 5
+            while time.monotonic() < deadline and not any(
+                o.started >= promoted and 200 <= o.status < 300 for o in outcomes
+            ):
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(LOAD_AFTER_BACK)
+        finally:
+            stop.set()
+            await asyncio.gather(*writers)
+
+        # What clients saw: 2xx or 503 (a SCIM Error with Retry-After), nothing else.
+        unexpected = [(o.kind, o.status, o.body[:300]) for o in outcomes
+                      if not (200 <= o.status < 300 or o.status == 503)]
+        assert not unexpected, unexpected
+        unavailable = [o for o in outcomes if o.status == 503]
+        for o in unavailable:
+            assert o.retry_after is not None and o.retry_after.isdigit(), o
+            body = orjson.loads(o.body)
+            assert body["schemas"] == [ERROR] and body["status"] == "503", body
+        back = min(
+            (o.ended for o in outcomes if o.started >= promoted and 200 <= o.status < 300),
+            default=None,
+        )
+        assert back is not None, "no write acknowledged after the promotion"
+        window = {
+            "after_kill": round(back - killed, 3),
+            "after_promotion": round(back - promoted, 3),
+            "unavailable_503": len(unavailable),
+            "acknowledged": sum(1 for o in outcomes if 200 <= o.status < 300),
+        }
+        print("failover window", orjson.dumps(window).decode(), file=sys.stderr)
+        if os.environ.get("SCIMLEDGER_FAILOVER_LOG"):
+            with open(os.environ["SCIMLEDGER_FAILOVER_LOG"], "a") as f:
+                f.write(orjson.dumps(window).decode() + "\n")
+        assert back - promoted <= BACK_WITHIN, window
+
+        conn = await asyncpg.connect(pair.standby.dsn)  # the new primary
+        try:
+            # Every acknowledged write is there.
+            created = [o.target for o in outcomes if o.kind == "user" and o.status == 201]
+            found = await conn.fetchval(
+                "SELECT count(*) FROM scim_users WHERE id = ANY($1::uuid[])", created
+            )
+            assert found == len(created) and created
+            pairs = await conn.fetch(
+                "SELECT group_id::text, member_id::text FROM scim_group_members"
+                " WHERE tenant_id = $1",
+                issued.tenant_id,
+            )
+            assert set(members) <= {(r[0], r[1]) for r in pairs}
+
+            # The provisioning log has an entry for every request answered, 503s included
+            # (queued in memory while the database was away, written once it was back).
+            answered = {o.request_id for o in outcomes if o.request_id}
+            assert len(answered) == len(outcomes)
+
+            async def logged() -> set[str]:
+                rows = await conn.fetch(
+                    "SELECT request_id FROM stored_events"
+                    " WHERE topic LIKE 'domain.request:%' AND request_id = ANY($1::text[])",
+                    list(answered),
+                )
+                return {r[0] for r in rows}
+
+            until = time.monotonic() + 20
+            while (missing := answered - await logged()) and time.monotonic() < until:
+                await asyncio.sleep(0.2)
+            assert not missing, f"{len(missing)} requests missing from the provisioning log"
+
+            # Transaction ids continue from the standby's replayed state: every event written
+            # after the promotion sorts after every event the old primary committed, so the
+            # followers' (transaction_id, notification_id) order and xmin barrier stay valid.
+            late = [o.request_id for o in outcomes if o.started >= promoted and o.request_id]
+            first_new = await conn.fetchval(
+                "SELECT min(transaction_id) FROM stored_events WHERE request_id = ANY($1::text[])",
+                late,
+            )
+            assert first_new is not None and first_new > replayed_xid, (first_new, replayed_xid)
+            xmin = await conn.fetchval(
+                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+            )
+            assert xmin > replayed_xid
+
+            # The asynchronous audit projection caught up on the new primary: one entry per
+            # request's transaction, none skipped, none twice.
+            async def audit_behind() -> int:
+                return int(
+                    await conn.fetchval(
+                        "SELECT count(*) FROM (SELECT DISTINCT transaction_id FROM stored_events)"
+                        " e WHERE NOT EXISTS (SELECT 1 FROM audit_entries a"
+                        " WHERE a.transaction_id = e.transaction_id)"
+                    )
+                )
+
+            until = time.monotonic() + 20
+            while await audit_behind() and time.monotonic() < until:
+                await asyncio.sleep(0.2)
+            assert await audit_behind() == 0
+            change_ids = await conn.fetch(
+                "SELECT change_id, count(*) FROM audit_entries WHERE change_id = ANY($1::text[])"
+                " GROUP BY change_id",
+                list(answered),
+            )
+            assert {r[0] for r in change_ids} == answered
+            assert all(r[1] == 1 for r in change_ids)
+        finally:
+            await conn.close()
+
+    done = await asyncio.to_thread(_verify, pair.url)
+    assert done.returncode == 0, done.stdout + done.stderr
