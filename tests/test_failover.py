@@ -15,6 +15,7 @@ the first acknowledged write); with SCIMLEDGER_FAILOVER_LOG set it is appended t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from service.app import create_app
 from tests.pg_pair import PgPair
 from tests.test_entra_groups import GROUP
 from tests.test_entra_users import PATCH_OP, entra_user
+from tests.test_runner import eventually
 
 Client = TestClient[Any, Any]
 SCIM = "application/scim+json"
@@ -121,6 +123,11 @@ async def _writer(
             members.append((group, user.target))
 
 
+def _append_line(path: Path, line: str) -> None:
+    with path.open("a") as f:
+        f.write(line + "\n")
+
+
 def _verify(url: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(Path(sys.executable).parent / "scimledger"), "projections", "verify", "--all",
@@ -186,11 +193,12 @@ async def _failover(pair: PgPair, tmp_path: Path) -> None:
             )
             await asyncio.to_thread(pair.promote)
             promoted = time.monotonic()
-            deadline = promoted + BACK_WITHIN + 5
-            while time.monotonic() < deadline and not any(
-                o.started >= promoted and 200 <= o.status < 300 for o in outcomes
-            ):
-                await asyncio.sleep(0.05)
+
+            async def acknowledged_again() -> bool:
+                return any(o.started >= promoted and 200 <= o.status < 300 for o in outcomes)
+
+            with contextlib.suppress(AssertionError):  # asserted below, with the figures
+                await eventually(acknowledged_again, BACK_WITHIN + 5)
             await asyncio.sleep(LOAD_AFTER_BACK)
         finally:
             stop.set()
@@ -218,8 +226,8 @@ async def _failover(pair: PgPair, tmp_path: Path) -> None:
         }
         print("failover window", orjson.dumps(window).decode(), file=sys.stderr)
         if os.environ.get("SCIMLEDGER_FAILOVER_LOG"):
-            with open(os.environ["SCIMLEDGER_FAILOVER_LOG"], "a") as f:
-                f.write(orjson.dumps(window).decode() + "\n")
+            log_file = Path(os.environ["SCIMLEDGER_FAILOVER_LOG"])
+            await asyncio.to_thread(_append_line, log_file, orjson.dumps(window).decode())
         assert back - promoted <= BACK_WITHIN, window
 
         conn = await asyncpg.connect(pair.standby.dsn)  # the new primary
@@ -250,9 +258,12 @@ async def _failover(pair: PgPair, tmp_path: Path) -> None:
                 )
                 return {r[0] for r in rows}
 
-            until = time.monotonic() + 20
-            while (missing := answered - await logged()) and time.monotonic() < until:
-                await asyncio.sleep(0.2)
+            async def all_logged() -> bool:
+                return not answered - await logged()
+
+            with contextlib.suppress(AssertionError):
+                await eventually(all_logged, 20)
+            missing = answered - await logged()
             assert not missing, f"{len(missing)} requests missing from the provisioning log"
 
             # Transaction ids continue from the standby's replayed state: every event written
@@ -280,10 +291,10 @@ async def _failover(pair: PgPair, tmp_path: Path) -> None:
                     )
                 )
 
-            until = time.monotonic() + 20
-            while await audit_behind() and time.monotonic() < until:
-                await asyncio.sleep(0.2)
-            assert await audit_behind() == 0
+            async def audit_caught_up() -> bool:
+                return await audit_behind() == 0
+
+            await eventually(audit_caught_up, 20)
             change_ids = await conn.fetch(
                 "SELECT change_id, count(*) FROM audit_entries WHERE change_id = ANY($1::text[])"
                 " GROUP BY change_id",
