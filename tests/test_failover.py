@@ -128,21 +128,65 @@ def _append_line(path: Path, line: str) -> None:
         f.write(line + "\n")
 
 
-def _verify(url: str) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(Path(sys.executable).parent / "scimledger"), "projections", "verify", "--all",
-         "--quiet", "--database-url", url],
+        [str(Path(sys.executable).parent / "scimledger"), *args],
         capture_output=True, text=True, timeout=120, check=False,
     )
+
+
+def _verify(url: str) -> subprocess.CompletedProcess[str]:
+    return _cli("projections", "verify", "--all", "--quiet", "--database-url", url)
 
 
 async def test_failover_loses_no_acknowledged_write(tmp_path: Path) -> None:
     pair = PgPair(tmp_path / "pair")
     await asyncio.to_thread(pair.start)
     try:
+        await _doctor(pair)
         await _failover(pair, tmp_path)
     finally:
         await asyncio.to_thread(pair.stop)
+
+
+async def _doctor(pair: PgPair) -> None:
+    """`scimledger doctor` on the pair: clean with the standby synchronous; a failing check
+    (exit 1) naming the risk once the standby is asynchronous."""
+    done = await asyncio.to_thread(_cli, "doctor", "--json", "--database-url", pair.url)
+    assert done.returncode == 0, done.stdout + done.stderr
+    checks = {c["check"]: c for c in map(orjson.loads, done.stdout.splitlines())}
+    assert checks["standby"] == {
+        "check": "standby", "ok": True, "detail": "synchronous standby: standby1"
+    }
+    assert checks["synchronous_commit"]["ok"] and checks["primary"]["ok"]
+
+    await asyncio.to_thread(
+        pair.primary.psql, "ALTER SYSTEM SET synchronous_standby_names = ''"
+    )
+    await asyncio.to_thread(pair.primary.psql, "SELECT pg_reload_conf()")
+    try:
+        async def asynchronous() -> bool:
+            state = await asyncio.to_thread(
+                pair.primary.psql, "SELECT string_agg(sync_state, ',') FROM pg_stat_replication"
+            )
+            return state == "async"
+
+        await eventually(asynchronous, 10)
+        done = await asyncio.to_thread(_cli, "doctor", "--database-url", pair.url)
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "WARN  standby: asynchronous standby (standby1;" in done.stdout
+        assert "a failover to it can lose acknowledged writes" in done.stdout
+    finally:
+        await asyncio.to_thread(pair.primary.psql, "ALTER SYSTEM RESET synchronous_standby_names")
+        await asyncio.to_thread(pair.primary.psql, "SELECT pg_reload_conf()")
+
+    async def synchronous() -> bool:
+        state = await asyncio.to_thread(
+            pair.primary.psql, "SELECT string_agg(sync_state, ',') FROM pg_stat_replication"
+        )
+        return state == "sync"
+
+    await eventually(synchronous, 10)
 
 
 async def _failover(pair: PgPair, tmp_path: Path) -> None:
