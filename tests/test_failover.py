@@ -264,6 +264,7 @@ async def _failover(pair: PgPair, tmp_path: Path) -> None:
         assert back is not None, "no write acknowledged after the promotion"
         window = {
             "after_kill": round(back - killed, 3),
+            "promoted_after_kill": round(promoted - killed, 3),
             "after_promotion": round(back - promoted, 3),
             "unavailable_503": len(unavailable),
             "acknowledged": sum(1 for o in outcomes if 200 <= o.status < 300),
@@ -351,3 +352,61 @@ async def _failover(pair: PgPair, tmp_path: Path) -> None:
 
     done = await asyncio.to_thread(_verify, pair.url)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+async def test_queued_outcomes_are_bounded_and_dropped_ones_counted(fresh_dsn: str) -> None:
+    """The queue of outcomes waiting for the database holds at most its limit: past it the
+    oldest goes, counted in scimledger_outcomes_dropped_total, as are those still queued at
+    shutdown. Once the database answers, what is queued is written, in order."""
+    from infra import metrics
+    from infra.eventstore import EventStore
+    from service.outcomes import PendingOutcomes, QueuedOutcome
+    from tests.conftest import database_on
+
+    async with database_on(fresh_dsn) as db:
+        async with db.pool.acquire() as conn:
+            issued = await create_tenant(conn, "acme")
+        # A database that does not answer: a real pool, closed (every acquire fails).
+        gone = await create_pool_on(fresh_dsn)
+        await gone.close()
+        away = type(db)(dsn=fresh_dsn, pool=gone, store=EventStore(gone), embedded=None)
+
+        def outcome(n: int) -> QueuedOutcome:
+            return QueuedOutcome(
+                uuid.uuid4(), issued.tenant_id, None, "failure",
+                {"method": "POST", "path": "/scim/v2/Users", "status": 503}, None, f"r{n}",
+            )
+
+        dropped = metrics.OUTCOMES_DROPPED._value.get()
+        pending = PendingOutcomes(limit=2, retry_interval=0.05)
+        for n in range(3):
+            pending.put(away, outcome(n))
+        assert len(pending) == 2
+        assert metrics.OUTCOMES_DROPPED._value.get() == dropped + 1
+        await asyncio.sleep(0.2)  # still failing: nothing is lost meanwhile
+        assert len(pending) == 2
+        await pending.close(grace=0.1)
+        assert len(pending) == 0
+        assert metrics.OUTCOMES_DROPPED._value.get() == dropped + 3
+
+        # With the database there, the queue drains in order.
+        pending = PendingOutcomes(limit=10, retry_interval=0.05)
+        for n in range(3, 6):
+            pending.put(db, outcome(n))
+
+        async def drained() -> bool:
+            return len(pending) == 0
+
+        await eventually(drained, 10)
+        rows = await db.pool.fetch(
+            "SELECT request_id FROM stored_events WHERE topic LIKE 'domain.request:%'"
+            " ORDER BY notification_id"
+        )
+        assert [r[0] for r in rows] == ["r3", "r4", "r5"]
+        await pending.close()
+
+
+async def create_pool_on(dsn: str) -> asyncpg.Pool:
+    from infra.database import create_pool
+
+    return await create_pool(dsn, min_size=1, max_size=1)
