@@ -189,6 +189,44 @@ async def _doctor(pair: PgPair) -> None:
     await eventually(synchronous, 10)
 
 
+async def _read_only_primary(client: Client, auth: dict[str, str], pair: PgPair) -> None:
+    """The server the pools are on stops taking writes (as a demoted node would): a write gets
+    503 with Retry-After, every session of the service on it is dropped (the pool's and the
+    projection runners'; new ones are refused by target_session_attrs=read-write), and once it
+    takes writes again the service is back without a restart."""
+    sessions = (
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'scimledger:%'"
+    )
+    assert int(await asyncio.to_thread(pair.primary.psql, sessions)) > 0
+    await asyncio.to_thread(
+        pair.primary.psql, "ALTER SYSTEM SET default_transaction_read_only = on"
+    )
+    await asyncio.to_thread(pair.primary.psql, "SELECT pg_reload_conf()")
+    try:
+        late = await _write(
+            client, "user", "POST", "/scim/v2/Users", entra_user("ro@x.com"), auth
+        )
+        assert late.status == 503 and late.retry_after == "1", late
+
+        async def dropped() -> bool:
+            return int(await asyncio.to_thread(pair.primary.psql, sessions)) == 0
+
+        await eventually(dropped, 10)
+    finally:
+        await asyncio.to_thread(
+            pair.primary.psql, "ALTER SYSTEM RESET default_transaction_read_only"
+        )
+        await asyncio.to_thread(pair.primary.psql, "SELECT pg_reload_conf()")
+
+    async def writable() -> bool:
+        again = await _write(
+            client, "user", "POST", "/scim/v2/Users", entra_user(f"{uuid.uuid4()}@x.com"), auth
+        )
+        return again.status == 201
+
+    await eventually(writable, 10)
+
+
 async def _failover(pair: PgPair, tmp_path: Path) -> None:
     settings = Settings(
         data_dir=tmp_path,
@@ -217,6 +255,8 @@ async def _failover(pair: PgPair, tmp_path: Path) -> None:
             )
             assert r.status == 201, await r.text()
             groups.append((await r.json(content_type=None))["id"])
+
+        await _read_only_primary(client, auth, pair)
 
         outcomes: list[Outcome] = []
         members: list[tuple[str, str]] = []
