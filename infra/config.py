@@ -86,6 +86,11 @@ class Settings:
         default_factory=lambda: float(os.environ.get("SCIMLEDGER_RUNNER_STANDBY_INTERVAL", "1"))
     )
     # GET /metrics (Prometheus text format, no token); 0 turns the endpoint off.
+    # Request outcomes (provisioning-log records) held in memory while the database is away
+    # (a failover): written once it is back; past this many the oldest are dropped (counted).
+    max_queued_outcomes: int = field(
+        default_factory=lambda: _int_env("SCIMLEDGER_MAX_QUEUED_OUTCOMES", 10000)
+    )
     metrics: bool = field(default_factory=lambda: os.environ.get("SCIMLEDGER_METRICS", "1") != "0")
     # Events one audit time-travel request (`/audit/v1/resources/{id}?at=`) may replay.
     max_replay_events: int = field(

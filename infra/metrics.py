@@ -78,3 +78,13 @@ POOL_MAX = Gauge(
     "Upper bound of the database pool (SCIMLEDGER_POOL_MAX).",
     multiprocess_mode="livesum",
 )
+OUTCOMES_QUEUED = Counter(
+    "scimledger_outcomes_queued",
+    "Request outcomes (provisioning-log records) that could not be written when answered, and"
+    " were queued in memory to be written once the database is back.",
+)
+OUTCOMES_DROPPED = Counter(
+    "scimledger_outcomes_dropped",
+    "Queued request outcomes dropped: the queue was full (SCIMLEDGER_MAX_QUEUED_OUTCOMES) or"
+    " the process stopped before the database came back. Each is a gap in the provisioning log.",
+)

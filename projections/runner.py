@@ -28,6 +28,18 @@ from projections.registry import Projection
 
 log = structlog.get_logger("scimledger.projections")
 LOCK_NAMESPACE = 0x5C1E
+# The session is gone, or is on a server that is no primary any more: not a handler's bug.
+# The runner reconnects (a multi-host URL with target_session_attrs=read-write reaches the
+# new primary), takes the lead again and continues from the checkpoint, which commits with
+# every batch: no event is skipped or applied twice across a failover.
+_SESSION_LOST = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # a statement cut by the server's death
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,  # 57P: admin shutdown, crash of the server
+    asyncpg.ReadOnlySQLTransactionError,  # a standby now
+)
 
 
 class Runner:
@@ -71,7 +83,12 @@ class Runner:
                 log.info("projection runner active", projection=self.projection.name)
                 await register(conn, [self.projection])
                 await self._follow(conn, stop)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            except (
+                OSError,
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                asyncpg.InternalClientError,
+            ) as e:
                 log.warning(
                     "projection runner interrupted",
                     projection=self.projection.name,
@@ -97,8 +114,8 @@ class Runner:
             woken.clear()
             try:
                 done = await self.step(conn)
-            except (OSError, asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError):
-                raise
+            except _SESSION_LOST:
+                raise  # to `run`: a new session, on the writable primary (a failover)
             except Exception as e:  # a handler bug: record it, keep the checkpoint, retry
                 await self._record_error(conn, e)
                 await _wait(stop, self.poll_interval * 5)

@@ -19,7 +19,7 @@ from service.middlewares import (
     scim_errors,
     stamp_request_id,
 )
-from service.outcomes import record_outcomes
+from service.outcomes import PENDING_OUTCOMES, PendingOutcomes, record_outcomes
 from service.scim import groups, paths, users
 from service.state import AUTHENTICATOR, DATABASE, SETTINGS
 from service.streams import REQUEST_SLOTS, STREAM_SLOTS, TokenSlots
@@ -41,10 +41,12 @@ def create_app(settings: Settings, database: Database | None = None) -> web.Appl
     app[REQUEST_SLOTS] = TokenSlots(settings.max_concurrent_per_token, "requests")
     app[STREAM_SLOTS] = TokenSlots(settings.max_streams_per_token, "streamed replies")
     app[AUTHENTICATOR] = Authenticator(lambda: app[DATABASE].pool)
+    app[PENDING_OUTCOMES] = PendingOutcomes(settings.max_queued_outcomes)
     if database is not None:
         app[DATABASE] = database
     else:
         app.cleanup_ctx.append(_database_ctx)
+    app.cleanup_ctx.append(_pending_outcomes_ctx)  # unwound before the database closes
     if settings.run_projections:
         app.cleanup_ctx.append(_projection_runners_ctx)
     app[discovery.ENABLED_RESOURCES] = ("User", "Group")
@@ -58,6 +60,11 @@ def create_app(settings: Settings, database: Database | None = None) -> web.Appl
         metrics.add_routes(app)
     paths.add_routes(app)  # last: other spellings of the routes above
     return app
+
+
+async def _pending_outcomes_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[PENDING_OUTCOMES].close()
 
 
 async def _database_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -152,6 +152,31 @@ def migrate(data_dir: Path | None, database_url: str | None) -> None:
     print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
 
 
+@cli.command()
+@click.option("--json", "json_output", is_flag=True, help="One JSON object per check.")
+@database_options
+def doctor(json_output: bool, data_dir: Path | None, database_url: str | None) -> None:
+    """Check the database for failover safety (synchronous_commit, the standby, prepared
+    transactions in doubt). Exit 1 if a check fails."""
+    from infra.ha import failover_checks
+
+    settings = _settings(data_dir, database_url)
+
+    async def go() -> list[Any]:
+        async with open_database(settings, run_migrations=False) as db, db.pool.acquire() as conn:
+            return await failover_checks(conn)
+
+    checks = _run(go)
+    for check in checks:
+        if json_output:
+            print(orjson.dumps(check.as_dict()).decode())
+        else:
+            print(f"{'ok  ' if check.ok else 'WARN'}  {check.name}: {check.detail}")
+    failed = [c.name for c in checks if not c.ok]
+    if failed:
+        raise CliError(f"not safe for a failover: {', '.join(failed)}")
+
+
 @cli.group()
 def projections() -> None:
     """Read models: status, rebuild from the event store, verify against a rebuild."""

@@ -13,7 +13,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from infra.tenants import Principal
+from infra.tenants import Principal, digest
 from service.boundary import is_credential
 from service.errors import ScimError
 from service.metrics import observe_request
@@ -21,14 +21,36 @@ from service.outcomes import context_for, is_audited
 from service.state import (
     AUTHENTICATOR,
     CLIENT_REQUEST_ID,
+    DATABASE,
     PRINCIPAL,
     REQUEST_CONTEXT,
     REQUEST_ID,
+    UNVERIFIED_TOKEN,
     Handler,
 )
 from service.streams import REQUEST_SLOTS
 
 log = structlog.get_logger("scimledger.http")
+
+# What a failover looks like from here: the server went away (its connections closed or
+# refused, a statement cut mid-way), or the server reached is not the writable primary (a
+# standby refuses writes with 25006). Each is a 503 with Retry-After, never a 500: the write
+# was not acknowledged, and the client retries (on the new primary once it is promoted).
+DATABASE_GONE = (
+    OSError,  # TimeoutError too: connect and statement timeouts (infra/config.py)
+    asyncpg.InterfaceError,
+    # Class 08 (connection exception) and 57P (shutdown, cannot connect now).
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.TooManyConnectionsError,
+    # A connection the server dropped mid-statement (its postmaster killed) has been seen
+    # to fail so, with "cannot switch to state …; another operation is in progress"; and no
+    # host of a multi-host URL is writable (TargetServerAttributeNotMatched) during a switch.
+    asyncpg.InternalClientError,
+    asyncpg.ReadOnlySQLTransactionError,
+)
+# A promotion takes about a second (docs/operations.md, measured by tests/test_failover.py).
+RETRY_AFTER_SECONDS = 1
 
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 # Paths that answer without a token: liveness and readiness probes, metrics (see metrics.py).
@@ -105,21 +127,20 @@ async def scim_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             413: f"The request body is larger than {request.client_max_size} bytes",
         }.get(e.status, e.reason)
         return ScimError(e.status, detail).response()
-    except (
-        OSError,  # TimeoutError too: connect and statement timeouts (infra/config.py)
-        asyncpg.InterfaceError,
-        # Class 08 (connection exception) and 57P (shutdown, cannot connect now).
-        asyncpg.PostgresConnectionError,
-        asyncpg.exceptions.OperatorInterventionError,
-        asyncpg.TooManyConnectionsError,
-        # A connection the server dropped mid-statement (its postmaster killed) has been seen
-        # to fail so, with "cannot switch to state …; another operation is in progress".
-        asyncpg.InternalClientError,
-    ) as e:
+    except DATABASE_GONE as e:
+        if isinstance(e, asyncpg.ReadOnlySQLTransactionError):
+            # The server this connection reached is a standby now (demoted, or a URL naming
+            # it): drop every pooled connection; new ones go to the writable primary
+            # (target_session_attrs=read-write in the URL).
+            await request.app[DATABASE].pool.expire_connections()
         log.warning(
             "database unavailable", error=type(e).__name__, request_id=request.get(REQUEST_ID)
         )
-        return ScimError(503, "The database is unavailable; retry later").response()
+        return ScimError(
+            503,
+            "The database is unavailable; retry later",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        ).response()
     except Exception:
         log.exception("unhandled error", request_id=request.get(REQUEST_ID))
         return ScimError(500, "Internal server error").response()
@@ -141,7 +162,11 @@ async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamRespo
     token = _bearer(request)
     principal: Principal | None = None
     if token is not None:
-        principal = await request.app[AUTHENTICATOR](token)
+        try:
+            principal = await request.app[AUTHENTICATOR](token)
+        except DATABASE_GONE:
+            request[UNVERIFIED_TOKEN] = digest(token)  # never the token: see record_outcomes
+            raise
     if principal is None:
         raise ScimError(
             401,

@@ -7,8 +7,11 @@ a transaction of its own once the reply is known.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -19,6 +22,10 @@ from aiohttp import web
 
 from domain.errors import bounded
 from domain.request import ProvisioningRequest
+from infra import metrics
+from infra.database import Database
+from infra.eventstore import ConcurrencyError
+from infra.tenants import authenticate_many
 from service.state import (
     CLIENT_REQUEST_ID,
     DATABASE,
@@ -26,10 +33,12 @@ from service.state import (
     REQUEST_CONTEXT,
     REQUEST_ID,
     SETTINGS,
+    UNVERIFIED_TOKEN,
     Handler,
 )
 
 log = structlog.get_logger("scimledger.audit")
+_UNCHECKED = UUID(int=0)
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -96,15 +105,16 @@ def is_audited(request: web.Request) -> bool:
 
 
 def context_for(request: web.Request) -> RequestContext:
-    principal = request[PRINCIPAL]
+    principal = request.get(PRINCIPAL)
     parts = request.path.removeprefix("/scim/v2/").split("/")
     target_type = {"Users": "User", "Groups": "Group"}.get(parts[0])
     return RequestContext(
         request_id=request[REQUEST_ID],
-        tenant_id=principal.tenant_id,
+        # No principal: its token could not be checked yet (QueuedOutcome checks it later).
+        tenant_id=principal.tenant_id if principal else _UNCHECKED,
         method=request.method,
         path=request.path,
-        initiated_by=principal.token_name,
+        initiated_by=principal.token_name if principal else "",
         client=request.remote,
         target_type=target_type,
         target_id=parts[1] if len(parts) > 1 and parts[1] else None,
@@ -116,7 +126,11 @@ def context_for(request: web.Request) -> RequestContext:
 async def record_outcomes(request: web.Request, handler: Handler) -> web.StreamResponse:
     response = await handler(request)
     context = request.get(REQUEST_CONTEXT)
-    if context is None or context.recorded or not is_audited(request):
+    unverified = request.get(UNVERIFIED_TOKEN)
+    if context is None and unverified is not None and is_audited(request):
+        # The token could not be checked (the database away): the entry waits for the check.
+        context = context_for(request)
+    elif context is None or context.recorded or not is_audited(request):
         return response
     status = response.status
     error = None
@@ -134,17 +148,124 @@ async def record_outcomes(request: web.Request, handler: Handler) -> web.StreamR
         outcome = "skipped"
     else:
         outcome = "success"  # an audited read
-    record = ProvisioningRequest.record(
-        uuid.uuid4(), context.tenant_id, outcome, context.describe(status), error
+    queued = QueuedOutcome(
+        uuid.uuid4(),
+        None if context.tenant_id == _UNCHECKED else context.tenant_id,
+        unverified if context.tenant_id == _UNCHECKED else None,
+        outcome,
+        context.describe(status),
+        error,
+        context.request_id,
     )
-    try:
-        await request.app[DATABASE].store.append_now(
-            context.tenant_id, record.collect_events(), context.request_id
-        )
-    except Exception as e:  # the reply stands; only its audit record is lost
-        log.warning(
-            "could not record request outcome",
-            error=type(e).__name__,
-            request_id=context.request_id,
-        )
+    pending = request.app[PENDING_OUTCOMES]
+    database = request.app[DATABASE]
+    if len(pending) == 0 and queued.tenant_id is not None:
+        try:
+            await queued.write(database)
+            return response
+        except Exception as e:  # the reply stands; its record waits for the database
+            log.warning(
+                "could not record request outcome; queued",
+                error=type(e).__name__,
+                request_id=context.request_id,
+            )
+    pending.put(database, queued)
     return response
+
+
+@dataclass(slots=True)
+class QueuedOutcome:
+    """A request's provisioning-log record, as it waits in memory for the database. Its id is
+    drawn once: an attempt whose reply was lost but which committed is not written twice (the
+    retry collides on the record's stream, a ConcurrencyError)."""
+
+    record_id: UUID
+    tenant_id: UUID | None  # None: the token is still to be checked (`token_digest`)
+    token_digest: bytes | None  # never the token itself
+    outcome: str
+    described: dict[str, Any]
+    error: dict[str, Any] | None
+    request_id: str
+
+    async def write(self, database: Database) -> None:
+        tenant_id = self.tenant_id
+        if tenant_id is None:
+            assert self.token_digest is not None
+            found = await authenticate_many(database.pool, [self.token_digest])
+            principal = found.get(self.token_digest)
+            if principal is None or principal.role != "provisioning":
+                return  # a token that would have been refused: a 401/403, never recorded
+            tenant_id = principal.tenant_id
+            self.described["initiatedBy"] = principal.token_name
+        record = ProvisioningRequest.record(
+            self.record_id, tenant_id, self.outcome, self.described, self.error
+        )
+        try:
+            await database.store.append_now(tenant_id, record.collect_events(), self.request_id)
+        except ConcurrencyError:
+            pass  # written already: the first attempt committed after all
+
+
+class PendingOutcomes:
+    """Outcomes that could not be written when their request was answered (the database gone
+    in a failover, or restarting): kept in memory, in order, and written by one background
+    task once the database answers again, so the provisioning log stays complete. While some
+    wait, later outcomes queue behind them (the log keeps the order of the replies).
+
+    Bounded: past `limit` queued records the oldest is dropped and counted
+    (scimledger_outcomes_dropped_total in /metrics), as are the ones still queued when the
+    process stops.
+    """
+
+    def __init__(self, limit: int, retry_interval: float = 0.5) -> None:
+        self.limit = max(limit, 0)
+        self.retry_interval = retry_interval
+        self._queue: deque[tuple[Database, QueuedOutcome]] = deque()
+        self._task: asyncio.Task[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def put(self, database: Database, queued: QueuedOutcome) -> None:
+        metrics.OUTCOMES_QUEUED.inc()
+        if len(self._queue) >= self.limit:
+            metrics.OUTCOMES_DROPPED.inc()
+            if not self._queue:
+                return
+            _, dropped = self._queue.popleft()
+            log.warning("queued request outcome dropped: queue full", request_id=dropped.request_id)
+        self._queue.append((database, queued))
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        while self._queue:
+            database, queued = self._queue[0]
+            try:
+                await queued.write(database)
+            except Exception as e:  # the database is not back yet
+                log.info(
+                    "request outcomes still queued", count=len(self._queue), error=type(e).__name__
+                )
+                await asyncio.sleep(self.retry_interval)
+                continue
+            if self._queue and self._queue[0][1] is queued:
+                self._queue.popleft()
+        log.info("queued request outcomes written")
+
+    async def close(self, grace: float = 2.0) -> None:
+        """At shutdown: a last chance to write what is queued; the rest is counted as dropped."""
+        task = self._task
+        if task is not None and not task.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), grace)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._queue:
+            metrics.OUTCOMES_DROPPED.inc(len(self._queue))
+            log.warning("request outcomes lost at shutdown", count=len(self._queue))
+            self._queue.clear()
+
+
+PENDING_OUTCOMES = web.AppKey("pending_outcomes", PendingOutcomes)

@@ -27,6 +27,9 @@ REQUEST_ID = web.RequestKey("request_id", str)
 CLIENT_REQUEST_ID = web.RequestKey("client_request_id", str)
 REQUEST_CONTEXT = web.RequestKey("request_context", Any)
 PRINCIPAL = web.RequestKey("principal", Principal)
+# The digest of a bearer token that could not be checked (the database away): the request's
+# provisioning-log entry is written once the database is back and the token checked.
+UNVERIFIED_TOKEN = web.RequestKey("unverified_token", bytes)
 
 
 def principal(request: web.Request) -> Principal:

@@ -55,10 +55,17 @@ def default_workers() -> int:
 
 async def first_start(database: Database) -> IssuedToken | None:
     """Register the projections; on an empty database, create the tenant `default`."""
+    from infra.ha import failover_checks
     from projections.rebuild import register as register_projections
     from projections.registry import PROJECTIONS
 
     async with database.pool.acquire() as conn:
+        # What a failover would lose, said once at start (`scimledger doctor` says it all).
+        for check in await failover_checks(conn):
+            if not check.ok:
+                structlog.get_logger("scimledger.doctor").warning(
+                    "database not ready for a failover", check=check.name, detail=check.detail
+                )
         await register_projections(conn, list(PROJECTIONS.values()))
         has_tenant = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM tenants)")
         return None if has_tenant else await create_tenant(conn, "default")
