@@ -20,6 +20,7 @@ import orjson
 from domain.errors import bounded
 from domain.group import Group
 from domain.request import ProvisioningRequest
+from domain.schema import EXTENSION_SEPARATOR, is_extension_urn
 from domain.user import User
 from infra.eventstore import Conn
 
@@ -68,8 +69,10 @@ def _flat(state: Mapping[str, Any] | None) -> Mapping[str, str]:
     out: dict[str, str] = {}
     for key, value in (state or {}).items():
         if isinstance(value, dict):
+            # An extension's attributes go by their full names, `urn:…:2.0:User:Attribute`.
+            separator = EXTENSION_SEPARATOR if is_extension_urn(key) else "."
             for sub, sub_value in value.items():
-                out[f"{key}.{sub}"] = _text(sub_value)
+                out[f"{key}{separator}{sub}"] = _text(sub_value)
         else:
             out[key] = _text(value)
     return out

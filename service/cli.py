@@ -894,6 +894,7 @@ def tenants_list(json_output: bool, data_dir: Path | None, database_url: str | N
             "id": str(row["id"]),
             "created": row["created_at"].isoformat(),
             "disabled": row["disabled_at"] is not None,
+            "undeclared": row["undeclared"],
             "tokens": row["tokens"],
             # From the activity projection (asynchronous: may trail the latest writes).
             "users": row["users"],
@@ -936,6 +937,28 @@ def tenants_disable(name: str, data_dir: Path | None, database_url: str | None) 
 def tenants_enable(name: str, data_dir: Path | None, database_url: str | None) -> None:
     """Accept a disabled tenant's live tokens again."""
     _set_disabled(name, False, data_dir, database_url)
+
+
+@tenants.command("set")
+@click.argument("name")
+@click.option(
+    "--undeclared",
+    type=click.Choice(["keep", "reject"]),
+    required=True,
+    help="Extension attributes no declared schema names: keep them as sent (the default), or"
+    " answer 400 naming the URN and write nothing.",
+)
+@database_options
+def tenants_set(
+    name: str, undeclared: str, data_dir: Path | None, database_url: str | None
+) -> None:
+    """Change a tenant's settings (from the next request on)."""
+    from infra.tenants import set_tenant_undeclared
+
+    settings = _settings(data_dir, database_url)
+    changed = _on_connection(settings, lambda conn: set_tenant_undeclared(conn, name, undeclared))
+    done = "now" if changed else "already"
+    print(f"tenant {name} {done} {undeclared}s undeclared extension attributes")
 
 
 # Options naming a file or directory: any bytes the file system takes.

@@ -242,7 +242,13 @@ async def _desired(request: web.Request) -> dict[str, Any]:
     """The desired state a POST or PUT body describes (off the loop when the body is large)."""
     body = await json_object(request)
     max_values = request.app[SETTINGS].max_multi_values
-    return await off_loop(request.content_length or 0, partial(user_from_scim, body, max_values))
+    work = partial(user_from_scim, body, max_values, reject=rejects_undeclared(request))
+    return await off_loop(request.content_length or 0, work)
+
+
+def rejects_undeclared(request: web.Request) -> bool:
+    """The tenant's `--undeclared reject`: undeclared extension attributes are a 400."""
+    return bool(request[PRINCIPAL].undeclared == "reject")
 
 
 async def create(request: web.Request) -> web.Response:
@@ -287,9 +293,12 @@ async def patch(request: web.Request) -> web.Response:
     user_id = parse_id(request.match_info["id"])
     settings = request.app[SETTINGS]
     operations = parse_patch_request(await json_body(request), settings.max_patch_operations)
+    reject = rejects_undeclared(request)
 
     def change(user: User) -> None:
-        document = apply_patch(user_document(user.state), operations, settings.max_multi_values)
+        document = apply_patch(
+            user_document(user.state), operations, settings.max_multi_values, reject=reject
+        )
         # PATCH is the one way a user grows past what one request carries; a user no PUT could
         # carry would make every later write pay for it again.
         size = len(orjson.dumps(document))

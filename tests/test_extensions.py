@@ -1,0 +1,252 @@
+"""Custom schema extensions (issue 15): what Entra sends under an admin's own URN is kept.
+
+Entra's exact shapes: a POST body with `"urn:…:CustomExtensionName:2.0:User":
+{"CustomAttribute": "blue"}` (often without the URN in `schemas`), PATCH by the full URN path,
+no-path values keyed by URN, and `filter=urn:…:CustomAttribute eq "blue"`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import orjson
+from aiohttp.test_utils import TestClient
+
+from infra.database import Database
+from infra.tenants import IssuedToken, set_tenant_undeclared
+from projections.registry import PROJECTIONS
+from tests.test_audit import audit_auth, settled
+from tests.test_cli import run
+from tests.test_entra_users import (
+    entra_user,
+    event_count,
+    find,
+    get_user,
+    headers,
+    patch,
+)
+from tests.test_projections import rebuild_all, settle, snapshot
+
+Client = TestClient[Any, Any]
+CUSTOM = "urn:ietf:params:scim:schemas:extension:CustomExtensionName:2.0:User"
+ATTRIBUTE = f"{CUSTOM}:CustomAttribute"
+
+
+def custom_user(user_name: str = "Test_User@contoso.com", **extension: Any) -> dict[str, Any]:
+    body = entra_user(user_name)  # its schemas do not list CUSTOM, as Entra's often do not
+    body[CUSTOM] = extension or {"CustomAttribute": "blue"}
+    return body
+
+
+async def post_user(client: Client, auth: dict[str, str], body: dict[str, Any]) -> Any:
+    r = await client.post("/scim/v2/Users", json=body, headers=headers(auth))
+    assert r.status == 201, await r.text()
+    return await r.json(content_type=None)
+
+
+async def domain_events(database: Database, user_id: str) -> list[tuple[str, dict[str, Any]]]:
+    rows = await database.pool.fetch(
+        "SELECT topic, state FROM stored_events WHERE originator_id = $1"
+        " ORDER BY originator_version",
+        uuid.UUID(user_id),
+    )
+    return [(r["topic"].rpartition(".")[2], orjson.loads(r["state"])) for r in rows]
+
+
+async def test_entra_custom_attribute_round_trips(
+    client: Client, auth: dict[str, str], database: Database
+) -> None:
+    sent = custom_user()
+    created = await post_user(client, auth, sent)
+    assert created[CUSTOM] == {"CustomAttribute": "blue"}
+    assert CUSTOM in created["schemas"]
+    user_id = created["id"]
+    assert (await get_user(client, auth, user_id))[CUSTOM] == {"CustomAttribute": "blue"}
+    (provisioned,) = await domain_events(database, user_id)
+    assert provisioned[1]["attributes"][CUSTOM] == {"CustomAttribute": "blue"}
+
+    # Found by a filter on the full name, in any case, and by the attributes it selects.
+    for query in (
+        f'filter={ATTRIBUTE} eq "blue"',
+        f'filter={ATTRIBUTE.upper()} eq "BLUE"',
+        f'filter={ATTRIBUTE} sw "bl" and userName eq "test_user@contoso.com"',
+        f"filter={ATTRIBUTE} pr",
+    ):
+        found = await find(client, auth, query)
+        assert [u["id"] for u in found["Resources"]] == [user_id], query
+    for query in (f'filter={ATTRIBUTE} eq "red"', f'filter={ATTRIBUTE} ne "blue"'):
+        assert (await find(client, auth, query))["Resources"] == [], query
+    assert (await find(client, auth, f'filter=not ({ATTRIBUTE} eq "red")'))["totalResults"] == 1
+    selected = await find(client, auth, f"attributes={ATTRIBUTE}")
+    assert selected["Resources"][0][CUSTOM] == {"CustomAttribute": "blue"}
+    assert "userName" not in selected["Resources"][0]
+    excluded = await find(client, auth, f"excludedAttributes={CUSTOM}")
+    assert CUSTOM not in excluded["Resources"][0]
+
+    # Default PATCH style: capitalised ops, the full URN path.
+    before = await event_count(database)
+    patched = await patch(
+        client, auth, user_id, {"op": "Replace", "path": ATTRIBUTE, "value": "green"}
+    )
+    assert patched[CUSTOM] == {"CustomAttribute": "green"}
+    *_, (name, changed) = await domain_events(database, user_id)
+    assert name == "UserAttributesChanged" and changed["changed"] == {ATTRIBUTE: "green"}
+    assert await event_count(database) == before + 1
+    # An unchanged resync appends nothing.
+    await patch(client, auth, user_id, {"op": "Replace", "path": ATTRIBUTE, "value": "green"})
+    r = await client.put(
+        f"/scim/v2/Users/{user_id}",
+        json={**sent, CUSTOM: {"customattribute": "green"}},
+        headers=headers(auth),
+    )
+    assert r.status == 200
+    assert await event_count(database) == before + 1
+
+    # aadOptscim062020 style: several URN keys in one no-path value.
+    patched = await patch(
+        client,
+        auth,
+        user_id,
+        {"op": "add", "value": {ATTRIBUTE: "teal", f"{CUSTOM}:HireDate": "2026-01-05"}},
+    )
+    assert patched[CUSTOM] == {"CustomAttribute": "teal", "HireDate": "2026-01-05"}
+    patched = await patch(client, auth, user_id, {"op": "Remove", "path": f"{CUSTOM}:hiredate"})
+    assert patched[CUSTOM] == {"CustomAttribute": "teal"}
+    # The whole extension object, as a no-path value keyed by the URN.
+    patched = await patch(
+        client, auth, user_id, {"op": "replace", "value": {CUSTOM: {"Badges": ["a", "b"]}}}
+    )
+    assert patched[CUSTOM] == {"Badges": ["a", "b"], "CustomAttribute": "teal"}
+    patched = await patch(
+        client, auth, user_id, {"op": "Add", "path": f"{CUSTOM}:Badges", "value": ["c", "a"]}
+    )
+    assert patched[CUSTOM]["Badges"] == ["a", "b", "c"]
+    patched = await patch(
+        client, auth, user_id, {"op": "Remove", "path": f"{CUSTOM}:Badges", "value": ["b"]}
+    )
+    assert patched[CUSTOM]["Badges"] == ["a", "c"]
+    found = await find(client, auth, f'filter={CUSTOM}:Badges eq "c"')
+    assert found["totalResults"] == 1
+    patched = await patch(client, auth, user_id, {"op": "Remove", "path": ATTRIBUTE})
+    assert patched[CUSTOM] == {"Badges": ["a", "c"]}
+    patched = await patch(client, auth, user_id, {"op": "Remove", "path": f"{CUSTOM}:Badges"})
+    assert CUSTOM not in patched and CUSTOM not in patched["schemas"]
+    assert CUSTOM not in await get_user(client, auth, user_id)
+
+
+async def test_typed_values_compare_as_their_type(client: Client, auth: dict[str, str]) -> None:
+    ext = "urn:example:ext:2.0:User"
+    body = entra_user("typed@contoso.com")
+    body[ext] = {"level": 7, "remote": True, "badge": {"value": "B-1", "site": "Oslo"}}
+    user_id = (await post_user(client, auth, body))["id"]
+    for query in (
+        f"filter={ext}:level eq 7",
+        f"filter={ext}:level gt 6.5",
+        f"filter={ext}:remote eq true",
+        f'filter={ext}:badge eq "b-1"',
+        f'filter={ext}:badge.site eq "oslo"',
+    ):
+        assert [u["id"] for u in (await find(client, auth, query))["Resources"]] == [user_id]
+    for query in (f"filter={ext}:level lt 7", f"filter={ext}:remote eq false"):
+        assert (await find(client, auth, query))["totalResults"] == 0, query
+    r = await client.get(f'/scim/v2/Users?filter={ext}:badge[site eq "x"]', headers=auth)
+    assert r.status == 400 and (await r.json())["scimType"] == "invalidFilter"
+
+
+async def test_limits_apply_to_extension_values(
+    client: Client, auth: dict[str, str], database: Database, settings: Any
+) -> None:
+    before = await event_count(database)
+    too_many = custom_user(Badges=[str(i) for i in range(settings.max_multi_values + 1)])
+    r = await client.post("/scim/v2/Users", json=too_many, headers=headers(auth))
+    assert r.status == 400 and (await r.json())["scimType"] == "invalidValue"
+    assert "Badges" in (await r.json())["detail"]
+    too_long = custom_user(Note="x" * (settings.max_string_length + 1))
+    r = await client.post("/scim/v2/Users", json=too_long, headers=headers(auth))
+    assert r.status == 400 and (await r.json())["scimType"] == "invalidValue"
+    deep: Any = "x"
+    for _ in range(40):
+        deep = {"a": deep}
+    r = await client.post("/scim/v2/Users", json=custom_user(Deep=deep), headers=headers(auth))
+    assert r.status == 400 and (await r.json())["scimType"] == "invalidValue"
+    bad_name = custom_user(**{"not a name": "x"})
+    r = await client.post("/scim/v2/Users", json=bad_name, headers=headers(auth))
+    assert r.status == 400 and (await r.json())["scimType"] == "invalidValue"
+    user_id = (await post_user(client, auth, custom_user(Badges=["a"])))["id"]
+    grown = [str(i) for i in range(settings.max_multi_values)]
+    await patch(
+        client,
+        auth,
+        user_id,
+        {"op": "add", "path": f"{CUSTOM}:Badges", "value": grown},
+        status=400,
+    )
+    assert await event_count(database) == before + 1  # the one user created
+
+
+async def test_reject_undeclared_writes_nothing(
+    client: Client, auth: dict[str, str], database: Database, tenant: IssuedToken, fresh_dsn: str
+) -> None:
+    kept = (await post_user(client, auth, custom_user("kept@contoso.com")))["id"]
+    code, out, err = await run(
+        "tenants", "set", "acme", "--undeclared", "reject", "--database-url", fresh_dsn
+    )
+    assert code == 0, err
+    assert out.strip() == "tenant acme now rejects undeclared extension attributes"
+    code, out, _ = await run("tenants", "list", "--json", "--database-url", fresh_dsn)
+    assert orjson.loads(out)["undeclared"] == "reject"
+    code, _, err = await run(
+        "tenants", "set", "acme", "--undeclared", "drop", "--database-url", fresh_dsn
+    )
+    assert code == 2 and "drop" in err
+    async with database.pool.acquire() as conn:
+        assert not await set_tenant_undeclared(conn, "acme", "reject")
+    before = await event_count(database)
+    users = await database.pool.fetchval("SELECT count(*) FROM scim_users")
+    r = await client.post("/scim/v2/Users", json=custom_user(), headers=headers(auth))
+    assert r.status == 400, await r.text()
+    error = await r.json()
+    assert error["scimType"] == "invalidValue" and CUSTOM in error["detail"]
+    assert "--undeclared keep" in error["detail"]
+    for operation in (
+        {"op": "Add", "path": ATTRIBUTE, "value": "red"},
+        {"op": "add", "value": {ATTRIBUTE: "red"}},
+    ):
+        body = await patch(client, auth, kept, operation, status=400)
+        assert CUSTOM in body["detail"]
+    assert await event_count(database) == before
+    assert await database.pool.fetchval("SELECT count(*) FROM scim_users") == users
+    # What was kept before stays readable; a plain user is still welcome.
+    assert (await get_user(client, auth, kept))[CUSTOM] == {"CustomAttribute": "blue"}
+    await post_user(client, auth, entra_user("plain@contoso.com"))
+
+
+async def test_log_history_and_rebuild_name_extension_attributes(
+    client: Client, auth: dict[str, str], database: Database
+) -> None:
+    reader = await audit_auth(database)
+    user_id = (await post_user(client, auth, custom_user()))["id"]
+    await patch(client, auth, user_id, {"op": "Replace", "path": ATTRIBUTE, "value": "green"})
+    await settled(client, reader)
+    r = await client.get(f"/audit/v1/resources/{user_id}/history", headers=reader)
+    created, updated = (await r.json())["entries"]
+    assert {"displayName": ATTRIBUTE, "oldValue": None, "newValue": "blue"} in created[
+        "modifiedProperties"
+    ]
+    assert updated["modifiedProperties"] == [
+        {"displayName": ATTRIBUTE, "oldValue": "blue", "newValue": "green"}
+    ]
+    r = await client.get(
+        f"/audit/v1/resources/{user_id}",
+        params={"at": created["activityDateTime"]},
+        headers=reader,
+    )
+    assert (await r.json())[CUSTOM] == {"CustomAttribute": "blue"}
+
+    await settle(database)
+    before = await snapshot(database)
+    reports = await rebuild_all(database)
+    assert [r.name for r in reports] == list(PROJECTIONS)
+    assert not any(r.drift for r in reports), [r.diffs for r in reports]
+    assert await snapshot(database) == before
