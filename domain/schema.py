@@ -132,6 +132,18 @@ def respell_extensions(current: Mapping[str, Any], new: dict[str, Any]) -> dict[
     return dict(sorted(out.items()))
 
 
+def extension_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """Changed extension attributes by full name (`urn:…:User:CustomAttribute`), None for
+    cleared: what UserAttributesChanged (and GroupAttributesChanged) record of extensions."""
+    changed: dict[str, Any] = {}
+    for urn in {k for k in old if is_extension_urn(k)} | {k for k in new if is_extension_urn(k)}:
+        old_attributes, new_attributes = old.get(urn, {}), new.get(urn, {})
+        for attribute in set(old_attributes) | set(new_attributes):
+            if new_attributes.get(attribute) != old_attributes.get(attribute):
+                changed[extension_attribute_name(urn, attribute)] = new_attributes.get(attribute)
+    return dict(sorted(changed.items()))
+
+
 def _empty(value: object) -> bool:
     return value is None or value == "" or value == [] or value == {}
 

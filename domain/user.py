@@ -27,7 +27,7 @@ from domain.schema import (
     USER_MULTI_VALUED_ATTRIBUTES,
     USER_NAME,
     USER_STRING_ATTRIBUTES,
-    extension_attribute_name,
+    extension_changes,
     is_extension_urn,
     normalise_user,
     respell_extensions,
@@ -243,18 +243,6 @@ def _attribute_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[s
             changed[ENTERPRISE_PREFIX + sub] = new_enterprise.get(sub)
     changed.update(extension_changes(old, new))
     return dict(sorted(changed.items()))
-
-
-def extension_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    """Changed extension attributes by full name (`urn:…:User:CustomAttribute`), None for
-    cleared: what UserAttributesChanged (and GroupAttributesChanged) record of extensions."""
-    changed: dict[str, Any] = {}
-    for urn in {k for k in old if is_extension_urn(k)} | {k for k in new if is_extension_urn(k)}:
-        old_attributes, new_attributes = old.get(urn, {}), new.get(urn, {})
-        for attribute in set(old_attributes) | set(new_attributes):
-            if new_attributes.get(attribute) != old_attributes.get(attribute):
-                changed[extension_attribute_name(urn, attribute)] = new_attributes.get(attribute)
-    return changed
 
 
 def _put(target: dict[str, Any], key: str, value: Any) -> None:

@@ -99,6 +99,7 @@ def _group_state(group: Group) -> dict[str, Any]:
     state: dict[str, Any] = {"displayName": group.display_name}
     if group.external_id is not None:
         state["externalId"] = group.external_id
+    state.update(group.extensions)
     return state
 
 
@@ -306,6 +307,7 @@ async def _load_resources(
                 state.get("externalId"),
                 r["created"],
                 r["modified"],
+                {key: value for key, value in state.items() if is_extension_urn(key)},
             )
     return found
 

@@ -26,6 +26,7 @@ from infra.database import Database
 from infra.eventstore import ConcurrencyError, OutOfOrder
 from service.errors import ScimError, invalid_value, not_found, precondition_failed, uniqueness
 from service.scim.group_patch import UNSET, GroupChange
+from service.scim.patch import apply_extension_patch
 from service.unit_of_work import UnitOfWork, is_unique_violation
 
 MAX_ATTEMPTS = 8
@@ -194,8 +195,9 @@ async def create_group(db: Database, caller: Caller, change: GroupChange) -> Gro
     async def work(uow: UnitOfWork) -> Group:
         display_name = None if change.display_name is UNSET else change.display_name
         external_id = None if change.external_id is UNSET else change.external_id
+        extensions = None if change.extensions is UNSET else change.extensions
         group = _domain(
-            lambda: Group.create(group_id, caller.tenant_id, display_name, external_id)  # type: ignore[arg-type]
+            lambda: Group.create(group_id, caller.tenant_id, display_name, external_id, extensions)  # type: ignore[arg-type]
         )
         uow.add_group(group)
         await _change_members(uow, group, change)
@@ -212,7 +214,12 @@ async def change_group(
         group = await _load_group(uow, group_id, if_match)
         display_name = group.display_name if change.display_name is UNSET else change.display_name
         external_id = group.external_id if change.external_id is UNSET else change.external_id
-        _domain(lambda: group.update(display_name, external_id))
+        extensions = None if change.extensions is UNSET else change.extensions
+        if change.extension_ops:
+            extensions = apply_extension_patch(
+                group.extensions, change.extension_ops, change.max_values
+            )
+        _domain(lambda: group.update(display_name, external_id, extensions))
         await _change_members(uow, group, change)
         await _flush(uow, group.display_name, "displayName")
         return group

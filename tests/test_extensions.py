@@ -7,7 +7,9 @@ no-path values keyed by URN, and `filter=urn:…:CustomAttribute eq "blue"`.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -18,7 +20,9 @@ from infra.tenants import IssuedToken, set_tenant_undeclared
 from projections.registry import PROJECTIONS
 from tests.test_audit import audit_auth, settled
 from tests.test_cli import run
+from tests.test_entra_groups import GROUP
 from tests.test_entra_users import (
+    PATCH_OP,
     entra_user,
     event_count,
     find,
@@ -250,3 +254,85 @@ async def test_log_history_and_rebuild_name_extension_attributes(
     assert [r.name for r in reports] == list(PROJECTIONS)
     assert not any(r.drift for r in reports), [r.diffs for r in reports]
     assert await snapshot(database) == before
+
+
+GROUP_EXT = "urn:ietf:params:scim:schemas:extension:CustomExtensionName:2.0:Group"
+
+
+async def test_groups_keep_undeclared_extension_attributes(
+    client: Client, auth: dict[str, str], database: Database, fresh_dsn: str
+) -> None:
+    reader = await audit_auth(database)
+    body = {"schemas": [GROUP], "displayName": "Sales", GROUP_EXT: {"CostCentre": "CC-1"}}
+    r = await client.post("/scim/v2/Groups", json=body, headers=headers(auth))
+    assert r.status == 201, await r.text()
+    created = await r.json()
+    group_id = created["id"]
+    assert created[GROUP_EXT] == {"CostCentre": "CC-1"} and GROUP_EXT in created["schemas"]
+    r = await client.get(f"/scim/v2/Groups/{group_id}?excludedAttributes=members", headers=auth)
+    assert (await r.json())[GROUP_EXT] == {"CostCentre": "CC-1"}
+    names = [name for name, _ in await domain_events(database, group_id)]
+    assert names == ["GroupCreated", "GroupAttributesChanged"]
+    await asyncio.sleep(0.01)
+    after_create = datetime.now(UTC).isoformat()
+    await asyncio.sleep(0.01)
+
+    async def group_patch(*operations: dict[str, Any], status: int = 204) -> None:
+        r = await client.patch(
+            f"/scim/v2/Groups/{group_id}",
+            json={"schemas": [PATCH_OP], "Operations": list(operations)},
+            headers=headers(auth),
+        )
+        assert r.status == status, await r.text()
+
+    async def found(query: str) -> list[str]:
+        r = await client.get(f"/scim/v2/Groups?{query}", headers=auth)
+        assert r.status == 200, await r.text()
+        return [g["id"] for g in (await r.json())["Resources"]]
+
+    assert await found(f'filter={GROUP_EXT}:CostCentre eq "cc-1"') == [group_id]
+    await group_patch({"op": "Replace", "path": f"{GROUP_EXT}:CostCentre", "value": "CC-2"})
+    await group_patch({"op": "add", "value": {f"{GROUP_EXT}:Region": "EMEA"}})
+    before = await event_count(database)
+    await group_patch({"op": "Replace", "path": f"{GROUP_EXT}:costcentre", "value": "CC-2"})
+    assert await event_count(database) == before  # unchanged: nothing appended
+    r = await client.get(f"/scim/v2/Groups/{group_id}", headers=auth)
+    assert (await r.json())[GROUP_EXT] == {"CostCentre": "CC-2", "Region": "EMEA"}
+    assert await found(f'filter={GROUP_EXT}:CostCentre eq "cc-1"') == []
+    await group_patch({"op": "Remove", "path": f"{GROUP_EXT}:Region"})
+    r = await client.put(
+        f"/scim/v2/Groups/{group_id}",
+        json={"schemas": [GROUP], "displayName": "Sales", GROUP_EXT: {"CostCentre": "CC-3"}},
+        headers=headers(auth),
+    )
+    assert r.status == 200 and (await r.json())[GROUP_EXT] == {"CostCentre": "CC-3"}
+
+    await settled(client, reader)
+    r = await client.get(f"/audit/v1/resources/{group_id}/history", headers=reader)
+    entries = (await r.json())["entries"]
+    changes = [p for e in entries for p in e["modifiedProperties"]]
+    assert {"displayName": f"{GROUP_EXT}:CostCentre", "oldValue": "CC-1", "newValue": "CC-2"} in (
+        changes
+    )
+    r = await client.get(
+        f"/audit/v1/resources/{group_id}",
+        params={"at": after_create},
+        headers=reader,
+    )
+    assert (await r.json())[GROUP_EXT] == {"CostCentre": "CC-1"}
+
+    await settle(database)
+    before_rebuild = await snapshot(database)
+    assert not any(r.drift for r in await rebuild_all(database))
+    assert await snapshot(database) == before_rebuild
+
+    code, _, err = await run(
+        "tenants", "set", "acme", "--undeclared", "reject", "--database-url", fresh_dsn
+    )
+    assert code == 0, err
+    before = await event_count(database)
+    body = {"schemas": [GROUP], "displayName": "Ops", GROUP_EXT: {"CostCentre": "CC-9"}}
+    r = await client.post("/scim/v2/Groups", json=body, headers=headers(auth))
+    assert r.status == 400 and GROUP_EXT in (await r.json())["detail"]
+    await group_patch({"op": "add", "path": f"{GROUP_EXT}:Region", "value": "x"}, status=400)
+    assert await event_count(database) == before

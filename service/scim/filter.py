@@ -802,6 +802,7 @@ GROUP_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:Group"
 
 GROUP_ATTRIBUTES = AttributeMap(
     schema=GROUP_SCHEMA,
+    undeclared="g.extensions",
     attributes=attributes(
         Attribute("id", Kind.UUID, "g.id", case_exact=True),
         Attribute("externalId", Kind.STRING, "g.external_id", case_exact=True),

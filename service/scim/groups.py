@@ -7,6 +7,8 @@ held while the client takes them (service/streams.py).
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from datetime import datetime
 from functools import partial
 from typing import Any
@@ -39,8 +41,8 @@ from service.scim.lists import (
     search_params,
 )
 from service.scim.patch import parse_patch_request
-from service.scim.representation import scim_timestamp, select_attributes
-from service.scim.users import caller, json_body, json_object, off_loop
+from service.scim.representation import extensions_from_scim, scim_timestamp, select_attributes
+from service.scim.users import caller, json_body, json_object, off_loop, rejects_undeclared
 from service.state import DATABASE, PRINCIPAL, SETTINGS, base_url
 from service.streams import StreamCut, streaming
 
@@ -55,11 +57,14 @@ def group_resource(
     version: int,
     created: datetime,
     last_modified: datetime,
+    extensions: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    resource: dict[str, Any] = {"schemas": [GROUP_SCHEMA], "id": str(group_id)}
+    resource: dict[str, Any] = {"schemas": [GROUP_SCHEMA, *(extensions or ())], "id": str(group_id)}
     if external_id is not None:
         resource["externalId"] = external_id
     resource["displayName"] = display_name
+    for urn, attributes in (extensions or {}).items():
+        resource[urn] = copy.deepcopy(attributes)
     resource["meta"] = {
         "resourceType": "Group",
         "created": scim_timestamp(created),
@@ -79,6 +84,7 @@ def _of_group(base: str, group: Group) -> dict[str, Any]:
         group.version,
         group.created_on,
         group.modified_on,
+        group.extensions,
     )
 
 
@@ -91,6 +97,7 @@ def _of_row(base: str, row: asyncpg.Record) -> dict[str, Any]:
         row["version"],
         row["created"],
         row["last_modified"],
+        row["extensions"],
     )
 
 
@@ -253,9 +260,16 @@ async def _search(request: web.Request, query: ListQuery) -> dict[str, Any]:
 # -- writes ---------------------------------------------------------------------------------
 
 
-def _change_from_body(body: dict[str, Any], max_members: int | None = None) -> GroupChange:
+def _change_from_body(
+    body: dict[str, Any],
+    max_members: int | None = None,
+    max_values: int | None = None,
+    *,
+    reject: bool = False,
+) -> GroupChange:
     """A POST/PUT body as a change: the attributes it sets and its full member list (at most
-    `max_members`, Settings.max_patch_members, as one PATCH operation may name)."""
+    `max_members`, Settings.max_patch_members, as one PATCH operation may name); undeclared
+    extensions kept (or, with `reject`, refused)."""
     keyed = {k.lower(): v for k, v in body.items()}
     schemas = keyed.get("schemas")
     if schemas is not None and not isinstance(schemas, list):
@@ -267,6 +281,7 @@ def _change_from_body(body: dict[str, Any], max_members: int | None = None) -> G
     if external_id is not None and not isinstance(external_id, str):
         raise invalid_value("externalId must be a string")
     change = GroupChange(display_name=display_name, external_id=external_id or None)
+    change.extensions = extensions_from_scim(body, (GROUP_SCHEMA,), max_values, reject=reject)
     members = members_of(keyed.get("members"), limit=max_members)
     change.replace_members(set(members))
     change.displays = {m: d for m, d in members.items() if d}
@@ -274,10 +289,15 @@ def _change_from_body(body: dict[str, Any], max_members: int | None = None) -> G
 
 
 async def _change_of(request: web.Request, body: dict[str, Any]) -> GroupChange:
-    max_members = request.app[SETTINGS].max_patch_members
-    return await off_loop(
-        request.content_length or 0, partial(_change_from_body, body, max_members)
+    settings = request.app[SETTINGS]
+    work = partial(
+        _change_from_body,
+        body,
+        settings.max_patch_members,
+        settings.max_multi_values,
+        reject=rejects_undeclared(request),
     )
+    return await off_loop(request.content_length or 0, work)
 
 
 async def create(request: web.Request) -> web.StreamResponse:
@@ -304,7 +324,14 @@ async def patch(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     operations = parse_patch_request(await json_body(request), settings.max_patch_operations)
     size = request.content_length or 0
-    change = await off_loop(size, partial(fold_operations, operations, settings.max_patch_members))
+    fold = partial(
+        fold_operations,
+        operations,
+        settings.max_patch_members,
+        settings.max_multi_values,
+        reject=rejects_undeclared(request),
+    )
+    change = await off_loop(size, fold)
     group = await handlers.change_group(
         request.app[DATABASE], caller(request), group_id, change, request.headers.get("If-Match")
     )

@@ -715,6 +715,23 @@ def _tidy(document: dict[str, Any]) -> None:
     document["schemas"] = [USER_SCHEMA, *(urn for urn in urns if urn in document)]
 
 
+def apply_extension_patch(
+    extensions: Mapping[str, Any],
+    operations: list[tuple[str, str, Any]],
+    max_values: int | None = None,
+) -> dict[str, Any]:
+    """Apply (op, path, value) operations on undeclared extension attributes to a resource's
+    extensions (URN -> attributes), as a user PATCH applies them; a new dict is returned."""
+    cost = _Cost(max_values)
+    document: dict[str, Any] = copy.deepcopy(dict(extensions))
+    for op, path, value in operations:
+        target = cost.resolve(path)
+        if target.kind != "undeclared":
+            raise _invalid_path(f"unknown attribute in path {path[:100]!r}")
+        _apply_undeclared(document, op, target, value, cost)
+    return {urn: attributes for urn, attributes in document.items() if attributes}
+
+
 def apply_patch(
     document: Mapping[str, Any],
     operations: list[dict[str, Any]],
