@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
@@ -34,6 +35,8 @@ class Principal:
     role: str
     # What the tenant does with undeclared extension attributes: "keep" or "reject".
     undeclared: str = "keep"
+    # The tenant's declared extension schemas: [{"resourceType": "User", "schema": {...}}].
+    declared: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +128,9 @@ LAST_USED_RESOLUTION = "60 seconds"
 
 _LOOKUP = (
     "SELECT k.id, k.name, k.role, k.token_hash, t.id AS tenant_id, t.name AS tenant_name,"
-    " t.undeclared, (k.last_used_at IS NULL OR k.last_used_at"
+    " t.undeclared, (SELECT jsonb_agg(jsonb_build_object('resourceType', s.resource_type,"
+    " 'schema', s.schema) ORDER BY lower(s.urn)) FROM tenant_schemas s"
+    " WHERE s.tenant_id = t.id) AS declared, (k.last_used_at IS NULL OR k.last_used_at"
     f"  < now() - interval '{LAST_USED_RESOLUTION}') AS stale"
     " FROM tokens k JOIN tenants t ON t.id = k.tenant_id"
     f" WHERE k.token_hash = any($1::bytea[]) AND {LIVE_TOKEN}"
@@ -153,6 +158,7 @@ async def authenticate_many(
             row["name"],
             row["role"],
             row["undeclared"],
+            tuple(row["declared"] or ()),
         )
         if row["stale"]:
             stale.append(row["id"])

@@ -961,6 +961,95 @@ def tenants_set(
     print(f"tenant {name} {done} {undeclared}s undeclared extension attributes")
 
 
+@cli.group()
+def schemas() -> None:
+    """Extension schemas a tenant declares (RFC 7643 §7 form), for Users or Groups."""
+
+
+@schemas.command("add")
+@click.option("--tenant", required=True, help="Tenant name.")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--resource-type", type=click.Choice(["User", "Group"]), default="User", show_default=True
+)
+@database_options
+def schemas_add(
+    tenant: str,
+    file: Path,
+    resource_type: str,
+    data_dir: Path | None,
+    database_url: str | None,
+) -> None:
+    """Declare an extension schema (a JSON file: id = the URN, name, attributes)."""
+    from infra.schemas import BadDeclaration, declare, parse_declaration
+
+    try:
+        schema = parse_declaration(orjson.loads(file.read_bytes()))
+    except orjson.JSONDecodeError as e:
+        raise click.UsageError(f"{file} is not JSON: {e}") from None
+    except BadDeclaration as e:
+        raise click.UsageError(f"{file}: {e}") from None
+    settings = _settings(data_dir, database_url)
+    new = _on_connection(settings, lambda conn: declare(conn, tenant, schema, resource_type))
+    done = "declared" if new else "declared again"
+    print(f"{schema['id']} {done} for {resource_type}s of tenant {tenant}")
+
+
+@schemas.command("list")
+@click.option("--tenant", required=True, help="Tenant name.")
+@click.option("--json", "json_output", is_flag=True, help="Print JSON lines.")
+@database_options
+def schemas_list(
+    tenant: str, json_output: bool, data_dir: Path | None, database_url: str | None
+) -> None:
+    """List a tenant's declared extension schemas."""
+    from infra.schemas import declared
+
+    settings = _settings(data_dir, database_url)
+    for row in _on_connection(settings, lambda conn: declared(conn, tenant)):
+        record = {
+            "urn": row["urn"],
+            "resourceType": row["resource_type"],
+            "attributes": len(row["schema"]["attributes"]),
+            "declared": row["declared_at"].isoformat(),
+        }
+        if json_output:
+            print(orjson.dumps(record).decode())
+        else:
+            print(f"{record['urn']}\t{record['resourceType']}\tattributes={record['attributes']}")
+
+
+@schemas.command("show")
+@click.option("--tenant", required=True, help="Tenant name.")
+@click.argument("urn")
+@database_options
+def schemas_show(tenant: str, urn: str, data_dir: Path | None, database_url: str | None) -> None:
+    """Print one declared schema as JSON."""
+    from infra.schemas import declared
+
+    settings = _settings(data_dir, database_url)
+    rows = _on_connection(settings, lambda conn: declared(conn, tenant))
+    for row in rows:
+        if row["urn"].casefold() == urn.casefold():
+            print(orjson.dumps(row["schema"], option=orjson.OPT_INDENT_2).decode())
+            return
+    raise click.UsageError(f"tenant {tenant} declares no schema {urn}")
+
+
+@schemas.command("remove")
+@click.option("--tenant", required=True, help="Tenant name.")
+@click.argument("urn")
+@database_options
+def schemas_remove(tenant: str, urn: str, data_dir: Path | None, database_url: str | None) -> None:
+    """Withdraw a declaration (values already recorded stay in the events)."""
+    from infra.schemas import withdraw
+
+    settings = _settings(data_dir, database_url)
+    if not _on_connection(settings, lambda conn: withdraw(conn, tenant, urn)):
+        raise click.UsageError(f"tenant {tenant} declares no schema {urn}")
+    print(f"{urn} removed from tenant {tenant}")
+
+
 # Options naming a file or directory: any bytes the file system takes.
 _PATH_OPTIONS = ("--data-dir", "--output")
 

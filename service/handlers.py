@@ -25,6 +25,7 @@ from infra import metrics
 from infra.database import Database
 from infra.eventstore import ConcurrencyError, OutOfOrder
 from service.errors import ScimError, invalid_value, not_found, precondition_failed, uniqueness
+from service.scim.declared import coerce_declared
 from service.scim.group_patch import UNSET, GroupChange
 from service.scim.patch import apply_extension_patch
 from service.unit_of_work import UnitOfWork, is_unique_violation
@@ -216,8 +217,9 @@ async def change_group(
         external_id = group.external_id if change.external_id is UNSET else change.external_id
         extensions = None if change.extensions is UNSET else change.extensions
         if change.extension_ops:
-            extensions = apply_extension_patch(
-                group.extensions, change.extension_ops, change.max_values
+            extensions = coerce_declared(
+                apply_extension_patch(group.extensions, change.extension_ops, change.max_values),
+                change.declared,
             )
         _domain(lambda: group.update(display_name, external_id, extensions))
         await _change_members(uow, group, change)

@@ -336,3 +336,124 @@ async def test_groups_keep_undeclared_extension_attributes(
     assert r.status == 400 and GROUP_EXT in (await r.json())["detail"]
     await group_patch({"op": "add", "path": f"{GROUP_EXT}:Region", "value": "x"}, status=400)
     assert await event_count(database) == before
+
+
+BADGE = "urn:example:params:scim:schemas:extension:Badge:2.0:User"
+TEAM = "urn:example:params:scim:schemas:extension:Team:2.0:Group"
+BADGE_SCHEMA = {
+    "id": BADGE,
+    "name": "Badge",
+    "attributes": [
+        {"name": "number", "type": "string"},
+        {"name": "onSite", "type": "boolean"},
+        {"name": "level", "type": "integer"},
+        {"name": "allowance", "type": "decimal"},
+        {"name": "hired", "type": "dateTime"},
+        {"name": "portrait", "type": "reference"},
+        {
+            "name": "doors",
+            "type": "complex",
+            "multiValued": True,
+            "subAttributes": [
+                {"name": "value", "type": "string"},
+                {"name": "floor", "type": "integer"},
+            ],
+        },
+    ],
+}
+TEAM_SCHEMA = {"id": TEAM, "name": "Team", "attributes": [{"name": "code", "type": "string"}]}
+
+
+async def test_declared_extensions_are_accepted_typed_and_described(
+    client: Client, auth: dict[str, str], database: Database, fresh_dsn: str, tmp_path: Any
+) -> None:
+    db = ("--database-url", fresh_dsn)
+    badge_file, team_file = tmp_path / "badge.json", tmp_path / "team.json"
+    badge_file.write_bytes(orjson.dumps(BADGE_SCHEMA))
+    team_file.write_bytes(orjson.dumps(TEAM_SCHEMA))
+    for args in (
+        ("schemas", "add", "--tenant", "acme", str(badge_file)),
+        ("schemas", "add", "--tenant", "acme", str(team_file), "--resource-type", "Group"),
+        ("tenants", "set", "acme", "--undeclared", "reject"),
+    ):
+        code, _, err = await run(*args, *db)
+        assert code == 0, err
+    code, out, _ = await run("schemas", "list", "--tenant", "acme", "--json", *db)
+    listed = [orjson.loads(line) for line in out.splitlines()]
+    assert [(s["urn"], s["resourceType"]) for s in listed] == [(BADGE, "User"), (TEAM, "Group")]
+    code, out, _ = await run("schemas", "show", "--tenant", "acme", BADGE.upper(), *db)
+    assert code == 0 and orjson.loads(out)["attributes"][2]["type"] == "integer"
+    bad_file = tmp_path / "bad.json"
+    bad_file.write_bytes(orjson.dumps({"id": "nope", "attributes": []}))
+    code, _, err = await run("schemas", "add", "--tenant", "acme", str(bad_file), *db)
+    assert code == 2 and "URN" in err
+
+    # /Schemas and /ResourceTypes describe what this tenant accepts.
+    r = await client.get("/scim/v2/Schemas", headers=auth)
+    ids = [s["id"] for s in (await r.json())["Resources"]]
+    assert BADGE in ids and TEAM in ids
+    r = await client.get(f"/scim/v2/Schemas/{BADGE}", headers=auth)
+    assert [a["name"] for a in (await r.json())["attributes"]][:3] == ["number", "onSite", "level"]
+    r = await client.get("/scim/v2/ResourceTypes/User", headers=auth)
+    assert {"schema": BADGE, "required": False} in (await r.json())["schemaExtensions"]
+
+    body = entra_user("badge@contoso.com")
+    body[BADGE.lower()] = {
+        "Number": "B-7",
+        "onSite": "True",
+        "level": 3,
+        "allowance": 12.5,
+        "hired": "2026-01-05T09:00:00Z",
+        "portrait": "https://example.com/p.png",
+        "doors": {"value": "north", "floor": 2},
+    }
+    user = await post_user(client, auth, body)  # accepted under --undeclared reject
+    assert user[BADGE] == {
+        "allowance": 12.5,
+        "doors": [{"floor": 2, "value": "north"}],
+        "hired": "2026-01-05T09:00:00Z",
+        "level": 3,
+        "number": "B-7",
+        "onSite": True,
+        "portrait": "https://example.com/p.png",
+    }
+    patched = await patch(
+        client, auth, user["id"], {"op": "Replace", "path": f"{BADGE}:onSite", "value": "False"}
+    )
+    assert patched[BADGE]["onSite"] is False
+    found = await find(client, auth, f"filter={BADGE}:level ge 3 and {BADGE}:doors.floor eq 2")
+    assert [u["id"] for u in found["Resources"]] == [user["id"]]
+
+    before = await event_count(database)
+    for name, value in (("level", "three"), ("hired", "someday"), ("onSite", 1), ("colour", "x")):
+        bad = entra_user(f"{name}@contoso.com")
+        bad[BADGE] = {name: value}
+        r = await client.post("/scim/v2/Users", json=bad, headers=headers(auth))
+        error = await r.json()
+        assert r.status == 400 and error["scimType"] == "invalidValue", error
+        assert f"{BADGE}:{name}" in error["detail"]
+    await patch(
+        client, auth, user["id"], {"op": "add", "value": {f"{BADGE}:level": "x"}}, status=400
+    )
+    assert await event_count(database) == before
+
+    group = {"schemas": [GROUP], "displayName": "Ops", TEAM: {"CODE": "T1"}}
+    r = await client.post("/scim/v2/Groups", json=group, headers=headers(auth))
+    assert r.status == 201 and (await r.json())[TEAM] == {"code": "T1"}
+    group_id = (await r.json())["id"]
+    r = await client.patch(
+        f"/scim/v2/Groups/{group_id}",
+        json={
+            "schemas": [PATCH_OP],
+            "Operations": [{"op": "add", "path": f"{TEAM}:code", "value": 5}],
+        },
+        headers=headers(auth),
+    )
+    assert r.status == 400 and f"{TEAM}:code" in (await r.json())["detail"]
+
+    code, _, err = await run("schemas", "remove", "--tenant", "acme", BADGE, *db)
+    assert code == 0, err
+    r = await client.get("/scim/v2/Schemas", headers=auth)
+    assert BADGE not in [s["id"] for s in (await r.json())["Resources"]]
+    r = await client.post("/scim/v2/Users", json={**body, "userName": "x@y"}, headers=headers(auth))
+    assert r.status == 400 and BADGE.lower() in (await r.json())["detail"]

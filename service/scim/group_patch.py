@@ -41,6 +41,8 @@ class GroupChange:
     extensions: Any = UNSET
     extension_ops: list[tuple[str, str, Any]] = field(default_factory=list)
     max_values: int | None = None
+    # The tenant's declared Group extensions (case-folded URN -> schema): their values checked.
+    declared: dict[str, Any] = field(default_factory=dict)
 
     def add(self, ids: set[str]) -> None:
         self.adds |= ids
@@ -140,7 +142,10 @@ def _apply_attribute(
 ) -> None:
     key = name.lower()
     if is_undeclared_urn(name):
-        if reject:
+        urn = name.split("[", 1)[0]
+        if reject and not any(
+            urn.casefold() == d or urn.casefold().startswith(d + ":") for d in change.declared
+        ):
             raise undeclared_refused(name.split("[", 1)[0])
         change.extension_ops.append((op, name, value))
     elif key in ("displayname", f"{GROUP_SCHEMA.lower()}:displayname"):
@@ -174,13 +179,14 @@ def fold_operations(
     max_values: int | None = None,
     *,
     reject: bool = False,
+    declared: dict[str, Any] | None = None,
 ) -> GroupChange:
     """All-or-nothing: any invalid operation raises before anything is applied.
 
     `max_members` (Settings.max_patch_members) caps the members one operation names,
     `max_values` the values of an extension attribute; `reject`: the tenant rejects
     undeclared extension attributes (400)."""
-    change = GroupChange(max_values=max_values)
+    change = GroupChange(max_values=max_values, declared=declared or {})
     for operation in operations:
         op, path, value = operation["op"], operation["path"], operation["value"]
         if path is None:

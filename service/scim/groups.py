@@ -24,6 +24,7 @@ from projections import groups as groups_view
 from service import handlers
 from service.errors import SCIM_CONTENT_TYPE, invalid_value, not_found, scim_json
 from service.handlers import etag, etag_matches, parse_id
+from service.scim.declared import Declared, coerce_declared, declared_for
 from service.scim.filter import group_filter_sql, group_sort_sql
 from service.scim.group_patch import (
     AD_GROUP_SCHEMA,
@@ -266,6 +267,7 @@ def _change_from_body(
     max_values: int | None = None,
     *,
     reject: bool = False,
+    declared: Declared | None = None,
 ) -> GroupChange:
     """A POST/PUT body as a change: the attributes it sets and its full member list (at most
     `max_members`, Settings.max_patch_members, as one PATCH operation may name); undeclared
@@ -281,7 +283,11 @@ def _change_from_body(
     if external_id is not None and not isinstance(external_id, str):
         raise invalid_value("externalId must be a string")
     change = GroupChange(display_name=display_name, external_id=external_id or None)
-    change.extensions = extensions_from_scim(body, (GROUP_SCHEMA,), max_values, reject=reject)
+    declared = declared or {}
+    extensions = extensions_from_scim(
+        body, (GROUP_SCHEMA,), max_values, reject=reject, declared=declared
+    )
+    change.extensions = coerce_declared(extensions, declared)
     members = members_of(keyed.get("members"), limit=max_members)
     change.replace_members(set(members))
     change.displays = {m: d for m, d in members.items() if d}
@@ -296,6 +302,7 @@ async def _change_of(request: web.Request, body: dict[str, Any]) -> GroupChange:
         settings.max_patch_members,
         settings.max_multi_values,
         reject=rejects_undeclared(request),
+        declared=declared_for(request[PRINCIPAL].declared, "Group"),
     )
     return await off_loop(request.content_length or 0, work)
 
@@ -330,6 +337,7 @@ async def patch(request: web.Request) -> web.StreamResponse:
         settings.max_patch_members,
         settings.max_multi_values,
         reject=rejects_undeclared(request),
+        declared=declared_for(request[PRINCIPAL].declared, "Group"),
     )
     change = await off_loop(size, fold)
     group = await handlers.change_group(

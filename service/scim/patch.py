@@ -184,6 +184,7 @@ class _Cost:
     spent: int = 0
     targets: dict[str, _Target] = field(default_factory=dict)
     reject: bool = False  # the tenant rejects undeclared extension attributes
+    declared: frozenset[str] = frozenset()  # case-folded URNs the tenant declares
 
     def spend(self, units: int) -> None:
         self.spent += units
@@ -194,12 +195,17 @@ class _Cost:
                 " several requests"
             )
 
+    def is_declared(self, target: _Target) -> bool:
+        return (target.urn or "").casefold() in self.declared or (
+            target.path.casefold() in self.declared
+        )
+
     def resolve(self, text: str) -> _Target:
         target = self.targets.get(text)
         if target is None:
             self.spend(16 + 2 * len(text))  # parsing costs ~20 µs, and more per character
             target = self.targets[text] = _resolve(text)
-        if self.reject and target.kind == "undeclared":
+        if self.reject and target.kind == "undeclared" and not self.is_declared(target):
             raise undeclared_refused(target.urn or target.path)
         return target
 
@@ -738,6 +744,7 @@ def apply_patch(
     max_values: int | None = None,
     *,
     reject: bool = False,
+    declared: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """Apply PATCH operations to a user document (see representation.user_document).
 
@@ -748,7 +755,7 @@ def apply_patch(
     values, or grows a multi-valued attribute past it. Past MAX_PATCH_COST: 400 invalidValue.
     `reject` (the tenant's `--undeclared reject`): an undeclared extension attribute is 400.
     """
-    cost = _Cost(max_values, reject=reject)
+    cost = _Cost(max_values, reject=reject, declared=declared)
     result = copy.deepcopy(dict(document))
     for index, raw in enumerate(operations):
         operation = _operation(raw, index)

@@ -208,6 +208,7 @@ def extensions_from_scim(
     max_values: int | None = None,
     *,
     reject: bool = False,
+    declared: Iterable[str] = (),
 ) -> dict[str, dict[str, Any]]:
     """The undeclared extensions of a body: URN -> {attribute: value}, as sent.
 
@@ -218,6 +219,7 @@ def extensions_from_scim(
     `reject` (the tenant's `--undeclared reject`): 400 naming the first such URN.
     """
     skipped = {urn.casefold() for urn in known}
+    accepted = frozenset(declared)  # case-folded URNs the tenant declares
     found: dict[str, dict[str, Any]] = {}
     # Case-folded URN, and (URN, attribute), -> the spelling kept: one lookup per key.
     spelling: dict[str, str] = {}
@@ -232,7 +234,7 @@ def extensions_from_scim(
             if urn.casefold() in skipped or not attribute:
                 continue
             attributes = {attribute: value}
-        if reject:
+        if reject and urn.casefold() not in accepted:
             raise undeclared_refused(urn)
         folded_urn = urn.casefold()
         extension = found.setdefault(spelling.setdefault(folded_urn, urn), {})
@@ -246,7 +248,11 @@ def extensions_from_scim(
 
 
 def user_from_scim(
-    body: Mapping[str, Any], max_values: int | None = None, *, reject: bool = False
+    body: Mapping[str, Any],
+    max_values: int | None = None,
+    *,
+    reject: bool = False,
+    declared: Iterable[str] = (),
 ) -> dict[str, Any]:
     """A POST/PUT body (or a patched document) -> a desired state in domain/schema.py shape.
 
@@ -287,7 +293,7 @@ def user_from_scim(
     if manager is not None:
         state[MANAGER] = manager
     extensions = extensions_from_scim(
-        body, (USER_SCHEMA, ENTERPRISE_SCHEMA), max_values, reject=reject
+        body, (USER_SCHEMA, ENTERPRISE_SCHEMA), max_values, reject=reject, declared=declared
     )
     state.update(extensions)
     return state

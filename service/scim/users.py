@@ -18,6 +18,7 @@ from projections import users as users_view
 from service import handlers
 from service.errors import invalid_syntax, invalid_value, not_found, scim_json
 from service.handlers import Caller, etag, etag_matches, parse_id
+from service.scim.declared import coerce_declared, declared_for
 from service.scim.filter import user_filter_sql, user_sort_sql
 from service.scim.lists import (
     ListQuery,
@@ -242,7 +243,14 @@ async def _desired(request: web.Request) -> dict[str, Any]:
     """The desired state a POST or PUT body describes (off the loop when the body is large)."""
     body = await json_object(request)
     max_values = request.app[SETTINGS].max_multi_values
-    work = partial(user_from_scim, body, max_values, reject=rejects_undeclared(request))
+    declared = declared_for(request[PRINCIPAL].declared, "User")
+
+    def work() -> dict[str, Any]:
+        state = user_from_scim(
+            body, max_values, reject=rejects_undeclared(request), declared=declared
+        )
+        return coerce_declared(state, declared)
+
     return await off_loop(request.content_length or 0, work)
 
 
@@ -294,10 +302,15 @@ async def patch(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     operations = parse_patch_request(await json_body(request), settings.max_patch_operations)
     reject = rejects_undeclared(request)
+    declared = declared_for(request[PRINCIPAL].declared, "User")
 
     def change(user: User) -> None:
         document = apply_patch(
-            user_document(user.state), operations, settings.max_multi_values, reject=reject
+            user_document(user.state),
+            operations,
+            settings.max_multi_values,
+            reject=reject,
+            declared=frozenset(declared),
         )
         # PATCH is the one way a user grows past what one request carries; a user no PUT could
         # carry would make every later write pay for it again.
@@ -307,7 +320,7 @@ async def patch(request: web.Request) -> web.Response:
                 f"This PATCH would make the user {size} bytes of JSON, more than a request body"
                 f" may carry ({settings.max_body_bytes}, SCIMLEDGER_MAX_BODY_BYTES)"
             )
-        user.update(user_from_scim(document))
+        user.update(coerce_declared(user_from_scim(document), declared))
 
     user = await handlers.update_user(
         request.app[DATABASE],
