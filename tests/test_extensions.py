@@ -349,7 +349,8 @@ BADGE_SCHEMA = {
         {"name": "level", "type": "integer"},
         {"name": "allowance", "type": "decimal"},
         {"name": "hired", "type": "dateTime"},
-        {"name": "portrait", "type": "reference"},
+        {"name": "portrait", "type": "reference", "returned": "request"},
+        {"name": "pin", "type": "string", "returned": "never"},
         {
             "name": "doors",
             "type": "complex",
@@ -393,7 +394,9 @@ async def test_declared_extensions_are_accepted_typed_and_described(
     ids = [s["id"] for s in (await r.json())["Resources"]]
     assert BADGE in ids and TEAM in ids
     r = await client.get(f"/scim/v2/Schemas/{BADGE}", headers=auth)
-    assert [a["name"] for a in (await r.json())["attributes"]][:3] == ["number", "onSite", "level"]
+    attributes = (await r.json())["attributes"]
+    assert [a["name"] for a in attributes][:3] == ["number", "onSite", "level"]
+    assert {a["name"]: a["returned"] for a in attributes}["pin"] == "never"
     r = await client.get("/scim/v2/ResourceTypes/User", headers=auth)
     assert {"schema": BADGE, "required": False} in (await r.json())["schemaExtensions"]
 
@@ -406,8 +409,24 @@ async def test_declared_extensions_are_accepted_typed_and_described(
         "hired": "2026-01-05T09:00:00Z",
         "portrait": "https://example.com/p.png",
         "doors": {"value": "north", "floor": 2},
+        "pin": "1234",
     }
     user = await post_user(client, auth, body)  # accepted under --undeclared reject
+    # returned: never is never sent back, returned: request only when asked for.
+    assert "pin" not in user[BADGE] and "portrait" not in user[BADGE]
+    r = await client.get(
+        f"/scim/v2/Users/{user['id']}?attributes={BADGE}:portrait,{BADGE}:pin", headers=auth
+    )
+    assert (await r.json())[BADGE] == {"portrait": "https://example.com/p.png"}
+    listed = await find(client, auth, f"attributes={BADGE}")
+    assert "pin" not in listed["Resources"][0][BADGE]
+    assert "portrait" in listed["Resources"][0][BADGE]
+    stored = await database.pool.fetchval(
+        "SELECT resource FROM scim_users WHERE user_name = $1", "badge@contoso.com"
+    )
+    assert stored[BADGE]["pin"] == "1234"  # kept, only not returned
+    user = await get_user(client, auth, user["id"])
+    user[BADGE]["portrait"] = "https://example.com/p.png"
     assert user[BADGE] == {
         "allowance": 12.5,
         "doors": [{"floor": 2, "value": "north"}],

@@ -95,3 +95,28 @@ def _value(value: Any, spec: Mapping[str, Any], label: str) -> Any:
     elif kind == "complex" and isinstance(value, Mapping):
         return _object(value, spec.get("subAttributes", []), label, ".")
     raise invalid_value(f"{label} must be a {kind}, not {str(value)[:100]!r}")
+
+
+def hidden(declarations: Iterable[Any], resource_type: str, attributes: str | None) -> list[str]:
+    """Full names of declared attributes a reply leaves out: `returned: never` always,
+    `returned: request` unless `attributes` names it (or its schema)."""
+    asked = {path.strip().casefold() for path in (attributes or "").split(",")}
+    out: list[str] = []
+    for schema in declared_for(declarations, resource_type).values():
+        for attribute in schema["attributes"]:
+            name = f"{schema['id']}:{attribute['name']}"
+            returned = attribute.get("returned")
+            if returned == "never" or (
+                returned == "request"
+                and name.casefold() not in asked
+                and schema["id"].casefold() not in asked
+            ):
+                out.append(name)
+    return out
+
+
+def excluding(excluded: str | None, names: list[str]) -> str | None:
+    """An excludedAttributes value that also leaves out `names`."""
+    if not names:
+        return excluded
+    return ",".join([*([excluded] if excluded else []), *names])

@@ -24,7 +24,7 @@ from projections import groups as groups_view
 from service import handlers
 from service.errors import SCIM_CONTENT_TYPE, invalid_value, not_found, scim_json
 from service.handlers import etag, etag_matches, parse_id
-from service.scim.declared import Declared, coerce_declared, declared_for
+from service.scim.declared import Declared, coerce_declared, declared_for, excluding, hidden
 from service.scim.filter import group_filter_sql, group_sort_sql
 from service.scim.group_patch import (
     AD_GROUP_SCHEMA,
@@ -119,7 +119,11 @@ def wants_members(attributes: str | None, excluded: str | None) -> bool:
 
 
 def _selection(request: web.Request) -> tuple[str | None, str | None]:
-    return request.query.get("attributes"), request.query.get("excludedAttributes")
+    """attributes and excludedAttributes, the latter with the declared attributes a reply
+    leaves out (`returned: never` or `request`)."""
+    attributes = request.query.get("attributes")
+    names = hidden(request[PRINCIPAL].declared, "Group", attributes)
+    return attributes, excluding(request.query.get("excludedAttributes"), names)
 
 
 # -- reads ----------------------------------------------------------------------------------
@@ -252,9 +256,9 @@ async def _search(request: web.Request, query: ListQuery) -> dict[str, Any]:
         for resource, row in zip(resources, rows, strict=True):
             if row["id"] in by_group:
                 resource["members"] = by_group[row["id"]]
-    selected = [
-        select_attributes(r, query.attributes, query.excluded_attributes) for r in resources
-    ]
+    names = hidden(request[PRINCIPAL].declared, "Group", query.attributes)
+    excluded = excluding(query.excluded_attributes, names)
+    selected = [select_attributes(r, query.attributes, excluded) for r in resources]
     return list_response(selected, page.total, query, page.next_cursor)
 
 
@@ -343,8 +347,7 @@ async def patch(request: web.Request) -> web.StreamResponse:
     group = await handlers.change_group(
         request.app[DATABASE], caller(request), group_id, change, request.headers.get("If-Match")
     )
-    attributes, excluded = _selection(request)
-    if attributes is None and excluded is None:
+    if "attributes" not in request.query and "excludedAttributes" not in request.query:
         # Entra expects 204 for group PATCH; a reply must never be forced to carry members.
         return web.Response(status=204, headers={"ETag": etag(group.version)})
     return await _write_reply(request, group, 200)

@@ -18,7 +18,7 @@ from projections import users as users_view
 from service import handlers
 from service.errors import invalid_syntax, invalid_value, not_found, scim_json
 from service.handlers import Caller, etag, etag_matches, parse_id
-from service.scim.declared import coerce_declared, declared_for
+from service.scim.declared import coerce_declared, declared_for, excluding, hidden
 from service.scim.filter import user_filter_sql, user_sort_sql
 from service.scim.lists import (
     ListQuery,
@@ -216,7 +216,11 @@ def _reply(
     request: web.Request, resource: dict[str, Any], version: int, status: int = 200
 ) -> web.Response:
     q = request.query
-    body = select_attributes(resource, q.get("attributes"), q.get("excludedAttributes"))
+    excluded = excluding(
+        q.get("excludedAttributes"),
+        hidden(request[PRINCIPAL].declared, "User", q.get("attributes")),
+    )
+    body = select_attributes(resource, q.get("attributes"), excluded)
     headers = {"ETag": etag(version)}
     if status == 201:
         headers["Location"] = resource["meta"]["location"]
@@ -377,6 +381,8 @@ async def _search(request: web.Request, query: ListQuery) -> dict[str, Any]:
 def _page(
     request: web.Request, rows: list[Any], query: ListQuery, wants: bool
 ) -> list[dict[str, Any]]:
+    names = hidden(request[PRINCIPAL].declared, "User", query.attributes)
+    excluded = excluding(query.excluded_attributes, names)
     groups: dict[UUID, list[dict[str, str]]] = {}
     if wants:
         base = base_url(request)
@@ -390,7 +396,7 @@ def _page(
         select_attributes(
             _resource_of_row(request, row, groups.get(row["id"])),
             query.attributes,
-            query.excluded_attributes,
+            excluded,
         )
         for row in rows
     ]
