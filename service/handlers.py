@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 from uuid import UUID
 
 import asyncpg
+import orjson
 
 from domain.errors import InvalidValue, ResourceDeleted
 from domain.group import Group
@@ -99,12 +100,19 @@ async def _retrying(
 # -- users --------------------------------------------------------------------------------
 
 
-async def provision_user(db: Database, caller: Caller, desired: Mapping[str, Any]) -> User:
+async def provision_user(
+    db: Database,
+    caller: Caller,
+    desired: Mapping[str, Any],
+    unique: Sequence[tuple[str, str, bool]] = (),
+) -> User:
+    """`unique`: declared extension attributes whose values are unique in the tenant."""
     user_id = uuid.uuid4()
 
     async def work(uow: UnitOfWork) -> User:
         user = _domain(lambda: User.provision(user_id, caller.tenant_id, desired))
         await _check_manager(uow, user)
+        await _check_unique(uow, user, unique)
         uow.add_user(user)
         await _flush(uow, user.user_name)
         return user
@@ -119,6 +127,7 @@ async def update_user(
     change: Callable[[User], None],
     if_match: str | None = None,
     in_thread: Callable[[User], bool] | None = None,
+    unique: Sequence[tuple[str, str, bool]] = (),
 ) -> User:
     """Apply `change` (a domain command on the loaded user) and commit what it triggered.
 
@@ -142,6 +151,7 @@ async def update_user(
         else:
             _domain(partial(change, user))
         await _check_manager(uow, user)
+        await _check_unique(uow, user, unique)
         await _flush(uow, user.user_name)
         return user
 
@@ -370,6 +380,43 @@ _INDEXED_ATTRIBUTES = {
     "scim_groups_display_name_uq": "displayName",
     "scim_groups_external_id_idx": "externalId",
 }
+
+
+async def _check_unique(
+    uow: UnitOfWork, user: User, unique: Sequence[tuple[str, str, bool]]
+) -> None:
+    """409 uniqueness when another user of the tenant holds the value of a declared
+    `uniqueness: server` attribute. The value's advisory lock, held to commit, orders two
+    writers of one value, and the second one's query (read committed) sees the first."""
+    if not unique or not user.pending_events:
+        return
+    state = user.state_view
+    for urn, attribute, case_exact in unique:
+        value = (state.get(urn) or {}).get(attribute)
+        if value is None:
+            continue
+        text = value if isinstance(value, str) else orjson.dumps(value).decode()
+        if not case_exact:
+            text = text.lower()
+        conn = await uow.begin()
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            f"{user.tenant_id}\x1f{urn}\x1f{attribute}\x1f{text}",
+        )
+        expression = "u.resource -> $3 ->> $4"
+        if not case_exact:
+            expression = f"lower({expression})"
+        taken = await conn.fetchval(
+            f"SELECT 1 FROM scim_users u WHERE u.tenant_id = $1 AND u.id <> $2"
+            f" AND {expression} = $5 LIMIT 1",
+            user.tenant_id,
+            user.id,
+            urn,
+            attribute,
+            text,
+        )
+        if taken:
+            raise uniqueness(f"{urn}:{attribute} {str(value)[:100]!r} is already taken")
 
 
 async def _flush(uow: UnitOfWork, name: str, attribute: str = "userName") -> None:

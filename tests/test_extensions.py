@@ -16,7 +16,8 @@ import orjson
 from aiohttp.test_utils import TestClient
 
 from infra.database import Database
-from infra.tenants import IssuedToken, set_tenant_undeclared
+from infra.schemas import declare, parse_declaration
+from infra.tenants import IssuedToken, create_tenant, set_tenant_undeclared
 from projections.registry import PROJECTIONS
 from tests.test_audit import audit_auth, settled
 from tests.test_cli import run
@@ -476,3 +477,54 @@ async def test_declared_extensions_are_accepted_typed_and_described(
     assert BADGE not in [s["id"] for s in (await r.json())["Resources"]]
     r = await client.post("/scim/v2/Users", json={**body, "userName": "x@y"}, headers=headers(auth))
     assert r.status == 400 and BADGE.lower() in (await r.json())["detail"]
+
+
+async def test_declared_unique_attribute_is_unique_per_tenant(
+    client: Client, auth: dict[str, str], database: Database, tmp_path: Any
+) -> None:
+    schema = {
+        "id": BADGE,
+        "attributes": [{"name": "number", "type": "string", "uniqueness": "server"}],
+    }
+    async with database.pool.acquire() as conn:
+        await declare(conn, "acme", parse_declaration(schema), "User")
+        other = await create_tenant(conn, "other")
+
+    def badge_user(name: str, number: str) -> dict[str, Any]:
+        body = entra_user(name)
+        body[BADGE] = {"number": number}
+        return body
+
+    first = await post_user(client, auth, badge_user("a@contoso.com", "B-1"))
+    before = await event_count(database)
+    r = await client.post(
+        "/scim/v2/Users", json=badge_user("b@contoso.com", "b-1"), headers=headers(auth)
+    )
+    assert r.status == 409 and (await r.json())["scimType"] == "uniqueness"
+    assert f"{BADGE}:number" in (await r.json())["detail"]
+    second = await post_user(client, auth, badge_user("b@contoso.com", "B-2"))
+    await patch(
+        client,
+        auth,
+        second["id"],
+        {"op": "Replace", "path": f"{BADGE}:number", "value": "B-1"},
+        status=409,
+    )
+    # The user's own value, and another tenant's users, are no conflict.
+    await patch(client, auth, first["id"], {"op": "Replace", "path": "displayName", "value": "A"})
+    other_auth = {"Authorization": f"Bearer {other.token}"}
+    await post_user(client, other_auth, badge_user("c@contoso.com", "B-1"))
+    assert await event_count(database) == before + 3
+
+    # Concurrent creates of one value: exactly one wins.
+    results = await asyncio.gather(
+        *(
+            client.post(
+                "/scim/v2/Users",
+                json=badge_user(f"race{i}@contoso.com", "RACE"),
+                headers=headers(auth),
+            )
+            for i in range(6)
+        )
+    )
+    assert sorted(r.status for r in results) == [201, 409, 409, 409, 409, 409]

@@ -120,3 +120,16 @@ def excluding(excluded: str | None, names: list[str]) -> str | None:
     if not names:
         return excluded
     return ",".join([*([excluded] if excluded else []), *names])
+
+
+def unique_attributes(declared: Declared) -> list[tuple[str, str, bool]]:
+    """(URN, attribute, caseExact) of the single-valued declared attributes whose values are
+    unique in the tenant (`uniqueness: server` or `global`)."""
+    return [
+        (schema["id"], attribute["name"], bool(attribute.get("caseExact")))
+        for schema in declared.values()
+        for attribute in schema["attributes"]
+        if attribute.get("uniqueness") in ("server", "global")
+        and not attribute["multiValued"]
+        and attribute["type"] != "complex"
+    ]

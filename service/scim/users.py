@@ -18,7 +18,13 @@ from projections import users as users_view
 from service import handlers
 from service.errors import invalid_syntax, invalid_value, not_found, scim_json
 from service.handlers import Caller, etag, etag_matches, parse_id
-from service.scim.declared import coerce_declared, declared_for, excluding, hidden
+from service.scim.declared import (
+    coerce_declared,
+    declared_for,
+    excluding,
+    hidden,
+    unique_attributes,
+)
 from service.scim.filter import user_filter_sql, user_sort_sql
 from service.scim.lists import (
     ListQuery,
@@ -258,6 +264,10 @@ async def _desired(request: web.Request) -> dict[str, Any]:
     return await off_loop(request.content_length or 0, work)
 
 
+def _unique(request: web.Request) -> list[tuple[str, str, bool]]:
+    return unique_attributes(declared_for(request[PRINCIPAL].declared, "User"))
+
+
 def rejects_undeclared(request: web.Request) -> bool:
     """The tenant's `--undeclared reject`: undeclared extension attributes are a 400."""
     return bool(request[PRINCIPAL].undeclared == "reject")
@@ -265,7 +275,9 @@ def rejects_undeclared(request: web.Request) -> bool:
 
 async def create(request: web.Request) -> web.Response:
     desired = await _desired(request)
-    user = await handlers.provision_user(request.app[DATABASE], caller(request), desired)
+    user = await handlers.provision_user(
+        request.app[DATABASE], caller(request), desired, _unique(request)
+    )
     return _reply(
         request, await _resource_of_user(request, user, new=True), user.version, status=201
     )
@@ -297,6 +309,7 @@ async def replace(request: web.Request) -> web.Response:
         lambda u: u.update(desired),
         request.headers.get("If-Match"),
         _costly(request),
+        _unique(request),
     )
     return _reply(request, await _resource_of_user(request, user), user.version)
 
@@ -333,6 +346,7 @@ async def patch(request: web.Request) -> web.Response:
         change,
         request.headers.get("If-Match"),
         _costly(request),
+        _unique(request),
     )
     return _reply(request, await _resource_of_user(request, user), user.version)
 
