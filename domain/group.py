@@ -15,7 +15,14 @@ from uuid import UUID
 from eventsourcing.domain import Aggregate, event
 
 from domain.errors import GroupAlreadyDeleted, InvalidValue
-from domain.schema import resource_id
+from domain.schema import (
+    extension_changes,
+    is_extension_urn,
+    normalise_extension,
+    resource_id,
+    respell_extensions,
+    split_extension_attribute,
+)
 
 DISPLAY_NAME = "displayName"
 EXTERNAL_ID = "externalId"
@@ -54,6 +61,8 @@ class Group(Aggregate):
         self.display_name = display_name
         self.external_id = external_id
         self.deleted = False
+        # Extension attributes (URN -> {attribute: value}): set by GroupAttributesChanged.
+        self.extensions: dict[str, Any] = {}
 
     @classmethod
     def create(
@@ -62,14 +71,23 @@ class Group(Aggregate):
         tenant_id: UUID,
         display_name: str,
         external_id: str | None = None,
+        extensions: Mapping[str, Any] | None = None,
     ) -> Group:
-        """A new group with the caller's id; the only pending event is GroupCreated."""
-        return cls(
+        """A new group with the caller's id: GroupCreated, then GroupAttributesChanged when it
+        carries extension attributes."""
+        display_name = _display_name(display_name)
+        external_id = _external_id(external_id)
+        wanted = normalise_extensions(extensions or {})
+        group = cls(
             id=group_id,
             tenant_id=tenant_id,
-            display_name=_display_name(display_name),
-            external_id=_external_id(external_id),
+            display_name=display_name,
+            external_id=external_id,
         )
+        changed = extension_changes({}, wanted)
+        if changed:
+            group._change_attributes(changed)
+        return group
 
     @classmethod
     def from_state(
@@ -81,6 +99,7 @@ class Group(Aggregate):
         external_id: str | None,
         created_on: datetime,
         modified_on: datetime,
+        extensions: Mapping[str, Any] | None = None,
     ) -> Group:
         """Rebuild a group at `version` from stored state, to apply later events to."""
         group = object.__new__(cls)
@@ -92,19 +111,32 @@ class Group(Aggregate):
         group.display_name = display_name
         group.external_id = external_id
         group.deleted = False
+        group.extensions = _copy(dict(extensions or {}))
         return group
 
     # -- commands ---------------------------------------------------------------------------
 
-    def update(self, display_name: str, external_id: str | None) -> None:
-        """Move to the desired name and externalId, triggering only what changed."""
+    def update(
+        self,
+        display_name: str,
+        external_id: str | None,
+        extensions: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Move to the desired name, externalId and (when given) extension attributes,
+        triggering only what changed."""
         self._check_not_deleted()
         display_name = _display_name(display_name)
         external_id = _external_id(external_id)
+        changed: dict[str, Any] = {}
+        if extensions is not None:
+            wanted = respell_extensions(self.extensions, normalise_extensions(extensions))
+            changed = extension_changes(self.extensions, wanted)
         if display_name != self.display_name:
             self._rename(display_name)
         if external_id != self.external_id:
             self._change_external_id(external_id)
+        if changed:
+            self._change_attributes(changed)
 
     def change_membership(
         self,
@@ -159,9 +191,44 @@ class Group(Aggregate):
     ) -> None:
         """Changes nothing here: membership lives in the projection, not the aggregate."""
 
+    @event("GroupAttributesChanged")
+    def _change_attributes(self, changed: dict[str, Any]) -> None:
+        """Extension attributes by full name (`urn:…:2.0:Group:Attribute`); None clears."""
+        for key, value in changed.items():
+            urn, attribute = split_extension_attribute(key)
+            extension = dict(self.extensions.get(urn, {}))
+            if value is None:
+                extension.pop(attribute, None)
+            else:
+                extension[attribute] = _copy(value)
+            if extension:
+                self.extensions[urn] = dict(sorted(extension.items()))
+            else:
+                self.extensions.pop(urn, None)
+
     @event("GroupDeleted")
     def _delete(self) -> None:
         self.deleted = True
+
+
+def normalise_extensions(extensions: Mapping[str, Any]) -> dict[str, Any]:
+    """A group's extension attributes in canonical form (see domain.schema)."""
+    canonical: dict[str, Any] = {}
+    for urn, value in extensions.items():
+        if not is_extension_urn(urn):
+            raise InvalidValue(urn, f"{urn[:200]!r} is not an extension schema URN")
+        attributes = normalise_extension(value, urn)
+        if attributes:
+            canonical[urn] = attributes
+    return dict(sorted(canonical.items()))
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
 
 
 def _display_name(value: object) -> str:

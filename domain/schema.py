@@ -6,11 +6,14 @@ missing: never None, "", [] or {}), so comparing desired with current state find
 changes only, and an unchanged resync from Entra records nothing.
 
 Keys are SCIM attribute names; the enterprise extension lives under "enterprise", except
-`manager`, which is a top-level key holding the manager's user id.
+`manager`, which is a top-level key holding the manager's user id. Any other extension a client
+sends (Entra's custom attributes: `urn:…:CustomExtensionName:2.0:User`) lives under its URN, as
+an object of its attributes, kept as sent: nothing a client sends is dropped.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 from uuid import UUID
@@ -63,12 +66,94 @@ USER_ENTERPRISE_ATTRIBUTES = (
 # How enterprise sub-attributes are named in UserAttributesChanged and in InvalidValue.
 ENTERPRISE_PREFIX = ENTERPRISE + "."
 
+# Extension schemas other than the enterprise one are keyed by their URN (RFC 8141 in the
+# printable ASCII SCIM uses), their attributes by SCIM attribute names (RFC 7643 §2.1).
+_EXTENSION_URN = re.compile(r"urn:[A-Za-z0-9][A-Za-z0-9-]{0,31}(?::[!-~]+)+")
+_ATTRIBUTE_NAME = re.compile(r"\$?[A-Za-z][A-Za-z0-9_-]*")
+# How an extension attribute is named in events and in the provisioning log: its full name.
+EXTENSION_SEPARATOR = ":"
+
+
+def is_extension_urn(key: str) -> bool:
+    """Whether a state key is an extension schema's URN (the enterprise one is "enterprise")."""
+    return key[:4].casefold() == "urn:"
+
+
+def extension_attribute_name(urn: str, attribute: str) -> str:
+    """`urn:…:2.0:User` + `CustomAttribute` -> `urn:…:2.0:User:CustomAttribute`."""
+    return urn + EXTENSION_SEPARATOR + attribute
+
+
+def split_extension_attribute(name: str) -> tuple[str, str]:
+    """The inverse of extension_attribute_name (attribute names hold no colon)."""
+    urn, _, attribute = name.rpartition(EXTENSION_SEPARATOR)
+    return urn, attribute
+
+
+def normalise_extension(value: object, urn: str) -> dict[str, Any] | None:
+    """An extension object: attribute name -> JSON value, empty values dropped, keys sorted.
+
+    Values are kept as sent (a string, a number, a boolean, an object, a list of them); the
+    service layer has already bounded their size (string length, values per attribute,
+    nesting)."""
+    if _EXTENSION_URN.fullmatch(urn) is None:
+        raise InvalidValue(urn, f"{urn[:200]!r} is not an extension schema URN")
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise InvalidValue(urn, f"{urn} must be an object of attributes")
+    attributes: dict[str, Any] = {}
+    for key in value:
+        if not isinstance(key, str) or _ATTRIBUTE_NAME.fullmatch(key) is None:
+            raise InvalidValue(urn, f"{urn}: {str(key)[:200]!r} is not an attribute name")
+        sub_value = value[key]
+        if _empty(sub_value):
+            continue
+        attributes[key] = sub_value
+    return dict(sorted(attributes.items())) or None
+
+
+def respell_extensions(current: Mapping[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`new` with its extension URNs and attribute names spelt as in `current` where they
+    match case-insensitively (SCIM names are case-insensitive): a resync in another case is
+    no change. Keys stay sorted."""
+    urns = {key.casefold(): key for key in current if is_extension_urn(key)}
+    if not urns:
+        return new
+    out: dict[str, Any] = {}
+    for key, value in new.items():
+        urn = urns.get(key.casefold()) if is_extension_urn(key) else None
+        if urn is None:
+            out[key] = value
+            continue
+        names = {name.casefold(): name for name in current[urn]}
+        respelt = ((names.get(k.casefold(), k), v) for k, v in value.items())
+        out[urn] = dict(sorted(respelt, key=lambda item: item[0]))
+    return dict(sorted(out.items()))
+
+
+def extension_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """Changed extension attributes by full name (`urn:…:User:CustomAttribute`), None for
+    cleared: what UserAttributesChanged (and GroupAttributesChanged) record of extensions."""
+    changed: dict[str, Any] = {}
+    for urn in {k for k in old if is_extension_urn(k)} | {k for k in new if is_extension_urn(k)}:
+        old_attributes, new_attributes = old.get(urn, {}), new.get(urn, {})
+        for attribute in set(old_attributes) | set(new_attributes):
+            if new_attributes.get(attribute) != old_attributes.get(attribute):
+                changed[extension_attribute_name(urn, attribute)] = new_attributes.get(attribute)
+    return dict(sorted(changed.items()))
+
+
+def _empty(value: object) -> bool:
+    return value is None or value == "" or value == [] or value == {}
+
 
 def normalise_user(state: Mapping[str, Any]) -> dict[str, Any]:
     """Return the canonical form of a user state, or raise InvalidValue.
 
-    Unknown keys are dropped; empty values are dropped; `active` may be absent (unassigned);
-    keys are sorted. Normalising a canonical state returns an equal state.
+    Unknown keys are dropped (an extension URN is not unknown); empty values are dropped;
+    `active` may be absent (unassigned); keys are sorted.
+    Normalising a canonical state returns an equal state.
     """
     canonical: dict[str, Any] = {}
 
@@ -103,6 +188,12 @@ def normalise_user(state: Mapping[str, Any]) -> dict[str, Any]:
     manager = _string(state.get(MANAGER), MANAGER)
     if manager is not None:
         canonical[MANAGER] = resource_id(manager, MANAGER)
+
+    for key, value in state.items():
+        if is_extension_urn(key):
+            extension = normalise_extension(value, key)
+            if extension:
+                canonical[key] = extension
 
     return dict(sorted(canonical.items()))
 

@@ -27,7 +27,11 @@ from domain.schema import (
     USER_MULTI_VALUED_ATTRIBUTES,
     USER_NAME,
     USER_STRING_ATTRIBUTES,
+    extension_changes,
+    is_extension_urn,
     normalise_user,
+    respell_extensions,
+    split_extension_attribute,
 )
 
 # Attributes with events of their own; every other one goes into UserAttributesChanged.
@@ -138,9 +142,9 @@ class User(Aggregate):
     def update(self, desired: Mapping[str, Any]) -> None:
         """Move to the desired state, triggering only the events needed (none if equal)."""
         self._check_not_deprovisioned()
-        new = normalise_user(desired)
-        _check_manager(new, self.id)
         old = self._state
+        new = respell_extensions(old, normalise_user(desired))
+        _check_manager(new, self.id)
 
         if new[USER_NAME] != old[USER_NAME]:
             self._change_user_name(new[USER_NAME])
@@ -187,7 +191,12 @@ class User(Aggregate):
     @event("UserAttributesChanged")
     def _change_attributes(self, changed: dict[str, Any]) -> None:
         for key, value in changed.items():
-            if key.startswith(ENTERPRISE_PREFIX):
+            if is_extension_urn(key):
+                urn, attribute = split_extension_attribute(key)
+                extension = dict(self._state.get(urn, {}))
+                _put(extension, attribute, value)
+                _put(self._state, urn, dict(sorted(extension.items())))
+            elif key.startswith(ENTERPRISE_PREFIX):
                 enterprise = dict(self._state.get(ENTERPRISE, {}))
                 _put(enterprise, key.removeprefix(ENTERPRISE_PREFIX), value)
                 _put(self._state, ENTERPRISE, dict(sorted(enterprise.items())))
@@ -232,6 +241,7 @@ def _attribute_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[s
     for sub in USER_ENTERPRISE_ATTRIBUTES:
         if new_enterprise.get(sub) != old_enterprise.get(sub):
             changed[ENTERPRISE_PREFIX + sub] = new_enterprise.get(sub)
+    changed.update(extension_changes(old, new))
     return dict(sorted(changed.items()))
 
 

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
@@ -32,6 +33,10 @@ class Principal:
     token_id: uuid.UUID
     token_name: str
     role: str
+    # What the tenant does with undeclared extension attributes: "keep" or "reject".
+    undeclared: str = "keep"
+    # The tenant's declared extension schemas: [{"resourceType": "User", "schema": {...}}].
+    declared: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +128,9 @@ LAST_USED_RESOLUTION = "60 seconds"
 
 _LOOKUP = (
     "SELECT k.id, k.name, k.role, k.token_hash, t.id AS tenant_id, t.name AS tenant_name,"
-    " (k.last_used_at IS NULL OR k.last_used_at"
+    " t.undeclared, (SELECT jsonb_agg(jsonb_build_object('resourceType', s.resource_type,"
+    " 'schema', s.schema) ORDER BY lower(s.urn)) FROM tenant_schemas s"
+    " WHERE s.tenant_id = t.id) AS declared, (k.last_used_at IS NULL OR k.last_used_at"
     f"  < now() - interval '{LAST_USED_RESOLUTION}') AS stale"
     " FROM tokens k JOIN tenants t ON t.id = k.tenant_id"
     f" WHERE k.token_hash = any($1::bytea[]) AND {LIVE_TOKEN}"
@@ -145,7 +152,13 @@ async def authenticate_many(
     stale: list[uuid.UUID] = []
     for row in rows:
         found[bytes(row["token_hash"])] = Principal(
-            row["tenant_id"], row["tenant_name"], row["id"], row["name"], row["role"]
+            row["tenant_id"],
+            row["tenant_name"],
+            row["id"],
+            row["name"],
+            row["role"],
+            row["undeclared"],
+            tuple(row["declared"] or ()),
         )
         if row["stale"]:
             stale.append(row["id"])
@@ -241,9 +254,26 @@ async def set_tenant_disabled(conn: Conn, name: str, disabled: bool) -> bool:
     return True
 
 
+UNDECLARED_POLICIES = ("keep", "reject")
+
+
+async def set_tenant_undeclared(conn: Conn, name: str, policy: str) -> bool:
+    """Keep or reject a tenant's undeclared extension attributes from the next request on;
+    False if it already did. Attributes already kept stay in the events and the views."""
+    if policy not in UNDECLARED_POLICIES:
+        raise ValueError(f"undeclared must be one of {', '.join(UNDECLARED_POLICIES)}")
+    tenant = await conn.fetchrow("SELECT id, undeclared FROM tenants WHERE name = $1", name)
+    if tenant is None:
+        raise UnknownTenant(name)
+    if tenant["undeclared"] == policy:
+        return False
+    await conn.execute("UPDATE tenants SET undeclared = $2 WHERE id = $1", tenant["id"], policy)
+    return True
+
+
 async def list_tenants(conn: Conn) -> list[asyncpg.Record]:
     return await conn.fetch(
-        "SELECT t.name, t.id, t.created_at, t.disabled_at,"
+        "SELECT t.name, t.id, t.created_at, t.disabled_at, t.undeclared,"
         " coalesce(a.users, 0) AS users, coalesce(a.groups, 0) AS groups,"
         " coalesce(a.events, 0) AS events, a.last_event_at,"
         " (SELECT count(*) FROM tokens k"

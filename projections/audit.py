@@ -20,6 +20,7 @@ import orjson
 from domain.errors import bounded
 from domain.group import Group
 from domain.request import ProvisioningRequest
+from domain.schema import EXTENSION_SEPARATOR, is_extension_urn
 from domain.user import User
 from infra.eventstore import Conn
 
@@ -68,8 +69,10 @@ def _flat(state: Mapping[str, Any] | None) -> Mapping[str, str]:
     out: dict[str, str] = {}
     for key, value in (state or {}).items():
         if isinstance(value, dict):
+            # An extension's attributes go by their full names, `urn:…:2.0:User:Attribute`.
+            separator = EXTENSION_SEPARATOR if is_extension_urn(key) else "."
             for sub, sub_value in value.items():
-                out[f"{key}.{sub}"] = _text(sub_value)
+                out[f"{key}{separator}{sub}"] = _text(sub_value)
         else:
             out[key] = _text(value)
     return out
@@ -96,6 +99,7 @@ def _group_state(group: Group) -> dict[str, Any]:
     state: dict[str, Any] = {"displayName": group.display_name}
     if group.external_id is not None:
         state["externalId"] = group.external_id
+    state.update(group.extensions)
     return state
 
 
@@ -303,6 +307,7 @@ async def _load_resources(
                 state.get("externalId"),
                 r["created"],
                 r["modified"],
+                {key: value for key, value in state.items() if is_extension_urn(key)},
             )
     return found
 

@@ -26,17 +26,20 @@ LIVE: Mapping[str, str] = {GROUPS: GROUPS, MEMBERS: MEMBERS}
 # The events `apply` folds; a rebuild does not even decode the others.
 HANDLES: tuple[type[Group.Event], ...] = (Group.Event,)
 
-COLUMNS = "tenant_id, id, display_name, external_id, version, created, last_modified"
+COLUMNS = (
+    "tenant_id, id, display_name, external_id, version, created, last_modified, extensions"
+)
 
 
 def _upsert(groups: str) -> str:
     return f"""
 INSERT INTO {groups} ({COLUMNS})
 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bigint[],
-                     $6::timestamptz[], $7::timestamptz[])
+                     $6::timestamptz[], $7::timestamptz[], $8::jsonb[])
 ON CONFLICT (tenant_id, id) DO UPDATE SET
     display_name = excluded.display_name, external_id = excluded.external_id,
-    version = excluded.version, last_modified = excluded.last_modified
+    version = excluded.version, last_modified = excluded.last_modified,
+    extensions = excluded.extensions
 """
 
 
@@ -72,6 +75,7 @@ def row_of(group: Group) -> tuple[Any, ...]:
         group.version,
         group.created_on,
         group.modified_on,
+        group.extensions or None,
     )
 
 
@@ -155,6 +159,7 @@ def _from_row(row: Any) -> Group:
         row["external_id"],
         row["created"],
         row["last_modified"],
+        row["extensions"],
     )
 
 

@@ -177,6 +177,7 @@ async def resource_at(request: web.Request) -> web.Response:
             aggregate.version,
             aggregate.created_on,
             aggregate.modified_on,
+            aggregate.extensions,
         )
         types = await q.member_types(db.pool, tenant_id, list(members))
         resource["members"] = [

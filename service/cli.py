@@ -919,6 +919,7 @@ def tenants_list(json_output: bool, data_dir: Path | None, database_url: str | N
             "id": str(row["id"]),
             "created": row["created_at"].isoformat(),
             "disabled": row["disabled_at"] is not None,
+            "undeclared": row["undeclared"],
             "tokens": row["tokens"],
             # From the activity projection (asynchronous: may trail the latest writes).
             "users": row["users"],
@@ -961,6 +962,117 @@ def tenants_disable(name: str, data_dir: Path | None, database_url: str | None) 
 def tenants_enable(name: str, data_dir: Path | None, database_url: str | None) -> None:
     """Accept a disabled tenant's live tokens again."""
     _set_disabled(name, False, data_dir, database_url)
+
+
+@tenants.command("set")
+@click.argument("name")
+@click.option(
+    "--undeclared",
+    type=click.Choice(["keep", "reject"]),
+    required=True,
+    help="Extension attributes no declared schema names: keep them as sent (the default), or"
+    " answer 400 naming the URN and write nothing.",
+)
+@database_options
+def tenants_set(
+    name: str, undeclared: str, data_dir: Path | None, database_url: str | None
+) -> None:
+    """Change a tenant's settings (from the next request on)."""
+    from infra.tenants import set_tenant_undeclared
+
+    settings = _settings(data_dir, database_url)
+    changed = _on_connection(settings, lambda conn: set_tenant_undeclared(conn, name, undeclared))
+    done = "now" if changed else "already"
+    print(f"tenant {name} {done} {undeclared}s undeclared extension attributes")
+
+
+@cli.group()
+def schemas() -> None:
+    """Extension schemas a tenant declares (RFC 7643 §7 form), for Users or Groups."""
+
+
+@schemas.command("add")
+@click.option("--tenant", required=True, help="Tenant name.")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--resource-type", type=click.Choice(["User", "Group"]), default="User", show_default=True
+)
+@database_options
+def schemas_add(
+    tenant: str,
+    file: Path,
+    resource_type: str,
+    data_dir: Path | None,
+    database_url: str | None,
+) -> None:
+    """Declare an extension schema (a JSON file: id = the URN, name, attributes)."""
+    from infra.schemas import BadDeclaration, declare, parse_declaration
+
+    try:
+        schema = parse_declaration(orjson.loads(file.read_bytes()))
+    except orjson.JSONDecodeError as e:
+        raise click.UsageError(f"{file} is not JSON: {e}") from None
+    except BadDeclaration as e:
+        raise click.UsageError(f"{file}: {e}") from None
+    settings = _settings(data_dir, database_url)
+    new = _on_connection(settings, lambda conn: declare(conn, tenant, schema, resource_type))
+    done = "declared" if new else "declared again"
+    print(f"{schema['id']} {done} for {resource_type}s of tenant {tenant}")
+
+
+@schemas.command("list")
+@click.option("--tenant", required=True, help="Tenant name.")
+@click.option("--json", "json_output", is_flag=True, help="Print JSON lines.")
+@database_options
+def schemas_list(
+    tenant: str, json_output: bool, data_dir: Path | None, database_url: str | None
+) -> None:
+    """List a tenant's declared extension schemas."""
+    from infra.schemas import declared
+
+    settings = _settings(data_dir, database_url)
+    for row in _on_connection(settings, lambda conn: declared(conn, tenant)):
+        record = {
+            "urn": row["urn"],
+            "resourceType": row["resource_type"],
+            "attributes": len(row["schema"]["attributes"]),
+            "declared": row["declared_at"].isoformat(),
+        }
+        if json_output:
+            print(orjson.dumps(record).decode())
+        else:
+            print(f"{record['urn']}\t{record['resourceType']}\tattributes={record['attributes']}")
+
+
+@schemas.command("show")
+@click.option("--tenant", required=True, help="Tenant name.")
+@click.argument("urn")
+@database_options
+def schemas_show(tenant: str, urn: str, data_dir: Path | None, database_url: str | None) -> None:
+    """Print one declared schema as JSON."""
+    from infra.schemas import declared
+
+    settings = _settings(data_dir, database_url)
+    rows = _on_connection(settings, lambda conn: declared(conn, tenant))
+    for row in rows:
+        if row["urn"].casefold() == urn.casefold():
+            print(orjson.dumps(row["schema"], option=orjson.OPT_INDENT_2).decode())
+            return
+    raise click.UsageError(f"tenant {tenant} declares no schema {urn}")
+
+
+@schemas.command("remove")
+@click.option("--tenant", required=True, help="Tenant name.")
+@click.argument("urn")
+@database_options
+def schemas_remove(tenant: str, urn: str, data_dir: Path | None, database_url: str | None) -> None:
+    """Withdraw a declaration (values already recorded stay in the events)."""
+    from infra.schemas import withdraw
+
+    settings = _settings(data_dir, database_url)
+    if not _on_connection(settings, lambda conn: withdraw(conn, tenant, urn)):
+        raise click.UsageError(f"tenant {tenant} declares no schema {urn}")
+    print(f"{urn} removed from tenant {tenant}")
 
 
 # Options naming a file or directory: any bytes the file system takes.

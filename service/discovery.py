@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from aiohttp import web
@@ -9,7 +10,7 @@ from scim2_models import EnterpriseUser, Group, User
 
 from infra.config import Settings
 from service.errors import ScimError, scim_json
-from service.state import SETTINGS, base_url
+from service.state import PRINCIPAL, SETTINGS, base_url
 
 LIST_RESPONSE = "urn:ietf:params:scim:api:messages:2.0:ListResponse"
 SPC_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"
@@ -99,7 +100,19 @@ def _schemas(request: web.Request) -> list[dict[str, Any]]:
             _announce_limits(ext["attributes"], settings)
             ext["meta"] = _meta(request, "Schema", f"/Schemas/{ENTERPRISE_SCHEMA}")
             out.append(ext)
+        for declared in _declared(request, name):
+            schema = copy.deepcopy(declared)
+            _announce_limits(schema["attributes"], settings)
+            schema["meta"] = _meta(request, "Schema", f"/Schemas/{schema['id']}")
+            out.append(schema)
     return out
+
+
+def _declared(request: web.Request, resource_type: str) -> list[dict[str, Any]]:
+    """The extension schemas the caller's tenant declares for a resource type."""
+    principal = request.get(PRINCIPAL)
+    declarations = principal.declared if principal is not None else ()
+    return [d["schema"] for d in declarations if d["resourceType"] == resource_type]
 
 
 def _list(resources: list[dict[str, Any]]) -> dict[str, Any]:
@@ -152,14 +165,14 @@ async def service_provider_config(request: web.Request) -> web.Response:
 
 
 async def resource_types(request: web.Request) -> web.Response:
-    items = [
-        {
-            "schemas": [RESOURCE_TYPE_SCHEMA],
-            **RESOURCE_TYPES[name],
-            "meta": _meta(request, "ResourceType", f"/ResourceTypes/{name}"),
-        }
-        for name in _enabled(request)
-    ]
+    items = []
+    for name in _enabled(request):
+        item = {"schemas": [RESOURCE_TYPE_SCHEMA], **copy.deepcopy(RESOURCE_TYPES[name])}
+        declared = [{"schema": s["id"], "required": False} for s in _declared(request, name)]
+        if declared:
+            item["schemaExtensions"] = [*item.get("schemaExtensions", []), *declared]
+        item["meta"] = _meta(request, "ResourceType", f"/ResourceTypes/{name}")
+        items.append(item)
     rid = request.match_info.get("id")
     if rid is None:
         return scim_json(_list(items))

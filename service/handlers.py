@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 from uuid import UUID
 
 import asyncpg
+import orjson
 
 from domain.errors import InvalidValue, ResourceDeleted
 from domain.group import Group
@@ -25,7 +26,9 @@ from infra import metrics
 from infra.database import Database
 from infra.eventstore import ConcurrencyError, OutOfOrder
 from service.errors import ScimError, invalid_value, not_found, precondition_failed, uniqueness
+from service.scim.declared import coerce_declared
 from service.scim.group_patch import UNSET, GroupChange
+from service.scim.patch import apply_extension_patch
 from service.unit_of_work import UnitOfWork, is_unique_violation
 
 MAX_ATTEMPTS = 8
@@ -97,12 +100,19 @@ async def _retrying(
 # -- users --------------------------------------------------------------------------------
 
 
-async def provision_user(db: Database, caller: Caller, desired: Mapping[str, Any]) -> User:
+async def provision_user(
+    db: Database,
+    caller: Caller,
+    desired: Mapping[str, Any],
+    unique: Sequence[tuple[str, str, bool]] = (),
+) -> User:
+    """`unique`: declared extension attributes whose values are unique in the tenant."""
     user_id = uuid.uuid4()
 
     async def work(uow: UnitOfWork) -> User:
         user = _domain(lambda: User.provision(user_id, caller.tenant_id, desired))
         await _check_manager(uow, user)
+        await _check_unique(uow, user, unique)
         uow.add_user(user)
         await _flush(uow, user.user_name)
         return user
@@ -117,6 +127,7 @@ async def update_user(
     change: Callable[[User], None],
     if_match: str | None = None,
     in_thread: Callable[[User], bool] | None = None,
+    unique: Sequence[tuple[str, str, bool]] = (),
 ) -> User:
     """Apply `change` (a domain command on the loaded user) and commit what it triggered.
 
@@ -140,6 +151,7 @@ async def update_user(
         else:
             _domain(partial(change, user))
         await _check_manager(uow, user)
+        await _check_unique(uow, user, unique)
         await _flush(uow, user.user_name)
         return user
 
@@ -194,8 +206,9 @@ async def create_group(db: Database, caller: Caller, change: GroupChange) -> Gro
     async def work(uow: UnitOfWork) -> Group:
         display_name = None if change.display_name is UNSET else change.display_name
         external_id = None if change.external_id is UNSET else change.external_id
+        extensions = None if change.extensions is UNSET else change.extensions
         group = _domain(
-            lambda: Group.create(group_id, caller.tenant_id, display_name, external_id)  # type: ignore[arg-type]
+            lambda: Group.create(group_id, caller.tenant_id, display_name, external_id, extensions)  # type: ignore[arg-type]
         )
         uow.add_group(group)
         await _change_members(uow, group, change)
@@ -212,7 +225,13 @@ async def change_group(
         group = await _load_group(uow, group_id, if_match)
         display_name = group.display_name if change.display_name is UNSET else change.display_name
         external_id = group.external_id if change.external_id is UNSET else change.external_id
-        _domain(lambda: group.update(display_name, external_id))
+        extensions = None if change.extensions is UNSET else change.extensions
+        if change.extension_ops:
+            extensions = coerce_declared(
+                apply_extension_patch(group.extensions, change.extension_ops, change.max_values),
+                change.declared,
+            )
+        _domain(lambda: group.update(display_name, external_id, extensions))
         await _change_members(uow, group, change)
         await _flush(uow, group.display_name, "displayName")
         return group
@@ -361,6 +380,43 @@ _INDEXED_ATTRIBUTES = {
     "scim_groups_display_name_uq": "displayName",
     "scim_groups_external_id_idx": "externalId",
 }
+
+
+async def _check_unique(
+    uow: UnitOfWork, user: User, unique: Sequence[tuple[str, str, bool]]
+) -> None:
+    """409 uniqueness when another user of the tenant holds the value of a declared
+    `uniqueness: server` attribute. The value's advisory lock, held to commit, orders two
+    writers of one value, and the second one's query (read committed) sees the first."""
+    if not unique or not user.pending_events:
+        return
+    state = user.state_view
+    for urn, attribute, case_exact in unique:
+        value = (state.get(urn) or {}).get(attribute)
+        if value is None:
+            continue
+        text = value if isinstance(value, str) else orjson.dumps(value).decode()
+        if not case_exact:
+            text = text.lower()
+        conn = await uow.begin()
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            f"{user.tenant_id}\x1f{urn}\x1f{attribute}\x1f{text}",
+        )
+        expression = "u.resource -> $3 ->> $4"
+        if not case_exact:
+            expression = f"lower({expression})"
+        taken = await conn.fetchval(
+            f"SELECT 1 FROM scim_users u WHERE u.tenant_id = $1 AND u.id <> $2"
+            f" AND {expression} = $5 LIMIT 1",
+            user.tenant_id,
+            user.id,
+            urn,
+            attribute,
+            text,
+        )
+        if taken:
+            raise uniqueness(f"{urn}:{attribute} {str(value)[:100]!r} is already taken")
 
 
 async def _flush(uow: UnitOfWork, name: str, attribute: str = "userName") -> None:

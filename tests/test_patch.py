@@ -604,12 +604,24 @@ def test_read_only_targets_are_mutability_errors(path: str) -> None:
         'emails[foo eq "x"].value',
         "emails.foo",
         f"{EXT}:userName",
-        "urn:example:params:scim:schemas:extension:Other:2.0:User:department",
         f"{EXT}:manager.foo",
+        "urn:ietf:params:scim:schemas:core:2.0:Group:displayName",
+        'urn:example:params:scim:schemas:extension:Other:2.0:User:badges[value eq "x"]',
     ],
 )
 def test_unknown_targets_are_invalid_path(path: str) -> None:
     assert error_of(STATE, {"op": "add", "path": path, "value": "x"}) == (400, "invalidPath")
+
+
+def test_undeclared_extension_attributes_are_kept_or_refused() -> None:
+    other = "urn:example:params:scim:schemas:extension:Other:2.0:User"
+    operation = {"op": "add", "path": f"{other}:department", "value": "x"}
+    assert patched(STATE, operation)[other] == {"department": "x"}
+    document = user_document(STATE)
+    for refused in (operation, {"op": "add", "value": {f"{other}:department": "x"}}):
+        with pytest.raises(ScimError) as excinfo:
+            apply_patch(document, parse_patch_request(request(refused)), reject=True)
+        assert excinfo.value.scim_type == "invalidValue" and other in excinfo.value.detail
 
 
 @pytest.mark.parametrize(

@@ -42,6 +42,7 @@ from scim2_models.path import (
 )
 
 from service.errors import ScimError
+from service.scim.representation import is_undeclared_urn
 
 MAX_FILTER_LENGTH = 4096
 """Longest filter accepted, in characters."""
@@ -134,6 +135,13 @@ class AttributeMap:
     schema: str
     attributes: Mapping[str, Attribute]
     extensions: Mapping[str, Mapping[str, Attribute]] = field(default_factory=dict)
+    # The jsonb object (over the row alias) holding undeclared extensions under their URNs.
+    undeclared: str | None = None
+
+    @property
+    def schemas(self) -> frozenset[str]:
+        """The case-folded URNs of the schemas this map declares."""
+        return frozenset(urn.casefold() for urn in (self.schema, *self.extensions))
 
     def lookup(self, path: AttrPath) -> Attribute | None:
         name = path.attr.lower()
@@ -260,6 +268,7 @@ USER_ATTRIBUTES = AttributeMap(
             ),
         ),
     ),
+    undeclared="u.resource",
     extensions={
         ENTERPRISE_USER_SCHEMA: attributes(
             *(_json_string(name, "enterprise") for name in _ENTERPRISE_STRINGS),
@@ -413,6 +422,8 @@ class FilterCompiler(FilterVisitor[str]):
         return f"(({self.visit(node.expr)}) IS NOT TRUE)"
 
     def visit_present(self, node: Present) -> str:
+        if self._is_undeclared(node.attr_path):
+            return self._undeclared(node.attr_path, _present_json)
         attribute, sub = self._resolve(node.attr_path)
         if attribute.kind is not Kind.MULTI:
             return _present(sub or attribute)
@@ -428,6 +439,13 @@ class FilterCompiler(FilterVisitor[str]):
             if node.op == CompareOperator.ne:
                 return self.visit_present(Present(node.attr_path))
             raise _FilterError(f"{node.op.value} cannot compare with null")
+        if self._is_undeclared(node.attr_path):
+            if node.op == CompareOperator.ne:
+                equal = Comparison(node.attr_path, CompareOperator.eq, node.value)
+                return f"(({self.visit_comparison(equal)}) IS NOT TRUE)"
+            return self._undeclared(
+                node.attr_path, lambda item: self._compare_json(item, node.op, node.value)
+            )
         attribute, sub = self._resolve(node.attr_path)
         if attribute.kind is not Kind.MULTI:
             return self._compare(sub or attribute, node.op, node.value)
@@ -455,6 +473,11 @@ class FilterCompiler(FilterVisitor[str]):
         return f"(({condition}) IS NOT TRUE)" if negate else condition
 
     def visit_value_path(self, node: ValuePath) -> str:
+        if self._is_undeclared(node.attr_path):
+            raise _FilterError(
+                f"value filters on undeclared extension attributes are not supported: "
+                f"{node.attr_path}"
+            )
         attribute, sub = self._resolve(node.attr_path)
         if self._scope is not None:
             raise _FilterError("value filters cannot be nested")
@@ -518,6 +541,69 @@ class FilterCompiler(FilterVisitor[str]):
         # lower() in SQL, so the key is lower-cased exactly as the indexed function does.
         key = self.params.add(_check_text(f"{type_}:{value}"))
         return f"{attribute.value_keys} @> ARRAY[lower({key})]::text[]"
+
+    # --- undeclared extension attributes (kept as sent, under their URN)
+
+    def _is_undeclared(self, path: AttrPath) -> bool:
+        return (
+            self._scope is None
+            and self.map.undeclared is not None
+            and path.uri is not None
+            and is_undeclared_urn(path.uri)
+            and path.uri.casefold() not in self.map.schemas
+        )
+
+    def _undeclared(self, path: AttrPath, condition: Callable[[str], str]) -> str:
+        """EXISTS over the values of an undeclared attribute: URN and name matched
+        case-insensitively, a list read value by value, an object by its `value` (or by the
+        path's sub-attribute); `condition(item)` tests one jsonb value."""
+        assert path.uri is not None and self.map.undeclared is not None
+        resource = self.map.undeclared
+        a = self._alias()
+        urn = self.params.add(_check_text(path.uri))
+        name = self.params.add(_check_text(path.attr))
+        sql = (
+            f"EXISTS (SELECT 1 FROM jsonb_each(CASE jsonb_typeof({resource}) WHEN 'object'"
+            f" THEN {resource} ELSE '{{}}'::jsonb END) AS {a}e(k, v)"
+            f" CROSS JOIN LATERAL jsonb_each(CASE jsonb_typeof({a}e.v) WHEN 'object'"
+            f" THEN {a}e.v ELSE '{{}}'::jsonb END) AS {a}a(k, v)"
+            f" CROSS JOIN LATERAL jsonb_array_elements(CASE jsonb_typeof({a}a.v) WHEN 'array'"
+            f" THEN {a}a.v ELSE jsonb_build_array({a}a.v) END) AS {a}x(v)"
+        )
+        where = f"lower({a}e.k) = lower({urn}::text) AND lower({a}a.k) = lower({name}::text)"
+        if path.sub_attr is None:
+            item = f"(CASE jsonb_typeof({a}x.v) WHEN 'object' THEN {a}x.v->'value' ELSE {a}x.v END)"
+        else:
+            sub = self.params.add(_check_text(path.sub_attr))
+            sql += (
+                f" CROSS JOIN LATERAL jsonb_each(CASE jsonb_typeof({a}x.v) WHEN 'object'"
+                f" THEN {a}x.v ELSE '{{}}'::jsonb END) AS {a}s(k, v)"
+            )
+            where += f" AND lower({a}s.k) = lower({sub}::text)"
+            item = f"{a}s.v"
+        return f"{sql} WHERE {where} AND {condition(item)})"
+
+    def _compare_json(self, item: str, op: CompareOperator, value: Any) -> str:
+        """One undeclared value (jsonb) against a filter value: numbers as numbers, booleans
+        as booleans, anything else as case-insensitive text (caseExact=false, RFC 7643 §7)."""
+        if isinstance(value, bool):
+            if op != CompareOperator.eq:
+                raise _FilterError(f"{op.value} is not supported on a boolean")
+            p = self.params.add("true" if value else "false")
+            return f"lower({item} #>> '{{}}') = {p}::text"
+        if isinstance(value, int | float):
+            number = f"(CASE jsonb_typeof({item}) WHEN 'number' THEN ({item})::numeric END)"
+            if op == CompareOperator.eq:
+                return f"{number} = {self.params.add(json.dumps(value))}::text::numeric"
+            if op in _ORDERING:
+                p = self.params.add(json.dumps(value))
+                return f"{number} {_ORDERING[op]} {p}::text::numeric"
+            value = json.dumps(value)
+        if not isinstance(value, str):
+            raise _FilterError(f"unsupported filter value {value!r}")
+        text = Attribute("value", Kind.STRING, f"({item} #>> '{{}}')")
+        scalar = f"jsonb_typeof({item}) IN ('string', 'number', 'boolean')"
+        return f"{scalar} AND {self._compare_string(text, op, value)}"
 
     # --- comparisons of one value
 
@@ -609,6 +695,13 @@ def _present(attribute: Attribute) -> str:
     if attribute.kind is Kind.COMPLEX:
         return f"({attribute.sql}) <> '{{}}'::jsonb"
     return f"({attribute.sql}) IS NOT NULL"
+
+
+def _present_json(item: str) -> str:
+    return (
+        f"{item} IS NOT NULL AND {item} NOT IN"
+        " ('null'::jsonb, '\"\"'::jsonb, '[]'::jsonb, '{}'::jsonb)"
+    )
 
 
 def _parse_datetime(value: Any, name: str) -> datetime:
@@ -709,6 +802,7 @@ GROUP_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:Group"
 
 GROUP_ATTRIBUTES = AttributeMap(
     schema=GROUP_SCHEMA,
+    undeclared="g.extensions",
     attributes=attributes(
         Attribute("id", Kind.UUID, "g.id", case_exact=True),
         Attribute("externalId", Kind.STRING, "g.external_id", case_exact=True),

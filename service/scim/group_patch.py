@@ -19,6 +19,7 @@ from scim2_models import InvalidFilterException, ScimFilter
 from scim2_models.path.expressions import CompareOperator, Comparison, LogicalExpr, LogicalOperator
 
 from service.errors import ScimError, invalid_value
+from service.scim.representation import is_undeclared_urn, undeclared_refused
 
 GROUP_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:Group"
 # Entra adds this schema to groups it creates; it carries nothing we keep.
@@ -35,6 +36,13 @@ class GroupChange:
     clear_members: bool = False
     # A client's `display` of a member it adds (RFC 7643 §2.4: immutable, set at inclusion).
     displays: dict[str, str] = field(default_factory=dict)
+    # Undeclared extensions: all of them (POST, PUT), or PATCH operations on them, applied to
+    # the group's current ones by the handler (service/scim/patch.py, apply_extension_patch).
+    extensions: Any = UNSET
+    extension_ops: list[tuple[str, str, Any]] = field(default_factory=list)
+    max_values: int | None = None
+    # The tenant's declared Group extensions (case-folded URN -> schema): their values checked.
+    declared: dict[str, Any] = field(default_factory=dict)
 
     def add(self, ids: set[str]) -> None:
         self.adds |= ids
@@ -125,10 +133,22 @@ def _string_or_none(value: Any, name: str) -> str | None:
 
 
 def _apply_attribute(
-    change: GroupChange, op: str, name: str, value: Any, max_members: int | None = None
+    change: GroupChange,
+    op: str,
+    name: str,
+    value: Any,
+    max_members: int | None = None,
+    reject: bool = False,
 ) -> None:
     key = name.lower()
-    if key in ("displayname", f"{GROUP_SCHEMA.lower()}:displayname"):
+    if is_undeclared_urn(name):
+        urn = name.split("[", 1)[0]
+        if reject and not any(
+            urn.casefold() == d or urn.casefold().startswith(d + ":") for d in change.declared
+        ):
+            raise undeclared_refused(name.split("[", 1)[0])
+        change.extension_ops.append((op, name, value))
+    elif key in ("displayname", f"{GROUP_SCHEMA.lower()}:displayname"):
         if op == "remove":
             raise ScimError(400, "displayName is required and cannot be removed", "mutability")
         change.display_name = _string_or_none(value, "displayName")
@@ -154,12 +174,19 @@ def _apply_attribute(
 
 
 def fold_operations(
-    operations: list[dict[str, Any]], max_members: int | None = None
+    operations: list[dict[str, Any]],
+    max_members: int | None = None,
+    max_values: int | None = None,
+    *,
+    reject: bool = False,
+    declared: dict[str, Any] | None = None,
 ) -> GroupChange:
     """All-or-nothing: any invalid operation raises before anything is applied.
 
-    `max_members` (Settings.max_patch_members) caps the members one operation names."""
-    change = GroupChange()
+    `max_members` (Settings.max_patch_members) caps the members one operation names,
+    `max_values` the values of an extension attribute; `reject`: the tenant rejects
+    undeclared extension attributes (400)."""
+    change = GroupChange(max_values=max_values, declared=declared or {})
     for operation in operations:
         op, path, value = operation["op"], operation["path"], operation["value"]
         if path is None:
@@ -170,10 +197,10 @@ def fold_operations(
             for name, item in value.items():
                 if name.lower() in ("schemas", "id", "meta"):
                     continue
-                _apply_attribute(change, op, name, item, max_members)
+                _apply_attribute(change, op, name, item, max_members, reject)
             continue
         bracket = path.find("[")
-        if bracket > 0 and path.endswith("]"):
+        if bracket > 0 and path.endswith("]") and not is_undeclared_urn(path):
             if path[:bracket].strip().lower() != "members":
                 raise ScimError(400, f"unsupported path {path!r}", "invalidPath")
             ids = _filter_ids(path[bracket + 1 : -1])
@@ -184,5 +211,5 @@ def fold_operations(
                 )
             change.remove(ids)
             continue
-        _apply_attribute(change, op, path, value, max_members)
+        _apply_attribute(change, op, path, value, max_members, reject)
     return change

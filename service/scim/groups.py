@@ -7,6 +7,8 @@ held while the client takes them (service/streams.py).
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from datetime import datetime
 from functools import partial
 from typing import Any
@@ -22,6 +24,7 @@ from projections import groups as groups_view
 from service import handlers
 from service.errors import SCIM_CONTENT_TYPE, invalid_value, not_found, scim_json
 from service.handlers import etag, etag_matches, parse_id
+from service.scim.declared import Declared, coerce_declared, declared_for, excluding, hidden
 from service.scim.filter import group_filter_sql, group_sort_sql
 from service.scim.group_patch import (
     AD_GROUP_SCHEMA,
@@ -39,8 +42,8 @@ from service.scim.lists import (
     search_params,
 )
 from service.scim.patch import parse_patch_request
-from service.scim.representation import scim_timestamp, select_attributes
-from service.scim.users import caller, json_body, json_object, off_loop
+from service.scim.representation import extensions_from_scim, scim_timestamp, select_attributes
+from service.scim.users import caller, json_body, json_object, off_loop, rejects_undeclared
 from service.state import DATABASE, PRINCIPAL, SETTINGS, base_url
 from service.streams import StreamCut, streaming
 
@@ -55,11 +58,14 @@ def group_resource(
     version: int,
     created: datetime,
     last_modified: datetime,
+    extensions: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    resource: dict[str, Any] = {"schemas": [GROUP_SCHEMA], "id": str(group_id)}
+    resource: dict[str, Any] = {"schemas": [GROUP_SCHEMA, *(extensions or ())], "id": str(group_id)}
     if external_id is not None:
         resource["externalId"] = external_id
     resource["displayName"] = display_name
+    for urn, attributes in (extensions or {}).items():
+        resource[urn] = copy.deepcopy(attributes)
     resource["meta"] = {
         "resourceType": "Group",
         "created": scim_timestamp(created),
@@ -79,6 +85,7 @@ def _of_group(base: str, group: Group) -> dict[str, Any]:
         group.version,
         group.created_on,
         group.modified_on,
+        group.extensions,
     )
 
 
@@ -91,6 +98,7 @@ def _of_row(base: str, row: asyncpg.Record) -> dict[str, Any]:
         row["version"],
         row["created"],
         row["last_modified"],
+        row["extensions"],
     )
 
 
@@ -111,7 +119,11 @@ def wants_members(attributes: str | None, excluded: str | None) -> bool:
 
 
 def _selection(request: web.Request) -> tuple[str | None, str | None]:
-    return request.query.get("attributes"), request.query.get("excludedAttributes")
+    """attributes and excludedAttributes, the latter with the declared attributes a reply
+    leaves out (`returned: never` or `request`)."""
+    attributes = request.query.get("attributes")
+    names = hidden(request[PRINCIPAL].declared, "Group", attributes)
+    return attributes, excluding(request.query.get("excludedAttributes"), names)
 
 
 # -- reads ----------------------------------------------------------------------------------
@@ -244,18 +256,26 @@ async def _search(request: web.Request, query: ListQuery) -> dict[str, Any]:
         for resource, row in zip(resources, rows, strict=True):
             if row["id"] in by_group:
                 resource["members"] = by_group[row["id"]]
-    selected = [
-        select_attributes(r, query.attributes, query.excluded_attributes) for r in resources
-    ]
+    names = hidden(request[PRINCIPAL].declared, "Group", query.attributes)
+    excluded = excluding(query.excluded_attributes, names)
+    selected = [select_attributes(r, query.attributes, excluded) for r in resources]
     return list_response(selected, page.total, query, page.next_cursor)
 
 
 # -- writes ---------------------------------------------------------------------------------
 
 
-def _change_from_body(body: dict[str, Any], max_members: int | None = None) -> GroupChange:
+def _change_from_body(
+    body: dict[str, Any],
+    max_members: int | None = None,
+    max_values: int | None = None,
+    *,
+    reject: bool = False,
+    declared: Declared | None = None,
+) -> GroupChange:
     """A POST/PUT body as a change: the attributes it sets and its full member list (at most
-    `max_members`, Settings.max_patch_members, as one PATCH operation may name)."""
+    `max_members`, Settings.max_patch_members, as one PATCH operation may name); undeclared
+    extensions kept (or, with `reject`, refused)."""
     keyed = {k.lower(): v for k, v in body.items()}
     schemas = keyed.get("schemas")
     if schemas is not None and not isinstance(schemas, list):
@@ -267,6 +287,11 @@ def _change_from_body(body: dict[str, Any], max_members: int | None = None) -> G
     if external_id is not None and not isinstance(external_id, str):
         raise invalid_value("externalId must be a string")
     change = GroupChange(display_name=display_name, external_id=external_id or None)
+    declared = declared or {}
+    extensions = extensions_from_scim(
+        body, (GROUP_SCHEMA,), max_values, reject=reject, declared=declared
+    )
+    change.extensions = coerce_declared(extensions, declared)
     members = members_of(keyed.get("members"), limit=max_members)
     change.replace_members(set(members))
     change.displays = {m: d for m, d in members.items() if d}
@@ -274,10 +299,16 @@ def _change_from_body(body: dict[str, Any], max_members: int | None = None) -> G
 
 
 async def _change_of(request: web.Request, body: dict[str, Any]) -> GroupChange:
-    max_members = request.app[SETTINGS].max_patch_members
-    return await off_loop(
-        request.content_length or 0, partial(_change_from_body, body, max_members)
+    settings = request.app[SETTINGS]
+    work = partial(
+        _change_from_body,
+        body,
+        settings.max_patch_members,
+        settings.max_multi_values,
+        reject=rejects_undeclared(request),
+        declared=declared_for(request[PRINCIPAL].declared, "Group"),
     )
+    return await off_loop(request.content_length or 0, work)
 
 
 async def create(request: web.Request) -> web.StreamResponse:
@@ -304,12 +335,19 @@ async def patch(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     operations = parse_patch_request(await json_body(request), settings.max_patch_operations)
     size = request.content_length or 0
-    change = await off_loop(size, partial(fold_operations, operations, settings.max_patch_members))
+    fold = partial(
+        fold_operations,
+        operations,
+        settings.max_patch_members,
+        settings.max_multi_values,
+        reject=rejects_undeclared(request),
+        declared=declared_for(request[PRINCIPAL].declared, "Group"),
+    )
+    change = await off_loop(size, fold)
     group = await handlers.change_group(
         request.app[DATABASE], caller(request), group_id, change, request.headers.get("If-Match")
     )
-    attributes, excluded = _selection(request)
-    if attributes is None and excluded is None:
+    if "attributes" not in request.query and "excludedAttributes" not in request.query:
         # Entra expects 204 for group PATCH; a reply must never be forced to carry members.
         return web.Response(status=204, headers={"ETag": etag(group.version)})
     return await _write_reply(request, group, 200)

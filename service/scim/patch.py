@@ -14,10 +14,12 @@ are refused (mutability), unknown ones too (invalidPath).
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import orjson
 from scim2_models import Path, SCIMException
 from scim2_models.path import (
     AttrPath,
@@ -49,18 +51,20 @@ from service.scim.representation import (
     READ_ONLY_ATTRIBUTES,
     USER_SCHEMA,
     check_multi_values,
+    is_undeclared_urn,
     lookup,
     to_boolean,
     to_item,
     to_item_value,
     to_manager,
     to_string,
+    undeclared_refused,
 )
 
 PATCH_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
 OPS = ("add", "replace", "remove")
 
-Kind = Literal["string", "boolean", "complex", "multi", "manager", "extension"]
+Kind = Literal["string", "boolean", "complex", "multi", "manager", "extension", "undeclared"]
 # Sub-attributes of an item that say nothing on their own: an item left with only these after a
 # sub-attribute is cleared (an email without its address) is dropped.
 _HOLLOW = frozenset({"type", PRIMARY})
@@ -143,6 +147,7 @@ class _Target:
     sub_attribute: str | None = None
     value_filter: FilterNode | None = None
     terms: int = 1  # the value filter's comparisons: what matching one item costs
+    urn: str | None = None  # the schema of an undeclared extension attribute
 
     @property
     def label(self) -> str:
@@ -178,6 +183,8 @@ class _Cost:
     max_values: int | None = None
     spent: int = 0
     targets: dict[str, _Target] = field(default_factory=dict)
+    reject: bool = False  # the tenant rejects undeclared extension attributes
+    declared: frozenset[str] = frozenset()  # case-folded URNs the tenant declares
 
     def spend(self, units: int) -> None:
         self.spent += units
@@ -188,11 +195,18 @@ class _Cost:
                 " several requests"
             )
 
+    def is_declared(self, target: _Target) -> bool:
+        return (target.urn or "").casefold() in self.declared or (
+            target.path.casefold() in self.declared
+        )
+
     def resolve(self, text: str) -> _Target:
         target = self.targets.get(text)
         if target is None:
             self.spend(16 + 2 * len(text))  # parsing costs ~20 µs, and more per character
             target = self.targets[text] = _resolve(text)
+        if self.reject and target.kind == "undeclared" and not self.is_declared(target):
+            raise undeclared_refused(target.urn or target.path)
         return target
 
 
@@ -221,6 +235,12 @@ def _resolve(text: str) -> _Target:
         scopes = [(False, _CORE_KINDS)]
     elif uri.casefold() == ENTERPRISE_SCHEMA.casefold():
         scopes = [(True, _ENTERPRISE_KINDS)]
+    elif is_undeclared_urn(uri):
+        if value_filter is not None:
+            raise _invalid_path(
+                f"value filters on undeclared extension attributes are not supported: {text!r}"
+            )
+        return _Target(text, "undeclared", name, sub_attribute=sub, urn=uri)
     else:
         raise _invalid_path(f"unknown schema in path {text!r}")
     if not scopes[0][0] and lookup(READ_ONLY_ATTRIBUTES, name):
@@ -380,6 +400,8 @@ def _apply(document: dict[str, Any], op: str, target: _Target, value: Any, cost:
         _apply_multi(container, op, target, value, cost)
     elif target.kind == "manager":
         _apply_manager(container, op, target, value)
+    elif target.kind == "undeclared":
+        _apply_undeclared(document, op, target, value, cost)
     else:
         _apply_extension(document, op, value, cost)
 
@@ -583,6 +605,96 @@ def _apply_extension(document: dict[str, Any], op: str, value: Any, cost: _Cost)
             _apply(document, op, target, sub_value, cost)
 
 
+# `urn:…:2.0:User` reads as the attribute "User" of `urn:…:2.0`: a path naming a whole
+# extension object, as Entra's no-path values do.
+_VERSION = re.compile(r"\d+(?:\.\d+)*")
+
+
+def _key_of(container: Mapping[str, Any], name: str, cost: _Cost) -> str:
+    """The spelling `container` already has for `name` (case-insensitive), else `name`."""
+    if name in container:
+        return name
+    cost.spend(len(container))
+    return lookup((k for k in container if isinstance(k, str)), name) or name
+
+
+def _whole_extension(document: Mapping[str, Any], target: _Target, cost: _Cost) -> str | None:
+    """The document key of the extension object a path names as a whole, or None."""
+    if target.sub_attribute is not None or target.urn is None:
+        return None
+    key = _key_of(document, target.path, cost)
+    if key in document:
+        return key
+    version = target.urn.rpartition(":")[2]
+    if _VERSION.fullmatch(version) and target.attribute.casefold() in ("user", "group"):
+        return target.path
+    return None
+
+
+def _json_key(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+def _apply_undeclared(
+    document: dict[str, Any], op: str, target: _Target, value: Any, cost: _Cost
+) -> None:
+    """An attribute of an extension no schema declares: kept as sent. add appends to a list and
+    merges into an object, replace sets, remove clears (or, given a value, removes the listed
+    values of a list: Entra's style)."""
+    assert target.urn is not None
+    whole = _whole_extension(document, target, cost)
+    if whole is not None:
+        if op == "remove" or value is None or value == "":
+            document.pop(whole, None)
+            return
+        if not isinstance(value, Mapping):
+            raise invalid_value(f"{target.path} must be an object of attributes")
+        for key, attribute_value in value.items():
+            if isinstance(key, str):
+                part = _Target(f"{whole}:{key}", "undeclared", key, urn=whole)
+                _apply_undeclared(document, op, part, attribute_value, cost)
+        return
+    urn = _key_of(document, target.urn, cost)
+    extension = document.get(urn)
+    if not isinstance(extension, dict):
+        extension = document[urn] = {}
+    name = _key_of(extension, target.attribute, cost)
+    current = extension.get(name)
+    label = f"{urn}:{name}"
+    if target.sub_attribute is not None:
+        if current is not None and not isinstance(current, dict):
+            raise invalid_value(f"{label} is not an object: {target.path} names nothing")
+        sub_current = dict(current or {})
+        sub = _key_of(sub_current, target.sub_attribute, cost)
+        _put(sub_current, sub, None if op == "remove" else value)
+        _put(extension, name, sub_current)
+        return
+    if isinstance(value, list):
+        check_multi_values(len(value), label, cost.max_values)
+        cost.spend(len(value))
+    if op == "remove":
+        if isinstance(current, list) and value is not None and value != "":
+            listed = {_json_key(v) for v in (value if isinstance(value, list) else [value])}
+            cost.spend(len(current))
+            _put(extension, name, [v for v in current if _json_key(v) not in listed])
+        else:
+            extension.pop(name, None)
+    elif op == "add" and isinstance(current, list) and value is not None and value != "":
+        cost.spend(len(current))
+        present = {_json_key(v) for v in current}
+        grown = list(current)
+        for item in value if isinstance(value, list) else [value]:
+            if _json_key(item) not in present:
+                present.add(_json_key(item))
+                grown.append(item)
+        check_multi_values(len(grown), label, cost.max_values)
+        _put(extension, name, grown)
+    elif op == "add" and isinstance(current, dict) and isinstance(value, Mapping):
+        _put(extension, name, {**current, **value})
+    else:
+        _put(extension, name, value)
+
+
 def _apply_without_path(document: dict[str, Any], op: str, value: Any, cost: _Cost) -> None:
     """add/replace with no path: each key of the value object is a path (plain, dotted as
     `name.givenName`, or URN-qualified), or the extension URN with an object. As in a PUT
@@ -602,17 +714,37 @@ def _apply_without_path(document: dict[str, Any], op: str, value: Any, cost: _Co
 
 
 def _tidy(document: dict[str, Any]) -> None:
-    extension = document.get(ENTERPRISE_SCHEMA)
-    if extension is not None and not extension:
-        del document[ENTERPRISE_SCHEMA]
-    schemas = [USER_SCHEMA, ENTERPRISE_SCHEMA] if ENTERPRISE_SCHEMA in document else [USER_SCHEMA]
-    document["schemas"] = schemas
+    urns = [key for key in document if key.startswith("urn:")]
+    for urn in urns:
+        if not document[urn]:
+            del document[urn]
+    document["schemas"] = [USER_SCHEMA, *(urn for urn in urns if urn in document)]
+
+
+def apply_extension_patch(
+    extensions: Mapping[str, Any],
+    operations: list[tuple[str, str, Any]],
+    max_values: int | None = None,
+) -> dict[str, Any]:
+    """Apply (op, path, value) operations on undeclared extension attributes to a resource's
+    extensions (URN -> attributes), as a user PATCH applies them; a new dict is returned."""
+    cost = _Cost(max_values)
+    document: dict[str, Any] = copy.deepcopy(dict(extensions))
+    for op, path, value in operations:
+        target = cost.resolve(path)
+        if target.kind != "undeclared":
+            raise _invalid_path(f"unknown attribute in path {path[:100]!r}")
+        _apply_undeclared(document, op, target, value, cost)
+    return {urn: attributes for urn, attributes in document.items() if attributes}
 
 
 def apply_patch(
     document: Mapping[str, Any],
     operations: list[dict[str, Any]],
     max_values: int | None = None,
+    *,
+    reject: bool = False,
+    declared: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """Apply PATCH operations to a user document (see representation.user_document).
 
@@ -621,8 +753,9 @@ def apply_patch(
     no-op (RFC 7644 allows 400 noTarget; robustness wins, Entra never relies on either).
     `max_values` (Settings.max_multi_values): 400 invalidValue for an operation that lists more
     values, or grows a multi-valued attribute past it. Past MAX_PATCH_COST: 400 invalidValue.
+    `reject` (the tenant's `--undeclared reject`): an undeclared extension attribute is 400.
     """
-    cost = _Cost(max_values)
+    cost = _Cost(max_values, reject=reject, declared=declared)
     result = copy.deepcopy(dict(document))
     for index, raw in enumerate(operations):
         operation = _operation(raw, index)

@@ -26,6 +26,8 @@ from domain.schema import (
     USER_MULTI_VALUED_ATTRIBUTES,
     USER_NAME,
     USER_STRING_ATTRIBUTES,
+    is_extension_urn,
+    split_extension_attribute,
 )
 from service.errors import ScimError, invalid_value
 
@@ -182,11 +184,81 @@ def _keyed(body: Mapping[str, Any]) -> dict[str, Any]:
     return {key.casefold(): value for key, value in body.items() if isinstance(key, str)}
 
 
-def user_from_scim(body: Mapping[str, Any], max_values: int | None = None) -> dict[str, Any]:
+# Schemas of SCIM itself: never a client's extension.
+_SCIM_PREFIXES = ("urn:ietf:params:scim:schemas:core:", "urn:ietf:params:scim:api:")
+
+
+def is_undeclared_urn(urn: str) -> bool:
+    """Whether a URN can name a client's extension (not SCIM's own core or API schemas)."""
+    return is_extension_urn(urn) and not urn.casefold().startswith(_SCIM_PREFIXES)
+
+
+def undeclared_refused(urn: str) -> ScimError:
+    """400 for an extension the tenant has not declared, under `--undeclared reject`."""
+    return invalid_value(
+        f"{urn} is not a schema this tenant declares, and the tenant rejects undeclared"
+        " extension attributes: declare it, or keep them as sent"
+        " (scimledger tenants set TENANT --undeclared keep)"
+    )
+
+
+def extensions_from_scim(
+    body: Mapping[str, Any],
+    known: Iterable[str],
+    max_values: int | None = None,
+    *,
+    reject: bool = False,
+    declared: Iterable[str] = (),
+) -> dict[str, dict[str, Any]]:
+    """The undeclared extensions of a body: URN -> {attribute: value}, as sent.
+
+    A key is an extension URN with an object of attributes (`"urn:…:2.0:User": {"A": "x"}`),
+    or a URN-qualified attribute with its value (`"urn:…:2.0:User:A": "x"`). URNs and
+    attribute names are matched case-insensitively (the first spelling is kept); `known` are
+    the schemas read elsewhere (core, enterprise). A list value is capped at `max_values`.
+    `reject` (the tenant's `--undeclared reject`): 400 naming the first such URN.
+    """
+    skipped = {urn.casefold() for urn in known}
+    accepted = frozenset(declared)  # case-folded URNs the tenant declares
+    found: dict[str, dict[str, Any]] = {}
+    # Case-folded URN, and (URN, attribute), -> the spelling kept: one lookup per key.
+    spelling: dict[str, str] = {}
+    names: dict[tuple[str, str], str] = {}
+    for key, value in body.items():
+        if not isinstance(key, str) or not is_undeclared_urn(key) or key.casefold() in skipped:
+            continue
+        if isinstance(value, Mapping):
+            urn, attributes = key, value
+        else:
+            urn, attribute = split_extension_attribute(key)
+            if urn.casefold() in skipped or not attribute:
+                continue
+            attributes = {attribute: value}
+        if reject and urn.casefold() not in accepted:
+            raise undeclared_refused(urn)
+        folded_urn = urn.casefold()
+        extension = found.setdefault(spelling.setdefault(folded_urn, urn), {})
+        for name, attribute_value in attributes.items():
+            if not isinstance(name, str):
+                raise invalid_value(f"{urn} attribute names must be strings")
+            if isinstance(attribute_value, list):
+                check_multi_values(len(attribute_value), f"{urn}:{name}", max_values)
+            extension[names.setdefault((folded_urn, name.casefold()), name)] = attribute_value
+    return found
+
+
+def user_from_scim(
+    body: Mapping[str, Any],
+    max_values: int | None = None,
+    *,
+    reject: bool = False,
+    declared: Iterable[str] = (),
+) -> dict[str, Any]:
     """A POST/PUT body (or a patched document) -> a desired state in domain/schema.py shape.
 
     Absent attributes are left out; the domain normalises the result (and requires userName).
     `max_values` (Settings.max_multi_values) caps each multi-valued attribute: 400 invalidValue.
+    Undeclared extensions are kept under their URN, or refused with `reject`.
     """
     fields = _keyed(_mapping(body))
     state: dict[str, Any] = {}
@@ -220,6 +292,10 @@ def user_from_scim(body: Mapping[str, Any], max_values: int | None = None) -> di
         manager = to_manager(fields.get(MANAGER.casefold()))
     if manager is not None:
         state[MANAGER] = manager
+    extensions = extensions_from_scim(
+        body, (USER_SCHEMA, ENTERPRISE_SCHEMA), max_values, reject=reject, declared=declared
+    )
+    state.update(extensions)
     return state
 
 
@@ -231,8 +307,9 @@ def user_document(state: Mapping[str, Any]) -> dict[str, Any]:
     extension: dict[str, Any] = dict(copy.deepcopy(state.get(ENTERPRISE) or {}))
     if state.get(MANAGER):
         extension[MANAGER] = {"value": state[MANAGER]}
+    others = [key for key in state if is_extension_urn(key)]
     document: dict[str, Any] = {
-        "schemas": [USER_SCHEMA, ENTERPRISE_SCHEMA] if extension else [USER_SCHEMA]
+        "schemas": [USER_SCHEMA, *([ENTERPRISE_SCHEMA] if extension else []), *others]
     }
     order = (
         USER_NAME,
@@ -246,6 +323,8 @@ def user_document(state: Mapping[str, Any]) -> dict[str, Any]:
             document[attribute] = copy.deepcopy(state[attribute])
     if extension:
         document[ENTERPRISE_SCHEMA] = extension
+    for urn in others:
+        document[urn] = copy.deepcopy(state[urn])
     return document
 
 

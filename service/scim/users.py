@@ -18,6 +18,13 @@ from projections import users as users_view
 from service import handlers
 from service.errors import invalid_syntax, invalid_value, not_found, scim_json
 from service.handlers import Caller, etag, etag_matches, parse_id
+from service.scim.declared import (
+    coerce_declared,
+    declared_for,
+    excluding,
+    hidden,
+    unique_attributes,
+)
 from service.scim.filter import user_filter_sql, user_sort_sql
 from service.scim.lists import (
     ListQuery,
@@ -215,7 +222,11 @@ def _reply(
     request: web.Request, resource: dict[str, Any], version: int, status: int = 200
 ) -> web.Response:
     q = request.query
-    body = select_attributes(resource, q.get("attributes"), q.get("excludedAttributes"))
+    excluded = excluding(
+        q.get("excludedAttributes"),
+        hidden(request[PRINCIPAL].declared, "User", q.get("attributes")),
+    )
+    body = select_attributes(resource, q.get("attributes"), excluded)
     headers = {"ETag": etag(version)}
     if status == 201:
         headers["Location"] = resource["meta"]["location"]
@@ -242,12 +253,31 @@ async def _desired(request: web.Request) -> dict[str, Any]:
     """The desired state a POST or PUT body describes (off the loop when the body is large)."""
     body = await json_object(request)
     max_values = request.app[SETTINGS].max_multi_values
-    return await off_loop(request.content_length or 0, partial(user_from_scim, body, max_values))
+    declared = declared_for(request[PRINCIPAL].declared, "User")
+
+    def work() -> dict[str, Any]:
+        state = user_from_scim(
+            body, max_values, reject=rejects_undeclared(request), declared=declared
+        )
+        return coerce_declared(state, declared)
+
+    return await off_loop(request.content_length or 0, work)
+
+
+def _unique(request: web.Request) -> list[tuple[str, str, bool]]:
+    return unique_attributes(declared_for(request[PRINCIPAL].declared, "User"))
+
+
+def rejects_undeclared(request: web.Request) -> bool:
+    """The tenant's `--undeclared reject`: undeclared extension attributes are a 400."""
+    return bool(request[PRINCIPAL].undeclared == "reject")
 
 
 async def create(request: web.Request) -> web.Response:
     desired = await _desired(request)
-    user = await handlers.provision_user(request.app[DATABASE], caller(request), desired)
+    user = await handlers.provision_user(
+        request.app[DATABASE], caller(request), desired, _unique(request)
+    )
     return _reply(
         request, await _resource_of_user(request, user, new=True), user.version, status=201
     )
@@ -279,6 +309,7 @@ async def replace(request: web.Request) -> web.Response:
         lambda u: u.update(desired),
         request.headers.get("If-Match"),
         _costly(request),
+        _unique(request),
     )
     return _reply(request, await _resource_of_user(request, user), user.version)
 
@@ -287,9 +318,17 @@ async def patch(request: web.Request) -> web.Response:
     user_id = parse_id(request.match_info["id"])
     settings = request.app[SETTINGS]
     operations = parse_patch_request(await json_body(request), settings.max_patch_operations)
+    reject = rejects_undeclared(request)
+    declared = declared_for(request[PRINCIPAL].declared, "User")
 
     def change(user: User) -> None:
-        document = apply_patch(user_document(user.state), operations, settings.max_multi_values)
+        document = apply_patch(
+            user_document(user.state),
+            operations,
+            settings.max_multi_values,
+            reject=reject,
+            declared=frozenset(declared),
+        )
         # PATCH is the one way a user grows past what one request carries; a user no PUT could
         # carry would make every later write pay for it again.
         size = len(orjson.dumps(document))
@@ -298,7 +337,7 @@ async def patch(request: web.Request) -> web.Response:
                 f"This PATCH would make the user {size} bytes of JSON, more than a request body"
                 f" may carry ({settings.max_body_bytes}, SCIMLEDGER_MAX_BODY_BYTES)"
             )
-        user.update(user_from_scim(document))
+        user.update(coerce_declared(user_from_scim(document), declared))
 
     user = await handlers.update_user(
         request.app[DATABASE],
@@ -307,6 +346,7 @@ async def patch(request: web.Request) -> web.Response:
         change,
         request.headers.get("If-Match"),
         _costly(request),
+        _unique(request),
     )
     return _reply(request, await _resource_of_user(request, user), user.version)
 
@@ -355,6 +395,8 @@ async def _search(request: web.Request, query: ListQuery) -> dict[str, Any]:
 def _page(
     request: web.Request, rows: list[Any], query: ListQuery, wants: bool
 ) -> list[dict[str, Any]]:
+    names = hidden(request[PRINCIPAL].declared, "User", query.attributes)
+    excluded = excluding(query.excluded_attributes, names)
     groups: dict[UUID, list[dict[str, str]]] = {}
     if wants:
         base = base_url(request)
@@ -368,7 +410,7 @@ def _page(
         select_attributes(
             _resource_of_row(request, row, groups.get(row["id"])),
             query.attributes,
-            query.excluded_attributes,
+            excluded,
         )
         for row in rows
     ]

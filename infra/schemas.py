@@ -1,0 +1,141 @@
+"""Extension schemas a tenant declares (`scimledger schemas add`), in RFC 7643 §7 form.
+
+A declaration is checked here once (its URN, its attributes' names and characteristics), so
+the request path only reads it: every request's token lookup carries its tenant's
+declarations (infra/tenants.py), and nothing is cached.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import asyncpg
+
+from infra.eventstore import Conn
+from infra.tenants import UnknownTenant
+
+RESOURCE_TYPES = ("User", "Group")
+TYPES = ("string", "boolean", "integer", "decimal", "dateTime", "reference", "complex")
+_URN = re.compile(r"urn:[A-Za-z0-9][A-Za-z0-9-]{0,31}(?::[!-~]+)+")
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+_CORE = ("urn:ietf:params:scim:schemas:core:", "urn:ietf:params:scim:api:")
+_ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:user"
+MAX_ATTRIBUTES = 200
+
+
+class BadDeclaration(ValueError):
+    """A schema document that cannot be declared; the message says why."""
+
+
+def _attribute(raw: object, where: str, *, sub: bool = False) -> dict[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise BadDeclaration(f"{where} must be an object")
+    name = raw.get("name")
+    if not isinstance(name, str) or _NAME.fullmatch(name) is None:
+        raise BadDeclaration(f"{where}.name must be an attribute name (RFC 7643 §2.1)")
+    kind = raw.get("type", "string")
+    if kind not in TYPES or (sub and kind == "complex"):
+        allowed = TYPES[:-1] if sub else TYPES
+        raise BadDeclaration(f"{where} ({name}): type must be one of {', '.join(allowed)}")
+    attribute: dict[str, Any] = {
+        "name": name,
+        "type": kind,
+        "multiValued": bool(raw.get("multiValued", False)),
+        "description": str(raw.get("description", "")),
+        "required": bool(raw.get("required", False)),
+        "caseExact": bool(raw.get("caseExact", False)),
+        "mutability": str(raw.get("mutability", "readWrite")),
+        "returned": str(raw.get("returned", "default")),
+        "uniqueness": str(raw.get("uniqueness", "none")),
+    }
+    canonical = raw.get("canonicalValues")
+    if isinstance(canonical, list) and all(isinstance(v, str) for v in canonical):
+        attribute["canonicalValues"] = list(canonical)
+    if kind == "complex":
+        subs = raw.get("subAttributes")
+        if not isinstance(subs, list) or not subs:
+            raise BadDeclaration(f"{where} ({name}): a complex attribute needs subAttributes")
+        attribute["subAttributes"] = _attributes(subs, f"{where}.subAttributes", sub=True)
+    return attribute
+
+
+def _attributes(raw: list[Any], where: str, *, sub: bool = False) -> list[dict[str, Any]]:
+    if len(raw) > MAX_ATTRIBUTES:
+        raise BadDeclaration(f"{where}: at most {MAX_ATTRIBUTES} attributes")
+    out = [_attribute(item, f"{where}[{i}]", sub=sub) for i, item in enumerate(raw)]
+    names = [a["name"].casefold() for a in out]
+    if len(set(names)) != len(names):
+        raise BadDeclaration(f"{where}: attribute names must differ (case-insensitively)")
+    return out
+
+
+def parse_declaration(document: object) -> dict[str, Any]:
+    """The canonical schema of a declaration, or BadDeclaration."""
+    if not isinstance(document, Mapping):
+        raise BadDeclaration("a schema must be a JSON object")
+    urn = document.get("id")
+    if not isinstance(urn, str) or _URN.fullmatch(urn) is None:
+        raise BadDeclaration("id must be the schema's URN (urn:…)")
+    if urn.casefold().startswith(_CORE) or urn.casefold() == _ENTERPRISE:
+        raise BadDeclaration(f"{urn} is a schema of SCIM itself, not an extension")
+    attributes = document.get("attributes")
+    if not isinstance(attributes, list) or not attributes:
+        raise BadDeclaration("attributes must be a non-empty list")
+    return {
+        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Schema"],
+        "id": urn,
+        "name": str(document.get("name") or urn.rpartition(":")[2]),
+        "description": str(document.get("description", "")),
+        "attributes": _attributes(attributes, "attributes"),
+    }
+
+
+async def _tenant_id(conn: Conn, tenant: str) -> Any:
+    tenant_id = await conn.fetchval("SELECT id FROM tenants WHERE name = $1", tenant)
+    if tenant_id is None:
+        raise UnknownTenant(tenant)
+    return tenant_id
+
+
+async def declare(conn: Conn, tenant: str, schema: dict[str, Any], resource_type: str) -> bool:
+    """Declare (or re-declare) a schema; True when it is new for the tenant."""
+    if resource_type not in RESOURCE_TYPES:
+        raise BadDeclaration(f"resource type must be one of {', '.join(RESOURCE_TYPES)}")
+    tenant_id = await _tenant_id(conn, tenant)
+    async with conn.transaction():
+        removed = await conn.execute(
+            "DELETE FROM tenant_schemas WHERE tenant_id = $1 AND lower(urn) = lower($2)",
+            tenant_id,
+            schema["id"],
+        )
+        await conn.execute(
+            "INSERT INTO tenant_schemas (tenant_id, urn, resource_type, schema)"
+            " VALUES ($1, $2, $3, $4)",
+            tenant_id,
+            schema["id"],
+            resource_type,
+            schema,
+        )
+    return bool(removed.endswith(" 0"))
+
+
+async def declared(conn: Conn, tenant: str) -> list[asyncpg.Record]:
+    return list(
+        await conn.fetch(
+            "SELECT urn, resource_type, schema, declared_at FROM tenant_schemas"
+            " WHERE tenant_id = $1 ORDER BY resource_type DESC, lower(urn)",
+            await _tenant_id(conn, tenant),
+        )
+    )
+
+
+async def withdraw(conn: Conn, tenant: str, urn: str) -> bool:
+    """Remove a declaration; values already recorded stay in the events."""
+    done = await conn.execute(
+        "DELETE FROM tenant_schemas WHERE tenant_id = $1 AND lower(urn) = lower($2)",
+        await _tenant_id(conn, tenant),
+        urn,
+    )
+    return bool(done.endswith(" 1"))

@@ -1,0 +1,135 @@
+"""Values of a tenant's declared extension attributes, checked and coerced by their schema.
+
+A declared attribute's value is checked against its type (RFC 7643 §2.3) and kept in its
+canonical form: the URN and attribute names spelt as declared, booleans from "True"/"False"
+(Entra's), a single value of a multi-valued attribute as a list of one. Anything else is a 400
+invalidValue naming the attribute, before anything is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from domain.schema import is_extension_urn
+from service.errors import invalid_value
+
+Declared = dict[str, dict[str, Any]]  # case-folded URN -> schema
+
+
+def declared_for(declarations: Iterable[Any], resource_type: str) -> Declared:
+    """The schemas a tenant declares for one resource type (Principal.declared)."""
+    return {
+        d["schema"]["id"].casefold(): d["schema"]
+        for d in declarations
+        if d["resourceType"] == resource_type
+    }
+
+
+def coerce_declared(state: Mapping[str, Any], declared: Declared) -> dict[str, Any]:
+    """`state` (a user state, or a group's extensions) with its declared extensions checked
+    and in canonical form; other keys as they are."""
+    if not declared:
+        return dict(state)
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        schema = declared.get(key.casefold()) if is_extension_urn(key) else None
+        if schema is None:
+            out[key] = value
+            continue
+        if not isinstance(value, Mapping):
+            raise invalid_value(f"{schema['id']} must be an object of attributes")
+        out[schema["id"]] = _object(value, schema["attributes"], schema["id"], ":")
+    return out
+
+
+def _object(
+    value: Mapping[str, Any], attributes: list[dict[str, Any]], where: str, separator: str
+) -> dict[str, Any]:
+    specs = {a["name"].casefold(): a for a in attributes}
+    out: dict[str, Any] = {}
+    for name, item in value.items():
+        spec = specs.get(name.casefold()) if isinstance(name, str) else None
+        if spec is None:
+            raise invalid_value(f"{where}{separator}{name} is not an attribute of {where}")
+        label = f"{where}{separator}{spec['name']}"
+        if item is None or item == "" or item == []:
+            continue
+        if spec["multiValued"]:
+            items = item if isinstance(item, list) else [item]
+            out[spec["name"]] = [_value(v, spec, label) for v in items]
+        else:
+            if isinstance(item, list):
+                raise invalid_value(f"{label} is single-valued, not a list")
+            out[spec["name"]] = _value(item, spec, label)
+    return out
+
+
+_BOOLEANS = {"true": True, "false": False}
+
+
+def _value(value: Any, spec: Mapping[str, Any], label: str) -> Any:
+    kind = spec["type"]
+    if kind in ("string", "reference"):
+        if isinstance(value, str):
+            return value
+    elif kind == "boolean":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().casefold() in _BOOLEANS:
+            return _BOOLEANS[value.strip().casefold()]
+    elif kind == "integer":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind == "decimal":
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return value
+    elif kind == "dateTime":
+        if isinstance(value, str):
+            try:
+                datetime.fromisoformat(value.replace("Z", "+00:00"))
+                return value
+            except ValueError:
+                pass
+    elif kind == "complex" and isinstance(value, Mapping):
+        return _object(value, spec.get("subAttributes", []), label, ".")
+    raise invalid_value(f"{label} must be a {kind}, not {str(value)[:100]!r}")
+
+
+def hidden(declarations: Iterable[Any], resource_type: str, attributes: str | None) -> list[str]:
+    """Full names of declared attributes a reply leaves out: `returned: never` always,
+    `returned: request` unless `attributes` names it (or its schema)."""
+    asked = {path.strip().casefold() for path in (attributes or "").split(",")}
+    out: list[str] = []
+    for schema in declared_for(declarations, resource_type).values():
+        for attribute in schema["attributes"]:
+            name = f"{schema['id']}:{attribute['name']}"
+            returned = attribute.get("returned")
+            if returned == "never" or (
+                returned == "request"
+                and name.casefold() not in asked
+                and schema["id"].casefold() not in asked
+            ):
+                out.append(name)
+    return out
+
+
+def excluding(excluded: str | None, names: list[str]) -> str | None:
+    """An excludedAttributes value that also leaves out `names`."""
+    if not names:
+        return excluded
+    return ",".join([*([excluded] if excluded else []), *names])
+
+
+def unique_attributes(declared: Declared) -> list[tuple[str, str, bool]]:
+    """(URN, attribute, caseExact) of the single-valued declared attributes whose values are
+    unique in the tenant (`uniqueness: server` or `global`)."""
+    return [
+        (schema["id"], attribute["name"], bool(attribute.get("caseExact")))
+        for schema in declared.values()
+        for attribute in schema["attributes"]
+        if attribute.get("uniqueness") in ("server", "global")
+        and not attribute["multiValued"]
+        and attribute["type"] != "complex"
+    ]

@@ -1,0 +1,530 @@
+"""Custom schema extensions (issue 15): what Entra sends under an admin's own URN is kept.
+
+Entra's exact shapes: a POST body with `"urn:…:CustomExtensionName:2.0:User":
+{"CustomAttribute": "blue"}` (often without the URN in `schemas`), PATCH by the full URN path,
+no-path values keyed by URN, and `filter=urn:…:CustomAttribute eq "blue"`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiohttp.test_utils import TestClient
+
+from infra.database import Database
+from infra.schemas import declare, parse_declaration
+from infra.tenants import IssuedToken, create_tenant, set_tenant_undeclared
+from projections.registry import PROJECTIONS
+from tests.test_audit import audit_auth, settled
+from tests.test_cli import run
+from tests.test_entra_groups import GROUP
+from tests.test_entra_users import (
+    PATCH_OP,
+    entra_user,
+    event_count,
+    find,
+    get_user,
+    headers,
+    patch,
+)
+from tests.test_projections import rebuild_all, settle, snapshot
+
+Client = TestClient[Any, Any]
+CUSTOM = "urn:ietf:params:scim:schemas:extension:CustomExtensionName:2.0:User"
+ATTRIBUTE = f"{CUSTOM}:CustomAttribute"
+
+
+def custom_user(user_name: str = "Test_User@contoso.com", **extension: Any) -> dict[str, Any]:
+    body = entra_user(user_name)  # its schemas do not list CUSTOM, as Entra's often do not
+    body[CUSTOM] = extension or {"CustomAttribute": "blue"}
+    return body
+
+
+async def post_user(client: Client, auth: dict[str, str], body: dict[str, Any]) -> Any:
+    r = await client.post("/scim/v2/Users", json=body, headers=headers(auth))
+    assert r.status == 201, await r.text()
+    return await r.json(content_type=None)
+
+
+async def domain_events(database: Database, user_id: str) -> list[tuple[str, dict[str, Any]]]:
+    rows = await database.pool.fetch(
+        "SELECT topic, state FROM stored_events WHERE originator_id = $1"
+        " ORDER BY originator_version",
+        uuid.UUID(user_id),
+    )
+    return [(r["topic"].rpartition(".")[2], orjson.loads(r["state"])) for r in rows]
+
+
+async def test_entra_custom_attribute_round_trips(
+    client: Client, auth: dict[str, str], database: Database
+) -> None:
+    sent = custom_user()
+    created = await post_user(client, auth, sent)
+    assert created[CUSTOM] == {"CustomAttribute": "blue"}
+    assert CUSTOM in created["schemas"]
+    user_id = created["id"]
+    assert (await get_user(client, auth, user_id))[CUSTOM] == {"CustomAttribute": "blue"}
+    (provisioned,) = await domain_events(database, user_id)
+    assert provisioned[1]["attributes"][CUSTOM] == {"CustomAttribute": "blue"}
+
+    # Found by a filter on the full name, in any case, and by the attributes it selects.
+    for query in (
+        f'filter={ATTRIBUTE} eq "blue"',
+        f'filter={ATTRIBUTE.upper()} eq "BLUE"',
+        f'filter={ATTRIBUTE} sw "bl" and userName eq "test_user@contoso.com"',
+        f"filter={ATTRIBUTE} pr",
+    ):
+        found = await find(client, auth, query)
+        assert [u["id"] for u in found["Resources"]] == [user_id], query
+    for query in (f'filter={ATTRIBUTE} eq "red"', f'filter={ATTRIBUTE} ne "blue"'):
+        assert (await find(client, auth, query))["Resources"] == [], query
+    assert (await find(client, auth, f'filter=not ({ATTRIBUTE} eq "red")'))["totalResults"] == 1
+    selected = await find(client, auth, f"attributes={ATTRIBUTE}")
+    assert selected["Resources"][0][CUSTOM] == {"CustomAttribute": "blue"}
+    assert "userName" not in selected["Resources"][0]
+    excluded = await find(client, auth, f"excludedAttributes={CUSTOM}")
+    assert CUSTOM not in excluded["Resources"][0]
+
+    # Default PATCH style: capitalised ops, the full URN path.
+    before = await event_count(database)
+    patched = await patch(
+        client, auth, user_id, {"op": "Replace", "path": ATTRIBUTE, "value": "green"}
+    )
+    assert patched[CUSTOM] == {"CustomAttribute": "green"}
+    *_, (name, changed) = await domain_events(database, user_id)
+    assert name == "UserAttributesChanged" and changed["changed"] == {ATTRIBUTE: "green"}
+    assert await event_count(database) == before + 1
+    # An unchanged resync appends nothing.
+    await patch(client, auth, user_id, {"op": "Replace", "path": ATTRIBUTE, "value": "green"})
+    r = await client.put(
+        f"/scim/v2/Users/{user_id}",
+        json={**sent, CUSTOM: {"customattribute": "green"}},
+        headers=headers(auth),
+    )
+    assert r.status == 200
+    assert await event_count(database) == before + 1
+
+    # aadOptscim062020 style: several URN keys in one no-path value.
+    patched = await patch(
+        client,
+        auth,
+        user_id,
+        {"op": "add", "value": {ATTRIBUTE: "teal", f"{CUSTOM}:HireDate": "2026-01-05"}},
+    )
+    assert patched[CUSTOM] == {"CustomAttribute": "teal", "HireDate": "2026-01-05"}
+    patched = await patch(client, auth, user_id, {"op": "Remove", "path": f"{CUSTOM}:hiredate"})
+    assert patched[CUSTOM] == {"CustomAttribute": "teal"}
+    # The whole extension object, as a no-path value keyed by the URN.
+    patched = await patch(
+        client, auth, user_id, {"op": "replace", "value": {CUSTOM: {"Badges": ["a", "b"]}}}
+    )
+    assert patched[CUSTOM] == {"Badges": ["a", "b"], "CustomAttribute": "teal"}
+    patched = await patch(
+        client, auth, user_id, {"op": "Add", "path": f"{CUSTOM}:Badges", "value": ["c", "a"]}
+    )
+    assert patched[CUSTOM]["Badges"] == ["a", "b", "c"]
+    patched = await patch(
+        client, auth, user_id, {"op": "Remove", "path": f"{CUSTOM}:Badges", "value": ["b"]}
+    )
+    assert patched[CUSTOM]["Badges"] == ["a", "c"]
+    found = await find(client, auth, f'filter={CUSTOM}:Badges eq "c"')
+    assert found["totalResults"] == 1
+    patched = await patch(client, auth, user_id, {"op": "Remove", "path": ATTRIBUTE})
+    assert patched[CUSTOM] == {"Badges": ["a", "c"]}
+    patched = await patch(client, auth, user_id, {"op": "Remove", "path": f"{CUSTOM}:Badges"})
+    assert CUSTOM not in patched and CUSTOM not in patched["schemas"]
+    assert CUSTOM not in await get_user(client, auth, user_id)
+
+
+async def test_typed_values_compare_as_their_type(client: Client, auth: dict[str, str]) -> None:
+    ext = "urn:example:ext:2.0:User"
+    body = entra_user("typed@contoso.com")
+    body[ext] = {"level": 7, "remote": True, "badge": {"value": "B-1", "site": "Oslo"}}
+    user_id = (await post_user(client, auth, body))["id"]
+    for query in (
+        f"filter={ext}:level eq 7",
+        f"filter={ext}:level gt 6.5",
+        f"filter={ext}:remote eq true",
+        f'filter={ext}:badge eq "b-1"',
+        f'filter={ext}:badge.site eq "oslo"',
+    ):
+        assert [u["id"] for u in (await find(client, auth, query))["Resources"]] == [user_id]
+    for query in (f"filter={ext}:level lt 7", f"filter={ext}:remote eq false"):
+        assert (await find(client, auth, query))["totalResults"] == 0, query
+    r = await client.get(f'/scim/v2/Users?filter={ext}:badge[site eq "x"]', headers=auth)
+    assert r.status == 400 and (await r.json())["scimType"] == "invalidFilter"
+
+
+async def test_limits_apply_to_extension_values(
+    client: Client, auth: dict[str, str], database: Database, settings: Any
+) -> None:
+    before = await event_count(database)
+    too_many = custom_user(Badges=[str(i) for i in range(settings.max_multi_values + 1)])
+    r = await client.post("/scim/v2/Users", json=too_many, headers=headers(auth))
+    assert r.status == 400 and (await r.json())["scimType"] == "invalidValue"
+    assert "Badges" in (await r.json())["detail"]
+    too_long = custom_user(Note="x" * (settings.max_string_length + 1))
+    r = await client.post("/scim/v2/Users", json=too_long, headers=headers(auth))
+    assert r.status == 400 and (await r.json())["scimType"] == "invalidValue"
+    deep: Any = "x"
+    for _ in range(40):
+        deep = {"a": deep}
+    r = await client.post("/scim/v2/Users", json=custom_user(Deep=deep), headers=headers(auth))
+    assert r.status == 400 and (await r.json())["scimType"] == "invalidValue"
+    bad_name = custom_user(**{"not a name": "x"})
+    r = await client.post("/scim/v2/Users", json=bad_name, headers=headers(auth))
+    assert r.status == 400 and (await r.json())["scimType"] == "invalidValue"
+    user_id = (await post_user(client, auth, custom_user(Badges=["a"])))["id"]
+    grown = [str(i) for i in range(settings.max_multi_values)]
+    await patch(
+        client,
+        auth,
+        user_id,
+        {"op": "add", "path": f"{CUSTOM}:Badges", "value": grown},
+        status=400,
+    )
+    assert await event_count(database) == before + 1  # the one user created
+
+
+async def test_reject_undeclared_writes_nothing(
+    client: Client, auth: dict[str, str], database: Database, tenant: IssuedToken, fresh_dsn: str
+) -> None:
+    kept = (await post_user(client, auth, custom_user("kept@contoso.com")))["id"]
+    code, out, err = await run(
+        "tenants", "set", "acme", "--undeclared", "reject", "--database-url", fresh_dsn
+    )
+    assert code == 0, err
+    assert out.strip() == "tenant acme now rejects undeclared extension attributes"
+    code, out, _ = await run("tenants", "list", "--json", "--database-url", fresh_dsn)
+    assert orjson.loads(out)["undeclared"] == "reject"
+    code, _, err = await run(
+        "tenants", "set", "acme", "--undeclared", "drop", "--database-url", fresh_dsn
+    )
+    assert code == 2 and "drop" in err
+    async with database.pool.acquire() as conn:
+        assert not await set_tenant_undeclared(conn, "acme", "reject")
+    before = await event_count(database)
+    users = await database.pool.fetchval("SELECT count(*) FROM scim_users")
+    r = await client.post("/scim/v2/Users", json=custom_user(), headers=headers(auth))
+    assert r.status == 400, await r.text()
+    error = await r.json()
+    assert error["scimType"] == "invalidValue" and CUSTOM in error["detail"]
+    assert "--undeclared keep" in error["detail"]
+    for operation in (
+        {"op": "Add", "path": ATTRIBUTE, "value": "red"},
+        {"op": "add", "value": {ATTRIBUTE: "red"}},
+    ):
+        body = await patch(client, auth, kept, operation, status=400)
+        assert CUSTOM in body["detail"]
+    assert await event_count(database) == before
+    assert await database.pool.fetchval("SELECT count(*) FROM scim_users") == users
+    # What was kept before stays readable; a plain user is still welcome.
+    assert (await get_user(client, auth, kept))[CUSTOM] == {"CustomAttribute": "blue"}
+    await post_user(client, auth, entra_user("plain@contoso.com"))
+
+
+async def test_log_history_and_rebuild_name_extension_attributes(
+    client: Client, auth: dict[str, str], database: Database
+) -> None:
+    reader = await audit_auth(database)
+    user_id = (await post_user(client, auth, custom_user()))["id"]
+    await patch(client, auth, user_id, {"op": "Replace", "path": ATTRIBUTE, "value": "green"})
+    await settled(client, reader)
+    r = await client.get(f"/audit/v1/resources/{user_id}/history", headers=reader)
+    created, updated = (await r.json())["entries"]
+    assert {"displayName": ATTRIBUTE, "oldValue": None, "newValue": "blue"} in created[
+        "modifiedProperties"
+    ]
+    assert updated["modifiedProperties"] == [
+        {"displayName": ATTRIBUTE, "oldValue": "blue", "newValue": "green"}
+    ]
+    r = await client.get(
+        f"/audit/v1/resources/{user_id}",
+        params={"at": created["activityDateTime"]},
+        headers=reader,
+    )
+    assert (await r.json())[CUSTOM] == {"CustomAttribute": "blue"}
+
+    await settle(database)
+    before = await snapshot(database)
+    reports = await rebuild_all(database)
+    assert [r.name for r in reports] == list(PROJECTIONS)
+    assert not any(r.drift for r in reports), [r.diffs for r in reports]
+    assert await snapshot(database) == before
+
+
+GROUP_EXT = "urn:ietf:params:scim:schemas:extension:CustomExtensionName:2.0:Group"
+
+
+async def test_groups_keep_undeclared_extension_attributes(
+    client: Client, auth: dict[str, str], database: Database, fresh_dsn: str
+) -> None:
+    reader = await audit_auth(database)
+    body = {"schemas": [GROUP], "displayName": "Sales", GROUP_EXT: {"CostCentre": "CC-1"}}
+    r = await client.post("/scim/v2/Groups", json=body, headers=headers(auth))
+    assert r.status == 201, await r.text()
+    created = await r.json()
+    group_id = created["id"]
+    assert created[GROUP_EXT] == {"CostCentre": "CC-1"} and GROUP_EXT in created["schemas"]
+    r = await client.get(f"/scim/v2/Groups/{group_id}?excludedAttributes=members", headers=auth)
+    assert (await r.json())[GROUP_EXT] == {"CostCentre": "CC-1"}
+    names = [name for name, _ in await domain_events(database, group_id)]
+    assert names == ["GroupCreated", "GroupAttributesChanged"]
+    await asyncio.sleep(0.01)
+    after_create = datetime.now(UTC).isoformat()
+    await asyncio.sleep(0.01)
+
+    async def group_patch(*operations: dict[str, Any], status: int = 204) -> None:
+        r = await client.patch(
+            f"/scim/v2/Groups/{group_id}",
+            json={"schemas": [PATCH_OP], "Operations": list(operations)},
+            headers=headers(auth),
+        )
+        assert r.status == status, await r.text()
+
+    async def found(query: str) -> list[str]:
+        r = await client.get(f"/scim/v2/Groups?{query}", headers=auth)
+        assert r.status == 200, await r.text()
+        return [g["id"] for g in (await r.json())["Resources"]]
+
+    assert await found(f'filter={GROUP_EXT}:CostCentre eq "cc-1"') == [group_id]
+    await group_patch({"op": "Replace", "path": f"{GROUP_EXT}:CostCentre", "value": "CC-2"})
+    await group_patch({"op": "add", "value": {f"{GROUP_EXT}:Region": "EMEA"}})
+    before = await event_count(database)
+    await group_patch({"op": "Replace", "path": f"{GROUP_EXT}:costcentre", "value": "CC-2"})
+    assert await event_count(database) == before  # unchanged: nothing appended
+    r = await client.get(f"/scim/v2/Groups/{group_id}", headers=auth)
+    assert (await r.json())[GROUP_EXT] == {"CostCentre": "CC-2", "Region": "EMEA"}
+    assert await found(f'filter={GROUP_EXT}:CostCentre eq "cc-1"') == []
+    await group_patch({"op": "Remove", "path": f"{GROUP_EXT}:Region"})
+    r = await client.put(
+        f"/scim/v2/Groups/{group_id}",
+        json={"schemas": [GROUP], "displayName": "Sales", GROUP_EXT: {"CostCentre": "CC-3"}},
+        headers=headers(auth),
+    )
+    assert r.status == 200 and (await r.json())[GROUP_EXT] == {"CostCentre": "CC-3"}
+
+    await settled(client, reader)
+    r = await client.get(f"/audit/v1/resources/{group_id}/history", headers=reader)
+    entries = (await r.json())["entries"]
+    changes = [p for e in entries for p in e["modifiedProperties"]]
+    assert {"displayName": f"{GROUP_EXT}:CostCentre", "oldValue": "CC-1", "newValue": "CC-2"} in (
+        changes
+    )
+    r = await client.get(
+        f"/audit/v1/resources/{group_id}",
+        params={"at": after_create},
+        headers=reader,
+    )
+    assert (await r.json())[GROUP_EXT] == {"CostCentre": "CC-1"}
+
+    await settle(database)
+    before_rebuild = await snapshot(database)
+    assert not any(r.drift for r in await rebuild_all(database))
+    assert await snapshot(database) == before_rebuild
+
+    code, _, err = await run(
+        "tenants", "set", "acme", "--undeclared", "reject", "--database-url", fresh_dsn
+    )
+    assert code == 0, err
+    before = await event_count(database)
+    body = {"schemas": [GROUP], "displayName": "Ops", GROUP_EXT: {"CostCentre": "CC-9"}}
+    r = await client.post("/scim/v2/Groups", json=body, headers=headers(auth))
+    assert r.status == 400 and GROUP_EXT in (await r.json())["detail"]
+    await group_patch({"op": "add", "path": f"{GROUP_EXT}:Region", "value": "x"}, status=400)
+    assert await event_count(database) == before
+
+
+BADGE = "urn:example:params:scim:schemas:extension:Badge:2.0:User"
+TEAM = "urn:example:params:scim:schemas:extension:Team:2.0:Group"
+BADGE_SCHEMA = {
+    "id": BADGE,
+    "name": "Badge",
+    "attributes": [
+        {"name": "number", "type": "string"},
+        {"name": "onSite", "type": "boolean"},
+        {"name": "level", "type": "integer"},
+        {"name": "allowance", "type": "decimal"},
+        {"name": "hired", "type": "dateTime"},
+        {"name": "portrait", "type": "reference", "returned": "request"},
+        {"name": "pin", "type": "string", "returned": "never"},
+        {
+            "name": "doors",
+            "type": "complex",
+            "multiValued": True,
+            "subAttributes": [
+                {"name": "value", "type": "string"},
+                {"name": "floor", "type": "integer"},
+            ],
+        },
+    ],
+}
+TEAM_SCHEMA = {"id": TEAM, "name": "Team", "attributes": [{"name": "code", "type": "string"}]}
+
+
+async def test_declared_extensions_are_accepted_typed_and_described(
+    client: Client, auth: dict[str, str], database: Database, fresh_dsn: str, tmp_path: Any
+) -> None:
+    db = ("--database-url", fresh_dsn)
+    badge_file, team_file = tmp_path / "badge.json", tmp_path / "team.json"
+    badge_file.write_bytes(orjson.dumps(BADGE_SCHEMA))
+    team_file.write_bytes(orjson.dumps(TEAM_SCHEMA))
+    for args in (
+        ("schemas", "add", "--tenant", "acme", str(badge_file)),
+        ("schemas", "add", "--tenant", "acme", str(team_file), "--resource-type", "Group"),
+        ("tenants", "set", "acme", "--undeclared", "reject"),
+    ):
+        code, _, err = await run(*args, *db)
+        assert code == 0, err
+    code, out, _ = await run("schemas", "list", "--tenant", "acme", "--json", *db)
+    listed = [orjson.loads(line) for line in out.splitlines()]
+    assert [(s["urn"], s["resourceType"]) for s in listed] == [(BADGE, "User"), (TEAM, "Group")]
+    code, out, _ = await run("schemas", "show", "--tenant", "acme", BADGE.upper(), *db)
+    assert code == 0 and orjson.loads(out)["attributes"][2]["type"] == "integer"
+    bad_file = tmp_path / "bad.json"
+    bad_file.write_bytes(orjson.dumps({"id": "nope", "attributes": []}))
+    code, _, err = await run("schemas", "add", "--tenant", "acme", str(bad_file), *db)
+    assert code == 2 and "URN" in err
+
+    # /Schemas and /ResourceTypes describe what this tenant accepts.
+    r = await client.get("/scim/v2/Schemas", headers=auth)
+    ids = [s["id"] for s in (await r.json())["Resources"]]
+    assert BADGE in ids and TEAM in ids
+    r = await client.get(f"/scim/v2/Schemas/{BADGE}", headers=auth)
+    attributes = (await r.json())["attributes"]
+    assert [a["name"] for a in attributes][:3] == ["number", "onSite", "level"]
+    assert {a["name"]: a["returned"] for a in attributes}["pin"] == "never"
+    r = await client.get("/scim/v2/ResourceTypes/User", headers=auth)
+    assert {"schema": BADGE, "required": False} in (await r.json())["schemaExtensions"]
+
+    body = entra_user("badge@contoso.com")
+    body[BADGE.lower()] = {
+        "Number": "B-7",
+        "onSite": "True",
+        "level": 3,
+        "allowance": 12.5,
+        "hired": "2026-01-05T09:00:00Z",
+        "portrait": "https://example.com/p.png",
+        "doors": {"value": "north", "floor": 2},
+        "pin": "1234",
+    }
+    user = await post_user(client, auth, body)  # accepted under --undeclared reject
+    # returned: never is never sent back, returned: request only when asked for.
+    assert "pin" not in user[BADGE] and "portrait" not in user[BADGE]
+    r = await client.get(
+        f"/scim/v2/Users/{user['id']}?attributes={BADGE}:portrait,{BADGE}:pin", headers=auth
+    )
+    assert (await r.json())[BADGE] == {"portrait": "https://example.com/p.png"}
+    listed = await find(client, auth, f"attributes={BADGE}")
+    assert "pin" not in listed["Resources"][0][BADGE]
+    assert "portrait" in listed["Resources"][0][BADGE]
+    stored = await database.pool.fetchval(
+        "SELECT resource FROM scim_users WHERE user_name = $1", "badge@contoso.com"
+    )
+    assert stored[BADGE]["pin"] == "1234"  # kept, only not returned
+    user = await get_user(client, auth, user["id"])
+    user[BADGE]["portrait"] = "https://example.com/p.png"
+    assert user[BADGE] == {
+        "allowance": 12.5,
+        "doors": [{"floor": 2, "value": "north"}],
+        "hired": "2026-01-05T09:00:00Z",
+        "level": 3,
+        "number": "B-7",
+        "onSite": True,
+        "portrait": "https://example.com/p.png",
+    }
+    patched = await patch(
+        client, auth, user["id"], {"op": "Replace", "path": f"{BADGE}:onSite", "value": "False"}
+    )
+    assert patched[BADGE]["onSite"] is False
+    found = await find(client, auth, f"filter={BADGE}:level ge 3 and {BADGE}:doors.floor eq 2")
+    assert [u["id"] for u in found["Resources"]] == [user["id"]]
+
+    before = await event_count(database)
+    for name, value in (("level", "three"), ("hired", "someday"), ("onSite", 1), ("colour", "x")):
+        bad = entra_user(f"{name}@contoso.com")
+        bad[BADGE] = {name: value}
+        r = await client.post("/scim/v2/Users", json=bad, headers=headers(auth))
+        error = await r.json()
+        assert r.status == 400 and error["scimType"] == "invalidValue", error
+        assert f"{BADGE}:{name}" in error["detail"]
+    await patch(
+        client, auth, user["id"], {"op": "add", "value": {f"{BADGE}:level": "x"}}, status=400
+    )
+    assert await event_count(database) == before
+
+    group = {"schemas": [GROUP], "displayName": "Ops", TEAM: {"CODE": "T1"}}
+    r = await client.post("/scim/v2/Groups", json=group, headers=headers(auth))
+    assert r.status == 201 and (await r.json())[TEAM] == {"code": "T1"}
+    group_id = (await r.json())["id"]
+    r = await client.patch(
+        f"/scim/v2/Groups/{group_id}",
+        json={
+            "schemas": [PATCH_OP],
+            "Operations": [{"op": "add", "path": f"{TEAM}:code", "value": 5}],
+        },
+        headers=headers(auth),
+    )
+    assert r.status == 400 and f"{TEAM}:code" in (await r.json())["detail"]
+
+    code, _, err = await run("schemas", "remove", "--tenant", "acme", BADGE, *db)
+    assert code == 0, err
+    r = await client.get("/scim/v2/Schemas", headers=auth)
+    assert BADGE not in [s["id"] for s in (await r.json())["Resources"]]
+    r = await client.post("/scim/v2/Users", json={**body, "userName": "x@y"}, headers=headers(auth))
+    assert r.status == 400 and BADGE.lower() in (await r.json())["detail"]
+
+
+async def test_declared_unique_attribute_is_unique_per_tenant(
+    client: Client, auth: dict[str, str], database: Database, tmp_path: Any
+) -> None:
+    schema = {
+        "id": BADGE,
+        "attributes": [{"name": "number", "type": "string", "uniqueness": "server"}],
+    }
+    async with database.pool.acquire() as conn:
+        await declare(conn, "acme", parse_declaration(schema), "User")
+        other = await create_tenant(conn, "other")
+
+    def badge_user(name: str, number: str) -> dict[str, Any]:
+        body = entra_user(name)
+        body[BADGE] = {"number": number}
+        return body
+
+    first = await post_user(client, auth, badge_user("a@contoso.com", "B-1"))
+    before = await event_count(database)
+    r = await client.post(
+        "/scim/v2/Users", json=badge_user("b@contoso.com", "b-1"), headers=headers(auth)
+    )
+    assert r.status == 409 and (await r.json())["scimType"] == "uniqueness"
+    assert f"{BADGE}:number" in (await r.json())["detail"]
+    second = await post_user(client, auth, badge_user("b@contoso.com", "B-2"))
+    await patch(
+        client,
+        auth,
+        second["id"],
+        {"op": "Replace", "path": f"{BADGE}:number", "value": "B-1"},
+        status=409,
+    )
+    # The user's own value, and another tenant's users, are no conflict.
+    await patch(client, auth, first["id"], {"op": "Replace", "path": "displayName", "value": "A"})
+    other_auth = {"Authorization": f"Bearer {other.token}"}
+    await post_user(client, other_auth, badge_user("c@contoso.com", "B-1"))
+    assert await event_count(database) == before + 3
+
+    # Concurrent creates of one value: exactly one wins.
+    results = await asyncio.gather(
+        *(
+            client.post(
+                "/scim/v2/Users",
+                json=badge_user(f"race{i}@contoso.com", "RACE"),
+                headers=headers(auth),
+            )
+            for i in range(6)
+        )
+    )
+    assert sorted(r.status for r in results) == [201, 409, 409, 409, 409, 409]
