@@ -938,6 +938,15 @@ def tenants_enable(name: str, data_dir: Path | None, database_url: str | None) -
     _set_disabled(name, False, data_dir, database_url)
 
 
+def _add_feeds() -> None:
+    from service.feeds.cli import feeds  # it builds on the helpers above
+
+    cli.add_command(feeds)
+
+
+_add_feeds()
+
+
 # Options naming a file or directory: any bytes the file system takes.
 _PATH_OPTIONS = ("--data-dir", "--output")
 

@@ -1,0 +1,107 @@
+"""Per-tenant signing keys for SETs (JWS ES256, RFC 7515/7518) and the JWKS that publishes them.
+
+Keys are made on first use, one current key per tenant. A rotated key is retired, not deleted:
+it stays in the JWKS while any SET it signed waits for delivery, so a receiver can still check
+what it is sent (`GET /.well-known/jwks.json`).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+from uuid import UUID
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.algorithms import ECAlgorithm
+
+from infra.eventstore import Conn
+
+ALGORITHM = "ES256"
+# RFC 8417 §2.3: explicit typing of SETs.
+TYP = "secevent+jwt"
+
+
+class SigningKey:
+    def __init__(self, kid: str, private_pem: str) -> None:
+        self.kid = kid
+        self.key: Any = serialization.load_pem_private_key(private_pem.encode(), password=None)
+        self.headers = {"kid": kid, "typ": TYP}
+
+    def sign(self, claims: dict[str, Any]) -> str:
+        return jwt.encode(claims, self.key, algorithm=ALGORITHM, headers=self.headers)
+
+
+def _new_pem() -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+
+
+class KeyRing:
+    """The current key of each tenant, loaded (or made) once per process."""
+
+    def __init__(self) -> None:
+        self._current: dict[UUID, SigningKey] = {}
+
+    async def current(self, conn: Conn, tenant_id: UUID) -> SigningKey:
+        key = self._current.get(tenant_id)
+        if key is None:
+            key = self._current[tenant_id] = await current_key(conn, tenant_id)
+        return key
+
+    def forget(self) -> None:
+        self._current.clear()
+
+
+async def current_key(conn: Conn, tenant_id: UUID) -> SigningKey:
+    row = await conn.fetchrow(
+        "SELECT kid, private_pem FROM feed_keys WHERE tenant_id = $1 AND retired_at IS NULL",
+        tenant_id,
+    )
+    if row is None:
+        await conn.execute(
+            "INSERT INTO feed_keys (kid, tenant_id, private_pem) VALUES ($1, $2, $3)"
+            " ON CONFLICT DO NOTHING",
+            secrets.token_urlsafe(12),
+            tenant_id,
+            _new_pem(),
+        )
+        row = await conn.fetchrow(
+            "SELECT kid, private_pem FROM feed_keys WHERE tenant_id = $1 AND retired_at IS NULL",
+            tenant_id,
+        )
+    assert row is not None
+    return SigningKey(row["kid"], row["private_pem"])
+
+
+async def rotate(conn: Conn, tenant_id: UUID) -> str:
+    """Retire the tenant's current key and make a new one; returns the new kid."""
+    async with conn.transaction():
+        await conn.execute(
+            "UPDATE feed_keys SET retired_at = now() WHERE tenant_id = $1 AND retired_at IS NULL",
+            tenant_id,
+        )
+        return (await current_key(conn, tenant_id)).kid
+
+
+def public_jwk(kid: str, private_pem: str) -> dict[str, Any]:
+    key: Any = serialization.load_pem_private_key(private_pem.encode(), password=None)
+    jwk: dict[str, Any] = ECAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    return {**jwk, "kid": kid, "use": "sig", "alg": ALGORITHM}
+
+
+async def jwks(conn: Any, tenant_id: UUID | None = None) -> dict[str, Any]:
+    """Every published key: current ones, and retired ones that signed a SET still pending."""
+    rows = await conn.fetch(
+        "SELECT k.kid, k.private_pem FROM feed_keys k"
+        " WHERE ($1::uuid IS NULL OR k.tenant_id = $1)"
+        "   AND (k.retired_at IS NULL OR EXISTS (SELECT 1 FROM feed_sets s WHERE s.kid = k.kid))"
+        " ORDER BY k.created_at",
+        tenant_id,
+    )
+    return {"keys": [public_jwk(r["kid"], r["private_pem"]) for r in rows]}
