@@ -124,7 +124,7 @@ async def test_push_and_poll_get_the_same_signed_sets_across_failure_and_restart
                 conn, tenant="acme", name="warehouse", endpoint=None,
                 events=streams.parse_events(None), full=False, scope_group=None,
             )
-            pushed = await streams.create(
+            await streams.create(
                 conn, tenant="acme", name="badges", endpoint=url,
                 events=streams.parse_events(None), full=False, scope_group=None,
             )
