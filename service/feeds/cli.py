@@ -149,3 +149,20 @@ def feeds_reset(
     """Move the stream's checkpoint; pending SETs are dropped and produced again from there."""
     _do(data_dir, database_url, lambda conn: streams.reset(conn, tenant, name, start))
     print(f"stream {name} reset to {start}")
+
+
+@feeds.command("rotate-key")
+@click.option("--tenant", required=True, help="Tenant name.")
+@database_options
+def feeds_rotate_key(tenant: str, data_dir: Path | None, database_url: str | None) -> None:
+    """New signing key for the tenant's SETs; the old one stays in the JWKS while SETs it
+    signed wait for delivery."""
+    from service.feeds.keys import rotate
+
+    async def work(conn: Any) -> str:
+        tenant_id = await conn.fetchval("SELECT id FROM tenants WHERE name = $1", tenant)
+        if tenant_id is None:
+            raise streams.StreamError(f"no tenant named {tenant!r}")
+        return await rotate(conn, tenant_id)
+
+    print(f"new signing key {_do(data_dir, database_url, work)} for {tenant}")

@@ -43,19 +43,21 @@ def _new_pem() -> str:
 
 
 class KeyRing:
-    """The current key of each tenant, loaded (or made) once per process."""
+    """Signing keys loaded once per process, by kid; the current one is looked up per batch,
+    so a rotation (`scimledger feeds rotate-key`) takes effect on every instance at once."""
 
     def __init__(self) -> None:
-        self._current: dict[UUID, SigningKey] = {}
+        self._loaded: dict[str, SigningKey] = {}
 
     async def current(self, conn: Conn, tenant_id: UUID) -> SigningKey:
-        key = self._current.get(tenant_id)
+        kid = await conn.fetchval(
+            "SELECT kid FROM feed_keys WHERE tenant_id = $1 AND retired_at IS NULL", tenant_id
+        )
+        key = self._loaded.get(kid) if kid else None
         if key is None:
-            key = self._current[tenant_id] = await current_key(conn, tenant_id)
+            key = await current_key(conn, tenant_id)
+            self._loaded[key.kid] = key
         return key
-
-    def forget(self) -> None:
-        self._current.clear()
 
 
 async def current_key(conn: Conn, tenant_id: UUID) -> SigningKey:
