@@ -164,6 +164,15 @@ async def test_push_and_poll_get_the_same_signed_sets_across_failure_and_restart
             while len(receiver.tokens) < 7:
                 assert time.monotonic() < deadline, len(receiver.tokens)
                 await asyncio.sleep(0.1)
+            # The failing push stream left a provisioning-log entry (asynchronous projection).
+            deadline = time.monotonic() + 10
+            while not await database.pool.fetchval(
+                "SELECT count(*) FROM audit_entries"
+                " WHERE status = 'failure' AND error_reason LIKE $1",
+                "push stream % failing: HTTP 500",
+            ):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
             r = await client.get("/.well-known/jwks.json")
             assert r.status == 200
             jwks = await r.json(content_type=None)

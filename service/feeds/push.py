@@ -23,6 +23,7 @@ import asyncpg
 import structlog
 from prometheus_client import Counter, Gauge
 
+from domain.request import ProvisioningRequest
 from infra.database import Database
 from projections.runner import _wait
 from service.feeds.config import FEED_SETTINGS
@@ -112,7 +113,8 @@ class Pusher:
         while not stop.is_set():
             try:
                 stream = await pool.fetchrow(
-                    "SELECT endpoint, paused_at, failing_since FROM feed_streams WHERE id = $1",
+                    "SELECT tenant_id, name, endpoint, paused_at, failing_since FROM feed_streams"
+                    " WHERE id = $1",
                     stream_id,
                 )
                 if stream is None or stream["paused_at"] is not None:
@@ -164,9 +166,34 @@ class Pusher:
                         error,
                     )
                     log.error("feed push stream failing", stream=str(stream_id), error=error)
+                    await self._record_failing(stream_id, stream["tenant_id"], error)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 pass
             await _wait(stop, backoff(max(attempt, 1)))
+
+    async def _record_failing(self, stream_id: uuid.UUID, tenant_id: uuid.UUID, error: str) -> None:
+        """A provisioning-log entry (a failed request of ours, as the audit log shows them):
+        compliance officers see that a consumer stopped receiving changes, and since when."""
+        change_id = uuid.uuid4().hex
+        record = ProvisioningRequest.record(
+            uuid.uuid4(),
+            tenant_id,
+            "failure",
+            {
+                "method": "POST",
+                "path": f"/events/{stream_id}",
+                "status": 502,
+                "initiatedBy": "scimledger feeds (push)",
+                "client": None,
+                "targetType": None,
+                "targetId": None,
+                "clientRequestId": None,
+                "durationMs": 0,
+            },
+            {"status": "502", "detail": f"push stream {stream_id} failing: {error}"[:500]},
+        )
+        with contextlib.suppress(*_DATABASE_DOWN):
+            await self.db.store.append_now(tenant_id, record.collect_events(), change_id)
 
     async def _post(
         self, session: aiohttp.ClientSession, url: str, token: str
