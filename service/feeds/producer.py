@@ -34,6 +34,8 @@ from service.feeds.streams import Stream
 log = structlog.get_logger("scimledger.feeds")
 MAX_PENDING = 10_000
 LOCK_NAME = "feeds"
+# A lock namespace of its own: the projections' one holds a lock per projection, no other.
+FEEDS_LOCK_NAMESPACE = LOCK_NAMESPACE + 1
 _STREAM = "SELECT s.*, t.name AS tenant FROM feed_streams s JOIN tenants t ON t.id = s.tenant_id"
 
 
@@ -75,7 +77,9 @@ class Producer:
                 conn = await self.db.connect()
                 while not stop.is_set():
                     if await conn.fetchval(
-                        "SELECT pg_try_advisory_lock($1, hashtext($2))", LOCK_NAMESPACE, LOCK_NAME
+                        "SELECT pg_try_advisory_lock($1, hashtext($2))",
+                        FEEDS_LOCK_NAMESPACE,
+                        LOCK_NAME,
                     ):
                         break
                     await _wait(stop, self.standby_interval)
