@@ -21,6 +21,7 @@ from infra.tenants import IssuedToken
 from service.app import create_app
 from service.feeds import streams
 from service.feeds.config import FEED_SETTINGS
+from service.feeds.keys import rotate
 from service.feeds.sets import PREFIX
 from tests.test_entra_groups import create_group, patch_group
 from tests.test_entra_users import create as create_user
@@ -269,3 +270,37 @@ async def test_a_group_scoped_stream_adds_and_removes_members(
     ]
     more = await _poll(client, scoped["id"], scoped["token"], [])
     assert len(more["sets"]) == 5  # nothing else: the outsider and the later change are out
+
+
+async def test_a_rotated_key_stays_published_until_its_sets_are_acknowledged(
+    client: Client, database: Database, tenant: IssuedToken, auth: dict[str, str]
+) -> None:
+    async with database.pool.acquire() as conn:
+        stream = await streams.create(
+            conn, tenant="acme", name="a", endpoint=None,
+            events=["prov:create"], full=False, scope_group=None,
+        )
+    await create_user(client, auth)
+    got: list[str] = []
+    await _collect(client, stream["id"], stream["token"], got, 1, [])
+    old = jwt.get_unverified_header(got[0])["kid"]
+    async with database.pool.acquire() as conn:
+        new = await rotate(conn, tenant.tenant_id)
+    assert new != old
+
+    async def kids() -> set[str]:
+        r = await client.get("/.well-known/jwks.json")
+        return {k["kid"] for k in (await r.json(content_type=None))["keys"]}
+
+    assert await kids() == {old, new}  # the SET signed by the old key still waits
+    await create_user(client, auth, user_name="second@example.com")
+    reply = await _poll(client, stream["id"], stream["token"], list(_jtis(got)))
+    (token,) = reply["sets"].values()
+    assert jwt.get_unverified_header(token)["kid"] == new
+    _verify([token], {"keys": (await (await client.get("/.well-known/jwks.json")).json(
+        content_type=None))["keys"]})
+    assert await kids() == {new}
+
+
+def _jtis(tokens: list[str]) -> list[str]:
+    return [jwt.decode(t, options={"verify_signature": False})["jti"] for t in tokens]
