@@ -22,6 +22,7 @@ from service.app import create_app
 from service.feeds import streams
 from service.feeds.config import FEED_SETTINGS
 from service.feeds.keys import rotate
+from service.feeds.push import backoff
 from service.feeds.sets import PREFIX
 from tests.test_entra_groups import create_group, patch_group
 from tests.test_entra_users import create as create_user
@@ -304,3 +305,31 @@ async def test_a_rotated_key_stays_published_until_its_sets_are_acknowledged(
 
 def _jtis(tokens: list[str]) -> list[str]:
     return [jwt.decode(t, options={"verify_signature": False})["jti"] for t in tokens]
+
+
+async def test_a_stream_from_the_start_catches_up_and_shows_its_progress(
+    client: Client, database: Database, tenant: IssuedToken, auth: dict[str, str]
+) -> None:
+    first = await create_user(client, auth)
+    second = await create_user(client, auth, user_name="second@example.com")
+    async with database.pool.acquire() as conn:
+        stream = await streams.create(
+            conn, tenant="acme", name="late", endpoint=None,
+            events=["prov:create"], full=False, scope_group=None, from_start=True,
+        )
+    got: list[str] = []
+    await _collect(client, stream["id"], stream["token"], got, 2, [])
+    uris = [jwt.decode(t, options={"verify_signature": False})["sub_id"]["uri"] for t in got]
+    assert uris == [f"/Users/{first['id']}", f"/Users/{second['id']}"]
+    async with database.pool.acquire() as conn:
+        shown = await streams.show(conn, "acme", "late")
+    assert shown["behind"] == 0 and shown["produced"] == 2 and shown["pending"] == 2
+
+
+def test_push_retries_back_off_exponentially_with_jitter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(FEED_SETTINGS, "retry_base", 1.0)
+    monkeypatch.setattr(FEED_SETTINGS, "retry_max", 60.0)
+    for attempt, full in ((1, 1.0), (2, 2.0), (4, 8.0), (7, 60.0), (1000, 60.0)):
+        delays = {backoff(attempt) for _ in range(50)}
+        assert all(full / 2 <= d <= full for d in delays), (attempt, delays)
+        assert len(delays) > 1  # jittered
