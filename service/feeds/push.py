@@ -32,7 +32,9 @@ from service.feeds.targets import TargetRefused, check_resolved
 log = structlog.get_logger("scimledger.feeds")
 
 DELIVERED = Counter(
-    "scimledger_feed_sets_delivered", "SETs a push receiver accepted (202).", ["delivery"]
+    "scimledger_feed_sets_delivered",
+    "SETs a push receiver took: accepted (202) or refused for good (400 with an error).",
+    ["delivery"],
 )
 PUSH_FAILURES = Counter(
     "scimledger_feed_push_failures", "Failed push attempts (network error, timeout, non-202)."
@@ -55,6 +57,9 @@ _REFUSAL_CODES = frozenset(
 
 
 _DATABASE_DOWN = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+PUSH_BATCH = 100  # SETs read at once; each is still POSTed alone, in order
 
 
 def backoff(attempt: int) -> float:
@@ -119,21 +124,45 @@ class Pusher:
                 )
                 if stream is None or stream["paused_at"] is not None:
                     return
-                head = await pool.fetchrow(
+                heads = await pool.fetch(
                     "SELECT seq, jti, token FROM feed_sets WHERE stream_id = $1"
-                    " ORDER BY seq LIMIT 1",
+                    " ORDER BY seq LIMIT $2",
                     stream_id,
+                    PUSH_BATCH,
                 )
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            except _DATABASE_DOWN:
                 await _wait(stop, 1.0)
                 continue
-            if head is None:
+            if not heads:
                 await _wait(stop, 0.2)
                 continue
-            outcome = await self._post(session, stream["endpoint"], head["token"])
+            # One at a time and in order (RFC 8935 carries one SET per request); what was
+            # accepted is removed in one statement after the run, so a crash in between
+            # resends some (at-least-once), never skips one.
+            done: list[int] = []
+            outcome: tuple[str, str] | None = None
             try:
-                if outcome is None or outcome[0] == "refused":
-                    await self._delivered(stream_id, head["seq"], outcome)
+                await check_resolved(stream["endpoint"])
+            except TargetRefused as e:
+                outcome = ("retry", f"refused target: {e}")
+            else:
+                for head in heads:
+                    outcome = await self._post(session, stream["endpoint"], head["token"])
+                    if outcome is not None and outcome[0] != "refused":
+                        break
+                    if outcome is not None:
+                        log.warning(
+                            "feed push receiver refused a SET",
+                            stream=str(stream_id),
+                            error=outcome[1],
+                        )
+                    done.append(head["seq"])
+                    outcome = None
+                    if stop.is_set():
+                        break
+            try:
+                if done:
+                    await self._delivered(stream_id, done)
                     attempt, failing_since = 0, None
                     if stream["failing_since"] is not None or stream_id in self.failing:
                         self.failing.discard(stream_id)
@@ -143,6 +172,7 @@ class Pusher:
                             stream_id,
                         )
                         log.info("feed push stream recovered", stream=str(stream_id))
+                if outcome is None:
                     continue
                 attempt += 1
                 PUSH_FAILURES.inc()
@@ -153,7 +183,7 @@ class Pusher:
                     "UPDATE feed_sets SET attempts = attempts + 1 WHERE stream_id = $1"
                     " AND seq = $2",
                     stream_id,
-                    head["seq"],
+                    heads[len(done)]["seq"],
                 )
                 if now - failing_since >= FEED_SETTINGS.failing_after and (
                     stream_id not in self.failing
@@ -167,7 +197,7 @@ class Pusher:
                     )
                     log.error("feed push stream failing", stream=str(stream_id), error=error)
                     await self._record_failing(stream_id, stream["tenant_id"], error)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            except _DATABASE_DOWN:
                 pass
             await _wait(stop, backoff(max(attempt, 1)))
 
@@ -201,7 +231,6 @@ class Pusher:
         """None when accepted; ("refused", why) for a 400 with an RFC 8935 error; else
         ("retry", why)."""
         try:
-            await check_resolved(url)
             async with session.post(
                 url,
                 data=token.encode(),
@@ -214,8 +243,6 @@ class Pusher:
                 if response.status == 202:
                     return None
                 body = await response.content.read(4096)
-        except TargetRefused as e:
-            return ("retry", f"refused target: {e}")
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             return ("retry", f"{type(e).__name__}: {e}")
         if response.status == 400:
@@ -227,22 +254,17 @@ class Pusher:
                     return ("refused", f"{err.get('err')}: {str(err.get('description'))[:300]}")
         return ("retry", f"HTTP {response.status}")
 
-    async def _delivered(
-        self, stream_id: uuid.UUID, seq: int, outcome: tuple[str, str] | None
-    ) -> None:
+    async def _delivered(self, stream_id: uuid.UUID, seqs: list[int]) -> None:
         async with self.db.pool.acquire() as conn, conn.transaction():
             removed = await conn.fetchval(
-                "WITH d AS (DELETE FROM feed_sets WHERE stream_id = $1 AND seq = $2 RETURNING 1)"
-                " SELECT count(*) FROM d",
+                "WITH d AS (DELETE FROM feed_sets WHERE stream_id = $1"
+                " AND seq = any($2::bigint[]) RETURNING 1) SELECT count(*) FROM d",
                 stream_id,
-                seq,
+                seqs,
             )
             await conn.execute(
                 "UPDATE feed_streams SET delivered = delivered + $2 WHERE id = $1",
                 stream_id,
                 removed,
             )
-        if outcome is None:
-            DELIVERED.labels("push").inc()
-        else:
-            log.warning("feed push receiver refused a SET", stream=str(stream_id), error=outcome[1])
+        DELIVERED.labels("push").inc(len(seqs))
