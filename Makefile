@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test system-packages fuzz lint typecheck bench bench-quick bench-append bench-users bench-groups bench-audit bench-rebuild clean
+.PHONY: run test system-packages fuzz lint typecheck bench bench-quick bench-append bench-users bench-groups bench-audit bench-rebuild bench-feeds clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -76,6 +76,9 @@ bench-audit: $(STAMP)
 
 bench-rebuild: $(STAMP)
 	$(BIN)/python -m bench.rebuild
+
+bench-feeds: $(STAMP)
+	$(BIN)/python -m bench.feeds
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

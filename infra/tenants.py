@@ -302,3 +302,8 @@ async def revoke_token(conn: Conn, token_id: uuid.UUID) -> bool:
         "UPDATE tokens SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL", token_id
     )
     return bool(done.endswith(" 1"))
+
+
+async def issue_feed_token(conn: Conn, tenant_id: uuid.UUID, tenant: str, name: str) -> IssuedToken:
+    """A poll stream's own token (role `feed`): it may poll that stream and nothing else."""
+    return await _issue(conn, tenant_id, tenant, "feed", name)

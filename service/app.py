@@ -11,6 +11,7 @@ from infra.config import Settings
 from infra.database import Database, open_database
 from infra.tenants import Authenticator
 from service import audit_api, audit_web, discovery, health, metrics
+from service.feeds import wiring as feeds
 from service.middlewares import (
     bearer_auth,
     concurrency_limit,
@@ -56,6 +57,7 @@ def create_app(settings: Settings, database: Database | None = None) -> web.Appl
     groups.add_routes(app)
     audit_api.add_routes(app)
     audit_web.add_routes(app)
+    feeds.setup(app, background=settings.run_projections)
     if settings.metrics:
         metrics.add_routes(app)
     paths.add_routes(app)  # last: other spellings of the routes above

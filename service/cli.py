@@ -1075,6 +1075,15 @@ def schemas_remove(tenant: str, urn: str, data_dir: Path | None, database_url: s
     print(f"{urn} removed from tenant {tenant}")
 
 
+def _add_feeds() -> None:
+    from service.feeds.cli import feeds  # it builds on the helpers above
+
+    cli.add_command(feeds)
+
+
+_add_feeds()
+
+
 # Options naming a file or directory: any bytes the file system takes.
 _PATH_OPTIONS = ("--data-dir", "--output")
 

@@ -54,7 +54,7 @@ RETRY_AFTER_SECONDS = 1
 
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 # Paths that answer without a token: liveness and readiness probes, metrics (see metrics.py).
-_PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+_PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/.well-known/jwks.json"})
 
 
 def _audit_page(path: str) -> bool:

@@ -1,0 +1,213 @@
+"""SCIM event feeds: catch-up speed and the cost of streams to SCIM writes.
+
+    .venv/bin/python -m bench.feeds [--events N] [--requests R] [--rounds K]
+
+1. Catch-up: N UserProvisioned events in the store, a poll stream created from the start;
+   the producer turns them into signed (ES256) SETs. SETs/s = N / time to catch up.
+2. POST /Users per second at concurrency 16 through the real app, with two active streams (one
+   poll, drained by a polling client; one push to a local receiver answering 202) and with
+   them paused (none). Rounds alternate so that noise hits both sides; medians and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+import uuid
+
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from rich.console import Console
+from rich.table import Table
+
+from bench.common import durable_postgres, machine, median
+from domain.user import User
+from infra.config import Settings
+from infra.database import Database, create_pool
+from infra.eventstore import EventStore
+from infra.migrations import migrate
+from infra.tenants import create_tenant
+from service.app import create_app
+from service.feeds import streams
+from service.feeds.producer import Producer
+
+
+async def _fill(db: Database, tenant_id: uuid.UUID, n: int) -> None:
+    for start in range(0, n, 1000):
+        count = min(1000, n - start)
+        ids = [uuid.uuid4() for _ in range(count)]
+        stored = [
+            db.store.mapper.to_stored_event(event)
+            for i, uid in enumerate(ids)
+            for event in User.provision(
+                uid, tenant_id, {"userName": f"u{start + i}@contoso.com", "displayName": "U"}
+            ).collect_events()
+        ]
+        await db.pool.execute(
+            "INSERT INTO stored_events (originator_id, originator_version, topic, state,"
+            " tenant_id) SELECT unnest($1::uuid[]), 1, $2, unnest($3::bytea[]), $4",
+            ids,
+            stored[0].topic,
+            [e.state for e in stored],
+            tenant_id,
+        )
+
+
+async def catch_up(dsn: str, n: int) -> tuple[float, int]:
+    pool = await create_pool(dsn, min_size=1, max_size=4)
+    db = Database(dsn=dsn, pool=pool, store=EventStore(pool), embedded=None)
+    try:
+        async with pool.acquire() as conn:
+            issued = await create_tenant(conn, f"catchup-{uuid.uuid4().hex[:6]}")
+            await _fill(db, issued.tenant_id, n)
+            created = await streams.create(
+                conn,
+                tenant=issued.tenant,
+                name="replay",
+                endpoint=None,
+                events=streams.parse_events(None),
+                full=False,
+                scope_group=None,
+                from_start=True,
+            )
+        stream_id = uuid.UUID(created["id"])
+        producer = Producer(db, lambda: "http://127.0.0.1:8000/scim/v2")
+        started = time.perf_counter()
+        async with pool.acquire() as conn:
+            while producer.produced < n:
+                if await producer.step(conn, stream_id) == 0:
+                    # the outbox is full: a consumer acknowledges (drop what is pending)
+                    await conn.execute("DELETE FROM feed_sets WHERE stream_id = $1", stream_id)
+        elapsed = time.perf_counter() - started
+        return n / elapsed, producer.produced
+    finally:
+        await pool.close()
+
+
+async def _writes(base: str, token: str, requests: int, concurrency: int) -> float:
+    counter = iter(range(requests))
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/scim+json"}
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        for _ in counter:
+            body = {
+                "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+                "userName": f"{uuid.uuid4().hex}@contoso.com",
+                "active": True,
+            }
+            async with session.post(f"{base}/scim/v2/Users", json=body, headers=headers) as r:
+                assert r.status == 201, await r.text()
+
+    async with aiohttp.ClientSession() as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        return requests / (time.perf_counter() - started)
+
+
+async def with_streams(dsn: str, requests: int, rounds: int) -> tuple[float, float]:
+    os.environ["SCIMLEDGER_FEED_ALLOW_PRIVATE"] = "1"
+    pool = await create_pool(dsn, min_size=2, max_size=20)
+    db = Database(dsn=dsn, pool=pool, store=EventStore(pool), embedded=None)
+    received = 0
+
+    async def receive(request: web.Request) -> web.Response:
+        nonlocal received
+        await request.read()
+        received += 1
+        return web.Response(status=202)
+
+    receiver_app = web.Application()
+    receiver_app.router.add_post("/set", receive)
+    settings = Settings(database_url=dsn, rate_limit=0, max_concurrent_per_token=0)
+    none: list[float] = []
+    two: list[float] = []
+    try:
+        async with (
+            TestServer(receiver_app, host="127.0.0.1") as receiver,
+            TestServer(create_app(settings, db), host="127.0.0.1") as server,
+        ):
+            async with pool.acquire() as conn:
+                issued = await create_tenant(conn, f"writes-{uuid.uuid4().hex[:6]}")
+                polled = await streams.create(
+                    conn,
+                    tenant=issued.tenant,
+                    name="poll",
+                    endpoint=None,
+                    events=streams.parse_events(None),
+                    full=False,
+                    scope_group=None,
+                )
+                await streams.create(
+                    conn,
+                    tenant=issued.tenant,
+                    name="push",
+                    endpoint=str(receiver.make_url("/set")),
+                    events=streams.parse_events(None),
+                    full=False,
+                    scope_group=None,
+                )
+            base = str(server.make_url("")).rstrip("/")
+            stop = asyncio.Event()
+
+            async def poller() -> None:
+                acks: list[str] = []
+                headers = {"Authorization": f"Bearer {polled['token']}"}
+                async with aiohttp.ClientSession() as session:
+                    while not stop.is_set():
+                        async with session.post(
+                            f"{base}/events/{polled['id']}",
+                            json={"ack": acks, "maxEvents": 500, "returnImmediately": False},
+                            headers=headers,
+                        ) as r:
+                            acks = list((await r.json())["sets"])
+
+            polling = asyncio.get_running_loop().create_task(poller())
+            await _writes(base, issued.token, requests // 4, 16)  # warm up
+            for _ in range(rounds):
+                for active, samples in ((False, none), (True, two)):
+                    async with pool.acquire() as conn:
+                        for name in ("poll", "push"):
+                            await streams.set_paused(conn, issued.tenant, name, not active)
+                    samples.append(await _writes(base, issued.token, requests, 16))
+            stop.set()
+            polling.cancel()
+    finally:
+        await pool.close()
+    return median(none), median(two)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    console = Console()
+
+    async def go() -> tuple[tuple[float, int], tuple[float, float]]:
+        with durable_postgres() as dsn:
+            conn = await __import__("asyncpg").connect(dsn)
+            try:
+                await migrate(conn)
+            finally:
+                await conn.close()
+            return await catch_up(dsn, args.events), await with_streams(
+                dsn, args.requests, args.rounds
+            )
+
+    (rate, produced), (none, two) = asyncio.run(go())
+    table = Table(title=f"SCIM event feeds ({machine()})")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row(f"catch-up of {produced:,} events, signed SETs/s", f"{rate:,.0f}")
+    table.add_row("POST /Users per second, no active stream", f"{none:,.0f}")
+    table.add_row("POST /Users per second, two streams (poll + push)", f"{two:,.0f}")
+    table.add_row("two streams / none", f"{two / none:.2f}")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
