@@ -211,7 +211,16 @@ async def _read_only_primary(client: Client, auth: dict[str, str], pair: PgPair)
         async def dropped() -> bool:
             return int(await asyncio.to_thread(pair.primary.psql, sessions)) == 0
 
-        await eventually(dropped, 10)
+        try:
+            await eventually(dropped, 10)
+        except AssertionError:
+            left = await asyncio.to_thread(
+                pair.primary.psql,
+                "SELECT string_agg(application_name || ' ' || state || ' ' || left(query, 60),"
+                " ' | ')"
+                " FROM pg_stat_activity WHERE application_name LIKE 'scimledger:%'",
+            )
+            raise AssertionError(f"sessions left on the read-only server: {left}") from None
     finally:
         await asyncio.to_thread(
             pair.primary.psql, "ALTER SYSTEM RESET default_transaction_read_only"

@@ -107,6 +107,10 @@ class Producer:
         while not stop.is_set():
             self.woken.clear()
             busy = False
+            # A session on a server that stopped taking writes (demoted, or read-only) must go,
+            # as the projection runners' do: with no stream to lock, nothing here would notice.
+            if await conn.fetchval("SELECT current_setting('transaction_read_only')") == "on":
+                raise asyncpg.ReadOnlySQLTransactionError("the server takes no writes now")
             ids = [
                 r[0]
                 for r in await conn.fetch(
