@@ -175,3 +175,16 @@ def test_a_stream_gets_only_the_events_it_names() -> None:
         change, method=method, full=False, wanted=frozenset({"prov:create"})
     )
     assert none == {}
+
+
+def test_a_group_extension_change_is_a_patch_naming_the_attribute_by_urn() -> None:
+    urn = "urn:ietf:params:scim:schemas:extension:CustomExtensionName:2.0:Group"
+    group = Group.create(uuid.uuid4(), uuid.uuid4(), "crm", "crmUsers")
+    _pending(group)
+    group.update("crm", "crmUsers", {urn: {"CostCentre": "C-42"}})
+    (change,) = sets.changes_of(_pending(group))
+    notice = _set(change, method="PATCH", full=False)["events"][sets.PATCH + ":notice"]
+    assert notice["attributes"] == [f"{urn}:CostCentre"]
+    group.update("crm", "crmUsers", {})
+    (change,) = sets.changes_of(_pending(group))
+    assert change.operations == [{"op": "remove", "path": f"{urn}:CostCentre"}]

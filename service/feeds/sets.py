@@ -162,6 +162,9 @@ def changes_of(events: Iterable[Any]) -> list[Change]:
                 change.note(path, _set_or_remove(path, value))
                 if name == "externalId":
                     change.external_id = value
+        elif kind == "GroupAttributesChanged":  # extension attributes, by full URN name
+            for name, value in fields.changed.items():
+                change.note(name, _set_or_remove(name, value))
         elif kind == "GroupMembershipChanged":
             change.note("members")
             change.added.extend(fields.added)
