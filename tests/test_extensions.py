@@ -528,3 +528,41 @@ async def test_declared_unique_attribute_is_unique_per_tenant(
         )
     )
     assert sorted(r.status for r in results) == [201, 409, 409, 409, 409, 409]
+
+
+async def test_declared_required_read_only_and_write_only(
+    client: Client, auth: dict[str, str], database: Database
+) -> None:
+    schema = {
+        "id": BADGE,
+        "attributes": [
+            {"name": "number", "type": "string", "required": True},
+            {"name": "issuedBy", "type": "string", "mutability": "readOnly"},
+            {"name": "secret", "type": "string", "mutability": "writeOnly"},
+            {"name": "colour", "type": "string"},
+        ],
+    }
+    async with database.pool.acquire() as conn:
+        await declare(conn, "acme", parse_declaration(schema), "User")
+    before = await event_count(database)
+    missing = entra_user("missing@contoso.com")
+    missing[BADGE] = {"colour": "blue"}
+    r = await client.post("/scim/v2/Users", json=missing, headers=headers(auth))
+    error = await r.json()
+    assert r.status == 400 and error["scimType"] == "invalidValue", error
+    assert f"{BADGE}:number is required" in error["detail"]
+    assert await event_count(database) == before
+
+    # A user without the extension at all is not refused for it.
+    await post_user(client, auth, entra_user("plain@contoso.com"))
+    body = entra_user("badge@contoso.com")
+    body[BADGE] = {"number": "B-1", "issuedBy": "me", "secret": "s3cr3t"}
+    user = await post_user(client, auth, body)
+    assert user[BADGE] == {"number": "B-1"}  # readOnly ignored, writeOnly never returned
+    stored = await database.pool.fetchval(
+        "SELECT resource FROM scim_users WHERE user_name = $1", "badge@contoso.com"
+    )
+    assert stored[BADGE] == {"number": "B-1", "secret": "s3cr3t"}
+    before = await event_count(database)
+    await patch(client, auth, user["id"], {"op": "remove", "path": f"{BADGE}:number"}, status=400)
+    assert await event_count(database) == before

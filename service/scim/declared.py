@@ -54,8 +54,8 @@ def _object(
         if spec is None:
             raise invalid_value(f"{where}{separator}{name} is not an attribute of {where}")
         label = f"{where}{separator}{spec['name']}"
-        if item is None or item == "" or item == []:
-            continue
+        if item is None or item == "" or item == [] or spec.get("mutability") == "readOnly":
+            continue  # RFC 7644 §3.5.1: values a client sends for readOnly SHALL be ignored
         if spec["multiValued"]:
             items = item if isinstance(item, list) else [item]
             out[spec["name"]] = [_value(v, spec, label) for v in items]
@@ -63,6 +63,15 @@ def _object(
             if isinstance(item, list):
                 raise invalid_value(f"{label} is single-valued, not a list")
             out[spec["name"]] = _value(item, spec, label)
+    # RFC 7643 §2.2 `required`, where the resource carries this extension (or complex value):
+    # users recorded before a declaration are not refused for an extension they do not have.
+    missing = [
+        a["name"]
+        for a in attributes
+        if a.get("required") and a.get("mutability") != "readOnly" and a["name"] not in out
+    ]
+    if out and missing:
+        raise invalid_value(f"{where}{separator}{missing[0]} is required")
     return out
 
 
@@ -98,18 +107,23 @@ def _value(value: Any, spec: Mapping[str, Any], label: str) -> Any:
 
 
 def hidden(declarations: Iterable[Any], resource_type: str, attributes: str | None) -> list[str]:
-    """Full names of declared attributes a reply leaves out: `returned: never` always,
-    `returned: request` unless `attributes` names it (or its schema)."""
+    """Full names of declared attributes a reply leaves out: `returned: never` and
+    `mutability: writeOnly` always (RFC 7643 §2.2), `returned: request` unless `attributes`
+    names it (or its schema)."""
     asked = {path.strip().casefold() for path in (attributes or "").split(",")}
     out: list[str] = []
     for schema in declared_for(declarations, resource_type).values():
         for attribute in schema["attributes"]:
             name = f"{schema['id']}:{attribute['name']}"
             returned = attribute.get("returned")
-            if returned == "never" or (
-                returned == "request"
-                and name.casefold() not in asked
-                and schema["id"].casefold() not in asked
+            if (
+                returned == "never"
+                or attribute.get("mutability") == "writeOnly"
+                or (
+                    returned == "request"
+                    and name.casefold() not in asked
+                    and schema["id"].casefold() not in asked
+                )
             ):
                 out.append(name)
     return out
