@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -32,7 +33,7 @@ LOCK_NAMESPACE = 0x5C1E
 # The runner reconnects (a multi-host URL with target_session_attrs=read-write reaches the
 # new primary), takes the lead again and continues from the checkpoint, which commits with
 # every batch: no event is skipped or applied twice across a failover.
-_SESSION_LOST = (
+SESSION_LOST = (
     OSError,
     asyncpg.InterfaceError,
     asyncpg.InternalClientError,  # a statement cut by the server's death
@@ -63,45 +64,32 @@ class Runner:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Until `stop` is set: take the lead when it is free, then follow the log."""
-        while not stop.is_set():
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await self.db.connect()
-                while not stop.is_set():
-                    leader = await conn.fetchval(
-                        "SELECT pg_try_advisory_lock($1, hashtext($2))",
-                        LOCK_NAMESPACE,
-                        self.projection.name,
-                    )
-                    if leader:
-                        break
-                    await _wait(stop, self.standby_interval)
-                else:
-                    continue
-                self.active = True
-                metrics.RUNNER_ACTIVE.labels(self.projection.name).set(1)
-                log.info("projection runner active", projection=self.projection.name)
-                await register(conn, [self.projection])
-                await self._follow(conn, stop)
-            except (
-                OSError,
-                asyncpg.PostgresError,
-                asyncpg.InterfaceError,
-                asyncpg.InternalClientError,
-            ) as e:
-                log.warning(
-                    "projection runner interrupted",
-                    projection=self.projection.name,
-                    error=f"{type(e).__name__}: {e}",
-                )
-            finally:
-                if self.active:
-                    metrics.RUNNER_ACTIVE.labels(self.projection.name).set(0)
-                self.active = False
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await conn.close()
-            await _wait(stop, self.standby_interval)
+        name = self.projection.name
+
+        def active(on: bool) -> None:
+            self.active = on
+            metrics.RUNNER_ACTIVE.labels(name).set(1 if on else 0)
+            if on:
+                log.info("projection runner active", projection=name)
+
+        async def follow(conn: asyncpg.Connection) -> None:
+            await register(conn, [self.projection])
+            await self._follow(conn, stop)
+
+        def interrupted(e: BaseException) -> None:
+            log.warning(
+                "projection runner interrupted", projection=name, error=f"{type(e).__name__}: {e}"
+            )
+
+        await lead(
+            self.db,
+            (LOCK_NAMESPACE, name),
+            stop,
+            self.standby_interval,
+            follow,
+            active,
+            interrupted,
+        )
 
     async def _follow(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
         woken = asyncio.Event()
@@ -114,7 +102,7 @@ class Runner:
             woken.clear()
             try:
                 done = await self.step(conn)
-            except _SESSION_LOST:
+            except SESSION_LOST:
                 raise  # to `run`: a new session, on the writable primary (a failover)
             except Exception as e:  # a handler bug: record it, keep the checkpoint, retry
                 await self._record_error(conn, e)
@@ -122,8 +110,7 @@ class Runner:
                 continue
             if done == self.batch_size:
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(_first(woken, stop), self.poll_interval)
+            await idle(conn, woken, stop, self.poll_interval)
 
     async def step(self, conn: Conn) -> int:
         """Apply one batch after the checkpoint; returns how many events it applied."""
@@ -161,6 +148,63 @@ class Runner:
                 self.projection.name,
                 text,
             )
+
+
+async def lead(
+    db: Database,
+    lock: tuple[int, str],
+    stop: asyncio.Event,
+    standby_interval: float,
+    follow: Callable[[asyncpg.Connection], Awaitable[None]],
+    active: Callable[[bool], None],
+    interrupted: Callable[[BaseException], None],
+) -> None:
+    """Until `stop` is set: a session on the writable primary that stands by until this
+    instance holds the advisory `lock` (namespace, name), then `follow`s on it (a projection
+    runner, the feed producer). A lost session (a failover, a restart of the server) is
+    `interrupted`; a new one follows after `standby_interval`."""
+    while not stop.is_set():
+        conn: asyncpg.Connection | None = None
+        leading = False
+        try:
+            conn = await db.connect()
+            while not stop.is_set():
+                if await conn.fetchval("SELECT pg_try_advisory_lock($1, hashtext($2))", *lock):
+                    break
+                await _wait(stop, standby_interval)
+            else:
+                continue
+            leading = True
+            active(True)
+            await follow(conn)
+        except (
+            OSError,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            asyncpg.InternalClientError,
+        ) as e:
+            interrupted(e)
+        finally:
+            if leading:
+                active(False)
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+        await _wait(stop, standby_interval)
+
+
+async def idle(
+    conn: asyncpg.Connection, woken: asyncio.Event, stop: asyncio.Event, seconds: float
+) -> None:
+    """A follower with nothing to do waits for a notification, `stop` or `seconds`; then its
+    session must still be on a server that takes writes. A demoted or read-only primary fails
+    no plain read, so an idle follower would otherwise keep its session there for good."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(_first(woken, stop), seconds)
+    if stop.is_set():
+        return
+    if await conn.fetchval("SELECT current_setting('transaction_read_only')") == "on":
+        raise asyncpg.ReadOnlySQLTransactionError("the server takes no writes now")
 
 
 async def _first(*events: asyncio.Event) -> None:

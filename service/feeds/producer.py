@@ -26,7 +26,7 @@ from domain.request import ProvisioningRequest
 from domain.user import User
 from infra.database import Database
 from infra.eventstore import NOTIFY_CHANNEL, Conn, Position, RecordedEvent
-from projections.runner import LOCK_NAMESPACE, _first, _wait
+from projections.runner import LOCK_NAMESPACE, SESSION_LOST, idle, lead
 from service.feeds import sets
 from service.feeds.keys import KeyRing
 from service.feeds.streams import Stream
@@ -71,33 +71,25 @@ class Producer:
         self.woken = asyncio.Event()
 
     async def run(self, stop: asyncio.Event, on_lead: Callable[[], None] | None = None) -> None:
-        while not stop.is_set():
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await self.db.connect()
-                while not stop.is_set():
-                    if await conn.fetchval(
-                        "SELECT pg_try_advisory_lock($1, hashtext($2))",
-                        FEEDS_LOCK_NAMESPACE,
-                        LOCK_NAME,
-                    ):
-                        break
-                    await _wait(stop, self.standby_interval)
-                else:
-                    continue
-                self.active = True
+        def active(on: bool) -> None:
+            self.active = on
+            if on:
                 log.info("feed producer active")
                 if on_lead is not None:
                     on_lead()
-                await self._follow(conn, stop)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-                log.warning("feed producer interrupted", error=f"{type(e).__name__}: {e}")
-            finally:
-                self.active = False
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await conn.close()
-            await _wait(stop, self.standby_interval)
+
+        def interrupted(e: BaseException) -> None:
+            log.warning("feed producer interrupted", error=f"{type(e).__name__}: {e}")
+
+        await lead(
+            self.db,
+            (FEEDS_LOCK_NAMESPACE, LOCK_NAME),
+            stop,
+            self.standby_interval,
+            lambda conn: self._follow(conn, stop),
+            active,
+            interrupted,
+        )
 
     async def _follow(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
         def wake(*_: object) -> None:
@@ -107,10 +99,6 @@ class Producer:
         while not stop.is_set():
             self.woken.clear()
             busy = False
-            # A session on a server that stopped taking writes (demoted, or read-only) must go,
-            # as the projection runners' do: with no stream to lock, nothing here would notice.
-            if await conn.fetchval("SELECT current_setting('transaction_read_only')") == "on":
-                raise asyncpg.ReadOnlySQLTransactionError("the server takes no writes now")
             ids = [
                 r[0]
                 for r in await conn.fetch(
@@ -120,16 +108,15 @@ class Producer:
             for stream_id in ids:
                 try:
                     done = await self.step(conn, stream_id)
-                except (OSError, asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError):
-                    raise
+                except SESSION_LOST:
+                    raise  # to `lead`: a new session, on the writable primary
                 except Exception as e:  # a bug: record it on the stream, keep its checkpoint
                     await self._record_error(conn, stream_id, e)
                     continue
                 busy = busy or done >= self.batch_size
             if busy:
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(_first(self.woken, stop), self.poll_interval)
+            await idle(conn, self.woken, stop, self.poll_interval)
 
     async def step(self, conn: Conn, stream_id: uuid.UUID) -> int:
         """Produce one batch of one stream's SETs; returns how many events it read."""
