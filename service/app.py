@@ -12,6 +12,7 @@ from infra.database import Database, open_database
 from infra.tenants import Authenticator
 from service import audit_api, audit_web, discovery, health, metrics
 from service.feeds import wiring as feeds
+from service.handlers import Handlers
 from service.middlewares import (
     bearer_auth,
     concurrency_limit,
@@ -22,7 +23,8 @@ from service.middlewares import (
 )
 from service.outcomes import PENDING_OUTCOMES, PendingOutcomes, record_outcomes
 from service.scim import groups, paths, users
-from service.state import AUTHENTICATOR, DATABASE, SETTINGS
+from service.scim.documents import ScimDocuments
+from service.state import AUTHENTICATOR, DATABASE, HANDLERS, SETTINGS
 from service.streams import REQUEST_SLOTS, STREAM_SLOTS, TokenSlots
 
 
@@ -44,7 +46,7 @@ def create_app(settings: Settings, database: Database | None = None) -> web.Appl
     app[AUTHENTICATOR] = Authenticator(lambda: app[DATABASE].pool)
     app[PENDING_OUTCOMES] = PendingOutcomes(settings.max_queued_outcomes)
     if database is not None:
-        app[DATABASE] = database
+        _wire(app, database)
     else:
         app.cleanup_ctx.append(_database_ctx)
     app.cleanup_ctx.append(_pending_outcomes_ctx)  # unwound before the database closes
@@ -64,6 +66,13 @@ def create_app(settings: Settings, database: Database | None = None) -> web.Appl
     return app
 
 
+def _wire(app: web.Application, database: Database) -> None:
+    """The app's dependencies, once its database is open: the command handlers get the
+    database and the SCIM layer's documents (what a PATCH does to a user or a group)."""
+    app[DATABASE] = database
+    app[HANDLERS] = Handlers(database, ScimDocuments())
+
+
 async def _pending_outcomes_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     await app[PENDING_OUTCOMES].close()
@@ -71,7 +80,7 @@ async def _pending_outcomes_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
     async with open_database(app[SETTINGS], serving=True) as database:
-        app[DATABASE] = database
+        _wire(app, database)
         yield
 
 
