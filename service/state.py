@@ -10,7 +10,7 @@ from aiohttp import web
 from infra.config import Settings
 from infra.database import Database
 from infra.supervisor import SupervisorStatus
-from infra.tenants import Authenticator, Principal
+from infra.tenants import Authenticator, IssuedToken, Principal
 from service.handlers import Handlers
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -19,6 +19,8 @@ DATABASE = web.AppKey("database", Database)
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 # The embedded PostgreSQL's supervisor (infra.supervisor); absent with DATABASE_URL.
 SUPERVISOR = web.AppKey("supervisor", SupervisorStatus)
+# The token of the tenant `default`, made on the first start of an empty database (`serve`).
+ISSUED_TOKEN = web.AppKey("issued_token", IssuedToken)
 # The service layer's command handlers, wired to the database and the SCIM layer (service/app.py).
 HANDLERS = web.AppKey("handlers", Handlers)
 
