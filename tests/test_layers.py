@@ -72,3 +72,22 @@ def test_no_sql_in_the_handlers() -> None:
 def test_the_checks_above_can_fail() -> None:
     assert _SQL.search("SELECT 1 FROM scim_users")
     assert "service.scim.patch" in _imports("service/scim/documents.py")
+
+
+def test_every_service_error_has_its_scim_error() -> None:
+    """One middleware maps the service's refusals; a new refusal without a mapping would
+    leave as a 500."""
+    from service import exceptions
+    from service.errors import scim_error_of
+
+    refusals = {
+        exceptions.NotFound("User", "x"): (404, None),
+        exceptions.Invalid("bad"): (400, "invalidValue"),
+        exceptions.Taken("userName 'a' is already taken"): (409, "uniqueness"),
+        exceptions.PreconditionFailed(): (412, None),
+        exceptions.Conflict(): (409, "mutability"),
+    }
+    assert {type(e) for e in refusals} == set(exceptions.ServiceError.__subclasses__())
+    for error, (status, scim_type) in refusals.items():
+        scim = scim_error_of(error)
+        assert (scim.status, scim.scim_type, scim.detail) == (status, scim_type, error.detail)
