@@ -16,7 +16,7 @@ from uuid import UUID
 from asyncpg import Pool
 
 from domain.user import User
-from infra.eventstore import Conn
+from infra.eventstore import APPEND_PARAMETERS, Conn
 
 NAME = "users"
 # Bump when what the handlers write changes: `projections status` then says a rebuild is due.
@@ -33,17 +33,25 @@ COLUMNS = (
 )
 
 
-def _upsert(table: str) -> str:
+def _upsert(table: str, first: int = 1) -> str:
+    """The upsert of rows given as 11 column arrays, numbered $first to $first+10."""
+    n = [f"${first + i}" for i in range(11)]
     return f"""
 INSERT INTO {table} ({COLUMNS})
-SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bool[], $6::text[],
-                     $7::uuid[], $8::jsonb[], $9::bigint[], $10::timestamptz[], $11::timestamptz[])
+SELECT * FROM unnest({n[0]}::uuid[], {n[1]}::uuid[], {n[2]}::text[], {n[3]}::text[],
+                     {n[4]}::bool[], {n[5]}::text[], {n[6]}::uuid[], {n[7]}::jsonb[],
+                     {n[8]}::bigint[], {n[9]}::timestamptz[], {n[10]}::timestamptz[])
 ON CONFLICT (tenant_id, id) DO UPDATE SET
     user_name = excluded.user_name, external_id = excluded.external_id,
     active = excluded.active, display_name = excluded.display_name,
     manager_id = excluded.manager_id, resource = excluded.resource,
     version = excluded.version, last_modified = excluded.last_modified
 """
+
+
+# The upsert that rides on the append of the users' events, in one statement (one round trip,
+# one transaction): its parameters come after the append's (EventStore.append_with).
+APPEND_UPSERT = _upsert(USERS, first=APPEND_PARAMETERS + 1)
 
 
 def row_of(user: User) -> tuple[Any, ...]:
@@ -116,6 +124,48 @@ async def fetch(conn: Conn | Pool, tenant_id: UUID, ids: Sequence[UUID]) -> list
             list(ids),
         )
     )
+
+
+async def exists(conn: Conn, tenant_id: UUID, user_id: UUID) -> bool:
+    found = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM scim_users WHERE tenant_id = $1 AND id = $2)",
+        tenant_id,
+        user_id,
+    )
+    return bool(found)
+
+
+async def lock_row(conn: Conn, tenant_id: UUID, user_id: UUID) -> None:
+    """Lock the user's row until the transaction ends."""
+    await conn.execute(
+        "SELECT 1 FROM scim_users WHERE tenant_id = $1 AND id = $2 FOR UPDATE", tenant_id, user_id
+    )
+
+
+async def value_taken(
+    conn: Conn, user: User, urn: str, attribute: str, text: str, case_exact: bool
+) -> bool:
+    """Whether another user of the tenant holds `text` in a declared extension attribute.
+
+    The value's advisory lock, held to commit, orders two writers of one value, and the
+    second one's query (read committed) sees the first."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+        f"{user.tenant_id}\x1f{urn}\x1f{attribute}\x1f{text}",
+    )
+    expression = "u.resource -> $3 ->> $4"
+    if not case_exact:
+        expression = f"lower({expression})"
+    taken = await conn.fetchval(
+        f"SELECT 1 FROM scim_users u WHERE u.tenant_id = $1 AND u.id <> $2"
+        f" AND {expression} = $5 LIMIT 1",
+        user.tenant_id,
+        user.id,
+        urn,
+        attribute,
+        text,
+    )
+    return bool(taken)
 
 
 def describe(table: str, row: Mapping[str, Any]) -> str:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Literal
 
+import structlog
 from aiohttp import web
 
 from infra.config import Settings
 from infra.database import Database, open_database
-from infra.tenants import Authenticator
+from infra.supervisor import supervised
+from infra.tenants import Authenticator, IssuedToken, create_tenant
 from service import audit_api, audit_web, discovery, health, metrics
 from service.feeds import wiring as feeds
+from service.handlers import Handlers
 from service.middlewares import (
     bearer_auth,
     concurrency_limit,
@@ -22,12 +26,24 @@ from service.middlewares import (
 )
 from service.outcomes import PENDING_OUTCOMES, PendingOutcomes, record_outcomes
 from service.scim import groups, paths, users
-from service.state import AUTHENTICATOR, DATABASE, SETTINGS
+from service.scim.documents import ScimDocuments
+from service.state import AUTHENTICATOR, DATABASE, HANDLERS, ISSUED_TOKEN, SETTINGS, SUPERVISOR
 from service.streams import REQUEST_SLOTS, STREAM_SLOTS, TokenSlots
 
+# How the app is run. "app": by a test or tool (with `database` given, the caller owns it;
+# without, the app opens it). "process": the one process of `serve`, which also makes the
+# first start's tenant and supervises an embedded PostgreSQL. "worker": one of
+# `serve --workers N`, whose parent did both and applied the migrations.
+Role = Literal["app", "process", "worker"]
+_ROLE = web.AppKey("role", str)
 
-def create_app(settings: Settings, database: Database | None = None) -> web.Application:
-    """Build the app. With `database` given (tests, `serve`), the caller owns its lifetime."""
+
+def create_app(
+    settings: Settings, database: Database | None = None, *, role: Role = "app"
+) -> web.Application:
+    """Build the app: what it owns opens and closes in its cleanup contexts, in this order
+    (database and, for `serve`, its first start and supervisor; the pending audit outcomes;
+    the projection runners) and closes in reverse."""
     limit = rate_limit(settings.rate_limit, settings.rate_limit_burst)
     spelling = [paths.canonical_spelling]  # first: the middlewares after it see canonical paths
     app = web.Application(
@@ -39,12 +55,13 @@ def create_app(settings: Settings, database: Database | None = None) -> web.Appl
     )
     app.on_response_prepare.append(stamp_request_id)
     app[SETTINGS] = settings
+    app[_ROLE] = role
     app[REQUEST_SLOTS] = TokenSlots(settings.max_concurrent_per_token, "requests")
     app[STREAM_SLOTS] = TokenSlots(settings.max_streams_per_token, "streamed replies")
     app[AUTHENTICATOR] = Authenticator(lambda: app[DATABASE].pool)
     app[PENDING_OUTCOMES] = PendingOutcomes(settings.max_queued_outcomes)
     if database is not None:
-        app[DATABASE] = database
+        _wire(app, database)
     else:
         app.cleanup_ctx.append(_database_ctx)
     app.cleanup_ctx.append(_pending_outcomes_ctx)  # unwound before the database closes
@@ -64,15 +81,51 @@ def create_app(settings: Settings, database: Database | None = None) -> web.Appl
     return app
 
 
+def _wire(app: web.Application, database: Database) -> None:
+    """The app's dependencies, once its database is open: the command handlers get the
+    database and the SCIM layer's documents (what a PATCH does to a user or a group)."""
+    app[DATABASE] = database
+    app[HANDLERS] = Handlers(database, ScimDocuments())
+
+
 async def _pending_outcomes_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     await app[PENDING_OUTCOMES].close()
 
 
 async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
-    async with open_database(app[SETTINGS], serving=True) as database:
-        app[DATABASE] = database
-        yield
+    role = app[_ROLE]
+    migrate = role != "worker"
+    async with open_database(app[SETTINGS], run_migrations=migrate, serving=True) as database:
+        _wire(app, database)
+        if role != "process":
+            yield
+            return
+        issued = await first_start(database)
+        if issued is not None:
+            app[ISSUED_TOKEN] = issued
+        async with supervised(database.embedded) as supervisor:
+            if supervisor is not None:
+                app[SUPERVISOR] = supervisor
+            yield
+
+
+async def first_start(database: Database) -> IssuedToken | None:
+    """Register the projections; on an empty database, create the tenant `default`."""
+    from infra.ha import failover_checks
+    from projections.rebuild import register as register_projections
+    from projections.registry import PROJECTIONS
+
+    async with database.pool.acquire() as conn:
+        # What a failover would lose, said once at start (`scimledger doctor` says it all).
+        for check in await failover_checks(conn):
+            if not check.ok:
+                structlog.get_logger("scimledger.doctor").warning(
+                    "database not ready for a failover", check=check.name, detail=check.detail
+                )
+        await register_projections(conn, list(PROJECTIONS.values()))
+        has_tenant = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM tenants)")
+        return None if has_tenant else await create_tenant(conn, "default")
 
 
 async def _projection_runners_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -110,32 +110,24 @@ def serve(
 
 
 async def _serve(settings: Settings) -> None:
-    """One process: the server, its pool and its projection runners."""
-    from infra.supervisor import supervised
+    """One process: the app, which owns its pool, supervisor and projection runners."""
     from service.app import create_app
-    from service.state import SUPERVISOR
-    from service.workers import first_start, listen, print_banner
+    from service.state import ISSUED_TOKEN
+    from service.workers import listen, print_banner
 
-    async with (
-        open_database(settings, serving=True) as database,
-        supervised(database.embedded) as supervisor,
-    ):
-        issued = await first_start(database)
-        app = create_app(settings, database)
-        if supervisor is not None:
-            app[SUPERVISOR] = supervisor
-        # Handlers first: a SIGTERM that arrives once the banner is out must stop us cleanly.
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        runner = await listen(app, settings)
-        print_banner(settings, issued)
-        try:
-            await stop.wait()
-        finally:
-            # Stops accepting, then waits for in-flight requests before the pool closes.
-            await runner.cleanup()
+    app = create_app(settings, role="process")
+    # Handlers first: a SIGTERM that arrives once the banner is out must stop us cleanly.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    runner = await listen(app, settings)  # sets the app up: its cleanup contexts open
+    print_banner(settings, app.get(ISSUED_TOKEN))
+    try:
+        await stop.wait()
+    finally:
+        # Stops accepting, then waits for in-flight requests before the pool closes.
+        await runner.cleanup()
 
 
 @cli.command()

@@ -8,6 +8,7 @@ import orjson
 from aiohttp import web
 
 from domain.errors import bounded
+from service import exceptions
 
 SCIM_CONTENT_TYPE = "application/scim+json"
 ERROR_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:Error"
@@ -68,3 +69,18 @@ def uniqueness(detail: str) -> ScimError:
 
 def precondition_failed(detail: str = "The resource has changed (ETag mismatch)") -> ScimError:
     return ScimError(412, detail)
+
+
+# The service layer's refusals (service/exceptions.py), as SCIM errors: status and scimType.
+_OF_SERVICE: dict[type[exceptions.ServiceError], tuple[int, str | None]] = {
+    exceptions.NotFound: (404, None),
+    exceptions.Invalid: (400, "invalidValue"),
+    exceptions.Taken: (409, "uniqueness"),
+    exceptions.PreconditionFailed: (412, None),
+    exceptions.Conflict: (409, "mutability"),
+}
+
+
+def scim_error_of(error: exceptions.ServiceError) -> ScimError:
+    status, scim_type = _OF_SERVICE.get(type(error), (500, None))
+    return ScimError(status, error.detail, scim_type)

@@ -1,8 +1,10 @@
-"""One short function per SCIM write: load, call the domain, commit.
+"""One short method per command (service/commands.py): load, call the domain, commit.
 
 A write that loses a race (another request appended to the same stream first, or PostgreSQL
 broke a lock cycle) is retried from a fresh load, unless the client sent If-Match: then the
-client's view is stale and it gets 412.
+client's view is stale and it gets 412. Refusals are service errors (service/exceptions.py);
+the HTTP layer's middleware turns them into SCIM errors. Nothing here knows HTTP or SCIM's
+wire format: what a PATCH does to a SCIM document is the `Documents` the app supplies.
 """
 
 from __future__ import annotations
@@ -10,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from uuid import UUID
 
 import asyncpg
@@ -21,17 +23,33 @@ import orjson
 
 from domain.errors import InvalidValue, ResourceDeleted
 from domain.group import Group
+from domain.schema import USER_MULTI_VALUED_ATTRIBUTES as MULTI_VALUED
 from domain.user import User
 from infra import metrics
 from infra.database import Database
 from infra.eventstore import ConcurrencyError, OutOfOrder
-from service.errors import ScimError, invalid_value, not_found, precondition_failed, uniqueness
-from service.scim.declared import coerce_declared
-from service.scim.group_patch import UNSET, GroupChange
-from service.scim.patch import apply_extension_patch
+from service.commands import (
+    UNSET,
+    ChangeGroup,
+    CreateGroup,
+    CreateUser,
+    DeleteGroup,
+    DeleteUser,
+    GroupEdit,
+    PatchUser,
+    ReplaceUser,
+    Unique,
+)
+from service.exceptions import Conflict, Invalid, NotFound, PreconditionFailed, Taken
 from service.unit_of_work import UnitOfWork, is_unique_violation
 
+if TYPE_CHECKING:  # service.outcomes imports the app's state, which names Handlers
+    from service.outcomes import RequestContext
+
 MAX_ATTEMPTS = 8
+# A user holding more values than this is changed in a worker thread (each write copies,
+# diffs and stores all of them), as is one changed by a large body (the command's `large`).
+THREAD_USER_VALUES = 100
 T = TypeVar("T")
 
 
@@ -47,18 +65,19 @@ class Caller:
     tenant_id: UUID
     request_id: str
     # The request as the audit log records it (service/outcomes.py); None outside HTTP.
-    context: Any = None
+    audit: RequestContext | None = None
 
 
-def parse_id(raw: str, kind: str = "User") -> UUID:
-    try:
-        return UUID(raw)
-    except ValueError:
-        raise not_found(kind, raw) from None
+class Documents(Protocol):
+    """What the SCIM layer supplies: PATCH operations applied to SCIM documents."""
 
+    def patched_user(self, state: Mapping[str, Any], command: PatchUser) -> dict[str, Any]:
+        """The user's desired state once the command's operations apply to `state`."""
+        ...
 
-def etag(version: int) -> str:
-    return f'W/"{version}"'
+    def patched_extensions(self, extensions: Mapping[str, Any], edit: GroupEdit) -> dict[str, Any]:
+        """A group's extensions once the edit's extension operations apply to them."""
+        ...
 
 
 def etag_matches(header: str, version: int) -> bool:
@@ -70,107 +89,161 @@ def etag_matches(header: str, version: int) -> bool:
     return False
 
 
-async def _retrying(
-    db: Database, caller: Caller, if_match: str | None, work: Callable[[UnitOfWork], Awaitable[T]]
-) -> T:
-    for attempt in range(MAX_ATTEMPTS):
-        try:
-            async with UnitOfWork(db, caller.tenant_id, caller.request_id, caller.context) as uow:
-                result = await work(uow)
-            return result
-        except OutOfOrder:
-            # Not a conflict: If-Match was checked and holds; a new transaction succeeds.
-            if attempt + 1 < MAX_ATTEMPTS:
-                metrics.RETRIES.inc()
-        except _GroupsChanged:
-            if attempt + 1 < MAX_ATTEMPTS:
-                metrics.RETRIES.inc()
-        except (ConcurrencyError, asyncpg.DeadlockDetectedError) as e:
-            if isinstance(e, asyncpg.DeadlockDetectedError):
-                metrics.CONFLICTS.labels("deadlock").inc()
-            if if_match is not None:
-                metrics.CONFLICT_ANSWERS.labels("412").inc()
-                raise precondition_failed() from None
-            if attempt + 1 < MAX_ATTEMPTS:
-                metrics.RETRIES.inc()
-    metrics.CONFLICT_ANSWERS.labels("409").inc()
-    raise ScimError(409, "The resource is being changed by other requests; retry", "mutability")
+class Handlers:
+    def __init__(self, db: Database, documents: Documents) -> None:
+        self.db = db
+        self.documents = documents
+
+    async def _retrying(
+        self, caller: Caller, if_match: str | None, work: Callable[[UnitOfWork], Awaitable[T]]
+    ) -> T:
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                async with UnitOfWork(
+                    self.db, caller.tenant_id, caller.request_id, caller.audit
+                ) as uow:
+                    result = await work(uow)
+                return result
+            except (OutOfOrder, _GroupsChanged):
+                # Not a conflict: If-Match was checked and holds; a new transaction succeeds.
+                if attempt + 1 < MAX_ATTEMPTS:
+                    metrics.RETRIES.inc()
+            except (ConcurrencyError, asyncpg.DeadlockDetectedError) as e:
+                if isinstance(e, asyncpg.DeadlockDetectedError):
+                    metrics.CONFLICTS.labels("deadlock").inc()
+                if if_match is not None:
+                    metrics.CONFLICT_ANSWERS.labels("412").inc()
+                    raise PreconditionFailed() from None
+                if attempt + 1 < MAX_ATTEMPTS:
+                    metrics.RETRIES.inc()
+        metrics.CONFLICT_ANSWERS.labels("409").inc()
+        raise Conflict()
+
+    # -- users ----------------------------------------------------------------------------
+
+    async def create_user(self, caller: Caller, command: CreateUser) -> User:
+        user_id = uuid.uuid4()
+
+        async def work(uow: UnitOfWork) -> User:
+            user = _domain(partial(User.provision, user_id, caller.tenant_id, command.desired))
+            await _check_manager(uow, user)
+            await _check_unique(uow, user, command.unique)
+            uow.add_user(user)
+            await _flush(uow, user.user_name)
+            return user
+
+        return await self._retrying(caller, None, work)
+
+    async def replace_user(self, caller: Caller, command: ReplaceUser) -> User:
+        def change(user: User) -> None:
+            user.update(command.desired)
+
+        return await self._update_user(caller, command, change)
+
+    async def patch_user(self, caller: Caller, command: PatchUser) -> User:
+        def change(user: User) -> None:
+            user.update(self.documents.patched_user(user.state, command))
+
+        return await self._update_user(caller, command, change)
+
+    async def _update_user(
+        self, caller: Caller, command: ReplaceUser | PatchUser, change: Callable[[User], None]
+    ) -> User:
+        attempts = 0
+
+        async def work(uow: UnitOfWork) -> User:
+            # The first try takes no lock: load, change, and ONE statement (the append,
+            # guarded by the stream's version, with the view's upsert), as Entra's PATCHes of
+            # distinct users need. One that lost a race retries queued on the user's row lock
+            # (as group writers do): under a burst of PATCHes to one user each retry loads the
+            # state the previous one committed, instead of all racing on one version and
+            # running out of retries.
+            nonlocal attempts
+            attempts += 1
+            user = await _load_user(uow, command.user_id, command.if_match, lock=attempts > 1)
+            if command.large or _many_values(user):
+                await asyncio.to_thread(_domain, partial(change, user))
+            else:
+                _domain(partial(change, user))
+            await _check_manager(uow, user)
+            await _check_unique(uow, user, command.unique)
+            await _flush(uow, user.user_name)
+            return user
+
+        return await self._retrying(caller, command.if_match, work)
+
+    async def delete_user(self, caller: Caller, command: DeleteUser) -> None:
+        """Hard delete; the user leaves every group it was in, as membership events on them."""
+
+        async def work(uow: UnitOfWork) -> None:
+            await uow.queue_for_groups_of(command.user_id)
+            user = await _load_user(uow, command.user_id, command.if_match, lock=True)
+            _domain(user.deprovision)
+            await _leave_groups(uow, command.user_id)
+            await uow.flush()
+
+        await self._retrying(caller, command.if_match, work)
+
+    # -- groups ---------------------------------------------------------------------------
+
+    async def create_group(self, caller: Caller, command: CreateGroup) -> Group:
+        group_id, edit = uuid.uuid4(), command.edit
+
+        async def work(uow: UnitOfWork) -> Group:
+            display_name = None if edit.display_name is UNSET else edit.display_name
+            external_id = None if edit.external_id is UNSET else edit.external_id
+            extensions = None if edit.extensions is UNSET else edit.extensions
+            # A missing displayName is the domain's to refuse (InvalidValue), as any other.
+            group = _domain(
+                partial(
+                    Group.create,
+                    group_id,
+                    caller.tenant_id,
+                    display_name,  # type: ignore[arg-type]
+                    external_id,
+                    extensions,
+                )
+            )
+            uow.add_group(group)
+            await _change_members(uow, group, edit)
+            await _flush(uow, group.display_name, "displayName")
+            return group
+
+        return await self._retrying(caller, None, work)
+
+    async def change_group(self, caller: Caller, command: ChangeGroup) -> Group:
+        edit = command.edit
+
+        async def work(uow: UnitOfWork) -> Group:
+            group = await _load_group(uow, command.group_id, command.if_match)
+            display_name = group.display_name if edit.display_name is UNSET else edit.display_name
+            external_id = group.external_id if edit.external_id is UNSET else edit.external_id
+            extensions = None if edit.extensions is UNSET else edit.extensions
+            if edit.extension_ops:
+                extensions = self.documents.patched_extensions(group.extensions, edit)
+            _domain(partial(group.update, display_name, external_id, extensions))
+            await _change_members(uow, group, edit)
+            await _flush(uow, group.display_name, "displayName")
+            return group
+
+        return await self._retrying(caller, command.if_match, work)
+
+    async def delete_group(self, caller: Caller, command: DeleteGroup) -> None:
+        """The group goes, and leaves every group it was nested in, as membership events."""
+
+        async def work(uow: UnitOfWork) -> None:
+            await uow.queue_for_groups_of(command.group_id)
+            group = await _load_group(uow, command.group_id, command.if_match)
+            _domain(group.delete)
+            await _leave_groups(uow, command.group_id)
+            await uow.flush()
+
+        await self._retrying(caller, command.if_match, work)
 
 
-# -- users --------------------------------------------------------------------------------
-
-
-async def provision_user(
-    db: Database,
-    caller: Caller,
-    desired: Mapping[str, Any],
-    unique: Sequence[tuple[str, str, bool]] = (),
-) -> User:
-    """`unique`: declared extension attributes whose values are unique in the tenant."""
-    user_id = uuid.uuid4()
-
-    async def work(uow: UnitOfWork) -> User:
-        user = _domain(lambda: User.provision(user_id, caller.tenant_id, desired))
-        await _check_manager(uow, user)
-        await _check_unique(uow, user, unique)
-        uow.add_user(user)
-        await _flush(uow, user.user_name)
-        return user
-
-    return await _retrying(db, caller, None, work)
-
-
-async def update_user(
-    db: Database,
-    caller: Caller,
-    user_id: UUID,
-    change: Callable[[User], None],
-    if_match: str | None = None,
-    in_thread: Callable[[User], bool] | None = None,
-    unique: Sequence[tuple[str, str, bool]] = (),
-) -> User:
-    """Apply `change` (a domain command on the loaded user) and commit what it triggered.
-
-    When `in_thread(user)` says the change is costly (a large body, a user of many values),
-    it runs in a worker thread, so the event loop keeps serving other requests meanwhile."""
-
-    attempts = 0
-
-    async def work(uow: UnitOfWork) -> User:
-        # The first try takes no lock: load, change, and ONE statement (the append, guarded
-        # by the stream's version, with the view's upsert), as Entra's PATCHes of distinct
-        # users need. One that lost a race retries queued on the user's row lock (as group
-        # writers do): under a burst of PATCHes to one user each retry loads the state the
-        # previous one committed, instead of all racing on one version and running out of
-        # retries.
-        nonlocal attempts
-        attempts += 1
-        user = await _load_user(uow, user_id, if_match, lock=attempts > 1)
-        if in_thread is not None and in_thread(user):
-            await asyncio.to_thread(_domain, partial(change, user))
-        else:
-            _domain(partial(change, user))
-        await _check_manager(uow, user)
-        await _check_unique(uow, user, unique)
-        await _flush(uow, user.user_name)
-        return user
-
-    return await _retrying(db, caller, if_match, work)
-
-
-async def deprovision_user(
-    db: Database, caller: Caller, user_id: UUID, if_match: str | None = None
-) -> None:
-    """Hard delete; the user leaves every group it was in, as membership events on them."""
-
-    async def work(uow: UnitOfWork) -> None:
-        await uow.queue_for_groups_of(user_id)
-        user = await _load_user(uow, user_id, if_match, lock=True)
-        _domain(user.deprovision)
-        await _leave_groups(uow, user_id)
-        await uow.flush()
-
-    await _retrying(db, caller, if_match, work)
+def _many_values(user: User) -> bool:
+    state = user.state_view
+    return sum(len(state.get(a) or ()) for a in MULTI_VALUED) > THREAD_USER_VALUES
 
 
 async def _load_user(
@@ -178,9 +251,9 @@ async def _load_user(
 ) -> User:
     user = await (uow.user_for_update(user_id) if lock else uow.user(user_id))
     if user is None or user.deprovisioned:
-        raise not_found("User", str(user_id))
+        raise NotFound("User", str(user_id))
     if if_match is not None and not etag_matches(if_match, user.version):
-        raise precondition_failed()
+        raise PreconditionFailed()
     return user
 
 
@@ -194,72 +267,35 @@ async def _check_manager(uow: UnitOfWork, user: User) -> None:
     ):
         return
     if not await uow.user_exists(UUID(manager)):
-        raise invalid_value(f"manager {manager} is not a user of this tenant")
+        raise Invalid(f"manager {manager} is not a user of this tenant")
 
 
-# -- groups -------------------------------------------------------------------------------
-
-
-async def create_group(db: Database, caller: Caller, change: GroupChange) -> Group:
-    group_id = uuid.uuid4()
-
-    async def work(uow: UnitOfWork) -> Group:
-        display_name = None if change.display_name is UNSET else change.display_name
-        external_id = None if change.external_id is UNSET else change.external_id
-        extensions = None if change.extensions is UNSET else change.extensions
-        group = _domain(
-            lambda: Group.create(group_id, caller.tenant_id, display_name, external_id, extensions)  # type: ignore[arg-type]
-        )
-        uow.add_group(group)
-        await _change_members(uow, group, change)
-        await _flush(uow, group.display_name, "displayName")
-        return group
-
-    return await _retrying(db, caller, None, work)
-
-
-async def change_group(
-    db: Database, caller: Caller, group_id: UUID, change: GroupChange, if_match: str | None = None
-) -> Group:
-    async def work(uow: UnitOfWork) -> Group:
-        group = await _load_group(uow, group_id, if_match)
-        display_name = group.display_name if change.display_name is UNSET else change.display_name
-        external_id = group.external_id if change.external_id is UNSET else change.external_id
-        extensions = None if change.extensions is UNSET else change.extensions
-        if change.extension_ops:
-            extensions = coerce_declared(
-                apply_extension_patch(group.extensions, change.extension_ops, change.max_values),
-                change.declared,
-            )
-        _domain(lambda: group.update(display_name, external_id, extensions))
-        await _change_members(uow, group, change)
-        await _flush(uow, group.display_name, "displayName")
-        return group
-
-    return await _retrying(db, caller, if_match, work)
-
-
-async def delete_group(
-    db: Database, caller: Caller, group_id: UUID, if_match: str | None = None
-) -> None:
-    """The group goes, and leaves every group it was nested in, as membership events on them."""
-
-    async def work(uow: UnitOfWork) -> None:
-        await uow.queue_for_groups_of(group_id)
-        group = await _load_group(uow, group_id, if_match)
-        _domain(group.delete)
-        await _leave_groups(uow, group_id)
-        await uow.flush()
-
-    await _retrying(db, caller, if_match, work)
+async def _check_unique(uow: UnitOfWork, user: User, unique: tuple[Unique, ...]) -> None:
+    """409 uniqueness when another user of the tenant holds the value of a declared
+    `uniqueness: server` attribute."""
+    if not unique or not user.pending_events:
+        return
+    state = user.state_view
+    for attribute in unique:
+        value = (state.get(attribute.urn) or {}).get(attribute.attribute)
+        if value is None:
+            continue
+        text = value if isinstance(value, str) else orjson.dumps(value).decode()
+        if not attribute.case_exact:
+            text = text.lower()
+        if await uow.value_taken(
+            user, attribute.urn, attribute.attribute, text, attribute.case_exact
+        ):
+            name = f"{attribute.urn}:{attribute.attribute}"
+            raise Taken(f"{name} {str(value)[:100]!r} is already taken")
 
 
 async def _load_group(uow: UnitOfWork, group_id: UUID, if_match: str | None) -> Group:
     group = await uow.group(group_id)
     if group is None or group.deleted:
-        raise not_found("Group", str(group_id))
+        raise NotFound("Group", str(group_id))
     if if_match is not None and not etag_matches(if_match, group.version):
-        raise precondition_failed()
+        raise PreconditionFailed()
     return group
 
 
@@ -272,104 +308,55 @@ def _canonical_ids(ids: set[str], *, strict: bool) -> set[UUID]:
         except ValueError:
             bad.append(raw)
     if bad and strict:
-        raise invalid_value(f"members not found in this tenant: {', '.join(sorted(bad)[:20])}")
+        raise Invalid(f"members not found in this tenant: {', '.join(sorted(bad)[:20])}")
     return out
 
 
-async def _change_members(uow: UnitOfWork, group: Group, change: GroupChange) -> None:
+async def _change_members(uow: UnitOfWork, group: Group, edit: GroupEdit) -> None:
     """Turn the requested change into the real delta, checked against the membership rows."""
-    if not change.touches_members:
+    if not edit.touches_members:
         return
-    adds = _canonical_ids(change.adds, strict=True)
-    removes = _canonical_ids(change.removes, strict=False)
-    conn, tenant = await uow.begin(), uow.tenant_id
-    if change.clear_members:
-        rows = await conn.fetch(
-            "SELECT member_id FROM scim_group_members WHERE tenant_id = $1 AND group_id = $2",
-            tenant,
-            group.id,
-        )
-        current = {r["member_id"] for r in rows}
+    adds = _canonical_ids(edit.adds, strict=True)
+    removes = _canonical_ids(edit.removes, strict=False)
+    if edit.clear_members:
+        current = await uow.memberships.members(group.id)
         added, removed = adds - current, current - adds
     else:
-        rows = await conn.fetch(
-            "SELECT member_id FROM scim_group_members"
-            " WHERE tenant_id = $1 AND group_id = $2 AND member_id = any($3::uuid[])",
-            tenant,
-            group.id,
-            list(adds | removes),
-        )
-        existing = {r["member_id"] for r in rows}
+        existing = await uow.memberships.members_among(group.id, adds | removes)
         added, removed = adds - existing, removes & existing
     if added:
         await _check_new_members(uow, group, added)
     displays = {}
-    for raw, display in change.displays.items():
+    for raw, display in edit.displays.items():
         try:
             displays[str(UUID(raw))] = display
         except ValueError:
             continue
     _domain(
-        lambda: group.change_membership(
-            [str(a) for a in added], [str(r) for r in removed], displays
+        partial(
+            group.change_membership, [str(a) for a in added], [str(r) for r in removed], displays
         )
     )
 
 
 async def _check_new_members(uow: UnitOfWork, group: Group, added: set[UUID]) -> None:
-    """New members must be users or groups of this tenant, and no group may contain itself.
-
-    The rows are locked for share, so a member cannot be deleted while it joins.
-    """
-    conn, tenant, ids = await uow.begin(), uow.tenant_id, sorted(added)
-    users = await conn.fetch(
-        "SELECT id FROM scim_users WHERE tenant_id = $1 AND id = any($2::uuid[]) FOR SHARE",
-        tenant,
-        ids,
-    )
-    groups = await conn.fetch(
-        "SELECT id FROM scim_groups WHERE tenant_id = $1 AND id = any($2::uuid[]) FOR SHARE",
-        tenant,
-        ids,
-    )
-    found = {r["id"] for r in users} | {r["id"] for r in groups}
+    """New members must be users or groups of this tenant, and no group may contain itself."""
+    found, nested = await uow.memberships.joinable(added)
     missing = sorted(str(m) for m in added - found)
     if missing:
-        raise invalid_value(f"members not found in this tenant: {', '.join(missing[:20])}")
-    nested = [r["id"] for r in groups]
-    if nested:
-        # Two requests nesting groups into each other at once could each see no cycle; one
-        # lock per tenant orders them (nesting is rare, plain membership never takes it).
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1::text))", str(tenant))
-        cycle = await conn.fetchval(
-            """
-            WITH RECURSIVE below(id) AS (
-                SELECT unnest($2::uuid[])
-                UNION
-                SELECT m.member_id FROM scim_group_members m JOIN below b ON m.group_id = b.id
-                WHERE m.tenant_id = $1 AND m.member_type = 'Group'
-            )
-            SELECT EXISTS (SELECT 1 FROM below WHERE id = $3)
-            """,
-            tenant,
-            nested,
-            group.id,
-        )
-        if cycle:
-            raise invalid_value("adding these members would make a group contain itself")
+        raise Invalid(f"members not found in this tenant: {', '.join(missing[:20])}")
+    if nested and await uow.memberships.would_contain_itself(group.id, nested):
+        raise Invalid("adding these members would make a group contain itself")
 
 
 async def _leave_groups(uow: UnitOfWork, member_id: UUID) -> None:
     # Read again under the member's lock: it may have joined a group since it queued.
-    for group_id in await uow.groups_of(member_id):
+    for group_id in await uow.memberships.groups_of(member_id):
         if not uow.queued_for(group_id):
             raise _GroupsChanged
         parent = await uow.group(group_id)
         if parent is not None and not parent.deleted:
             parent.change_membership([], [str(member_id)])
-
-
-# -- shared -------------------------------------------------------------------------------
 
 
 # The views' indexes over client text, by the attribute that feeds them.
@@ -382,43 +369,6 @@ _INDEXED_ATTRIBUTES = {
 }
 
 
-async def _check_unique(
-    uow: UnitOfWork, user: User, unique: Sequence[tuple[str, str, bool]]
-) -> None:
-    """409 uniqueness when another user of the tenant holds the value of a declared
-    `uniqueness: server` attribute. The value's advisory lock, held to commit, orders two
-    writers of one value, and the second one's query (read committed) sees the first."""
-    if not unique or not user.pending_events:
-        return
-    state = user.state_view
-    for urn, attribute, case_exact in unique:
-        value = (state.get(urn) or {}).get(attribute)
-        if value is None:
-            continue
-        text = value if isinstance(value, str) else orjson.dumps(value).decode()
-        if not case_exact:
-            text = text.lower()
-        conn = await uow.begin()
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-            f"{user.tenant_id}\x1f{urn}\x1f{attribute}\x1f{text}",
-        )
-        expression = "u.resource -> $3 ->> $4"
-        if not case_exact:
-            expression = f"lower({expression})"
-        taken = await conn.fetchval(
-            f"SELECT 1 FROM scim_users u WHERE u.tenant_id = $1 AND u.id <> $2"
-            f" AND {expression} = $5 LIMIT 1",
-            user.tenant_id,
-            user.id,
-            urn,
-            attribute,
-            text,
-        )
-        if taken:
-            raise uniqueness(f"{urn}:{attribute} {str(value)[:100]!r} is already taken")
-
-
 async def _flush(uow: UnitOfWork, name: str, attribute: str = "userName") -> None:
     try:
         await uow.flush()
@@ -426,20 +376,20 @@ async def _flush(uow: UnitOfWork, name: str, attribute: str = "userName") -> Non
         if is_unique_violation(e, "scim_users_user_name_uq") or is_unique_violation(
             e, "scim_groups_display_name_uq"
         ):
-            raise uniqueness(f"{attribute} {name!r} is already taken") from None
+            raise Taken(f"{attribute} {name!r} is already taken") from None
         raise
     except asyncpg.ProgramLimitExceededError as e:
         # A long value that does not compress outgrows an index entry (about 2.7 kB); the
         # transaction is rolled back whole.
         index = re.search(r'for index "([^"]+)"', str(e))
         what = _INDEXED_ATTRIBUTES.get(index.group(1), "a value") if index else "a value"
-        raise invalid_value(f"{what} is too long to be stored") from None
+        raise Invalid(f"{what} is too long to be stored") from None
 
 
 def _domain(command: Callable[[], T]) -> T:
     try:
         return command()
     except InvalidValue as e:
-        raise invalid_value(e.detail) from None
+        raise Invalid(e.detail) from None
     except ResourceDeleted as e:
-        raise not_found("Resource", str(e.resource_id)) from None
+        raise NotFound("Resource", str(e.resource_id)) from None

@@ -15,7 +15,8 @@ from aiohttp.typedefs import Middleware
 
 from infra.tenants import Principal, digest
 from service.boundary import is_credential
-from service.errors import ScimError
+from service.errors import ScimError, scim_error_of
+from service.exceptions import ServiceError
 from service.metrics import observe_request
 from service.outcomes import context_for, is_audited
 from service.state import (
@@ -118,6 +119,8 @@ async def scim_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return await handler(request)
     except ScimError as e:
         return e.response()
+    except ServiceError as e:
+        return scim_error_of(e).response()
     except web.HTTPException as e:
         if e.status < 400:
             raise

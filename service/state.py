@@ -10,7 +10,8 @@ from aiohttp import web
 from infra.config import Settings
 from infra.database import Database
 from infra.supervisor import SupervisorStatus
-from infra.tenants import Authenticator, Principal
+from infra.tenants import Authenticator, IssuedToken, Principal
+from service.handlers import Handlers
 
 SETTINGS = web.AppKey("settings", Settings)
 DATABASE = web.AppKey("database", Database)
@@ -18,6 +19,10 @@ DATABASE = web.AppKey("database", Database)
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 # The embedded PostgreSQL's supervisor (infra.supervisor); absent with DATABASE_URL.
 SUPERVISOR = web.AppKey("supervisor", SupervisorStatus)
+# The token of the tenant `default`, made on the first start of an empty database (`serve`).
+ISSUED_TOKEN = web.AppKey("issued_token", IssuedToken)
+# The service layer's command handlers, wired to the database and the SCIM layer (service/app.py).
+HANDLERS = web.AppKey("handlers", Handlers)
 
 # An aiohttp handler, as middlewares see the rest of the chain.
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -25,7 +30,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID = web.RequestKey("request_id", str)
 # The client's own X-Request-Id, when it sent a safe one: kept beside ours, never instead of it.
 CLIENT_REQUEST_ID = web.RequestKey("client_request_id", str)
-REQUEST_CONTEXT = web.RequestKey("request_context", Any)
+REQUEST_CONTEXT = web.RequestKey("request_context", Any)  # service.outcomes.RequestContext
 PRINCIPAL = web.RequestKey("principal", Principal)
 # The digest of a bearer token that could not be checked (the database away): the request's
 # provisioning-log entry is written once the database is back and the token checked.

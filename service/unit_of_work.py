@@ -13,10 +13,9 @@ committed when `flush` returns.
 
 from __future__ import annotations
 
-import re
 import uuid
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import asyncpg
@@ -27,26 +26,28 @@ from domain.group import Group
 from domain.request import ProvisioningRequest
 from domain.user import User
 from infra.database import Database
-from infra.eventstore import APPEND_PARAMETERS, RecordedEvent
+from infra.eventstore import RecordedEvent
 from projections import groups as groups_view
 from projections import users as users_view
+from projections.memberships import Memberships
+
+if TYPE_CHECKING:  # service.outcomes imports the app's state, which names the handlers
+    from service.outcomes import RequestContext
 
 _STREAM_LOCKS = 0x5C1F  # advisory locks of user and group streams (0x5C1E: projection runners)
 
-# The users view's upsert, its parameters numbered after the append's (EventStore.append_with).
-_USERS_UPSERT = re.sub(
-    r"\$(\d+)",
-    lambda m: f"${int(m[1]) + APPEND_PARAMETERS}",
-    users_view._upsert(users_view.USERS),
-)
-
-
 class UnitOfWork:
     def __init__(
-        self, db: Database, tenant_id: UUID, request_id: str | None, context: Any = None
+        self,
+        db: Database,
+        tenant_id: UUID,
+        request_id: str | None,
+        audit: RequestContext | None = None,
     ) -> None:
+        """`audit`: the request as its provisioning-log entry records it (who asked, what,
+        and its outcome), committed with the request's events; None outside HTTP."""
         self.db = db
-        self.context = context
+        self.audit = audit
         self.tenant_id = tenant_id
         self.request_id = request_id
         self.recorded: list[RecordedEvent] = []
@@ -56,6 +57,7 @@ class UnitOfWork:
         self._conn: PoolConnectionProxy[Any] | None = None
         self._tx: Transaction | None = None
         self._committed = False  # a flush without a transaction: committed by its statement
+        self.memberships = Memberships(self.begin, tenant_id)
 
     async def __aenter__(self) -> UnitOfWork:
         self._conn = await self.db.pool.acquire()
@@ -87,8 +89,8 @@ class UnitOfWork:
             await self.db.pool.release(self._conn)
             self._conn = None
         if (exc_type is None or self._committed) and self.recorded:
-            if self.context is not None:
-                self.context.recorded = True
+            if self.audit is not None:
+                self.audit.recorded = True
             self.db.store.notify()
 
     def _reader(self) -> PoolConnectionProxy[Any]:
@@ -120,11 +122,7 @@ class UnitOfWork:
         """Like `user`, and lock the user's row so no group adds it while it is deleted, and
         concurrent writers queue instead of racing (after `_queue_for`, as for groups)."""
         await self._queue_for(user_id)
-        await (await self.begin()).execute(
-            "SELECT 1 FROM scim_users WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
-            self.tenant_id,
-            user_id,
-        )
+        await users_view.lock_row(await self.begin(), self.tenant_id, user_id)
         return await self.user(user_id)
 
     async def group(self, group_id: UUID) -> Group | None:
@@ -156,20 +154,10 @@ class UnitOfWork:
             )
             self._queued.add(group_id)
 
-    async def groups_of(self, member_id: UUID) -> list[UUID]:
-        """The groups `member_id` is directly in, in one order, as this transaction sees them."""
-        rows = await (await self.begin()).fetch(
-            "SELECT group_id FROM scim_group_members WHERE tenant_id = $1 AND member_id = $2"
-            " ORDER BY group_id",
-            self.tenant_id,
-            member_id,
-        )
-        return [row["group_id"] for row in rows]
-
     async def queue_for_groups_of(self, member_id: UUID) -> None:
         """Before this transaction takes its id: queue for every group `member_id` is in (it
         is about to leave them), in one order. See `queued_for`."""
-        for group_id in await self.groups_of(member_id):
+        for group_id in await self.memberships.groups_of(member_id):
             await self._queue_for(group_id)
 
     def queued_for(self, group_id: UUID) -> bool:
@@ -181,12 +169,15 @@ class UnitOfWork:
         self._groups[group.id] = group
 
     async def user_exists(self, user_id: UUID) -> bool:
-        found = await self._reader().fetchval(
-            "SELECT EXISTS (SELECT 1 FROM scim_users WHERE tenant_id = $1 AND id = $2)",
-            self.tenant_id,
-            user_id,
-        )
-        return bool(found)
+        return await users_view.exists(self._reader(), self.tenant_id, user_id)
+
+    async def value_taken(
+        self, user: User, urn: str, attribute: str, text: str, case_exact: bool
+    ) -> bool:
+        """Whether another user holds this value of a unique extension attribute (locked
+        for this transaction: see projections/users.py, `value_taken`)."""
+        conn = await self.begin()
+        return await users_view.value_taken(conn, user, urn, attribute, text, case_exact)
 
     async def flush(self) -> list[RecordedEvent]:
         """Append pending events and update inline views; raises before commit on conflicts."""
@@ -197,13 +188,13 @@ class UnitOfWork:
         if not user_events and not group_events:
             return []
         outcome: list[Any] = []
-        if self.context is not None:
+        if self.audit is not None:
             # The request's own record commits with its changes: one audit entry, whole.
             record = ProvisioningRequest.record(
                 uuid.uuid4(),
                 self.tenant_id,
                 "success",
-                self.context.describe(self.context.success_status()),
+                self.audit.describe(self.audit.success_status()),
             )
             outcome = list(record.collect_events())
         events = [*user_events, *group_events, *outcome]
@@ -216,7 +207,7 @@ class UnitOfWork:
                 self.tenant_id,
                 events,
                 self.request_id,
-                _USERS_UPSERT,
+                users_view.APPEND_UPSERT,
                 [list(column) for column in zip(*rows, strict=True)],
             )
             self._committed = self._tx is None

@@ -34,9 +34,10 @@ from aiohttp import web
 
 from infra import logging as logsetup
 from infra.config import Settings
-from infra.database import Database, open_database
+from infra.database import open_database
 from infra.supervisor import SupervisorStatus, supervised
-from infra.tenants import IssuedToken, create_tenant
+from infra.tenants import IssuedToken
+from service.app import first_start
 
 log = structlog.get_logger("scimledger.workers")
 
@@ -51,24 +52,6 @@ def default_workers() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-async def first_start(database: Database) -> IssuedToken | None:
-    """Register the projections; on an empty database, create the tenant `default`."""
-    from infra.ha import failover_checks
-    from projections.rebuild import register as register_projections
-    from projections.registry import PROJECTIONS
-
-    async with database.pool.acquire() as conn:
-        # What a failover would lose, said once at start (`scimledger doctor` says it all).
-        for check in await failover_checks(conn):
-            if not check.ok:
-                structlog.get_logger("scimledger.doctor").warning(
-                    "database not ready for a failover", check=check.name, detail=check.detail
-                )
-        await register_projections(conn, list(PROJECTIONS.values()))
-        has_tenant = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM tenants)")
-        return None if has_tenant else await create_tenant(conn, "default")
 
 
 def print_banner(settings: Settings, issued: IssuedToken | None, workers: int = 1) -> None:
@@ -125,7 +108,7 @@ async def serve_workers(settings: Settings, workers: int) -> None:
         # One connection, for the setup only: the parent holds none while the workers serve
         # (the embedded server, if that is the database, stays attached until they are gone).
         async with open_database(replace(settings, pool_min=1, pool_max=1)) as database:
-            issued = await first_start(database)
+            issued = await first_start(database)  # the app's bootstrap, once for all workers
             await database.pool.close()
             worker_settings = replace(settings, database_url=database.dsn)
             async with (
@@ -269,18 +252,18 @@ async def _worker(
     from service.state import SUPERVISOR
 
     stop = _stop_on_signals()
-    async with open_database(settings, run_migrations=False, serving=True) as database:
-        app = create_app(settings, database)
-        if supervisor is not None:
-            app[SUPERVISOR] = supervisor
-        try:
-            runner = await listen(app, settings, reuse_port=True)
-        except ListenError as e:
-            messages.put((index, str(e)))
-            raise
-        messages.put((index, None))
-        try:
-            await stop.wait()
-        finally:
-            # Stops accepting, then waits for in-flight requests before the pool closes.
-            await runner.cleanup()
+    # The app opens its own pool and runners (its cleanup contexts) as the runner sets it up.
+    app = create_app(settings, role="worker")
+    if supervisor is not None:
+        app[SUPERVISOR] = supervisor
+    try:
+        runner = await listen(app, settings, reuse_port=True)
+    except ListenError as e:
+        messages.put((index, str(e)))
+        raise
+    messages.put((index, None))
+    try:
+        await stop.wait()
+    finally:
+        # Stops accepting, then waits for in-flight requests before the pool closes.
+        await runner.cleanup()

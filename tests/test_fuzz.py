@@ -27,6 +27,7 @@ from domain.errors import InvalidValue
 from domain.user import User
 from infra.database import Database
 from infra.tenants import IssuedToken, issue_token
+from service.commands import GroupEdit
 from service.errors import ScimError
 from service.scim.filter import (
     GROUP_ATTRIBUTES,
@@ -38,7 +39,7 @@ from service.scim.filter import (
     user_filter_sql,
     user_sort_sql,
 )
-from service.scim.group_patch import GroupChange, fold_operations
+from service.scim.group_patch import fold_operations
 from service.scim.groups import _change_from_body
 from service.scim.patch import apply_patch, parse_patch_request
 from service.scim.representation import user_document, user_from_scim
@@ -337,7 +338,7 @@ def test_group_patch_folds_to_a_change_or_a_scim_error(body: Any) -> None:
     except ScimError as e:
         assert _is_scim_400(e), e.body()
         return
-    assert isinstance(change, GroupChange)
+    assert isinstance(change, GroupEdit)
     assert not (change.adds & change.removes)
 
 

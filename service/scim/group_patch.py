@@ -1,8 +1,9 @@
 """PATCH on a Group, as a change to apply: attributes to set and members to add or remove.
 
 A group may have 100,000 members, so a PATCH is never applied to a member list in memory.
-Operations fold into a `GroupChange` (ids to add, ids to remove, or "every current member
-removed"); the handler then asks the membership rows which of them change anything.
+Operations fold into a `GroupEdit` (service/commands.py: ids to add, ids to remove, or "every
+current member removed"); the handler then asks the membership rows which of them change
+anything.
 
 Entra's default style removes members with the ids in `value`
 (`{"op":"Remove","path":"members","value":[{"value":"<id>"}]}`): only those are removed. A
@@ -12,56 +13,18 @@ remove of `members` with no value removes every member, as RFC 7644 §3.5.2.2 sa
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from scim2_models import InvalidFilterException, ScimFilter
 from scim2_models.path.expressions import CompareOperator, Comparison, LogicalExpr, LogicalOperator
 
+from service.commands import GroupEdit
 from service.errors import ScimError, invalid_value
 from service.scim.representation import is_undeclared_urn, undeclared_refused
 
 GROUP_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:Group"
 # Entra adds this schema to groups it creates; it carries nothing we keep.
 AD_GROUP_SCHEMA = "http://schemas.microsoft.com/2006/11/ResourceManagement/ADSCIM/2.0/Group"
-UNSET: Any = object()  # "not in the request", as distinct from null
-
-
-@dataclass
-class GroupChange:
-    display_name: Any = UNSET
-    external_id: Any = UNSET
-    adds: set[str] = field(default_factory=set)
-    removes: set[str] = field(default_factory=set)
-    clear_members: bool = False
-    # A client's `display` of a member it adds (RFC 7643 §2.4: immutable, set at inclusion).
-    displays: dict[str, str] = field(default_factory=dict)
-    # Undeclared extensions: all of them (POST, PUT), or PATCH operations on them, applied to
-    # the group's current ones by the handler (service/scim/patch.py, apply_extension_patch).
-    extensions: Any = UNSET
-    extension_ops: list[tuple[str, str, Any]] = field(default_factory=list)
-    max_values: int | None = None
-    # The tenant's declared Group extensions (case-folded URN -> schema): their values checked.
-    declared: dict[str, Any] = field(default_factory=dict)
-
-    def add(self, ids: set[str]) -> None:
-        self.adds |= ids
-        self.removes -= ids
-
-    def remove(self, ids: set[str]) -> None:
-        self.removes |= ids
-        self.adds -= ids
-
-    def replace_members(self, ids: set[str]) -> None:
-        self.clear_members = True
-        self.adds = set(ids)
-        self.removes = set()
-
-    @property
-    def touches_members(self) -> bool:
-        return self.clear_members or bool(self.adds) or bool(self.removes)
-
-
 def _no_target(detail: str) -> ScimError:
     return ScimError(400, detail, "noTarget")
 
@@ -133,7 +96,7 @@ def _string_or_none(value: Any, name: str) -> str | None:
 
 
 def _apply_attribute(
-    change: GroupChange,
+    change: GroupEdit,
     op: str,
     name: str,
     value: Any,
@@ -180,13 +143,13 @@ def fold_operations(
     *,
     reject: bool = False,
     declared: dict[str, Any] | None = None,
-) -> GroupChange:
+) -> GroupEdit:
     """All-or-nothing: any invalid operation raises before anything is applied.
 
     `max_members` (Settings.max_patch_members) caps the members one operation names,
     `max_values` the values of an extension attribute; `reject`: the tenant rejects
     undeclared extension attributes (400)."""
-    change = GroupChange(max_values=max_values, declared=declared or {})
+    change = GroupEdit(max_values=max_values, declared=declared or {})
     for operation in operations:
         op, path, value = operation["op"], operation["path"], operation["value"]
         if path is None:

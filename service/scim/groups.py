@@ -19,17 +19,16 @@ import orjson
 from aiohttp import web
 
 from domain.group import Group
-from infra.eventstore import Conn
 from projections import groups as groups_view
-from service import handlers
+from projections import memberships
+from service.commands import ChangeGroup, CreateGroup, DeleteGroup, GroupEdit
 from service.errors import SCIM_CONTENT_TYPE, invalid_value, not_found, scim_json
-from service.handlers import etag, etag_matches, parse_id
+from service.handlers import etag_matches
 from service.scim.declared import Declared, coerce_declared, declared_for, excluding, hidden
 from service.scim.filter import group_filter_sql, group_sort_sql
 from service.scim.group_patch import (
     AD_GROUP_SCHEMA,
     GROUP_SCHEMA,
-    GroupChange,
     fold_operations,
     members_of,
 )
@@ -43,11 +42,18 @@ from service.scim.lists import (
 )
 from service.scim.patch import parse_patch_request
 from service.scim.representation import extensions_from_scim, scim_timestamp, select_attributes
-from service.scim.users import caller, json_body, json_object, off_loop, rejects_undeclared
+from service.scim.users import (
+    caller,
+    etag,
+    handlers,
+    json_body,
+    json_object,
+    off_loop,
+    parse_id,
+    rejects_undeclared,
+)
 from service.state import DATABASE, PRINCIPAL, SETTINGS, base_url
 from service.streams import StreamCut, streaming
-
-_MEMBER_CHUNK = 2000
 
 
 def group_resource(
@@ -156,7 +162,7 @@ async def _reply_group(
         body = select_attributes(resource, attributes, excluded)
         if not wants_members(attributes, excluded):
             return scim_json(body, status=status, headers=headers)
-        members = await _member_page(conn, tenant_id, group_id, None)
+        members = await memberships.member_page(conn, tenant_id, group_id, None)
     # Stream: everything but members, then the members page by page, then the close. No
     # connection is held while a write waits for the client: each further page is read in a
     # short transaction of its own, which also checks that the group is still at the version
@@ -175,7 +181,7 @@ async def _reply_group(
                 chunk.append(entry if first else b"," + entry)
                 first = False
             await out.write(b"".join(chunk))
-            if len(members) < _MEMBER_CHUNK:
+            if len(members) < memberships.MEMBER_PAGE:
                 break
             members = await _next_member_page(
                 pool, tenant_id, group_id, row["version"], members[-1]["member_id"]
@@ -185,39 +191,14 @@ async def _reply_group(
     return response
 
 
-async def _member_page(
-    conn: Conn, tenant_id: UUID, group_id: UUID, after: UUID | None
-) -> list[asyncpg.Record]:
-    """Up to _MEMBER_CHUNK members in member_id order, after `after` (a keyset page: an index
-    range of the primary key, however deep into the group)."""
-    if after is None:
-        return await conn.fetch(
-            "SELECT member_id, member_type, display FROM scim_group_members"
-            " WHERE tenant_id = $1 AND group_id = $2 ORDER BY member_id LIMIT $3",
-            tenant_id,
-            group_id,
-            _MEMBER_CHUNK,
-        )
-    return await conn.fetch(
-        "SELECT member_id, member_type, display FROM scim_group_members"
-        " WHERE tenant_id = $1 AND group_id = $2 AND member_id > $3 ORDER BY member_id LIMIT $4",
-        tenant_id,
-        group_id,
-        after,
-        _MEMBER_CHUNK,
-    )
-
-
 async def _next_member_page(
     pool: asyncpg.Pool, tenant_id: UUID, group_id: UUID, version: int, after: UUID
 ) -> list[asyncpg.Record]:
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-        now = await conn.fetchval(
-            "SELECT version FROM scim_groups WHERE tenant_id = $1 AND id = $2", tenant_id, group_id
-        )
+        now = await memberships.group_version(conn, tenant_id, group_id)
         if now != version:
             raise StreamCut("the group changed while its members were sent")
-        return await _member_page(conn, tenant_id, group_id, after)
+        return await memberships.member_page(conn, tenant_id, group_id, after)
 
 
 async def list_(request: web.Request) -> web.Response:
@@ -242,12 +223,7 @@ async def _search(request: web.Request, query: ListQuery) -> dict[str, Any]:
     base = base_url(request)
     resources = [_of_row(base, row) for row in rows]
     if rows and wants_members(query.attributes, query.excluded_attributes):
-        members = await pool.fetch(
-            "SELECT group_id, member_id, member_type, display FROM scim_group_members"
-            " WHERE tenant_id = $1 AND group_id = any($2::uuid[]) ORDER BY group_id, member_id",
-            tenant_id,
-            [row["id"] for row in rows],
-        )
+        members = await memberships.members_of_groups(pool, tenant_id, [r["id"] for r in rows])
         by_group: dict[UUID, list[dict[str, str]]] = {}
         for m in members:
             by_group.setdefault(m["group_id"], []).append(
@@ -272,7 +248,7 @@ def _change_from_body(
     *,
     reject: bool = False,
     declared: Declared | None = None,
-) -> GroupChange:
+) -> GroupEdit:
     """A POST/PUT body as a change: the attributes it sets and its full member list (at most
     `max_members`, Settings.max_patch_members, as one PATCH operation may name); undeclared
     extensions kept (or, with `reject`, refused)."""
@@ -286,7 +262,7 @@ def _change_from_body(
     external_id = keyed.get("externalid")
     if external_id is not None and not isinstance(external_id, str):
         raise invalid_value("externalId must be a string")
-    change = GroupChange(display_name=display_name, external_id=external_id or None)
+    change = GroupEdit(display_name=display_name, external_id=external_id or None)
     declared = declared or {}
     extensions = extensions_from_scim(
         body, (GROUP_SCHEMA,), max_values, reject=reject, declared=declared
@@ -298,7 +274,7 @@ def _change_from_body(
     return change
 
 
-async def _change_of(request: web.Request, body: dict[str, Any]) -> GroupChange:
+async def _change_of(request: web.Request, body: dict[str, Any]) -> GroupEdit:
     settings = request.app[SETTINGS]
     work = partial(
         _change_from_body,
@@ -314,19 +290,18 @@ async def _change_of(request: web.Request, body: dict[str, Any]) -> GroupChange:
 async def create(request: web.Request) -> web.StreamResponse:
     body = await json_object(request)
     _ = AD_GROUP_SCHEMA  # accepted in "schemas" like any other URN; nothing of it is kept
-    change = await _change_of(request, body)
-    group = await handlers.create_group(request.app[DATABASE], caller(request), change)
+    edit = await _change_of(request, body)
+    group = await handlers(request).create_group(caller(request), CreateGroup(edit))
     return await _write_reply(request, group, 201)
 
 
 async def replace(request: web.Request) -> web.StreamResponse:
     group_id = parse_id(request.match_info["id"], "Group")
-    change = await _change_of(request, await json_object(request))
-    if change.display_name is None:
+    edit = await _change_of(request, await json_object(request))
+    if edit.display_name is None:
         raise invalid_value("displayName is required")
-    group = await handlers.change_group(
-        request.app[DATABASE], caller(request), group_id, change, request.headers.get("If-Match")
-    )
+    command = ChangeGroup(group_id, edit, request.headers.get("If-Match"))
+    group = await handlers(request).change_group(caller(request), command)
     return await _write_reply(request, group, 200)
 
 
@@ -343,10 +318,9 @@ async def patch(request: web.Request) -> web.StreamResponse:
         reject=rejects_undeclared(request),
         declared=declared_for(request[PRINCIPAL].declared, "Group"),
     )
-    change = await off_loop(size, fold)
-    group = await handlers.change_group(
-        request.app[DATABASE], caller(request), group_id, change, request.headers.get("If-Match")
-    )
+    edit = await off_loop(size, fold)
+    command = ChangeGroup(group_id, edit, request.headers.get("If-Match"))
+    group = await handlers(request).change_group(caller(request), command)
     if "attributes" not in request.query and "excludedAttributes" not in request.query:
         # Entra expects 204 for group PATCH; a reply must never be forced to carry members.
         return web.Response(status=204, headers={"ETag": etag(group.version)})
@@ -355,9 +329,8 @@ async def patch(request: web.Request) -> web.StreamResponse:
 
 async def delete(request: web.Request) -> web.Response:
     group_id = parse_id(request.match_info["id"], "Group")
-    await handlers.delete_group(
-        request.app[DATABASE], caller(request), group_id, request.headers.get("If-Match")
-    )
+    command = DeleteGroup(group_id, request.headers.get("If-Match"))
+    await handlers(request).delete_group(caller(request), command)
     return web.Response(status=204)
 
 

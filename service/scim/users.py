@@ -12,12 +12,12 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from domain.schema import USER_MULTI_VALUED_ATTRIBUTES as MULTI_VALUED
 from domain.user import User
+from projections import memberships
 from projections import users as users_view
-from service import handlers
+from service.commands import CreateUser, DeleteUser, PatchUser, ReplaceUser, Unique
 from service.errors import invalid_syntax, invalid_value, not_found, scim_json
-from service.handlers import Caller, etag, etag_matches, parse_id
+from service.handlers import Caller, Handlers, etag_matches
 from service.scim.declared import (
     coerce_declared,
     declared_for,
@@ -34,15 +34,11 @@ from service.scim.lists import (
     parse_list_query,
     search_params,
 )
-from service.scim.patch import apply_patch, parse_patch_request
-from service.scim.representation import (
-    select_attributes,
-    user_document,
-    user_from_scim,
-    user_resource,
-)
+from service.scim.patch import parse_patch_request
+from service.scim.representation import select_attributes, user_from_scim, user_resource
 from service.state import (
     DATABASE,
+    HANDLERS,
     PRINCIPAL,
     REQUEST_CONTEXT,
     REQUEST_ID,
@@ -55,6 +51,21 @@ T = TypeVar("T")
 
 def caller(request: web.Request) -> Caller:
     return Caller(request[PRINCIPAL].tenant_id, request[REQUEST_ID], request.get(REQUEST_CONTEXT))
+
+
+def handlers(request: web.Request) -> Handlers:
+    return request.app[HANDLERS]
+
+
+def parse_id(raw: str, kind: str = "User") -> UUID:
+    try:
+        return UUID(raw)
+    except ValueError:
+        raise not_found(kind, raw) from None
+
+
+def etag(version: int) -> str:
+    return f'W/"{version}"'
 
 
 # A body larger than this is read (parsed, checked, turned into a desired state) in a worker
@@ -157,13 +168,8 @@ async def json_object(request: web.Request) -> dict[str, Any]:
 
 async def groups_of(request: web.Request, user_ids: list[UUID]) -> dict[UUID, list[dict[str, str]]]:
     """The read-only `groups` attribute: each user's direct groups, from the membership rows."""
-    rows = await request.app[DATABASE].pool.fetch(
-        "SELECT m.member_id, g.id, g.display_name FROM scim_group_members m"
-        " JOIN scim_groups g ON g.tenant_id = m.tenant_id AND g.id = m.group_id"
-        " WHERE m.tenant_id = $1 AND m.member_id = any($2::uuid[])"
-        " ORDER BY lower(g.display_name), g.id",
-        request[PRINCIPAL].tenant_id,
-        user_ids,
+    rows = await memberships.groups_of_members(
+        request.app[DATABASE].pool, request[PRINCIPAL].tenant_id, user_ids
     )
     base = base_url(request)
     found: dict[UUID, list[dict[str, str]]] = {}
@@ -233,20 +239,9 @@ def _reply(
     return scim_json(body, status=status, headers=headers)
 
 
-# A user holding more values than this is changed in a worker thread (see _costly).
-THREAD_USER_VALUES = 100
-
-
-def _costly(request: web.Request) -> Callable[[User], bool]:
-    """Whether a change to a user costs enough to leave the event loop: a large body, or a
-    user of many values (each write copies, diffs and stores all of them)."""
-    large = (request.content_length or 0) > THREAD_BODY_BYTES
-
-    def costly(user: User) -> bool:
-        state = user.state_view
-        return large or sum(len(state.get(a) or ()) for a in MULTI_VALUED) > THREAD_USER_VALUES
-
-    return costly
+def _large(request: web.Request) -> bool:
+    """A large body: the handler changes the user in a worker thread."""
+    return (request.content_length or 0) > THREAD_BODY_BYTES
 
 
 async def _desired(request: web.Request) -> dict[str, Any]:
@@ -264,8 +259,9 @@ async def _desired(request: web.Request) -> dict[str, Any]:
     return await off_loop(request.content_length or 0, work)
 
 
-def _unique(request: web.Request) -> list[tuple[str, str, bool]]:
-    return unique_attributes(declared_for(request[PRINCIPAL].declared, "User"))
+def _unique(request: web.Request) -> tuple[Unique, ...]:
+    declared = declared_for(request[PRINCIPAL].declared, "User")
+    return tuple(Unique(*attribute) for attribute in unique_attributes(declared))
 
 
 def rejects_undeclared(request: web.Request) -> bool:
@@ -275,8 +271,8 @@ def rejects_undeclared(request: web.Request) -> bool:
 
 async def create(request: web.Request) -> web.Response:
     desired = await _desired(request)
-    user = await handlers.provision_user(
-        request.app[DATABASE], caller(request), desired, _unique(request)
+    user = await handlers(request).create_user(
+        caller(request), CreateUser(desired, _unique(request))
     )
     return _reply(
         request, await _resource_of_user(request, user, new=True), user.version, status=201
@@ -301,16 +297,14 @@ async def get(request: web.Request) -> web.StreamResponse:
 
 async def replace(request: web.Request) -> web.Response:
     user_id = parse_id(request.match_info["id"])
-    desired = await _desired(request)
-    user = await handlers.update_user(
-        request.app[DATABASE],
-        caller(request),
+    command = ReplaceUser(
         user_id,
-        lambda u: u.update(desired),
+        await _desired(request),
         request.headers.get("If-Match"),
-        _costly(request),
+        _large(request),
         _unique(request),
     )
+    user = await handlers(request).replace_user(caller(request), command)
     return _reply(request, await _resource_of_user(request, user), user.version)
 
 
@@ -318,44 +312,25 @@ async def patch(request: web.Request) -> web.Response:
     user_id = parse_id(request.match_info["id"])
     settings = request.app[SETTINGS]
     operations = parse_patch_request(await json_body(request), settings.max_patch_operations)
-    reject = rejects_undeclared(request)
-    declared = declared_for(request[PRINCIPAL].declared, "User")
-
-    def change(user: User) -> None:
-        document = apply_patch(
-            user_document(user.state),
-            operations,
-            settings.max_multi_values,
-            reject=reject,
-            declared=frozenset(declared),
-        )
-        # PATCH is the one way a user grows past what one request carries; a user no PUT could
-        # carry would make every later write pay for it again.
-        size = len(orjson.dumps(document))
-        if size > settings.max_body_bytes:
-            raise invalid_value(
-                f"This PATCH would make the user {size} bytes of JSON, more than a request body"
-                f" may carry ({settings.max_body_bytes}, SCIMLEDGER_MAX_BODY_BYTES)"
-            )
-        user.update(coerce_declared(user_from_scim(document), declared))
-
-    user = await handlers.update_user(
-        request.app[DATABASE],
-        caller(request),
+    command = PatchUser(
         user_id,
-        change,
+        tuple(operations),
         request.headers.get("If-Match"),
-        _costly(request),
+        _large(request),
         _unique(request),
+        max_values=settings.max_multi_values,
+        max_bytes=settings.max_body_bytes,
+        reject=rejects_undeclared(request),
+        declared=declared_for(request[PRINCIPAL].declared, "User"),
     )
+    user = await handlers(request).patch_user(caller(request), command)
     return _reply(request, await _resource_of_user(request, user), user.version)
 
 
 async def delete(request: web.Request) -> web.Response:
     user_id = parse_id(request.match_info["id"])
-    await handlers.deprovision_user(
-        request.app[DATABASE], caller(request), user_id, request.headers.get("If-Match")
-    )
+    command = DeleteUser(user_id, request.headers.get("If-Match"))
+    await handlers(request).delete_user(caller(request), command)
     return web.Response(status=204)
 
 
@@ -372,21 +347,10 @@ async def search(request: web.Request) -> web.Response:
 
 USERS_VIEW = View("scim_users", "u", users_view.COLUMNS, user_filter_sql, user_sort_sql)
 
-# The `groups` of a page's user `p`, in the page's query (one round trip less than groups_of):
-# [[group id, displayName], ...] in groups_of's order, or NULL.
-_GROUPS_OF_ROW = (
-    "(SELECT jsonb_agg(jsonb_build_array(g.id, g.display_name)"
-    " ORDER BY lower(g.display_name), g.id)"
-    " FROM scim_group_members m"
-    " JOIN scim_groups g ON g.tenant_id = m.tenant_id AND g.id = m.group_id"
-    " WHERE m.tenant_id = p.tenant_id AND m.member_id = p.id)"
-)
-
-
 async def _search(request: web.Request, query: ListQuery) -> dict[str, Any]:
     pool = request.app[DATABASE].pool
     wants = _wants_groups(query.attributes, query.excluded_attributes)
-    extra = _GROUPS_OF_ROW if wants else None
+    extra = memberships.GROUPS_OF_ROW if wants else None
     page = await fetch_page(pool, USERS_VIEW, request[PRINCIPAL].tenant_id, query, extra)
     resources = _page(request, page.rows, query, wants)
     return list_response(resources, page.total, query, page.next_cursor)
