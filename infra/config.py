@@ -115,3 +115,13 @@ class Settings:
     max_concurrent_per_token: int = field(
         default_factory=lambda: _int_env("SCIMLEDGER_MAX_CONCURRENT_PER_TOKEN", 10)
     )
+    # A request whose body is larger than this many bytes (or of unknown length) is served by
+    # a process of its own (service/bulk.py), so that its CPU never holds the GIL of the
+    # process answering everyone else; 0 serves every request in the process that took it.
+    bulk_body_bytes: int = field(
+        default_factory=lambda: _int_env("SCIMLEDGER_BULK_BODY_BYTES", 64 * 1024)
+    )
+    # Set by `serve` on the front processes: the bulk process's Unix socket. On the bulk
+    # process itself: `bulk_peer` (it trusts the client address the front forwards).
+    bulk_socket: str | None = None
+    bulk_peer: bool = False

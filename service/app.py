@@ -13,7 +13,7 @@ from infra.config import Settings
 from infra.database import Database, open_database
 from infra.supervisor import supervised
 from infra.tenants import Authenticator, IssuedToken, create_tenant
-from service import audit_api, audit_web, discovery, health, metrics
+from service import audit_api, audit_web, bulk, discovery, health, metrics
 from service.feeds import wiring as feeds
 from service.handlers import Handlers
 from service.middlewares import (
@@ -45,14 +45,24 @@ def create_app(
     (database and, for `serve`, its first start and supervisor; the pending audit outcomes;
     the projection runners) and closes in reverse."""
     limit = rate_limit(settings.rate_limit, settings.rate_limit_burst)
-    spelling = [paths.canonical_spelling]  # first: the middlewares after it see canonical paths
-    app = web.Application(
-        middlewares=spelling
-        + [request_context, record_outcomes, scim_errors, bearer_auth]
-        + ([limit] if limit else [])
-        + [concurrency_limit],
-        client_max_size=settings.max_body_bytes,
-    )
+    # First of all: on `serve`, a large body leaves for the bulk process before anything reads
+    # it; on the bulk process, the client's address is the one the front relayed.
+    first: list[bulk.Middleware] = []
+    if role != "app" and settings.bulk_body_bytes > 0:
+        first.append(bulk.forward_large(settings.bulk_body_bytes))
+    elif settings.bulk_peer:
+        first.append(bulk.trust_front)
+    chain: list[bulk.Middleware] = [
+        *first,
+        paths.canonical_spelling,  # the middlewares after it see canonical paths
+        request_context,
+        record_outcomes,
+        scim_errors,
+        bearer_auth,
+        *([limit] if limit else []),
+        concurrency_limit,
+    ]
+    app = web.Application(middlewares=chain, client_max_size=settings.max_body_bytes)
     app.on_response_prepare.append(stamp_request_id)
     app[SETTINGS] = settings
     app[_ROLE] = role
@@ -64,6 +74,8 @@ def create_app(
         _wire(app, database)
     else:
         app.cleanup_ctx.append(_database_ctx)
+    if role == "worker" and settings.bulk_socket is not None:
+        app.cleanup_ctx.append(bulk.bulk_client_ctx)  # the parent's bulk process
     app.cleanup_ctx.append(_pending_outcomes_ctx)  # unwound before the database closes
     if settings.run_projections:
         app.cleanup_ctx.append(_projection_runners_ctx)
@@ -107,7 +119,8 @@ async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
         async with supervised(database.embedded) as supervisor:
             if supervisor is not None:
                 app[SUPERVISOR] = supervisor
-            yield
+            async with bulk.serving_bulk(app, database.dsn, supervisor):
+                yield
 
 
 async def first_start(database: Database) -> IssuedToken | None:

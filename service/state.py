@@ -30,6 +30,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID = web.RequestKey("request_id", str)
 # The client's own X-Request-Id, when it sent a safe one: kept beside ours, never instead of it.
 CLIENT_REQUEST_ID = web.RequestKey("client_request_id", str)
+# The client's address as the front process saw it, on a request it relayed (service/bulk.py).
+RELAYED_CLIENT = web.RequestKey("relayed_client", str)
 REQUEST_CONTEXT = web.RequestKey("request_context", Any)  # service.outcomes.RequestContext
 PRINCIPAL = web.RequestKey("principal", Principal)
 # The digest of a bearer token that could not be checked (the database away): the request's

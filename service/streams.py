@@ -73,6 +73,18 @@ class StreamCut(Exception):
     """The reply cannot be finished (e.g. the group changed while its members were sent)."""
 
 
+# What ends a reply early in the normal course of things (anything else is logged with its
+# traceback): the client, or the database a next page is read from.
+_EXPECTED_CUTS = (
+    ClientTooSlow,
+    StreamCut,
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+)
+
+
 class Stream:
     """A prepared reply whose every write must be taken by the client within `timeout`."""
 
@@ -110,15 +122,11 @@ async def streaming(
         try:
             yield stream
             await asyncio.wait_for(response.write_eof(), stream.timeout)
-        except (
-            ClientTooSlow,
-            StreamCut,
-            OSError,
-            asyncpg.PostgresError,
-            asyncpg.InterfaceError,
-        ) as e:
-            # The status line is out: a failure now (the client, or the database for a next
-            # page) can only end the reply early, and it must look unfinished.
+        except Exception as e:
+            # The status line is out: a failure now (the client, the database for a next
+            # page, or a bug) can only end the reply early, and it must look unfinished. It
+            # must not leave this block either: the SCIM error middleware would write a second
+            # reply into the first.
             if request.transport is not None:
                 request.transport.abort()
             log.warning(
@@ -126,4 +134,5 @@ async def streaming(
                 path=request.path,
                 reason=str(e) or type(e).__name__,
                 request_id=request.get(REQUEST_ID),
+                exc_info=not isinstance(e, _EXPECTED_CUTS),
             )

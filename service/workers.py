@@ -98,6 +98,8 @@ def _stop_on_signals() -> asyncio.Event:
 
 
 async def serve_workers(settings: Settings, workers: int) -> None:
+    from service.bulk import bulk_process
+
     stop = _stop_on_signals()
     own_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if own_metrics_dir:
@@ -113,11 +115,19 @@ async def serve_workers(settings: Settings, workers: int) -> None:
             worker_settings = replace(settings, database_url=database.dsn)
             async with (
                 supervised(database.embedded) as supervisor,
-                _Workers(worker_settings, workers, supervisor) as pool,
+                bulk_process(worker_settings, database.dsn, supervisor) as bulk,
+                _Workers(
+                    bulk.front_settings(worker_settings) if bulk else worker_settings,
+                    workers,
+                    supervisor,
+                ) as pool,
             ):
                 await pool.started(stop)
                 print_banner(settings, issued, workers)
-                await pool.supervise(stop)
+                if bulk is None:
+                    await pool.supervise(stop)
+                else:
+                    await asyncio.gather(pool.supervise(stop), bulk.watch(stop))
     finally:
         if own_metrics_dir:
             shutil.rmtree(os.environ.pop("PROMETHEUS_MULTIPROC_DIR"), ignore_errors=True)

@@ -154,9 +154,9 @@ def bearer(auth: dict[str, str]) -> str:
     return f"Authorization: {auth['Authorization']}"
 
 
-def read_all(sock: socket.socket) -> bytes:
+def read_all(sock: socket.socket, timeout: float = 60) -> bytes:
     """Everything the server sent until it closed the connection (or reset it)."""
-    sock.settimeout(60)
+    sock.settimeout(timeout)
     data = bytearray()
     try:
         while chunk := sock.recv(1 << 20):
@@ -372,3 +372,45 @@ async def test_the_audit_web_pages_count_against_the_token_cap(served: Served) -
         assert r.status == 429 and int(r.headers["Retry-After"]) >= 1
         assert await status_of(served.client, "/scim/v2/Users", served.b) == 200
     await until_served(served.client, "/audit/v1/entries?limit=1", reader)
+
+
+@env(
+    SCIMLEDGER_MAX_STREAMS_PER_TOKEN="0",
+    SCIMLEDGER_MAX_CONCURRENT_PER_TOKEN="0",
+    SCIMLEDGER_SLOW_CLIENT_TIMEOUT="600",
+)
+async def test_a_stream_cut_by_the_database_ends_the_connection(served: Served) -> None:
+    """The database fails the query for a next page of a streamed reply (its headers and part
+    of its body sent): the connection is closed at once, the reply unfinished, nothing else
+    written into it; the client does not wait for a timeout."""
+    await seed_audit_log(served)
+    group_id = await big_group(served)
+    async with served.pool.acquire() as conn:
+        audit = await issue_token(conn, "tenant-a", "audit", "compliance")
+    reader = {"Authorization": f"Bearer {audit.token}"}
+    r = await served.client.post(
+        "/audit/sign-in", data={"token": audit.token}, allow_redirects=False
+    )
+    assert r.status == 303, await r.text()
+    cookie = f"Cookie: scimledger_audit={r.cookies['scimledger_audit'].value}"
+    for path, auth, table in (
+        ("/audit/v1/export?format=jsonl", bearer(reader), "audit_entries"),
+        ("/audit/v1/export?format=csv", bearer(reader), "audit_entries"),
+        ("/audit/export?format=jsonl", cookie, "audit_entries"),
+        (f"/scim/v2/Groups/{group_id}", bearer(served.a), "scim_group_members"),
+    ):
+        # Connection: close, so that a reply the server ends as whole ends the connection too.
+        async with stalled(served, path, f"{auth}\r\nConnection: close") as sock:
+            await until_idle(served.pool)  # the reply waits on its client, holding no connection
+            await served.pool.execute(f"ALTER TABLE {table} RENAME TO gone")
+            try:
+                # 20 s: far more than the rest of the reply needs; a hang fails here.
+                received = await asyncio.to_thread(read_all, sock, 20)
+            finally:
+                await served.pool.execute(f"ALTER TABLE gone RENAME TO {table}")
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert b"HTTP/1.1" not in body  # no second reply written into the first
+        assert not body.endswith(b"0\r\n\r\n")  # cut, not ended as if whole
+    await until_served(served.client, "/audit/v1/export?format=jsonl", reader)
+    await until_served(served.client, f"/scim/v2/Groups/{group_id}", served.a)

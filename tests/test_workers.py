@@ -22,8 +22,8 @@ def children(pid: int) -> list[psutil.Process]:
     return psutil.Process(pid).children(recursive=True)
 
 
-def workers_of(pid: int) -> list[psutil.Process]:
-    """The worker processes (not multiprocessing's resource tracker), zombies left out."""
+def spawned(pid: int) -> list[psutil.Process]:
+    """The processes `serve` spawned (not multiprocessing's resource tracker), zombies left out."""
     out = []
     for p in children(pid):
         try:
@@ -32,6 +32,23 @@ def workers_of(pid: int) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return out
+
+
+def is_bulk(p: psutil.Process) -> bool:
+    """The bulk process (service/bulk.py): the one listening on the bulk Unix socket."""
+    try:
+        return any("scimledger-bulk-" in str(c.laddr) for c in p.net_connections(kind="unix"))
+    except psutil.Error:
+        return False
+
+
+def workers_of(pid: int) -> list[psutil.Process]:
+    """The worker processes serving the port (the bulk process left out)."""
+    return [p for p in spawned(pid) if not is_bulk(p)]
+
+
+def bulk_of(pid: int) -> list[psutil.Process]:
+    return [p for p in spawned(pid) if is_bulk(p)]
 
 
 def gone(procs: list[psutil.Process]) -> bool:

@@ -1,0 +1,148 @@
+"""Large bodies are served by a process of their own (service/bulk.py), run as `serve` runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+
+import aiohttp
+import asyncpg
+import orjson
+import psutil
+
+from tests.test_cli import SCIMLEDGER, _stop, _token, free_port
+from tests.test_entra_users import entra_user
+from tests.test_runner import eventually
+from tests.test_workers import bulk_of, workers_of
+
+THRESHOLD = 2048  # SCIMLEDGER_BULK_BODY_BYTES for these tests: a small user stays, a big one goes
+MAX_BODY = 64 * 1024
+
+
+async def _serve(dsn: str) -> tuple[asyncio.subprocess.Process, str, int]:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        SCIMLEDGER,
+        "serve",
+        "--workers",
+        "1",
+        "--port",
+        str(port),
+        "--database-url",
+        dsn,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={
+            **os.environ,
+            "SCIMLEDGER_BULK_BODY_BYTES": str(THRESHOLD),
+            "SCIMLEDGER_MAX_BODY_BYTES": str(MAX_BODY),
+        },
+    )
+    assert proc.stdout is not None
+    banner = ""
+    while "Secret Token:" not in banner:
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout=60)
+        assert line, "serve exited"
+        banner += line.decode()
+    banner += (await asyncio.wait_for(proc.stdout.readline(), timeout=10)).decode()
+    return proc, banner, port
+
+
+def _big_user(user_name: str) -> bytes:
+    """A user whose body is past THRESHOLD: Entra's shape, with many work e-mail addresses."""
+    body = entra_user(user_name)
+    body["emails"] = [{"type": "work", "value": f"alias{i}.{user_name}"} for i in range(60)]
+    raw = orjson.dumps(body)
+    assert THRESHOLD < len(raw) < MAX_BODY
+    return raw
+
+
+async def _chunks(raw: bytes) -> AsyncIterator[bytes]:
+    for start in range(0, len(raw), 1000):
+        yield raw[start : start + 1000]
+
+
+async def test_large_bodies_are_served_by_the_bulk_process(fresh_dsn: str) -> None:
+    proc, banner, port = await _serve(fresh_dsn)
+    base = f"http://127.0.0.1:{port}/scim/v2"
+    headers = {
+        "Authorization": f"Bearer {_token(banner)}",
+        "Content-Type": "application/scim+json",
+    }
+    db = await asyncpg.connect(fresh_dsn)
+    try:
+        assert workers_of(proc.pid) == []  # one process serving: `serve` itself
+        [bulk] = bulk_of(proc.pid)
+        async with aiohttp.ClientSession() as http:
+            # A small body is served where it arrived; a large one by the bulk process. Both
+            # are stored with the same record, the client's address included.
+            created = {}
+            for name, raw in (
+                ("small@contoso.com", orjson.dumps(entra_user("small@contoso.com"))),
+                ("large@contoso.com", _big_user("large@contoso.com")),
+            ):
+                async with http.post(f"{base}/Users", data=raw, headers=headers) as r:
+                    assert r.status == 201, await r.text()
+                    assert r.headers["Content-Type"].startswith("application/scim+json")
+                    assert r.headers["Location"].startswith(f"{base}/Users/")
+                    assert "X-Request-Id" in r.headers, (name, dict(r.headers))
+                    created[name] = (await r.json(content_type=None), r.headers["X-Request-Id"])
+            assert len(created["large@contoso.com"][0]["emails"]) == 60
+            for _, request_id in created.values():
+                record = await db.fetchval(
+                    "SELECT state FROM stored_events WHERE request_id = $1"
+                    " AND topic LIKE 'domain.request:%'",
+                    request_id,
+                )
+                assert record is not None and b'"127.0.0.1"' in bytes(record)
+
+            # A body of unknown length (chunked) goes there too, and past the limit it is a 413.
+            chunked = _big_user("chunked@contoso.com")
+            async with http.post(f"{base}/Users", data=_chunks(chunked), headers=headers) as r:
+                assert r.status == 201, await r.text()
+            too_big = orjson.dumps({**entra_user("huge@contoso.com"), "nickName": "x" * MAX_BODY})
+            async with http.post(f"{base}/Users", data=_chunks(too_big), headers=headers) as r:
+                assert r.status == 413, await r.text()
+                assert (await r.json(content_type=None))["status"] == "413"
+            async with http.post(f"{base}/Users", data=too_big, headers=headers) as r:
+                assert r.status == 413  # announced as too large: refused where it arrived
+
+            # Bad input through the bulk process is the same SCIM error, and writes nothing.
+            bad = _big_user("bad@contoso.com").replace(b'"active":true', b'"active":"sometimes"')
+            async with http.post(f"{base}/Users", data=bad, headers=headers) as r:
+                assert r.status == 400, await r.text()
+                assert (await r.json(content_type=None))["scimType"] == "invalidValue"
+
+            # The bulk process dies: large bodies get 503 with Retry-After (never a 500) until
+            # `serve` has started another; small ones are answered all along.
+            bulk.kill()
+            await asyncio.to_thread(bulk.wait, 10)
+            statuses = set()
+
+            async def answered_again() -> bool:
+                name = f"again{len(statuses)}@contoso.com"
+                async with http.post(f"{base}/Users", data=_big_user(name), headers=headers) as r:
+                    statuses.add(r.status)
+                    if r.status == 503:
+                        assert r.headers["Retry-After"] == "1"
+                    async with http.get(f"{base}/Users?count=1", headers=headers) as small:
+                        assert small.status == 200
+                    return r.status == 201
+
+            await eventually(answered_again)
+            assert statuses <= {201, 503}
+            [replaced] = bulk_of(proc.pid)
+            assert replaced.pid != bulk.pid
+        users = await db.fetchval("SELECT count(*) FROM scim_users")
+        assert users == 4  # small, large, chunked, and the first one answered again
+    finally:
+        await db.close()
+        everything = psutil.Process(proc.pid).children(recursive=True)
+        assert await _stop(proc) == 0
+        await eventually(lambda: asyncio.sleep(0, not any(p.is_running() for p in everything)))
+    assert proc.stderr is not None
+    lines = [orjson.loads(line) for line in (await proc.stderr.read()).splitlines()]
+    served = [(line.get("process"), line["path"]) for line in lines if line["event"] == "request"]
+    assert (None, "/scim/v2/Users") in served  # the small POST, where it arrived
+    assert ("bulk", "/scim/v2/Users") in served  # the large ones
