@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import signal
 import socket
 import statistics
@@ -151,16 +152,18 @@ class Cpu:
     def others(self) -> float:
         return max(0.0, self.machine - self.client - self.server - (self.postgres or 0.0))
 
-    def __add__(self, o: Cpu) -> Cpu:
-        pg = None if self.postgres is None or o.postgres is None else self.postgres + o.postgres
-        s = self
+    def __add__(self, o: Cpu, sign: int = 1) -> Cpu:
+        pg = None if self.postgres is None or o.postgres is None else o.postgres
         return Cpu(
-            s.seconds + o.seconds,
-            s.client + o.client,
-            s.server + o.server,
-            pg,
-            s.machine + o.machine,
+            self.seconds + sign * o.seconds,
+            self.client + sign * o.client,
+            self.server + sign * o.server,
+            None if pg is None else (self.postgres or 0.0) + sign * pg,
+            self.machine + sign * o.machine,
         )
+
+    def __sub__(self, o: Cpu) -> Cpu:
+        return self.__add__(o, -1)
 
     def cores(self, cpu: float | None) -> str:
         return "n/a" if cpu is None else f"{cpu / self.seconds:.2f}"
@@ -172,9 +175,6 @@ class Cpu:
         )
 
 
-Reading = tuple[float, float, float | None, float, float]
-
-
 class Meter:
     """Reads CPU of this process (plus wrk, added by hand), a server, and PostgreSQL."""
 
@@ -182,16 +182,15 @@ class Meter:
         self.server = server
         self.postgres = postgres
 
-    def read(self) -> Reading:
+    def read(self) -> Cpu:
+        """The counters now (seconds: the clock); subtract two readings for a phase."""
         server = process_cpu(self.server) if self.server is not None else 0.0
         pg = tree_cpu(self.postgres) if self.postgres is not None else None
-        return time.perf_counter(), client_cpu(), pg, server, machine_busy()
+        return Cpu(time.perf_counter(), client_cpu(), server, pg, machine_busy())
 
-    def since(self, before: Reading, extra: float = 0.0) -> Cpu:
-        now = self.read()
-        pg = None if now[2] is None or before[2] is None else now[2] - before[2]
-        client = now[1] - before[1] + extra
-        return Cpu(now[0] - before[0], client, now[3] - before[3], pg, now[4] - before[4])
+    def since(self, before: Cpu, extra: float = 0.0) -> Cpu:
+        """The phase since `before`, with `extra` CPU seconds of a client (wrk) added."""
+        return self.read() - before + Cpu(client=extra)
 
 
 # --- PostgreSQL -------------------------------------------------------------------------------
@@ -339,6 +338,19 @@ def server_process(
         env={**os.environ, "SCIMLEDGER_RATE_LIMIT": "0"}
         | {"SCIMLEDGER_MAX_CONCURRENT_PER_TOKEN": "0"},
     )
+
+
+def py_spy(pid: int, folded: Path, seconds: float) -> subprocess.Popen[bytes]:
+    """py-spy (the `bench` extra) sampling `pid` for `seconds` into raw collapsed stacks
+    (flamegraph.pl's input); PY_SPY_NATIVE=1 adds C frames."""
+    exe = shutil.which("py-spy") or str(ROOT / ".venv" / "bin" / "py-spy")
+    if not Path(exe).exists():
+        raise BenchError("py-spy is not installed: `make bench` installs it (the bench extra)")
+    folded.parent.mkdir(parents=True, exist_ok=True)
+    argv = [exe, "record", "--pid", str(pid), "--rate", "200", "--format", "raw"]
+    argv += ["--output", str(folded), "--duration", str(int(seconds) + 1)]
+    argv += ["--native"] if os.environ.get("PY_SPY_NATIVE") else ["--nonblocking"]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def tail(path: Path, lines: int = 20) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 import uuid
 from typing import Any
@@ -23,6 +24,7 @@ from bench.common import (
     ms,
     percentile,
     progress_bar,
+    py_spy,
     verdict,
 )
 from bench.table import CONCURRENCY, Ctx, Row, Server
@@ -174,9 +176,18 @@ async def floor(
 async def wrk_phase(
     server: Server, script: str, seconds: float, who: str = ""
 ) -> tuple[wrk.WrkRun, Cpu]:
-    """wrk at concurrency 16 for `seconds`; every reply checked when `who` names the phase."""
+    """wrk at concurrency 16 for `seconds`; every reply checked when `who` names the phase,
+    and the server profiled meanwhile if asked."""
+    spy = None
+    if who and server.profile is not None:
+        folded = server.profile / (re.sub(r"\W+", "-", who).strip("-") + ".folded")
+        spy = py_spy(server.proc.pid, folded, seconds)
     before = server.meter.read()
-    got = await asyncio.to_thread(wrk.run, server.origin, script, seconds, CONCURRENCY)
+    try:
+        got = await asyncio.to_thread(wrk.run, server.origin, script, seconds, CONCURRENCY)
+    finally:
+        if spy is not None:
+            await asyncio.to_thread(spy.wait, 120)
     cpu = server.meter.since(before, extra=got.cpu)
     if who and (got.bad or got.socket_errors):
         raise BenchError(

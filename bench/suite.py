@@ -106,6 +106,7 @@ async def over_http(ctx: Ctx, rows: list[Callable[[Ctx], Awaitable[None]]], tmp:
         origin = f"http://127.0.0.1:{port}"
         meter = Meter(psutil.Process(proc.pid), ctx.postmaster)
         ctx.ours = Server(origin, f"{origin}/scim/v2", token, proc, tmp / "serve.log", meter)
+        ctx.ours.profile = ctx.profile
         connector = aiohttp.TCPConnector(limit=CONCURRENCY, limit_per_host=CONCURRENCY)
         timeout = aiohttp.ClientTimeout(total=600)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -183,8 +184,20 @@ def parts(value: str) -> frozenset[str]:
 @click.option("--quick", is_flag=True, help="Smaller sizes: a few minutes.")
 @click.option("--skip", default="", help=f"Rows to leave out, comma-separated: {', '.join(PARTS)}.")
 @click.option("--only", default="", help="The rows to run (and the peer), comma-separated.")
-def main(quick: bool, skip: str, only: str) -> None:
+@click.option(
+    "--profile",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="py-spy records the server in each measured wrk run into DIR/<row>.folded.",
+)
+@click.option(
+    "--code",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Run the servers from this checkout (PYTHONPATH), to compare two commits.",
+)
+def main(quick: bool, skip: str, only: str, profile: Path | None, code: Path | None) -> None:
     left_out = parts(skip) | (frozenset(PARTS[1:]) - parts(only) if only else frozenset())
+    if code is not None:
+        os.environ["PYTHONPATH"] = str(code.resolve())
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     load_before, started, rev = os.getloadavg(), time.perf_counter(), revision()
     try:
@@ -196,7 +209,7 @@ def main(quick: bool, skip: str, only: str) -> None:
             dsn = stack.enter_context(durable_postgres())
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="scimledger-")))
             stack.callback(signal.signal, signal.SIGINT, signal.SIG_IGN)
-            ctx = Ctx(QUICK if quick else FULL, quick, dsn, skip=left_out)
+            ctx = Ctx(QUICK if quick else FULL, quick, dsn, skip=left_out, profile=profile)
             if left_out:
                 ctx.notes.append(f"parts left out of this run: {', '.join(sorted(left_out))}")
             import uvloop

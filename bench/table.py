@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -88,16 +88,7 @@ class Row:
     cpu: str = ""
 
     def cells(self) -> list[str]:
-        return [
-            self.item,
-            self.what,
-            self.size,
-            self.ours,
-            self.peer,
-            self.target,
-            self.verdict,
-            self.cpu,
-        ]
+        return [str(cell) for cell in astuple(self)]
 
 
 @dataclass
@@ -110,6 +101,7 @@ class Server:
     proc: subprocess.Popen[bytes]
     log: Path
     meter: Meter
+    profile: Path | None = None  # py-spy records it during the measured wrk runs, into here
 
 
 @dataclass
@@ -120,6 +112,7 @@ class Ctx:
     quick: bool
     dsn: str
     skip: frozenset[str] = frozenset()
+    profile: Path | None = None  # where py-spy's profiles of our server go
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     pg_version: str = ""
