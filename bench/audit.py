@@ -20,7 +20,6 @@ import json
 import random
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -41,13 +40,9 @@ from bench.common import (
     verdict,
     wait_ready,
 )
-from bench.history import FAMILY, TenantHistory
+from bench.history import FAMILY, seed
 from bench.rebuild import catch_up
 from bench.table import Ctx, Row
-from infra.database import create_pool
-from infra.eventstore import EventStore
-from infra.migrations import migrate
-from infra.tenants import create_tenant
 
 TARGET_MS = 50.0
 DAYS = 90
@@ -57,45 +52,14 @@ TENANTS = 5
 Params = Callable[[int], dict[str, str]]
 
 
-async def seed(dsn: str, entries: int) -> tuple[str, list[str]]:
-    """Every tenant's requests, one transaction each; the queried tenant and some user names."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate(conn)
-        names = [f"bench-{i}-{uuid.uuid4().hex[:6]}" for i in range(TENANTS)]
-        ids = [(await create_tenant(conn, name)).tenant_id for name in names]
-    finally:
-        await conn.close()
-    pool = await create_pool(
-        dsn, min_size=TENANTS, max_size=TENANTS, server_settings={"synchronous_commit": "off"}
-    )
-    store = EventStore(pool)
-    histories = [
-        TenantHistory(t, entries // TENANTS + (i < entries % TENANTS), i + 1, recorded=True)
-        for i, t in enumerate(ids)
-    ]
-    try:
-        with progress_bar() as progress:
-            task = progress.add_task(f"seed {entries:,} requests", total=entries, rate="")
-
-            async def writer(history: TenantHistory) -> None:
-                async with pool.acquire() as conn:
-                    for request in history.requests():
-                        # Outside any explicit transaction: one INSERT, the request's transaction.
-                        await store.append(
-                            conn, history.tenant_id, request.events, request.change_id
-                        )
-                        progress.advance(task)
-
-            async with asyncio.TaskGroup() as group:
-                for history in histories:
-                    group.create_task(writer(history))
-    finally:
-        await store.close()
-        await pool.close()
-    people = histories[0].people
-    sampled = random.Random(1).sample(people, min(500, len(people)))
-    return names[0], [p.user_name for p in sampled]
+async def seed_log(dsn: str, entries: int) -> tuple[str, list[str]]:
+    """The tenants' requests, one transaction each; the queried tenant and some user names."""
+    budgets = [entries // TENANTS + (i < entries % TENANTS) for i in range(TENANTS)]
+    with progress_bar() as progress:
+        histories = await seed(dsn, budgets, progress, recorded=True)
+    name, history = histories[0]
+    sampled = random.Random(1).sample(history.people, min(500, len(history.people)))
+    return name, [p.user_name for p in sampled]
 
 
 async def build_entries(dsn: str, requests: int) -> None:
@@ -127,7 +91,8 @@ async def build_entries(dsn: str, requests: int) -> None:
             "  ORDER BY transaction_id DESC, notification_id DESC LIMIT 1)"
             " WHERE name = 'audit'"
         )
-        cli("projections", "rebuild", "audit", "--quiet", "--database-url", dsn, timeout=7200)
+        rebuild = ("projections", "rebuild", "audit", "--quiet", "--database-url", dsn)
+        await asyncio.to_thread(cli, *rebuild, timeout=7200)
         await conn.execute("VACUUM ANALYZE audit_entries")
         built = int(await conn.fetchval("SELECT count(*) FROM audit_entries"))
     finally:
@@ -227,7 +192,7 @@ async def audit(ctx: Ctx) -> None:
     """(6) the slowest filter's p95, over HTTP."""
     dsn = await make_database(ctx.dsn, "bench_audit")
     n = ctx.sizes.audit_entries
-    tenant, user_names = await seed(dsn, n)
+    tenant, user_names = await seed_log(dsn, n)
     await build_entries(dsn, n)
     kinds = await filters(dsn, tenant, user_names)
     create = ["tokens", "create", "--tenant", tenant, "--role", "audit", "--json"]

@@ -14,17 +14,27 @@ it, and the budget counts requests; without, only the domain events, and it coun
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
+import asyncpg
 from eventsourcing.domain import DomainEventProtocol
+from eventsourcing.persistence import StoredEvent
+from rich.progress import Progress
 
 from domain.group import Group
 from domain.request import ProvisioningRequest
 from domain.user import User
+from infra.database import create_pool
+from infra.eventstore import EventStore
+from infra.migrations import migrate
+from infra.tenants import create_tenant
+from infra.transcoder import make_mapper
 
 Event = DomainEventProtocol[uuid.UUID]
 
@@ -245,12 +255,15 @@ class TenantHistory:
         gid = str(team.group.id)
         return self._request("PATCH", f"/scim/v2/Groups/{gid}", 204, (team.group,), gid)
 
-    def add_members(self, team: Team | None = None, size: int | None = None) -> Request | None:
+    def add_members(
+        self, team: Team | None = None, size: int | None = None, picks: set[str] | None = None
+    ) -> Request | None:
         """PATCH /Groups add members, in a batch of Entra's size (up to 50 here)."""
         rng = self.rng
         team = team or self.teams[rng.choice(self.team_order)]
         size = size or rng.choice((1, 1, 2, 3, 5, 10, 20, 50))
-        picks = {str(rng.choice(self.people).user.id) for _ in range(size)} - team.members
+        picks = picks or {str(rng.choice(self.people).user.id) for _ in range(size)}
+        picks -= team.members
         if not picks:
             return None
         displays = {m: f"member {m[:8]}" for m in picks if rng.random() < 0.1}
@@ -333,36 +346,33 @@ class TenantHistory:
 
     # -- the story
 
-    def requests(self) -> Iterator[Request]:
-        """Initial sync, then churn, until the budget is spent (the last request may overrun)."""
-        rng = self.rng
-        users = max(10, self.budget * 12 // 100)
-        initial: list[Callable[[], Request | None]] = [self.join] * users
-        initial += [self.create_group] * max(10, users // 30)
-        for step in initial:
+    def _play(self, steps: Iterable[Callable[[], Request | None]]) -> Iterator[Request]:
+        for step in steps:
             if self.spent:
                 return
             if request := step():
                 yield request
+
+    def requests(self) -> Iterator[Request]:
+        """Initial sync, then churn, until the budget is spent (the last request may overrun)."""
+        users = max(10, self.budget * 12 // 100)
+        yield from self._play([self.join] * users + [self.create_group] * max(10, users // 30))
+        if self.spent:
+            return
         # Everyone in one all-staff group, and in two or three others, in batches.
-        everyone = self.teams[self.team_order[0]]
-        ids = [str(p.user.id) for p in self.people]
-        for start in range(0, len(ids), 50):
-            if self.spent:
-                return
-            batch = set(ids[start : start + 50])
-            everyone.group.change_membership(sorted(batch), [])
-            everyone.members |= batch
-            if request := self._patch_group(everyone):
-                yield request
-        for _ in range(len(ids) * 3 // 20):
-            if self.spent:
-                return
-            if request := self.add_members(size=20):
-                yield request
+        everyone, ids = self.teams[self.team_order[0]], [str(p.user.id) for p in self.people]
+        steps = [
+            partial(self.add_members, everyone, picks=set(ids[k : k + 50]))
+            for k in range(0, len(ids), 50)
+        ]
+        steps += [partial(self.add_members, size=20)] * (len(ids) * 3 // 20)
+        yield from self._play(steps)
+        yield from self._play(self._churn())
+
+    def _churn(self) -> Iterator[Callable[[], Request | None]]:
         churn: tuple[tuple[float, Callable[[], Request | None]], ...] = (
             (0.46, self.update),
-            (0.07, lambda: self.update(no_op=True)),  # Entra re-sends what we have
+            (0.07, partial(self.update, no_op=True)),  # Entra re-sends what we have
             (0.15, self.add_members),
             (0.08, self.remove_members),
             (0.10, self.join),
@@ -375,11 +385,59 @@ class TenantHistory:
             (0.01, self.invalid),
             (0.005, self.missing),
         )
-        weights = [w for w, _ in churn]
-        steps = [s for _, s in churn]
-        while not self.spent:
-            (step,) = rng.choices(steps, weights)
-            if step == self.leave and len(self.people) < 50:
-                step = self.join
-            if request := step():
-                yield request
+        weights, steps = [w for w, _ in churn], [s for _, s in churn]
+        while True:
+            (step,) = self.rng.choices(steps, weights)
+            yield self.join if step == self.leave and len(self.people) < 50 else step
+
+
+async def seed(
+    dsn: str, budgets: list[int], progress: Progress, *, recorded: bool, chunk: int = 0
+) -> list[tuple[str, TenantHistory]]:
+    """A tenant per budget (`infra.tenants.create_tenant`), its history appended: each tenant's
+    requests in order on a connection of its own, tenants concurrently (up to 8 at once).
+    chunk=0: one transaction per request with its change id, as the service appends them (the
+    audit projection makes one entry per transaction); else `chunk` events or more to a
+    transaction, never splitting a request. Seeding commits need not wait for their WAL flush
+    (synchronous_commit=off: the measurements run with the server's own settings)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn)
+        names = [f"bench-{i:03d}-{uuid.uuid4().hex[:6]}" for i in range(len(budgets))]
+        ids = [(await create_tenant(conn, name)).tenant_id for name in names]
+    finally:
+        await conn.close()
+    histories = [
+        TenantHistory(t, b, i + 1, recorded=recorded)
+        for i, (t, b) in enumerate(zip(ids, budgets, strict=True))
+    ]
+    size = min(8, len(histories))
+    pool = await create_pool(
+        dsn, min_size=size, max_size=size, server_settings={"synchronous_commit": "off"}
+    )
+    store, mapper = EventStore(pool), make_mapper()
+    unit = "requests" if recorded else "events"
+    task = progress.add_task(f"seed {sum(budgets):,} {unit}", total=sum(budgets), rate="")
+
+    async def writer(h: TenantHistory) -> None:
+        async with pool.acquire() as conn:
+            batch: list[StoredEvent] = []
+            for request in h.requests():
+                batch += [mapper.to_stored_event(e) for e in request.events]
+                if len(batch) >= chunk:  # outside a transaction: one INSERT, one transaction
+                    change = request.change_id or "bench-seed"
+                    await store.append_stored(conn, h.tenant_id, batch, change)
+                    batch = []
+                    done = sum(h.made if recorded else h.emitted for h in histories)
+                    progress.update(task, completed=done)
+            await store.append_stored(conn, h.tenant_id, batch, "bench-seed")
+        progress.update(task, completed=sum(h.made if recorded else h.emitted for h in histories))
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for h in histories:
+                group.create_task(writer(h))
+    finally:
+        await store.close()
+        await pool.close()
+    return list(zip(names, histories, strict=True))

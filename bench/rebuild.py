@@ -21,14 +21,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 import psutil
-from eventsourcing.persistence import Mapper, StoredEvent
 from rich.progress import Progress
 
 from bench.common import (
@@ -41,84 +38,19 @@ from bench.common import (
     tree_cpu,
     verdict,
 )
-from bench.history import TenantHistory
+from bench.history import seed
 from bench.table import Ctx, Row
 from infra.config import Settings
-from infra.database import create_pool, open_database
-from infra.eventstore import EventStore
-from infra.migrations import migrate
-from infra.transcoder import make_mapper
+from infra.database import open_database
 from projections.rebuild import register
 from projections.registry import PROJECTIONS
 from projections.runner import Runner
 
 TARGET = 50_000  # events/s, events x projections / seconds (the issue's goal)
 TENANT_EVENTS = 50_000
-WRITERS = 2
 CHUNK = 5000
 REPORT = re.compile(r"^(\w+): (\d+) events in ([\d.]+)s \(([\d,]+) events/s[;)]")
 DIFF = re.compile(r"^  (\w+): (\d+) added, (\d+) removed, (\d+) changed")
-
-
-def _chunks(history: TenantHistory, mapper: Mapper[uuid.UUID]) -> Iterator[list[StoredEvent]]:
-    """A tenant's requests, several thousand events to a transaction (never split a request)."""
-    stored: list[StoredEvent] = []
-    for request in history.requests():
-        stored += [mapper.to_stored_event(e) for e in request.events]
-        if len(stored) >= CHUNK:
-            yield stored
-            stored = []
-    if stored:
-        yield stored
-
-
-async def seed(pool: asyncpg.Pool, target: int, progress: Progress) -> int:
-    """Append tenants' histories until the store holds `target` events (the last request may
-    overrun it); the events stored.
-
-    Generating events is Python work on this process; PostgreSQL inserts the previous chunk
-    meanwhile. A tenant's chunks all go to one writer, in order, so its events are in commit
-    order in the log; tenants are independent.
-    """
-    store, mapper = EventStore(pool), make_mapper()
-    queues: list[asyncio.Queue[tuple[uuid.UUID, list[StoredEvent]] | None]] = [
-        asyncio.Queue(maxsize=2) for _ in range(WRITERS)
-    ]
-    task = progress.add_task(f"seed → {target:,} events", total=target, rate="")
-    started, done, events, tenants = time.perf_counter(), 0, 0, 0
-
-    async def writer(queue: asyncio.Queue[tuple[uuid.UUID, list[StoredEvent]] | None]) -> None:
-        nonlocal done
-        async with pool.acquire() as conn:
-            while (chunk := await queue.get()) is not None:
-                async with conn.transaction():
-                    # Seeding only: the measured rebuilds run with the server's own settings.
-                    await conn.execute("SET LOCAL synchronous_commit = off")
-                    await store.append_stored(conn, chunk[0], chunk[1], request_id="bench-seed")
-                done += len(chunk[1])
-                rate = done / (time.perf_counter() - started)
-                progress.update(task, completed=done, rate=f"{rate:,.0f}/s")
-
-    # A failing writer cancels the generator at its next put (and the other writer).
-    async with asyncio.TaskGroup() as writers:
-        for q in queues:
-            writers.create_task(writer(q))
-        while events < target:
-            tenant_id = uuid.uuid4()
-            name = f"bench-{tenants:03d}-{tenant_id.hex[:8]}"
-            await pool.execute("INSERT INTO tenants (id, name) VALUES ($1, $2)", tenant_id, name)
-            tenants += 1
-            budget = min(TENANT_EVENTS, target - events)
-            history = TenantHistory(tenant_id, budget, tenants, recorded=False)
-            for chunk in _chunks(history, mapper):
-                await queues[tenants % WRITERS].put((tenant_id, chunk))
-                events += len(chunk)
-        for q in queues:
-            await q.put(None)
-    stored = int(await pool.fetchval("SELECT count(*) FROM stored_events"))
-    if stored != events:
-        raise BenchError(f"seeded {events:,} events but the store holds {stored:,}")
-    return events
 
 
 async def catch_up(dsn: str, names: list[str], progress: Progress) -> None:
@@ -237,16 +169,20 @@ async def rebuild(ctx: Ctx) -> None:
     dsn = await make_database(ctx.dsn, "bench_rebuild")
     n = ctx.sizes.rebuild_events
     with progress_bar() as progress:
-        pool = await create_pool(dsn, min_size=1, max_size=8)
+        budgets = [TENANT_EVENTS] * (n // TENANT_EVENTS) + [n % TENANT_EVENTS] * bool(
+            n % TENANT_EVENTS
+        )
+        histories = await seed(dsn, budgets, progress, recorded=False, chunk=CHUNK)
+        n = sum(h.emitted for _, h in histories)
+        conn = await asyncpg.connect(dsn)
         try:
-            async with pool.acquire() as conn:
-                await migrate(conn)
-            n = await seed(pool, n, progress)
+            if (stored := await conn.fetchval("SELECT count(*) FROM stored_events")) != n:
+                raise BenchError(f"seeded {n:,} events but the store holds {stored:,}")
             # What autovacuum would have done by now; and no checkpoint due mid-run.
-            await pool.execute("VACUUM ANALYZE stored_events")
-            await pool.execute("CHECKPOINT")
+            await conn.execute("VACUUM ANALYZE stored_events")
+            await conn.execute("CHECKPOINT")
         finally:
-            await pool.close()
+            await conn.close()
         asynchronous = [p.name for p in PROJECTIONS.values() if p.mode == "async"]
         await catch_up(dsn, asynchronous, progress)
         for label, dry_run in (("views stale", False), ("--dry-run", True), ("current", False)):
