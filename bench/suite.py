@@ -160,7 +160,7 @@ def report(ctx: Ctx, load_before: tuple[float, ...], rev: str, started: float) -
     out.print(table)
     out.print(machine, highlight=False)
     for note in ctx.notes:
-        out.print(f"- {note}", highlight=False)
+        out.print(f"- {note}", highlight=False, markup=False)
     name = "quick" if ctx.quick else "latest"
     only = [n for n in PARTS[1:] if n not in ctx.skip]
     if len(only) < len(PARTS) - 1:
