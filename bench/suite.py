@@ -102,7 +102,8 @@ async def over_http(ctx: Ctx, rows: list[Callable[[Ctx], Awaitable[None]]], tmp:
         else:
             peer = servers.enter_context(peer_process(peer_port, peer_token, tmp / "peer.log"))
             if peer is None:
-                ctx.notes.append(f"(8) the peer is not installed ({PEER}): `make bench` does")
+                missing = f"(8) the peer is not installed ({PEER})"
+                ctx.notes.append(f"{missing}: `make bench` installs it")
         origin = f"http://127.0.0.1:{port}"
         meter = Meter(psutil.Process(proc.pid), ctx.postmaster)
         ctx.ours = Server(origin, f"{origin}/scim/v2", token, proc, tmp / "serve.log", meter)
