@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test system-packages fuzz lint typecheck bench bench-quick bench-append bench-users bench-groups bench-audit bench-rebuild bench-feeds clean
+.PHONY: run test system-packages fuzz lint typecheck bench bench-quick bench-users bench-groups bench-audit bench-rebuild bench-feeds clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -62,20 +62,18 @@ bench: $(BENCH_STAMP) system-packages
 bench-quick: $(BENCH_STAMP) system-packages
 	$(BIN)/python -m bench.suite --quick
 
-bench-append: $(STAMP)
-	$(BIN)/python -m bench.append
+# One row of the table (or two) at full size, written to bench/results/latest-<rows>.md.
+bench-users: $(BENCH_STAMP) system-packages
+	$(BIN)/python -m bench.suite --only post,lookups
 
-bench-users: $(STAMP)
-	$(BIN)/python -m bench.users
+bench-groups: $(BENCH_STAMP) system-packages
+	$(BIN)/python -m bench.suite --only groups
 
-bench-groups: $(STAMP)
-	$(BIN)/python -m bench.groups
+bench-audit: $(BENCH_STAMP) system-packages
+	$(BIN)/python -m bench.suite --only audit
 
-bench-audit: $(STAMP)
-	$(BIN)/python -m bench.audit
-
-bench-rebuild: $(STAMP)
-	$(BIN)/python -m bench.rebuild
+bench-rebuild: $(BENCH_STAMP) system-packages
+	$(BIN)/python -m bench.suite --only rebuild
 
 bench-feeds: $(STAMP)
 	$(BIN)/python -m bench.feeds

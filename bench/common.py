@@ -1,26 +1,202 @@
-"""Shared pieces of the benchmarks: a durable PostgreSQL, timing, and the machine's description."""
+"""What every benchmark shares: Entra's body, the servers it starts, CPU accounting, the machine."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ctypes
+import json
 import os
 import platform
+import resource
+import shutil
+import signal
+import socket
 import statistics
 import subprocess
+import sys
 import tempfile
+import time
+import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+import aiohttp
+import asyncpg
+import orjson
 import psutil
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from infra.embedded import EmbeddedPostgres
 
 ROOT = Path(__file__).resolve().parent.parent
 SCIMLEDGER = ROOT / ".venv" / "bin" / "scimledger"
 CODE = ("service", "domain", "infra", "projections")  # the code a benchmark measures
+SCIM = "application/scim+json"
+ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
+PATCH_OP = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
+# ENTRA.md's POST /Users body, shared with the tests.
+ENTRA_USER: dict[str, Any] = json.loads((ROOT / "tests/fixtures/entra_user.json").read_text())
+
+err = Console(stderr=True)
 
 
-@contextmanager
+class BenchError(Exception):
+    """The server answered something a correct server would not; reported, not worked around."""
+
+
+def user_name(i: int) -> str:
+    return f"Bench_User_{i:06d}@Contoso.com"
+
+
+def entra_body(i: int, name: str | None = None) -> bytes:
+    """Entra's POST /Users body with a unique userName, work e-mail and externalId."""
+    name = name or user_name(i)
+    body = {**ENTRA_USER, "externalId": str(uuid.uuid4()), "userName": name}
+    body["emails"] = [{**ENTRA_USER["emails"][0], "value": name}]
+    return orjson.dumps(body)
+
+
+# --- figures ----------------------------------------------------------------------------------
+
+
+median = statistics.median
+
+
+def percentile(samples: list[float], pct: float) -> float:
+    ordered = sorted(samples)
+    if not ordered:
+        return float("nan")
+    k = min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def verdict(ok: bool | None) -> str:
+    return "inconclusive" if ok is None else ("met" if ok else "MISSED")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("{task.description:<36}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:>12}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err,
+    )
+
+
+# --- CPU accounting ---------------------------------------------------------------------------
+
+
+def machine_busy() -> float:
+    """CPU seconds that processes on this machine spent, all cores (interrupts not included)."""
+    t = psutil.cpu_times()
+    return float(t.user + t.system + getattr(t, "nice", 0.0))
+
+
+def client_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def process_cpu(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return float(t.user + t.system)
+
+
+def tree_cpu(root: psutil.Process) -> float:
+    """A process, its live children, and its reaped children (postmaster and backends)."""
+    t = root.cpu_times()
+    total = float(t.user + t.system + t.children_user + t.children_system)
+    for child in root.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            total += process_cpu(child)
+    return total
+
+
+@dataclass
+class Cpu:
+    """CPU seconds spent during measured phases, and their wall seconds."""
+
+    seconds: float = 0.0
+    client: float = 0.0
+    server: float = 0.0
+    postgres: float | None = 0.0
+    machine: float = 0.0
+
+    @property
+    def others(self) -> float:
+        return max(0.0, self.machine - self.client - self.server - (self.postgres or 0.0))
+
+    def __add__(self, o: Cpu, sign: int = 1) -> Cpu:
+        pg = None if self.postgres is None or o.postgres is None else o.postgres
+        return Cpu(
+            self.seconds + sign * o.seconds,
+            self.client + sign * o.client,
+            self.server + sign * o.server,
+            None if pg is None else (self.postgres or 0.0) + sign * pg,
+            self.machine + sign * o.machine,
+        )
+
+    def __sub__(self, o: Cpu) -> Cpu:
+        return self.__add__(o, -1)
+
+    def cores(self, cpu: float | None) -> str:
+        return "n/a" if cpu is None else f"{cpu / self.seconds:.2f}"
+
+    def text(self) -> str:
+        return (
+            f"client {self.cores(self.client)} / server {self.cores(self.server)} /"
+            f" postgres {self.cores(self.postgres)} / other {self.cores(self.others)}"
+        )
+
+
+class Meter:
+    """Reads CPU of this process (plus wrk, added by hand), a server, and PostgreSQL."""
+
+    def __init__(self, server: psutil.Process | None, postgres: psutil.Process | None) -> None:
+        self.server = server
+        self.postgres = postgres
+
+    def read(self) -> Cpu:
+        """The counters now (seconds: the clock); subtract two readings for a phase."""
+        server = process_cpu(self.server) if self.server is not None else 0.0
+        pg = tree_cpu(self.postgres) if self.postgres is not None else None
+        return Cpu(time.perf_counter(), client_cpu(), server, pg, machine_busy())
+
+    def since(self, before: Cpu, extra: float = 0.0) -> Cpu:
+        """The phase since `before`, with `extra` CPU seconds of a client (wrk) added."""
+        return self.read() - before + Cpu(client=extra)
+
+
+# --- PostgreSQL -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
 def durable_postgres() -> Iterator[str]:
     """DATABASE_URL if set, else a throwaway embedded server (fsync and synchronous_commit on)."""
     if os.environ.get("DATABASE_URL"):
@@ -35,57 +211,214 @@ def durable_postgres() -> Iterator[str]:
             embedded.stop()
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+async def postgres_facts(dsn: str) -> tuple[psutil.Process | None, str]:
+    """The postmaster, if the server runs on this machine (a remote DATABASE_URL gets no CPU
+    column), and the server's version."""
+    postmaster: psutil.Process | None = None
+    conn = await asyncpg.connect(dsn)
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        version = str(await conn.fetchval("SHOW server_version"))
+        backend = await conn.fetchval("SELECT pg_backend_pid()")
+        with contextlib.suppress(psutil.Error):
+            parent = psutil.Process(backend).parent()
+            if parent is not None and parent.name() == "postgres":
+                postmaster = parent
+    finally:
+        await conn.close()
+    return postmaster, version
+
+
+async def make_database(dsn: str, name: str) -> str:
+    """A fresh database `name` in the same server; its DSN."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
+
+
+async def wait_for_projections(dsn: str, limit: float) -> float:
+    """Until the asynchronous projections reached the head of the store; seconds."""
+    started = time.perf_counter()
+    conn = await asyncpg.connect(dsn)
+    try:
+        while True:
+            head = await conn.fetchrow(
+                "SELECT transaction_id, notification_id FROM stored_events"
+                " ORDER BY transaction_id DESC, notification_id DESC LIMIT 1"
+            )
+            states = await conn.fetch(
+                "SELECT checkpoint_transaction, checkpoint_position FROM projection_state"
+                " WHERE mode = 'async'"
+            )
+            if head is None or all((s[0], s[1]) >= (head[0], head[1]) for s in states):
+                return time.perf_counter() - started
+            if time.perf_counter() - started > limit:
+                raise BenchError(f"the asynchronous projections did not catch up in {limit} s")
+            await asyncio.sleep(0.5)
+    finally:
+        await conn.close()
+
+
+# --- processes --------------------------------------------------------------------------------
+
+
+def die_with_parent() -> None:
+    """In the child: SIGTERM if this benchmark dies without cleaning up (Linux only)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def cli(*args: str, timeout: float = 600) -> str:
+    """`scimledger ARGS`; its stdout."""
+    done = subprocess.run(
+        [str(SCIMLEDGER), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=die_with_parent if sys.platform == "linux" else None,
+    )
+    if done.returncode != 0:
+        raise BenchError(f"scimledger {' '.join(args[:2])} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def create_tenant(dsn: str) -> str:
+    """`scimledger tenants create … --json` under a fresh name; the token it prints."""
+    out = cli("tenants", "create", f"bench-{uuid.uuid4().hex[:8]}", "--json", "--database-url", dsn)
+    token: str = json.loads(out.strip().splitlines()[-1])["token"]
+    return token
+
+
+@contextlib.contextmanager
+def child_process(
+    argv: list[str], log: Path, *, env: dict[str, str] | None = None, stop_timeout: float = 30
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A server of the benchmark's, in its own session (Ctrl-C reaches only us), its output in
+    `log`; SIGTERM on the way out, SIGKILL if it ignores that for `stop_timeout` seconds."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,
+        )
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=stop_timeout)
+                except subprocess.TimeoutExpired:
+                    err.print(f"[yellow]{Path(argv[0]).name} ignored SIGTERM; killing it")
+                    proc.kill()
+                    proc.wait()
+
+
+def server_process(
+    dsn: str, port: int, log: Path
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    """`scimledger serve`, one process (the CPU sampled from its pid is one server's);
+    BENCH_WORKERS=N runs `serve --workers N` (CPU then counts the parent only)."""
+    return child_process(
+        [
+            *(str(SCIMLEDGER), "serve", "--workers", os.environ.get("BENCH_WORKERS", "1")),
+            *("--port", str(port), "--database-url", dsn),
+        ],
+        log,
+        # One token drives the whole load: the per-token rate limit and cap on requests in
+        # flight (16 connections > its default 10) would measure themselves.
+        env={**os.environ, "SCIMLEDGER_RATE_LIMIT": "0"}
+        | {"SCIMLEDGER_MAX_CONCURRENT_PER_TOKEN": "0"},
+    )
+
+
+def py_spy(pid: int, folded: Path, seconds: float) -> subprocess.Popen[bytes]:
+    """py-spy (the `bench` extra) sampling `pid` for `seconds` into raw collapsed stacks
+    (flamegraph.pl's input); PY_SPY_NATIVE=1 adds C frames."""
+    exe = shutil.which("py-spy") or str(ROOT / ".venv" / "bin" / "py-spy")
+    if not Path(exe).exists():
+        raise BenchError("py-spy is not installed: `make bench` installs it (the bench extra)")
+    folded.parent.mkdir(parents=True, exist_ok=True)
+    argv = [exe, "record", "--pid", str(pid), "--rate", "200", "--format", "raw"]
+    argv += ["--output", str(folded), "--duration", str(int(seconds) + 1)]
+    argv += ["--native"] if os.environ.get("PY_SPY_NATIVE") else ["--nonblocking"]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
-        pass
-    mem = ""
-    try:
-        kb = int(Path("/proc/meminfo").read_text().split()[1])
-        mem = f", {kb / 1024 / 1024:.0f} GiB"
-    except (OSError, ValueError, IndexError):
-        pass
-    return f"{os.cpu_count()} cores ({cpu}){mem}, Python {platform.python_version()}"
+        return ""
 
 
-def percentile(samples: list[float], pct: float) -> float:
-    ordered = sorted(samples)
-    if not ordered:
-        return float("nan")
-    k = min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))
-    return ordered[k]
+async def wait_ready(
+    session: aiohttp.ClientSession,
+    url: str,
+    proc: subprocess.Popen[bytes],
+    log: Path,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Until GET `url` answers 200 (e.g. `/readyz`), or the process exits."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{proc.args[0]} exited with {proc.returncode}:\n{tail(log)}")
+        with contextlib.suppress(aiohttp.ClientError, OSError):
+            async with session.get(url, headers=headers) as r:
+                if r.status == 200:
+                    return
+        await asyncio.sleep(0.2)
+    raise BenchError(f"{url} not ready after 120 s:\n{tail(log)}")
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
-def machine_busy() -> float:
-    """CPU seconds that processes on this machine spent, all cores (interrupts not included)."""
-    t = psutil.cpu_times()
-    return float(t.user + t.system + getattr(t, "nice", 0.0))
+# --- the machine ------------------------------------------------------------------------------
 
 
 def revision() -> str:
     """The commit the measured code came from, and whether it had uncommitted changes."""
     try:
+        git = ["git", "-C", str(ROOT)]
         head = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--", *CODE],
-            capture_output=True,
-            text=True,
-            check=True,
+            [*git, "status", "--porcelain", "--", *CODE], capture_output=True, text=True, check=True
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "commit unknown"
     return f"commit {head}" + (" + uncommitted changes" if dirty else "")
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    ram = psutil.virtual_memory().total / 2**30
+    python = platform.python_version()
+    return f"{os.cpu_count()} cores ({_cpu_model()}), {ram:.0f} GiB, Python {python}"
+
+
+def machine_description(pg_version: str, load_before: tuple[float, ...], rev: str) -> str:
+    cpu, ram = _cpu_model(), psutil.virtual_memory().total / 2**30
+    load = ["/".join(f"{x:.2f}" for x in xs) for xs in (load_before, os.getloadavg())]
+    return (
+        f"CPU {cpu}, {os.cpu_count()} cores; RAM {ram:.0f} GiB; kernel {platform.system()}"
+        f" {platform.release()}; Python {platform.python_version()}; PostgreSQL {pg_version}"
+        f" (embedded, fsync and synchronous_commit on); {rev}; load average (1/5/15 min)"
+        f" {load[0]} at the start, {load[1]} at the end; the 'other' CPU of each row"
+        " is what the rest of the machine used meanwhile"
+    )

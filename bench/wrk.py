@@ -187,18 +187,9 @@ def run(origin: str, script: str, seconds: float, connections: int, threads: int
         path.write_text(script)
         out = Path(tmp) / "out.txt"
         with out.open("wb") as sink:
+            argv = [exe, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s"]
             proc = subprocess.Popen(
-                [
-                    exe,
-                    f"-t{threads}",
-                    f"-c{connections}",
-                    f"-d{max(1, round(seconds))}s",
-                    "--timeout",
-                    "60s",
-                    "-s",
-                    str(path),
-                    origin,
-                ],
+                [*argv, "--timeout", "60s", "-s", str(path), origin],
                 stdin=subprocess.DEVNULL,
                 stdout=sink,
                 stderr=subprocess.STDOUT,

@@ -14,8 +14,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from bench import wrk
-from bench.suite import NAME_FORMAT
-from bench.users import entra_body
+from bench.common import entra_body
+from bench.lookups import NAME_FORMAT
 
 TOKEN = "t0ken"
 

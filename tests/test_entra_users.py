@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 from aiohttp.test_utils import TestClient
@@ -15,25 +18,17 @@ ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
 PATCH_OP = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
 
 
+# ENTRA.md's POST /Users body (the benchmark sends it too).
+ENTRA_USER = json.loads((Path(__file__).parent / "fixtures" / "entra_user.json").read_text())
+
+
 def entra_user(
     user_name: str = "Test_User@contoso.com", external_id: str | None = None
 ) -> dict[str, Any]:
-    return {
-        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User", ENTERPRISE],
-        "externalId": external_id or str(uuid.uuid4()),
-        "userName": user_name,
-        "active": True,
-        "addresses": None,
-        "manager": None,
-        "emails": [{"primary": True, "type": "work", "value": user_name}],
-        "meta": {"resourceType": "User"},
-        "name": {
-            "formatted": "givenName familyName",
-            "familyName": "familyName",
-            "givenName": "givenName",
-        },
-        "roles": [],
-    }
+    body: dict[str, Any] = copy.deepcopy(ENTRA_USER)
+    body.update(externalId=external_id or str(uuid.uuid4()), userName=user_name)
+    body["emails"][0]["value"] = user_name
+    return body
 
 
 def headers(auth: dict[str, str]) -> dict[str, str]:

@@ -1,0 +1,284 @@
+"""Rows (1) POST /Users with wrk, ours and the peer's, and (7) the floor: the same rows by plain
+asyncpg. Also the bulk seeding of users the other rows stand on (what a POST commits, made by
+the service's own code)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+import uuid
+from typing import Any
+
+import asyncpg
+import orjson
+from rich.progress import Progress
+
+from bench import wrk
+from bench.common import (
+    BenchError,
+    Cpu,
+    Meter,
+    entra_body,
+    ms,
+    percentile,
+    progress_bar,
+    py_spy,
+    verdict,
+)
+from bench.table import CONCURRENCY, Ctx, Row, Server
+from domain.request import ProvisioningRequest
+from domain.user import User
+from infra.database import create_pool
+from infra.transcoder import make_mapper
+from projections import users as users_view
+from service.scim.representation import user_from_scim
+
+# Both stored events and the view row in one statement: one round trip, one transaction.
+POST_ROWS_SQL = f"""
+WITH events AS (
+    INSERT INTO stored_events
+        (originator_id, originator_version, topic, state, tenant_id, request_id)
+    SELECT e.o, e.v, e.t, e.s, $5::uuid, $6::text
+    FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bytea[]) AS e (o, v, t, s)
+)
+INSERT INTO scim_users ({users_view.COLUMNS})
+VALUES ($5, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+"""
+
+
+class RowMaker:
+    """What the service writes for Entra's POST /Users, made by the service's own code."""
+
+    def __init__(self, tenant_id: uuid.UUID, token_name: str) -> None:
+        self.tenant_id = tenant_id
+        self.token_name = token_name
+        self.mapper = make_mapper()
+
+    def make(self, body: bytes) -> tuple[uuid.UUID, tuple[Any, ...]]:
+        """The user's id and the arguments of POST_ROWS_SQL."""
+        user = User.provision(uuid.uuid4(), self.tenant_id, user_from_scim(orjson.loads(body)))
+        described = {
+            "method": "POST",
+            "path": "/scim/v2/Users",
+            "status": 201,
+            "initiatedBy": self.token_name,
+            "client": "127.0.0.1",
+            "targetType": "User",
+            "targetId": None,
+            "durationMs": 2.0,
+        }
+        record = ProvisioningRequest.record(uuid.uuid4(), self.tenant_id, "success", described)
+        events = [*user.collect_events(), *record.collect_events()]
+        stored = [self.mapper.to_stored_event(e) for e in events]
+        return user.id, (
+            [s.originator_id for s in stored],
+            [s.originator_version for s in stored],
+            [s.topic for s in stored],
+            [s.state for s in stored],
+            self.tenant_id,
+            uuid.uuid4().hex,
+            *users_view.row_of(user)[1:],
+        )
+
+
+async def row_maker(dsn: str, token: str) -> RowMaker:
+    from infra.tenants import authenticate
+
+    pool = await create_pool(dsn, min_size=1, max_size=1)
+    try:
+        principal = await authenticate(pool, token)
+    finally:
+        await pool.close()
+    assert principal is not None
+    return RowMaker(principal.tenant_id, principal.token_name)
+
+
+async def seed_users(
+    dsn: str,
+    maker: RowMaker,
+    first: int,
+    last: int,
+    progress: Progress,
+    ids: dict[int, str],
+    keep: int,
+) -> float:
+    """Users first..last-1 (bench.common.user_name), straight into the store; seconds. The ids
+    of users below `keep` go to `ids` (the group members)."""
+    if last <= first:
+        return 0.0
+    pool = await create_pool(
+        dsn, min_size=4, max_size=4, server_settings={"synchronous_commit": "off"}
+    )
+    task = progress.add_task(f"seed users → {last:,}", total=last - first, rate="")
+    counter = iter(range(first, last))
+    done = 0
+    started = time.perf_counter()
+
+    async def worker() -> None:
+        nonlocal done
+        async with pool.acquire() as conn:
+            for i in counter:
+                user_id, args = maker.make(entra_body(i))
+                await conn.execute(POST_ROWS_SQL, *args)
+                if i < keep:
+                    ids[i] = str(user_id)
+                done += 1
+                if done % 500 == 0:
+                    rate = done / (time.perf_counter() - started)
+                    progress.update(task, completed=done, rate=f"{rate:,.0f}/s")
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(4)))
+    finally:
+        await pool.close()
+    progress.update(task, completed=done)
+    return time.perf_counter() - started
+
+
+async def floor(
+    dsn: str, maker: RowMaker, n: int, meter: Meter, progress: Progress
+) -> tuple[float, list[float], Cpu]:
+    """n users' rows (made beforehand) by plain asyncpg, one statement each, concurrency 16."""
+    rows = [maker.make(entra_body(10_000_000 + i))[1] for i in range(n)]
+
+    async def jsonb(conn: asyncpg.Connection) -> None:
+        await conn.set_type_codec(
+            "jsonb",
+            encoder=lambda v: orjson.dumps(v).decode(),
+            decoder=orjson.loads,
+            schema="pg_catalog",
+        )
+
+    pool = await asyncpg.create_pool(dsn, min_size=CONCURRENCY, max_size=CONCURRENCY, init=jsonb)
+    latencies = [0.0] * n
+    counter = iter(range(n))
+    task = progress.add_task("floor: plain asyncpg", total=n, rate="")
+
+    async def worker() -> None:
+        async with pool.acquire() as conn:
+            for i in counter:
+                t0 = time.perf_counter()
+                await conn.execute(POST_ROWS_SQL, *rows[i])
+                latencies[i] = time.perf_counter() - t0
+                progress.advance(task)
+
+    try:
+        before = meter.read()
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+        cpu = meter.since(before)
+    finally:
+        await pool.close()
+    return n / cpu.seconds, latencies, cpu
+
+
+async def wrk_phase(
+    server: Server, script: str, seconds: float, who: str = ""
+) -> tuple[wrk.WrkRun, Cpu]:
+    """wrk at concurrency 16 for `seconds`; every reply checked when `who` names the phase,
+    and the server profiled meanwhile if asked."""
+    spy = None
+    if who and server.profile is not None:
+        folded = server.profile / (re.sub(r"\W+", "-", who).strip("-") + ".folded")
+        spy = py_spy(server.proc.pid, folded, seconds)
+    before = server.meter.read()
+    try:
+        got = await asyncio.to_thread(wrk.run, server.origin, script, seconds, CONCURRENCY)
+    finally:
+        if spy is not None:
+            await asyncio.to_thread(spy.wait, 120)
+    cpu = server.meter.since(before, extra=got.cpu)
+    if who and (got.bad or got.socket_errors):
+        raise BenchError(
+            f"{who}: {got.bad} wrong replies and {got.socket_errors} socket errors in"
+            f" {got.requests:,} requests; first: {got.sample}"
+        )
+    return got, cpu
+
+
+def post_script(server: Server, template: dict[str, Any], prefix: str) -> str:
+    path = server.base.removeprefix(server.origin) + "/Users"
+    return wrk.post_users_script(path, server.token, orjson.dumps(template), prefix)
+
+
+async def post_users(ctx: Ctx) -> None:
+    """(1) POST /Users at concurrency 16 by wrk, ours and the peer's; (7) the floor."""
+    s, (_, ours), peer = ctx.sizes, ctx.http(), ctx.peer
+    template = orjson.loads(entra_body(0))
+    template["userName"] = template["emails"][0]["value"] = wrk.NAME
+    template["externalId"] = wrk.EXTERNAL_ID
+    with progress_bar() as progress:
+        progress.console.print("POST /Users with wrk …")
+        await wrk_phase(ours, post_script(ours, template, "Warm"), 2)
+        post, cpu = await wrk_phase(
+            ours, post_script(ours, template, "Post"), s.post_seconds, "scimledger POST /Users"
+        )
+        maker = await row_maker(ctx.dsn, ours.token)
+        floor_rate, floor_lat, floor_cpu = await floor(
+            ctx.dsn, maker, s.floor_rows, Meter(None, ctx.postmaster), progress
+        )
+        peer_post = None
+        if peer is not None:
+            progress.console.print("POST /Users on the peer with wrk …")
+            template.pop("manager", None)
+            peer_post, peer_cpu = await wrk_phase(
+                peer, post_script(peer, template, "Post"), s.post_seconds, "scim2-server POST"
+            )
+    to_floor = post.rate / floor_rate
+    to_peer = post.rate / peer_post.rate if peer_post else None
+    ok = to_floor >= 0.6 and (to_peer is None or to_peer >= 3)
+    ctx.add(
+        Row(
+            "1",
+            f"POST /Users, concurrency {CONCURRENCY} (wrk)",
+            f"{post.requests:,} requests",
+            f"{post.rate:,.0f} req/s; p50 {ms(post.p50)}, p99 {ms(post.p99)}",
+            f"{peer_post.rate:,.0f} req/s; p50 {ms(peer_post.p50)}, p99 {ms(peer_post.p99)}"
+            if peer_post
+            else ctx.no_peer,
+            "≥ 0.6 x floor and ≥ 3 x peer",
+            f"{verdict(ok)}: {to_floor:.2f} x floor, "
+            + (f"{to_peer:.1f} x peer" if to_peer else "no peer"),
+            cpu.text(),
+        )
+    )
+    ctx.add(
+        Row(
+            "7",
+            f"floor: the rows of (1) by plain asyncpg, concurrency {CONCURRENCY}",
+            f"{s.floor_rows:,} users",
+            f"{floor_rate:,.0f} users/s; p50 {ms(percentile(floor_lat, 50))},"
+            f" p99 {ms(percentile(floor_lat, 99))}",
+            "",
+            "(1) ≥ 0.6 x this",
+            f"service/floor = {to_floor:.2f}",
+            floor_cpu.text(),
+        )
+    )
+    if peer_post is not None:
+        ctx.notes.append(
+            f"(1) peer CPU: {peer_cpu.text()}; wrk used {post.cpu:.1f} CPU s against"
+            f" scimledger's {cpu.server:.1f} s (server process) in the POST run"
+        )
+    ctx.notes.append(
+        "(7) the floor inserts per user the rows one POST /Users commits: its two stored"
+        " events (UserProvisioned, RequestRecorded) and its scim_users row, made"
+        " beforehand by the service's own code, in ONE statement (a CTE: one round trip,"
+        " one transaction), durable commit"
+    )
+    # Where (1) stands against (7) on this machine: the CPU each one costs per user.
+    ours_ms = (cpu.server + (cpu.postgres or 0.0)) / post.requests * 1000
+    floor_pg_ms = (floor_cpu.postgres or 0.0) / s.floor_rows * 1000
+    floor_ms = floor_pg_ms + floor_cpu.client / s.floor_rows * 1000
+    cores = os.cpu_count() or 1
+    ceiling = cores / ours_ms * 1000
+    ctx.notes.append(
+        f"(1, 7) CPU per user created: scimledger {ours_ms:.2f} ms (server"
+        f" {cpu.server / post.requests * 1000:.2f} ms, PostgreSQL"
+        f" {(cpu.postgres or 0.0) / post.requests * 1000:.2f} ms: its statement, the"
+        " token lookup, and the audit and activity projections' writes); the floor"
+        f" {floor_ms:.2f} ms (PostgreSQL {floor_pg_ms:.2f} ms, its client the rest)."
+        f" With all {cores} cores on it, scimledger's cost allows at most"
+        f" {ceiling:,.0f} POST/s, {ceiling / floor_rate:.2f} x the floor measured here"
+    )

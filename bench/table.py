@@ -1,0 +1,162 @@
+"""The benchmark's table: its rows, the sizes they run at, and what the rows share in a run."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Sequence
+from dataclasses import astuple, dataclass, field
+from pathlib import Path
+
+import aiohttp
+import psutil
+
+from bench.common import Meter, err
+
+COLUMNS = (
+    "#",
+    "measurement",
+    "size",
+    "scimledger",
+    "scim2-server (peer)",
+    "target",
+    "verdict",
+    "CPU in cores: client / server / postgres / other",
+)
+CONCURRENCY = 16
+
+
+@dataclass(frozen=True)
+class Sizes:
+    post_seconds: float
+    floor_rows: int
+    users: tuple[int, int, int]
+    get_seconds: float
+    groups: tuple[int, int, int]
+    pairs: int
+    cycle: tuple[int, int, int]  # users, groups, memberships
+    rebuild_events: int
+    audit_entries: int
+    audit_samples: int
+    peer_seed_timeout: float  # seconds of POSTs allowed to grow the peer's store per size
+    peer_group_timeout: float  # seconds allowed to grow one of the peer's groups
+    cost: tuple[int, float]  # tries per shape, seconds of the other tenant's GETs
+
+
+FULL = Sizes(
+    post_seconds=30,
+    floor_rows=40_000,
+    users=(10_000, 100_000, 1_000_000),
+    get_seconds=20,
+    groups=(10, 10_000, 100_000),
+    pairs=500,
+    cycle=(10_000, 100, 50_000),
+    rebuild_events=1_000_000,
+    audit_entries=1_000_000,
+    audit_samples=100,
+    # The peer slows down as it grows (each POST and each member add scans what it holds):
+    # its sizes are reached within these limits, or measured where it got to.
+    peer_seed_timeout=180,
+    peer_group_timeout=120,
+    cost=(3, 20.0),
+)
+QUICK = Sizes(
+    post_seconds=10,
+    floor_rows=8_000,
+    users=(1_000, 10_000, 50_000),
+    get_seconds=8,
+    groups=(10, 1_000, 10_000),
+    pairs=150,
+    cycle=(1_000, 20, 5_000),
+    rebuild_events=100_000,
+    audit_entries=100_000,
+    audit_samples=30,
+    peer_seed_timeout=60,
+    peer_group_timeout=60,
+    cost=(1, 5.0),
+)
+
+
+@dataclass
+class Row:
+    item: str
+    what: str
+    size: str
+    ours: str
+    peer: str = ""
+    target: str = ""
+    verdict: str = ""
+    cpu: str = ""
+
+    def cells(self) -> list[str]:
+        return [str(cell) for cell in astuple(self)]
+
+
+@dataclass
+class Server:
+    """A server under measurement: where it answers, its token, its process and CPU meter."""
+
+    origin: str
+    base: str
+    token: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    meter: Meter
+    profile: Path | None = None  # py-spy records it during the measured wrk runs, into here
+
+
+@dataclass
+class Ctx:
+    """One run: its sizes, the table so far, and what the rows over HTTP share."""
+
+    sizes: Sizes
+    quick: bool
+    dsn: str
+    skip: frozenset[str] = frozenset()
+    profile: Path | None = None  # where py-spy's profiles of our server go
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    pg_version: str = ""
+    postmaster: psutil.Process | None = None
+    # While the servers run (the rows over HTTP):
+    session: aiohttp.ClientSession | None = None
+    ours: Server | None = None
+    peer: Server | None = None
+    ids: dict[int, str] = field(default_factory=dict)  # user i -> its id (the group members)
+    peer_ids: dict[int, str] = field(default_factory=dict)  # the same on the peer
+    stored: int = 0  # users seeded so far (bench.common.user_name(i) for i below)
+    group_p50: dict[int, tuple[float, float]] = field(default_factory=dict)  # ours, by size
+
+    @property
+    def no_peer(self) -> str:
+        return "skipped" if "peer" in self.skip else "not installed"
+
+    def http(self) -> tuple[aiohttp.ClientSession, Server]:
+        assert self.session is not None and self.ours is not None, "a row over HTTP"
+        return self.session, self.ours
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        err.print(f"({row.item}) {row.what}, {row.size}: {row.ours} | peer: {row.peer or '-'}")
+
+
+def render_markdown(title: str, rows: Sequence[Row], notes: Sequence[str], machine: str) -> str:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = [
+        f"# {title}",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "| " + " | ".join("---" for _ in COLUMNS) + " |",
+        *("| " + " | ".join(cell(c) for c in r.cells()) + " |" for r in rows),
+        "",
+        "## Machine",
+        "",
+        machine,
+        "",
+        "## Notes",
+        "",
+        *(f"- {n}" for n in notes),
+        "",
+    ]
+    return "\n".join(lines)
