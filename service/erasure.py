@@ -224,7 +224,8 @@ async def seal_stream(db: Database, conn: Conn, tenant_id: UUID, subject_id: UUI
     """Seal, in place, the events of one subject stored before encryption; their number.
 
     Positions (notification and transaction ids) and everything else of the rows are kept;
-    only `state` changes. Idempotent: sealed events are left as they are.
+    only `state` changes. Idempotent: sealed events, and events without personal values
+    (a deprovisioning), are left as they are.
     """
     rows = await conn.fetch(
         "SELECT originator_version, topic, state FROM stored_events"
@@ -232,10 +233,16 @@ async def seal_stream(db: Database, conn: Conn, tenant_id: UUID, subject_id: UUI
         subject_id,
         tenant_id,
     )
-    clear = [r for r in rows if is_personal_topic(r["topic"]) and SEALED.encode() not in r["state"]]
+    keys = db.store.keys
+    clear = []
+    for r in rows:
+        topic: str = r["topic"]
+        if not is_personal_topic(topic) or SEALED.encode() in r["state"]:
+            continue
+        if keys.split(orjson.loads(r["state"]), topic.split(":", 1)[0]):
+            clear.append(r)
     if not clear:
         return 0
-    keys = db.store.keys
     await keys.load(conn, [subject_id])
     if not keys.known(subject_id):
         await keys.create(conn, tenant_id, subject_id)
@@ -259,35 +266,33 @@ async def seal_stream(db: Database, conn: Conn, tenant_id: UUID, subject_id: UUI
     return len(sealed)
 
 
+_PERSONAL_STREAMS = (
+    "SELECT DISTINCT originator_id, tenant_id FROM stored_events"
+    " WHERE (topic LIKE 'domain.user:%' OR topic LIKE 'domain.group:%')"
+)
+
+
 async def migrate_all(
     db: Database, progress: Callable[[int, int], None] | None = None, batch: int = 200
 ) -> int:
     """`scimledger erase migrate`: seal every clear event of the store, stream by stream.
 
-    Resumable: each stream is sealed in a transaction of its own and sealed streams are found
-    sealed again, so an interrupted run just runs again. Returns the number of events sealed.
+    Resumable: each stream is sealed in a transaction of its own and sealed events are left
+    as they are, so an interrupted run just runs again. Returns the number of events sealed.
     """
-    total_sql = (
-        "SELECT count(DISTINCT originator_id) FROM stored_events"
-        " WHERE (topic LIKE 'domain.user:%' OR topic LIKE 'domain.group:%')"
-        " AND position($1::bytea IN state) = 0"
-    )
     done = sealed = 0
+    cursor = UUID(int=0)
     async with db.pool.acquire() as conn:
-        total = int(await conn.fetchval(total_sql, SEALED.encode()))
+        total = int(await conn.fetchval(f"SELECT count(*) FROM ({_PERSONAL_STREAMS}) s"))
         while True:
             streams = await conn.fetch(
-                "SELECT DISTINCT originator_id, tenant_id FROM stored_events"
-                " WHERE (topic LIKE 'domain.user:%' OR topic LIKE 'domain.group:%')"
-                " AND position($1::bytea IN state) = 0 LIMIT $2",
-                SEALED.encode(),
+                f"{_PERSONAL_STREAMS} AND originator_id > $1 ORDER BY originator_id LIMIT $2",
+                cursor,
                 batch,
             )
-            if not streams:
-                return sealed
             for s in streams:
                 async with conn.transaction():
-                    # One stream at a time, locked against a concurrent writer of it.
+                    # Locked against a concurrent erasure or migration of the same stream.
                     await conn.execute(
                         "SELECT pg_advisory_xact_lock(hashtextextended($1::text, 17))",
                         str(s["originator_id"]),
@@ -295,12 +300,13 @@ async def migrate_all(
                     try:
                         sealed += await seal_stream(db, conn, s["tenant_id"], s["originator_id"])
                     except SubjectErased:
-                        pass
+                        pass  # erased: its clear events were sealed before its key went
                 done += 1
                 if progress:
                     progress(done, max(total, done))
             if len(streams) < batch:
                 return sealed
+            cursor = streams[-1]["originator_id"]
 
 
 async def receipts(conn: Conn, tenant_id: UUID, limit: int = 1000) -> list[Receipt]:
@@ -338,10 +344,11 @@ async def verify(db: Database, erasure_id: UUID) -> tuple[Receipt | None, list[s
         # Decode every event with a fresh key ring: none may yield a value.
         records = await db.store.read_stream(conn, sid)
         for r in records:
-            if is_personal_topic(r.topic) and SEALED.encode() not in r.state:
-                problems.append(f"event {r.originator_version} is stored in clear")
-                continue
             state = orjson.loads(r.state)
+            if is_personal_topic(r.topic) and SEALED not in state:
+                if db.store.keys.split(dict(state), r.topic.split(":", 1)[0]):
+                    problems.append(f"event {r.originator_version} is stored in clear")
+                continue
             state.pop(SEALED, None)
             decoded = vars(db.store.to_domain(r))
             for field, value in state.items():
