@@ -10,7 +10,7 @@ import base64
 import os
 from pathlib import Path
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -214,3 +214,87 @@ def test_the_embedded_default_makes_a_master_key_once(
     monkeypatch.setenv(MASTER_ENV, base64.b64encode(b"x" * 31).decode())
     with pytest.raises(ValueError, match="32 bytes"):
         load_master_key(tmp_path)
+
+
+async def test_migrate_seals_old_events_in_place_and_a_restored_backup_stays_unreadable(
+    database: Database, tenant: IssuedToken, fresh_dsn: str
+) -> None:
+    from infra.transcoder import make_mapper
+    from service import erasure
+
+    # A store from before encryption: events appended in clear, with no key rows.
+    plain = make_mapper()
+    people = [
+        User.provision(uuid4(), tenant.tenant_id, {"userName": f"old{i}@contoso.com"})
+        for i in range(3)
+    ]
+    for person in people:
+        person.update({"userName": person.user_name, "title": "Engineer"})  # a second event
+        async with database.pool.acquire() as conn:
+            stored = [plain.to_stored_event(e) for e in person.collect_events()]
+            await database.store.append_stored(conn, tenant.tenant_id, stored)
+    positions = await database.pool.fetch(
+        "SELECT originator_id, originator_version, notification_id, transaction_id"
+        " FROM stored_events ORDER BY notification_id"
+    )
+    raw = b"".join(r[0] for r in await database.pool.fetch("SELECT state FROM stored_events"))
+    assert b"old0@contoso.com" in raw and b"Engineer" in raw
+
+    code, out, err = await _cli(fresh_dsn, "erase", "migrate", "--quiet")
+    assert code == 0 and "6 event(s) encrypted" in out, out + err
+    code, out, err = await _cli(fresh_dsn, "erase", "migrate", "--quiet")
+    assert code == 0 and "0 event(s) encrypted" in out, out + err  # resumable: nothing left
+    raw = b"".join(r[0] for r in await database.pool.fetch("SELECT state FROM stored_events"))
+    assert b"@contoso.com" not in raw and b"Engineer" not in raw
+    assert positions == await database.pool.fetch(
+        "SELECT originator_id, originator_version, notification_id, transaction_id"
+        " FROM stored_events ORDER BY notification_id"
+    )
+    assert "old1@contoso.com" in await _decoded(fresh_dsn, database)
+
+    # A backup of the event tables taken before the erasure...
+    backup = await database.pool.fetch("SELECT * FROM stored_events ORDER BY notification_id")
+    receipt = await erasure.erase(
+        database, tenant.tenant_id, people[0].id, "User", "dpo", "request 1"
+    )
+    assert receipt.events == sum(1 for p in positions if p["originator_id"] == people[0].id)
+    # ... restored over the live tables, read with the current keys table: still unreadable.
+    async with database.pool.acquire() as conn, conn.transaction():
+        await conn.execute("DELETE FROM stored_events")
+        columns = list(backup[0].keys())
+        await conn.copy_records_to_table("stored_events", records=backup, columns=columns)
+    decoded = await _decoded(fresh_dsn, database)
+    assert "old0@contoso.com" not in decoded and "old1@contoso.com" in decoded
+    assert "[erased" in decoded
+    _, problems = await erasure.verify(database, receipt.id)
+    assert problems == []
+
+
+async def test_keys_rotate_rewraps_data_keys_and_events_still_read(
+    database: Database, tenant: IssuedToken, fresh_dsn: str, tmp_path: Path
+) -> None:
+    person = User.provision(uuid4(), tenant.tenant_id, {"userName": "rot@contoso.com"})
+    await database.store.append_now(tenant.tenant_id, person.collect_events())
+    raw_before = await database.pool.fetch("SELECT state FROM stored_events")
+    wrapped_before = await database.pool.fetchval(
+        "SELECT wrapped FROM subject_keys WHERE subject_id = $1", person.id
+    )
+    new_master = tmp_path / "new.key"
+    code, out, err = await run("keys", "new-master", str(new_master))
+    assert code == 0, err
+    code, out, err = await _cli(
+        fresh_dsn, "keys", "rotate", "--new-master-key-file", str(new_master)
+    )
+    assert code == 0 and "acme: 1 data key(s) rewrapped" in out, out + err
+    assert raw_before == await database.pool.fetch("SELECT state FROM stored_events")
+    row = await database.pool.fetchrow(
+        "SELECT wrapped, kek_version FROM subject_keys WHERE subject_id = $1", person.id
+    )
+    assert row["wrapped"] != wrapped_before and row["kek_version"] == 2
+    # The old master no longer opens anything; the new one reads every event.
+    with pytest.raises(LookupError, match="master key"):
+        await _decoded(fresh_dsn, database)
+    new = base64.b64decode(new_master.read_text())
+    store = EventStore(database.pool, keys=KeyRing(new))
+    events = [store.to_domain(r) for r in await store.read_all(START, 100)]
+    assert any(getattr(e, "user_name", None) == "rot@contoso.com" for e in events)
