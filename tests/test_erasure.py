@@ -22,6 +22,7 @@ from infra.eventstore import START, EventStore
 from infra.keys import MASTER_ENV, MASTER_FILE_ENV, KeyRing, SubjectErased, load_master_key
 from infra.tenants import IssuedToken, create_tenant
 from tests.test_audit import audit_auth, settled
+from tests.test_audit_web import sign_in
 from tests.test_cli import run
 from tests.test_entra_groups import create_group, patch_group
 from tests.test_entra_users import create as create_user
@@ -156,6 +157,20 @@ async def test_erasure_forgets_the_person_and_nobody_else(
     assert code == 0, out + err
     code, out, err = await _cli(fresh_dsn, "audit", "erasures", "--tenant", "acme", "--json")
     assert code == 0 and receipt["id"] in out and "GDPR" in out, out + err
+
+    # The provisioning-log page: erasures, the receipt with its check, entries read erased.
+    await sign_in(client, reader["Authorization"].split()[1])
+    r = await client.get("/audit/erasures")
+    page = await r.text()
+    assert r.status == 200 and receipt["id"] in page and "GDPR Art. 17" in page
+    r = await client.get(f"/audit/erasures/{receipt['id']}")
+    assert r.status == 200 and 'id="verified"' in await r.text()
+    r = await client.get("/audit/")
+    page = await r.text()
+    assert r.status == 200 and "[erased]" in page and "Lovelace" not in page and BOB in page
+    await sign_in(client, stranger["Authorization"].split()[1])
+    r = await client.get(f"/audit/erasures/{receipt['id']}")
+    assert r.status == 404
 
     # The userName is free again; the new Ada is a new subject with a new key.
     again = await create_user(client, auth, user_name=ADA)
