@@ -173,6 +173,9 @@ class KeyRing:
         self._current: dict[UUID, int] = {}
         # subject id -> its cipher, or None once erased.
         self._subjects: dict[UUID, AESGCM | None] = {}
+        # Subjects found without a key row (streams stored before encryption): their events
+        # are in clear until `scimledger erase migrate`; a write makes them a key.
+        self._absent: set[UUID] = set()
 
     # KEKs
 
@@ -233,6 +236,7 @@ class KeyRing:
     def forget(self, subject_ids: Iterable[UUID]) -> None:
         for s in subject_ids:
             self._subjects.pop(s, None)
+            self._absent.discard(s)
 
     def erased(self, subject_id: UUID) -> None:
         self._subjects[subject_id] = None
@@ -247,7 +251,8 @@ class KeyRing:
         missing_unreadable: bool = False,
     ) -> None:
         """Load the data keys of these subjects (those not cached, or all with `refresh`).
-        `missing_unreadable`: a subject without a key row reads as erased (for readers)."""
+        `missing_unreadable` (readers): a subject without a key row is remembered as such; its
+        events read as stored (in clear if from before encryption, else `[erased]`)."""
         wanted = list({s for s in subject_ids if refresh or s not in self._subjects})
         if not wanted:
             return
@@ -259,12 +264,11 @@ class KeyRing:
         for row in rows:
             await self._remember(conn, row)
         if missing_unreadable:
-            for s in wanted:
-                if self._subjects.setdefault(s, None) is None:
-                    _ERASED_SUBJECTS.add(s)
+            self._absent.update(s for s in wanted if s not in self._subjects)
 
     async def _remember(self, conn: Any, row: Any) -> None:
         subject_id: UUID = row["subject_id"]
+        self._absent.discard(subject_id)
         if row["wrapped"] is None:
             self._subjects[subject_id] = None
             _ERASED_SUBJECTS.add(subject_id)
@@ -415,9 +419,9 @@ class KeyRing:
         sealed = state.pop(SEALED, None)
         if sealed is None:
             return
-        if subject_id not in self._subjects:
+        if subject_id not in self._subjects and subject_id not in self._absent:
             raise LookupError(f"the data key of {subject_id} was not loaded before decoding")
-        cipher = self._subjects[subject_id]
+        cipher = self._subjects.get(subject_id)  # none: erased, or its key row is lost
         leaves: list[Any] | None = None
         if cipher is not None:
             raw = base64.b64decode(sealed)

@@ -254,6 +254,11 @@ async def test_migrate_seals_old_events_in_place_and_a_restored_backup_stays_unr
     )
     raw = b"".join(r[0] for r in await database.pool.fetch("SELECT state FROM stored_events"))
     assert b"old0@contoso.com" in raw and b"Engineer" in raw
+    # Readable as they are (no key row is not an erasure), the log shows them in full.
+    assert "old0@contoso.com" in await _decoded(fresh_dsn, database)
+    from infra.keys import is_erased
+
+    assert not is_erased(people[0].id)
 
     code, out, err = await _cli(fresh_dsn, "erase", "migrate", "--quiet")
     assert code == 0 and "6 event(s) encrypted" in out, out + err
