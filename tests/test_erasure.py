@@ -318,3 +318,38 @@ async def test_keys_rotate_rewraps_data_keys_and_events_still_read(
     store = EventStore(database.pool, keys=KeyRing(new))
     events = [store.to_domain(r) for r in await store.read_all(START, 100)]
     assert any(getattr(e, "user_name", None) == "rot@contoso.com" for e in events)
+
+
+async def test_a_feed_gives_no_full_set_of_an_erased_subject(
+    client: Client, database: Database, tenant: IssuedToken, auth: dict[str, str]
+) -> None:
+    import jwt
+
+    from service import erasure
+    from service.feeds import streams
+    from tests.test_feeds import _collect
+
+    ada = await create_user(client, auth, user_name=ADA, external_id="ada-ext-77")
+    bob = await create_user(client, auth, user_name=BOB)
+    await erasure.erase(database, tenant.tenant_id, UUID(ada["id"]), "User", "dpo", force=True)
+    async with database.pool.acquire() as conn:
+        stream = await streams.create(
+            conn, tenant="acme", name="late", endpoint=None,
+            events=["prov:create"], full=True, scope_group=None, from_start=True,
+        )  # fmt: skip
+    got: list[str] = []
+    await _collect(client, stream["id"], stream["token"], got, 2, [])
+    claims = {
+        c["sub_id"]["uri"]: c
+        for c in (jwt.decode(t, options={"verify_signature": False}) for t in got)
+    }
+    erased = claims[f"/Users/{ada['id']}"]
+    assert list(erased["events"]) == ["urn:ietf:params:scim:event:prov:create:notice"], erased
+    assert (
+        "userName"
+        in erased["events"]["urn:ietf:params:scim:event:prov:create:notice"]["attributes"]
+    )
+    assert "externalId" not in erased["sub_id"]
+    assert ADA not in str(erased) and "ada-ext-77" not in str(erased)
+    full = claims[f"/Users/{bob['id']}"]["events"]
+    assert full["urn:ietf:params:scim:event:prov:create:full"]["data"]["userName"] == BOB
