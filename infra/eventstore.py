@@ -354,11 +354,18 @@ class EventStore:
     # -- reading -----------------------------------------------------------------------------
 
     async def read_stream(
-        self, conn: Conn | asyncpg.Pool, originator_id: UUID, after_version: int = 0
+        self,
+        conn: Conn | asyncpg.Pool,
+        originator_id: UUID,
+        after_version: int = 0,
+        *,
+        fresh_keys: bool = True,
     ) -> list[RecordedEvent]:
+        """`fresh_keys`: re-read the stream's key row, so an erasure made on another instance
+        shows at once (a writer needs not: its append checks the row in the same statement)."""
         rows = await conn.fetch(_READ_STREAM, originator_id, after_version)
         recorded = [_recorded(r) for r in rows]
-        await self.load_keys(conn, recorded, refresh=True)
+        await self.load_keys(conn, recorded, refresh=fresh_keys)
         return recorded
 
     async def read_stream_until(
@@ -418,7 +425,7 @@ class EventStore:
     async def load(self, conn: Conn | asyncpg.Pool, originator_id: UUID) -> Aggregate | None:
         """Rebuild an aggregate by replaying its stream; None if the stream is empty."""
         aggregate: Any = None
-        for recorded in await self.read_stream(conn, originator_id):
+        for recorded in await self.read_stream(conn, originator_id, fresh_keys=False):
             aggregate = self.to_domain(recorded).mutate(aggregate)  # type: ignore[attr-defined]
         return aggregate  # type: ignore[no-any-return]
 

@@ -6,8 +6,10 @@ audit API, the checks on the raw tables, a fresh key ring, the exports and the C
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
@@ -89,6 +91,8 @@ async def test_erasure_forgets_the_person_and_nobody_else(
         assert clear not in raw
     assert b'"active":true' in raw  # what is not personal stays readable
 
+    before_deletion = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    await asyncio.sleep(0.01)
     r = await client.delete(f"/scim/v2/Users/{ada['id']}", headers=auth)
     assert r.status == 204
     await settled(client, reader)
@@ -139,6 +143,10 @@ async def test_erasure_forgets_the_person_and_nobody_else(
     r = await client.get(f"/audit/v1/resources/{ada['id']}/history", headers=reader)
     history = await r.read()
     assert r.status in (200, 404), history
+    r = await client.get(f"/audit/v1/resources/{ada['id']}?at={before_deletion}", headers=reader)
+    at = await r.read()  # time travel to before the deletion: the user, values erased
+    assert r.status == 200 and b"[erased" in at, at
+    history += at
     for clear in (ADA, "Ada", "Lovelace", "Augusta", "Countess", "ada-ext-77"):
         assert clear.encode() not in everything, clear
         assert clear not in decoded, clear
@@ -198,7 +206,10 @@ async def test_force_deprovisions_first_and_writes_for_an_erased_subject_are_ref
     r = await client.get(f"/scim/v2/Users/{ada['id']}", headers=auth)
     assert r.status == 404
     # This instance's key ring still holds the key: the append itself refuses.
-    user = await database.store.load(database.pool, UUID(ada["id"]))
+    # Erased by another process: a reader of the stream re-reads its key row and sees it.
+    user: Any = None
+    for record in await database.store.read_stream(database.pool, UUID(ada["id"])):
+        user = database.store.to_domain(record).mutate(user)  # type: ignore[attr-defined]
     assert user is not None and user.deprovisioned
     assert "[erased" in user.state["userName"]
     # Another instance still caching the key (it never saw the erasure): the appending
