@@ -15,6 +15,7 @@ import orjson
 from infra.config import Settings
 from infra.embedded import EmbeddedPostgres
 from infra.eventstore import EventStore
+from infra.keys import KeyRing, load_master_key
 from infra.migrations import migrate
 
 
@@ -156,7 +157,7 @@ async def open_database(
             database = Database(
                 dsn,
                 pool,
-                EventStore(pool),
+                EventStore(pool, keys=KeyRing(load_master_key(settings.data_dir))),
                 embedded,
                 settings.db_connect_timeout,
                 settings.direct_database_url,

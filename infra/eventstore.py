@@ -24,12 +24,13 @@ from typing import Any, NamedTuple
 from uuid import UUID
 
 import asyncpg
+import orjson
 from asyncpg.pool import PoolConnectionProxy
 from eventsourcing.domain import Aggregate, DomainEventProtocol
 from eventsourcing.persistence import Mapper, StoredEvent
 
 from infra import metrics
-from infra.transcoder import make_mapper
+from infra.keys import KeyRing, SealingMapper, SubjectErased, is_personal_topic
 
 NOTIFY_CHANNEL = "scimledger_events"
 NOTIFY_COALESCE_SECONDS = 0.05
@@ -97,27 +98,46 @@ _COLUMNS = (
 # before it waited for the writer of the stream's previous version; then its id is the lower
 # of the two. Such an append fails whole (`late` raises SL001, migration 0010), and is retried
 # in a new transaction, whose id is higher than that of every committed one.
-_INSERT = f"""
-WITH e AS (
+#
+# Crypto-shredding (infra.keys): the data keys of new subjects are stored by the same statement
+# ($7..$9), and an append for a subject whose key was destroyed (erased) fails whole (`erased`
+# raises SL002, migration 0017): on every instance, whatever its cache holds.
+_APPEND_CTES = """
+e AS (
     SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bytea[])
         AS e (originator_id, originator_version, topic, state)
+), new_keys AS (
+    INSERT INTO subject_keys (subject_id, tenant_id, kek_version, wrapped)
+    SELECT k.subject_id, $5::uuid, k.kek_version, k.wrapped
+    FROM unnest($7::uuid[], $8::int[], $9::bytea[]) AS k (subject_id, kek_version, wrapped)
+    ON CONFLICT DO NOTHING
+), erased AS (
+    SELECT scimledger_subject_erased(k.subject_id) FROM e JOIN subject_keys k
+        ON k.subject_id = e.originator_id
+    WHERE k.wrapped IS NULL
+    LIMIT 1
 ), late AS (
     SELECT scimledger_stream_written_later(p.originator_id) FROM e JOIN stored_events p
         ON p.originator_id = e.originator_id AND p.originator_version = e.originator_version - 1
     WHERE p.transaction_id > pg_current_xact_id()::text::bigint
     LIMIT 1
-)
+)"""
+_APPEND_INSERT = f"""
 INSERT INTO stored_events (originator_id, originator_version, topic, state, tenant_id, request_id)
 SELECT e.originator_id, e.originator_version, e.topic, e.state, $5::uuid, $6::text
-FROM e WHERE NOT EXISTS (SELECT 1 FROM late)
+FROM e WHERE NOT EXISTS (SELECT 1 FROM late) AND NOT EXISTS (SELECT 1 FROM erased)
 RETURNING {_COLUMNS}
 """
+_INSERT = f"WITH {_APPEND_CTES}{_APPEND_INSERT}"
 _OUT_OF_ORDER = "SL001"
+_ERASED = "SL002"
 
 # `append_with`: the append and one more data-modifying statement (its parameters numbered from
 # APPEND_PARAMETERS + 1) in one SQL statement, so one round trip and one transaction.
-APPEND_PARAMETERS = 6
-_APPEND_WITH = "WITH appended AS ({insert}), also AS ({statement}) SELECT * FROM appended"
+APPEND_PARAMETERS = 9
+_APPEND_WITH = (
+    "WITH {ctes}, appended AS ({insert}), also AS ({statement}) SELECT * FROM appended"
+)
 _PRIMARY_KEY = "stored_events_pkey"
 
 _READ_STREAM = f"""
@@ -149,14 +169,25 @@ ORDER BY notification_id
 """
 
 
+_SUBJECT_ERASED = "domain.erasure:Erasure.SubjectErased"
+
+
 def _recorded(row: asyncpg.Record) -> RecordedEvent:
     return RecordedEvent(*row)
 
 
 class EventStore:
-    def __init__(self, pool: asyncpg.Pool, mapper: Mapper[UUID] | None = None) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, mapper: Mapper[UUID] | None = None, keys: KeyRing | None = None
+    ) -> None:
         self.pool = pool
-        self.mapper = mapper or make_mapper()
+        if keys is None:
+            from infra.config import Settings
+            from infra.keys import load_master_key
+
+            keys = KeyRing(load_master_key(Settings().data_dir))
+        self.keys = keys
+        self.mapper = mapper or SealingMapper(keys)
         self._wake = asyncio.Event()
         self._notifier: asyncio.Task[None] | None = None
 
@@ -170,9 +201,11 @@ class EventStore:
         request_id: str | None = None,
     ) -> list[RecordedEvent]:
         """Append domain events in the caller's transaction; nothing is visible until it commits."""
-        return await self.append_stored(
-            conn, tenant_id, [self.mapper.to_stored_event(e) for e in events], request_id
-        )
+        if not events:
+            return []
+        new_keys = await self.keys.prepare(conn, tenant_id, events)
+        stored = [self.mapper.to_stored_event(e) for e in events]
+        return await self._insert(conn, _INSERT, stored, tenant_id, request_id, new_keys)
 
     async def append_stored(
         self,
@@ -183,7 +216,7 @@ class EventStore:
     ) -> list[RecordedEvent]:
         if not stored:
             return []
-        return await self._insert(conn, _INSERT, stored, tenant_id, request_id)
+        return await self._insert(conn, _INSERT, stored, tenant_id, request_id, [])
 
     async def append_with(
         self,
@@ -201,11 +234,12 @@ class EventStore:
         ConcurrencyError; any other error (a view's unique index) is raised as it is, and
         nothing is written.
         """
-        stored = [self.mapper.to_stored_event(e) for e in events]
-        if not stored:
+        if not events:
             raise ValueError("append_with needs at least one event")
-        sql = _APPEND_WITH.format(insert=_INSERT, statement=statement)
-        return await self._insert(conn, sql, stored, tenant_id, request_id, *args)
+        new_keys = await self.keys.prepare(conn, tenant_id, events)
+        stored = [self.mapper.to_stored_event(e) for e in events]
+        sql = _APPEND_WITH.format(ctes=_APPEND_CTES, insert=_APPEND_INSERT, statement=statement)
+        return await self._insert(conn, sql, stored, tenant_id, request_id, new_keys, *args)
 
     async def _insert(
         self,
@@ -214,10 +248,32 @@ class EventStore:
         stored: Sequence[StoredEvent],
         tenant_id: UUID,
         request_id: str | None,
+        new_keys: Sequence[tuple[UUID, int, bytes]],
         *args: Any,
     ) -> list[RecordedEvent]:
         """Run an append statement (`_INSERT`, alone or with more); its errors as ours."""
         started = time.perf_counter()
+        try:
+            return await self._insert_keyed(
+                conn, sql, stored, tenant_id, request_id, new_keys, *args
+            )
+        except BaseException:
+            # The new subjects' keys were not stored: forget them (a retry makes new ones).
+            self.keys.forget(k[0] for k in new_keys)
+            raise
+        finally:
+            metrics.APPEND_SECONDS.observe(time.perf_counter() - started)
+
+    async def _insert_keyed(
+        self,
+        conn: Conn,
+        sql: str,
+        stored: Sequence[StoredEvent],
+        tenant_id: UUID,
+        request_id: str | None,
+        new_keys: Sequence[tuple[UUID, int, bytes]],
+        *args: Any,
+    ) -> list[RecordedEvent]:
         try:
             rows = await conn.fetch(
                 sql,
@@ -227,6 +283,9 @@ class EventStore:
                 [s.state for s in stored],
                 tenant_id,
                 request_id,
+                [k[0] for k in new_keys],
+                [k[1] for k in new_keys],
+                [k[2] for k in new_keys],
                 *args,
             )
         except asyncpg.UniqueViolationError as e:
@@ -238,8 +297,11 @@ class EventStore:
             if e.sqlstate == _OUT_OF_ORDER:
                 metrics.CONFLICTS.labels("order").inc()
                 raise OutOfOrder(_late_stream(stored, e)) from None
+            if e.sqlstate == _ERASED:
+                subject = _late_stream(stored, e)
+                self.keys.erased(subject)
+                raise SubjectErased(subject) from None
             raise
-        metrics.APPEND_SECONDS.observe(time.perf_counter() - started)
         metrics.APPENDS.inc()
         metrics.EVENTS_APPENDED.inc(len(rows))
         return [_recorded(r) for r in rows]
@@ -292,10 +354,19 @@ class EventStore:
     # -- reading -----------------------------------------------------------------------------
 
     async def read_stream(
-        self, conn: Conn | asyncpg.Pool, originator_id: UUID, after_version: int = 0
+        self,
+        conn: Conn | asyncpg.Pool,
+        originator_id: UUID,
+        after_version: int = 0,
+        *,
+        fresh_keys: bool = True,
     ) -> list[RecordedEvent]:
+        """`fresh_keys`: re-read the stream's key row, so an erasure made on another instance
+        shows at once (a writer needs not: its append checks the row in the same statement)."""
         rows = await conn.fetch(_READ_STREAM, originator_id, after_version)
-        return [_recorded(r) for r in rows]
+        recorded = [_recorded(r) for r in rows]
+        await self.load_keys(conn, recorded, refresh=fresh_keys)
+        return recorded
 
     async def read_stream_until(
         self,
@@ -308,7 +379,9 @@ class EventStore:
         """The first `limit` events of a stream of `tenant_id` recorded at or before `until`
         (a stream of another tenant reads as empty: none of its events is read)."""
         rows = await conn.fetch(_READ_STREAM_UNTIL, originator_id, tenant_id, until, limit)
-        return [_recorded(r) for r in rows]
+        recorded = [_recorded(r) for r in rows]
+        await self.load_keys(conn, recorded, refresh=True)
+        return recorded
 
     async def read_all(
         self, after: Position = START, limit: int = 1000, conn: Any = None
@@ -323,7 +396,28 @@ class EventStore:
         if len(rows) == limit:
             last = rows[-1]
             rows += await source.fetch(_REST_OF_TRANSACTION, last[8], last[4])
-        return [_recorded(r) for r in rows]
+        recorded = [_recorded(r) for r in rows]
+        await self.load_keys(source, recorded)
+        return recorded
+
+    async def load_keys(
+        self, conn: Any, recorded: Sequence[RecordedEvent], *, refresh: bool = False
+    ) -> None:
+        """Load the data keys `to_domain` needs for these events (call before decoding them).
+
+        A `SubjectErased` event among them drops its subject's cached key first: a follower
+        on another instance stops decrypting the subject's events from there on.
+        """
+        subjects: set[UUID] = set()
+        for r in recorded:
+            if is_personal_topic(r.topic):
+                subjects.add(r.originator_id)
+            elif r.topic == _SUBJECT_ERASED:
+                erased = orjson.loads(r.state).get("subject_id")
+                if isinstance(erased, dict):
+                    self.keys.forget([UUID(erased["_data_"])])
+        if subjects:
+            await self.keys.load(conn, subjects, refresh=refresh, missing_unreadable=True)
 
     def to_domain(self, recorded: RecordedEvent) -> DomainEventProtocol[UUID]:
         return self.mapper.to_domain_event(recorded.stored())
@@ -331,7 +425,7 @@ class EventStore:
     async def load(self, conn: Conn | asyncpg.Pool, originator_id: UUID) -> Aggregate | None:
         """Rebuild an aggregate by replaying its stream; None if the stream is empty."""
         aggregate: Any = None
-        for recorded in await self.read_stream(conn, originator_id):
+        for recorded in await self.read_stream(conn, originator_id, fresh_keys=False):
             aggregate = self.to_domain(recorded).mutate(aggregate)  # type: ignore[attr-defined]
         return aggregate  # type: ignore[no-any-return]
 

@@ -17,12 +17,14 @@ from uuid import UUID
 
 import orjson
 
+from domain.erasure import Erasure
 from domain.errors import bounded
 from domain.group import Group
 from domain.request import ProvisioningRequest
 from domain.schema import EXTENSION_SEPARATOR, is_extension_urn
 from domain.user import User
 from infra.eventstore import Conn
+from infra.keys import ERASED, is_erased
 
 NAME = "audit"
 # 2: list and object values in modifiedProperties are UTF-8 JSON (orjson), not \u-escaped.
@@ -121,6 +123,8 @@ class _Entry:
 
     def action(self) -> str:
         kinds = set(self.kinds)
+        if "SubjectErased" in kinds:
+            return "erase"
         if kinds & {"UserProvisioned", "GroupCreated"}:
             return "create"
         if kinds & {"UserDeprovisioned", "GroupDeleted"}:
@@ -181,6 +185,7 @@ async def apply(
     resources = await _load_resources(conn, events, tables)
     entries: dict[int, _Entry] = {}
     flats: dict[UUID, Mapping[str, str]] = {}
+    erasures: list[tuple[UUID, UUID]] = []
     for event, record in zip(events, recorded, strict=True):
         entry = entries.get(record.transaction_id)
         if entry is None:
@@ -193,10 +198,32 @@ async def apply(
             entry.request = dict(fields.request)
             entry.error = dict(fields.error) if fields.error else None
             continue
+        if isinstance(event, Erasure.Event):
+            # An erasure: an entry of its own, naming the subject by id only.
+            entry.id = event.originator_id
+            entry.kinds.append("SubjectErased")
+            entry.request = {"method": "ERASE", "initiatedBy": fields.requested_by}
+            _add_target(entry, fields.subject_type, fields.subject_id, ERASED, None)
+            entry.properties.append(
+                {"displayName": "reason", "oldValue": None, "newValue": fields.reason}
+            )
+            entry.properties.append(
+                {"displayName": "events made unreadable", "oldValue": None,
+                 "newValue": str(fields.events)}
+            )
+            erasures.append((fields.tenant_id, fields.subject_id))
+            continue
         if not isinstance(event, User.Event | Group.Event):
             continue
         entry.kinds.append(type(event).__name__)
         rid = event.originator_id
+        if is_erased(rid):
+            # An erased subject: its values are gone; the entry keeps what happened, by id
+            # (the same as service.erasure leaves the entries made before the erasure).
+            kind = "User" if isinstance(event, User.Event) else "Group"
+            _add_target(entry, kind, rid, ERASED, None)
+            resources.pop(rid, None)
+            continue
         current = resources.get(rid)
         # Each resource's attributes as text, kept from one event to its next in the batch.
         before = flats[rid] if rid in flats else _flat(_state_of(current))
@@ -247,6 +274,30 @@ async def apply(
             " ON CONFLICT (transaction_id) DO NOTHING",
             *[list(c) for c in zip(*[_arrays(r) for r in rows], strict=True)],
         )
+    if erasures:
+        await _scrub(conn, erasures, tables)
+
+
+async def _scrub(
+    conn: Conn, erasures: Sequence[tuple[UUID, UUID]], tables: Mapping[str, str]
+) -> None:
+    """The erased subjects' entries keep what happened and when, not the values: the same
+    as a replay makes of them once the key is gone (see `apply`)."""
+    await conn.execute(
+        f"UPDATE {tables[ENTRIES]} e SET target_name = $3, source_id = NULL,"
+        " modified_properties = '[]'::jsonb"
+        " FROM unnest($1::uuid[], $2::uuid[]) AS x (tenant_id, subject_id)"
+        " WHERE e.tenant_id = x.tenant_id AND e.target_id = x.subject_id AND e.action <> 'erase'",
+        [t for t, _ in erasures],
+        [s for _, s in erasures],
+        ERASED,
+    )
+    await conn.execute(
+        f"DELETE FROM {tables[RESOURCES]} r USING unnest($1::uuid[], $2::uuid[])"
+        " AS x (tenant_id, subject_id) WHERE r.tenant_id = x.tenant_id AND r.id = x.subject_id",
+        [t for t, _ in erasures],
+        [s for _, s in erasures],
+    )
 
 
 def _arrays(row: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -349,6 +349,7 @@ class Rebuilder:
                         rows[-1]["notification_id"],
                     )
                 batch = [RecordedEvent(*r) for r in rows]
+                await self.db.store.load_keys(conn, batch)
             else:
                 batch = await self._read(conn, until)
             if until is not None and batch and batch[-1].position > until:

@@ -200,3 +200,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/audit/v1/export", export)
     app.router.add_get("/audit/v1/resources/{id}/history", history)
     app.router.add_get("/audit/v1/resources/{id}", resource_at)
+    from service import erasure_api  # issue 17: erasures, kept apart
+
+    erasure_api.add_routes(app)

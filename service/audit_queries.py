@@ -18,7 +18,7 @@ from infra.eventstore import Conn
 from projections.audit import ENTRY_COLUMNS
 from service.boundary import in_utc, is_bigint, text_problem
 
-ACTIONS = ("create", "update", "delete", "disable", "other")
+ACTIONS = ("create", "update", "delete", "disable", "erase", "other")
 STATUSES = ("success", "failure", "skipped")
 MAX_LIMIT = 500
 

@@ -426,6 +426,9 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/audit/export", _signed_in(export_page))
     app.router.add_get("/audit/assets/audit.css", stylesheet)
     app.router.add_get("/audit/assets/audit.js", script)
+    from service import erasure_web  # issue 17: erasures and receipts, kept apart
+
+    erasure_web.add_routes(app)
 
 
 # --- HTML ------------------------------------------------------------------------------------
@@ -573,7 +576,8 @@ def _toolbar(filters: Filters, shown: int) -> str:
         f'<a class="button secondary" id="export-csv" href="/audit/export?'
         f'{e_(filters.query(format="csv"))}">Download CSV</a>'
         f'<a class="button secondary" id="export-jsonl" href="/audit/export?'
-        f'{e_(filters.query(format="jsonl"))}">Download JSON lines</a></div>'
+        f'{e_(filters.query(format="jsonl"))}">Download JSON lines</a>'
+        '<a class="button secondary" href="/audit/erasures">Erasures</a></div>'
     )
 
 

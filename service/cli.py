@@ -1076,6 +1076,15 @@ def _add_feeds() -> None:
 _add_feeds()
 
 
+def _add_erasure() -> None:
+    from service.erasure_cli import register  # it builds on the helpers above
+
+    register(cli, audit)
+
+
+_add_erasure()
+
+
 # Options naming a file or directory: any bytes the file system takes.
 _PATH_OPTIONS = ("--data-dir", "--output")
 

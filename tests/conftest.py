@@ -24,6 +24,10 @@ from infra.migrations import migrate
 from infra.tenants import IssuedToken, create_tenant
 from service.app import create_app
 
+# One master key (infra.keys) for every process of the suite: the app, CLI subprocesses and
+# servers on other data directories all read the same events. (test_erasure tests the default.)
+os.environ.setdefault("SCIMLEDGER_MASTER_KEY", "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
+
 TEMPLATE = "scimledger_template"
 
 

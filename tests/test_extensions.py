@@ -51,12 +51,10 @@ async def post_user(client: Client, auth: dict[str, str], body: dict[str, Any]) 
 
 
 async def domain_events(database: Database, user_id: str) -> list[tuple[str, dict[str, Any]]]:
-    rows = await database.pool.fetch(
-        "SELECT topic, state FROM stored_events WHERE originator_id = $1"
-        " ORDER BY originator_version",
-        uuid.UUID(user_id),
-    )
-    return [(r["topic"].rpartition(".")[2], orjson.loads(r["state"])) for r in rows]
+    # Decoded by the store: personal values are sealed in the stored state (infra.keys).
+    store = database.store
+    records = await store.read_stream(database.pool, uuid.UUID(user_id))
+    return [(r.topic.rpartition(".")[2], dict(vars(store.to_domain(r)))) for r in records]
 
 
 async def test_entra_custom_attribute_round_trips(

@@ -26,6 +26,7 @@ from domain.request import ProvisioningRequest
 from domain.user import User
 from infra.database import Database
 from infra.eventstore import NOTIFY_CHANNEL, Conn, Position, RecordedEvent
+from infra.keys import is_erased
 from projections.runner import LOCK_NAMESPACE, SESSION_LOST, idle, lead
 from service.feeds import sets
 from service.feeds.keys import KeyRing
@@ -200,11 +201,14 @@ class Producer:
                         leaving = [m for m in change.removed if m in members]
                     if rid not in members and not entering and not leaving:
                         continue
-                if stream.full and change.data is None and method == "PUT":
+                # An erased subject (issue 17): notices only, naming attributes, never values.
+                erased = is_erased(change.resource_id)
+                if erased:
+                    change.external_id = None
+                full = stream.full and not erased
+                if full and change.data is None and method == "PUT":
                     change.data = await _resource_at(self.db, conn, change)
-                events = sets.payload_events(
-                    change, method=method, full=stream.full, wanted=stream.events
-                )
+                events = sets.payload_events(change, method=method, full=full, wanted=stream.events)
                 if events:
                     out.append(
                         self._sign(key, issuer, audience, iat, txn, sets.sub_id(change), events)
