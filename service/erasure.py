@@ -211,13 +211,16 @@ def _count(status: str) -> int:
 
 
 async def _deprovision(db: Database, tenant_id: UUID, subject_id: UUID, kind: str) -> None:
-    from service import handlers
+    from service.commands import DeleteGroup, DeleteUser
+    from service.handlers import Caller, Handlers
+    from service.scim.documents import ScimDocuments
 
-    caller = handlers.Caller(tenant_id=tenant_id, request_id=f"erasure-{uuid.uuid4()}")
+    handlers = Handlers(db, ScimDocuments())
+    caller = Caller(tenant_id=tenant_id, request_id=f"erasure-{uuid.uuid4()}")
     if kind == "User":
-        await handlers.deprovision_user(db, caller, subject_id)
+        await handlers.delete_user(caller, DeleteUser(subject_id))
     else:
-        await handlers.delete_group(db, caller, subject_id)
+        await handlers.delete_group(caller, DeleteGroup(subject_id))
 
 
 async def seal_stream(db: Database, conn: Conn, tenant_id: UUID, subject_id: UUID) -> int:
