@@ -376,12 +376,13 @@ async def redirect_to_log(request: web.Request) -> web.StreamResponse:
     return _redirect(COOKIE_PATH)
 
 
-def _asset(name: str) -> Handler:
+def _asset(name: str, content_type: str) -> Handler:
     """One of the pages' static files (only these: no directory is served)."""
     path = STATIC / name
+    headers = {"Content-Type": content_type, "Cache-Control": "max-age=3600"}
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        return web.FileResponse(path, headers={"Cache-Control": "max-age=3600"})
+        return web.FileResponse(path, headers=headers)
 
     return handler
 
@@ -396,5 +397,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/audit/entries/{id}", _signed_in(entry_page))
     app.router.add_get("/audit/resources/{id}", _signed_in(resource_page))
     app.router.add_get("/audit/export", _signed_in(export_page))
-    app.router.add_get("/audit/assets/audit.css", _asset("audit.css"))
-    app.router.add_get("/audit/assets/audit.js", _asset("audit.js"))
+    app.router.add_get("/audit/assets/audit.css", _asset("audit.css", "text/css"))
+    app.router.add_get("/audit/assets/audit.js", _asset("audit.js", "text/javascript"))
