@@ -29,7 +29,8 @@ from service.cli.common import (
 
 
 def _audit_filters(fn: F) -> F:
-    """The provisioning portal's filters, as options (audit list and audit export)."""
+    """The provisioning portal's filters, as options (audit list and audit export): the
+    command takes them as keyword arguments for `_audit_filter`."""
     for flag, key, metavar, help_text in reversed(_AUDIT_FILTERS):
         fn = click.option(flag, key, default=None, metavar=metavar, help=help_text)(fn)
     return fn
@@ -152,28 +153,18 @@ def _page_options(order: str) -> Callable[[F], F]:
 @database_options
 def audit_list(
     tenant: str,
-    since: str | None,
-    until: str | None,
-    action: str | None,
-    status: str | None,
-    target: str | None,
-    identity: str | None,
-    change_id: str | None,
-    client_request_id: str | None,
-    error_code: str | None,
     limit: int,
     next_token: str | None,
     json_output: bool,
     data_dir: Path | None,
     database_url: str | None,
+    **filters: str | None,
 ) -> None:
     """Entries newest first, a page at a time.
 
     Keyset pages: pass the token of one page with --next to get the following one.
     """
-    where = _audit_filter(
-        since, until, action, status, target, identity, change_id, client_request_id, error_code
-    )
+    where = _audit_filter(**filters)
     if next_token is not None:
         try:
             q.decode_next(next_token)
@@ -313,23 +304,13 @@ def audit_history(
 def audit_export(
     tenant: str,
     fmt: str,
-    since: str | None,
-    until: str | None,
-    action: str | None,
-    status: str | None,
-    target: str | None,
-    identity: str | None,
-    change_id: str | None,
-    client_request_id: str | None,
-    error_code: str | None,
     output: Path | None,
     data_dir: Path | None,
     database_url: str | None,
+    **filters: str | None,
 ) -> None:
     """Every selected entry, newest first, streamed in constant memory."""
-    where = _audit_filter(
-        since, until, action, status, target, identity, change_id, client_request_id, error_code
-    )
+    where = _audit_filter(**filters)
     settings = settings_for(data_dir, database_url)
 
     def export_to(sink: BinaryIO) -> int:
