@@ -94,9 +94,9 @@ from infra.eventstore import Conn, EventStore
 from infra.migrations import migrate
 from infra.tenants import create_tenant
 from projections.audit import ENTRY_COLUMNS
-from projections.rebuild import register
 from projections.registry import PROJECTIONS
 from projections.runner import Runner
+from projections.state import register
 from service import audit_queries as q
 from service.audit_queries import AuditFilter
 

@@ -80,9 +80,9 @@ from infra.database import create_pool, open_database
 from infra.eventstore import EventStore
 from infra.migrations import migrate
 from infra.transcoder import make_mapper
-from projections.rebuild import register
 from projections.registry import PROJECTIONS
 from projections.runner import Runner
+from projections.state import register
 
 RESULTS = ROOT / "bench" / "results" / "rebuild-latest.md"
 SMALL = 100_000

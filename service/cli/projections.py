@@ -23,8 +23,9 @@ from rich.table import Table
 from infra.config import Settings
 from infra.database import Database
 from projections import parallel
-from projections.rebuild import Rebuilder, RebuildReport, register, status
+from projections.rebuild import Rebuilder, RebuildReport
 from projections.registry import PROJECTIONS, Projection
+from projections.state import register, status
 from service.cli.common import CliError, F, database_options, on_database, settings_for
 
 
