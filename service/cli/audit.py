@@ -165,11 +165,7 @@ def audit_list(
     Keyset pages: pass the token of one page with --next to get the following one.
     """
     where = _audit_filter(**filters)
-    if next_token is not None:
-        try:
-            q.decode_next(next_token)
-        except q.BadQuery as e:
-            raise click.UsageError(str(e)) from None
+    _check_next(next_token)
     settings = settings_for(data_dir, database_url)
 
     async def work(conn: Conn) -> tuple[list[dict[str, Any]], str | None]:
@@ -179,6 +175,15 @@ def audit_list(
             raise click.UsageError(str(e)) from None
 
     _print_page(*on_connection(settings, work), json_output)
+
+
+def _check_next(next_token: str | None) -> None:
+    """A page token that is not one is a usage error before the database is opened."""
+    if next_token is not None:
+        try:
+            q.decode_next(next_token)
+        except q.BadQuery as e:
+            raise click.UsageError(str(e)) from None
 
 
 def _print_page(entries: list[dict[str, Any]], more: str | None, json_output: bool) -> None:
@@ -271,11 +276,7 @@ def audit_history(
         key = UUID(resource_id)
     except ValueError:
         raise click.BadParameter(f"{resource_id!r} is not a resource id") from None
-    if next_token is not None:
-        try:
-            q.decode_next(next_token)
-        except q.BadQuery as e:
-            raise click.UsageError(str(e)) from None
+    _check_next(next_token)
     settings = settings_for(data_dir, database_url)
 
     async def work(conn: Conn) -> tuple[list[dict[str, Any]], str | None]:
