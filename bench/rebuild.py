@@ -42,9 +42,9 @@ from bench.history import seed
 from bench.table import Ctx, Row
 from infra.config import Settings
 from infra.database import open_database
-from projections.rebuild import register
 from projections.registry import PROJECTIONS
 from projections.runner import Runner
+from projections.state import register
 
 TARGET = 50_000  # events/s, events x projections / seconds (the goal)
 TENANT_EVENTS = 50_000

@@ -13,18 +13,18 @@
 
 A dry run (or `verify`) stops before the swap; the shadow is always dropped unless swapped.
 A failed or interrupted rebuild leaves the live tables untouched, and the next run starts from a
-fresh shadow.
+fresh shadow. The shadow tables are in projections/shadow.py, the comparison in
+projections/diff.py; this module replays, catches up and swaps.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import re
 import resource
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -32,28 +32,16 @@ from eventsourcing.utils import TopicError, resolve_topic
 
 from infra.database import Database
 from infra.eventstore import START, Conn, Position, RecordedEvent
+from projections import state
+from projections.diff import TableDiff, diff
 from projections.registry import Projection
+from projections.shadow import create_shadow, drop_shadow, index_shadow, shadow_of, swap_in
 
-SUFFIX = "__rebuild"
 _COLUMNS = (
     "originator_id, originator_version, topic, state, notification_id, tenant_id, recorded_at,"
     " request_id, transaction_id"
 )
-SAMPLES = 5
 Progress = Callable[[int, int], None]  # (events applied so far, events in the log)
-
-
-@dataclass
-class TableDiff:
-    table: str
-    added: int = 0
-    removed: int = 0
-    changed: int = 0
-    samples: dict[str, list[str]] = field(default_factory=dict)
-
-    @property
-    def drift(self) -> bool:
-        return bool(self.added or self.removed or self.changed)
 
 
 @dataclass
@@ -70,129 +58,6 @@ class RebuildReport:
     @property
     def drift(self) -> bool:
         return any(d.drift for d in self.diffs)
-
-
-def shadow_of(table: str) -> str:
-    return table + SUFFIX
-
-
-async def _pk(conn: Conn, table: str) -> tuple[str, list[str]]:
-    row = await conn.fetchrow(
-        """
-        SELECT c.conname, array_agg(a.attname ORDER BY k.ord) AS cols
-        FROM pg_constraint c
-        CROSS JOIN LATERAL unnest(c.conkey) WITH ORDINALITY AS k (attnum, ord)
-        JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
-        WHERE c.conrelid = $1::regclass AND c.contype = 'p'
-        GROUP BY c.conname
-        """,
-        table,
-    )
-    assert row is not None, f"{table} has no primary key"
-    return row["conname"], list(row["cols"])
-
-
-async def _secondary_indexes(conn: Conn, table: str) -> list[tuple[str, str]]:
-    rows = await conn.fetch(
-        """
-        SELECT i.relname AS name, pg_get_indexdef(x.indexrelid) AS def
-        FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
-        WHERE x.indrelid = $1::regclass AND NOT x.indisprimary
-        ORDER BY i.relname
-        """,
-        table,
-    )
-    return [(r["name"], r["def"]) for r in rows]
-
-
-async def create_shadow(conn: Conn, table: str) -> None:
-    shadow = shadow_of(table)
-    pk_name, pk_cols = await _pk(conn, table)
-    await conn.execute(f"DROP TABLE IF EXISTS {shadow}")
-    await conn.execute(
-        f"CREATE TABLE {shadow} (LIKE {table} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
-    )
-    await conn.execute(
-        f"ALTER TABLE {shadow} ADD CONSTRAINT {pk_name}{SUFFIX} PRIMARY KEY ({', '.join(pk_cols)})"
-    )
-
-
-async def index_shadow(conn: Conn, table: str) -> None:
-    shadow = shadow_of(table)
-    for name, definition in await _secondary_indexes(conn, table):
-        shadow_def = re.sub(
-            r"INDEX (\S+) ON (\S+) ",
-            f"INDEX {name}{SUFFIX} ON {shadow} ",
-            definition,
-            count=1,
-        )
-        await conn.execute(shadow_def)
-
-
-async def swap_in(conn: Conn, table: str) -> None:
-    """Inside the caller's transaction: the shadow takes the live table's name and index names."""
-    shadow = shadow_of(table)
-    pk_name, _ = await _pk(conn, table)
-    indexes = [name for name, _ in await _secondary_indexes(conn, table)]
-    await conn.execute(f"DROP TABLE {table}")
-    await conn.execute(f"ALTER TABLE {shadow} RENAME TO {table}")
-    await conn.execute(f"ALTER TABLE {table} RENAME CONSTRAINT {pk_name}{SUFFIX} TO {pk_name}")
-    for name in indexes:
-        await conn.execute(f"ALTER INDEX {name}{SUFFIX} RENAME TO {name}")
-
-
-async def diff(conn: Conn, projection: Projection, table: str) -> TableDiff:
-    """Rows the shadow adds, removes and changes compared with the live table.
-
-    One pass over both (a full join on the primary key, rows compared column by column);
-    samples only for the kinds that occur.
-    """
-    shadow = shadow_of(table)
-    _, keys = await _pk(conn, table)
-    on = " AND ".join(f"s.{k} = l.{k}" for k in keys)
-    key = keys[0]
-    result = TableDiff(table)
-    counts = await conn.fetchrow(
-        f"SELECT count(*) FILTER (WHERE l.{key} IS NULL) AS added,"
-        f" count(*) FILTER (WHERE s.{key} IS NULL) AS removed,"
-        f" count(*) FILTER (WHERE s.{key} IS NOT NULL AND l.{key} IS NOT NULL"
-        f" AND ROW(s.*) IS DISTINCT FROM ROW(l.*)) AS changed"
-        f" FROM {shadow} s FULL JOIN {table} l ON {on}"
-    )
-    assert counts is not None
-    samples = {
-        "added": f"SELECT to_jsonb(s) AS r FROM {shadow} s LEFT JOIN {table} l ON {on}"
-        f" WHERE l.{key} IS NULL",
-        "removed": f"SELECT to_jsonb(l) AS r FROM {table} l LEFT JOIN {shadow} s ON {on}"
-        f" WHERE s.{key} IS NULL",
-        "changed": f"SELECT to_jsonb(s) AS r, to_jsonb(l) AS o FROM {shadow} s JOIN {table} l"
-        f" ON {on} WHERE ROW(s.*) IS DISTINCT FROM ROW(l.*)",
-    }
-    for kind, sql in samples.items():
-        count = int(counts[kind])
-        setattr(result, kind, count)
-        if count:
-            rows = await conn.fetch(f"{sql} LIMIT {SAMPLES}")
-            result.samples[kind] = [_sample(projection, table, kind, row) for row in rows]
-    return result
-
-
-def _sample(projection: Projection, table: str, kind: str, row: asyncpg.Record) -> str:
-    new = row["r"]
-    label = projection.describe(table, new)
-    if kind != "changed":
-        return label
-    old = row["o"]
-    fields = sorted(k for k in set(new) | set(old) if new.get(k) != old.get(k))
-    details = []
-    for key in fields:
-        before, after = old.get(key), new.get(key)
-        if isinstance(before, dict) and isinstance(after, dict):
-            inner = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
-            details.append(f"{key}: {', '.join(inner)}")
-        else:
-            details.append(key)
-    return f"{label}: {'; '.join(details)}"
 
 
 class _ReadAhead(list[RecordedEvent]):
@@ -244,13 +109,19 @@ class Rebuilder:
     def is_async(self) -> bool:
         return self.projection.mode == "async"
 
+    async def _live_checkpoint(self, conn: Conn, *, lock: bool = False) -> Position | None:
+        """Where an asynchronous projection's live view stands (None: inline, always current)."""
+        if not self.is_async:
+            return None
+        return await state.checkpoint(conn, self.projection.name, lock=lock)
+
     async def _hold_checkpoint(self, conn: Conn) -> Position | None:
         """Async: lock the checkpoint row (the runner waits) and return the live view's position.
 
         Taken before any live table, in the runner's own order (checkpoint row, then tables):
         the other order deadlocks with a runner step that holds the row and waits for a table.
         """
-        return await _checkpoint(conn, self.projection.name, lock=True) if self.is_async else None
+        return await self._live_checkpoint(conn, lock=True)
 
     async def _final_catch_up(
         self, conn: Conn, total: int, checkpoint: Position | None
@@ -272,7 +143,7 @@ class Rebuilder:
         # folds (`HANDLES`) gets only those, the ones its own filter would keep anyway.
         if not self.projection.decodes:
             return batch, []
-        handles = getattr(self.projection.module, "HANDLES", None)
+        handles = self.projection.handles
         mine = batch if handles is None else [r for r in batch if _folds(handles, r.topic)]
         return mine, [self.db.store.to_domain(r) for r in mine]
 
@@ -372,7 +243,7 @@ class Rebuilder:
                 await create_shadow(conn, table)
             # Bulk replay, then catch up with what was appended meanwhile until quiet. An
             # asynchronous projection's live view stands at its checkpoint: replay up to it.
-            until = await _checkpoint(conn, self.projection.name) if self.is_async else None
+            until = await self._live_checkpoint(conn)
             await self._catch_up(conn, total, until=until)
             while await self._catch_up(conn, total, until=until):
                 pass
@@ -400,7 +271,7 @@ class Rebuilder:
             try:
                 await self._stop_reading_ahead()
                 for table in self.projection.tables:
-                    await conn.execute(f"DROP TABLE IF EXISTS {shadow_of(table)}")
+                    await drop_shadow(conn, table)
             finally:
                 await conn.close()
 
@@ -448,7 +319,7 @@ class Rebuilder:
                     position = await self._final_catch_up(conn, total, checkpoint)
                     for table in self.projection.tables:
                         await swap_in(conn, table)
-                    await record_state(conn, self.projection, position, rebuilt=True)
+                    await state.record_state(conn, self.projection, position, rebuilt=True)
                 return
             except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError):
                 if attempt == 19:
@@ -457,7 +328,7 @@ class Rebuilder:
                 # view's checkpoint: the runner applies those events itself), try again.
                 self.position, self.applied = saved
                 await asyncio.sleep(0.01 * (attempt + 1))
-                until = await _checkpoint(conn, self.projection.name) if self.is_async else None
+                until = await self._live_checkpoint(conn)
                 await self._catch_up(conn, total, until=until)
         raise AssertionError("unreachable")
 
@@ -465,92 +336,3 @@ class Rebuilder:
 def _cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-async def _checkpoint(conn: Conn, name: str, *, lock: bool = False) -> Position:
-    row = await conn.fetchrow(
-        "SELECT checkpoint_transaction, checkpoint_position FROM projection_state WHERE name = $1"
-        + (" FOR UPDATE" if lock else ""),
-        name,
-    )
-    return Position(row[0], row[1]) if row else START
-
-
-async def record_state(
-    conn: Conn, projection: Projection, position: Position, *, rebuilt: bool = False
-) -> None:
-    await conn.execute(
-        """
-        INSERT INTO projection_state (name, version, mode, checkpoint_transaction,
-                                      checkpoint_position, rebuilt_at, updated_at)
-        VALUES ($1, $2, $3, $4, $5, CASE WHEN $6 THEN now() END, now())
-        ON CONFLICT (name) DO UPDATE SET
-            version = excluded.version, mode = excluded.mode,
-            checkpoint_transaction = excluded.checkpoint_transaction,
-            checkpoint_position = excluded.checkpoint_position,
-            rebuilt_at = coalesce(excluded.rebuilt_at, projection_state.rebuilt_at),
-            last_error = NULL, updated_at = now()
-        """,
-        projection.name,
-        projection.version,
-        projection.mode,
-        position[0],
-        position[1],
-        rebuilt,
-    )
-
-
-async def _behind(conn: Conn, row: Any) -> int:
-    position = (row["checkpoint_transaction"], row["checkpoint_position"]) if row else (0, 0)
-    count = await conn.fetchval(
-        "SELECT count(*) FROM stored_events"
-        " WHERE (transaction_id, notification_id) > ($1::bigint, $2::bigint)",
-        *position,
-    )
-    return int(count)
-
-
-async def register(conn: Conn, projections: Sequence[Projection]) -> None:
-    """Record projections seen for the first time at the code's version (they were built by it:
-    inline projections from the first event on)."""
-    for p in projections:
-        await conn.execute(
-            "INSERT INTO projection_state (name, version, mode) VALUES ($1, $2, $3)"
-            " ON CONFLICT (name) DO NOTHING",
-            p.name,
-            p.version,
-            p.mode,
-        )
-
-
-async def status(db: Database, projections: Sequence[Projection]) -> list[dict[str, Any]]:
-    """Name, version (code and stored), checkpoint, events behind, last error."""
-    async with db.pool.acquire() as conn:
-        head = await conn.fetchrow(
-            "SELECT coalesce(max(notification_id), 0) AS head, count(*) AS events"
-            " FROM stored_events"
-        )
-        assert head is not None
-        stored = {r["name"]: r for r in await conn.fetch("SELECT * FROM projection_state")}
-        out = []
-        for p in projections:
-            row = stored.get(p.name)
-            out.append(
-                {
-                    "name": p.name,
-                    "mode": p.mode,
-                    "version": p.version,
-                    "stored_version": row["version"] if row else None,
-                    # Inline projections are written in the append's own transaction.
-                    "checkpoint": head["head"]
-                    if p.mode == "inline"
-                    else (row["checkpoint_position"] if row else 0),
-                    "events_behind": 0 if p.mode == "inline" else await _behind(conn, row),
-                    "rebuilt_at": row["rebuilt_at"].isoformat()
-                    if row and row["rebuilt_at"]
-                    else None,
-                    "last_error": row["last_error"] if row else None,
-                    "needs_rebuild": row is None or row["version"] != p.version,
-                }
-            )
-        return out

@@ -23,9 +23,10 @@ import structlog
 
 from infra import metrics
 from infra.database import Database
-from infra.eventstore import NOTIFY_CHANNEL, Conn, Position
-from projections.rebuild import register
+from infra.eventstore import NOTIFY_CHANNEL, Conn
+from projections import state
 from projections.registry import Projection
+from projections.state import register
 
 log = structlog.get_logger("scimledger.projections")
 LOCK_NAMESPACE = 0x5C1E
@@ -115,26 +116,13 @@ class Runner:
     async def step(self, conn: Conn) -> int:
         """Apply one batch after the checkpoint; returns how many events it applied."""
         async with conn.transaction():
-            row = await conn.fetchrow(
-                "SELECT checkpoint_transaction, checkpoint_position FROM projection_state"
-                " WHERE name = $1 FOR UPDATE",
-                self.projection.name,
-            )
-            position = Position(row[0], row[1]) if row else Position(0, 0)
+            position = await state.checkpoint(conn, self.projection.name, lock=True)
             batch = await self.db.store.read_all(position, self.batch_size, conn=conn)
             if not batch:
                 return 0
             events = [self.db.store.to_domain(r) for r in batch] if self.projection.decodes else []
             await self.projection.apply(conn, events, self.tables, batch)
-            last = batch[-1].position
-            await conn.execute(
-                "UPDATE projection_state SET checkpoint_transaction = $2,"
-                " checkpoint_position = $3, last_error = NULL, updated_at = now()"
-                " WHERE name = $1",
-                self.projection.name,
-                last[0],
-                last[1],
-            )
+            await state.advance(conn, self.projection.name, batch[-1].position)
         self.applied += len(batch)
         metrics.PROJECTION_APPLIED.labels(self.projection.name).inc(len(batch))
         return len(batch)
@@ -143,12 +131,7 @@ class Runner:
         text = f"{type(error).__name__}: {error}"[:2000]
         log.error("projection handler failed", projection=self.projection.name, error=text)
         with contextlib.suppress(Exception):
-            await conn.execute(
-                "UPDATE projection_state SET last_error = $2, updated_at = now() WHERE name = $1",
-                self.projection.name,
-                text,
-            )
-
+            await state.record_error(conn, self.projection.name, text)
 
 async def lead(
     db: Database,

@@ -126,8 +126,8 @@ async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
 async def first_start(database: Database) -> IssuedToken | None:
     """Register the projections; on an empty database, create the tenant `default`."""
     from infra.ha import failover_checks
-    from projections.rebuild import register as register_projections
     from projections.registry import PROJECTIONS
+    from projections.state import register as register_projections
 
     async with database.pool.acquire() as conn:
         # What a failover would lose, said once at start (`scimledger doctor` says it all).

@@ -12,7 +12,7 @@ from aiohttp import web
 from domain.group import Group
 from domain.user import User
 from service import audit_queries as q
-from service.audit_export import CONTENT_TYPES, ExportWriter
+from service.audit_export import CONTENT_TYPES, chunks
 from service.boundary import in_utc
 from service.errors import ScimError
 from service.scim.groups import group_resource, member_entry
@@ -86,14 +86,10 @@ async def write_export(
             "Cache-Control": "no-store",
         }
     )
-    out = ExportWriter(fmt)
     # Pages read from the pool one at a time: no connection is held while the client reads.
+    entries = q.stream(request.app[DATABASE].pool, tenant_id, where)
     async with streaming(request, response) as stream:
-        async for item in q.stream(request.app[DATABASE].pool, tenant_id, where):
-            out.add(item)
-            if out.full:
-                await stream.write(out.take())
-        if data := out.take():
+        async for data in chunks(entries, fmt):
             await stream.write(data)
     return response
 

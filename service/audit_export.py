@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from typing import Any
 
 import orjson
@@ -110,3 +110,15 @@ class ExportWriter:
         self._text.truncate()
         self._lines.clear()
         return data
+
+
+async def chunks(entries: AsyncIterable[Mapping[str, Any]], fmt: str) -> AsyncIterator[bytes]:
+    """The export file of `entries` in `fmt`, a few hundred KB at a time (never empty): what
+    the API, the web page and the CLI send on, each to its own sink."""
+    out = ExportWriter(fmt)
+    async for entry in entries:
+        out.add(entry)
+        if out.full:
+            yield out.take()
+    if data := out.take():
+        yield data

@@ -15,6 +15,7 @@ import asyncpg
 import orjson
 
 from infra.eventstore import Conn
+from projections import state
 from projections.audit import ENTRY_COLUMNS
 from service.boundary import in_utc, is_bigint, text_problem
 
@@ -291,18 +292,8 @@ async def lag(conn: Conn | asyncpg.Pool, tenant_id: UUID) -> dict[str, Any]:
     neither the figure nor its cost tells anything about other tenants: no global position,
     no time of the projection's last step. `eventsBehindCapped`: the count reached the cap.
     """
-    row = await conn.fetchrow(
-        "SELECT (SELECT count(*) FROM ("
-        "  SELECT e.transaction_id, e.notification_id FROM stored_events e"
-        "  WHERE e.tenant_id = $1 ORDER BY e.notification_id DESC LIMIT $2) recent"
-        "  WHERE (recent.transaction_id, recent.notification_id)"
-        "   > (s.checkpoint_transaction, s.checkpoint_position)) AS behind"
-        " FROM projection_state s WHERE s.name = 'audit'",
-        tenant_id,
-        LAG_COUNT_CAP,
-    )
-    if row is None:
+    behind = await state.tenant_lag(conn, "audit", tenant_id, LAG_COUNT_CAP)
+    if behind is None:
         return {"eventsBehind": None, "eventsBehindCapped": False}
-    behind = int(row["behind"])
     return {"eventsBehind": behind, "eventsBehindCapped": behind >= LAG_COUNT_CAP}
 

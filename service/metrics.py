@@ -28,6 +28,8 @@ from prometheus_client.registry import Collector
 
 from infra import metrics as m
 from infra.supervisor import SupervisorStatus
+from projections import state
+from projections.registry import PROJECTIONS
 from service.state import DATABASE, SUPERVISOR
 
 # Bounds the work of one scrape when a projection is far behind: the gauge then reads "at least".
@@ -106,21 +108,12 @@ class _Supervision(Collector):
 
 
 async def _lag(pool: asyncpg.Pool) -> list[tuple[str, int, float]]:
-    from projections.registry import PROJECTIONS
-
     names = [p.name for p in PROJECTIONS.values() if p.mode == "async"]
     out = []
     async with pool.acquire() as conn:
-        checkpoints = {
-            r["name"]: (r["checkpoint_transaction"], r["checkpoint_position"])
-            for r in await conn.fetch(
-                "SELECT name, checkpoint_transaction, checkpoint_position FROM projection_state"
-                " WHERE name = any($1::text[])",
-                names,
-            )
-        }
+        checkpoints = await state.checkpoints(conn, names)
         for name in names:
-            after = checkpoints.get(name, (0, 0))
+            after = checkpoints[name]
             row = await conn.fetchrow(_LAG_SQL, after[0], after[1], _LAG_COUNT_CAP)
             assert row is not None
             out.append((name, int(row["events"]), float(row["seconds"] or 0.0)))

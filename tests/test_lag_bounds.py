@@ -14,8 +14,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from infra.config import Settings
 from infra.database import Database
 from infra.tenants import IssuedToken, create_tenant, issue_token
-from projections.rebuild import register
 from projections.registry import PROJECTIONS
+from projections.state import register
 from service import audit_web
 from service.app import create_app
 from tests.test_entra_users import create as create_user

@@ -25,8 +25,8 @@ from prometheus_client import REGISTRY
 
 from infra.database import Database
 from infra.tenants import IssuedToken
-from projections.rebuild import status
 from projections.registry import PROJECTIONS
+from projections.state import status
 from tests.test_cli import free_port, run
 from tests.test_entra_groups import create_group
 from tests.test_entra_users import ENTERPRISE, PATCH_OP, entra_user, headers

@@ -22,7 +22,7 @@ from infra.database import Database
 from infra.eventstore import RecordedEvent
 from infra.tenants import IssuedToken
 from infra.transcoder import OrjsonTranscoder
-from projections import rebuild, users
+from projections import rebuild, shadow, state, users
 from projections.rebuild import Rebuilder, RebuildReport
 from projections.registry import PROJECTIONS
 from service.unit_of_work import UnitOfWork
@@ -40,7 +40,7 @@ async def snapshot(db: Database) -> Snapshot:
     out: Snapshot = {}
     async with db.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
         for table in TABLES:
-            _, keys = await rebuild._pk(conn, table)
+            _, keys = await shadow.primary_key(conn, table)
             rows = await conn.fetch(f"SELECT * FROM {table} ORDER BY {', '.join(keys)}")
             out[table] = [tuple(r.values()) for r in rows]
     return out
@@ -50,7 +50,7 @@ async def settle(db: Database, within: float = 30.0) -> None:
     """Wait until the app's runners have brought every asynchronous projection to the end of
     the log (inline ones always are there); fail if they never do."""
     deadline = time.monotonic() + within
-    while any(r["events_behind"] for r in await rebuild.status(db, list(PROJECTIONS.values()))):
+    while any(r["events_behind"] for r in await state.status(db, list(PROJECTIONS.values()))):
         assert time.monotonic() < deadline, "the asynchronous projections never caught up"
         await asyncio.sleep(0.05)
 
@@ -62,7 +62,7 @@ async def table_oids(db: Database) -> dict[str, int]:
 
 async def leftover_shadows(db: Database) -> list[str]:
     rows = await db.pool.fetch(
-        "SELECT tablename FROM pg_tables WHERE tablename LIKE $1", f"%{rebuild.SUFFIX}"
+        "SELECT tablename FROM pg_tables WHERE tablename LIKE $1", f"%{shadow.SUFFIX}"
     )
     return [r["tablename"] for r in rows]
 
@@ -437,7 +437,7 @@ async def test_interrupted_rebuild_leaves_the_live_view_and_can_run_again(
     if stage == "replay":
         monkeypatch.setattr(Rebuilder, "_apply", failing_apply)
     else:  # after the live tables were dropped and renamed, inside the swap's transaction
-        monkeypatch.setattr(rebuild, "record_state", failing_record_state)
+        monkeypatch.setattr(state, "record_state", failing_record_state)
     for projection in PROJECTIONS.values():
         seen.clear()
         with pytest.raises(RuntimeError, match="interrupted"):

@@ -13,9 +13,10 @@ from aiohttp.test_utils import TestClient
 from domain.user import User
 from infra.database import Database
 from projections import activity
-from projections.rebuild import Rebuilder, register, status
+from projections.rebuild import Rebuilder
 from projections.registry import PROJECTIONS
 from projections.runner import Runner
+from projections.state import register, status
 from tests.test_entra_groups import create_group
 from tests.test_entra_users import create as create_user
 

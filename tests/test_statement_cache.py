@@ -15,9 +15,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from infra.config import Settings
 from infra.database import Database
 from infra.tenants import create_tenant, issue_token
-from projections.rebuild import Rebuilder, register
+from projections.rebuild import Rebuilder
 from projections.registry import PROJECTIONS
 from projections.runner import Runner
+from projections.state import register
 from service.app import create_app
 from tests.conftest import database_on
 from tests.test_entra_groups import create_group, patch_group

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import click
 import orjson
 
-from service.cli import _on_connection, _settings, database_options
+from service.cli.common import database_options, on_connection, settings_for
 from service.feeds import streams
 from service.feeds.targets import TargetRefused
 
@@ -19,9 +19,9 @@ T = TypeVar("T")
 
 def _do(data_dir: Path | None, database_url: str | None, work: Callable[[Any], Awaitable[T]]) -> T:
     """Run `work(conn)`; an operator's mistake (unknown stream, bad URL) is a usage error."""
-    settings = _settings(data_dir, database_url)
+    settings = settings_for(data_dir, database_url)
     try:
-        return _on_connection(settings, work)
+        return on_connection(settings, work)
     except (streams.StreamError, TargetRefused) as e:
         raise click.UsageError(str(e)) from None
 

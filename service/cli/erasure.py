@@ -11,7 +11,7 @@ import click
 import orjson
 
 from infra.database import open_database
-from service.cli import CliError, _run, _settings, _tenant_id, database_options
+from service.cli.common import CliError, database_options, find_tenant, run, settings_for
 
 
 def _uuid(raw: str, what: str) -> UUID:
@@ -68,7 +68,7 @@ def erase(
         raise click.UsageError("erase needs --tenant and one of --user or --group")
     kind = "User" if user_id is not None else "Group"
     subject = _uuid(user_id or group_id or "", f"--{kind.lower()}")
-    settings = _settings(data_dir, database_url)
+    settings = settings_for(data_dir, database_url)
 
     async def go() -> Any:
         from service.erasure import ErasureError
@@ -76,7 +76,7 @@ def erase(
 
         async with open_database(settings) as db:
             async with db.pool.acquire() as conn:
-                tenant_id = await _tenant_id(conn, tenant)
+                tenant_id = await find_tenant(conn, tenant)
             try:
                 return await do_erase(
                     db, tenant_id, subject, kind, requested_by, reason, force=force
@@ -84,7 +84,7 @@ def erase(
             except ErasureError as e:
                 raise CliError(str(e)) from None
 
-    _print_receipt(_run(go), json_output)
+    _print_receipt(run(go), json_output)
 
 
 @erase.command("verify")
@@ -97,7 +97,7 @@ def erase_verify(
     """Check an erasure's receipt: no event of the subject decrypts, no row holds its values.
     Exit code 0 when it holds, 1 otherwise."""
     wanted = _uuid(erasure_id, "ERASURE_ID")
-    settings = _settings(data_dir, database_url)
+    settings = settings_for(data_dir, database_url)
 
     async def go() -> Any:
         from service.erasure import verify
@@ -105,7 +105,7 @@ def erase_verify(
         async with open_database(settings) as db:
             return await verify(db, wanted)
 
-    receipt, problems = _run(go)
+    receipt, problems = run(go)
     if json_output:
         body = {"erasure": erasure_id, "verified": not problems, "problems": problems}
         if receipt is not None:
@@ -132,7 +132,7 @@ def erase_verify(
 def erase_migrate(quiet: bool, data_dir: Path | None, database_url: str | None) -> None:
     """Encrypt, in place, the events stored before encryption (once, after upgrading).
     Positions are kept; run it again to resume an interrupted run."""
-    settings = _settings(data_dir, database_url)
+    settings = settings_for(data_dir, database_url)
 
     async def go() -> int:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -155,7 +155,7 @@ def erase_migrate(quiet: bool, data_dir: Path | None, database_url: str | None) 
 
                 return await migrate_all(db, progress)
 
-    sealed = _run(go)
+    sealed = run(go)
     print(f"{sealed} event(s) encrypted in place")
 
 
@@ -189,12 +189,12 @@ def keys_rotate(
             new_master = _decode_key(new_master_key_file.read_text(), str(new_master_key_file))
         except (OSError, ValueError) as e:
             raise CliError(str(e)) from None
-    settings = _settings(data_dir, database_url)
+    settings = settings_for(data_dir, database_url)
 
     async def go() -> list[tuple[str, int]]:
         async with open_database(settings) as db, db.pool.acquire() as conn:
             if tenant is not None:
-                tenants = [(tenant, await _tenant_id(conn, tenant))]
+                tenants = [(tenant, await find_tenant(conn, tenant))]
             else:
                 rows = await conn.fetch("SELECT name, id FROM tenants ORDER BY name")
                 tenants = [(r["name"], r["id"]) for r in rows]
@@ -204,7 +204,7 @@ def keys_rotate(
                     done.append((name, await db.store.keys.rotate(conn, tenant_id, new_master)))
             return done
 
-    for name, count in _run(go):
+    for name, count in run(go):
         print(f"tenant {name}: {count} data key(s) rewrapped")
 
 
@@ -233,15 +233,15 @@ def audit_erasures(
     tenant: str, json_output: bool, data_dir: Path | None, database_url: str | None
 ) -> None:
     """The tenant's erasures, newest first, with their receipts."""
-    settings = _settings(data_dir, database_url)
+    settings = settings_for(data_dir, database_url)
 
     async def go() -> list[Any]:
         from service.erasure import receipts
 
         async with open_database(settings) as db, db.pool.acquire() as conn:
-            return await receipts(conn, await _tenant_id(conn, tenant))
+            return await receipts(conn, await find_tenant(conn, tenant))
 
-    found = _run(go)
+    found = run(go)
     if json_output:
         sys.stdout.buffer.write(b"".join(orjson.dumps(r.as_json()) + b"\n" for r in found))
         sys.stdout.flush()
@@ -253,7 +253,5 @@ def audit_erasures(
         )
 
 
-def register(cli: click.Group, audit: click.Group) -> None:
-    cli.add_command(erase)
-    cli.add_command(keys)
-    audit.add_command(audit_erasures)
+# `erase` and `keys` are command groups of their own; `audit erasures` joins the audit group.
+COMMANDS: list[click.Command] = [erase, keys]
