@@ -82,6 +82,7 @@ async def catch_up(dsn: str, n: int) -> tuple[float, int]:
                     # the outbox is full: a consumer acknowledges (drop what is pending)
                     await conn.execute("DELETE FROM feed_sets WHERE stream_id = $1", stream_id)
         elapsed = time.perf_counter() - started
+        producer.close()
         return n / elapsed, producer.produced
     finally:
         await pool.close()

@@ -36,6 +36,7 @@ class SigningKey:
 
     def __init__(self, kid: str, private_pem: str) -> None:
         self.kid = kid
+        self.private_pem = private_pem
         self.key: Any = serialization.load_pem_private_key(private_pem.encode(), password=None)
         header = orjson.dumps({"alg": ALGORITHM, "kid": kid, "typ": TYP})
         self._header = _b64(header) + b"."

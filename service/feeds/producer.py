@@ -13,21 +13,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
+import multiprocessing
+import os
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import asyncpg
 import structlog
 
-from domain.group import Group
-from domain.request import ProvisioningRequest
-from domain.user import User
 from infra.database import Database
 from infra.eventstore import NOTIFY_CHANNEL, Conn, Position, RecordedEvent
 from projections.runner import LOCK_NAMESPACE, SESSION_LOST, idle, lead
 from service.feeds import sets
+from service.feeds.build import (
+    NeedsStore,
+    Signer,
+    StreamView,
+    Token,
+    emit,
+    init_worker,
+    method_of,
+    needs_resource,
+    sign_chunk,
+    transactions,
+    txn_of,
+)
 from service.feeds.keys import KeyRing
 from service.feeds.streams import Stream
 
@@ -36,6 +48,8 @@ MAX_PENDING = 10_000
 LOCK_NAME = "feeds"
 # A lock namespace of its own: the projections' one holds a lock per projection, no other.
 FEEDS_LOCK_NAMESPACE = LOCK_NAMESPACE + 1
+# Worker processes that build and sign a catch-up's SETs (0: none, all in the producer).
+WORKERS = int(os.environ.get("SCIMLEDGER_FEED_WORKERS") or min(2, os.cpu_count() or 1))
 _STREAM = "SELECT s.*, t.name AS tenant FROM feed_streams s JOIN tenants t ON t.id = s.tenant_id"
 
 
@@ -59,6 +73,8 @@ class Producer:
         batch_size: int = 1000,
         poll_interval: float = 1.0,
         standby_interval: float = 1.0,
+        workers: int = WORKERS,
+        parallel_from: int = 400,
     ) -> None:
         self.db = db
         self.base_url = base_url
@@ -69,6 +85,10 @@ class Producer:
         self.active = False
         self.produced = 0
         self.woken = asyncio.Event()
+        # A batch of this many events or more is built in the worker processes (a catch-up).
+        self.workers = workers
+        self.parallel_from = parallel_from
+        self._pool: ProcessPoolExecutor | None = None
 
     async def run(self, stop: asyncio.Event, on_lead: Callable[[], None] | None = None) -> None:
         def active(on: bool) -> None:
@@ -81,15 +101,18 @@ class Producer:
         def interrupted(e: BaseException) -> None:
             log.warning("feed producer interrupted", error=f"{type(e).__name__}: {e}")
 
-        await lead(
-            self.db,
-            (FEEDS_LOCK_NAMESPACE, LOCK_NAME),
-            stop,
-            self.standby_interval,
-            lambda conn: self._follow(conn, stop),
-            active,
-            interrupted,
-        )
+        try:
+            await lead(
+                self.db,
+                (FEEDS_LOCK_NAMESPACE, LOCK_NAME),
+                stop,
+                self.standby_interval,
+                lambda conn: self._follow(conn, stop),
+                active,
+                interrupted,
+            )
+        finally:
+            await asyncio.shield(asyncio.to_thread(self.close))
 
     async def _follow(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
         def wake(*_: object) -> None:
@@ -164,11 +187,17 @@ class Producer:
 
     async def _sets(
         self, conn: Conn, stream: Stream, records: Sequence[RecordedEvent]
-    ) -> list[tuple[str, str, str]]:
+    ) -> list[Token]:
         """(jti, kid, compact JWS) of each SET these events make for the stream, in order."""
         key = await self.keys.current(conn, stream.tenant_id)
         base = self.base_url()
         issuer, audience = issuer_of(base), audience_of(base, stream.id)
+        view = StreamView(stream.id, stream.full, stream.events, stream.scope_group)
+        sign = Signer(key, issuer, audience)
+        if stream.scope_group is None and len(records) >= self.parallel_from:
+            tokens = await self._in_pool(view, sign, records)
+            if tokens is not None:
+                return tokens
         members: set[str] | None = None
         if stream.scope_group is not None:
             members = {
@@ -179,55 +208,15 @@ class Producer:
             }
         joined: list[str] = []
         left: list[str] = []
-        out: list[tuple[str, str, str]] = []
-        iat = int(time.time())
-        for transaction in _transactions(records):
+        out: list[Token] = []
+        for transaction in transactions(records):
             decoded = [self.db.store.to_domain(r) for r in transaction]
-            method: str | None = None
-            for event in decoded:
-                if isinstance(event, ProvisioningRequest.Event):
-                    method = str(getattr(event, "request", {}).get("method") or "") or None
-            # txn (RFC 9967 §2.2): the request's change id, the same on every stream.
-            txn = transaction[0].request_id or f"tx-{transaction[0].transaction_id}"
-            for change in sets.changes_of(decoded):
-                rid = str(change.resource_id)
-                entering: list[str] = []
-                leaving: list[str] = []
-                if members is not None:
-                    if change.resource_type == "Group" and change.resource_id == stream.scope_group:
-                        members.add(rid)
-                        entering = [m for m in change.added if m not in members]
-                        leaving = [m for m in change.removed if m in members]
-                    if rid not in members and not entering and not leaving:
-                        continue
-                if stream.full and change.data is None and method == "PUT":
+            method = method_of(decoded)
+            changes = sets.changes_of(decoded)
+            for change in changes:
+                if needs_resource(change, method, view):
                     change.data = await _resource_at(self.db, conn, change)
-                events = sets.payload_events(
-                    change, method=method, full=stream.full, wanted=stream.events
-                )
-                if events:
-                    out.append(
-                        self._sign(key, issuer, audience, iat, txn, sets.sub_id(change), events)
-                    )
-                if change.deleted and members is not None:
-                    members.discard(rid)
-                    left.append(rid)
-                # RFC 9967 §2.3: a member that joins or leaves the scope group enters or
-                # leaves the stream (after the group's own patch, in the same transaction).
-                for member, uri, gone in [(m, sets.FEED_ADD, False) for m in entering] + [
-                    (m, sets.FEED_REMOVE, True) for m in leaving
-                ]:
-                    assert members is not None
-                    if gone:
-                        members.discard(member)
-                        left.append(member)
-                    else:
-                        members.add(member)
-                        joined.append(member)
-                    name = uri.removeprefix(sets.PREFIX)
-                    if name in stream.events:
-                        subject = sets.feed_subject("User", member, None)
-                        out.append(self._sign(key, issuer, audience, iat, txn, subject, {uri: {}}))
+            out += emit(changes, method, txn_of(transaction), view, members, sign, joined, left)
         if joined or left:
             await conn.execute(
                 "DELETE FROM feed_members WHERE stream_id = $1 AND member_id = any($2::uuid[])",
@@ -242,27 +231,64 @@ class Producer:
             )
         return out
 
-    def _sign(
-        self,
-        key: Any,
-        issuer: str,
-        audience: str,
-        iat: int,
-        txn: str,
-        subject: dict[str, Any],
-        events: dict[str, Any],
-    ) -> tuple[str, str, str]:
-        jti = uuid.uuid4().hex
-        claims = sets.claims(
-            issuer=issuer,
-            audience=audience,
-            jti=jti,
-            iat=iat,
-            txn=txn,
-            subject=subject,
-            events=events,
-        )
-        return jti, key.kid, key.sign(claims)
+    async def _in_pool(
+        self, stream: StreamView, sign: Signer, records: Sequence[RecordedEvent]
+    ) -> list[Token] | None:
+        """A large batch of an unscoped stream, split on transaction boundaries over the worker
+        processes; None if there are none, or a chunk needs the store (then built here)."""
+        pool = self._workers()
+        if pool is None:
+            return None
+        chunks: list[list[RecordedEvent]] = [[]]
+        size = -(-len(records) // self.workers)
+        for transaction in transactions(records):
+            if len(chunks[-1]) >= size:
+                chunks.append([])
+            chunks[-1].extend(transaction)
+        loop = asyncio.get_running_loop()
+        key = sign.key
+        futures = [
+            loop.run_in_executor(
+                pool,
+                sign_chunk,
+                stream,
+                key.kid,
+                key.private_pem,
+                sign.issuer,
+                sign.audience,
+                sign.iat,
+                chunk,
+            )
+            for chunk in chunks
+        ]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        out: list[Token] = []
+        for result in results:
+            if isinstance(result, NeedsStore):
+                return None
+            if isinstance(result, BaseException):
+                raise result
+            out += result
+        return out
+
+    def _workers(self) -> ProcessPoolExecutor | None:
+        if self.workers < 1:
+            return None
+        if self._pool is None:
+            # spawn: a fresh interpreter, not a fork of one running an event loop with sockets
+            self._pool = ProcessPoolExecutor(
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=init_worker,
+                initargs=(self.db.store.mapper,),
+            )
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the worker processes (they start again on the next large batch)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     async def _record_error(self, conn: Conn, stream_id: uuid.UUID, error: Exception) -> None:
         text = f"{type(error).__name__}: {error}"[:2000]
@@ -273,25 +299,12 @@ class Producer:
             )
 
 
-def _transactions(records: Sequence[RecordedEvent]) -> list[list[RecordedEvent]]:
-    out: list[list[RecordedEvent]] = []
-    for record in records:
-        if out and out[-1][0].transaction_id == record.transaction_id:
-            out[-1].append(record)
-        else:
-            out.append([record])
-    return out
-
-
 async def _resource_at(db: Database, conn: Conn, change: sets.Change) -> dict[str, Any] | None:
-    """The resource as it was right after the change (for `put:full` data), by replay."""
-    aggregate: Any = None
-    for record in await db.store.read_stream(conn, change.resource_id):
-        if record.originator_version > change.version:
-            break
-        aggregate = db.store.to_domain(record).mutate(aggregate)  # type: ignore[attr-defined]
-    if isinstance(aggregate, User):
-        return sets.user_data(change.resource_id, aggregate.state_view)
-    if isinstance(aggregate, Group):
-        return sets.group_data(change.resource_id, aggregate.display_name, aggregate.external_id)
-    return None
+    """The resource as it was right after the change (for `put:full` data; a group with its
+    members), by replay of its stream up to the change's version."""
+    events = [
+        db.store.to_domain(record)
+        for record in await db.store.read_stream(conn, change.resource_id)
+        if record.originator_version <= change.version
+    ]
+    return sets.replayed(change.resource_id, events)
