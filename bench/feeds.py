@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import time
 import uuid
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -56,6 +58,16 @@ async def _fill(db: Database, tenant_id: uuid.UUID, n: int) -> None:
         )
 
 
+def _cpu() -> float:
+    """CPU seconds of this process and of its finished children (the producer's workers)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
+CPU_PER_SET: list[float] = []  # CPU seconds per SET of the last catch-up (process + workers)
+
+
 async def catch_up(dsn: str, n: int) -> tuple[float, int]:
     pool = await create_pool(dsn, min_size=1, max_size=4)
     db = Database(dsn=dsn, pool=pool, store=EventStore(pool), embedded=None)
@@ -75,6 +87,7 @@ async def catch_up(dsn: str, n: int) -> tuple[float, int]:
             )
         stream_id = uuid.UUID(created["id"])
         producer = Producer(db, lambda: "http://127.0.0.1:8000/scim/v2")
+        cpu = _cpu()
         started = time.perf_counter()
         async with pool.acquire() as conn:
             while producer.produced < n:
@@ -82,7 +95,8 @@ async def catch_up(dsn: str, n: int) -> tuple[float, int]:
                     # the outbox is full: a consumer acknowledges (drop what is pending)
                     await conn.execute("DELETE FROM feed_sets WHERE stream_id = $1", stream_id)
         elapsed = time.perf_counter() - started
-        producer.close()
+        producer.close()  # the workers end: their CPU is counted
+        CPU_PER_SET.append((_cpu() - cpu) / max(producer.produced, 1))
         return n / elapsed, producer.produced
     finally:
         await pool.close()
@@ -180,6 +194,39 @@ async def with_streams(dsn: str, requests: int, rounds: int) -> tuple[float, flo
     return median(none), median(two)
 
 
+def suite_part(ctx: Any, dsn: str) -> None:
+    """Row 10 of `make bench` (bench/suite.py): the catch-up and the writes with two streams."""
+    from bench import suite
+
+    target = asyncio.run(suite.make_database(dsn, "bench_feeds"))
+
+    async def go() -> tuple[tuple[float, int], tuple[float, float]]:
+        conn = await __import__("asyncpg").connect(target)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+        events = 20_000 if ctx.quick else 200_000
+        requests, rounds = (300, 1) if ctx.quick else (2000, 3)
+        return await catch_up(target, events), await with_streams(target, requests, rounds)
+
+    (rate, produced), (none, two) = asyncio.run(go())
+    ctx.add(
+        suite.Row(
+            "10",
+            "SCIM event feeds (bench.feeds): POST /Users with two active streams (poll + push"
+            " to a local receiver) against none; a poll stream's catch-up from the start",
+            f"{produced:,} events",
+            f"writes {two:,.0f}/s vs {none:,.0f}/s = {two / none:.2f};"
+            f" catch-up {rate:,.0f} SETs/s ({CPU_PER_SET[-1] * 1e6:,.0f} µs CPU per SET)",
+            "",
+            "≥ 0.90 of none; ≥ 20,000 SETs/s",
+            suite.verdict(two / none >= 0.9 and rate >= 20_000),
+            "",
+        )
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=100_000)
@@ -204,6 +251,10 @@ def main() -> None:
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_row(f"catch-up of {produced:,} events, signed SETs/s", f"{rate:,.0f}")
+    table.add_row(
+        "catch-up CPU per SET (producer + workers, not PostgreSQL), µs",
+        f"{CPU_PER_SET[-1] * 1e6:,.0f}",
+    )
     table.add_row("POST /Users per second, no active stream", f"{none:,.0f}")
     table.add_row("POST /Users per second, two streams (poll + push)", f"{two:,.0f}")
     table.add_row("two streams / none", f"{two / none:.2f}")

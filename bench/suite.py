@@ -145,7 +145,7 @@ QUICK = Sizes(
 )
 SPARE = 200  # users in no group, for the add/remove pairs
 PEER_PAIRS = 40
-PARTS = ("peer", "groups", "cycle", "rebuild", "audit", "cost")
+PARTS = ("peer", "groups", "cycle", "rebuild", "audit", "cost", "feeds")
 
 
 # --- CPU accounting -------------------------------------------------------------------------------
@@ -1372,6 +1372,10 @@ def run_all(ctx: Context) -> int:
             audit_part(ctx, dsn)
         if "cost" not in ctx.skip:
             cost_part(ctx, dsn, tmp / "serve-cost.log")
+        if "feeds" not in ctx.skip:
+            from bench import feeds as fbench
+
+            fbench.suite_part(ctx, dsn)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     ctx.rows.sort(key=lambda r: int(r.item))
     machine = machine_description(ctx.pg_version, load_before, rev)

@@ -69,10 +69,12 @@ class KeyRing:
     def __init__(self) -> None:
         self._loaded: dict[str, SigningKey] = {}
 
-    async def current(self, conn: Conn, tenant_id: UUID) -> SigningKey:
-        kid = await conn.fetchval(
-            "SELECT kid FROM feed_keys WHERE tenant_id = $1 AND retired_at IS NULL", tenant_id
-        )
+    async def current(self, conn: Conn, tenant_id: UUID, kid: str | None = None) -> SigningKey:
+        """The tenant's current key; `kid` if the caller has just read it (else read here)."""
+        if kid is None:
+            kid = await conn.fetchval(
+                "SELECT kid FROM feed_keys WHERE tenant_id = $1 AND retired_at IS NULL", tenant_id
+            )
         key = self._loaded.get(kid) if kid else None
         if key is None:
             key = await current_key(conn, tenant_id)

@@ -50,7 +50,15 @@ LOCK_NAME = "feeds"
 FEEDS_LOCK_NAMESPACE = LOCK_NAMESPACE + 1
 # Worker processes that build and sign a catch-up's SETs (0: none, all in the producer).
 WORKERS = int(os.environ.get("SCIMLEDGER_FEED_WORKERS") or min(2, os.cpu_count() or 1))
-_STREAM = "SELECT s.*, t.name AS tenant FROM feed_streams s JOIN tenants t ON t.id = s.tenant_id"
+_STEP = """
+SELECT s.*, t.name AS tenant,
+  (SELECT count(*) FROM (SELECT 1 FROM feed_sets f WHERE f.stream_id = s.id LIMIT $2) p)
+    AS pending,
+  (SELECT k.kid FROM feed_keys k WHERE k.tenant_id = s.tenant_id AND k.retired_at IS NULL) AS kid
+FROM feed_streams s JOIN tenants t ON t.id = s.tenant_id
+WHERE s.id = $1 AND s.paused_at IS NULL
+FOR UPDATE OF s
+"""
 
 
 def issuer_of(base: str) -> str:
@@ -73,6 +81,7 @@ class Producer:
         batch_size: int = 1000,
         poll_interval: float = 1.0,
         standby_interval: float = 1.0,
+        coalesce: float = 0.1,
         workers: int = WORKERS,
         parallel_from: int = 400,
     ) -> None:
@@ -85,6 +94,9 @@ class Producer:
         self.active = False
         self.produced = 0
         self.woken = asyncio.Event()
+        # After a wake-up, wait this long for more commits: one step per stream then covers
+        # many SCIM requests, instead of a handful of round trips per stream per request.
+        self.coalesce = coalesce
         # A batch of this many events or more is built in the worker processes (a catch-up).
         self.workers = workers
         self.parallel_from = parallel_from
@@ -140,21 +152,15 @@ class Producer:
             if busy:
                 continue
             await idle(conn, self.woken, stop, self.poll_interval)
+            if self.woken.is_set() and self.coalesce > 0:
+                await asyncio.sleep(self.coalesce)
 
     async def step(self, conn: Conn, stream_id: uuid.UUID) -> int:
         """Produce one batch of one stream's SETs; returns how many events it read."""
         async with conn.transaction():
-            row = await conn.fetchrow(
-                _STREAM + " WHERE s.id = $1 AND s.paused_at IS NULL FOR UPDATE OF s", stream_id
-            )
-            if row is None:
-                return 0
-            pending = await conn.fetchval(
-                "SELECT count(*) FROM (SELECT 1 FROM feed_sets WHERE stream_id = $1 LIMIT $2) p",
-                stream_id,
-                MAX_PENDING,
-            )
-            if pending >= MAX_PENDING:
+            # One round trip for the stream, what it has pending and its tenant's current key.
+            row = await conn.fetchrow(_STEP, stream_id, MAX_PENDING)
+            if row is None or row["pending"] >= MAX_PENDING:
                 return 0
             position = Position(row["checkpoint_transaction"], row["checkpoint_position"])
             batch = await self.db.store.read_all(position, self.batch_size, conn=conn)
@@ -162,7 +168,7 @@ class Producer:
                 return 0
             stream = Stream.of(row)
             mine = [r for r in batch if r.tenant_id == stream.tenant_id]
-            tokens = await self._sets(conn, stream, mine) if mine else []
+            tokens = await self._sets(conn, stream, mine, row["kid"]) if mine else []
             if tokens:
                 await conn.execute(
                     "INSERT INTO feed_sets (stream_id, jti, kid, token)"
@@ -186,10 +192,10 @@ class Producer:
         return len(batch)
 
     async def _sets(
-        self, conn: Conn, stream: Stream, records: Sequence[RecordedEvent]
+        self, conn: Conn, stream: Stream, records: Sequence[RecordedEvent], kid: str | None
     ) -> list[Token]:
         """(jti, kid, compact JWS) of each SET these events make for the stream, in order."""
-        key = await self.keys.current(conn, stream.tenant_id)
+        key = await self.keys.current(conn, stream.tenant_id, kid)
         base = self.base_url()
         issuer, audience = issuer_of(base), audience_of(base, stream.id)
         view = StreamView(stream.id, stream.full, stream.events, stream.scope_group)
