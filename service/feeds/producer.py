@@ -48,6 +48,12 @@ MAX_PENDING = 10_000
 LOCK_NAME = "feeds"
 # A lock namespace of its own: the projections' one holds a lock per projection, no other.
 FEEDS_LOCK_NAMESPACE = LOCK_NAMESPACE + 1
+# The feed's own commits do not wait for the WAL flush, so they do not queue behind (or
+# ahead of) the SCIM writers' ones. A crash may lose the last of them, atomically: a step's
+# SETs with its checkpoint (produced again, new `jti`s, the same `txn`: RFC 9967 §2.2 lets a
+# receiver see them as one transaction's), a delivery's removal (sent again, the same `jti`).
+# At-least-once and the order hold; nothing is skipped.
+ASYNC_COMMIT = "SET LOCAL synchronous_commit = off"
 # Worker processes that build and sign a catch-up's SETs (0: none, all in the producer).
 WORKERS = int(os.environ.get("SCIMLEDGER_FEED_WORKERS") or min(2, os.cpu_count() or 1))
 _STEP = """
@@ -101,6 +107,7 @@ class Producer:
         self.workers = workers
         self.parallel_from = parallel_from
         self._pool: ProcessPoolExecutor | None = None
+        self.in_workers = 0  # SETs the worker processes made
 
     async def run(self, stop: asyncio.Event, on_lead: Callable[[], None] | None = None) -> None:
         def active(on: bool) -> None:
@@ -158,6 +165,7 @@ class Producer:
     async def step(self, conn: Conn, stream_id: uuid.UUID) -> int:
         """Produce one batch of one stream's SETs; returns how many events it read."""
         async with conn.transaction():
+            await conn.execute(ASYNC_COMMIT)
             # One round trip for the stream, what it has pending and its tenant's current key.
             row = await conn.fetchrow(_STEP, stream_id, MAX_PENDING)
             if row is None or row["pending"] >= MAX_PENDING:
@@ -275,6 +283,7 @@ class Producer:
             if isinstance(result, BaseException):
                 raise result
             out += result
+        self.in_workers += len(out)
         return out
 
     def _workers(self) -> ProcessPoolExecutor | None:
