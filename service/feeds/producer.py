@@ -18,6 +18,7 @@ import os
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import asyncpg
@@ -279,6 +280,11 @@ class Producer:
         out: list[Token] = []
         for result in results:
             if isinstance(result, NeedsStore):
+                return None
+            if isinstance(result, BrokenProcessPool):  # a worker died: a new pool next time
+                log.warning("feed worker processes failed; this batch is built here")
+                pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
                 return None
             if isinstance(result, BaseException):
                 raise result
