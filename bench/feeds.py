@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import resource
 import time
@@ -122,28 +123,57 @@ async def _writes(base: str, token: str, requests: int, concurrency: int) -> flo
         return requests / (time.perf_counter() - started)
 
 
+def _receiver(ports: Any, stop: Any) -> None:
+    """A push receiver (RFC 8935: 202 for each SET), in its own process like a real one."""
+
+    async def go() -> None:
+        async def receive(request: web.Request) -> web.Response:
+            await request.read()
+            return web.Response(status=202)
+
+        app = web.Application()
+        app.router.add_post("/set", receive)
+        async with TestServer(app, host="127.0.0.1") as server:
+            ports.put(server.port)
+            await asyncio.to_thread(stop.wait)
+
+    asyncio.run(go())
+
+
+def _poller(url: str, token: str, stop: Any) -> None:
+    """A poll consumer (RFC 8936): long polls, acknowledging what the last poll gave."""
+
+    async def go() -> None:
+        acks: list[str] = []
+        headers = {"Authorization": f"Bearer {token}"}
+        async with aiohttp.ClientSession() as session:
+            while not stop.is_set():
+                body = {"ack": acks, "maxEvents": 500, "returnImmediately": False}
+                async with session.post(url, json=body, headers=headers) as r:
+                    acks = list((await r.json())["sets"])
+
+    asyncio.run(go())
+
+
 async def with_streams(dsn: str, requests: int, rounds: int) -> tuple[float, float]:
+    """POST /Users per second with the two streams paused and active, rounds alternating. The
+    receiver and the poll consumer run in processes of their own (as they would elsewhere);
+    the app, its producer and pusher, and the load client share this one."""
     os.environ["SCIMLEDGER_FEED_ALLOW_PRIVATE"] = "1"
     pool = await create_pool(dsn, min_size=2, max_size=20)
     db = Database(dsn=dsn, pool=pool, store=EventStore(pool), embedded=None)
-    received = 0
-
-    async def receive(request: web.Request) -> web.Response:
-        nonlocal received
-        await request.read()
-        received += 1
-        return web.Response(status=202)
-
-    receiver_app = web.Application()
-    receiver_app.router.add_post("/set", receive)
     settings = Settings(database_url=dsn, rate_limit=0, max_concurrent_per_token=0)
+    spawn = multiprocessing.get_context("spawn")
+    stop = spawn.Event()
+    ports = spawn.Queue()
+    receiver = spawn.Process(target=_receiver, args=(ports, stop), daemon=True)
+    receiver.start()
+    processes = [receiver]
     none: list[float] = []
     two: list[float] = []
     try:
-        async with (
-            TestServer(receiver_app, host="127.0.0.1") as receiver,
-            TestServer(create_app(settings, db), host="127.0.0.1") as server,
-        ):
+        port = await asyncio.to_thread(ports.get, True, 60)
+        async with TestServer(create_app(settings, db), host="127.0.0.1") as server:
             async with pool.acquire() as conn:
                 issued = await create_tenant(conn, f"writes-{uuid.uuid4().hex[:6]}")
                 polled = await streams.create(
@@ -159,27 +189,19 @@ async def with_streams(dsn: str, requests: int, rounds: int) -> tuple[float, flo
                     conn,
                     tenant=issued.tenant,
                     name="push",
-                    endpoint=str(receiver.make_url("/set")),
+                    endpoint=f"http://127.0.0.1:{port}/set",
                     events=streams.parse_events(None),
                     full=False,
                     scope_group=None,
                 )
             base = str(server.make_url("")).rstrip("/")
-            stop = asyncio.Event()
-
-            async def poller() -> None:
-                acks: list[str] = []
-                headers = {"Authorization": f"Bearer {polled['token']}"}
-                async with aiohttp.ClientSession() as session:
-                    while not stop.is_set():
-                        async with session.post(
-                            f"{base}/events/{polled['id']}",
-                            json={"ack": acks, "maxEvents": 500, "returnImmediately": False},
-                            headers=headers,
-                        ) as r:
-                            acks = list((await r.json())["sets"])
-
-            polling = asyncio.get_running_loop().create_task(poller())
+            poller = spawn.Process(
+                target=_poller,
+                args=(f"{base}/events/{polled['id']}", polled["token"], stop),
+                daemon=True,
+            )
+            poller.start()
+            processes.append(poller)
             await _writes(base, issued.token, requests // 4, 16)  # warm up
             for _ in range(rounds):
                 for active, samples in ((False, none), (True, two)):
@@ -188,8 +210,14 @@ async def with_streams(dsn: str, requests: int, rounds: int) -> tuple[float, flo
                             await streams.set_paused(conn, issued.tenant, name, not active)
                     samples.append(await _writes(base, issued.token, requests, 16))
             stop.set()
-            polling.cancel()
+            # the poller's last long poll ends when its stream is paused or at max_wait
+            await asyncio.to_thread(poller.join, 5)
     finally:
+        stop.set()
+        for process in processes:
+            process.join(5)
+            if process.is_alive():
+                process.terminate()
         await pool.close()
     return median(none), median(two)
 
