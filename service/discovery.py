@@ -11,7 +11,7 @@ from scim2_models import EnterpriseUser, Group, User
 from infra.config import Settings
 from service.errors import ScimError, scim_json
 from service.feeds.sets import EVENT_URIS
-from service.state import PRINCIPAL, SETTINGS, base_url
+from service.state import DATABASE, PRINCIPAL, SETTINGS, base_url
 
 LIST_RESPONSE = "urn:ietf:params:scim:api:messages:2.0:ListResponse"
 SPC_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"
@@ -167,10 +167,21 @@ async def service_provider_config(request: web.Request) -> web.Response:
 
 
 async def _security_events(request: web.Request) -> dict[str, Any]:
-    """RFC 9967 §4 `securityEvents`: announced for every tenant, since any tenant's operator
-    may create a stream (`scimledger feeds create`) and a client learns what it could follow.
-    No asynchronous requests (`Prefer: respond-async` is not supported): asyncRequest "none".
+    """RFC 9967 §4 `securityEvents`, for a tenant with event streams (`scimledger feeds`).
+
+    "Absent indicates the provider ... is not currently configured for Security Events": so a
+    tenant without streams gets none, and strict clients (scim2-models refuses members it does
+    not know) keep working for every tenant that does not use feeds. No asynchronous requests
+    (`Prefer: respond-async` is not supported): asyncRequest "none".
     """
+    principal = request.get(PRINCIPAL)
+    if principal is None:
+        return {}
+    configured = await request.app[DATABASE].pool.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM feed_streams WHERE tenant_id = $1)", principal.tenant_id
+    )
+    if not configured:
+        return {}
     return {"securityEvents": {"asyncRequest": "none", "eventUris": list(EVENT_URIS)}}
 
 

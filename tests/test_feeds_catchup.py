@@ -1,7 +1,6 @@
 """Feeds, issue 18's second round: a catch-up built in worker processes makes the same SETs as
 the producer alone; full data of creates and group puts is the whole resource; signing keys are
-sealed at rest; ServiceProviderConfig always announces securityEvents; a push connects to the
-address its check vetted (DNS rebinding)."""
+sealed at rest; a push connects to the address its check vetted (DNS rebinding)."""
 
 from __future__ import annotations
 
@@ -184,14 +183,6 @@ async def test_signing_keys_are_sealed_at_rest(
         monkeypatch.setenv("SCIMLEDGER_FEED_KEY", bad)
         with pytest.raises(sealing.SealError, match="32 bytes"):
             sealing.sealing_key()
-
-
-async def test_service_provider_config_announces_security_events_without_streams(
-    client: Client, auth: dict[str, str]
-) -> None:
-    r = await client.get("/scim/v2/ServiceProviderConfig", headers=auth)
-    events = (await r.json(content_type=None))["securityEvents"]
-    assert events == {"asyncRequest": "none", "eventUris": list(sets.EVENT_URIS)}
 
 
 async def test_a_push_connects_to_the_address_its_check_vetted(
