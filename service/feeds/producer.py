@@ -56,7 +56,10 @@ FEEDS_LOCK_NAMESPACE = LOCK_NAMESPACE + 1
 # At-least-once and the order hold; nothing is skipped.
 ASYNC_COMMIT = "SET LOCAL synchronous_commit = off"
 # Worker processes that build and sign a catch-up's SETs (0: none, all in the producer).
-WORKERS = int(os.environ.get("SCIMLEDGER_FEED_WORKERS") or min(2, os.cpu_count() or 1))
+# Opt-in: on the 2 shared cores measured (bench.feeds, load 7-14) the pool was slower than
+# the producer alone (3,770 vs 4,467 SETs/s, 105 vs 75 µs CPU per SET): it pays off only
+# with a core to spare.
+WORKERS = int(os.environ.get("SCIMLEDGER_FEED_WORKERS") or 0)
 _STEP = """
 SELECT s.*, t.name AS tenant,
   (SELECT count(*) FROM (SELECT 1 FROM feed_sets f WHERE f.stream_id = s.id LIMIT $2) p)
