@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
+import resource
 import time
 import uuid
+from typing import Any
 
 import aiohttp
+import asyncpg
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import durable_postgres, machine, median
+from bench.common import durable_postgres, machine, make_database, median, verdict
+from bench.table import Ctx, Row
 from domain.user import User
 from infra.config import Settings
 from infra.database import Database, create_pool
@@ -56,6 +61,16 @@ async def _fill(db: Database, tenant_id: uuid.UUID, n: int) -> None:
         )
 
 
+def _cpu() -> float:
+    """CPU seconds of this process and of its finished children (the producer's workers)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
+CPU_PER_SET: list[float] = []  # CPU seconds per SET of the last catch-up (process + workers)
+
+
 async def catch_up(dsn: str, n: int) -> tuple[float, int]:
     pool = await create_pool(dsn, min_size=1, max_size=4)
     db = Database(dsn=dsn, pool=pool, store=EventStore(pool), embedded=None)
@@ -75,6 +90,7 @@ async def catch_up(dsn: str, n: int) -> tuple[float, int]:
             )
         stream_id = uuid.UUID(created["id"])
         producer = Producer(db, lambda: "http://127.0.0.1:8000/scim/v2")
+        cpu = _cpu()
         started = time.perf_counter()
         async with pool.acquire() as conn:
             while producer.produced < n:
@@ -82,6 +98,7 @@ async def catch_up(dsn: str, n: int) -> tuple[float, int]:
                     # the outbox is full: a consumer acknowledges (drop what is pending)
                     await conn.execute("DELETE FROM feed_sets WHERE stream_id = $1", stream_id)
         elapsed = time.perf_counter() - started
+        CPU_PER_SET.append((_cpu() - cpu) / max(producer.produced, 1))
         return n / elapsed, producer.produced
     finally:
         await pool.close()
@@ -107,28 +124,57 @@ async def _writes(base: str, token: str, requests: int, concurrency: int) -> flo
         return requests / (time.perf_counter() - started)
 
 
+def _receiver(ports: Any, stop: Any) -> None:
+    """A push receiver (RFC 8935: 202 for each SET), in its own process like a real one."""
+
+    async def go() -> None:
+        async def receive(request: web.Request) -> web.Response:
+            await request.read()
+            return web.Response(status=202)
+
+        app = web.Application()
+        app.router.add_post("/set", receive)
+        async with TestServer(app, host="127.0.0.1") as server:
+            ports.put(server.port)
+            await asyncio.to_thread(stop.wait)
+
+    asyncio.run(go())
+
+
+def _poller(url: str, token: str, stop: Any) -> None:
+    """A poll consumer (RFC 8936): long polls, acknowledging what the last poll gave."""
+
+    async def go() -> None:
+        acks: list[str] = []
+        headers = {"Authorization": f"Bearer {token}"}
+        async with aiohttp.ClientSession() as session:
+            while not stop.is_set():
+                body = {"ack": acks, "maxEvents": 500, "returnImmediately": False}
+                async with session.post(url, json=body, headers=headers) as r:
+                    acks = list((await r.json())["sets"])
+
+    asyncio.run(go())
+
+
 async def with_streams(dsn: str, requests: int, rounds: int) -> tuple[float, float]:
+    """POST /Users per second with the two streams paused and active, rounds alternating. The
+    receiver and the poll consumer run in processes of their own (as they would elsewhere);
+    the app, its producer and pusher, and the load client share this one."""
     os.environ["SCIMLEDGER_FEED_ALLOW_PRIVATE"] = "1"
     pool = await create_pool(dsn, min_size=2, max_size=20)
     db = Database(dsn=dsn, pool=pool, store=EventStore(pool), embedded=None)
-    received = 0
-
-    async def receive(request: web.Request) -> web.Response:
-        nonlocal received
-        await request.read()
-        received += 1
-        return web.Response(status=202)
-
-    receiver_app = web.Application()
-    receiver_app.router.add_post("/set", receive)
     settings = Settings(database_url=dsn, rate_limit=0, max_concurrent_per_token=0)
+    spawn = multiprocessing.get_context("spawn")
+    stop = spawn.Event()
+    ports = spawn.Queue()
+    receiver = spawn.Process(target=_receiver, args=(ports, stop), daemon=True)
+    receiver.start()
+    processes = [receiver]
     none: list[float] = []
     two: list[float] = []
     try:
-        async with (
-            TestServer(receiver_app, host="127.0.0.1") as receiver,
-            TestServer(create_app(settings, db), host="127.0.0.1") as server,
-        ):
+        port = await asyncio.to_thread(ports.get, True, 60)
+        async with TestServer(create_app(settings, db), host="127.0.0.1") as server:
             async with pool.acquire() as conn:
                 issued = await create_tenant(conn, f"writes-{uuid.uuid4().hex[:6]}")
                 polled = await streams.create(
@@ -144,27 +190,19 @@ async def with_streams(dsn: str, requests: int, rounds: int) -> tuple[float, flo
                     conn,
                     tenant=issued.tenant,
                     name="push",
-                    endpoint=str(receiver.make_url("/set")),
+                    endpoint=f"http://127.0.0.1:{port}/set",
                     events=streams.parse_events(None),
                     full=False,
                     scope_group=None,
                 )
             base = str(server.make_url("")).rstrip("/")
-            stop = asyncio.Event()
-
-            async def poller() -> None:
-                acks: list[str] = []
-                headers = {"Authorization": f"Bearer {polled['token']}"}
-                async with aiohttp.ClientSession() as session:
-                    while not stop.is_set():
-                        async with session.post(
-                            f"{base}/events/{polled['id']}",
-                            json={"ack": acks, "maxEvents": 500, "returnImmediately": False},
-                            headers=headers,
-                        ) as r:
-                            acks = list((await r.json())["sets"])
-
-            polling = asyncio.get_running_loop().create_task(poller())
+            poller = spawn.Process(
+                target=_poller,
+                args=(f"{base}/events/{polled['id']}", polled["token"], stop),
+                daemon=True,
+            )
+            poller.start()
+            processes.append(poller)
             await _writes(base, issued.token, requests // 4, 16)  # warm up
             for _ in range(rounds):
                 for active, samples in ((False, none), (True, two)):
@@ -173,10 +211,44 @@ async def with_streams(dsn: str, requests: int, rounds: int) -> tuple[float, flo
                             await streams.set_paused(conn, issued.tenant, name, not active)
                     samples.append(await _writes(base, issued.token, requests, 16))
             stop.set()
-            polling.cancel()
+            # the poller's last long poll ends when its stream is paused or at max_wait
+            await asyncio.to_thread(poller.join, 5)
     finally:
+        stop.set()
+        for process in processes:
+            process.join(5)
+            if process.is_alive():
+                process.terminate()
         await pool.close()
     return median(none), median(two)
+
+
+async def feeds(ctx: Ctx) -> None:
+    """(10) the catch-up of a poll stream from the start, and the writes with two streams."""
+    target = await make_database(ctx.dsn, "bench_feeds")
+    conn = await asyncpg.connect(target)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    events = 20_000 if ctx.quick else 200_000
+    requests, rounds = (300, 1) if ctx.quick else (2000, 3)
+    rate, produced = await catch_up(target, events)
+    none, two = await with_streams(target, requests, rounds)
+    ctx.add(
+        Row(
+            "10",
+            "SCIM event feeds (bench.feeds): POST /Users with two active streams (poll + push"
+            " to a local receiver) against none; a poll stream's catch-up from the start",
+            f"{produced:,} events",
+            f"writes {two:,.0f}/s vs {none:,.0f}/s = {two / none:.2f};"
+            f" catch-up {rate:,.0f} SETs/s ({CPU_PER_SET[-1] * 1e6:,.0f} µs CPU per SET)",
+            "",
+            "≥ 0.90 of none; ≥ 20,000 SETs/s",
+            verdict(two / none >= 0.9 and rate >= 20_000),
+            "",
+        )
+    )
 
 
 def main() -> None:
@@ -203,6 +275,10 @@ def main() -> None:
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_row(f"catch-up of {produced:,} events, signed SETs/s", f"{rate:,.0f}")
+    table.add_row(
+        "catch-up CPU per SET (producer + workers, not PostgreSQL), µs",
+        f"{CPU_PER_SET[-1] * 1e6:,.0f}",
+    )
     table.add_row("POST /Users per second, no active stream", f"{none:,.0f}")
     table.add_row("POST /Users per second, two streams (poll + push)", f"{two:,.0f}")
     table.add_row("two streams / none", f"{two / none:.2f}")

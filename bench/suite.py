@@ -56,6 +56,7 @@ from bench.common import (
 )
 from bench.cost import cost
 from bench.cycle import cycle
+from bench.feeds import feeds
 from bench.groups import groups
 from bench.lookups import NAME_FORMAT, lookups
 from bench.posts import post_users
@@ -74,6 +75,7 @@ ROWS: list[tuple[str, Callable[[Ctx], Awaitable[None]], bool]] = [
     ("rebuild", rebuild, False),
     ("audit", audit, False),
     ("cost", cost, False),
+    ("feeds", feeds, False),
 ]
 PARTS = ("peer", *(name for name, _, _ in ROWS))
 __all__ = ["NAME_FORMAT", "ROWS", "main"]

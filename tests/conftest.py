@@ -29,6 +29,8 @@ from service.app import create_app
 os.environ.setdefault("SCIMLEDGER_MASTER_KEY", "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
 
 TEMPLATE = "scimledger_template"
+# Feed signing keys are sealed with this (service/feeds/sealing.py), not with a file in ./var.
+os.environ.setdefault("SCIMLEDGER_FEED_KEY", "c2NpbWxlZGdlci10ZXN0cy1mZWVkLXNlYWxpbmctayE")
 
 
 def with_database(dsn: str, name: str) -> str:

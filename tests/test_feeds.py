@@ -167,7 +167,7 @@ async def test_push_and_poll_get_the_same_signed_sets_across_failure_and_restart
                 assert time.monotonic() < deadline, len(receiver.tokens)
                 await asyncio.sleep(0.1)
             # The failing push stream left a provisioning-log entry (asynchronous projection).
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 30
             while not await database.pool.fetchval(
                 "SELECT count(*) FROM audit_entries"
                 " WHERE status = 'failure' AND error_reason LIKE $1",

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from jwt.algorithms import ECAlgorithm
 
 from infra.eventstore import Conn
+from service.feeds.sealing import is_sealed, seal, unseal
 
 ALGORITHM = "ES256"
 # RFC 8417 §2.3: explicit typing of SETs.
@@ -36,6 +37,7 @@ class SigningKey:
 
     def __init__(self, kid: str, private_pem: str) -> None:
         self.kid = kid
+        self.private_pem = private_pem
         self.key: Any = serialization.load_pem_private_key(private_pem.encode(), password=None)
         header = orjson.dumps({"alg": ALGORITHM, "kid": kid, "typ": TYP})
         self._header = _b64(header) + b"."
@@ -68,10 +70,12 @@ class KeyRing:
     def __init__(self) -> None:
         self._loaded: dict[str, SigningKey] = {}
 
-    async def current(self, conn: Conn, tenant_id: UUID) -> SigningKey:
-        kid = await conn.fetchval(
-            "SELECT kid FROM feed_keys WHERE tenant_id = $1 AND retired_at IS NULL", tenant_id
-        )
+    async def current(self, conn: Conn, tenant_id: UUID, kid: str | None = None) -> SigningKey:
+        """The tenant's current key; `kid` if the caller has just read it (else read here)."""
+        if kid is None:
+            kid = await conn.fetchval(
+                "SELECT kid FROM feed_keys WHERE tenant_id = $1 AND retired_at IS NULL", tenant_id
+            )
         key = self._loaded.get(kid) if kid else None
         if key is None:
             key = await current_key(conn, tenant_id)
@@ -85,19 +89,28 @@ async def current_key(conn: Conn, tenant_id: UUID) -> SigningKey:
         tenant_id,
     )
     if row is None:
+        kid = secrets.token_urlsafe(12)
         await conn.execute(
             "INSERT INTO feed_keys (kid, tenant_id, private_pem) VALUES ($1, $2, $3)"
             " ON CONFLICT DO NOTHING",
-            secrets.token_urlsafe(12),
+            kid,
             tenant_id,
-            _new_pem(),
+            seal(kid, _new_pem()),  # at rest sealed (service/feeds/sealing.py)
         )
         row = await conn.fetchrow(
             "SELECT kid, private_pem FROM feed_keys WHERE tenant_id = $1 AND retired_at IS NULL",
             tenant_id,
         )
     assert row is not None
-    return SigningKey(row["kid"], row["private_pem"])
+    pem = unseal(row["kid"], row["private_pem"])
+    if not is_sealed(row["private_pem"]):  # stored before sealing: sealed now
+        await conn.execute(
+            "UPDATE feed_keys SET private_pem = $2 WHERE kid = $1 AND private_pem = $3",
+            row["kid"],
+            seal(row["kid"], pem),
+            row["private_pem"],
+        )
+    return SigningKey(row["kid"], pem)
 
 
 async def rotate(conn: Conn, tenant_id: UUID) -> str:
@@ -110,10 +123,20 @@ async def rotate(conn: Conn, tenant_id: UUID) -> str:
         return (await current_key(conn, tenant_id)).kid
 
 
-def public_jwk(kid: str, private_pem: str) -> dict[str, Any]:
-    key: Any = serialization.load_pem_private_key(private_pem.encode(), password=None)
+_PUBLIC: dict[str, dict[str, Any]] = {}  # kid -> JWK: a key never changes under its kid
+
+
+def public_jwk(kid: str, stored: str) -> dict[str, Any]:
+    """The public JWK of a stored (sealed or plain) private key."""
+    cached = _PUBLIC.get(kid)
+    if cached is not None:
+        return cached
+    key: Any = serialization.load_pem_private_key(unseal(kid, stored).encode(), password=None)
     jwk: dict[str, Any] = ECAlgorithm.to_jwk(key.public_key(), as_dict=True)
-    return {**jwk, "kid": kid, "use": "sig", "alg": ALGORITHM}
+    if len(_PUBLIC) >= 10_000:
+        _PUBLIC.clear()
+    _PUBLIC[kid] = {**jwk, "kid": kid, "use": "sig", "alg": ALGORITHM}
+    return _PUBLIC[kid]
 
 
 async def jwks(conn: Any, tenant_id: UUID | None = None) -> dict[str, Any]:

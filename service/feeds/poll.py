@@ -20,6 +20,7 @@ from aiohttp import web
 
 from service.feeds.config import FEED_SETTINGS
 from service.feeds.keys import jwks
+from service.feeds.producer import ASYNC_COMMIT
 from service.state import DATABASE, PRINCIPAL
 
 log = structlog.get_logger("scimledger.feeds")
@@ -99,6 +100,7 @@ async def _poll(request: web.Request) -> web.Response:
     done = list(dict.fromkeys([*ack, *errs]))
     if done:
         async with pool.acquire() as conn, conn.transaction():
+            await conn.execute(ASYNC_COMMIT)  # see producer.py: lost, they are sent again
             removed = await conn.fetchval(
                 "WITH d AS (DELETE FROM feed_sets WHERE stream_id = $1 AND jti = any($2::text[])"
                 " RETURNING 1) SELECT count(*) FROM d",

@@ -27,7 +27,8 @@ from domain.request import ProvisioningRequest
 from infra.database import Database
 from projections.runner import _wait
 from service.feeds.config import FEED_SETTINGS
-from service.feeds.targets import TargetRefused, check_resolved
+from service.feeds.producer import ASYNC_COMMIT
+from service.feeds.targets import PinnedResolver, TargetRefused, check_resolved
 
 log = structlog.get_logger("scimledger.feeds")
 
@@ -76,11 +77,14 @@ class Pusher:
         self.db = db
         self.tasks: dict[uuid.UUID, asyncio.Task[None]] = {}
         self.failing: set[uuid.UUID] = set()
+        self.resolver = PinnedResolver()
 
     async def run(self, stop: asyncio.Event, leading: Any) -> None:
         session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=FEED_SETTINGS.push_timeout),
-            connector=aiohttp.TCPConnector(limit=100),
+            connector=aiohttp.TCPConnector(
+                limit=100, resolver=self.resolver, use_dns_cache=False
+            ),
         )
         try:
             while not stop.is_set():
@@ -142,7 +146,9 @@ class Pusher:
             done: list[int] = []
             outcome: tuple[str, str] | None = None
             try:
-                await check_resolved(stream["endpoint"])
+                # DNS rebinding: the connection goes to the addresses just vetted, not to what
+                # the name resolves to a moment later (service/feeds/targets.py).
+                self.resolver.pin(stream["endpoint"], await check_resolved(stream["endpoint"]))
             except TargetRefused as e:
                 outcome = ("retry", f"refused target: {e}")
             else:
@@ -256,6 +262,7 @@ class Pusher:
 
     async def _delivered(self, stream_id: uuid.UUID, seqs: list[int]) -> None:
         async with self.db.pool.acquire() as conn, conn.transaction():
+            await conn.execute(ASYNC_COMMIT)  # see producer.py: lost, they are sent again
             removed = await conn.fetchval(
                 "WITH d AS (DELETE FROM feed_sets WHERE stream_id = $1"
                 " AND seq = any($2::bigint[]) RETURNING 1) SELECT count(*) FROM d",

@@ -13,7 +13,17 @@ from typing import Any
 from uuid import UUID
 
 from domain.group import Group
-from domain.schema import ENTERPRISE_PREFIX
+from domain.schema import (
+    ACTIVE,
+    ENTERPRISE,
+    ENTERPRISE_PREFIX,
+    MANAGER,
+    NAME,
+    USER_MULTI_VALUED_ATTRIBUTES,
+    USER_NAME,
+    USER_STRING_ATTRIBUTES,
+    is_extension_urn,
+)
 from domain.user import User
 from service.scim.representation import user_document
 
@@ -103,6 +113,9 @@ class Change:
     external_id: str | None = None
     # The resource after the change (SCIM JSON, with id): `data` of create/put in full form.
     data: dict[str, Any] | None = None
+    # A created resource's events in this transaction (the creation first): its state after
+    # the transaction, made only when a SET needs it (see `resource`).
+    history: list[Any] = field(default_factory=list)
 
     @property
     def uri(self) -> str:
@@ -139,15 +152,16 @@ def changes_of(events: Iterable[Any]) -> list[Change]:
         if change is None:
             change = changes[event.originator_id] = Change(resource_type, event.originator_id)
         change.version = event.originator_version
+        if change.history:
+            change.history.append(event)
         if kind == "UserProvisioned":
             change.created = True
             change.external_id = fields.attributes.get("externalId")
-            state = {"userName": fields.user_name, **fields.attributes}
-            change.data = user_data(event.originator_id, state)
+            change.history = [event]
         elif kind == "GroupCreated":
             change.created = True
             change.external_id = fields.external_id
-            change.data = group_data(event.originator_id, fields.display_name, fields.external_id)
+            change.history = [event]
         elif kind in ("UserDeprovisioned", "GroupDeleted"):
             change.deleted = True
         elif kind == "UserDeactivated":
@@ -209,6 +223,69 @@ def changes_of(events: Iterable[Any]) -> list[Change]:
     return list(changes.values())
 
 
+def resource(change: Change) -> dict[str, Any] | None:
+    """`data` of create/put in full form: the resource as the provider holds it after the
+    transaction (RFC 9967 §2.4.1), with what later events of the same request set (extension
+    attributes sent with a create come as a UserAttributesChanged after the UserProvisioned;
+    a group's members as a GroupMembershipChanged)."""
+    if change.data is None and change.history:
+        change.data = replayed(change.resource_id, change.history)
+    return change.data
+
+
+def replayed(resource_id: UUID, events: Iterable[Any]) -> dict[str, Any] | None:
+    """The SCIM JSON of a User or Group after these of its events (from its creation)."""
+    events = list(events)
+    first: Any = events[0] if events else None
+    if len(events) == 1 and type(first).__name__ == "UserProvisioned":
+        return user_data(resource_id, {"userName": first.user_name, **first.attributes})
+    aggregate: Any = None
+    members: dict[str, str | None] = {}
+    for event in events:
+        aggregate = event.mutate(aggregate)
+        if type(event).__name__ == "GroupMembershipChanged":
+            note_members(members, event)
+    if isinstance(aggregate, User):
+        return user_data(resource_id, aggregate.state_view)
+    if isinstance(aggregate, Group):
+        return group_data(
+            resource_id,
+            aggregate.display_name,
+            aggregate.external_id,
+            aggregate.extensions,
+            members,
+        )
+    return None
+
+
+def note_members(members: dict[str, str | None], event: Any) -> None:
+    """Apply one GroupMembershipChanged to `members` (id -> display)."""
+    displays = getattr(event, "displays", None) or {}
+    for member in event.added:
+        members[member] = displays.get(member, members.get(member))
+    for member in event.removed:
+        members.pop(member, None)
+
+
+def created_names(change: Change) -> list[str]:
+    """`attributes` of prov:create:notice. A user created by one event (the common case, and
+    every event of a catch-up) is named from its state, in `user_document`'s order, without
+    building the document (tests/test_feeds_perf.py checks the two agree)."""
+    first: Any = change.history[0] if len(change.history) == 1 else None
+    if change.data is None and type(first).__name__ == "UserProvisioned":
+        state = {USER_NAME: first.user_name, **first.attributes}
+        names = ["id"]
+        order = (USER_NAME, *USER_STRING_ATTRIBUTES, NAME, ACTIVE, *USER_MULTI_VALUED_ATTRIBUTES)
+        names += [a for a in order if state.get(a) is not None]
+        extension = dict.fromkeys(state.get(ENTERPRISE) or {})
+        if state.get(MANAGER):
+            extension[MANAGER] = None
+        names += [f"{ENTERPRISE_SCHEMA}:{sub}" for sub in extension]
+        names += [key for key in state if is_extension_urn(key)]
+        return names
+    return create_attributes(resource(change) or {})
+
+
 def create_attributes(data: Mapping[str, Any]) -> list[str]:
     """`attributes` of prov:create:notice: the attributes the new resource has (RFC 9967 §2.4.1,
     Figure 5 lists "id" first)."""
@@ -229,11 +306,26 @@ def user_data(resource_id: UUID, state: Mapping[str, Any]) -> dict[str, Any]:
     return {"schemas": document.pop("schemas"), "id": str(resource_id), **document}
 
 
-def group_data(resource_id: UUID, display_name: str, external_id: str | None) -> dict[str, Any]:
-    data: dict[str, Any] = {"schemas": [GROUP_SCHEMA], "id": str(resource_id)}
+def group_data(
+    resource_id: UUID,
+    display_name: str,
+    external_id: str | None,
+    extensions: Mapping[str, Any] | None = None,
+    members: Mapping[str, str | None] | None = None,
+) -> dict[str, Any]:
+    """The Group as the provider holds it (RFC 7643 §4.2), with its members and extensions."""
+    urns = sorted(extensions or {})
+    data: dict[str, Any] = {"schemas": [GROUP_SCHEMA, *urns], "id": str(resource_id)}
     if external_id is not None:
         data["externalId"] = external_id
     data["displayName"] = display_name
+    if members:
+        data["members"] = [
+            {"value": m} if display is None else {"value": m, "display": display}
+            for m, display in members.items()
+        ]
+    for urn in urns:
+        data[urn] = dict(extensions[urn]) if extensions else {}
     return data
 
 
@@ -266,11 +358,11 @@ def payload_events(
         if full and name == "prov:patch":
             data = {"schemas": [PATCH_SCHEMA], "Operations": change.operations}
             events[base + ":full"] = {**version, "data": data}
-        elif full and change.data is not None:
-            events[base + ":full"] = {**version, "data": change.data}
+        elif full and resource(change) is not None:
+            events[base + ":full"] = {**version, "data": resource(change)}
         else:
             attributes = (
-                create_attributes(change.data or {}) if change.created else change.attributes
+                created_names(change) if change.created else change.attributes
             )
             events[base + ":notice"] = {**version, "attributes": attributes}
     if change.activated and not change.created and "prov:activate" in wanted:
