@@ -3,17 +3,25 @@
 A declaration is checked here once (its URN, its attributes' names and characteristics), so
 the request path only reads it: every request's token lookup carries its tenant's
 declarations (infra/tenants.py), and nothing is cached.
+
+Declaring and removing are recorded in the provisioning log like a SCIM write: a
+`RequestRecorded` event in the same transaction, saying who (`by`), when, and what (each
+attribute's characteristics before and after, under its full name).
 """
 
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import asyncpg
+import orjson
 
-from infra.eventstore import Conn
+from domain.request import ProvisioningRequest
+from domain.schema import extension_attribute_name
+from infra.eventstore import NOTIFY_CHANNEL, Conn, EventStore
 from infra.tenants import UnknownTenant
 
 RESOURCE_TYPES = ("User", "Group")
@@ -99,14 +107,22 @@ async def _tenant_id(conn: Conn, tenant: str) -> Any:
     return tenant_id
 
 
-async def declare(conn: Conn, tenant: str, schema: dict[str, Any], resource_type: str) -> bool:
+async def declare(
+    conn: Conn,
+    store: EventStore,
+    tenant: str,
+    schema: dict[str, Any],
+    resource_type: str,
+    by: str,
+) -> bool:
     """Declare (or re-declare) a schema; True when it is new for the tenant."""
     if resource_type not in RESOURCE_TYPES:
         raise BadDeclaration(f"resource type must be one of {', '.join(RESOURCE_TYPES)}")
     tenant_id = await _tenant_id(conn, tenant)
     async with conn.transaction():
-        removed = await conn.execute(
-            "DELETE FROM tenant_schemas WHERE tenant_id = $1 AND lower(urn) = lower($2)",
+        before = await conn.fetchval(
+            "DELETE FROM tenant_schemas WHERE tenant_id = $1 AND lower(urn) = lower($2)"
+            " RETURNING schema",
             tenant_id,
             schema["id"],
         )
@@ -118,7 +134,11 @@ async def declare(conn: Conn, tenant: str, schema: dict[str, Any], resource_type
             resource_type,
             schema,
         )
-    return bool(removed.endswith(" 0"))
+        action = "update" if before is not None else "create"
+        command = f"schemas add --resource-type {resource_type} {schema['id']}"
+        await _record(conn, store, tenant_id, action, command, by, schema["id"], before, schema)
+    await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+    return before is None
 
 
 async def declared(conn: Conn, tenant: str) -> list[asyncpg.Record]:
@@ -131,11 +151,82 @@ async def declared(conn: Conn, tenant: str) -> list[asyncpg.Record]:
     )
 
 
-async def withdraw(conn: Conn, tenant: str, urn: str) -> bool:
+async def withdraw(conn: Conn, store: EventStore, tenant: str, urn: str, by: str) -> bool:
     """Remove a declaration; values already recorded stay in the events."""
-    done = await conn.execute(
-        "DELETE FROM tenant_schemas WHERE tenant_id = $1 AND lower(urn) = lower($2)",
-        await _tenant_id(conn, tenant),
-        urn,
+    tenant_id = await _tenant_id(conn, tenant)
+    async with conn.transaction():
+        before = await conn.fetchval(
+            "DELETE FROM tenant_schemas WHERE tenant_id = $1 AND lower(urn) = lower($2)"
+            " RETURNING schema",
+            tenant_id,
+            urn,
+        )
+        if before is None:
+            return False
+        command = f"schemas remove {before['id']}"
+        await _record(conn, store, tenant_id, "delete", command, by, before["id"], before, None)
+    await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+    return True
+
+
+async def _record(
+    conn: Conn,
+    store: EventStore,
+    tenant_id: Any,
+    action: str,
+    command: str,
+    by: str,
+    urn: str,
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+) -> None:
+    """The provisioning-log entry of a declaration: its attributes' characteristics old -> new."""
+    record = ProvisioningRequest.record(
+        uuid.uuid4(),
+        tenant_id,
+        "success",
+        {
+            "method": "CLI",
+            "path": command,
+            "status": None,
+            "initiatedBy": by,
+            "client": None,
+            "targetType": "Schema",
+            "targetId": None,
+            "targetName": urn,
+            "clientRequestId": None,
+            "durationMs": 0,
+            "action": action,
+            "modifiedProperties": schema_changes(urn, before, after),
+        },
     )
-    return bool(done.endswith(" 1"))
+    await store.append(conn, tenant_id, record.collect_events(), uuid.uuid4().hex)
+
+
+def _characteristics(schema: Mapping[str, Any] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for attribute in (schema or {}).get("attributes", []):
+        described = {k: v for k, v in attribute.items() if k not in ("name", "description")}
+        out[attribute["name"].casefold()] = orjson.dumps(
+            described, option=orjson.OPT_SORT_KEYS
+        ).decode()
+    return out
+
+
+def schema_changes(
+    urn: str, before: Mapping[str, Any] | None, after: Mapping[str, Any] | None
+) -> list[dict[str, Any]]:
+    """modifiedProperties of a declaration: each attribute by its full name, its
+    characteristics (type, multiValued, mutability, …) as JSON text, old -> new."""
+    old, new = _characteristics(before), _characteristics(after)
+    names = {a["name"].casefold(): a["name"] for a in (before or {}).get("attributes", [])}
+    names.update({a["name"].casefold(): a["name"] for a in (after or {}).get("attributes", [])})
+    return [
+        {
+            "displayName": extension_attribute_name(urn, names[key]),
+            "oldValue": old.get(key),
+            "newValue": new.get(key),
+        }
+        for key in sorted(names)
+        if old.get(key) != new.get(key)
+    ]

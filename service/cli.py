@@ -68,6 +68,16 @@ def _on_connection(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T
     return _run(go)
 
 
+def _on_database(settings: Settings, work: Callable[[Any, Any], Awaitable[T]]) -> T:
+    """Run `work(database, conn)`: for commands that append events (to `database.store`)."""
+
+    async def go() -> T:
+        async with open_database(settings) as db, db.pool.acquire() as conn:
+            return await work(db, conn)
+
+    return _run(go)
+
+
 def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     import uvloop
 
@@ -986,6 +996,21 @@ def tenants_set(
     print(f"tenant {name} {done} {undeclared}s undeclared extension attributes")
 
 
+def _operator() -> str:
+    import getpass
+
+    try:
+        return f"{getpass.getuser()} (scimledger CLI)"
+    except (KeyError, OSError):
+        return "scimledger CLI"
+
+
+# Who declares: the provisioning log's initiatedBy for the entry the command records.
+_by_option = click.option(
+    "--by", default=_operator, show_default="the OS user", help="Who makes the change (logged)."
+)
+
+
 @cli.group()
 def schemas() -> None:
     """Extension schemas a tenant declares (RFC 7643 §7 form), for Users or Groups."""
@@ -997,11 +1022,13 @@ def schemas() -> None:
 @click.option(
     "--resource-type", type=click.Choice(["User", "Group"]), default="User", show_default=True
 )
+@_by_option
 @database_options
 def schemas_add(
     tenant: str,
     file: Path,
     resource_type: str,
+    by: str,
     data_dir: Path | None,
     database_url: str | None,
 ) -> None:
@@ -1015,7 +1042,9 @@ def schemas_add(
     except BadDeclaration as e:
         raise click.UsageError(f"{file}: {e}") from None
     settings = _settings(data_dir, database_url)
-    new = _on_connection(settings, lambda conn: declare(conn, tenant, schema, resource_type))
+    new = _on_database(
+        settings, lambda db, conn: declare(conn, db.store, tenant, schema, resource_type, by)
+    )
     done = "declared" if new else "declared again"
     print(f"{schema['id']} {done} for {resource_type}s of tenant {tenant}")
 
@@ -1064,13 +1093,16 @@ def schemas_show(tenant: str, urn: str, data_dir: Path | None, database_url: str
 @schemas.command("remove")
 @click.option("--tenant", required=True, help="Tenant name.")
 @click.argument("urn")
+@_by_option
 @database_options
-def schemas_remove(tenant: str, urn: str, data_dir: Path | None, database_url: str | None) -> None:
+def schemas_remove(
+    tenant: str, urn: str, by: str, data_dir: Path | None, database_url: str | None
+) -> None:
     """Withdraw a declaration (values already recorded stay in the events)."""
     from infra.schemas import withdraw
 
     settings = _settings(data_dir, database_url)
-    if not _on_connection(settings, lambda conn: withdraw(conn, tenant, urn)):
+    if not _on_database(settings, lambda db, conn: withdraw(conn, db.store, tenant, urn, by)):
         raise click.UsageError(f"tenant {tenant} declares no schema {urn}")
     print(f"{urn} removed from tenant {tenant}")
 

@@ -487,7 +487,7 @@ async def test_declared_unique_attribute_is_unique_per_tenant(
         "attributes": [{"name": "number", "type": "string", "uniqueness": "server"}],
     }
     async with database.pool.acquire() as conn:
-        await declare(conn, "acme", parse_declaration(schema), "User")
+        await declare(conn, database.store, "acme", parse_declaration(schema), "User", "test")
         other = await create_tenant(conn, "other")
 
     def badge_user(name: str, number: str) -> dict[str, Any]:
@@ -543,7 +543,7 @@ async def test_declared_required_read_only_and_write_only(
         ],
     }
     async with database.pool.acquire() as conn:
-        await declare(conn, "acme", parse_declaration(schema), "User")
+        await declare(conn, database.store, "acme", parse_declaration(schema), "User", "test")
     before = await event_count(database)
     missing = entra_user("missing@contoso.com")
     missing[BADGE] = {"colour": "blue"}
@@ -566,3 +566,62 @@ async def test_declared_required_read_only_and_write_only(
     before = await event_count(database)
     await patch(client, auth, user["id"], {"op": "remove", "path": f"{BADGE}:number"}, status=400)
     assert await event_count(database) == before
+
+
+async def test_declaring_is_recorded_in_the_provisioning_log(
+    client: Client, auth: dict[str, str], database: Database, fresh_dsn: str, tmp_path: Any
+) -> None:
+    db = ("--database-url", fresh_dsn)
+    reader = await audit_auth(database)
+    team_file = tmp_path / "team.json"
+    team_file.write_bytes(orjson.dumps(TEAM_SCHEMA))
+    code, _, err = await run(
+        "schemas", "add", "--tenant", "acme", str(team_file), "--resource-type", "Group",
+        "--by", "alice", *db,
+    )  # fmt: skip
+    assert code == 0, err
+    wider = {**TEAM_SCHEMA, "attributes": [{"name": "code", "caseExact": True}, {"name": "site"}]}
+    team_file.write_bytes(orjson.dumps(wider))
+    code, _, err = await run(
+        "schemas", "add", "--tenant", "acme", str(team_file), "--resource-type", "Group", *db
+    )
+    assert code == 0, err
+    code, _, err = await run(
+        "schemas", "remove", "--tenant", "acme", TEAM.upper(), "--by", "bob", *db
+    )
+    assert code == 0, err
+    # Nothing declared, nothing recorded.
+    code, _, _ = await run("schemas", "remove", "--tenant", "acme", TEAM, "--by", "bob", *db)
+    assert code == 2
+
+    entries = list(reversed((await settled(client, reader))["entries"]))
+    assert [(e["provisioningAction"], e["targetIdentity"]["displayName"]) for e in entries] == [
+        ("create", TEAM),
+        ("update", TEAM),
+        ("delete", TEAM),
+    ]
+    created, updated, removed = entries
+    assert created["initiatedBy"]["displayName"] == "alice"
+    assert removed["initiatedBy"]["displayName"] == "bob"
+    assert "(scimledger CLI)" in updated["initiatedBy"]["displayName"]
+    assert created["targetIdentity"]["identityType"] == "Schema"
+    assert created["request"]["path"] == f"schemas add --resource-type Group {TEAM}"
+    assert created["provisioningStatusInfo"]["status"] == "success"
+    assert [p["displayName"] for p in created["modifiedProperties"]] == [f"{TEAM}:code"]
+    (code_property,) = created["modifiedProperties"]
+    assert code_property["oldValue"] is None
+    assert orjson.loads(code_property["newValue"])["type"] == "string"
+    assert {
+        p["displayName"]: (p["oldValue"] is None, p["newValue"] is None)
+        for p in (updated["modifiedProperties"])
+    } == {f"{TEAM}:code": (False, False), f"{TEAM}:site": (True, False)}
+    assert orjson.loads(updated["modifiedProperties"][0]["newValue"])["caseExact"] is True
+    assert [p["newValue"] for p in removed["modifiedProperties"]] == [None, None]
+
+    # The CLI lists them like any other entry, and finds them by the URN.
+    code, out, err = await run(
+        "audit", "list", "--tenant", "acme", "--identity", "Team:2.0", "--json", *db
+    )
+    assert code == 0, err
+    listed = [orjson.loads(line) for line in out.splitlines()]
+    assert [e["provisioningAction"] for e in listed] == ["delete", "update", "create"]
