@@ -26,7 +26,7 @@ from infra import metrics
 from infra.database import Database
 from infra.eventstore import ConcurrencyError, OutOfOrder
 from service.errors import ScimError, invalid_value, not_found, precondition_failed, uniqueness
-from service.scim.declared import coerce_declared
+from service.scim.declared import check_immutable, coerce_declared, unique_attributes
 from service.scim.group_patch import UNSET, GroupChange
 from service.scim.patch import apply_extension_patch
 from service.unit_of_work import UnitOfWork, is_unique_violation
@@ -212,6 +212,7 @@ async def create_group(db: Database, caller: Caller, change: GroupChange) -> Gro
         )
         uow.add_group(group)
         await _change_members(uow, group, change)
+        await _check_unique_group(uow, group, unique_attributes(change.declared))
         await _flush(uow, group.display_name, "displayName")
         return group
 
@@ -231,8 +232,11 @@ async def change_group(
                 apply_extension_patch(group.extensions, change.extension_ops, change.max_values),
                 change.declared,
             )
+        if extensions is not None:
+            check_immutable(group.extensions, extensions, change.declared)
         _domain(lambda: group.update(display_name, external_id, extensions))
         await _change_members(uow, group, change)
+        await _check_unique_group(uow, group, unique_attributes(change.declared))
         await _flush(uow, group.display_name, "displayName")
         return group
 
@@ -411,6 +415,40 @@ async def _check_unique(
             f" AND {expression} = $5 LIMIT 1",
             user.tenant_id,
             user.id,
+            urn,
+            attribute,
+            text,
+        )
+        if taken:
+            raise uniqueness(f"{urn}:{attribute} {str(value)[:100]!r} is already taken")
+
+
+async def _check_unique_group(
+    uow: UnitOfWork, group: Group, unique: Sequence[tuple[str, str, bool]]
+) -> None:
+    """_check_unique for a group's declared extension attributes (scim_groups.extensions)."""
+    if not unique or not group.pending_events:
+        return
+    for urn, attribute, case_exact in unique:
+        value = (group.extensions.get(urn) or {}).get(attribute)
+        if value is None:
+            continue
+        text = value if isinstance(value, str) else orjson.dumps(value).decode()
+        if not case_exact:
+            text = text.lower()
+        conn = await uow.begin()
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            f"{group.tenant_id}\x1fGroup\x1f{urn}\x1f{attribute}\x1f{text}",
+        )
+        expression = "g.extensions -> $3 ->> $4"
+        if not case_exact:
+            expression = f"lower({expression})"
+        taken = await conn.fetchval(
+            f"SELECT 1 FROM scim_groups g WHERE g.tenant_id = $1 AND g.id <> $2"
+            f" AND {expression} = $5 LIMIT 1",
+            group.tenant_id,
+            group.id,
             urn,
             attribute,
             text,

@@ -625,3 +625,136 @@ async def test_declaring_is_recorded_in_the_provisioning_log(
     assert code == 0, err
     listed = [orjson.loads(line) for line in out.splitlines()]
     assert [e["provisioningAction"] for e in listed] == ["delete", "update", "create"]
+
+
+async def test_declared_immutable_case_exact_sorting_and_unique_groups(
+    client: Client, auth: dict[str, str], database: Database
+) -> None:
+    badge = {
+        "id": BADGE,
+        "attributes": [
+            {"name": "code", "caseExact": True},
+            {"name": "nick"},
+            {"name": "serial", "mutability": "immutable"},
+            {"name": "rank", "type": "integer"},
+            {"name": "onSite", "type": "boolean"},
+        ],
+    }
+    team = {
+        "id": TEAM,
+        "attributes": [
+            {"name": "code", "uniqueness": "server"},
+            {"name": "since", "mutability": "immutable"},
+        ],
+    }
+    async with database.pool.acquire() as conn:
+        await declare(conn, database.store, "acme", parse_declaration(badge), "User", "t")
+        await declare(conn, database.store, "acme", parse_declaration(team), "Group", "t")
+
+    def badge_user(name: str, **values: Any) -> dict[str, Any]:
+        body = entra_user(name)
+        body[BADGE] = values
+        return body
+
+    one = await post_user(
+        client,
+        auth,
+        badge_user("one@contoso.com", code="AbC", nick="Bob", serial="S1", rank=3, onSite=True),
+    )
+    two = await post_user(
+        client, auth, badge_user("two@contoso.com", code="abc", nick="alice", rank=10, onSite=False)
+    )
+
+    async def ids(query: str) -> list[str]:
+        return [u["id"] for u in (await find(client, auth, query))["Resources"]]
+
+    # caseExact true compares exactly, false (the default) case-insensitively; numbers and
+    # booleans as such.
+    assert await ids(f'filter={BADGE}:code eq "AbC"') == [one["id"]]
+    assert await ids(f'filter={BADGE}:code eq "abc"') == [two["id"]]
+    assert await ids(f'filter={BADGE}:code sw "A"') == [one["id"]]
+    assert await ids(f'filter={BADGE}:nick eq "BOB"') == [one["id"]]
+    assert await ids(f"filter={BADGE}:rank gt 5") == [two["id"]]
+    assert await ids(f"filter={BADGE}:onSite eq true") == [one["id"]]
+    r = await client.get(f'/scim/v2/Users?filter={BADGE}:rank eq "x"', headers=auth)
+    assert r.status == 400 and (await r.json())["scimType"] == "invalidFilter"
+    # sortBy: declared attributes sort as their type (caseExact false: case-insensitively).
+    assert await ids(f"sortBy={BADGE}:rank") == [one["id"], two["id"]]
+    assert await ids(f"sortBy={BADGE}:rank&sortOrder=descending") == [two["id"], one["id"]]
+    assert await ids(f"sortBy={BADGE}:nick") == [two["id"], one["id"]]
+    r = await client.get(f"/scim/v2/Users?sortBy={CUSTOM}:CustomAttribute", headers=auth)
+    assert r.status == 400 and (await r.json())["scimType"] == "invalidValue"
+
+    # immutable: set once (at creation or later), then the same value or a 400 mutability.
+    before = await event_count(database)
+    for operation in (
+        {"op": "Replace", "path": f"{BADGE}:serial", "value": "S2"},
+        {"op": "Remove", "path": f"{BADGE}:serial"},
+        {"op": "replace", "value": {f"{BADGE}:serial": "S3"}},
+    ):
+        error = await patch(client, auth, one["id"], operation, status=400)
+        assert error["scimType"] == "mutability" and f"{BADGE}:serial" in error["detail"]
+    r = await client.put(
+        f"/scim/v2/Users/{one['id']}",
+        json=badge_user("one@contoso.com", code="AbC", serial="S9"),
+        headers=headers(auth),
+    )
+    assert r.status == 400 and (await r.json())["scimType"] == "mutability"
+    assert await event_count(database) == before
+    await patch(
+        client, auth, one["id"], {"op": "Replace", "path": f"{BADGE}:serial", "value": "S1"}
+    )
+    patched = await patch(
+        client, auth, two["id"], {"op": "Add", "path": f"{BADGE}:serial", "value": "S7"}
+    )
+    assert patched[BADGE]["serial"] == "S7"
+    await patch(
+        client, auth, two["id"], {"op": "Add", "path": f"{BADGE}:serial", "value": "S8"}, status=400
+    )
+
+    # Groups: uniqueness server (409, case-insensitively), immutable, filter and sortBy.
+    async def group(body: dict[str, Any], status: int = 201) -> dict[str, Any]:
+        r = await client.post(
+            "/scim/v2/Groups", json={"schemas": [GROUP], **body}, headers=headers(auth)
+        )
+        assert r.status == status, await r.text()
+        return dict(await r.json())
+
+    async def group_patch(group_id: str, operation: dict[str, Any], status: int) -> Any:
+        r = await client.patch(
+            f"/scim/v2/Groups/{group_id}",
+            json={"schemas": [PATCH_OP], "Operations": [operation]},
+            headers=headers(auth),
+        )
+        assert r.status == status, await r.text()
+        return await r.json() if status != 204 else None
+
+    ops = await group({"displayName": "Ops", TEAM: {"code": "T1", "since": "2020"}})
+    before = await event_count(database)
+    error = await group({"displayName": "Ops2", TEAM: {"code": "t1"}}, status=409)
+    assert error["scimType"] == "uniqueness" and f"{TEAM}:code" in error["detail"]
+    assert await event_count(database) == before
+    sales = await group({"displayName": "Sales", TEAM: {"code": "T0"}})
+    error = await group_patch(
+        sales["id"], {"op": "Replace", "path": f"{TEAM}:code", "value": "T1"}, 409
+    )
+    assert error["scimType"] == "uniqueness"
+    error = await group_patch(
+        ops["id"], {"op": "Replace", "path": f"{TEAM}:since", "value": "2021"}, 400
+    )
+    assert error["scimType"] == "mutability"
+    r = await client.put(
+        f"/scim/v2/Groups/{ops['id']}",
+        json={"schemas": [GROUP], "displayName": "Ops", TEAM: {"code": "T1"}},
+        headers=headers(auth),
+    )
+    assert r.status == 400 and (await r.json())["scimType"] == "mutability"
+    await group_patch(ops["id"], {"op": "Replace", "path": "displayName", "value": "Ops!"}, 204)
+    r = await client.get(
+        f'/scim/v2/Groups?filter={TEAM}:code eq "t1"&sortBy={TEAM}:code', headers=auth
+    )
+    assert [g["id"] for g in (await r.json())["Resources"]] == [ops["id"]]
+    r = await client.get(
+        f"/scim/v2/Groups?sortBy={TEAM}:code&excludedAttributes=members", headers=auth
+    )
+    assert [g["id"] for g in (await r.json())["Resources"]] == [sales["id"], ops["id"]]

@@ -3,7 +3,9 @@
 scim2-models parses the filter; `FilterCompiler` walks its tree and emits a boolean SQL
 expression over the row alias of an `AttributeMap` (`u` for the users view). Nothing the
 client sends is ever spliced into the SQL: attribute names only select entries of the map,
-whose SQL fragments are constants of this module, and every value becomes a `$n` parameter.
+whose SQL fragments are constants of this module (or, for a tenant's declared extension
+attributes, quoted literals of what the operator declared: service/scim/declared_filter.py),
+and every value becomes a `$n` parameter.
 
 Semantics:
 - Each comparison is a boolean that may be NULL for an absent attribute; NOT is compiled as
@@ -42,6 +44,7 @@ from scim2_models.path import (
 )
 
 from service.errors import ScimError
+from service.scim.declared import Declared
 from service.scim.representation import is_undeclared_urn
 
 MAX_FILTER_LENGTH = 4096
@@ -84,6 +87,7 @@ class Kind(Enum):
     BOOLEAN = "boolean"
     DATETIME = "dateTime"
     UUID = "uuid"  # ids this service issues: compared as UUIDs, never an error
+    NUMBER = "number"  # declared integer and decimal extension attributes
     COMPLEX = "complex"  # single-valued complex: reached through its sub-attributes
     MULTI = "multi"  # multi-valued complex: rows of `source`, tested with EXISTS
 
@@ -137,6 +141,9 @@ class AttributeMap:
     extensions: Mapping[str, Mapping[str, Attribute]] = field(default_factory=dict)
     # The jsonb object (over the row alias) holding undeclared extensions under their URNs.
     undeclared: str | None = None
+    # A tenant's declared extensions: URN -> their single-valued attributes (the others are
+    # filtered like undeclared ones); only with their URN.
+    declared: Mapping[str, Mapping[str, Attribute]] = field(default_factory=dict)
 
     @property
     def schemas(self) -> frozenset[str]:
@@ -150,6 +157,9 @@ class AttributeMap:
             if uri == self.schema.lower():
                 return self.attributes.get(name)
             for schema, table in self.extensions.items():
+                if uri == schema.lower():
+                    return table.get(name)
+            for schema, table in self.declared.items():
                 if uri == schema.lower():
                     return table.get(name)
             return None
@@ -551,6 +561,7 @@ class FilterCompiler(FilterVisitor[str]):
             and path.uri is not None
             and is_undeclared_urn(path.uri)
             and path.uri.casefold() not in self.map.schemas
+            and self.map.lookup(path) is None
         )
 
     def _undeclared(self, path: AttrPath, condition: Callable[[str], str]) -> str:
@@ -617,6 +628,8 @@ class FilterCompiler(FilterVisitor[str]):
             return self._compare_datetime(attribute, op, value)
         if kind is Kind.UUID:
             return self._compare_uuid(attribute, op, value)
+        if kind is Kind.NUMBER:
+            return self._compare_number(attribute, op, value)
         raise _FilterError(f"{attribute.name} is a complex attribute and cannot be compared")
 
     def _compare_string(self, attribute: Attribute, op: CompareOperator, value: Any) -> str:
@@ -667,6 +680,18 @@ class FilterCompiler(FilterVisitor[str]):
         if op == CompareOperator.ne:
             return f"{attribute.sql} IS DISTINCT FROM {p}::timestamptz"
         return f"{attribute.sql} {_ORDERING[op]} {p}::timestamptz"
+
+    def _compare_number(self, attribute: Attribute, op: CompareOperator, value: Any) -> str:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _FilterError(f"{attribute.name} is a number: compare it with a number")
+        p = f"{self.params.add(json.dumps(value))}::text::numeric"
+        if op == CompareOperator.eq:
+            return f"{attribute.sql} = {p}"
+        if op == CompareOperator.ne:
+            return f"{attribute.sql} IS DISTINCT FROM {p}"
+        if op in _ORDERING:
+            return f"{attribute.sql} {_ORDERING[op]} {p}"
+        raise _FilterError(f"{op.value} is not supported on the number {attribute.name}")
 
     def _compare_uuid(self, attribute: Attribute, op: CompareOperator, value: Any) -> str:
         if op in (CompareOperator.eq, CompareOperator.ne):
@@ -784,16 +809,16 @@ def compile_sort(attribute_map: AttributeMap, sort_by: str) -> str:
     return attribute.sql
 
 
-def user_filter_sql(expression: str, params: SqlParams) -> str:
+def user_filter_sql(expression: str, params: SqlParams, declared: Declared | None = None) -> str:
     """A SQL boolean expression over alias u; raises service.errors.ScimError(400, detail,
     "invalidFilter")."""
-    return compile_filter(USER_ATTRIBUTES, expression, params)
+    return compile_filter(with_declared(USER_ATTRIBUTES, declared), expression, params)
 
 
-def user_sort_sql(sort_by: str) -> str:
+def user_sort_sql(sort_by: str, declared: Declared | None = None) -> str:
     """SQL expression (no user data inlined) for sortBy; unknown/multi-valued attribute ->
     ScimError(400, ..., "invalidValue")."""
-    return compile_sort(USER_ATTRIBUTES, sort_by)
+    return compile_sort(with_declared(USER_ATTRIBUTES, declared), sort_by)
 
 
 # --- the groups view ---------------------------------------------------------------------
@@ -835,10 +860,20 @@ GROUP_ATTRIBUTES = AttributeMap(
 )
 
 
-def group_filter_sql(expression: str, params: SqlParams) -> str:
+def group_filter_sql(expression: str, params: SqlParams, declared: Declared | None = None) -> str:
     """A SQL boolean expression over alias g (scim_groups); 400 invalidFilter on error."""
-    return compile_filter(GROUP_ATTRIBUTES, expression, params)
+    return compile_filter(with_declared(GROUP_ATTRIBUTES, declared), expression, params)
 
 
-def group_sort_sql(sort_by: str) -> str:
-    return compile_sort(GROUP_ATTRIBUTES, sort_by)
+def group_sort_sql(sort_by: str, declared: Declared | None = None) -> str:
+    return compile_sort(with_declared(GROUP_ATTRIBUTES, declared), sort_by)
+
+
+def with_declared(attribute_map: AttributeMap, declared: Declared | None) -> AttributeMap:
+    """The map with a tenant's declared extensions' attributes (over `map.undeclared`)."""
+    if not declared or attribute_map.undeclared is None:
+        return attribute_map
+    from service.scim.declared_filter import declared_tables
+
+    tables = declared_tables(attribute_map.undeclared, declared)
+    return dataclasses.replace(attribute_map, declared=tables)

@@ -19,6 +19,7 @@ from service import handlers
 from service.errors import invalid_syntax, invalid_value, not_found, scim_json
 from service.handlers import Caller, etag, etag_matches, parse_id
 from service.scim.declared import (
+    check_immutable,
     coerce_declared,
     declared_for,
     excluding,
@@ -302,11 +303,17 @@ async def get(request: web.Request) -> web.StreamResponse:
 async def replace(request: web.Request) -> web.Response:
     user_id = parse_id(request.match_info["id"])
     desired = await _desired(request)
+    declared = declared_for(request[PRINCIPAL].declared, "User")
+
+    def change(user: User) -> None:
+        check_immutable(user.state, desired, declared)
+        user.update(desired)
+
     user = await handlers.update_user(
         request.app[DATABASE],
         caller(request),
         user_id,
-        lambda u: u.update(desired),
+        change,
         request.headers.get("If-Match"),
         _costly(request),
         _unique(request),
@@ -337,7 +344,9 @@ async def patch(request: web.Request) -> web.Response:
                 f"This PATCH would make the user {size} bytes of JSON, more than a request body"
                 f" may carry ({settings.max_body_bytes}, SCIMLEDGER_MAX_BODY_BYTES)"
             )
-        user.update(coerce_declared(user_from_scim(document), declared))
+        desired = coerce_declared(user_from_scim(document), declared)
+        check_immutable(user.state, desired, declared)
+        user.update(desired)
 
     user = await handlers.update_user(
         request.app[DATABASE],
@@ -387,7 +396,8 @@ async def _search(request: web.Request, query: ListQuery) -> dict[str, Any]:
     pool = request.app[DATABASE].pool
     wants = _wants_groups(query.attributes, query.excluded_attributes)
     extra = _GROUPS_OF_ROW if wants else None
-    page = await fetch_page(pool, USERS_VIEW, request[PRINCIPAL].tenant_id, query, extra)
+    declared = declared_for(request[PRINCIPAL].declared, "User")
+    page = await fetch_page(pool, USERS_VIEW, request[PRINCIPAL].tenant_id, query, extra, declared)
     resources = _page(request, page.rows, query, wants)
     return list_response(resources, page.total, query, page.next_cursor)
 
