@@ -11,6 +11,7 @@ attribute's characteristics before and after, under its full name).
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 from collections.abc import Mapping
@@ -31,6 +32,77 @@ _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 _CORE = ("urn:ietf:params:scim:schemas:core:", "urn:ietf:params:scim:api:")
 _ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:user"
 MAX_ATTRIBUTES = 200
+
+
+# Where each resource type keeps its extensions: the view and its jsonb column.
+VIEWS = {"User": ("scim_users", "resource"), "Group": ("scim_groups", "extensions")}
+INDEX_PREFIX = "xattr_"
+
+
+def literal(text: str) -> str:
+    """A SQL string literal (standard_conforming_strings: only the quote is special)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def value_sql(column: str, urn: str, name: str) -> str:
+    """The jsonb value of a declared attribute (URN and name as declared) in `column`."""
+    return f"({column} -> {literal(urn)} -> {literal(name)})"
+
+
+def text_sql(column: str, urn: str, name: str) -> str:
+    """The same as text: what filters compare, indexes hold and uniqueness checks read."""
+    return f"({column} -> {literal(urn)} ->> {literal(name)})"
+
+
+def lookup_indexes(resource_type: str, schema: Mapping[str, Any]) -> dict[str, str]:
+    """name -> CREATE INDEX statement (CONCURRENTLY) of the expression index behind each
+    single-valued string attribute with `uniqueness: server`/`global`: (tenant_id, the value,
+    lower-cased unless caseExact), only over the rows that carry it. One index serves every
+    tenant that declares the same attribute."""
+    table, column = VIEWS[resource_type]
+    out: dict[str, str] = {}
+    for attribute in schema.get("attributes", []):
+        if (
+            attribute.get("uniqueness") not in ("server", "global")
+            or attribute.get("multiValued")
+            or attribute.get("type", "string") not in ("string", "reference")
+        ):
+            continue
+        value = text_sql(column, schema["id"], attribute["name"])
+        key = value if attribute.get("caseExact") else f"lower({value})"
+        digest = hashlib.sha256(f"{table}\x1f{key}".encode()).hexdigest()[:32]
+        name = f"{table}_{INDEX_PREFIX}{digest}"
+        out[name] = (
+            f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {table} (tenant_id, {key})"
+            f" WHERE {value} IS NOT NULL"
+        )
+    return out
+
+
+async def sync_indexes(conn: Conn) -> tuple[list[str], list[str]]:
+    """Create the lookup indexes today's declarations want and drop those none wants
+    (CONCURRENTLY: writers go on; outside a transaction). (created, dropped)."""
+    wanted: dict[str, str] = {}
+    for row in await conn.fetch("SELECT resource_type, schema FROM tenant_schemas"):
+        wanted.update(lookup_indexes(row["resource_type"], row["schema"]))
+    tables = [table for table, _ in VIEWS.values()]
+    present = {
+        r["name"]: r["valid"]
+        for r in await conn.fetch(
+            "SELECT c.relname AS name, i.indisvalid AS valid FROM pg_index i"
+            " JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_class t ON t.oid = i.indrelid"
+            " WHERE t.relname = any($1::text[])",
+            tables,
+        )
+        if any(r["name"].startswith(f"{table}_{INDEX_PREFIX}") for table in tables)
+    }
+    dropped = [n for n, valid in present.items() if n not in wanted or not valid]
+    for name in dropped:  # an invalid one is what an interrupted CONCURRENTLY build leaves
+        await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+    created = [n for n in wanted if n not in present or not present[n]]
+    for name in created:
+        await conn.execute(wanted[name])
+    return created, [n for n in dropped if n not in wanted]
 
 
 class BadDeclaration(ValueError):
@@ -138,6 +210,7 @@ async def declare(
         command = f"schemas add --resource-type {resource_type} {schema['id']}"
         await _record(conn, store, tenant_id, action, command, by, schema["id"], before, schema)
     await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+    await sync_indexes(conn)
     return before is None
 
 
@@ -166,6 +239,7 @@ async def withdraw(conn: Conn, store: EventStore, tenant: str, urn: str, by: str
         command = f"schemas remove {before['id']}"
         await _record(conn, store, tenant_id, "delete", command, by, before["id"], before, None)
     await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+    await sync_indexes(conn)
     return True
 
 

@@ -25,6 +25,7 @@ from domain.user import User
 from infra import metrics
 from infra.database import Database
 from infra.eventstore import ConcurrencyError, OutOfOrder
+from infra.schemas import text_sql
 from service.errors import ScimError, invalid_value, not_found, precondition_failed, uniqueness
 from service.scim.declared import check_immutable, coerce_declared, unique_attributes
 from service.scim.group_patch import UNSET, GroupChange
@@ -407,16 +408,15 @@ async def _check_unique(
             "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
             f"{user.tenant_id}\x1f{urn}\x1f{attribute}\x1f{text}",
         )
-        expression = "u.resource -> $3 ->> $4"
+        # The declared attribute's own expression (infra/schemas.py), so its index serves.
+        expression = text_sql("u.resource", urn, attribute)
         if not case_exact:
             expression = f"lower({expression})"
         taken = await conn.fetchval(
             f"SELECT 1 FROM scim_users u WHERE u.tenant_id = $1 AND u.id <> $2"
-            f" AND {expression} = $5 LIMIT 1",
+            f" AND {expression} = $3 LIMIT 1",
             user.tenant_id,
             user.id,
-            urn,
-            attribute,
             text,
         )
         if taken:
@@ -441,16 +441,14 @@ async def _check_unique_group(
             "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
             f"{group.tenant_id}\x1fGroup\x1f{urn}\x1f{attribute}\x1f{text}",
         )
-        expression = "g.extensions -> $3 ->> $4"
+        expression = text_sql("g.extensions", urn, attribute)
         if not case_exact:
             expression = f"lower({expression})"
         taken = await conn.fetchval(
             f"SELECT 1 FROM scim_groups g WHERE g.tenant_id = $1 AND g.id <> $2"
-            f" AND {expression} = $5 LIMIT 1",
+            f" AND {expression} = $3 LIMIT 1",
             group.tenant_id,
             group.id,
-            urn,
-            attribute,
             text,
         )
         if taken:

@@ -15,22 +15,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from infra.schemas import text_sql, value_sql
 from service.scim.declared import Declared
 from service.scim.filter import Attribute, Kind
-
-
-def literal(text: str) -> str:
-    """A SQL string literal (standard_conforming_strings: only the quote is special)."""
-    return "'" + text.replace("'", "''") + "'"
-
-
-def value_sql(column: str, urn: str, name: str) -> str:
-    """The jsonb value of a declared attribute in the jsonb object `column`."""
-    return f"({column} -> {literal(urn)} -> {literal(name)})"
-
-
-def text_sql(column: str, urn: str, name: str) -> str:
-    return f"({column} -> {literal(urn)} ->> {literal(name)})"
 
 
 def declared_attribute(column: str, urn: str, spec: Mapping[str, Any]) -> Attribute | None:
