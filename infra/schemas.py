@@ -54,37 +54,71 @@ def text_sql(column: str, urn: str, name: str) -> str:
     return f"({column} -> {literal(urn)} ->> {literal(name)})"
 
 
-def lookup_indexes(resource_type: str, schema: Mapping[str, Any]) -> dict[str, str]:
-    """name -> CREATE INDEX statement (CONCURRENTLY) of the expression index behind each
-    single-valued string attribute with `uniqueness: server`/`global`: (tenant_id, the value,
-    lower-cased unless caseExact), only over the rows that carry it. One index serves every
-    tenant that declares the same attribute."""
+def index_name(resource_type: str, tenant_id: Any, urn: str, name: str, case_exact: bool) -> str:
+    """The name of the unique index behind a declared attribute of one tenant."""
+    table, column = VIEWS[resource_type]
+    key = f"{table}\x1f{tenant_id}\x1f{_key(column, urn, name, case_exact)}"
+    return f"{table}_{INDEX_PREFIX}{hashlib.sha256(key.encode()).hexdigest()[:32]}"
+
+
+def _key(column: str, urn: str, name: str, case_exact: bool) -> str:
+    value = text_sql(column, urn, name)
+    return value if case_exact else f"lower({value})"
+
+
+def unique_indexed(schema: Mapping[str, Any]) -> list[tuple[str, bool]]:
+    """(name, caseExact) of the attributes a unique index stands behind: single-valued
+    strings and references with `uniqueness: server` or `global`."""
+    return [
+        (a["name"], bool(a.get("caseExact")))
+        for a in schema.get("attributes", [])
+        if a.get("uniqueness") in ("server", "global")
+        and not a.get("multiValued")
+        and a.get("type", "string") in ("string", "reference")
+    ]
+
+
+def unique_indexes(tenant_id: Any, resource_type: str, schema: Mapping[str, Any]) -> dict[str, str]:
+    """name -> CREATE UNIQUE INDEX statement (CONCURRENTLY) of each attribute of
+    `unique_indexed`: the tenant's rows that carry it, by (tenant_id, the value, lower-cased
+    unless caseExact). PostgreSQL enforces the uniqueness in the writing statement itself,
+    and the filter `urn:…:attribute eq "x"` (the same expression) reads the index."""
     table, column = VIEWS[resource_type]
     out: dict[str, str] = {}
-    for attribute in schema.get("attributes", []):
-        if (
-            attribute.get("uniqueness") not in ("server", "global")
-            or attribute.get("multiValued")
-            or attribute.get("type", "string") not in ("string", "reference")
-        ):
-            continue
-        value = text_sql(column, schema["id"], attribute["name"])
-        key = value if attribute.get("caseExact") else f"lower({value})"
-        digest = hashlib.sha256(f"{table}\x1f{key}".encode()).hexdigest()[:32]
-        name = f"{table}_{INDEX_PREFIX}{digest}"
-        out[name] = (
-            f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {table} (tenant_id, {key})"
-            f" WHERE {value} IS NOT NULL"
+    for name, case_exact in unique_indexed(schema):
+        index = index_name(resource_type, tenant_id, schema["id"], name, case_exact)
+        value = text_sql(column, schema["id"], name)
+        out[index] = (
+            f"CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS {index} ON {table}"
+            f" (tenant_id, {_key(column, schema['id'], name, case_exact)})"
+            f" WHERE tenant_id = {literal(str(tenant_id))}::uuid AND {value} IS NOT NULL"
         )
     return out
 
 
+async def _duplicate(
+    conn: Conn, tenant_id: Any, resource_type: str, schema: Mapping[str, Any]
+) -> str | None:
+    """The first value a new unique attribute already holds twice in the tenant, if any."""
+    table, column = VIEWS[resource_type]
+    for name, case_exact in unique_indexed(schema):
+        key = _key(column, schema["id"], name, case_exact)
+        found = await conn.fetchval(
+            f"SELECT {key} FROM {table} WHERE tenant_id = $1 AND {key} IS NOT NULL"
+            f" GROUP BY 1 HAVING count(*) > 1 LIMIT 1",
+            tenant_id,
+        )
+        if found is not None:
+            return f"{schema['id']}:{name} {found[:100]!r}"
+    return None
+
+
 async def sync_indexes(conn: Conn) -> tuple[list[str], list[str]]:
-    """Create the lookup indexes today's declarations want and drop those none wants
+    """Create the unique indexes today's declarations want and drop those none wants
     (CONCURRENTLY: writers go on; outside a transaction). (created, dropped)."""
     wanted: dict[str, str] = {}
-    for row in await conn.fetch("SELECT resource_type, schema FROM tenant_schemas"):
-        wanted.update(lookup_indexes(row["resource_type"], row["schema"]))
+    for row in await conn.fetch("SELECT tenant_id, resource_type, schema FROM tenant_schemas"):
+        wanted.update(unique_indexes(row["tenant_id"], row["resource_type"], row["schema"]))
     tables = [table for table, _ in VIEWS.values()]
     present = {
         r["name"]: r["valid"]
@@ -101,7 +135,15 @@ async def sync_indexes(conn: Conn) -> tuple[list[str], list[str]]:
         await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
     created = [n for n in wanted if n not in present or not present[n]]
     for name in created:
-        await conn.execute(wanted[name])
+        try:
+            await conn.execute(wanted[name])
+        except asyncpg.UniqueViolationError:
+            # A duplicate written between the declaration's check and the build: the
+            # attribute is not enforced until the values differ and this runs again.
+            await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+            raise BadDeclaration(
+                "values recorded while declaring are not unique; make them differ and declare again"
+            ) from None
     return created, [n for n in dropped if n not in wanted]
 
 
@@ -192,6 +234,12 @@ async def declare(
         raise BadDeclaration(f"resource type must be one of {', '.join(RESOURCE_TYPES)}")
     tenant_id = await _tenant_id(conn, tenant)
     async with conn.transaction():
+        duplicate = await _duplicate(conn, tenant_id, resource_type, schema)
+        if duplicate is not None:
+            raise BadDeclaration(
+                f"{duplicate} is held by more than one {resource_type.lower()} of tenant"
+                f" {tenant}: it cannot be declared unique until the values differ"
+            )
         before = await conn.fetchval(
             "DELETE FROM tenant_schemas WHERE tenant_id = $1 AND lower(urn) = lower($2)"
             " RETURNING schema",

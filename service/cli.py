@@ -1042,9 +1042,12 @@ def schemas_add(
     except BadDeclaration as e:
         raise click.UsageError(f"{file}: {e}") from None
     settings = _settings(data_dir, database_url)
-    new = _on_database(
-        settings, lambda db, conn: declare(conn, db.store, tenant, schema, resource_type, by)
-    )
+    try:
+        new = _on_database(
+            settings, lambda db, conn: declare(conn, db.store, tenant, schema, resource_type, by)
+        )
+    except BadDeclaration as e:
+        raise click.UsageError(str(e)) from None
     done = "declared" if new else "declared again"
     print(f"{schema['id']} {done} for {resource_type}s of tenant {tenant}")
 

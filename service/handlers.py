@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 import asyncpg
-import orjson
 
 from domain.errors import InvalidValue, ResourceDeleted
 from domain.group import Group
@@ -25,7 +24,7 @@ from domain.user import User
 from infra import metrics
 from infra.database import Database
 from infra.eventstore import ConcurrencyError, OutOfOrder
-from infra.schemas import text_sql
+from infra.schemas import INDEX_PREFIX, index_name
 from service.errors import ScimError, invalid_value, not_found, precondition_failed, uniqueness
 from service.scim.declared import check_immutable, coerce_declared, unique_attributes
 from service.scim.group_patch import UNSET, GroupChange
@@ -113,9 +112,10 @@ async def provision_user(
     async def work(uow: UnitOfWork) -> User:
         user = _domain(lambda: User.provision(user_id, caller.tenant_id, desired))
         await _check_manager(uow, user)
-        await _check_unique(uow, user, unique)
         uow.add_user(user)
-        await _flush(uow, user.user_name)
+        await _flush(
+            uow, user.user_name, taken=_taken("User", user.tenant_id, user.state_view, unique)
+        )
         return user
 
     return await _retrying(db, caller, None, work)
@@ -152,8 +152,9 @@ async def update_user(
         else:
             _domain(partial(change, user))
         await _check_manager(uow, user)
-        await _check_unique(uow, user, unique)
-        await _flush(uow, user.user_name)
+        await _flush(
+            uow, user.user_name, taken=_taken("User", user.tenant_id, user.state_view, unique)
+        )
         return user
 
     return await _retrying(db, caller, if_match, work)
@@ -213,8 +214,13 @@ async def create_group(db: Database, caller: Caller, change: GroupChange) -> Gro
         )
         uow.add_group(group)
         await _change_members(uow, group, change)
-        await _check_unique_group(uow, group, unique_attributes(change.declared))
-        await _flush(uow, group.display_name, "displayName")
+        unique = unique_attributes(change.declared)
+        await _flush(
+            uow,
+            group.display_name,
+            "displayName",
+            _taken("Group", group.tenant_id, group.extensions, unique),
+        )
         return group
 
     return await _retrying(db, caller, None, work)
@@ -237,8 +243,13 @@ async def change_group(
             check_immutable(group.extensions, extensions, change.declared)
         _domain(lambda: group.update(display_name, external_id, extensions))
         await _change_members(uow, group, change)
-        await _check_unique_group(uow, group, unique_attributes(change.declared))
-        await _flush(uow, group.display_name, "displayName")
+        unique = unique_attributes(change.declared)
+        await _flush(
+            uow,
+            group.display_name,
+            "displayName",
+            _taken("Group", group.tenant_id, group.extensions, unique),
+        )
         return group
 
     return await _retrying(db, caller, if_match, work)
@@ -387,75 +398,27 @@ _INDEXED_ATTRIBUTES = {
 }
 
 
-async def _check_unique(
-    uow: UnitOfWork, user: User, unique: Sequence[tuple[str, str, bool]]
-) -> None:
-    """409 uniqueness when another user of the tenant holds the value of a declared
-    `uniqueness: server` attribute. The value's advisory lock, held to commit, orders two
-    writers of one value, and the second one's query (read committed) sees the first."""
-    if not unique or not user.pending_events:
-        return
-    state = user.state_view
+def _taken(
+    resource_type: str,
+    tenant_id: UUID,
+    state: Mapping[str, Any],
+    unique: Sequence[tuple[str, str, bool]],
+) -> dict[str, str]:
+    """Index name -> what a clash on it says, for the declared unique attributes the
+    resource holds (their unique indexes: infra/schemas.py)."""
+    out: dict[str, str] = {}
     for urn, attribute, case_exact in unique:
         value = (state.get(urn) or {}).get(attribute)
-        if value is None:
-            continue
-        text = value if isinstance(value, str) else orjson.dumps(value).decode()
-        if not case_exact:
-            text = text.lower()
-        conn = await uow.begin()
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-            f"{user.tenant_id}\x1f{urn}\x1f{attribute}\x1f{text}",
-        )
-        # The declared attribute's own expression (infra/schemas.py), so its index serves.
-        expression = text_sql("u.resource", urn, attribute)
-        if not case_exact:
-            expression = f"lower({expression})"
-        taken = await conn.fetchval(
-            f"SELECT 1 FROM scim_users u WHERE u.tenant_id = $1 AND u.id <> $2"
-            f" AND {expression} = $3 LIMIT 1",
-            user.tenant_id,
-            user.id,
-            text,
-        )
-        if taken:
-            raise uniqueness(f"{urn}:{attribute} {str(value)[:100]!r} is already taken")
+        if value is not None:
+            index = index_name(resource_type, tenant_id, urn, attribute, case_exact)
+            out[index] = f"{urn}:{attribute} {str(value)[:100]!r}"
+    return out
 
 
-async def _check_unique_group(
-    uow: UnitOfWork, group: Group, unique: Sequence[tuple[str, str, bool]]
+async def _flush(
+    uow: UnitOfWork, name: str, attribute: str = "userName", taken: Mapping[str, str] | None = None
 ) -> None:
-    """_check_unique for a group's declared extension attributes (scim_groups.extensions)."""
-    if not unique or not group.pending_events:
-        return
-    for urn, attribute, case_exact in unique:
-        value = (group.extensions.get(urn) or {}).get(attribute)
-        if value is None:
-            continue
-        text = value if isinstance(value, str) else orjson.dumps(value).decode()
-        if not case_exact:
-            text = text.lower()
-        conn = await uow.begin()
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-            f"{group.tenant_id}\x1fGroup\x1f{urn}\x1f{attribute}\x1f{text}",
-        )
-        expression = text_sql("g.extensions", urn, attribute)
-        if not case_exact:
-            expression = f"lower({expression})"
-        taken = await conn.fetchval(
-            f"SELECT 1 FROM scim_groups g WHERE g.tenant_id = $1 AND g.id <> $2"
-            f" AND {expression} = $3 LIMIT 1",
-            group.tenant_id,
-            group.id,
-            text,
-        )
-        if taken:
-            raise uniqueness(f"{urn}:{attribute} {str(value)[:100]!r} is already taken")
-
-
-async def _flush(uow: UnitOfWork, name: str, attribute: str = "userName") -> None:
+    """`taken`: what to say of a clash on a declared unique attribute (see _taken)."""
     try:
         await uow.flush()
     except asyncpg.UniqueViolationError as e:
@@ -463,6 +426,10 @@ async def _flush(uow: UnitOfWork, name: str, attribute: str = "userName") -> Non
             e, "scim_groups_display_name_uq"
         ):
             raise uniqueness(f"{attribute} {name!r} is already taken") from None
+        constraint = str(getattr(e, "constraint_name", None) or "")
+        if INDEX_PREFIX in constraint:
+            what = (taken or {}).get(constraint, "a declared unique attribute's value")
+            raise uniqueness(f"{what} is already taken") from None
         raise
     except asyncpg.ProgramLimitExceededError as e:
         # A long value that does not compress outgrows an index entry (about 2.7 kB); the

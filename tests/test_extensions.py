@@ -13,10 +13,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import pytest
 from aiohttp.test_utils import TestClient
 
 from infra.database import Database
-from infra.schemas import declare, parse_declaration, text_sql, withdraw
+from infra.schemas import BadDeclaration, declare, parse_declaration, withdraw
 from infra.tenants import IssuedToken, create_tenant, set_tenant_undeclared
 from projections.registry import PROJECTIONS
 from service.scim.filter import SqlParams, user_filter_sql
@@ -530,38 +531,47 @@ async def test_declared_unique_attribute_is_unique_per_tenant(
     )
     assert sorted(r.status for r in results) == [201, 409, 409, 409, 409, 409]
 
-    # Lookups on it (a filter, the uniqueness check) use its expression index, also with a
-    # generic plan; removing the declaration drops the index, and only then.
+    # Its unique index (the tenant's rows) serves the filter; removing the declaration drops
+    # it, another tenant's declaring the same attribute has its own.
     tenant_id = await database.pool.fetchval("SELECT id FROM tenants WHERE name = 'acme'")
     declared = {BADGE.casefold(): parse_declaration(schema)}
-    params = SqlParams([tenant_id])
-    where = user_filter_sql(f'{BADGE}:number eq "b-1"', params, declared)
-    assert await lookup_plan(database, f"u.tenant_id = $1 AND {where}", params.values) == 1
-    unique_check = f"u.tenant_id = $1 AND lower({text_sql('u.resource', BADGE, 'number')}) = $2"
-    assert await lookup_plan(database, unique_check, [tenant_id, "b-1"]) == 1
+
+    def lookup(tenant: Any, value: str = "b-1") -> tuple[str, list[Any]]:
+        params = SqlParams([tenant])
+        where = user_filter_sql(f'{BADGE}:number eq "{value}"', params, declared)
+        return f"u.tenant_id = $1 AND {where}", params.values
+
+    assert await lookup_plan(database, *lookup(tenant_id)) == 1
     params = SqlParams([tenant_id])
     plain = user_filter_sql(f'{CUSTOM}:CustomAttribute eq "b-1"', params)
     assert await lookup_plan(database, f"u.tenant_id = $1 AND {plain}", params.values) == 0
     async with database.pool.acquire() as conn:
         await declare(conn, database.store, "other", parse_declaration(schema), "User", "test")
+        assert await lookup_plan(database, *lookup(other.tenant_id)) == 1
         assert await withdraw(conn, database.store, "acme", BADGE, "test")
-        assert await lookup_plan(database, unique_check, [tenant_id, "b-1"]) == 1  # other's
+        assert await lookup_plan(database, *lookup(tenant_id)) == 0
+        assert await lookup_plan(database, *lookup(other.tenant_id)) == 1
         assert await withdraw(conn, database.store, "other", BADGE, "test")
-    assert await lookup_plan(database, unique_check, [tenant_id, "b-1"]) == 0
+    assert await lookup_plan(database, *lookup(other.tenant_id)) == 0
     assert (
         await database.pool.fetchval(
-            "SELECT count(*) FROM pg_indexes WHERE indexname LIKE 'scim\\_users\\_xattr\\_%'"
+            "SELECT count(*) FROM pg_indexes WHERE indexname LIKE '%xattr%'"
         )
         == 0
     )
+    # Without it, the duplicate value can be written; then it cannot be declared unique.
+    await post_user(client, auth, badge_user("dup@contoso.com", "B-2"))
+    async with database.pool.acquire() as conn:
+        with pytest.raises(BadDeclaration, match="more than one user"):
+            await declare(conn, database.store, "acme", parse_declaration(schema), "User", "t")
 
 
 async def lookup_plan(database: Database, where: str, args: list[Any]) -> int:
-    """How many of the declared attributes' indexes a query of scim_users uses (a generic
-    plan, sequential scans off: the test's tables are small)."""
+    """How many of the declared attributes' indexes a query of scim_users uses (sequential
+    scans off: the test's tables are small)."""
     async with database.pool.acquire() as conn, conn.transaction():
         await conn.execute("SET LOCAL enable_seqscan = off")
-        await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
         plan = await conn.fetchval(
             f"EXPLAIN (FORMAT JSON) SELECT u.id FROM scim_users u WHERE {where}", *args
         )

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from domain.schema import is_extension_urn
+from infra.schemas import unique_indexed
 from service.errors import ScimError, invalid_value
 
 Declared = dict[str, dict[str, Any]]  # case-folded URN -> schema
@@ -137,15 +138,13 @@ def excluding(excluded: str | None, names: list[str]) -> str | None:
 
 
 def unique_attributes(declared: Declared) -> list[tuple[str, str, bool]]:
-    """(URN, attribute, caseExact) of the single-valued declared attributes whose values are
-    unique in the tenant (`uniqueness: server` or `global`)."""
+    """(URN, attribute, caseExact) of the declared attributes whose values are unique in the
+    tenant: single-valued strings and references with `uniqueness: server` or `global`, each
+    behind a unique index (infra/schemas.py)."""
     return [
-        (schema["id"], attribute["name"], bool(attribute.get("caseExact")))
+        (schema["id"], name, case_exact)
         for schema in declared.values()
-        for attribute in schema["attributes"]
-        if attribute.get("uniqueness") in ("server", "global")
-        and not attribute["multiValued"]
-        and attribute["type"] != "complex"
+        for name, case_exact in unique_indexed(schema)
     ]
 
 

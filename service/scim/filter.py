@@ -28,6 +28,7 @@ from enum import Enum
 from typing import Any
 from uuid import UUID
 
+import orjson
 from scim2_models import ScimFilter
 from scim2_models.path import (
     AttrPath,
@@ -751,18 +752,27 @@ def _parse_datetime(value: Any, name: str) -> datetime:
 # a quoted value without escapes or control characters) a filter is always valid, and is
 # compiled without the parser by the same comparison code the parser's tree would reach.
 _SIMPLE_EQ = re.compile(r'([A-Za-z][A-Za-z0-9_]*) eq "([^"\\\x00-\x1f]*)"')
+# The same lookup on an extension attribute by its full name (`urn:…:2.0:User:badge`):
+# the URN is everything before the last colon.
+_SIMPLE_URN_EQ = re.compile(r'(urn:[!-~]+):([A-Za-z][A-Za-z0-9_-]*) eq "([^"\\\x00-\x1f]*)"')
 
 
 def _simple_eq(attribute_map: AttributeMap, expression: str, params: SqlParams) -> str | None:
     """The SQL of an `attr eq "value"` filter on a string attribute; None for anything else."""
-    match = _SIMPLE_EQ.fullmatch(expression) if len(expression) <= MAX_FILTER_LENGTH else None
-    if match is None:
+    if len(expression) > MAX_FILTER_LENGTH:
         return None
-    attribute = attribute_map.lookup(AttrPath(match[1]))
+    match = _SIMPLE_EQ.fullmatch(expression)
+    if match is not None:
+        path, value = AttrPath(match[1]), match[2]
+    elif attribute_map.declared and (match := _SIMPLE_URN_EQ.fullmatch(expression)):
+        path, value = AttrPath(match[2], uri=match[1]), match[3]
+    else:
+        return None
+    attribute = attribute_map.lookup(path)
     if attribute is None or attribute.kind is not Kind.STRING:
         return None
     return FilterCompiler(attribute_map, params)._compare_string(
-        attribute, CompareOperator.eq, match[2]
+        attribute, CompareOperator.eq, value
     )
 
 
@@ -873,7 +883,18 @@ def with_declared(attribute_map: AttributeMap, declared: Declared | None) -> Att
     """The map with a tenant's declared extensions' attributes (over `map.undeclared`)."""
     if not declared or attribute_map.undeclared is None:
         return attribute_map
-    from service.scim.declared_filter import declared_tables
+    # Built once per set of declarations (every request brings its tenant's, as data).
+    key = (id(attribute_map), orjson.dumps(list(declared.values())))
+    found = _DECLARED_MAPS.get(key)
+    if found is None:
+        from service.scim.declared_filter import declared_tables
 
-    tables = declared_tables(attribute_map.undeclared, declared)
-    return dataclasses.replace(attribute_map, declared=tables)
+        if len(_DECLARED_MAPS) >= _MAX_DECLARED_MAPS:
+            _DECLARED_MAPS.clear()
+        tables = declared_tables(attribute_map.undeclared, declared)
+        found = _DECLARED_MAPS[key] = dataclasses.replace(attribute_map, declared=tables)
+    return found
+
+
+_DECLARED_MAPS: dict[tuple[int, bytes], AttributeMap] = {}
+_MAX_DECLARED_MAPS = 512
