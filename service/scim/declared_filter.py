@@ -12,12 +12,15 @@ quoted literals (an expression index on the same expression can serve the lookup
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
+
 from infra.schemas import text_sql, value_sql
 from service.scim.declared import Declared
-from service.scim.filter import Attribute, Kind
+from service.scim.sql_attributes import Attribute, AttributeMap, Kind
 
 
 def declared_attribute(column: str, urn: str, spec: Mapping[str, Any]) -> Attribute | None:
@@ -48,3 +51,22 @@ def declared_tables(column: str, declared: Declared) -> dict[str, dict[str, Attr
                 table[spec["name"].lower()] = attribute
         tables[schema["id"]] = table
     return tables
+
+
+def with_declared(attribute_map: AttributeMap, declared: Declared | None) -> AttributeMap:
+    """The map with a tenant's declared extensions' attributes (over `map.undeclared`)."""
+    if not declared or attribute_map.undeclared is None:
+        return attribute_map
+    # Built once per set of declarations (every request brings its tenant's, as data).
+    key = (id(attribute_map), orjson.dumps(list(declared.values())))
+    found = _DECLARED_MAPS.get(key)
+    if found is None:
+        if len(_DECLARED_MAPS) >= _MAX_DECLARED_MAPS:
+            _DECLARED_MAPS.clear()
+        tables = declared_tables(attribute_map.undeclared, declared)
+        found = _DECLARED_MAPS[key] = dataclasses.replace(attribute_map, declared=tables)
+    return found
+
+
+_DECLARED_MAPS: dict[tuple[int, bytes], AttributeMap] = {}
+_MAX_DECLARED_MAPS = 512
