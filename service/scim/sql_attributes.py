@@ -16,9 +16,9 @@ from typing import Any
 
 from scim2_models.path import AttrPath
 
-USER_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:User"
-ENTERPRISE_USER_SCHEMA = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
-GROUP_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:Group"
+from domain.schema import ENTERPRISE_SCHEMA_URN as ENTERPRISE_USER_SCHEMA
+from domain.schema import GROUP_SCHEMA_URN as GROUP_SCHEMA
+from domain.schema import USER_SCHEMA_URN as USER_SCHEMA
 
 
 class SqlParams:
