@@ -806,3 +806,136 @@ async def test_declared_immutable_case_exact_sorting_and_unique_groups(
         f"/scim/v2/Groups?sortBy={TEAM}:code&excludedAttributes=members", headers=auth
     )
     assert [g["id"] for g in (await r.json())["Resources"]] == [sales["id"], ops["id"]]
+
+
+# The Done-when test of issue 15: two declared extensions (one User, one Group) of every
+# attribute type, one multi-valued complex; what is driven below comes from /Schemas and
+# /ResourceTypes as the tenant sees them, not from these declarations.
+ENTERPRISE_URN = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
+EVERY_USER = "urn:example:params:scim:schemas:extension:Every:2.0:User"
+EVERY_GROUP = "urn:example:params:scim:schemas:extension:Every:2.0:Group"
+_SUBS = [{"name": "value", "type": "string"}, {"name": "floor", "type": "integer"}]
+EVERY_TYPES = [
+    {"name": "text", "type": "string"},
+    {"name": "flag", "type": "boolean"},
+    {"name": "count", "type": "integer"},
+    {"name": "amount", "type": "decimal"},
+    {"name": "since", "type": "dateTime"},
+    {"name": "link", "type": "reference", "referenceTypes": ["external"]},
+    {"name": "tags", "type": "string", "multiValued": True},
+    {"name": "desk", "type": "complex", "subAttributes": _SUBS},
+    {"name": "doors", "type": "complex", "multiValued": True, "subAttributes": _SUBS},
+]
+
+
+def sample(attribute: dict[str, Any], n: int) -> Any:
+    """The n-th value (1 or 2) of an attribute, by the characteristics /Schemas gives."""
+    kind = attribute.get("type", "string")
+    if kind == "complex":
+        one = {
+            sub["name"]: sample({**sub, "multiValued": False}, n)
+            for sub in attribute["subAttributes"]
+        }
+    else:
+        one = {
+            "string": f"v{n}-{attribute['name']}",
+            "boolean": n == 1,
+            "integer": n,
+            "decimal": n + 0.5,
+            "dateTime": f"2026-01-0{n}T09:00:00Z",
+            "reference": f"https://example.com/{attribute['name']}/{n}",
+        }[kind]
+    return [one] if attribute.get("multiValued") else one
+
+
+def filter_of(urn: str, attribute: dict[str, Any], value: Any) -> str:
+    """A filter that finds `value` (sample()) of the attribute."""
+    one = value[0] if attribute.get("multiValued") else value
+    path = f"{urn}:{attribute['name']}"
+    if attribute.get("type") == "complex":
+        sub = attribute["subAttributes"][0]["name"]
+        path, one = f"{path}.{sub}", one[sub]
+    return f"{path} eq {orjson.dumps(one).decode()}"
+
+
+async def test_every_attribute_schemas_lists_round_trips(
+    client: Client, auth: dict[str, str], database: Database
+) -> None:
+    async with database.pool.acquire() as conn:
+        for urn, kind in ((EVERY_USER, "User"), (EVERY_GROUP, "Group")):
+            schema = parse_declaration({"id": urn, "attributes": EVERY_TYPES})
+            await declare(conn, database.store, "acme", schema, kind, "test")
+
+    r = await client.get("/scim/v2/ResourceTypes", headers=auth)
+    extensions = {
+        e["schema"]: (t["endpoint"], t["schema"])
+        for t in (await r.json())["Resources"]
+        for e in t.get("schemaExtensions", [])
+    }
+    r = await client.get("/scim/v2/Schemas", headers=auth)
+    listed = {s["id"]: s for s in (await r.json())["Resources"]}
+    driven = [
+        (urn, endpoint, core, attribute)
+        for urn, (endpoint, core) in extensions.items()
+        if urn in listed and urn != ENTERPRISE_URN
+        for attribute in listed[urn]["attributes"]
+    ]
+    assert {urn for urn, *_ in driven} == {EVERY_USER, EVERY_GROUP}
+    assert len(driven) == 2 * len(EVERY_TYPES)
+
+    for i, (urn, endpoint, core, attribute) in enumerate(driven):
+        name = attribute["name"]
+        full = f"{urn}:{name}"
+        first, second = sample(attribute, 1), sample(attribute, 2)
+        base: dict[str, Any] = {"schemas": [core]}
+        if endpoint == "/Users":
+            base["userName"] = f"every{i}@contoso.com"
+        else:
+            base["displayName"] = f"Every {i}"
+        url = f"/scim/v2{endpoint}"
+
+        async def current(resource_id: str, at: tuple[str, str, str] = (url, urn, name)) -> Any:
+            r = await client.get(f"{at[0]}/{resource_id}", headers=auth)
+            assert r.status == 200, await r.text()
+            return (await r.json()).get(at[1], {}).get(at[2])
+
+        async def patched(rid: str, operation: dict[str, Any], url: str = url) -> None:
+            body = {"schemas": [PATCH_OP], "Operations": [operation]}
+            r = await client.patch(f"{url}/{rid}", json=body, headers=headers(auth))
+            assert r.status in (200, 204), (operation, await r.text())
+
+        r = await client.post(url, json={**base, urn: {name: first}}, headers=headers(auth))
+        assert r.status == 201, (full, await r.text())
+        created = await r.json()
+        rid = created["id"]
+        assert created[urn][name] == first, full
+        assert await current(rid) == first, full
+        # PATCH, the default style (a path) and the aadOptscim062020 one (URN keys, no path).
+        await patched(rid, {"op": "Replace", "path": full, "value": second})
+        assert await current(rid) == second, full
+        await patched(rid, {"op": "replace", "value": {full: first}})
+        assert await current(rid) == first, full
+        r = await client.put(
+            f"{url}/{rid}", json={**base, urn: {name: second}}, headers=headers(auth)
+        )
+        assert r.status == 200, (full, await r.text())
+        assert await current(rid) == second, full
+        # filter finds it by the value it has, not by the one it had.
+        for value, expected in ((second, [rid]), (first, [])):
+            r = await client.get(
+                url,
+                params={
+                    "filter": filter_of(urn, attribute, value),
+                    "excludedAttributes": "members",
+                },
+                headers=auth,
+            )
+            assert r.status == 200, (full, await r.text())
+            assert [x["id"] for x in (await r.json())["Resources"]] == expected, full
+        # attributes= selects it alone.
+        r = await client.get(f"{url}/{rid}", params={"attributes": full}, headers=auth)
+        selected = await r.json()
+        assert selected[urn] == {name: second}, full
+        assert not set(selected) - {"id", "schemas", urn}, (full, selected)
+        await patched(rid, {"op": "Remove", "path": full})
+        assert await current(rid) is None, full
