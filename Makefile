@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test system-packages fuzz lint typecheck bench bench-quick bench-users bench-groups bench-audit bench-rebuild bench-feeds clean
+.PHONY: run test system-packages fuzz lint typecheck bench bench-quick bench-users bench-groups bench-audit bench-rebuild bench-feeds bench-extensions clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -61,6 +61,11 @@ bench: $(BENCH_STAMP) system-packages
 
 bench-quick: $(BENCH_STAMP) system-packages
 	$(BIN)/python -m bench.suite --quick
+	$(BIN)/python -m bench.extensions --quick
+
+# A user with 20 declared extension attributes against a plain one (issue 15: at most 1.2x).
+bench-extensions: $(STAMP)
+	$(BIN)/python -m bench.extensions
 
 # One row of the table (or two) at full size, written to bench/results/latest-<rows>.md.
 bench-users: $(BENCH_STAMP) system-packages

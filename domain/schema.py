@@ -20,6 +20,10 @@ from uuid import UUID
 
 from domain.errors import InvalidValue
 
+USER_SCHEMA_URN = "urn:ietf:params:scim:schemas:core:2.0:User"
+ENTERPRISE_SCHEMA_URN = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
+GROUP_SCHEMA_URN = "urn:ietf:params:scim:schemas:core:2.0:Group"
+
 USER_NAME = "userName"
 ACTIVE = "active"
 NAME = "name"

@@ -3,17 +3,26 @@
 A declaration is checked here once (its URN, its attributes' names and characteristics), so
 the request path only reads it: every request's token lookup carries its tenant's
 declarations (infra/tenants.py), and nothing is cached.
+
+Declaring and removing are recorded in the provisioning log like a SCIM write: a
+`RequestRecorded` event in the same transaction, saying who (`by`), when, and what (each
+attribute's characteristics before and after, under its full name).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import asyncpg
+import orjson
 
-from infra.eventstore import Conn
+from domain.request import ProvisioningRequest
+from domain.schema import extension_attribute_name
+from infra.eventstore import NOTIFY_CHANNEL, Conn, EventStore
 from infra.tenants import UnknownTenant
 
 RESOURCE_TYPES = ("User", "Group")
@@ -23,6 +32,119 @@ _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 _CORE = ("urn:ietf:params:scim:schemas:core:", "urn:ietf:params:scim:api:")
 _ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:user"
 MAX_ATTRIBUTES = 200
+
+
+# Where each resource type keeps its extensions: the view and its jsonb column.
+VIEWS = {"User": ("scim_users", "resource"), "Group": ("scim_groups", "extensions")}
+INDEX_PREFIX = "xattr_"
+
+
+def literal(text: str) -> str:
+    """A SQL string literal (standard_conforming_strings: only the quote is special)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def value_sql(column: str, urn: str, name: str) -> str:
+    """The jsonb value of a declared attribute (URN and name as declared) in `column`."""
+    return f"({column} -> {literal(urn)} -> {literal(name)})"
+
+
+def text_sql(column: str, urn: str, name: str) -> str:
+    """The same as text: what filters compare, indexes hold and uniqueness checks read."""
+    return f"({column} -> {literal(urn)} ->> {literal(name)})"
+
+
+def index_name(resource_type: str, tenant_id: Any, urn: str, name: str, case_exact: bool) -> str:
+    """The name of the unique index behind a declared attribute of one tenant."""
+    table, column = VIEWS[resource_type]
+    key = f"{table}\x1f{tenant_id}\x1f{_key(column, urn, name, case_exact)}"
+    return f"{table}_{INDEX_PREFIX}{hashlib.sha256(key.encode()).hexdigest()[:32]}"
+
+
+def _key(column: str, urn: str, name: str, case_exact: bool) -> str:
+    value = text_sql(column, urn, name)
+    return value if case_exact else f"lower({value})"
+
+
+def unique_indexed(schema: Mapping[str, Any]) -> list[tuple[str, bool]]:
+    """(name, caseExact) of the attributes a unique index stands behind: single-valued
+    strings and references with `uniqueness: server` or `global`."""
+    return [
+        (a["name"], bool(a.get("caseExact")))
+        for a in schema.get("attributes", [])
+        if a.get("uniqueness") in ("server", "global")
+        and not a.get("multiValued")
+        and a.get("type", "string") in ("string", "reference")
+    ]
+
+
+def unique_indexes(tenant_id: Any, resource_type: str, schema: Mapping[str, Any]) -> dict[str, str]:
+    """name -> CREATE UNIQUE INDEX statement (CONCURRENTLY) of each attribute of
+    `unique_indexed`: the tenant's rows that carry it, by (tenant_id, the value, lower-cased
+    unless caseExact). PostgreSQL enforces the uniqueness in the writing statement itself,
+    and the filter `urn:…:attribute eq "x"` (the same expression) reads the index."""
+    table, column = VIEWS[resource_type]
+    out: dict[str, str] = {}
+    for name, case_exact in unique_indexed(schema):
+        index = index_name(resource_type, tenant_id, schema["id"], name, case_exact)
+        value = text_sql(column, schema["id"], name)
+        out[index] = (
+            f"CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS {index} ON {table}"
+            f" (tenant_id, {_key(column, schema['id'], name, case_exact)})"
+            f" WHERE tenant_id = {literal(str(tenant_id))}::uuid AND {value} IS NOT NULL"
+        )
+    return out
+
+
+async def _duplicate(
+    conn: Conn, tenant_id: Any, resource_type: str, schema: Mapping[str, Any]
+) -> str | None:
+    """The first value a new unique attribute already holds twice in the tenant, if any."""
+    table, column = VIEWS[resource_type]
+    for name, case_exact in unique_indexed(schema):
+        key = _key(column, schema["id"], name, case_exact)
+        found = await conn.fetchval(
+            f"SELECT {key} FROM {table} WHERE tenant_id = $1 AND {key} IS NOT NULL"
+            f" GROUP BY 1 HAVING count(*) > 1 LIMIT 1",
+            tenant_id,
+        )
+        if found is not None:
+            return f"{schema['id']}:{name} {found[:100]!r}"
+    return None
+
+
+async def sync_indexes(conn: Conn) -> tuple[list[str], list[str]]:
+    """Create the unique indexes today's declarations want and drop those none wants
+    (CONCURRENTLY: writers go on; outside a transaction). (created, dropped)."""
+    wanted: dict[str, str] = {}
+    for row in await conn.fetch("SELECT tenant_id, resource_type, schema FROM tenant_schemas"):
+        wanted.update(unique_indexes(row["tenant_id"], row["resource_type"], row["schema"]))
+    tables = [table for table, _ in VIEWS.values()]
+    present = {
+        r["name"]: r["valid"]
+        for r in await conn.fetch(
+            "SELECT c.relname AS name, i.indisvalid AS valid FROM pg_index i"
+            " JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_class t ON t.oid = i.indrelid"
+            " WHERE t.relname = any($1::text[])",
+            tables,
+        )
+        if any(r["name"].startswith(f"{table}_{INDEX_PREFIX}") for table in tables)
+    }
+    dropped = [n for n, valid in present.items() if n not in wanted or not valid]
+    for name in dropped:  # an invalid one is what an interrupted CONCURRENTLY build leaves
+        await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+    created = [n for n in wanted if n not in present or not present[n]]
+    for name in created:
+        try:
+            await conn.execute(wanted[name])
+        except asyncpg.UniqueViolationError:
+            # A duplicate written between the declaration's check and the build: the
+            # attribute is not enforced until the values differ and this runs again.
+            await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+            raise BadDeclaration(
+                "values recorded while declaring are not unique; make them differ and declare again"
+            ) from None
+    return created, [n for n in dropped if n not in wanted]
 
 
 class BadDeclaration(ValueError):
@@ -99,14 +221,28 @@ async def _tenant_id(conn: Conn, tenant: str) -> Any:
     return tenant_id
 
 
-async def declare(conn: Conn, tenant: str, schema: dict[str, Any], resource_type: str) -> bool:
+async def declare(
+    conn: Conn,
+    store: EventStore,
+    tenant: str,
+    schema: dict[str, Any],
+    resource_type: str,
+    by: str,
+) -> bool:
     """Declare (or re-declare) a schema; True when it is new for the tenant."""
     if resource_type not in RESOURCE_TYPES:
         raise BadDeclaration(f"resource type must be one of {', '.join(RESOURCE_TYPES)}")
     tenant_id = await _tenant_id(conn, tenant)
     async with conn.transaction():
-        removed = await conn.execute(
-            "DELETE FROM tenant_schemas WHERE tenant_id = $1 AND lower(urn) = lower($2)",
+        duplicate = await _duplicate(conn, tenant_id, resource_type, schema)
+        if duplicate is not None:
+            raise BadDeclaration(
+                f"{duplicate} is held by more than one {resource_type.lower()} of tenant"
+                f" {tenant}: it cannot be declared unique until the values differ"
+            )
+        before = await conn.fetchval(
+            "DELETE FROM tenant_schemas WHERE tenant_id = $1 AND lower(urn) = lower($2)"
+            " RETURNING schema",
             tenant_id,
             schema["id"],
         )
@@ -118,7 +254,12 @@ async def declare(conn: Conn, tenant: str, schema: dict[str, Any], resource_type
             resource_type,
             schema,
         )
-    return bool(removed.endswith(" 0"))
+        action = "update" if before is not None else "create"
+        command = f"schemas add --resource-type {resource_type} {schema['id']}"
+        await _record(conn, store, tenant_id, action, command, by, schema["id"], before, schema)
+    await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+    await sync_indexes(conn)
+    return before is None
 
 
 async def declared(conn: Conn, tenant: str) -> list[asyncpg.Record]:
@@ -131,11 +272,83 @@ async def declared(conn: Conn, tenant: str) -> list[asyncpg.Record]:
     )
 
 
-async def withdraw(conn: Conn, tenant: str, urn: str) -> bool:
+async def withdraw(conn: Conn, store: EventStore, tenant: str, urn: str, by: str) -> bool:
     """Remove a declaration; values already recorded stay in the events."""
-    done = await conn.execute(
-        "DELETE FROM tenant_schemas WHERE tenant_id = $1 AND lower(urn) = lower($2)",
-        await _tenant_id(conn, tenant),
-        urn,
+    tenant_id = await _tenant_id(conn, tenant)
+    async with conn.transaction():
+        before = await conn.fetchval(
+            "DELETE FROM tenant_schemas WHERE tenant_id = $1 AND lower(urn) = lower($2)"
+            " RETURNING schema",
+            tenant_id,
+            urn,
+        )
+        if before is None:
+            return False
+        command = f"schemas remove {before['id']}"
+        await _record(conn, store, tenant_id, "delete", command, by, before["id"], before, None)
+    await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+    await sync_indexes(conn)
+    return True
+
+
+async def _record(
+    conn: Conn,
+    store: EventStore,
+    tenant_id: Any,
+    action: str,
+    command: str,
+    by: str,
+    urn: str,
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+) -> None:
+    """The provisioning-log entry of a declaration: its attributes' characteristics old -> new."""
+    record = ProvisioningRequest.record(
+        uuid.uuid4(),
+        tenant_id,
+        "success",
+        {
+            "method": "CLI",
+            "path": command,
+            "status": None,
+            "initiatedBy": by,
+            "client": None,
+            "targetType": "Schema",
+            "targetId": None,
+            "targetName": urn,
+            "clientRequestId": None,
+            "durationMs": 0,
+            "action": action,
+            "modifiedProperties": schema_changes(urn, before, after),
+        },
     )
-    return bool(done.endswith(" 1"))
+    await store.append(conn, tenant_id, record.collect_events(), uuid.uuid4().hex)
+
+
+def _characteristics(schema: Mapping[str, Any] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for attribute in (schema or {}).get("attributes", []):
+        described = {k: v for k, v in attribute.items() if k not in ("name", "description")}
+        out[attribute["name"].casefold()] = orjson.dumps(
+            described, option=orjson.OPT_SORT_KEYS
+        ).decode()
+    return out
+
+
+def schema_changes(
+    urn: str, before: Mapping[str, Any] | None, after: Mapping[str, Any] | None
+) -> list[dict[str, Any]]:
+    """modifiedProperties of a declaration: each attribute by its full name, its
+    characteristics (type, multiValued, mutability, …) as JSON text, old -> new."""
+    old, new = _characteristics(before), _characteristics(after)
+    names = {a["name"].casefold(): a["name"] for a in (before or {}).get("attributes", [])}
+    names.update({a["name"].casefold(): a["name"] for a in (after or {}).get("attributes", [])})
+    return [
+        {
+            "displayName": extension_attribute_name(urn, names[key]),
+            "oldValue": old.get(key),
+            "newValue": new.get(key),
+        }
+        for key in sorted(names)
+        if old.get(key) != new.get(key)
+    ]

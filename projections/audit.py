@@ -133,6 +133,10 @@ class _Entry:
             return "disable"
         if kinds:
             return "update"
+        if self.status == "success" and self.request.get("action") in ("create", "delete"):
+            return str(self.request["action"])  # an operator's command (a schema declared)
+        if self.status == "success" and self.request.get("action") == "update":
+            return "update"
         if self.status != "failure":
             return "other"  # nothing changed ("already match"), or an audited read
         method = str(self.request.get("method", "")).upper()
@@ -155,7 +159,7 @@ class _Entry:
             bounded(str(error.get("detail"))) if error.get("detail") is not None else None,
             target[0] if target else self.request.get("targetType"),
             target[1] if target else _uuid(wanted),
-            target[2] if target else None,
+            target[2] if target else self.request.get("targetName"),
             target[3] if target else None,
             self.request.get("initiatedBy"),
             self.request.get("method"),
@@ -197,6 +201,7 @@ async def apply(
             entry.status = fields.outcome
             entry.request = dict(fields.request)
             entry.error = dict(fields.error) if fields.error else None
+            entry.properties += list(entry.request.pop("modifiedProperties", None) or [])
             continue
         if isinstance(event, Erasure.Event):
             # An erasure: an entry of its own, naming the subject by id only.

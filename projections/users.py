@@ -142,32 +142,6 @@ async def lock_row(conn: Conn, tenant_id: UUID, user_id: UUID) -> None:
     )
 
 
-async def value_taken(
-    conn: Conn, user: User, urn: str, attribute: str, text: str, case_exact: bool
-) -> bool:
-    """Whether another user of the tenant holds `text` in a declared extension attribute.
-
-    The value's advisory lock, held to commit, orders two writers of one value, and the
-    second one's query (read committed) sees the first."""
-    await conn.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-        f"{user.tenant_id}\x1f{urn}\x1f{attribute}\x1f{text}",
-    )
-    expression = "u.resource -> $3 ->> $4"
-    if not case_exact:
-        expression = f"lower({expression})"
-    taken = await conn.fetchval(
-        f"SELECT 1 FROM scim_users u WHERE u.tenant_id = $1 AND u.id <> $2"
-        f" AND {expression} = $5 LIMIT 1",
-        user.tenant_id,
-        user.id,
-        urn,
-        attribute,
-        text,
-    )
-    return bool(taken)
-
-
 def describe(table: str, row: Mapping[str, Any]) -> str:
     """How a diff sample names a row."""
     return f"user {row.get('user_name')!r} ({row.get('id')})"

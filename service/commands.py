@@ -40,6 +40,8 @@ class ReplaceUser:
     # A large body: the change runs in a worker thread (so does one to a user of many values).
     large: bool = False
     unique: tuple[Unique, ...] = ()
+    # The tenant's declared User extensions (case-folded URN -> schema): immutable ones kept.
+    declared: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

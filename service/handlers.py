@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from uuid import UUID
 
 import asyncpg
-import orjson
 
 from domain.errors import InvalidValue, ResourceDeleted
 from domain.group import Group
@@ -28,6 +27,7 @@ from domain.user import User
 from infra import metrics
 from infra.database import Database
 from infra.eventstore import ConcurrencyError, OutOfOrder
+from infra.schemas import INDEX_PREFIX, index_name
 from service.commands import (
     UNSET,
     ChangeGroup,
@@ -79,6 +79,17 @@ class Documents(Protocol):
         """A group's extensions once the edit's extension operations apply to them."""
         ...
 
+    def check_immutable(
+        self, before: Mapping[str, Any], after: Mapping[str, Any], declared: Mapping[str, Any]
+    ) -> None:
+        """Refuse a write that changes a declared `mutability: immutable` attribute once set
+        (`before`/`after`: a user state, or a group's extensions)."""
+        ...
+
+    def unique(self, declared: Mapping[str, Any]) -> tuple[Unique, ...]:
+        """The declared attributes whose values are unique in the tenant."""
+        ...
+
 
 def etag_matches(header: str, version: int) -> bool:
     """If-Match / If-None-Match: a list of (weak or strong) tags, or *."""
@@ -127,15 +138,16 @@ class Handlers:
         async def work(uow: UnitOfWork) -> User:
             user = _domain(partial(User.provision, user_id, caller.tenant_id, command.desired))
             await _check_manager(uow, user)
-            await _check_unique(uow, user, command.unique)
             uow.add_user(user)
-            await _flush(uow, user.user_name)
+            taken = _taken("User", user, user.state_view, command.unique)
+            await _flush(uow, user.user_name, taken)
             return user
 
         return await self._retrying(caller, None, work)
 
     async def replace_user(self, caller: Caller, command: ReplaceUser) -> User:
         def change(user: User) -> None:
+            self.documents.check_immutable(user.state, command.desired, command.declared)
             user.update(command.desired)
 
         return await self._update_user(caller, command, change)
@@ -166,8 +178,8 @@ class Handlers:
             else:
                 _domain(partial(change, user))
             await _check_manager(uow, user)
-            await _check_unique(uow, user, command.unique)
-            await _flush(uow, user.user_name)
+            taken = _taken("User", user, user.state_view, command.unique)
+            await _flush(uow, user.user_name, taken)
             return user
 
         return await self._retrying(caller, command.if_match, work)
@@ -206,7 +218,8 @@ class Handlers:
             )
             uow.add_group(group)
             await _change_members(uow, group, edit)
-            await _flush(uow, group.display_name, "displayName")
+            taken = _taken("Group", group, group.extensions, self.documents.unique(edit.declared))
+            await _flush(uow, group.display_name, taken, "displayName")
             return group
 
         return await self._retrying(caller, None, work)
@@ -221,9 +234,12 @@ class Handlers:
             extensions = None if edit.extensions is UNSET else edit.extensions
             if edit.extension_ops:
                 extensions = self.documents.patched_extensions(group.extensions, edit)
+            if extensions is not None:
+                self.documents.check_immutable(group.extensions, extensions, edit.declared)
             _domain(partial(group.update, display_name, external_id, extensions))
             await _change_members(uow, group, edit)
-            await _flush(uow, group.display_name, "displayName")
+            taken = _taken("Group", group, group.extensions, self.documents.unique(edit.declared))
+            await _flush(uow, group.display_name, taken, "displayName")
             return group
 
         return await self._retrying(caller, command.if_match, work)
@@ -270,24 +286,29 @@ async def _check_manager(uow: UnitOfWork, user: User) -> None:
         raise Invalid(f"manager {manager} is not a user of this tenant")
 
 
-async def _check_unique(uow: UnitOfWork, user: User, unique: tuple[Unique, ...]) -> None:
-    """409 uniqueness when another user of the tenant holds the value of a declared
-    `uniqueness: server` attribute."""
-    if not unique or not user.pending_events:
-        return
-    state = user.state_view
+def _taken(
+    resource_type: str,
+    resource: User | Group,
+    state: Mapping[str, Any],
+    unique: tuple[Unique, ...],
+) -> dict[str, str]:
+    """Index name -> the attribute a clash on it names, for the declared unique attributes the
+    resource holds: each has a unique index per tenant (infra/schemas.py), so the write itself
+    refuses a taken value, with no lock and no extra query."""
+    out: dict[str, str] = {}
+    if not resource.pending_events:
+        return out
     for attribute in unique:
-        value = (state.get(attribute.urn) or {}).get(attribute.attribute)
-        if value is None:
-            continue
-        text = value if isinstance(value, str) else orjson.dumps(value).decode()
-        if not attribute.case_exact:
-            text = text.lower()
-        if await uow.value_taken(
-            user, attribute.urn, attribute.attribute, text, attribute.case_exact
-        ):
-            name = f"{attribute.urn}:{attribute.attribute}"
-            raise Taken(f"{name} {str(value)[:100]!r} is already taken")
+        if (state.get(attribute.urn) or {}).get(attribute.attribute) is not None:
+            index = index_name(
+                resource_type,
+                resource.tenant_id,
+                attribute.urn,
+                attribute.attribute,
+                attribute.case_exact,
+            )
+            out[index] = f"{attribute.urn}:{attribute.attribute}"
+    return out
 
 
 async def _load_group(uow: UnitOfWork, group_id: UUID, if_match: str | None) -> Group:
@@ -369,14 +390,26 @@ _INDEXED_ATTRIBUTES = {
 }
 
 
-async def _flush(uow: UnitOfWork, name: str, attribute: str = "userName") -> None:
+async def _flush(
+    uow: UnitOfWork,
+    name: str,
+    taken: Mapping[str, str] | None = None,
+    attribute: str = "userName",
+) -> None:
+    """Flush the unit of work; a value another resource holds is a 409 naming the attribute.
+    The detail never quotes the value: it is kept forever in the provisioning log, outside
+    any subject's key (an erasure could not reach it)."""
     try:
         await uow.flush()
     except asyncpg.UniqueViolationError as e:
         if is_unique_violation(e, "scim_users_user_name_uq") or is_unique_violation(
             e, "scim_groups_display_name_uq"
         ):
-            raise Taken(f"{attribute} {name!r} is already taken") from None
+            raise Taken(f"This {attribute} is already taken") from None
+        constraint = str(getattr(e, "constraint_name", None) or "")
+        if INDEX_PREFIX in constraint:
+            what = (taken or {}).get(constraint, "a declared unique attribute")
+            raise Taken(f"This value of {what} is already taken") from None
         raise
     except asyncpg.ProgramLimitExceededError as e:
         # A long value that does not compress outgrows an index entry (about 2.7 kB); the

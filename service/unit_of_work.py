@@ -171,14 +171,6 @@ class UnitOfWork:
     async def user_exists(self, user_id: UUID) -> bool:
         return await users_view.exists(self._reader(), self.tenant_id, user_id)
 
-    async def value_taken(
-        self, user: User, urn: str, attribute: str, text: str, case_exact: bool
-    ) -> bool:
-        """Whether another user holds this value of a unique extension attribute (locked
-        for this transaction: see projections/users.py, `value_taken`)."""
-        conn = await self.begin()
-        return await users_view.value_taken(conn, user, urn, attribute, text, case_exact)
-
     async def flush(self) -> list[RecordedEvent]:
         """Append pending events and update inline views; raises before commit on conflicts."""
         users = [u for u in self._users.values() if u.pending_events]

@@ -13,12 +13,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import pytest
 from aiohttp.test_utils import TestClient
 
 from infra.database import Database
-from infra.schemas import declare, parse_declaration
+from infra.schemas import BadDeclaration, declare, parse_declaration, withdraw
 from infra.tenants import IssuedToken, create_tenant, set_tenant_undeclared
 from projections.registry import PROJECTIONS
+from service.scim.filter import SqlParams, user_filter_sql
 from tests.test_audit import audit_auth, settled
 from tests.test_cli import run
 from tests.test_entra_groups import GROUP
@@ -485,7 +487,7 @@ async def test_declared_unique_attribute_is_unique_per_tenant(
         "attributes": [{"name": "number", "type": "string", "uniqueness": "server"}],
     }
     async with database.pool.acquire() as conn:
-        await declare(conn, "acme", parse_declaration(schema), "User")
+        await declare(conn, database.store, "acme", parse_declaration(schema), "User", "test")
         other = await create_tenant(conn, "other")
 
     def badge_user(name: str, number: str) -> dict[str, Any]:
@@ -527,6 +529,52 @@ async def test_declared_unique_attribute_is_unique_per_tenant(
     )
     assert sorted(r.status for r in results) == [201, 409, 409, 409, 409, 409]
 
+    # Its unique index (the tenant's rows) serves the filter; removing the declaration drops
+    # it, another tenant's declaring the same attribute has its own.
+    tenant_id = await database.pool.fetchval("SELECT id FROM tenants WHERE name = 'acme'")
+    declared = {BADGE.casefold(): parse_declaration(schema)}
+
+    def lookup(tenant: Any, value: str = "b-1") -> tuple[str, list[Any]]:
+        params = SqlParams([tenant])
+        where = user_filter_sql(f'{BADGE}:number eq "{value}"', params, declared)
+        return f"u.tenant_id = $1 AND {where}", params.values
+
+    assert await lookup_plan(database, *lookup(tenant_id)) == 1
+    params = SqlParams([tenant_id])
+    plain = user_filter_sql(f'{CUSTOM}:CustomAttribute eq "b-1"', params)
+    assert await lookup_plan(database, f"u.tenant_id = $1 AND {plain}", params.values) == 0
+    async with database.pool.acquire() as conn:
+        await declare(conn, database.store, "other", parse_declaration(schema), "User", "test")
+        assert await lookup_plan(database, *lookup(other.tenant_id)) == 1
+        assert await withdraw(conn, database.store, "acme", BADGE, "test")
+        assert await lookup_plan(database, *lookup(tenant_id)) == 0
+        assert await lookup_plan(database, *lookup(other.tenant_id)) == 1
+        assert await withdraw(conn, database.store, "other", BADGE, "test")
+    assert await lookup_plan(database, *lookup(other.tenant_id)) == 0
+    assert (
+        await database.pool.fetchval(
+            "SELECT count(*) FROM pg_indexes WHERE indexname LIKE '%xattr%'"
+        )
+        == 0
+    )
+    # Without it, the duplicate value can be written; then it cannot be declared unique.
+    await post_user(client, auth, badge_user("dup@contoso.com", "B-2"))
+    async with database.pool.acquire() as conn:
+        with pytest.raises(BadDeclaration, match="more than one user"):
+            await declare(conn, database.store, "acme", parse_declaration(schema), "User", "t")
+
+
+async def lookup_plan(database: Database, where: str, args: list[Any]) -> int:
+    """How many of the declared attributes' indexes a query of scim_users uses (sequential
+    scans off: the test's tables are small)."""
+    async with database.pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL enable_seqscan = off")
+        await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+        plan = await conn.fetchval(
+            f"EXPLAIN (FORMAT JSON) SELECT u.id FROM scim_users u WHERE {where}", *args
+        )
+    return str(plan).count("scim_users_xattr_")
+
 
 async def test_declared_required_read_only_and_write_only(
     client: Client, auth: dict[str, str], database: Database
@@ -541,7 +589,7 @@ async def test_declared_required_read_only_and_write_only(
         ],
     }
     async with database.pool.acquire() as conn:
-        await declare(conn, "acme", parse_declaration(schema), "User")
+        await declare(conn, database.store, "acme", parse_declaration(schema), "User", "test")
     before = await event_count(database)
     missing = entra_user("missing@contoso.com")
     missing[BADGE] = {"colour": "blue"}
@@ -564,3 +612,328 @@ async def test_declared_required_read_only_and_write_only(
     before = await event_count(database)
     await patch(client, auth, user["id"], {"op": "remove", "path": f"{BADGE}:number"}, status=400)
     assert await event_count(database) == before
+
+
+async def test_declaring_is_recorded_in_the_provisioning_log(
+    client: Client, auth: dict[str, str], database: Database, fresh_dsn: str, tmp_path: Any
+) -> None:
+    db = ("--database-url", fresh_dsn)
+    reader = await audit_auth(database)
+    team_file = tmp_path / "team.json"
+    team_file.write_bytes(orjson.dumps(TEAM_SCHEMA))
+    code, _, err = await run(
+        "schemas", "add", "--tenant", "acme", str(team_file), "--resource-type", "Group",
+        "--by", "alice", *db,
+    )  # fmt: skip
+    assert code == 0, err
+    wider = {**TEAM_SCHEMA, "attributes": [{"name": "code", "caseExact": True}, {"name": "site"}]}
+    team_file.write_bytes(orjson.dumps(wider))
+    code, _, err = await run(
+        "schemas", "add", "--tenant", "acme", str(team_file), "--resource-type", "Group", *db
+    )
+    assert code == 0, err
+    code, _, err = await run(
+        "schemas", "remove", "--tenant", "acme", TEAM.upper(), "--by", "bob", *db
+    )
+    assert code == 0, err
+    # Nothing declared, nothing recorded.
+    code, _, _ = await run("schemas", "remove", "--tenant", "acme", TEAM, "--by", "bob", *db)
+    assert code == 2
+
+    entries = list(reversed((await settled(client, reader))["entries"]))
+    assert [(e["provisioningAction"], e["targetIdentity"]["displayName"]) for e in entries] == [
+        ("create", TEAM),
+        ("update", TEAM),
+        ("delete", TEAM),
+    ]
+    created, updated, removed = entries
+    assert created["initiatedBy"]["displayName"] == "alice"
+    assert removed["initiatedBy"]["displayName"] == "bob"
+    assert "(scimledger CLI)" in updated["initiatedBy"]["displayName"]
+    assert created["targetIdentity"]["identityType"] == "Schema"
+    assert created["request"]["path"] == f"schemas add --resource-type Group {TEAM}"
+    assert created["provisioningStatusInfo"]["status"] == "success"
+    assert [p["displayName"] for p in created["modifiedProperties"]] == [f"{TEAM}:code"]
+    (code_property,) = created["modifiedProperties"]
+    assert code_property["oldValue"] is None
+    assert orjson.loads(code_property["newValue"])["type"] == "string"
+    assert {
+        p["displayName"]: (p["oldValue"] is None, p["newValue"] is None)
+        for p in (updated["modifiedProperties"])
+    } == {f"{TEAM}:code": (False, False), f"{TEAM}:site": (True, False)}
+    assert orjson.loads(updated["modifiedProperties"][0]["newValue"])["caseExact"] is True
+    assert [p["newValue"] for p in removed["modifiedProperties"]] == [None, None]
+
+    # The CLI lists them like any other entry, and finds them by the URN.
+    code, out, err = await run(
+        "audit", "list", "--tenant", "acme", "--identity", "Team:2.0", "--json", *db
+    )
+    assert code == 0, err
+    listed = [orjson.loads(line) for line in out.splitlines()]
+    assert [e["provisioningAction"] for e in listed] == ["delete", "update", "create"]
+
+
+async def test_declared_immutable_case_exact_sorting_and_unique_groups(
+    client: Client, auth: dict[str, str], database: Database
+) -> None:
+    badge = {
+        "id": BADGE,
+        "attributes": [
+            {"name": "code", "caseExact": True},
+            {"name": "nick"},
+            {"name": "serial", "mutability": "immutable"},
+            {"name": "rank", "type": "integer"},
+            {"name": "onSite", "type": "boolean"},
+        ],
+    }
+    team = {
+        "id": TEAM,
+        "attributes": [
+            {"name": "code", "uniqueness": "server"},
+            {"name": "since", "mutability": "immutable"},
+        ],
+    }
+    async with database.pool.acquire() as conn:
+        await declare(conn, database.store, "acme", parse_declaration(badge), "User", "t")
+        await declare(conn, database.store, "acme", parse_declaration(team), "Group", "t")
+
+    def badge_user(name: str, **values: Any) -> dict[str, Any]:
+        body = entra_user(name)
+        body[BADGE] = values
+        return body
+
+    one = await post_user(
+        client,
+        auth,
+        badge_user("one@contoso.com", code="AbC", nick="Bob", serial="S1", rank=3, onSite=True),
+    )
+    two = await post_user(
+        client, auth, badge_user("two@contoso.com", code="abc", nick="alice", rank=10, onSite=False)
+    )
+
+    async def ids(query: str) -> list[str]:
+        return [u["id"] for u in (await find(client, auth, query))["Resources"]]
+
+    # caseExact true compares exactly, false (the default) case-insensitively; numbers and
+    # booleans as such.
+    assert await ids(f'filter={BADGE}:code eq "AbC"') == [one["id"]]
+    assert await ids(f'filter={BADGE}:code eq "abc"') == [two["id"]]
+    assert await ids(f'filter={BADGE}:code sw "A"') == [one["id"]]
+    assert await ids(f'filter={BADGE}:nick eq "BOB"') == [one["id"]]
+    assert await ids(f"filter={BADGE}:rank gt 5") == [two["id"]]
+    assert await ids(f"filter={BADGE}:onSite eq true") == [one["id"]]
+    r = await client.get(f'/scim/v2/Users?filter={BADGE}:rank eq "x"', headers=auth)
+    assert r.status == 400 and (await r.json())["scimType"] == "invalidFilter"
+    # sortBy: declared attributes sort as their type (caseExact false: case-insensitively).
+    assert await ids(f"sortBy={BADGE}:rank") == [one["id"], two["id"]]
+    assert await ids(f"sortBy={BADGE}:rank&sortOrder=descending") == [two["id"], one["id"]]
+    assert await ids(f"sortBy={BADGE}:nick") == [two["id"], one["id"]]
+    r = await client.get(f"/scim/v2/Users?sortBy={CUSTOM}:CustomAttribute", headers=auth)
+    assert r.status == 400 and (await r.json())["scimType"] == "invalidValue"
+
+    # immutable: set once (at creation or later), then the same value or a 400 mutability.
+    before = await event_count(database)
+    for operation in (
+        {"op": "Replace", "path": f"{BADGE}:serial", "value": "S2"},
+        {"op": "Remove", "path": f"{BADGE}:serial"},
+        {"op": "replace", "value": {f"{BADGE}:serial": "S3"}},
+    ):
+        error = await patch(client, auth, one["id"], operation, status=400)
+        assert error["scimType"] == "mutability" and f"{BADGE}:serial" in error["detail"]
+    r = await client.put(
+        f"/scim/v2/Users/{one['id']}",
+        json=badge_user("one@contoso.com", code="AbC", serial="S9"),
+        headers=headers(auth),
+    )
+    assert r.status == 400 and (await r.json())["scimType"] == "mutability"
+    assert await event_count(database) == before
+    await patch(
+        client, auth, one["id"], {"op": "Replace", "path": f"{BADGE}:serial", "value": "S1"}
+    )
+    patched = await patch(
+        client, auth, two["id"], {"op": "Add", "path": f"{BADGE}:serial", "value": "S7"}
+    )
+    assert patched[BADGE]["serial"] == "S7"
+    await patch(
+        client, auth, two["id"], {"op": "Add", "path": f"{BADGE}:serial", "value": "S8"}, status=400
+    )
+
+    # Groups: uniqueness server (409, case-insensitively), immutable, filter and sortBy.
+    async def group(body: dict[str, Any], status: int = 201) -> dict[str, Any]:
+        r = await client.post(
+            "/scim/v2/Groups", json={"schemas": [GROUP], **body}, headers=headers(auth)
+        )
+        assert r.status == status, await r.text()
+        return dict(await r.json())
+
+    async def group_patch(group_id: str, operation: dict[str, Any], status: int) -> Any:
+        r = await client.patch(
+            f"/scim/v2/Groups/{group_id}",
+            json={"schemas": [PATCH_OP], "Operations": [operation]},
+            headers=headers(auth),
+        )
+        assert r.status == status, await r.text()
+        return await r.json() if status != 204 else None
+
+    ops = await group({"displayName": "Ops", TEAM: {"code": "T1", "since": "2020"}})
+    before = await event_count(database)
+    error = await group({"displayName": "Ops2", TEAM: {"code": "t1"}}, status=409)
+    assert error["scimType"] == "uniqueness" and f"{TEAM}:code" in error["detail"]
+    assert await event_count(database) == before
+    sales = await group({"displayName": "Sales", TEAM: {"code": "T0"}})
+    error = await group_patch(
+        sales["id"], {"op": "Replace", "path": f"{TEAM}:code", "value": "T1"}, 409
+    )
+    assert error["scimType"] == "uniqueness"
+    error = await group_patch(
+        ops["id"], {"op": "Replace", "path": f"{TEAM}:since", "value": "2021"}, 400
+    )
+    assert error["scimType"] == "mutability"
+    r = await client.put(
+        f"/scim/v2/Groups/{ops['id']}",
+        json={"schemas": [GROUP], "displayName": "Ops", TEAM: {"code": "T1"}},
+        headers=headers(auth),
+    )
+    assert r.status == 400 and (await r.json())["scimType"] == "mutability"
+    await group_patch(ops["id"], {"op": "Replace", "path": "displayName", "value": "Ops!"}, 204)
+    r = await client.get(
+        f'/scim/v2/Groups?filter={TEAM}:code eq "t1"&sortBy={TEAM}:code', headers=auth
+    )
+    assert [g["id"] for g in (await r.json())["Resources"]] == [ops["id"]]
+    r = await client.get(
+        f"/scim/v2/Groups?sortBy={TEAM}:code&excludedAttributes=members", headers=auth
+    )
+    assert [g["id"] for g in (await r.json())["Resources"]] == [sales["id"], ops["id"]]
+
+
+# The Done-when test of issue 15: two declared extensions (one User, one Group) of every
+# attribute type, one multi-valued complex; what is driven below comes from /Schemas and
+# /ResourceTypes as the tenant sees them, not from these declarations.
+ENTERPRISE_URN = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
+EVERY_USER = "urn:example:params:scim:schemas:extension:Every:2.0:User"
+EVERY_GROUP = "urn:example:params:scim:schemas:extension:Every:2.0:Group"
+_SUBS = [{"name": "value", "type": "string"}, {"name": "floor", "type": "integer"}]
+EVERY_TYPES = [
+    {"name": "text", "type": "string"},
+    {"name": "flag", "type": "boolean"},
+    {"name": "count", "type": "integer"},
+    {"name": "amount", "type": "decimal"},
+    {"name": "since", "type": "dateTime"},
+    {"name": "link", "type": "reference", "referenceTypes": ["external"]},
+    {"name": "tags", "type": "string", "multiValued": True},
+    {"name": "desk", "type": "complex", "subAttributes": _SUBS},
+    {"name": "doors", "type": "complex", "multiValued": True, "subAttributes": _SUBS},
+]
+
+
+def sample(attribute: dict[str, Any], n: int) -> Any:
+    """The n-th value (1 or 2) of an attribute, by the characteristics /Schemas gives."""
+    kind = attribute.get("type", "string")
+    if kind == "complex":
+        one = {
+            sub["name"]: sample({**sub, "multiValued": False}, n)
+            for sub in attribute["subAttributes"]
+        }
+    else:
+        one = {
+            "string": f"v{n}-{attribute['name']}",
+            "boolean": n == 1,
+            "integer": n,
+            "decimal": n + 0.5,
+            "dateTime": f"2026-01-0{n}T09:00:00Z",
+            "reference": f"https://example.com/{attribute['name']}/{n}",
+        }[kind]
+    return [one] if attribute.get("multiValued") else one
+
+
+def filter_of(urn: str, attribute: dict[str, Any], value: Any) -> str:
+    """A filter that finds `value` (sample()) of the attribute."""
+    one = value[0] if attribute.get("multiValued") else value
+    path = f"{urn}:{attribute['name']}"
+    if attribute.get("type") == "complex":
+        sub = attribute["subAttributes"][0]["name"]
+        path, one = f"{path}.{sub}", one[sub]
+    return f"{path} eq {orjson.dumps(one).decode()}"
+
+
+async def test_every_attribute_schemas_lists_round_trips(
+    client: Client, auth: dict[str, str], database: Database
+) -> None:
+    async with database.pool.acquire() as conn:
+        for urn, kind in ((EVERY_USER, "User"), (EVERY_GROUP, "Group")):
+            schema = parse_declaration({"id": urn, "attributes": EVERY_TYPES})
+            await declare(conn, database.store, "acme", schema, kind, "test")
+
+    r = await client.get("/scim/v2/ResourceTypes", headers=auth)
+    extensions = {
+        e["schema"]: (t["endpoint"], t["schema"])
+        for t in (await r.json())["Resources"]
+        for e in t.get("schemaExtensions", [])
+    }
+    r = await client.get("/scim/v2/Schemas", headers=auth)
+    listed = {s["id"]: s for s in (await r.json())["Resources"]}
+    driven = [
+        (urn, endpoint, core, attribute)
+        for urn, (endpoint, core) in extensions.items()
+        if urn in listed and urn != ENTERPRISE_URN
+        for attribute in listed[urn]["attributes"]
+    ]
+    assert {urn for urn, *_ in driven} == {EVERY_USER, EVERY_GROUP}
+    assert len(driven) == 2 * len(EVERY_TYPES)
+
+    for i, (urn, endpoint, core, attribute) in enumerate(driven):
+        name = attribute["name"]
+        full = f"{urn}:{name}"
+        first, second = sample(attribute, 1), sample(attribute, 2)
+        base: dict[str, Any] = {"schemas": [core]}
+        if endpoint == "/Users":
+            base["userName"] = f"every{i}@contoso.com"
+        else:
+            base["displayName"] = f"Every {i}"
+        url = f"/scim/v2{endpoint}"
+
+        async def current(resource_id: str, at: tuple[str, str, str] = (url, urn, name)) -> Any:
+            r = await client.get(f"{at[0]}/{resource_id}", headers=auth)
+            assert r.status == 200, await r.text()
+            return (await r.json()).get(at[1], {}).get(at[2])
+
+        async def patched(rid: str, operation: dict[str, Any], url: str = url) -> None:
+            body = {"schemas": [PATCH_OP], "Operations": [operation]}
+            r = await client.patch(f"{url}/{rid}", json=body, headers=headers(auth))
+            assert r.status in (200, 204), (operation, await r.text())
+
+        r = await client.post(url, json={**base, urn: {name: first}}, headers=headers(auth))
+        assert r.status == 201, (full, await r.text())
+        created = await r.json()
+        rid = created["id"]
+        assert created[urn][name] == first, full
+        assert await current(rid) == first, full
+        # PATCH, the default style (a path) and the aadOptscim062020 one (URN keys, no path).
+        await patched(rid, {"op": "Replace", "path": full, "value": second})
+        assert await current(rid) == second, full
+        await patched(rid, {"op": "replace", "value": {full: first}})
+        assert await current(rid) == first, full
+        r = await client.put(
+            f"{url}/{rid}", json={**base, urn: {name: second}}, headers=headers(auth)
+        )
+        assert r.status == 200, (full, await r.text())
+        assert await current(rid) == second, full
+        # filter finds it by the value it has, not by the one it had.
+        for value, expected in ((second, [rid]), (first, [])):
+            r = await client.get(
+                url,
+                params={
+                    "filter": filter_of(urn, attribute, value),
+                    "excludedAttributes": "members",
+                },
+                headers=auth,
+            )
+            assert r.status == 200, (full, await r.text())
+            assert [x["id"] for x in (await r.json())["Resources"]] == expected, full
+        # attributes= selects it alone.
+        r = await client.get(f"{url}/{rid}", params={"attributes": full}, headers=auth)
+        selected = await r.json()
+        assert selected[urn] == {name: second}, full
+        assert not set(selected) - {"id", "schemas", urn}, (full, selected)
+        await patched(rid, {"op": "Remove", "path": full})
+        assert await current(rid) is None, full

@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
+import getpass
 from pathlib import Path
+from typing import Any
 
 import click
 import orjson
 
+from infra.database import Database
 from infra.schemas import BadDeclaration, declare, declared, parse_declaration, withdraw
-from service.cli.common import database_options, on_connection, settings_for
+from service.cli.common import database_options, on_connection, on_database, settings_for
+
+
+def _operator() -> str:
+    try:
+        return f"{getpass.getuser()} (scimledger CLI)"
+    except (KeyError, OSError):
+        return "scimledger CLI"
+
+
+# Who declares: the provisioning log's initiatedBy for the entry the command records.
+_by_option = click.option(
+    "--by", default=_operator, show_default="the OS user", help="Who makes the change (logged)."
+)
+
+
+async def _in(db: Database, work: Any) -> Any:
+    """`work(db, conn)` on one pooled connection: for commands that append events."""
+    async with db.pool.acquire() as conn:
+        return await work(db, conn)
 
 
 @click.group()
@@ -22,11 +44,13 @@ def schemas() -> None:
 @click.option(
     "--resource-type", type=click.Choice(["User", "Group"]), default="User", show_default=True
 )
+@_by_option
 @database_options
 def schemas_add(
     tenant: str,
     file: Path,
     resource_type: str,
+    by: str,
     data_dir: Path | None,
     database_url: str | None,
 ) -> None:
@@ -38,7 +62,15 @@ def schemas_add(
     except BadDeclaration as e:
         raise click.UsageError(f"{file}: {e}") from None
     settings = settings_for(data_dir, database_url)
-    new = on_connection(settings, lambda conn: declare(conn, tenant, schema, resource_type))
+    try:
+        new = on_database(
+            settings,
+            lambda db: _in(
+                db, lambda db, conn: declare(conn, db.store, tenant, schema, resource_type, by)
+            ),
+        )
+    except BadDeclaration as e:
+        raise click.UsageError(str(e)) from None
     done = "declared" if new else "declared again"
     print(f"{schema['id']} {done} for {resource_type}s of tenant {tenant}")
 
@@ -83,10 +115,15 @@ def schemas_show(tenant: str, urn: str, data_dir: Path | None, database_url: str
 @schemas.command("remove")
 @click.option("--tenant", required=True, help="Tenant name.")
 @click.argument("urn")
+@_by_option
 @database_options
-def schemas_remove(tenant: str, urn: str, data_dir: Path | None, database_url: str | None) -> None:
+def schemas_remove(
+    tenant: str, urn: str, by: str, data_dir: Path | None, database_url: str | None
+) -> None:
     """Withdraw a declaration (values already recorded stay in the events)."""
     settings = settings_for(data_dir, database_url)
-    if not on_connection(settings, lambda conn: withdraw(conn, tenant, urn)):
+    if not on_database(
+        settings, lambda db: _in(db, lambda db, conn: withdraw(conn, db.store, tenant, urn, by))
+    ):
         raise click.UsageError(f"tenant {tenant} declares no schema {urn}")
     print(f"{urn} removed from tenant {tenant}")

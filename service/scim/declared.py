@@ -13,7 +13,8 @@ from datetime import datetime
 from typing import Any
 
 from domain.schema import is_extension_urn
-from service.errors import invalid_value
+from infra.schemas import unique_indexed
+from service.errors import ScimError, invalid_value
 
 Declared = dict[str, dict[str, Any]]  # case-folded URN -> schema
 
@@ -137,13 +138,50 @@ def excluding(excluded: str | None, names: list[str]) -> str | None:
 
 
 def unique_attributes(declared: Declared) -> list[tuple[str, str, bool]]:
-    """(URN, attribute, caseExact) of the single-valued declared attributes whose values are
-    unique in the tenant (`uniqueness: server` or `global`)."""
+    """(URN, attribute, caseExact) of the declared attributes whose values are unique in the
+    tenant: single-valued strings and references with `uniqueness: server` or `global`, each
+    behind a unique index (infra/schemas.py)."""
     return [
-        (schema["id"], attribute["name"], bool(attribute.get("caseExact")))
+        (schema["id"], name, case_exact)
         for schema in declared.values()
-        for attribute in schema["attributes"]
-        if attribute.get("uniqueness") in ("server", "global")
-        and not attribute["multiValued"]
-        and attribute["type"] != "complex"
+        for name, case_exact in unique_indexed(schema)
     ]
+
+
+def check_immutable(
+    before: Mapping[str, Any], after: Mapping[str, Any], declared: Declared
+) -> None:
+    """400 mutability when a write changes or clears a declared `mutability: immutable`
+    attribute that already has a value (RFC 7644 §3.5.1: once set, the input must match).
+    `before` and `after`: a user state, or a group's extensions."""
+    if not declared:
+        return
+    for key, value in before.items():
+        schema = declared.get(key.casefold()) if is_extension_urn(key) else None
+        if schema is None or not isinstance(value, Mapping):
+            continue
+        immutable = [a for a in schema["attributes"] if a.get("mutability") == "immutable"]
+        new = _by_urn(after, key) if immutable else {}
+        for attribute in immutable:
+            old = _by_name(value, attribute["name"])
+            if old is not None and _by_name(new, attribute["name"]) != old:
+                raise ScimError(
+                    400,
+                    f"{schema['id']}:{attribute['name']} is immutable: it was set to"
+                    f" {str(old)[:100]!r} and cannot be changed",
+                    "mutability",
+                )
+
+
+def _by_urn(state: Mapping[str, Any], urn: str) -> Mapping[str, Any]:
+    for key, value in state.items():
+        if key.casefold() == urn.casefold() and isinstance(value, Mapping):
+            return value
+    return {}
+
+
+def _by_name(values: Mapping[str, Any], name: str) -> Any:
+    for key, value in values.items():
+        if key.casefold() == name.casefold():
+            return value
+    return None

@@ -8,9 +8,9 @@ from typing import Any
 
 import orjson
 
-from service.commands import GroupEdit, PatchUser
+from service.commands import GroupEdit, PatchUser, Unique
 from service.errors import invalid_value
-from service.scim.declared import coerce_declared
+from service.scim.declared import check_immutable, coerce_declared, unique_attributes
 from service.scim.patch import apply_extension_patch, apply_patch
 from service.scim.representation import user_document, user_from_scim
 
@@ -34,9 +34,19 @@ class ScimDocuments:
                     f"This PATCH would make the user {size} bytes of JSON, more than a request"
                     f" body may carry ({command.max_bytes}, SCIMLEDGER_MAX_BODY_BYTES)"
                 )
-        return coerce_declared(user_from_scim(document), declared)
+        desired = coerce_declared(user_from_scim(document), declared)
+        check_immutable(state, desired, declared)
+        return desired
 
     def patched_extensions(self, extensions: Mapping[str, Any], edit: GroupEdit) -> dict[str, Any]:
         return coerce_declared(
             apply_extension_patch(extensions, edit.extension_ops, edit.max_values), edit.declared
         )
+
+    def check_immutable(
+        self, before: Mapping[str, Any], after: Mapping[str, Any], declared: Mapping[str, Any]
+    ) -> None:
+        check_immutable(before, after, dict(declared))
+
+    def unique(self, declared: Mapping[str, Any]) -> tuple[Unique, ...]:
+        return tuple(Unique(*attribute) for attribute in unique_attributes(dict(declared)))

@@ -3,7 +3,9 @@
 scim2-models parses the filter; `FilterCompiler` walks its tree and emits a boolean SQL
 expression over the row alias of an `AttributeMap` (`u` for the users view). Nothing the
 client sends is ever spliced into the SQL: attribute names only select entries of the map,
-whose SQL fragments are constants of this module, and every value becomes a `$n` parameter.
+whose SQL fragments are constants of this module (or, for a tenant's declared extension
+attributes, quoted literals of what the operator declared: service/scim/declared_filter.py),
+and every value becomes a `$n` parameter.
 
 Semantics:
 - Each comparison is a boolean that may be NULL for an absent attribute; NOT is compiled as
@@ -16,15 +18,8 @@ Semantics:
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import re
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from enum import Enum
-from typing import Any
-from uuid import UUID
+from collections.abc import Callable, Mapping
 
 from scim2_models import ScimFilter
 from scim2_models.path import (
@@ -42,268 +37,45 @@ from scim2_models.path import (
 )
 
 from service.errors import ScimError
-from service.scim.representation import is_undeclared_urn
+from service.scim.declared import Declared
+from service.scim.declared_filter import with_declared
+from service.scim.filter_values import (
+    ValueComparisons,
+    _check_text,
+    _FilterError,
+    _present,
+    _present_json,
+)
+from service.scim.sql_attributes import (
+    GROUP_ATTRIBUTES,
+    USER_ATTRIBUTES,
+    Attribute,
+    AttributeMap,
+    Kind,
+    SqlParams,
+)
+
+__all__ = [
+    "GROUP_ATTRIBUTES",
+    "MAX_FILTER_DEPTH",
+    "MAX_FILTER_LENGTH",
+    "USER_ATTRIBUTES",
+    "AttributeMap",
+    "FilterCompiler",
+    "SqlParams",
+    "_FilterError",
+    "compile_filter",
+    "compile_sort",
+    "group_filter_sql",
+    "group_sort_sql",
+    "user_filter_sql",
+    "user_sort_sql",
+]
 
 MAX_FILTER_LENGTH = 4096
 """Longest filter accepted, in characters."""
 MAX_FILTER_DEPTH = 32
 """Deepest nesting accepted, counting parentheses, brackets, not, and/or and value paths."""
-
-USER_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:User"
-ENTERPRISE_USER_SCHEMA = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
-
-_ORDERING = {
-    CompareOperator.gt: ">",
-    CompareOperator.ge: ">=",
-    CompareOperator.lt: "<",
-    CompareOperator.le: "<=",
-}
-_PATTERNS = {
-    CompareOperator.co: ("%", "%"),
-    CompareOperator.sw: ("", "%"),
-    CompareOperator.ew: ("%", ""),
-}
-
-
-class SqlParams:
-    """Positional parameters of one query; `add` returns the placeholder of a new value.
-
-    The list given is used as it is (not copied), so `values` is what the query runs with.
-    """
-
-    def __init__(self, values: list[Any] | None = None) -> None:
-        self.values: list[Any] = values if values is not None else []
-
-    def add(self, value: Any) -> str:
-        self.values.append(value)
-        return f"${len(self.values)}"
-
-
-class Kind(Enum):
-    STRING = "string"
-    BOOLEAN = "boolean"
-    DATETIME = "dateTime"
-    UUID = "uuid"  # ids this service issues: compared as UUIDs, never an error
-    COMPLEX = "complex"  # single-valued complex: reached through its sub-attributes
-    MULTI = "multi"  # multi-valued complex: rows of `source`, tested with EXISTS
-
-
-@dataclass(frozen=True)
-class Attribute:
-    """How one SCIM attribute reads in SQL.
-
-    `sql` is an expression over the row alias (for MULTI sub-attributes over `{alias}`, the
-    element row). For STRING it yields text, BOOLEAN boolean, DATETIME timestamptz, UUID uuid,
-    COMPLEX a jsonb object (or None when `present` says how to test it). MULTI attributes give
-    `source`, a FROM item over `{alias}` yielding one row per value; `value_keys`, when set, is
-    a text[] of lower-cased "type:value" and "*:value" keys (GIN-indexed) for `value eq` lookups.
-    """
-
-    name: str
-    kind: Kind
-    sql: str | None = None
-    case_exact: bool = False
-    sub_attributes: Mapping[str, Attribute] = field(default_factory=dict)
-    present: str | None = None
-    source: str | None = None
-    value_keys: str | None = None
-
-    def sub(self, name: str) -> Attribute | None:
-        return self.sub_attributes.get(name.lower())
-
-    def bound(self, alias: str) -> Attribute:
-        """This (sub-)attribute with `{alias}` replaced by the alias of a value row."""
-        if self.sql is None or "{alias}" not in self.sql:
-            return self
-        return dataclasses.replace(self, sql=self.sql.replace("{alias}", alias))
-
-
-def attributes(*items: Attribute) -> dict[str, Attribute]:
-    """A name → attribute table keyed by lower-cased name (SCIM names are case-insensitive)."""
-    return {item.name.lower(): item for item in items}
-
-
-@dataclass(frozen=True)
-class AttributeMap:
-    """The filterable attributes of one resource type.
-
-    `attributes` are the core schema's; `extensions` maps an extension schema URN to its
-    attributes. An unqualified name is looked up in the core schema first, then in the
-    extensions (so `employeeNumber` and `manager` work without the enterprise URN).
-    """
-
-    schema: str
-    attributes: Mapping[str, Attribute]
-    extensions: Mapping[str, Mapping[str, Attribute]] = field(default_factory=dict)
-    # The jsonb object (over the row alias) holding undeclared extensions under their URNs.
-    undeclared: str | None = None
-
-    @property
-    def schemas(self) -> frozenset[str]:
-        """The case-folded URNs of the schemas this map declares."""
-        return frozenset(urn.casefold() for urn in (self.schema, *self.extensions))
-
-    def lookup(self, path: AttrPath) -> Attribute | None:
-        name = path.attr.lower()
-        if path.uri is not None:
-            uri = path.uri.lower()
-            if uri == self.schema.lower():
-                return self.attributes.get(name)
-            for schema, table in self.extensions.items():
-                if uri == schema.lower():
-                    return table.get(name)
-            return None
-        found = self.attributes.get(name)
-        if found is None:
-            for table in self.extensions.values():
-                found = table.get(name)
-                if found is not None:
-                    break
-        return found
-
-
-# --- the users view ---------------------------------------------------------------------
-
-
-def _column(name: str, kind: Kind, column: str, *, case_exact: bool = False) -> Attribute:
-    return Attribute(name, kind, f"u.{column}", case_exact=case_exact)
-
-
-def _json_string(name: str, *path: str) -> Attribute:
-    """A string at resource->path[0]->...->>name (keys are constants of this module)."""
-    prefix = "".join(f"->'{key}'" for key in path)
-    return Attribute(name, Kind.STRING, f"u.resource{prefix}->>'{name}'")
-
-
-def _item_string(name: str, *, case_exact: bool = False) -> Attribute:
-    return Attribute(name, Kind.STRING, f"{{alias}}.v->>'{name}'", case_exact=case_exact)
-
-
-def _item_boolean(name: str) -> Attribute:
-    # Booleans are JSON true/false; a string "True" (as Entra sends them) reads the same.
-    sql = f"CASE lower({{alias}}.v->>'{name}') WHEN 'true' THEN true WHEN 'false' THEN false END"
-    return Attribute(name, Kind.BOOLEAN, sql)
-
-
-def _multi(name: str, subs: Iterable[Attribute], *, value_keys: str | None = None) -> Attribute:
-    array = f"u.resource->'{name}'"
-    source = (
-        f"jsonb_array_elements(CASE WHEN jsonb_typeof({array}) = 'array'"
-        f" THEN {array} ELSE '[]'::jsonb END) AS {{alias}}(v)"
-    )
-    return Attribute(
-        name,
-        Kind.MULTI,
-        array,
-        sub_attributes=attributes(*subs),
-        source=source,
-        value_keys=value_keys,
-    )
-
-
-def _plural(name: str, *, value_keys: str | None = None) -> Attribute:
-    """Multi-valued value/display/type/primary attributes, e.g. emails (RFC 7643 §2.4)."""
-    subs = [_item_string(sub) for sub in ("value", "display", "type")]
-    return _multi(name, [*subs, _item_boolean("primary")], value_keys=value_keys)
-
-
-_NAME_PARTS = (
-    "formatted",
-    "familyName",
-    "givenName",
-    "middleName",
-    "honorificPrefix",
-    "honorificSuffix",
-)
-_ADDRESS_PARTS = (
-    "formatted",
-    "streetAddress",
-    "locality",
-    "region",
-    "postalCode",
-    "country",
-    "type",
-)
-_USER_STRINGS = (
-    "nickName",
-    "profileUrl",
-    "title",
-    "userType",
-    "preferredLanguage",
-    "locale",
-    "timezone",
-)
-_ENTERPRISE_STRINGS = ("employeeNumber", "costCenter", "organization", "division", "department")
-
-USER_ATTRIBUTES = AttributeMap(
-    schema=USER_SCHEMA,
-    attributes=attributes(
-        _column("id", Kind.UUID, "id", case_exact=True),
-        _column("externalId", Kind.STRING, "external_id", case_exact=True),
-        _column("userName", Kind.STRING, "user_name"),
-        _column("displayName", Kind.STRING, "display_name"),
-        _column("active", Kind.BOOLEAN, "active"),
-        *(_json_string(name) for name in _USER_STRINGS),
-        Attribute(
-            "name",
-            Kind.COMPLEX,
-            "u.resource->'name'",
-            sub_attributes=attributes(*(_json_string(part, "name") for part in _NAME_PARTS)),
-        ),
-        _plural("emails", value_keys="scim_email_keys(u.resource)"),
-        *(_plural(name) for name in ("phoneNumbers", "ims", "photos", "entitlements", "roles")),
-        _plural("x509Certificates"),
-        _multi(
-            "addresses",
-            [*(_item_string(part) for part in _ADDRESS_PARTS), _item_boolean("primary")],
-        ),
-        Attribute(
-            "meta",
-            Kind.COMPLEX,
-            present="TRUE",
-            sub_attributes=attributes(
-                _column("created", Kind.DATETIME, "created"),
-                _column("lastModified", Kind.DATETIME, "last_modified"),
-                Attribute("resourceType", Kind.STRING, "'User'::text", case_exact=True),
-            ),
-        ),
-    ),
-    undeclared="u.resource",
-    extensions={
-        ENTERPRISE_USER_SCHEMA: attributes(
-            *(_json_string(name, "enterprise") for name in _ENTERPRISE_STRINGS),
-            # The canonical state keeps the manager's id only; manager and manager.value
-            # both compare it.
-            Attribute(
-                "manager",
-                Kind.UUID,
-                "u.manager_id",
-                sub_attributes=attributes(Attribute("value", Kind.UUID, "u.manager_id")),
-            ),
-        )
-    },
-)
-
-
-# --- the compiler -------------------------------------------------------------------------
-
-
-class _FilterError(Exception):
-    """A filter this service cannot run; becomes 400 invalidFilter."""
-
-
-def _escape_like(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-def _check_text(value: str) -> str:
-    if "\x00" in value:
-        raise _FilterError("filter values cannot contain NUL characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _FilterError("filter values must be valid Unicode (unpaired surrogate)") from None
-    return value
 
 
 def _check_nesting(expression: str) -> None:
@@ -353,7 +125,7 @@ def _and_terms(node: FilterNode) -> tuple[FilterNode, ...]:
     return (node,)
 
 
-class FilterCompiler(FilterVisitor[str]):
+class FilterCompiler(ValueComparisons, FilterVisitor[str]):
     """Compile a parsed filter into a SQL boolean expression, adding values to `params`.
 
     `scope` resolves attribute names: the resource's AttributeMap at the top, the
@@ -542,182 +314,6 @@ class FilterCompiler(FilterVisitor[str]):
         key = self.params.add(_check_text(f"{type_}:{value}"))
         return f"{attribute.value_keys} @> ARRAY[lower({key})]::text[]"
 
-    # --- undeclared extension attributes (kept as sent, under their URN)
-
-    def _is_undeclared(self, path: AttrPath) -> bool:
-        return (
-            self._scope is None
-            and self.map.undeclared is not None
-            and path.uri is not None
-            and is_undeclared_urn(path.uri)
-            and path.uri.casefold() not in self.map.schemas
-        )
-
-    def _undeclared(self, path: AttrPath, condition: Callable[[str], str]) -> str:
-        """EXISTS over the values of an undeclared attribute: URN and name matched
-        case-insensitively, a list read value by value, an object by its `value` (or by the
-        path's sub-attribute); `condition(item)` tests one jsonb value."""
-        assert path.uri is not None and self.map.undeclared is not None
-        resource = self.map.undeclared
-        a = self._alias()
-        urn = self.params.add(_check_text(path.uri))
-        name = self.params.add(_check_text(path.attr))
-        sql = (
-            f"EXISTS (SELECT 1 FROM jsonb_each(CASE jsonb_typeof({resource}) WHEN 'object'"
-            f" THEN {resource} ELSE '{{}}'::jsonb END) AS {a}e(k, v)"
-            f" CROSS JOIN LATERAL jsonb_each(CASE jsonb_typeof({a}e.v) WHEN 'object'"
-            f" THEN {a}e.v ELSE '{{}}'::jsonb END) AS {a}a(k, v)"
-            f" CROSS JOIN LATERAL jsonb_array_elements(CASE jsonb_typeof({a}a.v) WHEN 'array'"
-            f" THEN {a}a.v ELSE jsonb_build_array({a}a.v) END) AS {a}x(v)"
-        )
-        where = f"lower({a}e.k) = lower({urn}::text) AND lower({a}a.k) = lower({name}::text)"
-        if path.sub_attr is None:
-            item = f"(CASE jsonb_typeof({a}x.v) WHEN 'object' THEN {a}x.v->'value' ELSE {a}x.v END)"
-        else:
-            sub = self.params.add(_check_text(path.sub_attr))
-            sql += (
-                f" CROSS JOIN LATERAL jsonb_each(CASE jsonb_typeof({a}x.v) WHEN 'object'"
-                f" THEN {a}x.v ELSE '{{}}'::jsonb END) AS {a}s(k, v)"
-            )
-            where += f" AND lower({a}s.k) = lower({sub}::text)"
-            item = f"{a}s.v"
-        return f"{sql} WHERE {where} AND {condition(item)})"
-
-    def _compare_json(self, item: str, op: CompareOperator, value: Any) -> str:
-        """One undeclared value (jsonb) against a filter value: numbers as numbers, booleans
-        as booleans, anything else as case-insensitive text (caseExact=false, RFC 7643 §7)."""
-        if isinstance(value, bool):
-            if op != CompareOperator.eq:
-                raise _FilterError(f"{op.value} is not supported on a boolean")
-            p = self.params.add("true" if value else "false")
-            return f"lower({item} #>> '{{}}') = {p}::text"
-        if isinstance(value, int | float):
-            number = f"(CASE jsonb_typeof({item}) WHEN 'number' THEN ({item})::numeric END)"
-            if op == CompareOperator.eq:
-                return f"{number} = {self.params.add(json.dumps(value))}::text::numeric"
-            if op in _ORDERING:
-                p = self.params.add(json.dumps(value))
-                return f"{number} {_ORDERING[op]} {p}::text::numeric"
-            value = json.dumps(value)
-        if not isinstance(value, str):
-            raise _FilterError(f"unsupported filter value {value!r}")
-        text = Attribute("value", Kind.STRING, f"({item} #>> '{{}}')")
-        scalar = f"jsonb_typeof({item}) IN ('string', 'number', 'boolean')"
-        return f"{scalar} AND {self._compare_string(text, op, value)}"
-
-    # --- comparisons of one value
-
-    def _compare(self, attribute: Attribute, op: CompareOperator, value: Any) -> str:
-        kind = attribute.kind
-        if kind is Kind.STRING:
-            return self._compare_string(attribute, op, value)
-        if kind is Kind.BOOLEAN:
-            return self._compare_boolean(attribute, op, value)
-        if kind is Kind.DATETIME:
-            return self._compare_datetime(attribute, op, value)
-        if kind is Kind.UUID:
-            return self._compare_uuid(attribute, op, value)
-        raise _FilterError(f"{attribute.name} is a complex attribute and cannot be compared")
-
-    def _compare_string(self, attribute: Attribute, op: CompareOperator, value: Any) -> str:
-        if isinstance(value, bool):
-            raise _FilterError(f"{attribute.name} is a string and cannot compare with {value}")
-        if isinstance(value, int | float):
-            value = json.dumps(value)  # employeeNumber eq 1001 compares the text "1001"
-        if not isinstance(value, str):
-            raise _FilterError(f"unsupported value for {attribute.name}")
-        _check_text(value)
-        column = attribute.sql
-        assert column is not None
-        if not attribute.case_exact:
-            column = f"lower({column})"
-
-        def param(v: str) -> str:
-            p = self.params.add(v)
-            return p if attribute.case_exact else f"lower({p})"
-
-        if op == CompareOperator.eq:
-            return f"{column} = {param(value)}"
-        if op == CompareOperator.ne:
-            return f"{column} IS DISTINCT FROM {param(value)}"
-        if op in _PATTERNS:
-            before, after = _PATTERNS[op]
-            return f"{column} LIKE {param(before + _escape_like(value) + after)}"
-        return f"{column} {_ORDERING[op]} {param(value)}"
-
-    def _compare_boolean(self, attribute: Attribute, op: CompareOperator, value: Any) -> str:
-        if op not in (CompareOperator.eq, CompareOperator.ne):
-            raise _FilterError(f"{op.value} is not supported on the boolean {attribute.name}")
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            value = value.lower() == "true"  # Entra sends "True" / "False"
-        if not isinstance(value, bool):
-            raise _FilterError(f"{attribute.name} is a boolean: compare it with true or false")
-        p = self.params.add(value)
-        if op == CompareOperator.eq:
-            return f"{attribute.sql} = {p}::boolean"
-        return f"{attribute.sql} IS DISTINCT FROM {p}::boolean"
-
-    def _compare_datetime(self, attribute: Attribute, op: CompareOperator, value: Any) -> str:
-        if op in _PATTERNS:
-            raise _FilterError(f"{op.value} is not supported on the dateTime {attribute.name}")
-        when = _parse_datetime(value, attribute.name)
-        p = self.params.add(when)
-        if op == CompareOperator.eq:
-            return f"{attribute.sql} = {p}::timestamptz"
-        if op == CompareOperator.ne:
-            return f"{attribute.sql} IS DISTINCT FROM {p}::timestamptz"
-        return f"{attribute.sql} {_ORDERING[op]} {p}::timestamptz"
-
-    def _compare_uuid(self, attribute: Attribute, op: CompareOperator, value: Any) -> str:
-        if op in (CompareOperator.eq, CompareOperator.ne):
-            try:
-                uuid = UUID(value) if isinstance(value, str) else None
-            except ValueError:
-                uuid = None
-            if uuid is None:  # not an id we issue: equal to nothing
-                return "FALSE" if op == CompareOperator.eq else "TRUE"
-            p = self.params.add(uuid)
-            if op == CompareOperator.eq:
-                return f"{attribute.sql} = {p}::uuid"
-            return f"{attribute.sql} IS DISTINCT FROM {p}::uuid"
-        if not isinstance(value, str):
-            raise _FilterError(f"{op.value} on {attribute.name} needs a string")
-        # Ordering and substring operators compare the canonical (lower-case) text form.
-        text = Attribute(attribute.name, Kind.STRING, f"({attribute.sql})::text", case_exact=True)
-        return self._compare_string(text, op, value.lower())
-
-
-def _present(attribute: Attribute) -> str:
-    if attribute.present is not None:
-        return attribute.present
-    if attribute.kind is Kind.STRING:
-        return f"({attribute.sql}) <> ''"
-    if attribute.kind is Kind.COMPLEX:
-        return f"({attribute.sql}) <> '{{}}'::jsonb"
-    return f"({attribute.sql}) IS NOT NULL"
-
-
-def _present_json(item: str) -> str:
-    return (
-        f"{item} IS NOT NULL AND {item} NOT IN"
-        " ('null'::jsonb, '\"\"'::jsonb, '[]'::jsonb, '{}'::jsonb)"
-    )
-
-
-def _parse_datetime(value: Any, name: str) -> datetime:
-    if not isinstance(value, str):
-        raise _FilterError(f"{name} is a dateTime: compare it with an ISO 8601 string")
-    try:
-        when = datetime.fromisoformat(value)
-    except ValueError:
-        raise _FilterError(f"{name}: {value!r} is not an ISO 8601 dateTime") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    try:
-        return when.astimezone(UTC)
-    except OverflowError:  # e.g. 0001-01-01T00:00:00+05:00
-        raise _FilterError(f"{name}: {value!r} is out of range") from None
-
 
 # --- the lookups identity providers send ---------------------------------------------------
 
@@ -726,18 +322,27 @@ def _parse_datetime(value: Any, name: str) -> datetime:
 # a quoted value without escapes or control characters) a filter is always valid, and is
 # compiled without the parser by the same comparison code the parser's tree would reach.
 _SIMPLE_EQ = re.compile(r'([A-Za-z][A-Za-z0-9_]*) eq "([^"\\\x00-\x1f]*)"')
+# The same lookup on an extension attribute by its full name (`urn:…:2.0:User:badge`):
+# the URN is everything before the last colon.
+_SIMPLE_URN_EQ = re.compile(r'(urn:[!-~]+):([A-Za-z][A-Za-z0-9_-]*) eq "([^"\\\x00-\x1f]*)"')
 
 
 def _simple_eq(attribute_map: AttributeMap, expression: str, params: SqlParams) -> str | None:
     """The SQL of an `attr eq "value"` filter on a string attribute; None for anything else."""
-    match = _SIMPLE_EQ.fullmatch(expression) if len(expression) <= MAX_FILTER_LENGTH else None
-    if match is None:
+    if len(expression) > MAX_FILTER_LENGTH:
         return None
-    attribute = attribute_map.lookup(AttrPath(match[1]))
+    match = _SIMPLE_EQ.fullmatch(expression)
+    if match is not None:
+        path, value = AttrPath(match[1]), match[2]
+    elif attribute_map.declared and (match := _SIMPLE_URN_EQ.fullmatch(expression)):
+        path, value = AttrPath(match[2], uri=match[1]), match[3]
+    else:
+        return None
+    attribute = attribute_map.lookup(path)
     if attribute is None or attribute.kind is not Kind.STRING:
         return None
     return FilterCompiler(attribute_map, params)._compare_string(
-        attribute, CompareOperator.eq, match[2]
+        attribute, CompareOperator.eq, value
     )
 
 
@@ -784,61 +389,22 @@ def compile_sort(attribute_map: AttributeMap, sort_by: str) -> str:
     return attribute.sql
 
 
-def user_filter_sql(expression: str, params: SqlParams) -> str:
+def user_filter_sql(expression: str, params: SqlParams, declared: Declared | None = None) -> str:
     """A SQL boolean expression over alias u; raises service.errors.ScimError(400, detail,
     "invalidFilter")."""
-    return compile_filter(USER_ATTRIBUTES, expression, params)
+    return compile_filter(with_declared(USER_ATTRIBUTES, declared), expression, params)
 
 
-def user_sort_sql(sort_by: str) -> str:
+def user_sort_sql(sort_by: str, declared: Declared | None = None) -> str:
     """SQL expression (no user data inlined) for sortBy; unknown/multi-valued attribute ->
     ScimError(400, ..., "invalidValue")."""
-    return compile_sort(USER_ATTRIBUTES, sort_by)
+    return compile_sort(with_declared(USER_ATTRIBUTES, declared), sort_by)
 
 
-# --- the groups view ---------------------------------------------------------------------
-
-GROUP_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:Group"
-
-GROUP_ATTRIBUTES = AttributeMap(
-    schema=GROUP_SCHEMA,
-    undeclared="g.extensions",
-    attributes=attributes(
-        Attribute("id", Kind.UUID, "g.id", case_exact=True),
-        Attribute("externalId", Kind.STRING, "g.external_id", case_exact=True),
-        Attribute("displayName", Kind.STRING, "g.display_name"),
-        # One row per member: members.value eq "id" is a primary-key probe.
-        Attribute(
-            "members",
-            Kind.MULTI,
-            "TRUE",
-            sub_attributes=attributes(
-                Attribute("value", Kind.UUID, "{alias}.member_id"),
-                Attribute("type", Kind.STRING, "{alias}.member_type"),
-            ),
-            source=(
-                "(SELECT gm.member_id, gm.member_type FROM scim_group_members gm"
-                " WHERE gm.tenant_id = g.tenant_id AND gm.group_id = g.id) AS {alias}"
-            ),
-        ),
-        Attribute(
-            "meta",
-            Kind.COMPLEX,
-            present="TRUE",
-            sub_attributes=attributes(
-                Attribute("created", Kind.DATETIME, "g.created"),
-                Attribute("lastModified", Kind.DATETIME, "g.last_modified"),
-                Attribute("resourceType", Kind.STRING, "'Group'::text", case_exact=True),
-            ),
-        ),
-    ),
-)
-
-
-def group_filter_sql(expression: str, params: SqlParams) -> str:
+def group_filter_sql(expression: str, params: SqlParams, declared: Declared | None = None) -> str:
     """A SQL boolean expression over alias g (scim_groups); 400 invalidFilter on error."""
-    return compile_filter(GROUP_ATTRIBUTES, expression, params)
+    return compile_filter(with_declared(GROUP_ATTRIBUTES, declared), expression, params)
 
 
-def group_sort_sql(sort_by: str) -> str:
-    return compile_sort(GROUP_ATTRIBUTES, sort_by)
+def group_sort_sql(sort_by: str, declared: Declared | None = None) -> str:
+    return compile_sort(with_declared(GROUP_ATTRIBUTES, declared), sort_by)

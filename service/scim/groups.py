@@ -218,7 +218,8 @@ GROUPS_VIEW = View("scim_groups", "g", groups_view.COLUMNS, group_filter_sql, gr
 async def _search(request: web.Request, query: ListQuery) -> dict[str, Any]:
     tenant_id: UUID = request[PRINCIPAL].tenant_id
     pool = request.app[DATABASE].pool
-    page = await fetch_page(pool, GROUPS_VIEW, tenant_id, query)
+    declared = declared_for(request[PRINCIPAL].declared, "Group")
+    page = await fetch_page(pool, GROUPS_VIEW, tenant_id, query, declared=declared)
     rows = page.rows
     base = base_url(request)
     resources = [_of_row(base, row) for row in rows]
@@ -268,6 +269,7 @@ def _change_from_body(
         body, (GROUP_SCHEMA,), max_values, reject=reject, declared=declared
     )
     change.extensions = coerce_declared(extensions, declared)
+    change.declared = declared
     members = members_of(keyed.get("members"), limit=max_members)
     change.replace_members(set(members))
     change.displays = {m: d for m, d in members.items() if d}

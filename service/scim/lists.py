@@ -147,8 +147,9 @@ class View:
     table: str
     alias: str
     columns: str  # comma-separated, unqualified
-    filter_sql: Callable[[str, SqlParams], str]
-    sort_sql: Callable[[str], str]
+    # Both also take the tenant's declared extensions (service.scim.declared.Declared).
+    filter_sql: Callable[[str, SqlParams, Any], str]
+    sort_sql: Callable[[str, Any], str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +160,12 @@ class Page:
 
 
 async def fetch_page(
-    pool: asyncpg.Pool, view: View, tenant_id: UUID, query: ListQuery, extra: str | None = None
+    pool: asyncpg.Pool,
+    view: View,
+    tenant_id: UUID,
+    query: ListQuery,
+    extra: str | None = None,
+    declared: Mapping[str, Any] | None = None,
 ) -> Page:
     """One page of a tenant's resources: index paging (OFFSET, any sortBy) or RFC 9865
     cursors (keyset on created, id). Every value reaches SQL as a parameter.
@@ -171,7 +177,7 @@ async def fetch_page(
     params = SqlParams([tenant_id])
     where = f"{a}.tenant_id = $1"
     if query.filter:
-        where += f" AND ({view.filter_sql(query.filter, params)})"
+        where += f" AND ({view.filter_sql(query.filter, params, declared)})"
     count_args = list(params.values)  # the count query takes the filter's parameters only
     count_sql = f"SELECT count(*) FROM {view.table} {a} WHERE {where}"
     if query.count == 0:
@@ -199,7 +205,9 @@ async def fetch_page(
         return Page(rows, int(await pool.fetchval(count_sql, *count_args)), next_cursor)
     if query.sort_by:
         direction = "DESC" if query.descending else "ASC"
-        order = f"{view.sort_sql(query.sort_by)} {direction} NULLS LAST, {a}.id {direction}"
+        order = (
+            f"{view.sort_sql(query.sort_by, declared)} {direction} NULLS LAST, {a}.id {direction}"
+        )
     else:
         order = f"{a}.created, {a}.id"
     rows = list(

@@ -303,6 +303,7 @@ async def replace(request: web.Request) -> web.Response:
         request.headers.get("If-Match"),
         _large(request),
         _unique(request),
+        declared=declared_for(request[PRINCIPAL].declared, "User"),
     )
     user = await handlers(request).replace_user(caller(request), command)
     return _reply(request, await _resource_of_user(request, user), user.version)
@@ -351,7 +352,8 @@ async def _search(request: web.Request, query: ListQuery) -> dict[str, Any]:
     pool = request.app[DATABASE].pool
     wants = _wants_groups(query.attributes, query.excluded_attributes)
     extra = memberships.GROUPS_OF_ROW if wants else None
-    page = await fetch_page(pool, USERS_VIEW, request[PRINCIPAL].tenant_id, query, extra)
+    declared = declared_for(request[PRINCIPAL].declared, "User")
+    page = await fetch_page(pool, USERS_VIEW, request[PRINCIPAL].tenant_id, query, extra, declared)
     resources = _page(request, page.rows, query, wants)
     return list_response(resources, page.total, query, page.next_cursor)
 
