@@ -292,14 +292,15 @@ def _taken(
     state: Mapping[str, Any],
     unique: tuple[Unique, ...],
 ) -> dict[str, str]:
-    """Index name -> the attribute a clash on it names, for the declared unique attributes the
+    """Index name -> the value a clash on it names, for the declared unique attributes the
     resource holds: each has a unique index per tenant (infra/schemas.py), so the write itself
     refuses a taken value, with no lock and no extra query."""
     out: dict[str, str] = {}
     if not resource.pending_events:
         return out
     for attribute in unique:
-        if (state.get(attribute.urn) or {}).get(attribute.attribute) is not None:
+        value = (state.get(attribute.urn) or {}).get(attribute.attribute)
+        if value is not None:
             index = index_name(
                 resource_type,
                 resource.tenant_id,
@@ -307,7 +308,7 @@ def _taken(
                 attribute.attribute,
                 attribute.case_exact,
             )
-            out[index] = f"{attribute.urn}:{attribute.attribute}"
+            out[index] = f"{attribute.urn}:{attribute.attribute} {str(value)[:100]!r}"
     return out
 
 
@@ -396,20 +397,19 @@ async def _flush(
     taken: Mapping[str, str] | None = None,
     attribute: str = "userName",
 ) -> None:
-    """Flush the unit of work; a value another resource holds is a 409 naming the attribute.
-    The detail never quotes the value: it is kept forever in the provisioning log, outside
-    any subject's key (an erasure could not reach it)."""
+    """Flush the unit of work; a value another resource holds is a 409 naming the attribute
+    and the value (as Entra's provisioning logs do)."""
     try:
         await uow.flush()
     except asyncpg.UniqueViolationError as e:
         if is_unique_violation(e, "scim_users_user_name_uq") or is_unique_violation(
             e, "scim_groups_display_name_uq"
         ):
-            raise Taken(f"This {attribute} is already taken") from None
+            raise Taken(f"{attribute} {name!r} is already taken") from None
         constraint = str(getattr(e, "constraint_name", None) or "")
         if INDEX_PREFIX in constraint:
-            what = (taken or {}).get(constraint, "a declared unique attribute")
-            raise Taken(f"This value of {what} is already taken") from None
+            what = (taken or {}).get(constraint, "a declared unique attribute's value")
+            raise Taken(f"{what} is already taken") from None
         raise
     except asyncpg.ProgramLimitExceededError as e:
         # A long value that does not compress outgrows an index entry (about 2.7 kB); the
