@@ -29,14 +29,19 @@ from asyncpg.pool import PoolConnectionProxy
 from eventsourcing.domain import Aggregate, DomainEventProtocol
 from eventsourcing.persistence import Mapper, StoredEvent
 
+from infra import eventstore_sql as q
 from infra import metrics
-from infra.keys import KeyRing, SealingMapper, SubjectErased, is_personal_topic
+from infra.keys import KeyRing, SubjectErased
+from infra.sealing import SealingMapper, is_personal_topic
 
 NOTIFY_CHANNEL = "scimledger_events"
 NOTIFY_COALESCE_SECONDS = 0.05
 
 # A plain connection or one borrowed from a pool: both run statements the same way.
 Conn = asyncpg.Connection | PoolConnectionProxy
+
+
+APPEND_PARAMETERS = q.APPEND_PARAMETERS
 
 
 class ConcurrencyError(Exception):
@@ -49,7 +54,7 @@ class ConcurrencyError(Exception):
 
 class OutOfOrder(ConcurrencyError):
     """The stream's previous version was written by a transaction with a higher id than ours
-    (see _INSERT): nothing was appended; the same change succeeds in a new transaction."""
+    (see q.INSERT): nothing was appended; the same change succeeds in a new transaction."""
 
     def __init__(self, originator_id: UUID) -> None:
         Exception.__init__(
@@ -88,87 +93,6 @@ class RecordedEvent:
         return StoredEvent(self.originator_id, self.originator_version, self.topic, self.state)
 
 
-_COLUMNS = (
-    "originator_id, originator_version, topic, state, notification_id, tenant_id,"
-    " recorded_at, request_id, transaction_id"
-)
-
-# Followers read in transaction id order, so a stream's events must have ascending
-# transaction ids. A writer takes its id when it first writes or locks a row, which may be
-# before it waited for the writer of the stream's previous version; then its id is the lower
-# of the two. Such an append fails whole (`late` raises SL001, migration 0010), and is retried
-# in a new transaction, whose id is higher than that of every committed one.
-#
-# Crypto-shredding (infra.keys): the data keys of new subjects are stored by the same statement
-# ($7..$9), and an append for a subject whose key was destroyed (erased) fails whole (`erased`
-# raises SL002, migration 0017): on every instance, whatever its cache holds.
-_APPEND_CTES = """
-e AS (
-    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bytea[])
-        AS e (originator_id, originator_version, topic, state)
-), new_keys AS (
-    INSERT INTO subject_keys (subject_id, tenant_id, kek_version, wrapped)
-    SELECT k.subject_id, $5::uuid, k.kek_version, k.wrapped
-    FROM unnest($7::uuid[], $8::int[], $9::bytea[]) AS k (subject_id, kek_version, wrapped)
-    ON CONFLICT DO NOTHING
-), erased AS (
-    SELECT scimledger_subject_erased(k.subject_id) FROM e JOIN subject_keys k
-        ON k.subject_id = e.originator_id
-    WHERE k.wrapped IS NULL
-    LIMIT 1
-), late AS (
-    SELECT scimledger_stream_written_later(p.originator_id) FROM e JOIN stored_events p
-        ON p.originator_id = e.originator_id AND p.originator_version = e.originator_version - 1
-    WHERE p.transaction_id > pg_current_xact_id()::text::bigint
-    LIMIT 1
-)"""
-_APPEND_INSERT = f"""
-INSERT INTO stored_events (originator_id, originator_version, topic, state, tenant_id, request_id)
-SELECT e.originator_id, e.originator_version, e.topic, e.state, $5::uuid, $6::text
-FROM e WHERE NOT EXISTS (SELECT 1 FROM late) AND NOT EXISTS (SELECT 1 FROM erased)
-RETURNING {_COLUMNS}
-"""
-_INSERT = f"WITH {_APPEND_CTES}{_APPEND_INSERT}"
-_OUT_OF_ORDER = "SL001"
-_ERASED = "SL002"
-
-# `append_with`: the append and one more data-modifying statement (its parameters numbered from
-# APPEND_PARAMETERS + 1) in one SQL statement, so one round trip and one transaction.
-APPEND_PARAMETERS = 9
-_APPEND_WITH = (
-    "WITH {ctes}, appended AS ({insert}), also AS ({statement}) SELECT * FROM appended"
-)
-_PRIMARY_KEY = "stored_events_pkey"
-
-_READ_STREAM = f"""
-SELECT {_COLUMNS} FROM stored_events
-WHERE originator_id = $1 AND originator_version > $2
-ORDER BY originator_version
-"""
-
-_READ_STREAM_UNTIL = f"""
-SELECT {_COLUMNS} FROM stored_events
-WHERE originator_id = $1 AND tenant_id = $2 AND recorded_at <= $3
-ORDER BY originator_version
-LIMIT $4
-"""
-
-_READ_ALL = f"""
-SELECT {_COLUMNS} FROM stored_events
-WHERE (transaction_id, notification_id) > ($1::bigint, $2::bigint)
-  AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())::text::bigint
-ORDER BY transaction_id, notification_id
-LIMIT $3
-"""
-
-
-_REST_OF_TRANSACTION = f"""
-SELECT {_COLUMNS} FROM stored_events
-WHERE transaction_id = $1 AND notification_id > $2
-ORDER BY notification_id
-"""
-
-
 _SUBJECT_ERASED = "domain.erasure:Erasure.SubjectErased"
 
 
@@ -205,7 +129,7 @@ class EventStore:
             return []
         new_keys = await self.keys.prepare(conn, tenant_id, events)
         stored = [self.mapper.to_stored_event(e) for e in events]
-        return await self._insert(conn, _INSERT, stored, tenant_id, request_id, new_keys)
+        return await self._insert(conn, q.INSERT, stored, tenant_id, request_id, new_keys)
 
     async def append_stored(
         self,
@@ -216,7 +140,7 @@ class EventStore:
     ) -> list[RecordedEvent]:
         if not stored:
             return []
-        return await self._insert(conn, _INSERT, stored, tenant_id, request_id, [])
+        return await self._insert(conn, q.INSERT, stored, tenant_id, request_id, [])
 
     async def append_with(
         self,
@@ -238,7 +162,7 @@ class EventStore:
             raise ValueError("append_with needs at least one event")
         new_keys = await self.keys.prepare(conn, tenant_id, events)
         stored = [self.mapper.to_stored_event(e) for e in events]
-        sql = _APPEND_WITH.format(ctes=_APPEND_CTES, insert=_APPEND_INSERT, statement=statement)
+        sql = q.APPEND_WITH.format(ctes=q.APPEND_CTES, insert=q.APPEND_INSERT, statement=statement)
         return await self._insert(conn, sql, stored, tenant_id, request_id, new_keys, *args)
 
     async def _insert(
@@ -251,7 +175,7 @@ class EventStore:
         new_keys: Sequence[tuple[UUID, int, bytes]],
         *args: Any,
     ) -> list[RecordedEvent]:
-        """Run an append statement (`_INSERT`, alone or with more); its errors as ours."""
+        """Run an append statement (`q.INSERT`, alone or with more); its errors as ours."""
         started = time.perf_counter()
         try:
             return await self._insert_keyed(
@@ -289,15 +213,15 @@ class EventStore:
                 *args,
             )
         except asyncpg.UniqueViolationError as e:
-            if getattr(e, "constraint_name", None) != _PRIMARY_KEY:
+            if getattr(e, "constraint_name", None) != q.PRIMARY_KEY:
                 raise  # a view's unique index, in the same statement
             metrics.CONFLICTS.labels("version").inc()
             raise ConcurrencyError(_conflicting_stream(stored, e)) from None
         except asyncpg.PostgresError as e:
-            if e.sqlstate == _OUT_OF_ORDER:
+            if e.sqlstate == q.OUT_OF_ORDER:
                 metrics.CONFLICTS.labels("order").inc()
                 raise OutOfOrder(_late_stream(stored, e)) from None
-            if e.sqlstate == _ERASED:
+            if e.sqlstate == q.ERASED:
                 subject = _late_stream(stored, e)
                 self.keys.erased(subject)
                 raise SubjectErased(subject) from None
@@ -363,7 +287,7 @@ class EventStore:
     ) -> list[RecordedEvent]:
         """`fresh_keys`: re-read the stream's key row, so an erasure made on another instance
         shows at once (a writer needs not: its append checks the row in the same statement)."""
-        rows = await conn.fetch(_READ_STREAM, originator_id, after_version)
+        rows = await conn.fetch(q.READ_STREAM, originator_id, after_version)
         recorded = [_recorded(r) for r in rows]
         await self.load_keys(conn, recorded, refresh=fresh_keys)
         return recorded
@@ -378,7 +302,7 @@ class EventStore:
     ) -> list[RecordedEvent]:
         """The first `limit` events of a stream of `tenant_id` recorded at or before `until`
         (a stream of another tenant reads as empty: none of its events is read)."""
-        rows = await conn.fetch(_READ_STREAM_UNTIL, originator_id, tenant_id, until, limit)
+        rows = await conn.fetch(q.READ_STREAM_UNTIL, originator_id, tenant_id, until, limit)
         recorded = [_recorded(r) for r in rows]
         await self.load_keys(conn, recorded, refresh=True)
         return recorded
@@ -392,10 +316,10 @@ class EventStore:
         consumer always sees the whole of what one request appended.
         """
         source = conn or self.pool
-        rows = list(await source.fetch(_READ_ALL, after[0], after[1], limit))
+        rows = list(await source.fetch(q.READ_ALL, after[0], after[1], limit))
         if len(rows) == limit:
             last = rows[-1]
-            rows += await source.fetch(_REST_OF_TRANSACTION, last[8], last[4])
+            rows += await source.fetch(q.REST_OF_TRANSACTION, last[8], last[4])
         recorded = [_recorded(r) for r in rows]
         await self.load_keys(source, recorded)
         return recorded

@@ -6,13 +6,9 @@ first start). It wraps one key-encryption key (KEK) per tenant and version (`ten
 which wraps one data key per subject, a user or a group (`subject_keys`). All wrapping and all
 sealing is AES-256-GCM (`cryptography`). Keys never go into events.
 
-Sealing. Of a user's or a group's event, the personal values are sealed with the subject's data
-key, the stream id and version as associated data: every leaf that is not null or a boolean of
-the event's fields, except the ids, the timestamp and `active`. In the stored state each sealed
-leaf reads `"[encrypted]"` and the ciphertext of all of them, in walk order, is in `_sealed_`;
-so the shape of a change (which attributes, how many emails) stays in clear. Erasing a subject
-destroys its data key (the row stays, `wrapped` NULL): its events then read `[erased]` where the
-values were.
+Sealing (infra.sealing): of a user's or a group's event, the personal values are sealed with
+the subject's data key. Erasing a subject destroys its data key (the row stays, `wrapped`
+NULL): its events then read `[erased]` where the values were.
 
 Caching. Unwrapped keys are cached in memory. A write for a subject checks the key row in the
 appending statement itself (see infra.eventstore), so an erasure made on another instance is
@@ -26,48 +22,21 @@ import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 from uuid import UUID
 
-import orjson
 import structlog
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from eventsourcing.domain import DomainEventProtocol
-from eventsourcing.persistence import Mapper, StoredEvent
-from eventsourcing.utils import get_topic, resolve_topic
-
-from infra.transcoder import OrjsonTranscoder, _tag, _untag
 
 MASTER_ENV = "SCIMLEDGER_MASTER_KEY"
 MASTER_FILE_ENV = "SCIMLEDGER_MASTER_KEY_FILE"
 GROUP_NAMES_ENV = "SCIMLEDGER_ENCRYPT_GROUP_NAMES"
 MASTER_FILE = "master.key"
 
-SEALED = "_sealed_"
-PLACEHOLDER = "[encrypted]"
-ERASED = "[erased]"
 _NONCE = 12
-
-# Event fields never sealed: ids, times, the library's own. And attributes kept in clear.
-_CLEAR_FIELDS = frozenset(
-    {
-        "originator_id",
-        "originator_version",
-        "timestamp",
-        "tenant_id",
-        "originator_topic",
-        "class_version",
-        "added",
-        "removed",
-    }
-)
-_CLEAR_ATTRIBUTES = frozenset({"active"})
-_DICT_FIELDS = frozenset({"attributes", "changed"})
-# Identity fields unique per tenant in the views: an erased one reads `[erased <id>]`, so that
-# a replay of two erased subjects alive at once does not collide on the unique index.
-_IDENTITY_FIELDS = frozenset({"user_name", "display_name"})
-_PERSONAL_MODULES = ("domain.user", "domain.group")
+# The events holding personal values: a user's and a group's.
+PERSONAL_MODULES = ("domain.user", "domain.group")
 
 _log = structlog.get_logger()
 
@@ -290,7 +259,7 @@ class KeyRing:
         new: list[tuple[UUID, int, bytes]] = []
         missing: list[UUID] = []
         for e in events:
-            if not _personal(e):
+            if type(e).__module__ not in PERSONAL_MODULES:
                 continue
             sid = e.originator_id
             if sid in self._subjects:
@@ -375,160 +344,6 @@ class KeyRing:
         self._current.pop(tenant_id, None)
         return len(rewrapped)
 
-    # sealing
-
-    def seal(
-        self, state: dict[str, Any], topic_module: str, subject_id: UUID, version: int
-    ) -> None:
-        """Seal the personal values of an event's state in place (see the module's doc)."""
-        cipher = self._subjects.get(subject_id)
-        if cipher is None:
-            raise SubjectErased(subject_id)
-        leaves = self.split(state, topic_module)
-        if leaves:
-            nonce = os.urandom(_NONCE)
-            sealed = cipher.encrypt(nonce, orjson.dumps(_tag(leaves)), _aad(subject_id, version))
-            state[SEALED] = base64.b64encode(nonce + sealed).decode()
-
-    def split(self, state: dict[str, Any], topic_module: str) -> list[Any]:
-        """Take the personal values out of an event's state (in place), in walk order."""
-        leaves: list[Any] = []
-        for field in list(state):
-            if field in _CLEAR_FIELDS:
-                continue
-            if (
-                field == "display_name"
-                and topic_module == "domain.group"
-                and not self.encrypt_group_names
-            ):
-                continue
-            value = state[field]
-            if field in _DICT_FIELDS and type(value) is dict:
-                state[field] = {
-                    k: (v if k in _CLEAR_ATTRIBUTES else _collect(v, leaves))
-                    for k, v in value.items()
-                }
-            else:
-                state[field] = _collect(value, leaves)
-        return leaves
-
-    def unseal(
-        self, state: dict[str, Any], topic_module: str, subject_id: UUID, version: int
-    ) -> None:
-        """Put the sealed values back, or `[erased]` if the subject's key is gone."""
-        sealed = state.pop(SEALED, None)
-        if sealed is None:
-            return
-        if subject_id not in self._subjects and subject_id not in self._absent:
-            raise LookupError(f"the data key of {subject_id} was not loaded before decoding")
-        cipher = self._subjects.get(subject_id)  # none: erased, or its key row is lost
-        leaves: list[Any] | None = None
-        if cipher is not None:
-            raw = base64.b64decode(sealed)
-            try:
-                leaves = _untag(
-                    orjson.loads(
-                        cipher.decrypt(raw[:_NONCE], raw[_NONCE:], _aad(subject_id, version))
-                    )
-                )
-            except InvalidTag:
-                leaves = None  # not this key: a key replaced since (a restored old backup)
-        source = iter(leaves) if leaves is not None else None
-        for field in list(state):
-            if field in _CLEAR_FIELDS:
-                continue
-            if (
-                field == "display_name"
-                and topic_module == "domain.group"
-                and not self.encrypt_group_names
-            ):
-                continue
-            value = state[field]
-            if field in _DICT_FIELDS and type(value) is dict:
-                state[field] = {
-                    k: (v if k in _CLEAR_ATTRIBUTES else _restore(v, source))
-                    for k, v in value.items()
-                }
-            elif source is None and field in _IDENTITY_FIELDS and type(value) is str:
-                state[field] = f"{ERASED[:-1]} {subject_id}]"
-            else:
-                state[field] = _restore(value, source)
-
-
-def _aad(subject_id: UUID, version: int) -> bytes:
-    return subject_id.bytes + version.to_bytes(8, "big")
-
-
-def _collect(value: Any, leaves: list[Any]) -> Any:
-    if type(value) is dict:
-        return {k: _collect(v, leaves) for k, v in value.items()}
-    if type(value) is list:
-        return [_collect(v, leaves) for v in value]
-    if value is None or type(value) is bool:
-        return value
-    leaves.append(value)
-    return PLACEHOLDER
-
-
-def _restore(value: Any, source: Any) -> Any:
-    if type(value) is dict:
-        return {k: _restore(v, source) for k, v in value.items()}
-    if type(value) is list:
-        return [_restore(v, source) for v in value]
-    if type(value) is str:
-        return ERASED if source is None else next(source)
-    return value
-
-
-def _personal(event: Any) -> bool:
-    return type(event).__module__ in _PERSONAL_MODULES
-
-
-def is_personal_topic(topic: str) -> bool:
-    return topic.split(":", 1)[0] in _PERSONAL_MODULES
-
-
-class SealingMapper(Mapper[UUID]):
-    """The library's Mapper, sealing personal values on the way in and out (`KeyRing`)."""
-
-    def __init__(self, keys: KeyRing) -> None:
-        super().__init__(transcoder=OrjsonTranscoder())
-        self.keys = keys
-
-    def to_stored_event(self, domain_event: DomainEventProtocol[UUID]) -> StoredEvent:
-        cls = type(domain_event)
-        topic = get_topic(cls)
-        event_state = dict(vars(domain_event))
-        originator_id = event_state.pop("originator_id")
-        originator_version = event_state.pop("originator_version")
-        class_version = getattr(cls, "class_version", 1)
-        if class_version > 1:
-            event_state["class_version"] = class_version
-        module = cls.__module__
-        if module in _PERSONAL_MODULES:
-            self.keys.seal(event_state, module, originator_id, originator_version)
-        return StoredEvent(
-            originator_id=originator_id,
-            originator_version=originator_version,
-            topic=topic,
-            state=self.transcoder.encode(event_state),
-        )
-
-    def to_domain_event(self, stored_event: StoredEvent) -> DomainEventProtocol[UUID]:
-        cls = resolve_topic(stored_event.topic)
-        event_state: dict[str, Any] = self.transcoder.decode(stored_event.state)
-        originator_id = cast(UUID, stored_event.originator_id)
-        if SEALED in event_state:
-            self.keys.unseal(
-                event_state, cls.__module__, originator_id, stored_event.originator_version
-            )
-        event_state["originator_id"] = originator_id
-        event_state["originator_version"] = stored_event.originator_version
-        class_version = getattr(cls, "class_version", 1)
-        from_version = event_state.pop("class_version", 1)
-        while from_version < class_version:
-            getattr(cls, f"upcast_v{from_version}_v{from_version + 1}")(event_state)
-            from_version += 1
-        domain_event = object.__new__(cls)
-        object.__setattr__(domain_event, "__dict__", event_state)
-        return domain_event  # type: ignore[no-any-return]
+    def is_absent(self, subject_id: UUID) -> bool:
+        """Found without a key row: a stream stored before encryption (in clear)."""
+        return subject_id in self._absent

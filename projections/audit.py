@@ -24,7 +24,8 @@ from domain.request import ProvisioningRequest
 from domain.schema import EXTENSION_SEPARATOR, is_extension_urn
 from domain.user import User
 from infra.eventstore import Conn
-from infra.keys import ERASED, is_erased
+from infra.keys import is_erased
+from infra.sealing import ERASED
 
 NAME = "audit"
 # 2: list and object values in modifiedProperties are UTF-8 JSON (orjson), not \u-escaped.

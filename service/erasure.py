@@ -20,9 +20,11 @@ import orjson
 import structlog
 
 from domain.erasure import Erasure
+from infra import sealing
 from infra.database import Database
 from infra.eventstore import Conn
-from infra.keys import ERASED, PLACEHOLDER, SEALED, SubjectErased, is_personal_topic
+from infra.keys import SubjectErased
+from infra.sealing import ERASED, PLACEHOLDER, SEALED, is_personal_topic
 
 _log = structlog.get_logger()
 
@@ -242,7 +244,7 @@ async def seal_stream(db: Database, conn: Conn, tenant_id: UUID, subject_id: UUI
         topic: str = r["topic"]
         if not is_personal_topic(topic) or SEALED.encode() in r["state"]:
             continue
-        if keys.split(orjson.loads(r["state"]), topic.split(":", 1)[0]):
+        if sealing.split(keys, orjson.loads(r["state"]), topic.split(":", 1)[0]):
             clear.append(r)
     if not clear:
         return 0
@@ -349,7 +351,7 @@ async def verify(db: Database, erasure_id: UUID) -> tuple[Receipt | None, list[s
         for r in records:
             state = orjson.loads(r.state)
             if is_personal_topic(r.topic) and SEALED not in state:
-                if db.store.keys.split(dict(state), r.topic.split(":", 1)[0]):
+                if sealing.split(db.store.keys, dict(state), r.topic.split(":", 1)[0]):
                     problems.append(f"event {r.originator_version} is stored in clear")
                 continue
             state.pop(SEALED, None)

@@ -1,0 +1,203 @@
+"""Sealing: the personal values of a user's or a group's event, sealed with its subject's data
+key (infra.keys) on their way into the store, and put back (or `[erased]`) on their way out.
+
+Of an event's fields, every leaf that is not null or a boolean is personal, except the ids, the
+timestamp and `active`. In the stored state each sealed leaf reads `"[encrypted]"` and the
+ciphertext of all of them (AES-256-GCM, the stream id and version as associated data), in walk
+order, is in `_sealed_`; so the shape of a change (which attributes, how many emails) stays in
+clear. An erased subject's events read `[erased]` where the values were.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from typing import Any, cast
+from uuid import UUID
+
+import orjson
+from cryptography.exceptions import InvalidTag
+from eventsourcing.domain import DomainEventProtocol
+from eventsourcing.persistence import Mapper, StoredEvent
+from eventsourcing.utils import get_topic, resolve_topic
+
+from infra.keys import _NONCE, PERSONAL_MODULES, KeyRing, SubjectErased
+from infra.transcoder import OrjsonTranscoder, _tag, _untag
+
+SEALED = "_sealed_"
+PLACEHOLDER = "[encrypted]"
+ERASED = "[erased]"
+
+# Event fields never sealed: ids, times, the library's own. And attributes kept in clear.
+_CLEAR_FIELDS = frozenset(
+    {
+        "originator_id",
+        "originator_version",
+        "timestamp",
+        "tenant_id",
+        "originator_topic",
+        "class_version",
+        "added",
+        "removed",
+    }
+)
+_CLEAR_ATTRIBUTES = frozenset({"active"})
+_DICT_FIELDS = frozenset({"attributes", "changed"})
+# Identity fields unique per tenant in the views: an erased one reads `[erased <id>]`, so that
+# a replay of two erased subjects alive at once does not collide on the unique index.
+_IDENTITY_FIELDS = frozenset({"user_name", "display_name"})
+
+
+def seal(
+    ring: KeyRing, state: dict[str, Any], topic_module: str, subject_id: UUID, version: int
+) -> None:
+    """Seal the personal values of an event's state in place (see the module's doc)."""
+    cipher = ring.cipher(subject_id)
+    if cipher is None:
+        raise SubjectErased(subject_id)
+    leaves = split(ring, state, topic_module)
+    if leaves:
+        nonce = os.urandom(_NONCE)
+        sealed = cipher.encrypt(nonce, orjson.dumps(_tag(leaves)), _aad(subject_id, version))
+        state[SEALED] = base64.b64encode(nonce + sealed).decode()
+
+
+def split(ring: KeyRing, state: dict[str, Any], topic_module: str) -> list[Any]:
+    """Take the personal values out of an event's state (in place), in walk order."""
+    leaves: list[Any] = []
+    for field in list(state):
+        if field in _CLEAR_FIELDS:
+            continue
+        if (
+            field == "display_name"
+            and topic_module == "domain.group"
+            and not ring.encrypt_group_names
+        ):
+            continue
+        value = state[field]
+        if field in _DICT_FIELDS and type(value) is dict:
+            state[field] = {
+                k: (v if k in _CLEAR_ATTRIBUTES else _collect(v, leaves)) for k, v in value.items()
+            }
+        else:
+            state[field] = _collect(value, leaves)
+    return leaves
+
+
+def unseal(
+    ring: KeyRing, state: dict[str, Any], topic_module: str, subject_id: UUID, version: int
+) -> None:
+    """Put the sealed values back, or `[erased]` if the subject's key is gone."""
+    sealed = state.pop(SEALED, None)
+    if sealed is None:
+        return
+    if not ring.known(subject_id) and not ring.is_absent(subject_id):
+        raise LookupError(f"the data key of {subject_id} was not loaded before decoding")
+    cipher = ring.cipher(subject_id)  # none: erased, or its key row is lost
+    leaves: list[Any] | None = None
+    if cipher is not None:
+        raw = base64.b64decode(sealed)
+        try:
+            leaves = _untag(
+                orjson.loads(cipher.decrypt(raw[:_NONCE], raw[_NONCE:], _aad(subject_id, version)))
+            )
+        except InvalidTag:
+            leaves = None  # not this key: a key replaced since (a restored old backup)
+    source = iter(leaves) if leaves is not None else None
+    for field in list(state):
+        if field in _CLEAR_FIELDS:
+            continue
+        if (
+            field == "display_name"
+            and topic_module == "domain.group"
+            and not ring.encrypt_group_names
+        ):
+            continue
+        value = state[field]
+        if field in _DICT_FIELDS and type(value) is dict:
+            state[field] = {
+                k: (v if k in _CLEAR_ATTRIBUTES else _restore(v, source)) for k, v in value.items()
+            }
+        elif source is None and field in _IDENTITY_FIELDS and type(value) is str:
+            state[field] = f"{ERASED[:-1]} {subject_id}]"
+        else:
+            state[field] = _restore(value, source)
+
+
+def _aad(subject_id: UUID, version: int) -> bytes:
+    return subject_id.bytes + version.to_bytes(8, "big")
+
+
+def _collect(value: Any, leaves: list[Any]) -> Any:
+    if type(value) is dict:
+        return {k: _collect(v, leaves) for k, v in value.items()}
+    if type(value) is list:
+        return [_collect(v, leaves) for v in value]
+    if value is None or type(value) is bool:
+        return value
+    leaves.append(value)
+    return PLACEHOLDER
+
+
+def _restore(value: Any, source: Any) -> Any:
+    if type(value) is dict:
+        return {k: _restore(v, source) for k, v in value.items()}
+    if type(value) is list:
+        return [_restore(v, source) for v in value]
+    if type(value) is str:
+        return ERASED if source is None else next(source)
+    return value
+
+
+def is_personal_topic(topic: str) -> bool:
+    return topic.split(":", 1)[0] in PERSONAL_MODULES
+
+
+class SealingMapper(Mapper[UUID]):
+    """The library's Mapper, sealing personal values on the way in and out (`KeyRing`)."""
+
+    def __init__(self, keys: KeyRing) -> None:
+        super().__init__(transcoder=OrjsonTranscoder())
+        self.keys = keys
+
+    def to_stored_event(self, domain_event: DomainEventProtocol[UUID]) -> StoredEvent:
+        cls = type(domain_event)
+        topic = get_topic(cls)
+        event_state = dict(vars(domain_event))
+        originator_id = event_state.pop("originator_id")
+        originator_version = event_state.pop("originator_version")
+        class_version = getattr(cls, "class_version", 1)
+        if class_version > 1:
+            event_state["class_version"] = class_version
+        module = cls.__module__
+        if module in PERSONAL_MODULES:
+            seal(self.keys, event_state, module, originator_id, originator_version)
+        return StoredEvent(
+            originator_id=originator_id,
+            originator_version=originator_version,
+            topic=topic,
+            state=self.transcoder.encode(event_state),
+        )
+
+    def to_domain_event(self, stored_event: StoredEvent) -> DomainEventProtocol[UUID]:
+        cls = resolve_topic(stored_event.topic)
+        event_state: dict[str, Any] = self.transcoder.decode(stored_event.state)
+        originator_id = cast(UUID, stored_event.originator_id)
+        if SEALED in event_state:
+            unseal(
+                self.keys,
+                event_state,
+                cls.__module__,
+                originator_id,
+                stored_event.originator_version,
+            )
+        event_state["originator_id"] = originator_id
+        event_state["originator_version"] = stored_event.originator_version
+        class_version = getattr(cls, "class_version", 1)
+        from_version = event_state.pop("class_version", 1)
+        while from_version < class_version:
+            getattr(cls, f"upcast_v{from_version}_v{from_version + 1}")(event_state)
+            from_version += 1
+        domain_event = object.__new__(cls)
+        object.__setattr__(domain_event, "__dict__", event_state)
+        return domain_event  # type: ignore[no-any-return]
