@@ -39,6 +39,7 @@ from rich.progress import (
 )
 
 from infra.embedded import EmbeddedPostgres
+from infra.migrations import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
 SCIMLEDGER = ROOT / ".venv" / "bin" / "scimledger"
@@ -228,15 +229,22 @@ async def postgres_facts(dsn: str) -> tuple[psutil.Process | None, str]:
     return postmaster, version
 
 
-async def make_database(dsn: str, name: str) -> str:
-    """A fresh database `name` in the same server; its DSN."""
+async def make_database(dsn: str, name: str, *, migrated: bool = False) -> str:
+    """A fresh database `name` in the same server (its schema made if `migrated`); its DSN."""
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
-    return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
+    target = urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
+    if migrated:
+        conn = await asyncpg.connect(target)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+    return target
 
 
 async def wait_for_projections(dsn: str, limit: float) -> float:

@@ -93,149 +93,59 @@ def _members(t: Targets, n: int) -> list[object]:
     return [{"value": t.members[j % 3]} for j in range(n)]
 
 
+def _op(op: str, path: str, value: object = None) -> dict[str, object]:
+    return {"op": op, "path": path} | ({} if value is None else {"value": value})
+
+
+def _group(members: list[object]) -> bytes:
+    return orjson.dumps({"displayName": _unique("g"), "members": members})
+
+
+def _emails(n: int, value: Callable[[int], str]) -> list[object]:
+    return [{"value": value(i)} for i in range(n)]
+
+
+def _or_terms(i: int) -> str:
+    return "emails[" + " or ".join(f'value eq "{i}-{j}"' for j in range(40)) + "].display"
+
+
 USERS, FULL = (lambda t: "/Users"), (lambda t: f"/Users/{t.full_user}")
 GROUPS, GROUP = (lambda t: "/Groups"), (lambda t: f"/Groups/{t.group}")
+R = range(1000)
 SHAPES: list[Shape] = [
-    Shape(
-        "POST /Users, 20,000 distinct emails (the issue's case)",
-        "POST",
-        USERS,
-        lambda t: _user(_unique("e20k"), emails=[{"value": f"{i}@x.io"} for i in range(20_000)]),
-    ),
-    Shape(
-        "POST /Users, distinct emails filling 2 MiB",
-        "POST",
-        USERS,
-        lambda t: _user(_unique("e2m"), emails=_fill(_email, 49)),
-    ),
-    Shape(
-        "POST /Users, 1000 emails (the cap) of 2 KB each",
-        "POST",
-        USERS,
-        lambda t: _user(
-            _unique("cap"), emails=[{"value": f"{i}-" + "a" * 2000} for i in range(1000)]
-        ),
-    ),
-    Shape(
-        "POST /Users, one string of 2 MiB",
-        "POST",
-        USERS,
-        lambda t: _user(_unique("long"), displayName="x" * LIMIT),
-    ),
-    Shape(
-        "POST /Users, 2 MiB of lists nested 1000 deep",
-        "POST",
-        USERS,
-        lambda t: _user(_unique("deep"))[:-1] + b',"roles":' + _nested(1000) + b"}",
-    ),
-    Shape(
-        "POST /Users, 2 MiB of one-character member names",
-        "POST",
-        USERS,
-        lambda t: _user(_unique("keys"), name={f"k{i}": "v" for i in range(LIMIT // 16)}),
-    ),
-    Shape(
-        "PATCH /Users, 1000 filtered operations on a user of 1000 emails",
-        "PATCH",
-        FULL,
-        lambda t: _patch(
-            [
-                {
-                    "op": "replace",
-                    "path": f'emails[value eq "user{i:06d}@contoso.com"].display',
-                    "value": f"d{uuid.uuid4().hex[:6]}",
-                }
-                for i in range(1000)
-            ]
-        ),
-    ),
-    Shape(
-        "PATCH /Users, Entra-style remove listing 1000 values, on 1000 emails",
-        "PATCH",
-        FULL,
-        lambda t: _patch(
-            [
-                {
-                    "op": "remove",
-                    "path": "emails",
-                    "value": [
-                        {"value": f"USER{i:06d}@contoso.com", "type": "x"} for i in range(1000)
-                    ],
-                }
-            ]
-        ),
-    ),
-    Shape(
-        "PATCH /Users, 1000 operations adding emails, 2 MiB",
-        "PATCH",
-        FULL,
-        lambda t: _patch(
-            [
-                {
-                    "op": "add",
-                    "path": "emails",
-                    "value": [_email(1000 + i * 40 + j) for j in range(40)],
-                }
-                for i in range(1000)
-            ]
-        ),
-    ),
-    Shape(
-        "PATCH /Users, 1000 removes with 1 KB value filters (40 terms), on 1000 emails",
-        "PATCH",
-        FULL,
-        lambda t: _patch(
-            [
-                {
-                    "op": "remove",
-                    "path": "emails["
-                    + " or ".join(f'value eq "{i}-{j}"' for j in range(40))
-                    + "].display",
-                }
-                for i in range(1000)
-            ]
-        ),
-    ),
-    Shape(
-        "POST /Groups, 10,000 members (the cap; 3 users, repeated)",
-        "POST",
-        GROUPS,
-        lambda t: orjson.dumps({"displayName": _unique("g"), "members": _members(t, 10_000)}),
-    ),
-    Shape(
-        "POST /Groups, 2 MiB of members (3 users, repeated)",
-        "POST",
-        GROUPS,
-        lambda t: orjson.dumps(
-            {
-                "displayName": _unique("g"),
-                "members": _fill(lambda i: {"value": t.members[i % 3]}, 50),
-            }
-        ),
-    ),
-    Shape(
-        "POST /Groups, 2 MiB of members (distinct ids, none exists)",
-        "POST",
-        GROUPS,
-        lambda t: orjson.dumps(
-            {
-                "displayName": _unique("g"),
-                "members": _fill(lambda i: {"value": str(uuid.uuid4())}, 50),
-            }
-        ),
-    ),
-    Shape(
-        "PATCH /Groups, 1000 operations of 40 members (2 MiB)",
-        "PATCH",
-        GROUP,
-        lambda t: _patch(
-            [
-                {"op": "add" if i % 2 else "remove", "path": "members", "value": _members(t, 40)}
-                for i in range(1000)
-            ]
-        ),
-    ),
-]
+    Shape("POST /Users, 20,000 distinct emails (the issue's case)", "POST", USERS,
+          lambda t: _user(_unique("e20k"), emails=_emails(20_000, lambda i: f"{i}@x.io"))),
+    Shape("POST /Users, distinct emails filling 2 MiB", "POST", USERS,
+          lambda t: _user(_unique("e2m"), emails=_fill(_email, 49))),
+    Shape("POST /Users, 1000 emails (the cap) of 2 KB each", "POST", USERS,
+          lambda t: _user(_unique("cap"), emails=_emails(1000, lambda i: f"{i}-" + "a" * 2000))),
+    Shape("POST /Users, one string of 2 MiB", "POST", USERS,
+          lambda t: _user(_unique("long"), displayName="x" * LIMIT)),
+    Shape("POST /Users, 2 MiB of lists nested 1000 deep", "POST", USERS,
+          lambda t: _user(_unique("deep"))[:-1] + b',"roles":' + _nested(1000) + b"}"),
+    Shape("POST /Users, 2 MiB of one-character member names", "POST", USERS,
+          lambda t: _user(_unique("keys"), name={f"k{i}": "v" for i in range(LIMIT // 16)})),
+    Shape("PATCH /Users, 1000 filtered operations on a user of 1000 emails", "PATCH", FULL,
+          lambda t: _patch([_op("replace", f'emails[value eq "user{i:06d}@contoso.com"].display',
+                                f"d{uuid.uuid4().hex[:6]}") for i in R])),
+    Shape("PATCH /Users, Entra-style remove listing 1000 values, on 1000 emails", "PATCH", FULL,
+          lambda t: _patch([_op("remove", "emails", [
+              {"value": f"USER{i:06d}@contoso.com", "type": "x"} for i in R])])),
+    Shape("PATCH /Users, 1000 operations adding emails, 2 MiB", "PATCH", FULL,
+          lambda t: _patch([_op("add", "emails", [_email(1000 + i * 40 + j) for j in range(40)])
+                            for i in R])),
+    Shape("PATCH /Users, 1000 removes with 1 KB value filters (40 terms), on 1000 emails",
+          "PATCH", FULL, lambda t: _patch([_op("remove", _or_terms(i)) for i in R])),
+    Shape("POST /Groups, 10,000 members (the cap; 3 users, repeated)", "POST", GROUPS,
+          lambda t: _group(_members(t, 10_000))),
+    Shape("POST /Groups, 2 MiB of members (3 users, repeated)", "POST", GROUPS,
+          lambda t: _group(_fill(lambda i: {"value": t.members[i % 3]}, 50))),
+    Shape("POST /Groups, 2 MiB of members (distinct ids, none exists)", "POST", GROUPS,
+          lambda t: _group(_fill(lambda i: {"value": str(uuid.uuid4())}, 50))),
+    Shape("PATCH /Groups, 1000 operations of 40 members (2 MiB)", "PATCH", GROUP,
+          lambda t: _patch([_op("add" if i % 2 else "remove", "members", _members(t, 40))
+                            for i in R])),
+]  # fmt: skip
 
 
 @dataclass

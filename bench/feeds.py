@@ -1,17 +1,8 @@
-"""SCIM event feeds: catch-up speed and the cost of streams to SCIM writes.
-
-    .venv/bin/python -m bench.feeds [--events N] [--requests R] [--rounds K]
-
-1. Catch-up: N UserProvisioned events in the store, a poll stream created from the start;
-   the producer turns them into signed (ES256) SETs. SETs/s = N / time to catch up.
-2. POST /Users per second at concurrency 16 through the real app, with two active streams (one
-   poll, drained by a polling client; one push to a local receiver answering 202) and with
-   them paused (none). Rounds alternate so that noise hits both sides; medians and the ratio.
-"""
+"""Row (10), SCIM event feeds: a poll stream's catch-up from the start (signed SETs/s), and
+POST /Users per second with two active streams (poll + push) against none, rounds alternating."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import multiprocessing
 import os
@@ -24,16 +15,13 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from rich.console import Console
-from rich.table import Table
 
-from bench.common import durable_postgres, machine, make_database, median, verdict
+from bench.common import make_database, median, verdict
 from bench.table import Ctx, Row
 from domain.user import User
 from infra.config import Settings
 from infra.database import Database, create_pool
 from infra.eventstore import EventStore
-from infra.migrations import migrate
 from infra.tenants import create_tenant
 from service.app import create_app
 from service.feeds import streams
@@ -68,26 +56,25 @@ def _cpu() -> float:
     return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
 
-CPU_PER_SET: list[float] = []  # CPU seconds per SET of the last catch-up (process + workers)
+async def _stream(
+    conn: asyncpg.Connection, tenant: str, name: str, endpoint: str | None, from_start: bool = False
+) -> dict[str, Any]:
+    events = streams.parse_events(None)
+    return await streams.create(
+        conn, tenant=tenant, name=name, endpoint=endpoint, events=events, full=False,
+        scope_group=None, from_start=from_start,
+    )  # fmt: skip
 
 
-async def catch_up(dsn: str, n: int) -> tuple[float, int]:
+async def catch_up(dsn: str, n: int) -> tuple[float, int, float]:
+    """SETs/s, SETs made, and CPU seconds per SET (this process and the producer's workers)."""
     pool = await create_pool(dsn, min_size=1, max_size=4)
     db = Database(dsn=dsn, pool=pool, store=EventStore(pool), embedded=None)
     try:
         async with pool.acquire() as conn:
             issued = await create_tenant(conn, f"catchup-{uuid.uuid4().hex[:6]}")
             await _fill(db, issued.tenant_id, n)
-            created = await streams.create(
-                conn,
-                tenant=issued.tenant,
-                name="replay",
-                endpoint=None,
-                events=streams.parse_events(None),
-                full=False,
-                scope_group=None,
-                from_start=True,
-            )
+            created = await _stream(conn, issued.tenant, "replay", None, from_start=True)
         stream_id = uuid.UUID(created["id"])
         producer = Producer(db, lambda: "http://127.0.0.1:8000/scim/v2")
         cpu = _cpu()
@@ -98,8 +85,7 @@ async def catch_up(dsn: str, n: int) -> tuple[float, int]:
                     # the outbox is full: a consumer acknowledges (drop what is pending)
                     await conn.execute("DELETE FROM feed_sets WHERE stream_id = $1", stream_id)
         elapsed = time.perf_counter() - started
-        CPU_PER_SET.append((_cpu() - cpu) / max(producer.produced, 1))
-        return n / elapsed, producer.produced
+        return n / elapsed, producer.produced, (_cpu() - cpu) / max(producer.produced, 1)
     finally:
         await pool.close()
 
@@ -177,24 +163,8 @@ async def with_streams(dsn: str, requests: int, rounds: int) -> tuple[float, flo
         async with TestServer(create_app(settings, db), host="127.0.0.1") as server:
             async with pool.acquire() as conn:
                 issued = await create_tenant(conn, f"writes-{uuid.uuid4().hex[:6]}")
-                polled = await streams.create(
-                    conn,
-                    tenant=issued.tenant,
-                    name="poll",
-                    endpoint=None,
-                    events=streams.parse_events(None),
-                    full=False,
-                    scope_group=None,
-                )
-                await streams.create(
-                    conn,
-                    tenant=issued.tenant,
-                    name="push",
-                    endpoint=f"http://127.0.0.1:{port}/set",
-                    events=streams.parse_events(None),
-                    full=False,
-                    scope_group=None,
-                )
+                polled = await _stream(conn, issued.tenant, "poll", None)
+                await _stream(conn, issued.tenant, "push", f"http://127.0.0.1:{port}/set")
             base = str(server.make_url("")).rstrip("/")
             poller = spawn.Process(
                 target=_poller,
@@ -225,15 +195,10 @@ async def with_streams(dsn: str, requests: int, rounds: int) -> tuple[float, flo
 
 async def feeds(ctx: Ctx) -> None:
     """(10) the catch-up of a poll stream from the start, and the writes with two streams."""
-    target = await make_database(ctx.dsn, "bench_feeds")
-    conn = await asyncpg.connect(target)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
+    target = await make_database(ctx.dsn, "bench_feeds", migrated=True)
     events = 20_000 if ctx.quick else 200_000
     requests, rounds = (300, 1) if ctx.quick else (2000, 3)
-    rate, produced = await catch_up(target, events)
+    rate, produced, per_set = await catch_up(target, events)
     none, two = await with_streams(target, requests, rounds)
     ctx.add(
         Row(
@@ -242,48 +207,10 @@ async def feeds(ctx: Ctx) -> None:
             " to a local receiver) against none; a poll stream's catch-up from the start",
             f"{produced:,} events",
             f"writes {two:,.0f}/s vs {none:,.0f}/s = {two / none:.2f};"
-            f" catch-up {rate:,.0f} SETs/s ({CPU_PER_SET[-1] * 1e6:,.0f} µs CPU per SET)",
+            f" catch-up {rate:,.0f} SETs/s ({per_set * 1e6:,.0f} µs CPU per SET)",
             "",
             "≥ 0.90 of none; ≥ 20,000 SETs/s",
             verdict(two / none >= 0.9 and rate >= 20_000),
             "",
         )
     )
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--events", type=int, default=100_000)
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-    console = Console()
-
-    async def go() -> tuple[tuple[float, int], tuple[float, float]]:
-        with durable_postgres() as dsn:
-            conn = await __import__("asyncpg").connect(dsn)
-            try:
-                await migrate(conn)
-            finally:
-                await conn.close()
-            return await catch_up(dsn, args.events), await with_streams(
-                dsn, args.requests, args.rounds
-            )
-
-    (rate, produced), (none, two) = asyncio.run(go())
-    table = Table(title=f"SCIM event feeds ({machine()})")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    table.add_row(f"catch-up of {produced:,} events, signed SETs/s", f"{rate:,.0f}")
-    table.add_row(
-        "catch-up CPU per SET (producer + workers, not PostgreSQL), µs",
-        f"{CPU_PER_SET[-1] * 1e6:,.0f}",
-    )
-    table.add_row("POST /Users per second, no active stream", f"{none:,.0f}")
-    table.add_row("POST /Users per second, two streams (poll + push)", f"{two:,.0f}")
-    table.add_row("two streams / none", f"{two / none:.2f}")
-    console.print(table)
-
-
-if __name__ == "__main__":
-    main()

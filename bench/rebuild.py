@@ -1,14 +1,5 @@
-"""Row (5): `scimledger projections rebuild --all` over Entra-like tenant histories.
-
-A database of its own is seeded with bench.history's tenant histories (events only, 50,000 per
-tenant), stored through `EventStore.append_stored`, several thousand events per transaction.
-The asynchronous projections are brought to the head by their own runner (`Runner.step`, as
-`serve` would), because their rebuild replays up to their live checkpoint. Then three runs of
-the command as a subprocess: views stale (it swaps new ones in), `--dry-run` (no drift
-expected), views current (the steady state an operator meets: the row). Per run: wall seconds
-(start-up included), events x projections / seconds, the peak RSS of the command and its
-workers (the sum of their VmHWM, read every 50 ms), their CPU (`wait4`) and PostgreSQL's.
-"""
+"""Row (5): `scimledger projections rebuild --all` over bench.history's tenant histories, three
+runs as a subprocess: views stale, `--dry-run` (no drift expected), views current (the row)."""
 
 from __future__ import annotations
 
@@ -164,27 +155,30 @@ async def measured(dsn: str, size: int, postmaster: psutil.Process | None, dry_r
     return run
 
 
+async def seeded(dsn: str, n: int, progress: Progress) -> int:
+    """bench.history's tenant histories (events only), the asynchronous projections caught up
+    (their rebuild replays up to their live checkpoint); the events stored."""
+    budgets = [TENANT_EVENTS] * (n // TENANT_EVENTS) + [n % TENANT_EVENTS] * bool(n % TENANT_EVENTS)
+    histories = await seed(dsn, budgets, progress, recorded=False, chunk=CHUNK)
+    n = sum(h.emitted for _, h in histories)
+    conn = await asyncpg.connect(dsn)
+    try:
+        if (stored := await conn.fetchval("SELECT count(*) FROM stored_events")) != n:
+            raise BenchError(f"seeded {n:,} events but the store holds {stored:,}")
+        # What autovacuum would have done by now; and no checkpoint due mid-run.
+        await conn.execute("VACUUM ANALYZE stored_events")
+        await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+    await catch_up(dsn, [p.name for p in PROJECTIONS.values() if p.mode == "async"], progress)
+    return n
+
+
 async def rebuild(ctx: Ctx) -> None:
     """(5) the rebuild of every projection, views current, on a database of its own."""
     dsn = await make_database(ctx.dsn, "bench_rebuild")
-    n = ctx.sizes.rebuild_events
     with progress_bar() as progress:
-        budgets = [TENANT_EVENTS] * (n // TENANT_EVENTS) + [n % TENANT_EVENTS] * bool(
-            n % TENANT_EVENTS
-        )
-        histories = await seed(dsn, budgets, progress, recorded=False, chunk=CHUNK)
-        n = sum(h.emitted for _, h in histories)
-        conn = await asyncpg.connect(dsn)
-        try:
-            if (stored := await conn.fetchval("SELECT count(*) FROM stored_events")) != n:
-                raise BenchError(f"seeded {n:,} events but the store holds {stored:,}")
-            # What autovacuum would have done by now; and no checkpoint due mid-run.
-            await conn.execute("VACUUM ANALYZE stored_events")
-            await conn.execute("CHECKPOINT")
-        finally:
-            await conn.close()
-        asynchronous = [p.name for p in PROJECTIONS.values() if p.mode == "async"]
-        await catch_up(dsn, asynchronous, progress)
+        n = await seeded(dsn, ctx.sizes.rebuild_events, progress)
         for label, dry_run in (("views stale", False), ("--dry-run", True), ("current", False)):
             task = progress.add_task(f"rebuild {n:,} events ({label})", total=None, rate="")
             run = await measured(dsn, n, ctx.postmaster, dry_run)
