@@ -1,28 +1,15 @@
-"""Row (6): the provisioning log's filtered queries, p95 over HTTP, on a database of its own.
-
-1. Seeding: 5 tenants, the entries' worth of SCIM write requests between them from bench.history
-   (each request's domain events plus its recorded outcome), appended by `EventStore.append` as
-   ONE transaction per request, as the service does (the audit projection makes one entry per
-   transaction); tenants written concurrently, each in order; synchronous_commit=off.
-2. Time: one UPDATE spreads the requests' `recorded_at` evenly over the last 90 days in their
-   transaction order: the one change made behind the store's back.
-3. Entries: the audit checkpoint moved to the head (its live table is empty), then
-   `scimledger projections rebuild audit` replays the store and swaps the result in; the
-   activity projection is caught up by its own runner; VACUUM ANALYZE audit_entries.
-4. Queries: `scimledger serve` and an audit token; one tenant queried over HTTP
-   (`GET /audit/v1/entries`), one request at a time, each filter with varied values.
-"""
+"""Row (6): the provisioning log's filtered queries, p95 over HTTP, on a database of its own:
+bench.history's requests (one transaction each) spread over the last 90 days, entries built by
+`scimledger projections rebuild audit`, one request at a time."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import random
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import aiohttp
 import asyncpg
@@ -30,15 +17,12 @@ import asyncpg
 from bench.common import (
     BenchError,
     cli,
-    free_port,
     make_database,
     ms,
     percentile,
     progress_bar,
-    server_process,
-    tail,
+    serving,
     verdict,
-    wait_ready,
 )
 from bench.history import FAMILY, seed
 from bench.rebuild import catch_up
@@ -197,17 +181,8 @@ async def audit(ctx: Ctx) -> None:
     kinds = await filters(dsn, tenant, user_names)
     create = ["tokens", "create", "--tenant", tenant, "--role", "audit", "--json"]
     token = json.loads(cli(*create, "--name", "bench", "--database-url", dsn))["token"]
-    port = free_port()
-    origin = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory(prefix="scimledger-bench-audit-") as tmp:
-        log = Path(tmp) / "serve.log"
-        with server_process(dsn, port, log) as proc:
-            try:
-                async with aiohttp.ClientSession() as session:
-                    await wait_ready(session, f"{origin}/readyz", proc, log)
-                measured = await measure(origin, token, kinds, ctx.sizes.audit_samples)
-            except (aiohttp.ClientError, OSError) as e:
-                raise BenchError(f"{type(e).__name__}: {e}\nserver log:\n{tail(log)}") from e
+    async with serving(dsn) as (origin, _):
+        measured = await measure(origin, token, kinds, ctx.sizes.audit_samples)
     p95 = {name: percentile(samples, 95) for name, samples in measured.items()}
     worst = max(p95, key=lambda k: p95[k])
     ctx.add(

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -386,6 +386,22 @@ async def wait_ready(
                     return
         await asyncio.sleep(0.2)
     raise BenchError(f"{url} not ready after 120 s:\n{tail(log)}")
+
+
+@contextlib.asynccontextmanager
+async def serving(dsn: str) -> AsyncIterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`scimledger serve` on `dsn`, ready: its origin and process. A failed connection to it
+    is reported with the end of its log."""
+    origin = f"http://127.0.0.1:{(port := free_port())}"
+    with tempfile.TemporaryDirectory(prefix="scimledger-bench-") as tmp:
+        log = Path(tmp) / "serve.log"
+        with server_process(dsn, port, log) as proc:
+            try:
+                async with aiohttp.ClientSession() as session:
+                    await wait_ready(session, f"{origin}/readyz", proc, log)
+                yield origin, proc
+            except (aiohttp.ClientError, OSError) as e:
+                raise BenchError(f"{type(e).__name__}: {e}\nserver log:\n{tail(log)}") from e
 
 
 # --- the machine ------------------------------------------------------------------------------

@@ -1,24 +1,14 @@
-"""Row (9): what one hostile request costs: the worst bodies up to 2 MiB, and another tenant
-meanwhile.
-
-A `scimledger serve` of its own on a database of its own, two tenants. For each shape (many
-values, long strings, deep nesting, many PATCH operations on one multi-valued attribute, many
-members), one request at a time: the server process's CPU seconds for it, read from /proc
-(psutil) before and after, and its wall time; the most of the tries. Then the other tenant's
-GET /Users/{id}, one at a time: its p99 alone, and again while the hostile tenant sends the
-shapes back to back. Target: every shape within 1 s of server CPU.
-"""
+"""Row (9): what one hostile request costs: each body shape up to 2 MiB, one at a time, its
+server CPU (from /proc, before and after); another tenant's GET p99 alone and meanwhile."""
 
 from __future__ import annotations
 
 import asyncio
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import aiohttp
 import orjson
@@ -29,13 +19,11 @@ from bench.common import (
     ROOT,
     create_tenant,
     err,
-    free_port,
     make_database,
     percentile,
     process_cpu,
-    server_process,
+    serving,
     verdict,
-    wait_ready,
 )
 from bench.table import Ctx, Row
 
@@ -252,49 +240,43 @@ async def cost(ctx: Ctx) -> None:
     """(9) the costliest bodies' server CPU; the other tenant's GET p99 alone and meanwhile."""
     dsn = await make_database(ctx.dsn, "bench_cost")
     samples, seconds = ctx.sizes.cost
-    port = free_port()
-    origin = f"http://127.0.0.1:{port}"
     token, victim_token = create_tenant(dsn), create_tenant(dsn)
-    with tempfile.TemporaryDirectory(prefix="scimledger-bench-cost-") as tmp:
-        log = Path(tmp) / "serve.log"
-        with server_process(dsn, port, log) as proc:
-            server = psutil.Process(proc.pid)
-            timeout = aiohttp.ClientTimeout(total=TIMEOUT + 60)
-            async with aiohttp.ClientSession(timeout=timeout) as hs:
-                await wait_ready(hs, f"{origin}/readyz", proc, log)
-                hostile = Client(hs, f"{origin}/scim/v2", token)
-                t = await _targets(hostile)
-                victim = Client(hs, f"{origin}/scim/v2", victim_token)
-                _, raw = await victim.send("POST", "/Users", _user("victim@contoso.com"))
-                victim_user = orjson.loads(raw)["id"]
-                measured = []
-                for shape in SHAPES:
-                    tries = [await _one(hostile, shape, t, server) for _ in range(samples)]
-                    worst = max(tries, key=lambda m: m.cpu)
-                    err.print(
-                        f"{shape.name}: {worst.status}, {worst.size / 1024:,.0f} KiB,"
-                        f" server CPU {worst.cpu:.3f} s, wall {worst.wall:.3f} s"
-                    )
-                    measured.append(worst)
-                alone = await _victim(origin, victim_token, victim_user, seconds)
-                sent = 0
-                stop = asyncio.Event()
+    async with serving(dsn) as (origin, proc):
+        server = psutil.Process(proc.pid)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT + 60)) as hs:
+            hostile = Client(hs, f"{origin}/scim/v2", token)
+            t = await _targets(hostile)
+            victim = Client(hs, f"{origin}/scim/v2", victim_token)
+            _, raw = await victim.send("POST", "/Users", _user("victim@contoso.com"))
+            victim_user = orjson.loads(raw)["id"]
+            measured = []
+            for shape in SHAPES:
+                tries = [await _one(hostile, shape, t, server) for _ in range(samples)]
+                worst = max(tries, key=lambda m: m.cpu)
+                err.print(
+                    f"{shape.name}: {worst.status}, {worst.size / 1024:,.0f} KiB,"
+                    f" server CPU {worst.cpu:.3f} s, wall {worst.wall:.3f} s"
+                )
+                measured.append(worst)
+            alone = await _victim(origin, victim_token, victim_user, seconds)
+            sent = 0
+            stop = asyncio.Event()
 
-                async def hostile_load() -> None:
-                    nonlocal sent
-                    while not stop.is_set():
-                        for shape in SHAPES:
-                            if stop.is_set():
-                                return
-                            await _one(hostile, shape, t, server)
-                            sent += 1
+            async def hostile_load() -> None:
+                nonlocal sent
+                while not stop.is_set():
+                    for shape in SHAPES:
+                        if stop.is_set():
+                            return
+                        await _one(hostile, shape, t, server)
+                        sent += 1
 
-                load = asyncio.create_task(hostile_load())
-                try:
-                    loaded = await _victim(origin, victim_token, victim_user, seconds)
-                finally:
-                    stop.set()
-                    await load
+            load = asyncio.create_task(hostile_load())
+            try:
+                loaded = await _victim(origin, victim_token, victim_user, seconds)
+            finally:
+                stop.set()
+                await load
     worst = max(measured, key=lambda m: m.cpu)
     met = all(m.cpu <= TARGET_CPU and m.status != "no answer" for m in measured)
     ctx.add(

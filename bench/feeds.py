@@ -28,25 +28,17 @@ from service.feeds import streams
 from service.feeds.producer import Producer
 
 
-async def _fill(db: Database, tenant_id: uuid.UUID, n: int) -> None:
+async def _fill(db: Database, conn: asyncpg.Connection, tenant_id: uuid.UUID, n: int) -> None:
+    """n UserProvisioned events, 1000 to a transaction, sealed as the service stores them."""
     for start in range(0, n, 1000):
-        count = min(1000, n - start)
-        ids = [uuid.uuid4() for _ in range(count)]
-        stored = [
-            db.store.mapper.to_stored_event(event)
-            for i, uid in enumerate(ids)
+        events = [
+            event
+            for i in range(start, min(n, start + 1000))
             for event in User.provision(
-                uid, tenant_id, {"userName": f"u{start + i}@contoso.com", "displayName": "U"}
+                uuid.uuid4(), tenant_id, {"userName": f"u{i}@contoso.com", "displayName": "U"}
             ).collect_events()
         ]
-        await db.pool.execute(
-            "INSERT INTO stored_events (originator_id, originator_version, topic, state,"
-            " tenant_id) SELECT unnest($1::uuid[]), 1, $2, unnest($3::bytea[]), $4",
-            ids,
-            stored[0].topic,
-            [e.state for e in stored],
-            tenant_id,
-        )
+        await db.store.append(conn, tenant_id, events)
 
 
 def _cpu() -> float:
@@ -73,7 +65,7 @@ async def catch_up(dsn: str, n: int) -> tuple[float, int, float]:
     try:
         async with pool.acquire() as conn:
             issued = await create_tenant(conn, f"catchup-{uuid.uuid4().hex[:6]}")
-            await _fill(db, issued.tenant_id, n)
+            await _fill(db, conn, issued.tenant_id, n)
             created = await _stream(conn, issued.tenant, "replay", None, from_start=True)
         stream_id = uuid.UUID(created["id"])
         producer = Producer(db, lambda: "http://127.0.0.1:8000/scim/v2")

@@ -1,32 +1,17 @@
-"""The whole benchmark in one table: the service, the database floor and a peer, in one run.
-
-    .venv/bin/python -m bench.suite [--quick] [--skip ROWS] [--only ROWS]
-
-On a durable embedded PostgreSQL (fsync and synchronous_commit on) with `scimledger serve`, and
-scim2-server (in memory, its own process and port) as the peer (8), one function per row:
-
-1. POST /Users at concurrency 16 with wrk, and 7. the floor: its rows by plain asyncpg (posts);
-2. GET /Users?filter=userName eq "…" at three store sizes (lookups);
-3. adding and removing one member of groups of three sizes (groups);
-4. an Entra initial cycle with 8 connections, in Entra's order (cycle);
-5. a projection rebuild (rebuild), 6. audit query p95 (audit) and 9. the costliest request
-   bodies (cost), each on a database of its own in the same PostgreSQL.
-
-The table goes to stdout and to bench/results/latest.md (quick.md with --quick; a run of some
-rows only to latest-<rows>.md), with the machine's description.
-"""
+"""The whole benchmark in one table (bench/results/latest.md, quick.md with --quick, a run of
+some rows latest-<rows>.md): one function per row in ROWS, on a durable embedded PostgreSQL,
+with `scimledger serve` and scim2-server (in memory) as the peer for the rows over HTTP."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -58,7 +43,7 @@ from bench.cost import cost
 from bench.cycle import cycle
 from bench.feeds import feeds
 from bench.groups import groups
-from bench.lookups import NAME_FORMAT, lookups
+from bench.lookups import lookups
 from bench.posts import post_users
 from bench.rebuild import rebuild
 from bench.table import COLUMNS, CONCURRENCY, FULL, QUICK, Ctx, Server, render_markdown
@@ -78,18 +63,6 @@ ROWS: list[tuple[str, Callable[[Ctx], Awaitable[None]], bool]] = [
     ("feeds", feeds, False),
 ]
 PARTS = ("peer", *(name for name, _, _ in ROWS))
-__all__ = ["NAME_FORMAT", "ROWS", "main"]
-
-
-@contextlib.contextmanager
-def peer_process(port: int, token: str, log: Path) -> Iterator[subprocess.Popen[bytes] | None]:
-    """scim2-server in memory on `port` with a static bearer token; None if not installed."""
-    if not PEER.exists():
-        yield None
-        return
-    argv = [str(PEER), "--port", str(port), "--bearer-token", token]
-    with child_process(argv, log, stop_timeout=10) as proc:
-        yield proc
 
 
 async def over_http(ctx: Ctx, rows: list[Callable[[Ctx], Awaitable[None]]], tmp: Path) -> None:
@@ -101,11 +74,11 @@ async def over_http(ctx: Ctx, rows: list[Callable[[Ctx], Awaitable[None]]], tmp:
         peer = None
         if "peer" in ctx.skip:
             ctx.notes.append("(8) the peer was skipped (--skip peer)")
+        elif not PEER.exists():
+            ctx.notes.append(f"(8) the peer is not installed ({PEER}): `make bench` installs it")
         else:
-            peer = servers.enter_context(peer_process(peer_port, peer_token, tmp / "peer.log"))
-            if peer is None:
-                missing = f"(8) the peer is not installed ({PEER})"
-                ctx.notes.append(f"{missing}: `make bench` installs it")
+            argv = [str(PEER), "--port", str(peer_port), "--bearer-token", peer_token]
+            peer = servers.enter_context(child_process(argv, tmp / "peer.log", stop_timeout=10))
         origin = f"http://127.0.0.1:{port}"
         meter = Meter(psutil.Process(proc.pid), ctx.postmaster)
         ctx.ours = Server(origin, f"{origin}/scim/v2", token, proc, tmp / "serve.log", meter)
@@ -117,14 +90,8 @@ async def over_http(ctx: Ctx, rows: list[Callable[[Ctx], Awaitable[None]]], tmp:
             await wait_ready(session, f"{origin}/readyz", proc, tmp / "serve.log")
             if peer is not None:
                 origin = f"http://127.0.0.1:{peer_port}"
-                ctx.peer = Server(
-                    origin,
-                    f"{origin}/v2",
-                    peer_token,
-                    peer,
-                    tmp / "peer.log",
-                    Meter(psutil.Process(peer.pid), None),
-                )
+                meter = Meter(psutil.Process(peer.pid), None)
+                ctx.peer = Server(origin, f"{origin}/v2", peer_token, peer, tmp / "peer.log", meter)
                 headers = {"Authorization": f"Bearer {peer_token}"}
                 url = f"{ctx.peer.base}/ServiceProviderConfig"
                 await wait_ready(session, url, peer, tmp / "peer.log", headers)
