@@ -279,20 +279,11 @@ async def cost(ctx: Ctx) -> None:
                 await load
     worst = max(measured, key=lambda m: m.cpu)
     met = all(m.cpu <= TARGET_CPU and m.status != "no answer" for m in measured)
-    ctx.add(
-        Row(
-            "9",
-            "the costliest request bodies (bench.cost): server CPU for one request; another"
-            " tenant's GET p99 meanwhile",
-            f"{len(measured)} shapes up to 2 MiB",
-            f"most CPU {worst.cpu:.2f} s ({worst.shape}, {worst.status});"
-            f" other tenant's p99 {p99(alone)} alone, {p99(loaded)} under the hostile load",
-            "",
-            f"≤ {TARGET_CPU:.0f} s of CPU per request",
-            verdict(met),
-            "",
-        )
-    )
+    ctx.add(Row("9", "the costliest request bodies (bench.cost): server CPU for one request;"
+        " another tenant's GET p99 meanwhile", f"{len(measured)} shapes up to 2 MiB",
+        f"most CPU {worst.cpu:.2f} s ({worst.shape}, {worst.status}); other tenant's p99"
+        f" {p99(alone)} alone, {p99(loaded)} under the hostile load", "",
+        f"≤ {TARGET_CPU:.0f} s of CPU per request", verdict(met)))  # fmt: skip
     ctx.notes.append(
         f"(9) bench.cost: each shape {samples} time(s) one at a time on an idle server, its CPU"
         " read from /proc of the server process before and after; then the other tenant's"

@@ -1,12 +1,7 @@
-"""Row (3): adding and removing one member of groups of three sizes, one request at a time.
-
-Groups are created with Entra's POST /Groups body (the ADSCIM schema URN) and grown with Entra's
-member adds (PATCH `{"op":"Add","path":"members","value":[…]}`, 500 ids each). Then add/remove
-pairs with users in no group, sizes taking turns in 5 rounds so that noise from a shared machine
-falls on all of them alike. Writes to one group serialise by design (a row lock orders them), so
-one request at a time is the headline. The peer gets its group body without the ADSCIM URN and
-its removes with a filter path: it refuses Entra's.
-"""
+"""Row (3): adding and removing one member of groups of three sizes, one request at a time
+(writes to one group serialise by design), sizes taking turns in rounds; groups made and grown
+with Entra's bodies (the peer's without the ADSCIM URN, removes by filter path: it refuses
+Entra's)."""
 
 from __future__ import annotations
 

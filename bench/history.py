@@ -1,16 +1,7 @@
-"""Entra-like tenant histories, every event made by the real aggregates.
-
-One generator for the benchmarks that need a store full of provisioning traffic (bench.rebuild,
-bench.audit): an initial sync (users, then groups, then their members in batches) followed by
-Entra's incremental cycles: attribute updates (department, title, names, e-mails, manager,
-active), re-sent state (no change), joiners, leavers (who leave every group first, as the
-service records it), membership batches, group renames, nested groups, group deletions, and
-requests the service refuses (409 uniqueness, 400 invalidPath, 404 on a user deleted meanwhile).
-
-With `recorded`, each request also carries its outcome (`ProvisioningRequest.record`: success,
-skipped or failure with the SCIM error) with the request's description, as the service appends
-it, and the budget counts requests; without, only the domain events, and it counts events.
-"""
+"""Entra-like tenant histories from the real aggregates (rows 5 and 6): an initial sync, then
+Entra's incremental cycles (updates, re-sent state, joiners, leavers, memberships, renames,
+nesting, deletions, refused requests). `recorded`: each request also carries its outcome, as
+the service appends it, and the budget counts requests; else only events, and it counts those."""
 
 from __future__ import annotations
 

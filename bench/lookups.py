@@ -1,8 +1,5 @@
-"""Row (2): GET /Users?filter=userName eq "…" with wrk at three store sizes, ours and the peer's.
-
-Our store is seeded in bulk (bench.posts.seed_users); the peer, which has no bulk path, through
-its own POST /Users, within a time limit per size.
-"""
+"""Row (2): GET /Users?filter=userName eq "…" with wrk at three store sizes, ours (seeded in
+bulk) and the peer's (seeded through its POST /Users, within a time limit per size)."""
 
 from __future__ import annotations
 
@@ -123,27 +120,19 @@ async def lookups(ctx: Ctx) -> None:
         )
     ctx.notes.append(
         f"(2) {ctx.stored:,} users seeded in {seeded:,.0f} s"
-        f" ({ctx.stored / max(seeded, 1e-9):,.0f}/s) straight into the store, not through HTTP:"
-        " each user's events made by `User.provision` from Entra's body (via `user_from_scim`)"
-        " and `ProvisioningRequest.record`, mapped by the service's mapper, its view row by"
-        " `projections.users.row_of`; the two events and the row inserted in one statement and"
-        " one transaction per user, as POST /Users commits them (seeding connections with"
-        " synchronous_commit=off); the server's asynchronous projections (audit, activity) then"
-        f" caught up ({catch_up:,.0f} s) before each measurement"
+        f" ({ctx.stored / max(seeded, 1e-9):,.0f}/s) straight into the store: what POST /Users"
+        " commits, made by the service's code, one statement per user (synchronous_commit=off);"
+        f" the asynchronous projections then caught up ({catch_up:,.0f} s) before each measurement"
     )
     ctx.notes.append(
-        "(2) wrk's Lua script asks for random stored users in random case (lower, upper,"
-        " as stored); a reply counts as right only with totalResults 1; with 16"
-        " requests always in flight the mean latency is 16 / rate (Little's law), so a"
-        " p99 ≤ 10 ms needs well over 1,600 req/s from one server process"
+        "(2) random stored users in random case, a reply right only with totalResults 1; with"
+        " 16 requests in flight, a p99 ≤ 10 ms needs well over 1,600 req/s (Little's law)"
     )
     if peer is not None:
         ctx.notes.append(
-            "(2, 8) the peer was seeded through its own POST /Users (it has no bulk path),"
-            f" at most {s.peer_seed_timeout:.0f} s per size; Entra's body less"
-            ' `"manager": null`, which scim2-server refuses ("Extra inputs are not'
-            ' permitted"); it answers HTTP/1.0 without keep-alive, so wrk reconnects per'
-            " request, as any client of it must"
+            f"(2, 8) the peer seeded by its POST /Users, at most {s.peer_seed_timeout:.0f} s"
+            ' per size, Entra\'s body less `"manager": null` (it refuses it); it answers'
+            " HTTP/1.0 without keep-alive, so wrk reconnects per request"
         )
 
 

@@ -1,10 +1,5 @@
-"""wrk as the load client: its Lua scripts, and one run of it with its CPU time.
-
-wrk (C and LuaJIT, `apt-get install wrk`) costs far less CPU per request than the service, so
-the figures it reports are the service's, not the client's. Each script counts the replies
-that are not what a correct server sends (`bad`) and prints one machine-readable line at the
-end; `run` parses it.
-"""
+"""wrk (C and LuaJIT, far cheaper per request than the service) as the load client: its Lua
+scripts, which count wrong replies and print one machine-readable line, and one run of it."""
 
 from __future__ import annotations
 
