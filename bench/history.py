@@ -113,16 +113,11 @@ class TenantHistory:
         self.emitted += len(events)
         if not self.recorded:
             return Request("", events) if events else None
-        described = {
-            "method": method,
-            "path": path,
-            "status": status,
-            "initiatedBy": "default",
-            "client": f"20.190.{self.rng.randrange(128, 192)}.{self.rng.randrange(1, 255)}",
-            "targetType": "Group" if "/Groups" in path else "User",
-            "targetId": target,
-            "durationMs": round(self.rng.lognormvariate(2.3, 0.5), 3),
-        }
+        client = f"20.190.{self.rng.randrange(128, 192)}.{self.rng.randrange(1, 255)}"
+        kind, ms = "Group" if "/Groups" in path else "User", self.rng.lognormvariate(2.3, 0.5)
+        described = {"method": method, "path": path, "status": status, "initiatedBy": "default",
+            "client": client, "targetType": kind, "targetId": target,
+            "durationMs": round(ms, 3)}  # fmt: skip
         outcome = "failure" if error else ("success" if events else "skipped")
         record = ProvisioningRequest.record(self._uuid(), self.tenant_id, outcome, described, error)
         self.made += 1
@@ -139,22 +134,14 @@ class TenantHistory:
             manager = str(rng.choice(self.people).user.id)
         given, family = rng.choice(GIVEN), rng.choice(FAMILY)
         name = f"{given}.{family}{self.serial}@{self.domain}"
-        state = {
-            "userName": name,
-            "externalId": str(self._uuid()),
-            "active": True,
+        state = {"userName": name, "externalId": str(self._uuid()), "active": True,
             "displayName": f"{given} {family}",
             "name": {"formatted": f"{given} {family}", "familyName": family, "givenName": given},
             "emails": [{"primary": True, "type": "work", "value": name}],
-            "title": rng.choice(TITLES),
-            "preferredLanguage": "en-US",
-            "enterprise": {
-                "department": rng.choice(DEPARTMENTS),
-                "employeeNumber": f"{self.serial:07d}",
-                "costCenter": f"CC-{rng.randrange(200):03d}",
-            },
-            "manager": manager,
-        }
+            "title": rng.choice(TITLES), "preferredLanguage": "en-US",
+            "enterprise": {"department": rng.choice(DEPARTMENTS), "employeeNumber":
+                f"{self.serial:07d}", "costCenter": f"CC-{rng.randrange(200):03d}"},
+            "manager": manager}  # fmt: skip
         user = User.provision(self._uuid(), self.tenant_id, state)
         person = Person(user, self.serial, given, family, self.domain)
         self.index[str(person.user.id)] = len(self.people)
@@ -185,11 +172,8 @@ class TenantHistory:
                 person.family = rng.choice(FAMILY)
                 full, name = f"{person.given} {person.family}", person.user_name
                 desired["displayName"] = full
-                desired["name"] = {
-                    "formatted": full,
-                    "familyName": person.family,
-                    "givenName": person.given,
-                }
+                name_ = {"formatted": full, "familyName": person.family, "givenName": person.given}
+                desired["name"] = name_
                 desired["userName"] = name
                 desired["emails"] = [{"primary": True, "type": "work", "value": name}]
             elif kind < 0.83:  # a second address, or back to one
