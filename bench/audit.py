@@ -12,11 +12,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
-import asyncpg
 
 from bench.common import (
     BenchError,
     cli,
+    connected,
     make_database,
     ms,
     percentile,
@@ -48,8 +48,7 @@ async def seed_log(dsn: str, entries: int) -> tuple[str, list[str]]:
 
 async def build_entries(dsn: str, requests: int) -> None:
     """recorded_at over the last DAYS, the activity runner and the audit rebuild, as above."""
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         n = int(await conn.fetchval("SELECT count(DISTINCT transaction_id) FROM stored_events"))
         end = datetime.now(UTC) - timedelta(minutes=5)
         await conn.execute(
@@ -79,16 +78,13 @@ async def build_entries(dsn: str, requests: int) -> None:
         await asyncio.to_thread(cli, *rebuild, timeout=7200)
         await conn.execute("VACUUM ANALYZE audit_entries")
         built = int(await conn.fetchval("SELECT count(*) FROM audit_entries"))
-    finally:
-        await conn.close()
     if built != requests:
         raise BenchError(f"{requests:,} requests appended but {built:,} audit entries")
 
 
 async def filters(dsn: str, tenant: str, user_names: list[str]) -> list[tuple[str, Params]]:
     """The filters measured, each with a value picked per sample from the tenant's entries."""
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         tenant_id = await conn.fetchval("SELECT id FROM tenants WHERE name = $1", tenant)
         rows = await conn.fetch(
             "SELECT target_id::text AS t, change_id FROM audit_entries TABLESAMPLE SYSTEM (5)"
@@ -100,8 +96,6 @@ async def filters(dsn: str, tenant: str, user_names: list[str]) -> list[tuple[st
             " AND error_code IS NOT NULL ORDER BY 1",
             tenant_id,
         )
-    finally:
-        await conn.close()
     if not rows or not codes:
         raise BenchError("the audit log has no entries to sample filter values from")
     rows = random.Random(7).sample(list(rows), min(400, len(rows)))

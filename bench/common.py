@@ -197,6 +197,15 @@ class Meter:
 # --- PostgreSQL -------------------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def connected(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
 @contextlib.contextmanager
 def durable_postgres() -> Iterator[str]:
     """DATABASE_URL if set, else a throwaway embedded server (fsync and synchronous_commit on)."""
@@ -216,42 +225,32 @@ async def postgres_facts(dsn: str) -> tuple[psutil.Process | None, str]:
     """The postmaster, if the server runs on this machine (a remote DATABASE_URL gets no CPU
     column), and the server's version."""
     postmaster: psutil.Process | None = None
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         version = str(await conn.fetchval("SHOW server_version"))
         backend = await conn.fetchval("SELECT pg_backend_pid()")
         with contextlib.suppress(psutil.Error):
             parent = psutil.Process(backend).parent()
             if parent is not None and parent.name() == "postgres":
                 postmaster = parent
-    finally:
-        await conn.close()
     return postmaster, version
 
 
 async def make_database(dsn: str, name: str, *, migrated: bool = False) -> str:
     """A fresh database `name` in the same server (its schema made if `migrated`); its DSN."""
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
         await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
     target = urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
     if migrated:
-        conn = await asyncpg.connect(target)
-        try:
+        async with connected(target) as conn:
             await migrate(conn)
-        finally:
-            await conn.close()
     return target
 
 
 async def wait_for_projections(dsn: str, limit: float) -> float:
     """Until the asynchronous projections reached the head of the store; seconds."""
     started = time.perf_counter()
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         while True:
             head = await conn.fetchrow(
                 "SELECT transaction_id, notification_id FROM stored_events"
@@ -266,8 +265,6 @@ async def wait_for_projections(dsn: str, limit: float) -> float:
             if time.perf_counter() - started > limit:
                 raise BenchError(f"the asynchronous projections did not catch up in {limit} s")
             await asyncio.sleep(0.5)
-    finally:
-        await conn.close()
 
 
 # --- processes --------------------------------------------------------------------------------

@@ -7,10 +7,9 @@ import asyncio
 import base64
 import os
 
-import asyncpg
 import click
 
-from bench.common import durable_postgres, median, postgres_facts, progress_bar
+from bench.common import connected, durable_postgres, median, postgres_facts, progress_bar
 from bench.rebuild import measured, seeded
 from infra.config import Settings
 from infra.database import open_database
@@ -24,9 +23,8 @@ async def run(dsn: str, events: int, runs: int, sealed: bool) -> None:
     if sealed:
         async with open_database(Settings(database_url=dsn, run_projections=False)) as db:
             print(f"sealed {await migrate_all(db):,} events in place")
-        conn = await asyncpg.connect(dsn)
-        await conn.execute("VACUUM ANALYZE stored_events")
-        await conn.close()
+        async with connected(dsn) as conn:
+            await conn.execute("VACUUM ANALYZE stored_events")
     rates = []
     for i in range(runs):
         got = await measured(dsn, n, postmaster, dry_run=False)

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import asyncpg
 from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import StoredEvent
 from rich.progress import Progress
 
+from bench.common import connected
 from domain.group import Group
 from domain.request import ProvisioningRequest
 from domain.user import User
@@ -375,13 +375,10 @@ async def seed(
     audit projection makes one entry per transaction); else `chunk` events or more to a
     transaction, never splitting a request. Seeding commits need not wait for their WAL flush
     (synchronous_commit=off: the measurements run with the server's own settings)."""
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         await migrate(conn)
         names = [f"bench-{i:03d}-{uuid.uuid4().hex[:6]}" for i in range(len(budgets))]
         ids = [(await create_tenant(conn, name)).tenant_id for name in names]
-    finally:
-        await conn.close()
     histories = [
         TenantHistory(t, b, i + 1, recorded=recorded)
         for i, (t, b) in enumerate(zip(ids, budgets, strict=True))

@@ -15,13 +15,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
 import psutil
 from rich.progress import Progress
 
 from bench.common import (
     SCIMLEDGER,
     BenchError,
+    connected,
     die_with_parent,
     machine_busy,
     make_database,
@@ -139,8 +139,8 @@ async def measured(dsn: str, size: int, postmaster: psutil.Process | None, dry_r
     pg0 = tree_cpu(postmaster) if postmaster is not None else None
     run, busy0 = await asyncio.to_thread(run_command, dsn, size, dry_run=dry_run)
     if postmaster is not None and pg0 is not None:
-        conn = await asyncpg.connect(dsn)
-        try:  # until the rebuild's backends have exited (and their CPU was accounted)
+        # until the rebuild's backends have exited (and their CPU was accounted)
+        async with connected(dsn) as conn:
             for _ in range(200):
                 if not await conn.fetchval(
                     "SELECT count(*) FROM pg_stat_activity"
@@ -148,8 +148,6 @@ async def measured(dsn: str, size: int, postmaster: psutil.Process | None, dry_r
                 ):
                     break
                 await asyncio.sleep(0.05)
-        finally:
-            await conn.close()
         run.postgres_cpu = tree_cpu(postmaster) - pg0
         run.other_cpu = max(0.0, machine_busy() - busy0 - run.cpu - run.postgres_cpu)
     return run
@@ -161,15 +159,12 @@ async def seeded(dsn: str, n: int, progress: Progress) -> int:
     budgets = [TENANT_EVENTS] * (n // TENANT_EVENTS) + [n % TENANT_EVENTS] * bool(n % TENANT_EVENTS)
     histories = await seed(dsn, budgets, progress, recorded=False, chunk=CHUNK)
     n = sum(h.emitted for _, h in histories)
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         if (stored := await conn.fetchval("SELECT count(*) FROM stored_events")) != n:
             raise BenchError(f"seeded {n:,} events but the store holds {stored:,}")
         # What autovacuum would have done by now; and no checkpoint due mid-run.
         await conn.execute("VACUUM ANALYZE stored_events")
         await conn.execute("CHECKPOINT")
-    finally:
-        await conn.close()
     await catch_up(dsn, [p.name for p in PROJECTIONS.values() if p.mode == "async"], progress)
     return n
 
