@@ -18,16 +18,17 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
 import orjson
 import psutil
+import yarl
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -51,6 +52,7 @@ PATCH_OP = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
 ENTRA_USER: dict[str, Any] = json.loads((ROOT / "tests/fixtures/entra_user.json").read_text())
 
 err = Console(stderr=True)
+T = TypeVar("T")
 
 
 class BenchError(Exception):
@@ -67,6 +69,37 @@ def entra_body(i: int, name: str | None = None) -> bytes:
     body = {**ENTRA_USER, "externalId": str(uuid.uuid4()), "userName": name}
     body["emails"] = [{**ENTRA_USER["emails"][0], "value": name}]
     return orjson.dumps(body)
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    token: str,
+    body: bytes | None = None,
+    expect: tuple[int, ...] = (200,),
+) -> bytes:
+    """One SCIM request to `url` (already encoded); the reply's body, or BenchError."""
+    headers = {"Authorization": f"Bearer {token}", "Accept": SCIM}
+    headers |= {} if body is None else {"Content-Type": SCIM}
+    async with session.request(
+        method, yarl.URL(url, encoded=True), data=body, headers=headers
+    ) as r:
+        raw = await r.read()
+        if r.status not in expect:
+            raise BenchError(f"{method} {url} -> {r.status}: {raw[:300]!r}")
+    return raw
+
+
+async def drain(items: Iterable[T], one: Callable[[T], Awaitable[object]], workers: int) -> None:
+    """`one(item)` for each item, `workers` at a time."""
+    todo = iter(items)
+
+    async def worker() -> None:
+        for item in todo:
+            await one(item)
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
 
 
 # --- figures ----------------------------------------------------------------------------------

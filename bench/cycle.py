@@ -3,27 +3,25 @@ the same cycle again with 16 connections tells who set the pace."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import random
 import uuid
-from collections.abc import Awaitable, Callable
 
 import aiohttp
 import orjson
-import yarl
 from rich.progress import Progress
 
 from bench.common import (
     ENTERPRISE,
     PATCH_OP,
-    SCIM,
     BenchError,
     Cpu,
     Meter,
     create_tenant,
+    drain,
     entra_body,
     progress_bar,
+    send,
     verdict,
 )
 from bench.groups import group_body, members_patch
@@ -47,8 +45,6 @@ async def entra_cycle(
     n_users, n_groups, n_members = sizes
     rng = random.Random(8)
     run = uuid.uuid4().hex[:6]
-    get_h = {"Authorization": f"Bearer {token}", "Accept": SCIM}
-    write_h = {**get_h, "Content-Type": SCIM}
     ids: list[str] = [""] * n_users
     group_ids: list[str] = [""] * n_groups
     requests = 0
@@ -61,13 +57,7 @@ async def entra_cycle(
 
     async def call(method: str, url: str, body: bytes | None, expect: tuple[int, ...]) -> bytes:
         nonlocal requests
-        headers = write_h if body is not None else get_h
-        async with session.request(
-            method, yarl.URL(url, encoded=True), data=body, headers=headers
-        ) as r:
-            raw = await r.read()
-            if r.status not in expect:
-                raise BenchError(f"{method} {url} -> {r.status}: {raw[:300]!r}")
+        raw = await send(session, method, url, token, body, expect)
         requests += 1
         progress.advance(task)
         return raw
@@ -106,20 +96,11 @@ async def entra_cycle(
         body = members_patch("Add", [ids[u] for u in chosen])
         await call("PATCH", f"{base}/Groups/{group_ids[g]}", body, (200, 204))
 
-    async def phase(n: int, one: Callable[[int], Awaitable[None]], start: int = 0) -> None:
-        counter = iter(range(start, n))
-
-        async def worker() -> None:
-            for i in counter:
-                await one(i)
-
-        await asyncio.gather(*(worker() for _ in range(connections)))
-
     before = meter.read()
-    await phase(n_users, user)
-    await phase(n_users, manager, 1)
-    await phase(n_groups, group)
-    await phase(len(batches), members)
+    await drain(range(n_users), user, connections)
+    await drain(range(1, n_users), manager, connections)
+    await drain(range(n_groups), group, connections)
+    await drain(range(len(batches)), members, connections)
     return requests, meter.since(before)
 
 

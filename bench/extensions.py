@@ -16,7 +16,7 @@ from typing import Any
 import click
 from aiohttp.test_utils import TestClient, TestServer
 
-from bench.common import ROOT, durable_postgres, machine, median, revision
+from bench.common import ROOT, drain, durable_postgres, machine, median, revision
 from infra.config import Settings
 from infra.database import open_database
 from infra.logging import configure
@@ -72,14 +72,8 @@ async def call(c: Client, auth: dict[str, str], op: str, ext: bool, name: str) -
 
 async def timed(c: Client, auth: dict[str, str], op: str, ext: bool, names: list[str]) -> float:
     """Mean seconds per request over `names`, CONCURRENCY at a time."""
-    todo = iter(names)
-
-    async def worker() -> None:
-        for name in todo:
-            await call(c, auth, op, ext, name)
-
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    await drain(names, lambda name: call(c, auth, op, ext, name), CONCURRENCY)
     return (time.perf_counter() - started) / len(names)
 
 

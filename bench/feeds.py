@@ -16,7 +16,7 @@ import asyncpg
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from bench.common import make_database, median, verdict
+from bench.common import drain, make_database, median, verdict
 from bench.table import Ctx, Row
 from domain.user import User
 from infra.config import Settings
@@ -83,22 +83,21 @@ async def catch_up(dsn: str, n: int) -> tuple[float, int, float]:
 
 
 async def _writes(base: str, token: str, requests: int, concurrency: int) -> float:
-    counter = iter(range(requests))
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/scim+json"}
+    schemas = ["urn:ietf:params:scim:schemas:core:2.0:User"]
+    async with aiohttp.ClientSession() as session:
 
-    async def worker(session: aiohttp.ClientSession) -> None:
-        for _ in counter:
+        async def post(_: int) -> None:
             body = {
-                "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+                "schemas": schemas,
                 "userName": f"{uuid.uuid4().hex}@contoso.com",
                 "active": True,
             }
             async with session.post(f"{base}/scim/v2/Users", json=body, headers=headers) as r:
                 assert r.status == 201, await r.text()
 
-    async with aiohttp.ClientSession() as session:
         started = time.perf_counter()
-        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        await drain(range(requests), post, concurrency)
         return requests / (time.perf_counter() - started)
 
 

@@ -13,10 +13,9 @@ from time import perf_counter
 
 import aiohttp
 import orjson
-import yarl
 from rich.progress import Progress
 
-from bench.common import PATCH_OP, SCIM, BenchError, Cpu, ms, percentile, progress_bar, verdict
+from bench.common import PATCH_OP, Cpu, ms, percentile, progress_bar, send, verdict
 from bench.lookups import SPARE, ensure_users
 from bench.table import Ctx, Row, Server
 
@@ -58,30 +57,19 @@ class Groups:
         self, session: aiohttp.ClientSession, server: Server, spare: list[str], peer: bool
     ) -> None:
         self.session, self.server, self.spare, self.peer = session, server, spare, peer
-        self.headers = {
-            "Authorization": f"Bearer {server.token}",
-            "Accept": SCIM,
-            "Content-Type": SCIM,
-        }
         self.turn = 0
 
-    def url(self, group_id: str) -> yarl.URL:
-        return yarl.URL(f"{self.server.base}/Groups/{group_id}", encoded=True)
+    def url(self, group_id: str) -> str:
+        return f"{self.server.base}/Groups/{group_id}"
 
     async def create(self, name: str) -> str:
         body = group_body(name, entra=not self.peer)
-        url = yarl.URL(f"{self.server.base}/Groups", encoded=True)
-        async with self.session.post(url, data=body, headers=self.headers) as r:
-            raw = await r.read()
-            if r.status != 201:
-                raise BenchError(f"POST /Groups {name!r} -> {r.status}: {raw[:500]!r}")
+        url = f"{self.server.base}/Groups"
+        raw = await send(self.session, "POST", url, self.server.token, body, (201,))
         return str(orjson.loads(raw)["id"])
 
-    async def patch(self, url: yarl.URL, body: bytes) -> None:
-        async with self.session.patch(url, data=body, headers=self.headers) as r:
-            raw = await r.read()
-            if r.status not in (200, 204):
-                raise BenchError(f"PATCH {url.path} -> {r.status}: {raw[:500]!r}")
+    async def patch(self, url: str, body: bytes) -> None:
+        await send(self.session, "PATCH", url, self.server.token, body, (200, 204))
 
     async def grow(self, g: Measured, members: list[str], progress: Progress) -> None:
         task = progress.add_task(f"grow → {len(members):,} members", total=len(members), rate="")

@@ -8,10 +8,9 @@ import time
 
 import aiohttp
 import orjson
-import yarl
 
 from bench import wrk
-from bench.common import SCIM, BenchError, entra_body, ms, progress_bar, verdict
+from bench.common import drain, entra_body, ms, progress_bar, send, verdict
 from bench.common import wait_for_projections as caught_up
 from bench.posts import row_maker, seed_users, wrk_phase
 from bench.table import CONCURRENCY, Ctx, Row, Server
@@ -24,9 +23,7 @@ class PeerSeeder:
     """Users 0, 1, … through the peer's POST /Users at concurrency 16, their ids kept."""
 
     def __init__(self, session: aiohttp.ClientSession, peer: Server, ids: dict[int, str]) -> None:
-        self.session, self.ids = session, ids
-        self.url = yarl.URL(f"{peer.base}/Users", encoded=True)
-        self.headers = {"Authorization": f"Bearer {peer.token}", "Content-Type": SCIM}
+        self.session, self.ids, self.peer = session, ids, peer
         self.stored = 0  # users of whole seeding steps
         self.landed = 0  # users it answered 201 for
         # Set once its growth timed out: it is grown no further (POSTs cut short by the timeout
@@ -37,20 +34,16 @@ class PeerSeeder:
         first = self.stored
         # Entra's body less `"manager": null`, which scim2-server refuses (extra input).
         bodies = [orjson.loads(entra_body(i)) for i in range(first, target)]
-        counter = iter(range(first, target))
 
-        async def worker() -> None:
-            for i in counter:
-                bodies[i - first].pop("manager", None)
-                data = orjson.dumps(bodies[i - first])
-                async with self.session.post(self.url, data=data, headers=self.headers) as r:
-                    raw = await r.read()
-                    if r.status != 201:
-                        raise BenchError(f"peer POST /Users -> {r.status}: {raw[:300]!r}")
-                self.landed += 1
-                self.ids[i] = orjson.loads(raw)["id"]
+        async def one(i: int) -> None:
+            bodies[i - first].pop("manager", None)
+            data = orjson.dumps(bodies[i - first])
+            url, token = f"{self.peer.base}/Users", self.peer.token
+            raw = await send(self.session, "POST", url, token, data, (201,))
+            self.landed += 1
+            self.ids[i] = orjson.loads(raw)["id"]
 
-        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+        await drain(range(first, target), one, CONCURRENCY)
         self.stored = max(self.stored, target)
 
     async def grow(self, size: int, limit: float) -> str:
