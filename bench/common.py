@@ -29,15 +29,8 @@ import asyncpg
 import orjson
 import psutil
 import yarl
+from rich import progress as rp
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from infra.embedded import EmbeddedPostgres
 from infra.migrations import migrate
@@ -72,13 +65,9 @@ def entra_body(i: int, name: str | None = None) -> bytes:
 
 
 async def send(
-    session: aiohttp.ClientSession,
-    method: str,
-    url: str,
-    token: str,
-    body: bytes | None = None,
+    session: aiohttp.ClientSession, method: str, url: str, token: str, body: bytes | None = None,
     expect: tuple[int, ...] = (200,),
-) -> bytes:
+) -> bytes:  # fmt: skip
     """One SCIM request to `url` (already encoded); the reply's body, or BenchError."""
     headers = {"Authorization": f"Bearer {token}", "Accept": SCIM}
     headers |= {} if body is None else {"Content-Type": SCIM}
@@ -130,17 +119,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def progress_bar() -> Progress:
-    return Progress(
-        TextColumn("{task.description:<36}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:>12}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=err,
-    )
+def progress_bar() -> rp.Progress:
+    columns = (rp.TextColumn("{task.description:<36}"), rp.BarColumn(), rp.MofNCompleteColumn())
+    columns += (rp.TextColumn("{task.fields[rate]:>12}"), rp.TimeElapsedColumn())
+    return rp.Progress(*columns, rp.TextColumn("ETA"), rp.TimeRemainingColumn(), console=err)
 
 
 # --- CPU accounting ---------------------------------------------------------------------------
@@ -188,13 +170,10 @@ class Cpu:
 
     def __add__(self, o: Cpu, sign: int = 1) -> Cpu:
         pg = None if self.postgres is None or o.postgres is None else o.postgres
-        return Cpu(
-            self.seconds + sign * o.seconds,
-            self.client + sign * o.client,
-            self.server + sign * o.server,
-            None if pg is None else (self.postgres or 0.0) + sign * pg,
-            self.machine + sign * o.machine,
-        )
+        postgres = None if pg is None else (self.postgres or 0.0) + sign * pg
+        seconds, client = self.seconds + sign * o.seconds, self.client + sign * o.client
+        server, machine = self.server + sign * o.server, self.machine + sign * o.machine
+        return Cpu(seconds, client, server, postgres, machine)
 
     def __sub__(self, o: Cpu) -> Cpu:
         return self.__add__(o, -1)
@@ -213,8 +192,7 @@ class Meter:
     """Reads CPU of this process (plus wrk, added by hand), a server, and PostgreSQL."""
 
     def __init__(self, server: psutil.Process | None, postgres: psutil.Process | None) -> None:
-        self.server = server
-        self.postgres = postgres
+        self.server, self.postgres = server, postgres
 
     def read(self) -> Cpu:
         """The counters now (seconds: the clock); subtract two readings for a phase."""
@@ -309,16 +287,16 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+CHILD: dict[str, Any] = {  # how the benchmark starts its processes
+    "stdin": subprocess.DEVNULL,
+    "preexec_fn": die_with_parent if sys.platform == "linux" else None,
+}
+
+
 def cli(*args: str, timeout: float = 600) -> str:
     """`scimledger ARGS`; its stdout."""
-    done = subprocess.run(
-        [str(SCIMLEDGER), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        preexec_fn=die_with_parent if sys.platform == "linux" else None,
-    )
+    argv = [str(SCIMLEDGER), *args]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **CHILD)
     if done.returncode != 0:
         raise BenchError(f"scimledger {' '.join(args[:2])} failed: {done.stderr.strip()}")
     return done.stdout
@@ -339,13 +317,7 @@ def child_process(
     `log`; SIGTERM on the way out, SIGKILL if it ignores that for `stop_timeout` seconds."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            argv,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=die_with_parent if sys.platform == "linux" else None,
+            argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **CHILD
         )
         try:
             yield proc
@@ -399,12 +371,9 @@ def tail(path: Path, lines: int = 20) -> str:
 
 
 async def wait_ready(
-    session: aiohttp.ClientSession,
-    url: str,
-    proc: subprocess.Popen[bytes],
-    log: Path,
+    session: aiohttp.ClientSession, url: str, proc: subprocess.Popen[bytes], log: Path,
     headers: dict[str, str] | None = None,
-) -> None:
+) -> None:  # fmt: skip
     """Until GET `url` answers 200 (e.g. `/readyz`), or the process exits."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -439,14 +408,14 @@ async def serving(dsn: str) -> AsyncIterator[tuple[str, subprocess.Popen[bytes]]
 
 def revision() -> str:
     """The commit the measured code came from, and whether it had uncommitted changes."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
     try:
-        git = ["git", "-C", str(ROOT)]
-        head = subprocess.run(
-            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            [*git, "status", "--porcelain", "--", *CODE], capture_output=True, text=True, check=True
-        ).stdout.strip()
+        head, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--", *CODE)
     except (OSError, subprocess.CalledProcessError):
         return "commit unknown"
     return f"commit {head}" + (" + uncommitted changes" if dirty else "")

@@ -81,7 +81,7 @@ async def over_http(ctx: Ctx, rows: list[Callable[[Ctx], Awaitable[None]]], tmp:
             peer = servers.enter_context(child_process(argv, tmp / "peer.log", stop_timeout=10))
         origin = f"http://127.0.0.1:{port}"
         meter = Meter(psutil.Process(proc.pid), ctx.postmaster)
-        ctx.ours = Server(origin, f"{origin}/scim/v2", token, proc, tmp / "serve.log", meter)
+        ctx.ours = Server(origin, f"{origin}/scim/v2", token, proc, meter)
         ctx.ours.profile = ctx.profile
         connector = aiohttp.TCPConnector(limit=CONCURRENCY, limit_per_host=CONCURRENCY)
         timeout = aiohttp.ClientTimeout(total=600)
@@ -91,7 +91,7 @@ async def over_http(ctx: Ctx, rows: list[Callable[[Ctx], Awaitable[None]]], tmp:
             if peer is not None:
                 origin = f"http://127.0.0.1:{peer_port}"
                 meter = Meter(psutil.Process(peer.pid), None)
-                ctx.peer = Server(origin, f"{origin}/v2", peer_token, peer, tmp / "peer.log", meter)
+                ctx.peer = Server(origin, f"{origin}/v2", peer_token, peer, meter)
                 headers = {"Authorization": f"Bearer {peer_token}"}
                 url = f"{ctx.peer.base}/ServiceProviderConfig"
                 await wait_ready(session, url, peer, tmp / "peer.log", headers)

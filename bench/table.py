@@ -69,7 +69,6 @@ class Server:
     base: str
     token: str
     proc: subprocess.Popen[bytes]
-    log: Path
     meter: Meter
     profile: Path | None = None  # py-spy records it during the measured wrk runs, into here
 
