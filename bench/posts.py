@@ -52,23 +52,14 @@ class RowMaker:
     """What the service writes for Entra's POST /Users, made by the service's own code."""
 
     def __init__(self, tenant_id: uuid.UUID, token_name: str) -> None:
-        self.tenant_id = tenant_id
-        self.token_name = token_name
-        self.mapper = make_mapper()
+        self.tenant_id, self.token_name, self.mapper = tenant_id, token_name, make_mapper()
 
     def make(self, body: bytes) -> tuple[uuid.UUID, tuple[Any, ...]]:
         """The user's id and the arguments of POST_ROWS_SQL."""
         user = User.provision(uuid.uuid4(), self.tenant_id, user_from_scim(orjson.loads(body)))
-        described = {
-            "method": "POST",
-            "path": "/scim/v2/Users",
-            "status": 201,
-            "initiatedBy": self.token_name,
-            "client": "127.0.0.1",
-            "targetType": "User",
-            "targetId": None,
-            "durationMs": 2.0,
-        }
+        described = {"method": "POST", "path": "/scim/v2/Users", "status": 201,
+            "initiatedBy": self.token_name, "client": "127.0.0.1", "targetType": "User",
+            "targetId": None, "durationMs": 2.0}  # fmt: skip
         record = ProvisioningRequest.record(uuid.uuid4(), self.tenant_id, "success", described)
         events = [*user.collect_events(), *record.collect_events()]
         stored = [self.mapper.to_stored_event(e) for e in events]
