@@ -7,6 +7,7 @@ import asyncio
 import sys
 import time
 import uuid
+from asyncio.subprocess import PIPE
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,8 +22,8 @@ from bench.common import (
     err,
     make_database,
     percentile,
-    process_cpu,
     serving,
+    tree_cpu,
     verdict,
 )
 from bench.table import Ctx, Row
@@ -173,20 +174,10 @@ async def _targets(hostile: Client) -> Targets:
     return t
 
 
-def _serving_cpu(server: psutil.Process) -> float:
-    """The server's CPU and its bulk process's (service/bulk.py), which serves large bodies."""
-    total = process_cpu(server)
-    for child in server.children():
-        try:
-            total += process_cpu(child)
-        except psutil.Error:
-            continue
-    return total
-
-
 async def _one(hostile: Client, shape: Shape, t: Targets, server: psutil.Process) -> Measured:
     body = shape.body(t)
-    cpu_before, started = _serving_cpu(server), time.perf_counter()
+    # The server's CPU and its bulk process's (service/bulk.py), which serves large bodies.
+    cpu_before, started = tree_cpu(server), time.perf_counter()
     try:
         status, raw = await asyncio.wait_for(
             hostile.send(shape.method, shape.path(t), body), TIMEOUT
@@ -197,7 +188,7 @@ async def _one(hostile: Client, shape: Shape, t: Targets, server: psutil.Process
     except (TimeoutError, aiohttp.ClientError):
         shown = "no answer"
     wall = time.perf_counter() - started
-    return Measured(shape.name, len(body), shown.strip(), _serving_cpu(server) - cpu_before, wall)
+    return Measured(shape.name, len(body), shown.strip(), tree_cpu(server) - cpu_before, wall)
 
 
 async def _gets(origin: str, token: str, user: str, seconds: float) -> list[float]:
@@ -217,14 +208,8 @@ async def _gets(origin: str, token: str, user: str, seconds: float) -> list[floa
 async def _victim(origin: str, token: str, user: str, seconds: float) -> list[float]:
     """The other tenant's GETs, timed in a process of their own: building 2 MiB bodies here
     would stall this event loop and count as the server's latency."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bench.cost",
-        orjson.dumps([origin, token, user, seconds]).decode(),
-        stdout=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-    )
+    argv = ["-m", "bench.cost", orjson.dumps([origin, token, user, seconds]).decode()]
+    proc = await asyncio.create_subprocess_exec(sys.executable, *argv, stdout=PIPE, cwd=ROOT)
     out, _ = await proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"the other tenant's GETs failed ({proc.returncode})")
