@@ -91,9 +91,7 @@ async def drain(items: Iterable[T], one: Callable[[T], Awaitable[object]], worke
     await asyncio.gather(*(worker() for _ in range(workers)))
 
 
-# --- figures ----------------------------------------------------------------------------------
-
-
+# --- figures
 median = statistics.median
 
 
@@ -125,9 +123,7 @@ def progress_bar() -> rp.Progress:
     return rp.Progress(*columns, rp.TextColumn("ETA"), rp.TimeRemainingColumn(), console=err)
 
 
-# --- CPU accounting ---------------------------------------------------------------------------
-
-
+# --- CPU accounting
 def machine_busy() -> float:
     """CPU seconds that processes on this machine spent, all cores (interrupts not included)."""
     t = psutil.cpu_times()
@@ -205,9 +201,7 @@ class Meter:
         return self.read() - before + Cpu(client=extra)
 
 
-# --- PostgreSQL -------------------------------------------------------------------------------
-
-
+# --- PostgreSQL
 @contextlib.asynccontextmanager
 async def connected(dsn: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(dsn)
@@ -278,9 +272,7 @@ async def wait_for_projections(dsn: str, limit: float) -> float:
             await asyncio.sleep(0.5)
 
 
-# --- processes --------------------------------------------------------------------------------
-
-
+# --- processes
 def die_with_parent() -> None:
     """In the child: SIGTERM if this benchmark dies without cleaning up (Linux only)."""
     with contextlib.suppress(OSError, AttributeError):
@@ -403,9 +395,7 @@ async def serving(dsn: str) -> AsyncIterator[tuple[str, subprocess.Popen[bytes]]
                 raise BenchError(f"{type(e).__name__}: {e}\nserver log:\n{tail(log)}") from e
 
 
-# --- the machine ------------------------------------------------------------------------------
-
-
+# --- the machine
 def revision() -> str:
     """The commit the measured code came from, and whether it had uncommitted changes."""
 

@@ -1,9 +1,15 @@
 """Row (5): `scimledger projections rebuild --all` over bench.history's tenant histories, three
-runs as a subprocess: views stale, `--dry-run` (no drift expected), views current (the row)."""
+runs as a subprocess: views stale, `--dry-run` (no drift expected), views current (the row).
+
+    .venv/bin/python -m bench.rebuild [--events N] [--runs N] [--sealed]
+
+runs it alone, in clear or (--sealed, issue 17's cost on replay) after `scimledger erase
+migrate`; each run's rate and the median."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import re
@@ -15,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import psutil
 from rich.progress import Progress
 
@@ -23,8 +30,11 @@ from bench.common import (
     BenchError,
     connected,
     die_with_parent,
+    durable_postgres,
     machine_busy,
     make_database,
+    median,
+    postgres_facts,
     progress_bar,
     tree_cpu,
     verdict,
@@ -36,6 +46,7 @@ from infra.database import open_database
 from projections.registry import PROJECTIONS
 from projections.runner import Runner
 from projections.state import register
+from service.erasure import migrate_all
 
 TARGET = 50_000  # events/s, events x projections / seconds (the issue's goal)
 TENANT_EVENTS = 50_000
@@ -194,3 +205,35 @@ async def rebuild(ctx: Ctx) -> None:
         "(5) events x projections / wall seconds of `projections rebuild --all` (start-up"
         " included), over bench.history's tenant histories"
     )
+
+
+async def alone(dsn: str, events: int, runs: int, sealed: bool) -> None:
+    postmaster, _ = await postgres_facts(dsn)
+    with progress_bar() as progress:
+        n = await seeded(dsn, events, progress)
+    if sealed:
+        async with open_database(Settings(database_url=dsn, run_projections=False)) as db:
+            print(f"sealed {await migrate_all(db):,} events in place")
+        async with connected(dsn) as conn:
+            await conn.execute("VACUUM ANALYZE stored_events")
+    rates = []
+    for i in range(runs):
+        got = await measured(dsn, n, postmaster, dry_run=False)
+        rates.append(got.events / got.seconds)
+        print(f"run {i + 1}: {rates[-1]:,.0f} events/s; CPU {got.cpu:.1f} s")
+    print(f"{n:,} events, {'sealed' if sealed else 'clear'}: median {median(rates):,.0f} events/s")
+
+
+@click.command(help="The rebuild of every projection, alone: each run's rate and the median.")
+@click.option("--events", default=100_000, show_default=True)
+@click.option("--runs", default=3, show_default=True)
+@click.option("--sealed", is_flag=True, help="`erase migrate` before the runs.")
+def main(events: int, runs: int, sealed: bool) -> None:
+    # One master key for this process and the rebuilds it starts.
+    os.environ.setdefault("SCIMLEDGER_MASTER_KEY", base64.b64encode(os.urandom(32)).decode())
+    with durable_postgres() as dsn:
+        asyncio.run(alone(dsn, events, runs, sealed))
+
+
+if __name__ == "__main__":
+    main()
