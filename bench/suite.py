@@ -18,6 +18,7 @@ from pathlib import Path
 import aiohttp
 import click
 import psutil
+import uvloop
 from rich.console import Console
 from rich.table import Table
 
@@ -49,6 +50,8 @@ from bench.rebuild import rebuild
 from bench.table import COLUMNS, CONCURRENCY, FULL, QUICK, Ctx, Server, render_markdown
 
 PEER = ROOT / ".venv" / "bin" / "scim2-server"
+DIR = click.Path(file_okay=False, path_type=Path)
+CHECKOUT = click.Path(exists=True, file_okay=False, path_type=Path)
 
 # The table's rows in the order they run: (name, function, over HTTP with the servers up).
 # A new row is one function taking the run's Ctx and one line here.
@@ -99,9 +102,8 @@ async def over_http(ctx: Ctx, rows: list[Callable[[Ctx], Awaitable[None]]], tmp:
                 for row in rows:
                     await row(ctx)
             except (aiohttp.ClientError, OSError) as e:
-                raise BenchError(
-                    f"{type(e).__name__}: {e}\nserver log:\n{tail(tmp / 'serve.log')}"
-                ) from e
+                log = tail(tmp / "serve.log")
+                raise BenchError(f"{type(e).__name__}: {e}\nserver log:\n{log}") from e
             finally:
                 ctx.session = ctx.ours = ctx.peer = None
 
@@ -121,9 +123,7 @@ def report(ctx: Ctx, load_before: tuple[float, ...], rev: str, started: float) -
     machine = machine_description(ctx.pg_version, load_before, rev)
     ctx.notes.append(f"the whole run took {time.perf_counter() - started:,.0f} s")
     title = "scimledger benchmark" + (" (quick sizes)" if ctx.quick else "")
-    table = Table(title=title, show_lines=True)
-    for col in COLUMNS:
-        table.add_column(col)
+    table = Table(*COLUMNS, title=title, show_lines=True)
     for row in ctx.rows:
         table.add_row(*row.cells())
     out = Console(width=None if sys.stdout.isatty() else 220)
@@ -154,16 +154,8 @@ def parts(value: str) -> frozenset[str]:
 @click.option("--quick", is_flag=True, help="Smaller sizes: a few minutes.")
 @click.option("--skip", default="", help=f"Rows to leave out, comma-separated: {', '.join(PARTS)}.")
 @click.option("--only", default="", help="The rows to run (and the peer), comma-separated.")
-@click.option(
-    "--profile",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="py-spy records the server in each measured wrk run into DIR/<row>.folded.",
-)
-@click.option(
-    "--code",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Run the servers from this checkout (PYTHONPATH), to compare two commits.",
-)
+@click.option("--profile", type=DIR, help="py-spy profiles of the server's wrk runs, into DIR.")
+@click.option("--code", type=CHECKOUT, help="Run the servers from this checkout (PYTHONPATH).")
 def main(quick: bool, skip: str, only: str, profile: Path | None, code: Path | None) -> None:
     left_out = parts(skip) | (frozenset(PARTS[1:]) - parts(only) if only else frozenset())
     if code is not None:
@@ -182,8 +174,6 @@ def main(quick: bool, skip: str, only: str, profile: Path | None, code: Path | N
             ctx = Ctx(QUICK if quick else FULL, quick, dsn, skip=left_out, profile=profile)
             if left_out:
                 ctx.notes.append(f"parts left out of this run: {', '.join(sorted(left_out))}")
-            import uvloop
-
             uvloop.run(run_rows(ctx, tmp))
     except wrk.WrkMissing as e:
         err.print(f"[red]{e}[/red]", markup=True, highlight=False)
