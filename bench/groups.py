@@ -160,9 +160,10 @@ async def groups(ctx: Ctx) -> None:
     mine = await measure(ctx, ours, ctx.ids, "scimledger")
     small = mine[0] if mine else None
     rows: dict[int, Row] = {}
+    p50: dict[int, tuple[float, float]] = {}  # ours, by size
     for g in mine:
         add, rem = percentile(g.add, 50), percentile(g.remove, 50)
-        ctx.group_p50[g.size] = (add, rem)
+        p50[g.size] = (add, rem)
         target = verdict_text = ""
         if small is not None and g is mine[-1] and g is not small:
             ra, rr = add / percentile(small.add, 50), rem / percentile(small.remove, 50)
@@ -192,7 +193,7 @@ async def groups(ctx: Ctx) -> None:
                 continue
             add, rem = percentile(g.add, 50), percentile(g.remove, 50)
             row.peer = f"add p50 {ms(add)}, remove p50 {ms(rem)} ({len(g.add)} pairs)"
-            a, r = ctx.group_p50[size]
+            a, r = p50[size]
             ratio = f"peer's p50 / ours: add {add / a:.1f} x, remove {rem / r:.1f} x"
             row.verdict = "; ".join(part for part in (row.verdict, ratio) if part)
         ctx.notes.append(

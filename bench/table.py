@@ -93,7 +93,6 @@ class Ctx:
     ids: dict[int, str] = field(default_factory=dict)  # user i -> its id (the group members)
     peer_ids: dict[int, str] = field(default_factory=dict)  # the same on the peer
     stored: int = 0  # users seeded so far (bench.common.user_name(i) for i below)
-    group_p50: dict[int, tuple[float, float]] = field(default_factory=dict)  # ours, by size
 
     @property
     def no_peer(self) -> str:
@@ -112,20 +111,7 @@ def render_markdown(title: str, rows: Sequence[Row], notes: Sequence[str], machi
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
 
-    lines = [
-        f"# {title}",
-        "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "| " + " | ".join("---" for _ in COLUMNS) + " |",
-        *("| " + " | ".join(cell(c) for c in r.cells()) + " |" for r in rows),
-        "",
-        "## Machine",
-        "",
-        machine,
-        "",
-        "## Notes",
-        "",
-        *(f"- {n}" for n in notes),
-        "",
-    ]
+    table = [COLUMNS, ["---"] * len(COLUMNS), *([cell(c) for c in r.cells()] for r in rows)]
+    lines = [f"# {title}", "", *("| " + " | ".join(cells) + " |" for cells in table), ""]
+    lines += ["## Machine", "", machine, "", "## Notes", "", *(f"- {n}" for n in notes), ""]
     return "\n".join(lines)
