@@ -197,12 +197,7 @@ class TenantHistory:
         """DELETE /Users of a leaver: out of every group (membership events), then gone."""
         person = self.rng.choice(self.people)
         user_id = str(person.user.id)
-        touched: list[Group] = []
-        for team in self.teams.values():
-            if user_id in team.members:
-                team.members.discard(user_id)
-                team.group.change_membership([], [user_id])
-                touched.append(team.group)
+        touched = self._out_of_groups(user_id)
         person.user.deprovision()
         at = self.index.pop(user_id)
         last = self.people.pop()
@@ -214,6 +209,14 @@ class TenantHistory:
         return self._request("DELETE", path, 204, (person.user, *touched), user_id)
 
     # -- groups
+
+    def _out_of_groups(self, member: str) -> list[Group]:
+        """`member` (a user or a group) removed from every group that holds it."""
+        holding = [team for team in self.teams.values() if member in team.members]
+        for team in holding:
+            team.members.discard(member)
+            team.group.change_membership([], [member])
+        return [team.group for team in holding]
 
     def create_group(self) -> Request | None:
         rng = self.rng
@@ -285,12 +288,7 @@ class TenantHistory:
         gid = self.rng.choice(self.team_order)
         team = self.teams.pop(gid)
         self.team_order.remove(gid)
-        touched: list[Group] = []
-        for parent in self.teams.values():
-            if gid in parent.members:
-                parent.members.discard(gid)
-                parent.group.change_membership([], [gid])
-                touched.append(parent.group)
+        touched = self._out_of_groups(gid)
         team.group.delete()
         return self._request("DELETE", f"/scim/v2/Groups/{gid}", 204, (team.group, *touched), gid)
 
