@@ -41,9 +41,8 @@ from bench.common import (
     wait_ready,
 )
 from bench.cost import cost
-from bench.cycle import cycle
 from bench.feeds import feeds
-from bench.groups import groups
+from bench.groups import cycle, groups
 from bench.lookups import lookups
 from bench.posts import post_users
 from bench.rebuild import rebuild
