@@ -98,9 +98,8 @@ class Groups:
         if not self.peer:
             return members_patch("Add", [user]), members_patch("Remove", [user])
         remove = {"op": "remove", "path": f'members[value eq "{user}"]'}
-        return members_patch("Add", [user]), orjson.dumps(
-            {"schemas": [PATCH_OP], "Operations": [remove]}
-        )
+        body = {"schemas": [PATCH_OP], "Operations": [remove]}
+        return members_patch("Add", [user]), orjson.dumps(body)
 
     async def pairs(self, g: Measured, n: int, keep: bool = True) -> None:
         """n add/remove pairs, one request at a time, each with the next spare user."""
@@ -186,17 +185,10 @@ async def groups(ctx: Ctx) -> None:
             ra, rr = add / percentile(small.add, 50), rem / percentile(small.remove, 50)
             target = f"within 1.2 x of {small.size}"
             verdict_text = f"{verdict(ra <= 1.2 and rr <= 1.2)}: add {ra:.2f} x, remove {rr:.2f} x"
-        rows[g.size] = Row(
-            "3",
-            "add / remove one member, one request at a time",
-            f"{g.size:,} members",
-            f"add p50 {ms(add)} (p99 {ms(percentile(g.add, 99))}), remove p50 {ms(rem)}"
-            f" (p99 {ms(percentile(g.remove, 99))})",
-            ctx.no_peer,
-            target,
-            verdict_text,
-            g.cpu.text(),
-        )
+        rows[g.size] = Row("3", "add / remove one member, one request at a time",
+            f"{g.size:,} members", f"add p50 {ms(add)} (p99 {ms(percentile(g.add, 99))}),"
+            f" remove p50 {ms(rem)} (p99 {ms(percentile(g.remove, 99))})", ctx.no_peer, target,
+            verdict_text, g.cpu.text())  # fmt: skip
     ctx.notes.append(
         f"(3) groups grown by Entra-style PATCH adds of 500 ids; {ctx.sizes.pairs} add/remove"
         f" pairs per size, sizes taking turns in {ROUNDS} rounds (bench.groups)"

@@ -99,18 +99,10 @@ async def lookups(ctx: Ctx) -> None:
             ok = got.p99 <= 0.010 and got.rate >= 0.8 * base_rate
             target = f"p99 ≤ 10 ms and ≥ 0.8 x the rate at {s.users[0]:,}"
             verdict_text = f"{verdict(ok)}: {got.rate / base_rate:.2f} x the rate at {s.users[0]:,}"
-        ctx.add(
-            Row(
-                "2",
-                f'GET /Users?filter=userName eq "…", concurrency {CONCURRENCY} (wrk)',
-                f"{size:,} users",
-                f"{got.rate:,.0f} req/s; p99 {ms(got.p99)}",
-                peer_text,
-                target,
-                "; ".join(part for part in (verdict_text, ratio) if part),
-                cpu_text,
-            )
-        )
+        what = f'GET /Users?filter=userName eq "…", concurrency {CONCURRENCY} (wrk)'
+        verdicts = "; ".join(part for part in (verdict_text, ratio) if part)
+        ours = f"{got.rate:,.0f} req/s; p99 {ms(got.p99)}"
+        ctx.add(Row("2", what, f"{size:,} users", ours, peer_text, target, verdicts, cpu_text))
     ctx.notes.append(
         f"(2) {ctx.stored:,} users seeded in {seeded:,.0f} s"
         f" ({ctx.stored / max(seeded, 1e-9):,.0f}/s) straight into the store: what POST /Users"

@@ -15,7 +15,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,10 +25,10 @@ import psutil
 from rich.progress import Progress
 
 from bench.common import (
+    CHILD,
     SCIMLEDGER,
     BenchError,
     connected,
-    die_with_parent,
     durable_postgres,
     machine_busy,
     make_database,
@@ -101,14 +100,7 @@ def run_command(dsn: str, size: int, *, dry_run: bool) -> tuple[Run, float]:
     busy0 = machine_busy()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as errors:
         started = time.perf_counter()
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=errors,
-            start_new_session=True,
-            preexec_fn=die_with_parent if sys.platform == "linux" else None,
-        )
+        proc = subprocess.Popen(cmd, stdout=out, stderr=errors, start_new_session=True, **CHILD)
         marks: dict[int, int] = {}  # pid -> its VmHWM, the command's and its workers'
         try:
             watched = psutil.Process(proc.pid)
