@@ -23,7 +23,6 @@ from bench.common import (
     PATCH_OP,
     BenchError,
     Cpu,
-    Meter,
     create_tenant,
     drain,
     entra_body,
@@ -219,28 +218,19 @@ MEMBER_BATCH = 100  # member ids per PATCH in the Entra cycle (ENTRA.md: "severa
 
 
 async def entra_cycle(
-    session: aiohttp.ClientSession,
-    base: str,
-    token: str,
-    sizes: tuple[int, int, int],
-    meter: Meter,
-    progress: Progress,
-    connections: int = CONNECTIONS,
+    ctx: Ctx, token: str, progress: Progress, connections: int = CONNECTIONS
 ) -> tuple[int, Cpu]:
     """Entra's initial cycle with `connections`: users (lookup, create), managers, groups
     (lookup, create), then memberships in PATCHes of ≤ MEMBER_BATCH; (requests, CPU)."""
-    n_users, n_groups, n_members = sizes
-    rng = random.Random(8)
+    (session, ours), (n_users, n_groups, n_members) = ctx.http(), ctx.sizes.cycle
+    base, rng = ours.base, random.Random(8)
     run = uuid.uuid4().hex[:6]
     ids: list[str] = [""] * n_users
     group_ids: list[str] = [""] * n_groups
     requests = 0
     total = 3 * n_users - 1 + 2 * n_groups + -(-n_members // MEMBER_BATCH)
-    task = progress.add_task(
-        f"Entra cycle {n_users:,}/{n_groups}/{n_members:,}, {connections} connections",
-        total=total,
-        rate="",
-    )
+    what = f"Entra cycle {n_users:,}/{n_groups}/{n_members:,}, {connections} connections"
+    task = progress.add_task(what, total=total, rate="")
 
     async def call(method: str, url: str, body: bytes | None, expect: tuple[int, ...]) -> bytes:
         nonlocal requests
@@ -283,38 +273,25 @@ async def entra_cycle(
         body = members_patch("Add", [ids[u] for u in chosen])
         await call("PATCH", f"{base}/Groups/{group_ids[g]}", body, (200, 204))
 
-    before = meter.read()
+    before = ours.meter.read()
     await drain(range(n_users), user, connections)
     await drain(range(1, n_users), manager, connections)
     await drain(range(n_groups), group, connections)
     await drain(range(len(batches)), members, connections)
-    return requests, meter.since(before)
+    return requests, ours.meter.since(before)
 
 
 async def cycle(ctx: Ctx) -> None:
     """(4) the cycle at 8 connections and, on a fresh tenant, at 16."""
-    (session, ours), sizes = ctx.http(), ctx.sizes.cycle
     with progress_bar() as progress:
-        requests, c = await entra_cycle(
-            session, ours.base, create_tenant(ctx.dsn), sizes, ours.meter, progress
-        )
+        requests, c = await entra_cycle(ctx, create_tenant(ctx.dsn), progress)
         # The same cycle, on a tenant of its own, by a client with twice the connections:
         # if we set the pace at 8, more connections cannot make it go faster.
-        wider, w = await entra_cycle(
-            session,
-            ours.base,
-            create_tenant(ctx.dsn),
-            sizes,
-            ours.meter,
-            progress,
-            2 * CONNECTIONS,
-        )
+        wider, w = await entra_cycle(ctx, create_tenant(ctx.dsn), progress, 2 * CONNECTIONS)
     rate, wider_rate = requests / c.seconds, wider / w.seconds
     speedup = wider_rate / rate
-    busiest = max(
-        (("client", c.client), ("server", c.server), ("postgres", c.postgres or 0.0)),
-        key=lambda x: x[1],
-    )
+    cpu = {"client": c.client, "server": c.server, "postgres": c.postgres or 0.0}
+    busiest = max(cpu.items(), key=lambda x: x[1])
     ok: bool | None = speedup >= 1.2 or busiest[0] == "client"
     limit = f"{2 * CONNECTIONS} connections: {wider_rate:,.0f} req/s = {speedup:.2f} x the rate at"
     limit += (
@@ -330,7 +307,7 @@ async def cycle(ctx: Ctx) -> None:
             f"; but the machine was full ({c.others / c.seconds:.2f} cores taken by"
             " other processes): inconclusive"
         )
-    users_n, groups_n, members_n = sizes
+    users_n, groups_n, members_n = ctx.sizes.cycle
     ctx.add(Row("4", f"Entra initial cycle, {CONNECTIONS} connections (aiohttp client)",
         f"{users_n:,} users, {groups_n} groups, {members_n:,} memberships",
         f"{c.seconds:,.1f} s, {requests:,} requests, {rate:,.0f} req/s;"
