@@ -70,10 +70,7 @@ async def lookups(ctx: Ctx) -> None:
     gets: list[tuple[int, wrk.WrkRun, str, str, str]] = []
     with progress_bar() as progress:
         for size in s.users:
-            seeded += await seed_users(
-                ctx.dsn, maker, ctx.stored, size, progress, ctx.ids, max(s.groups) + SPARE
-            )
-            ctx.stored = max(ctx.stored, size)
+            seeded += await seed_users(ctx, maker, size, progress, max(s.groups) + SPARE)
             catch_up += await caught_up(ctx.dsn, 3600)
             script = wrk.find_users_script("/scim/v2/Users", ours.token, size, NAME_FORMAT)
             await wrk_phase(ours, script, 2)
@@ -127,8 +124,7 @@ async def ensure_users(ctx: Ctx, n: int) -> None:
     if ctx.stored < n:
         with progress_bar() as progress:
             maker = await row_maker(ctx.dsn, ours.token)
-            await seed_users(ctx.dsn, maker, ctx.stored, n, progress, ctx.ids, n)
-        ctx.stored = n
+            await seed_users(ctx, maker, n, progress, n)
         await caught_up(ctx.dsn, 3600)
     if ctx.peer is not None and ctx.session is not None and not ctx.peer_ids:
         started = time.perf_counter()

@@ -86,22 +86,15 @@ async def row_maker(dsn: str, token: str) -> RowMaker:
     return RowMaker(principal.tenant_id, principal.token_name)
 
 
-async def seed_users(
-    dsn: str,
-    maker: RowMaker,
-    first: int,
-    last: int,
-    progress: Progress,
-    ids: dict[int, str],
-    keep: int,
-) -> float:
-    """Users first..last-1 (bench.common.user_name), straight into the store; seconds. The ids
-    of users below `keep` go to `ids` (the group members)."""
+async def seed_users(ctx: Ctx, maker: RowMaker, last: int, progress: Progress, keep: int) -> float:
+    """Users ctx.stored..last-1 (bench.common.user_name), straight into the store; seconds. The
+    ids of users below `keep` go to ctx.ids (the group members)."""
+    first, ids = ctx.stored, ctx.ids
     if last <= first:
         return 0.0
-    pool = await create_pool(
-        dsn, min_size=4, max_size=4, server_settings={"synchronous_commit": "off"}
-    )
+    ctx.stored = last
+    settings = {"synchronous_commit": "off"}
+    pool = await create_pool(ctx.dsn, min_size=4, max_size=4, server_settings=settings)
     task = progress.add_task(f"seed users → {last:,}", total=last - first, rate="")
     counter = iter(range(first, last))
     done = 0
