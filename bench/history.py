@@ -29,23 +29,14 @@ from infra.transcoder import make_mapper
 
 Event = DomainEventProtocol[uuid.UUID]
 
-GIVEN = (
-    "Adele", "Alex", "Ben", "Chen", "Diego", "Emily", "Fatima", "Grady", "Hana", "Isaiah",
-    "Joni", "Kenji", "Lee", "Lidia", "Megan", "Miriam", "Nestor", "Olga", "Patti", "Raj",
-)  # fmt: skip
-FAMILY = (
-    "Vance", "Wilber", "Walker", "Li", "Garcia", "Braun", "Khan", "Archie", "Sato", "Moore",
-    "Sherman", "Tanaka", "Gu", "Holloway", "Bowen", "Adams", "Wilke", "Petrova", "Fernandez",
-    "Patel",
-)  # fmt: skip
-DEPARTMENTS = (
-    "Sales", "Finance", "Engineering", "Legal", "Marketing", "Support", "Operations",
-    "Human Resources", "IT", "Research",
-)  # fmt: skip
-TITLES = (
-    "Associate", "Analyst", "Engineer", "Senior Engineer", "Consultant", "Specialist",
-    "Manager", "Senior Manager", "Director", "Vice President",
-)  # fmt: skip
+GIVEN = tuple("Adele Alex Ben Chen Diego Emily Fatima Grady Hana Isaiah Joni Kenji Lee Lidia"
+              " Megan Miriam Nestor Olga Patti Raj".split())  # fmt: skip
+FAMILY = tuple("Vance Wilber Walker Li Garcia Braun Khan Archie Sato Moore Sherman Tanaka Gu"
+               " Holloway Bowen Adams Wilke Petrova Fernandez Patel".split())  # fmt: skip
+DEPARTMENTS = tuple("Sales,Finance,Engineering,Legal,Marketing,Support,Operations,Human Resources"
+                    ",IT,Research".split(","))  # fmt: skip
+TITLES = tuple("Associate,Analyst,Engineer,Senior Engineer,Consultant,Specialist,Manager"
+               ",Senior Manager,Director,Vice President".split(","))  # fmt: skip
 
 
 @dataclass
