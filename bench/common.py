@@ -329,17 +329,12 @@ def server_process(
 ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
     """`scimledger serve`, one process (the CPU sampled from its pid is one server's);
     BENCH_WORKERS=N runs `serve --workers N` (CPU then counts the parent only)."""
-    return child_process(
-        [
-            *(str(SCIMLEDGER), "serve", "--workers", os.environ.get("BENCH_WORKERS", "1")),
-            *("--port", str(port), "--database-url", dsn),
-        ],
-        log,
-        # One token drives the whole load: the per-token rate limit and cap on requests in
-        # flight (16 connections > its default 10) would measure themselves.
-        env={**os.environ, "SCIMLEDGER_RATE_LIMIT": "0"}
-        | {"SCIMLEDGER_MAX_CONCURRENT_PER_TOKEN": "0"},
-    )
+    argv = [str(SCIMLEDGER), "serve", "--workers", os.environ.get("BENCH_WORKERS", "1")]
+    argv += ["--port", str(port), "--database-url", dsn]
+    # One token drives the whole load: the per-token rate limit and cap on requests in flight
+    # (16 connections > its default 10) would measure themselves.
+    unlimited = {"SCIMLEDGER_RATE_LIMIT": "0", "SCIMLEDGER_MAX_CONCURRENT_PER_TOKEN": "0"}
+    return child_process(argv, log, env={**os.environ, **unlimited})
 
 
 def py_spy(pid: int, folded: Path, seconds: float) -> subprocess.Popen[bytes]:

@@ -51,10 +51,8 @@ def group_body(name: str, *, entra: bool = True) -> bytes:
 
 def members_patch(op: str, ids: Sequence[str]) -> bytes:
     """Entra's default style, for adds and for removes: the members in `value`."""
-    value = [{"$ref": None, "value": i} for i in ids]
-    return orjson.dumps(
-        {"schemas": [PATCH_OP], "Operations": [{"op": op, "path": "members", "value": value}]}
-    )
+    operation = {"op": op, "path": "members", "value": [{"$ref": None, "value": i} for i in ids]}
+    return orjson.dumps({"schemas": [PATCH_OP], "Operations": [operation]})
 
 
 @dataclass
@@ -149,9 +147,8 @@ async def measure(ctx: Ctx, server: Server, ids: dict[int, str], who: str) -> li
             try:
                 await asyncio.wait_for(run.grow(g, members[:size], progress), limit)
             except TimeoutError:
-                bounded.append(
-                    f"{size:,}: growing the group by PATCHes of 500 did not finish in {limit:.0f} s"
-                )
+                growing = f"growing the group by PATCHes of {BATCH}"
+                bounded.append(f"{size:,}: {growing} did not finish in {limit:.0f} s")
                 break
             measured.append(g)
         task = progress.add_task(f"{who}: add/remove pairs", total=None, rate="")
@@ -294,19 +291,16 @@ async def cycle(ctx: Ctx) -> None:
     busiest = max(cpu.items(), key=lambda x: x[1])
     ok: bool | None = speedup >= 1.2 or busiest[0] == "client"
     limit = f"{2 * CONNECTIONS} connections: {wider_rate:,.0f} req/s = {speedup:.2f} x the rate at"
-    limit += (
-        f" {CONNECTIONS}, so at {CONNECTIONS} the client's connections set the pace"
-        if speedup >= 1.2
-        else f" {CONNECTIONS}; busiest at {CONNECTIONS}: {busiest[0]}"
-        f" ({busiest[1] / c.seconds:.2f} cores)"
-    )
+    if speedup >= 1.2:
+        limit += f" {CONNECTIONS}, so at {CONNECTIONS} the client's connections set the pace"
+    else:
+        limit += f" {CONNECTIONS}; busiest at {CONNECTIONS}: {busiest[0]}"
+        limit += f" ({busiest[1] / c.seconds:.2f} cores)"
     # CPU left for the run: what other processes on the machine did not take.
     if not ok and c.machine / c.seconds >= 0.9 * (os.cpu_count() or 1):
         ok = None
-        limit += (
-            f"; but the machine was full ({c.others / c.seconds:.2f} cores taken by"
-            " other processes): inconclusive"
-        )
+        limit += f"; but the machine was full ({c.others / c.seconds:.2f} cores taken by"
+        limit += " other processes): inconclusive"
     users_n, groups_n, members_n = ctx.sizes.cycle
     ctx.add(Row("4", f"Entra initial cycle, {CONNECTIONS} connections (aiohttp client)",
         f"{users_n:,} users, {groups_n} groups, {members_n:,} memberships",

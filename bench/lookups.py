@@ -54,10 +54,8 @@ class PeerSeeder:
             await asyncio.wait_for(self.seed_to(size), limit)
         except TimeoutError:
             self.stopped = True
-            return (
-                f"its POSTs reached {self.landed:,} users of {size:,} in {limit:.0f} s: measured"
-                f" there, asking for the first {self.stored:,}"
-            )
+            reached = f"its POSTs reached {self.landed:,} users of {size:,} in {limit:.0f} s"
+            return f"{reached}: measured there, asking for the first {self.stored:,}"
         return ""
 
 
@@ -84,9 +82,8 @@ async def lookups(ctx: Ctx) -> None:
                         "/v2/Users", peer.token, seeder.stored, NAME_FORMAT
                     )
                     theirs, _ = await wrk_phase(peer, script, s.get_seconds, "scim2-server GET")
-                    peer_text = f"{theirs.rate:,.0f} req/s; p99 {ms(theirs.p99)}" + (
-                        f" ({why})" if why else ""
-                    )
+                    peer_text = f"{theirs.rate:,.0f} req/s; p99 {ms(theirs.p99)}"
+                    peer_text += f" ({why})" if why else ""
                     ratio = f"{got.rate / theirs.rate:.1f} x the peer's rate"
             gets.append((size, got, cpu.text(), peer_text or ctx.no_peer, ratio))
     base_rate = gets[0][1].rate
