@@ -71,9 +71,8 @@ async def send(
     """One SCIM request to `url` (already encoded); the reply's body, or BenchError."""
     headers = {"Authorization": f"Bearer {token}", "Accept": SCIM}
     headers |= {} if body is None else {"Content-Type": SCIM}
-    async with session.request(
-        method, yarl.URL(url, encoded=True), data=body, headers=headers
-    ) as r:
+    encoded = yarl.URL(url, encoded=True)
+    async with session.request(method, encoded, data=body, headers=headers) as r:
         raw = await r.read()
         if r.status not in expect:
             raise BenchError(f"{method} {url} -> {r.status}: {raw[:300]!r}")

@@ -160,9 +160,8 @@ class Client:
 
 async def _targets(hostile: Client) -> Targets:
     t = Targets()
-    status, raw = await hostile.send(
-        "POST", "/Users", _user("full@contoso.com", emails=[_email(i) for i in range(1000)])
-    )
+    full = _user("full@contoso.com", emails=[_email(i) for i in range(1000)])
+    status, raw = await hostile.send("POST", "/Users", full)
     if status != 201:
         raise RuntimeError(f"seeding the user of 1000 emails: {status} {raw[:200]!r}")
     t.full_user = orjson.loads(raw)["id"]
@@ -179,9 +178,8 @@ async def _one(hostile: Client, shape: Shape, t: Targets, server: psutil.Process
     # The server's CPU and its bulk process's (service/bulk.py), which serves large bodies.
     cpu_before, started = tree_cpu(server), time.perf_counter()
     try:
-        status, raw = await asyncio.wait_for(
-            hostile.send(shape.method, shape.path(t), body), TIMEOUT
-        )
+        request = hostile.send(shape.method, shape.path(t), body)
+        status, raw = await asyncio.wait_for(request, TIMEOUT)
         shown = str(status)
         if status >= 400:
             shown += " " + str(orjson.loads(raw).get("scimType") or "")
@@ -238,10 +236,8 @@ async def cost(ctx: Ctx) -> None:
             for shape in SHAPES:
                 tries = [await _one(hostile, shape, t, server) for _ in range(samples)]
                 worst = max(tries, key=lambda m: m.cpu)
-                err.print(
-                    f"{shape.name}: {worst.status}, {worst.size / 1024:,.0f} KiB,"
-                    f" server CPU {worst.cpu:.3f} s, wall {worst.wall:.3f} s"
-                )
+                took = f"server CPU {worst.cpu:.3f} s, wall {worst.wall:.3f} s"
+                err.print(f"{shape.name}: {worst.status}, {worst.size / 1024:,.0f} KiB, {took}")
                 measured.append(worst)
             alone = await _victim(origin, victim_token, victim_user, seconds)
             sent = 0

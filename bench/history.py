@@ -213,9 +213,8 @@ class TenantHistory:
         rng = self.rng
         self.serial += 1
         kind = rng.choice(("Team", "Project", "Site", "Role", "App access"))
-        group = Group.create(
-            self._uuid(), self.tenant_id, f"{kind} {self.serial}", external_id=str(self._uuid())
-        )
+        group_id, name = self._uuid(), f"{kind} {self.serial}"
+        group = Group.create(group_id, self.tenant_id, name, external_id=str(self._uuid()))
         self.teams[str(group.id)] = Team(group, self.serial)
         self.team_order.append(str(group.id))
         return self._request("POST", "/scim/v2/Groups", 201, (group,))
@@ -373,9 +372,8 @@ async def seed(
         for i, (t, b) in enumerate(zip(ids, budgets, strict=True))
     ]
     size = min(8, len(histories))
-    pool = await create_pool(
-        dsn, min_size=size, max_size=size, server_settings={"synchronous_commit": "off"}
-    )
+    settings = {"synchronous_commit": "off"}
+    pool = await create_pool(dsn, min_size=size, max_size=size, server_settings=settings)
     store, mapper = EventStore(pool), make_mapper()
     unit = "requests" if recorded else "events"
     task = progress.add_task(f"seed {sum(budgets):,} {unit}", total=sum(budgets), rate="")

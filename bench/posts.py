@@ -121,10 +121,9 @@ async def seed_users(ctx: Ctx, maker: RowMaker, last: int, progress: Progress, k
     return time.perf_counter() - started
 
 
-async def floor(
-    dsn: str, maker: RowMaker, n: int, meter: Meter, progress: Progress
-) -> tuple[float, list[float], Cpu]:
-    """n users' rows (made beforehand) by plain asyncpg, one statement each, concurrency 16."""
+async def floor(ctx: Ctx, maker: RowMaker, progress: Progress) -> tuple[float, list[float], Cpu]:
+    """The users' rows (made beforehand) by plain asyncpg, one statement each, concurrency 16."""
+    n, meter = ctx.sizes.floor_rows, Meter(None, ctx.postmaster)
     rows = [maker.make(entra_body(10_000_000 + i))[1] for i in range(n)]
 
     async def jsonb(conn: asyncpg.Connection) -> None:
@@ -135,7 +134,9 @@ async def floor(
             schema="pg_catalog",
         )
 
-    pool = await asyncpg.create_pool(dsn, min_size=CONCURRENCY, max_size=CONCURRENCY, init=jsonb)
+    pool = await asyncpg.create_pool(
+        ctx.dsn, min_size=CONCURRENCY, max_size=CONCURRENCY, init=jsonb
+    )
     latencies = [0.0] * n
     counter = iter(range(n))
     task = progress.add_task("floor: plain asyncpg", total=n, rate="")
@@ -174,10 +175,8 @@ async def wrk_phase(
             await asyncio.to_thread(spy.wait, 120)
     cpu = server.meter.since(before, extra=got.cpu)
     if who and (got.bad or got.socket_errors):
-        raise BenchError(
-            f"{who}: {got.bad} wrong replies and {got.socket_errors} socket errors in"
-            f" {got.requests:,} requests; first: {got.sample}"
-        )
+        wrong = f"{got.bad} wrong replies and {got.socket_errors} socket errors"
+        raise BenchError(f"{who}: {wrong} in {got.requests:,} requests; first: {got.sample}")
     return got, cpu
 
 
@@ -195,20 +194,16 @@ async def post_users(ctx: Ctx) -> None:
     with progress_bar() as progress:
         progress.console.print("POST /Users with wrk …")
         await wrk_phase(ours, post_script(ours, template, "Warm"), 2)
-        post, cpu = await wrk_phase(
-            ours, post_script(ours, template, "Post"), s.post_seconds, "scimledger POST /Users"
-        )
+        script = post_script(ours, template, "Post")
+        post, cpu = await wrk_phase(ours, script, s.post_seconds, "scimledger POST /Users")
         maker = await row_maker(ctx.dsn, ours.token)
-        floor_rate, floor_lat, floor_cpu = await floor(
-            ctx.dsn, maker, s.floor_rows, Meter(None, ctx.postmaster), progress
-        )
+        floor_rate, floor_lat, floor_cpu = await floor(ctx, maker, progress)
         peer_post = None
         if peer is not None:
             progress.console.print("POST /Users on the peer with wrk …")
             template.pop("manager", None)
-            peer_post, peer_cpu = await wrk_phase(
-                peer, post_script(peer, template, "Post"), s.post_seconds, "scim2-server POST"
-            )
+            script = post_script(peer, template, "Post")
+            peer_post, peer_cpu = await wrk_phase(peer, script, s.post_seconds, "scim2-server POST")
     to_floor = post.rate / floor_rate
     to_peer = post.rate / peer_post.rate if peer_post else None
     ok = to_floor >= 0.6 and (to_peer is None or to_peer >= 3)

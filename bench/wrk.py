@@ -27,9 +27,7 @@ class WrkMissing(Exception):
 def executable() -> str:
     found = shutil.which("wrk")
     if found is None:
-        raise WrkMissing(
-            "wrk is not installed; the benchmark's load client is wrk: `apt-get install wrk`"
-        )
+        raise WrkMissing("wrk is not installed; the benchmark's load client: `apt-get install wrk`")
     return found
 
 
@@ -156,13 +154,12 @@ class WrkRun:
 
 
 def parse(output: str) -> dict[str, Any]:
-    for line in output.splitlines():
+    lines = output.splitlines()
+    for line in lines:
         if line.startswith(RESULT):
             found: dict[str, Any] = orjson.loads(line[len(RESULT) :])
-            sample = next(
-                (x[len(SAMPLE) :] for x in output.splitlines() if x.startswith(SAMPLE)), ""
-            )
-            found["sample"] = sample.strip()
+            found["sample"] = next((x[len(SAMPLE) :] for x in lines if x.startswith(SAMPLE)), "")
+            found["sample"] = found["sample"].strip()
             return found
     raise ValueError(f"wrk printed no result line:\n{output[-2000:]}")
 
