@@ -80,9 +80,8 @@ async def timed(c: Client, auth: dict[str, str], op: str, ext: bool, names: list
 async def run(rounds: int, batch: int) -> list[tuple[str, float, float]]:
     """Per operation: the median over rounds of the mean seconds per request, plain and ext."""
     with durable_postgres() as dsn, tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(
-            data_dir=Path(tmp), database_url=dsn, rate_limit=0, max_concurrent_per_token=0
-        )
+        unlimited = {"rate_limit": 0, "max_concurrent_per_token": 0}
+        settings = Settings(data_dir=Path(tmp), database_url=dsn, **unlimited)
         async with open_database(settings) as db:
             async with db.pool.acquire() as conn:
                 tokens = {t: (await create_tenant(conn, t)).token for t in ("plain", "ext")}

@@ -31,14 +31,9 @@ from service.feeds.producer import Producer
 async def _fill(db: Database, conn: asyncpg.Connection, tenant_id: uuid.UUID, n: int) -> None:
     """n UserProvisioned events, 1000 to a transaction, sealed as the service stores them."""
     for start in range(0, n, 1000):
-        events = [
-            event
-            for i in range(start, min(n, start + 1000))
-            for event in User.provision(
-                uuid.uuid4(), tenant_id, {"userName": f"u{i}@contoso.com", "displayName": "U"}
-            ).collect_events()
-        ]
-        await db.store.append(conn, tenant_id, events)
+        users = [{"userName": f"u{i}@contoso.com"} for i in range(start, min(n, start + 1000))]
+        made = [User.provision(uuid.uuid4(), tenant_id, u | {"displayName": "U"}) for u in users]
+        await db.store.append(conn, tenant_id, [e for u in made for e in u.collect_events()])
 
 
 def _cpu() -> float:

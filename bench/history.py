@@ -92,14 +92,9 @@ class TenantHistory:
         return uuid.UUID(int=self.rng.getrandbits(128), version=4)
 
     def _request(
-        self,
-        method: str,
-        path: str,
-        status: int,
-        aggregates: tuple[User | Group, ...],
-        target: str | None = None,
-        error: dict[str, Any] | None = None,
-    ) -> Request | None:
+        self, method: str, path: str, status: int, aggregates: tuple[User | Group, ...],
+        target: str | None = None, error: dict[str, Any] | None = None,
+    ) -> Request | None:  # fmt: skip
         events: list[Event] = [e for a in aggregates for e in a.collect_events()]
         self.emitted += len(events)
         if not self.recorded:
@@ -175,9 +170,8 @@ class TenantHistory:
                     other = {"type": "other", "value": f"{person.serial}@alias.{person.domain}"}
                     desired["emails"] = [*emails, other]
             elif kind < 0.88:
-                desired["phoneNumbers"] = [
-                    {"type": "work", "value": f"+1 555 {rng.randrange(10**7):07d}"}
-                ]
+                phone = {"type": "work", "value": f"+1 555 {rng.randrange(10**7):07d}"}
+                desired["phoneNumbers"] = [phone]
             else:  # disabled in Entra, or enabled again
                 desired["active"] = not desired.get("active", True)
         desired["enterprise"] = enterprise
@@ -324,10 +318,8 @@ class TenantHistory:
             return
         # Everyone in one all-staff group, and in two or three others, in batches.
         everyone, ids = self.teams[self.team_order[0]], [str(p.user.id) for p in self.people]
-        steps = [
-            partial(self.add_members, everyone, picks=set(ids[k : k + 50]))
-            for k in range(0, len(ids), 50)
-        ]
+        batch = partial(self.add_members, everyone)
+        steps = [partial(batch, picks=set(ids[k : k + 50])) for k in range(0, len(ids), 50)]
         steps += [partial(self.add_members, size=20)] * (len(ids) * 3 // 20)
         yield from self._play(steps)
         yield from self._play(self._churn())

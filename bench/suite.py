@@ -55,15 +55,10 @@ CHECKOUT = click.Path(exists=True, file_okay=False, path_type=Path)
 # The table's rows in the order they run: (name, function, over HTTP with the servers up).
 # A new row is one function taking the run's Ctx and one line here.
 ROWS: list[tuple[str, Callable[[Ctx], Awaitable[None]], bool]] = [
-    ("post", post_users, True),
-    ("lookups", lookups, True),
-    ("groups", groups, True),
-    ("cycle", cycle, True),
-    ("rebuild", rebuild, False),
-    ("audit", audit, False),
-    ("cost", cost, False),
-    ("feeds", feeds, False),
-]
+    ("post", post_users, True), ("lookups", lookups, True), ("groups", groups, True),
+    ("cycle", cycle, True), ("rebuild", rebuild, False), ("audit", audit, False),
+    ("cost", cost, False), ("feeds", feeds, False),
+]  # fmt: skip
 PARTS = ("peer", *(name for name, _, _ in ROWS))
 
 
