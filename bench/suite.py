@@ -36,8 +36,7 @@ from bench.common import (
     machine_description,
     postgres_facts,
     revision,
-    server_process,
-    tail,
+    serving,
     wait_ready,
 )
 from bench.cost import cost
@@ -64,10 +63,8 @@ PARTS = ("peer", *(name for name, _, _ in ROWS))
 
 async def over_http(ctx: Ctx, rows: list[Callable[[Ctx], Awaitable[None]]], tmp: Path) -> None:
     """The rows that talk to `scimledger serve` (and the peer), with both up meanwhile."""
-    port, peer_port, peer_token = free_port(), free_port(), uuid.uuid4().hex
-    token = create_tenant(ctx.dsn)
+    peer_port, peer_token, token = free_port(), uuid.uuid4().hex, create_tenant(ctx.dsn)
     with contextlib.ExitStack() as servers:
-        proc = servers.enter_context(server_process(ctx.dsn, port, tmp / "serve.log"))
         peer = None
         if "peer" in ctx.skip:
             ctx.notes.append("(8) the peer was skipped (--skip peer)")
@@ -76,15 +73,15 @@ async def over_http(ctx: Ctx, rows: list[Callable[[Ctx], Awaitable[None]]], tmp:
         else:
             argv = [str(PEER), "--port", str(peer_port), "--bearer-token", peer_token]
             peer = servers.enter_context(child_process(argv, tmp / "peer.log", stop_timeout=10))
-        origin = f"http://127.0.0.1:{port}"
-        meter = Meter(psutil.Process(proc.pid), ctx.postmaster)
-        ctx.ours = Server(origin, f"{origin}/scim/v2", token, proc, meter)
-        ctx.ours.profile = ctx.profile
         connector = aiohttp.TCPConnector(limit=CONCURRENCY, limit_per_host=CONCURRENCY)
         timeout = aiohttp.ClientTimeout(total=600)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        async with (
+            serving(ctx.dsn) as (origin, proc),
+            aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+        ):
+            meter = Meter(psutil.Process(proc.pid), ctx.postmaster)
+            ctx.ours = Server(origin, f"{origin}/scim/v2", token, proc, meter, ctx.profile)
             ctx.session = session
-            await wait_ready(session, f"{origin}/readyz", proc, tmp / "serve.log")
             if peer is not None:
                 origin = f"http://127.0.0.1:{peer_port}"
                 meter = Meter(psutil.Process(peer.pid), None)
@@ -95,9 +92,6 @@ async def over_http(ctx: Ctx, rows: list[Callable[[Ctx], Awaitable[None]]], tmp:
             try:
                 for row in rows:
                     await row(ctx)
-            except (aiohttp.ClientError, OSError) as e:
-                log = tail(tmp / "serve.log")
-                raise BenchError(f"{type(e).__name__}: {e}\nserver log:\n{log}") from e
             finally:
                 ctx.session = ctx.ours = ctx.peer = None
 
