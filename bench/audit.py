@@ -180,7 +180,6 @@ async def audit(ctx: Ctx) -> None:
         f"{n:,} entries", f"p95 {ms(p95[worst])} ({worst})", "", f"≤ {TARGET_MS:.0f} ms",
         verdict(p95[worst] * 1000 <= TARGET_MS)))  # fmt: skip
     ctx.notes.append(
-        f"(6) bench.audit: {len(measured)} filters, {ctx.sizes.audit_samples} samples each,"
-        " one request at a time over HTTP on one tenant's entries; its seeding: one transaction"
-        " per request (synchronous_commit=off), entries built by `projections rebuild audit`"
+        f"(6) {len(measured)} filters, {ctx.sizes.audit_samples} samples each, one request at a"
+        " time on one tenant's entries (built by `projections rebuild audit`)"
     )

@@ -41,6 +41,7 @@ CODE = ("service", "domain", "infra", "projections")  # the code a benchmark mea
 SCIM = "application/scim+json"
 ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
 PATCH_OP = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
+NAME_FORMAT = "Bench_User_%06d@Contoso.com"  # user i's userName (wrk's Lua formats it too)
 # ENTRA.md's POST /Users body, shared with the tests.
 ENTRA_USER: dict[str, Any] = json.loads((ROOT / "tests/fixtures/entra_user.json").read_text())
 
@@ -52,13 +53,9 @@ class BenchError(Exception):
     """The server answered something a correct server would not; reported, not worked around."""
 
 
-def user_name(i: int) -> str:
-    return f"Bench_User_{i:06d}@Contoso.com"
-
-
 def entra_body(i: int, name: str | None = None) -> bytes:
     """Entra's POST /Users body with a unique userName, work e-mail and externalId."""
-    name = name or user_name(i)
+    name = name or NAME_FORMAT % i
     body = {**ENTRA_USER, "externalId": str(uuid.uuid4()), "userName": name}
     body["emails"] = [{**ENTRA_USER["emails"][0], "value": name}]
     return orjson.dumps(body)

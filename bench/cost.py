@@ -265,12 +265,11 @@ async def cost(ctx: Ctx) -> None:
         f"most CPU {worst.cpu:.2f} s ({worst.shape}, {worst.status}); other tenant's p99"
         f" {p99(alone)} alone, {p99(loaded)} under the hostile load", "",
         f"≤ {TARGET_CPU:.0f} s of CPU per request", verdict(met)))  # fmt: skip
+    shapes = "; ".join(f"{m.shape}: {m.status}, {m.cpu:.3f} s" for m in measured)
     ctx.notes.append(
-        f"(9) bench.cost: each shape {samples} time(s) one at a time on an idle server, its CPU"
-        " read from /proc of the server process before and after; then the other tenant's"
-        f" GET /Users/{{id}} one at a time for {seconds:.0f} s alone and {seconds:.0f} s while"
-        f" the hostile tenant sent the shapes back to back ({sent} of them); every shape:"
-        " " + "; ".join(f"{m.shape}: {m.status}, {m.cpu:.3f} s" for m in measured)
+        f"(9) each shape {samples} time(s) on an idle server, its CPU from /proc before and after;"
+        f" the other tenant's GET /Users/{{id}} one at a time, {seconds:.0f} s alone and"
+        f" {seconds:.0f} s while the shapes were sent back to back ({sent}); each: {shapes}"
     )
 
 

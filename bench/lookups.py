@@ -10,12 +10,11 @@ import aiohttp
 import orjson
 
 from bench import wrk
-from bench.common import drain, entra_body, ms, progress_bar, send, verdict
+from bench.common import NAME_FORMAT, drain, entra_body, ms, progress_bar, send, verdict
 from bench.common import wait_for_projections as caught_up
 from bench.posts import row_maker, seed_users, wrk_phase
 from bench.table import CONCURRENCY, Ctx, Row, Server
 
-NAME_FORMAT = "Bench_User_%06d@Contoso.com"  # bench.common.user_name, for wrk's Lua
 SPARE = 200  # users in no group, for the add/remove pairs
 
 

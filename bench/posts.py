@@ -87,7 +87,7 @@ async def row_maker(dsn: str, token: str) -> RowMaker:
 
 
 async def seed_users(ctx: Ctx, maker: RowMaker, last: int, progress: Progress, keep: int) -> float:
-    """Users ctx.stored..last-1 (bench.common.user_name), straight into the store; seconds. The
+    """Users ctx.stored..last-1 (NAME_FORMAT), straight into the store; seconds. The
     ids of users below `keep` go to ctx.ids (the group members)."""
     first, ids = ctx.stored, ctx.ids
     if last <= first:
@@ -229,17 +229,15 @@ async def post_users(ctx: Ctx) -> None:
         " beforehand by the service's code, in ONE statement, durable commit"
     )
     # Where (1) stands against (7) on this machine: the CPU each one costs per user.
-    ours_ms = (cpu.server + (cpu.postgres or 0.0)) / post.requests * 1000
-    floor_pg_ms = (floor_cpu.postgres or 0.0) / s.floor_rows * 1000
+    server_ms, pg_ms = (x / post.requests * 1000 for x in (cpu.server, cpu.postgres or 0.0))
+    ours_ms, floor_pg_ms = server_ms + pg_ms, (floor_cpu.postgres or 0.0) / s.floor_rows * 1000
     floor_ms = floor_pg_ms + floor_cpu.client / s.floor_rows * 1000
     cores = os.cpu_count() or 1
     ceiling = cores / ours_ms * 1000
     ctx.notes.append(
-        f"(1, 7) CPU per user created: scimledger {ours_ms:.2f} ms (server"
-        f" {cpu.server / post.requests * 1000:.2f} ms, PostgreSQL"
-        f" {(cpu.postgres or 0.0) / post.requests * 1000:.2f} ms: its statement, the"
-        " token lookup, and the audit and activity projections' writes); the floor"
-        f" {floor_ms:.2f} ms (PostgreSQL {floor_pg_ms:.2f} ms, its client the rest)."
-        f" With all {cores} cores on it, scimledger's cost allows at most"
+        f"(1, 7) CPU per user created: scimledger {ours_ms:.2f} ms (server {server_ms:.2f} ms,"
+        f" PostgreSQL {pg_ms:.2f} ms: its statement, the token lookup, and the audit and activity"
+        f" projections' writes); the floor {floor_ms:.2f} ms (PostgreSQL {floor_pg_ms:.2f} ms, its"
+        f" client the rest). With all {cores} cores on it, scimledger's cost allows at most"
         f" {ceiling:,.0f} POST/s, {ceiling / floor_rate:.2f} x the floor measured here"
     )

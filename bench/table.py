@@ -92,7 +92,7 @@ class Ctx:
     peer: Server | None = None
     ids: dict[int, str] = field(default_factory=dict)  # user i -> its id (the group members)
     peer_ids: dict[int, str] = field(default_factory=dict)  # the same on the peer
-    stored: int = 0  # users seeded so far (bench.common.user_name(i) for i below)
+    stored: int = 0  # users seeded so far (NAME_FORMAT % i for i below)
 
     @property
     def no_peer(self) -> str:
