@@ -127,12 +127,8 @@ async def floor(ctx: Ctx, maker: RowMaker, progress: Progress) -> tuple[float, l
     rows = [maker.make(entra_body(10_000_000 + i))[1] for i in range(n)]
 
     async def jsonb(conn: asyncpg.Connection) -> None:
-        await conn.set_type_codec(
-            "jsonb",
-            encoder=lambda v: orjson.dumps(v).decode(),
-            decoder=orjson.loads,
-            schema="pg_catalog",
-        )
+        codec = {"encoder": lambda v: orjson.dumps(v).decode(), "decoder": orjson.loads}
+        await conn.set_type_codec("jsonb", schema="pg_catalog", **codec)
 
     pool = await asyncpg.create_pool(
         ctx.dsn, min_size=CONCURRENCY, max_size=CONCURRENCY, init=jsonb
