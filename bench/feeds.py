@@ -16,7 +16,7 @@ import asyncpg
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from bench.common import drain, make_database, median, verdict
+from bench.common import client_cpu, drain, make_database, median, verdict
 from bench.table import Ctx, Row
 from domain.user import User
 from infra.config import Settings
@@ -38,9 +38,8 @@ async def _fill(db: Database, conn: asyncpg.Connection, tenant_id: uuid.UUID, n:
 
 def _cpu() -> float:
     """CPU seconds of this process and of its finished children (the producer's workers)."""
-    me = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+    return client_cpu() + children.ru_utime + children.ru_stime
 
 
 async def _stream(

@@ -28,6 +28,7 @@ from bench.common import (
     CHILD,
     SCIMLEDGER,
     BenchError,
+    Cpu,
     connected,
     durable_postgres,
     machine_busy,
@@ -183,11 +184,7 @@ async def rebuild(ctx: Ctx) -> None:
             progress.update(task, total=1, completed=1, rate=f"{run.events / run.seconds:,.0f}/s")
             if dry_run and run.drift:
                 raise BenchError(f"a dry run right after a rebuild found drift:\n{run.output}")
-    rate = run.events / run.seconds
-
-    def cores(cpu: float | None) -> str:
-        return "n/a" if cpu is None else f"{cpu / run.seconds:.2f}"
-
+    rate, cores = run.events / run.seconds, Cpu(seconds=run.seconds).cores
     ctx.add(Row("5", "projection rebuild, every projection (bench.rebuild, views current)",
         f"{n:,} events",
         f"{rate:,.0f} events/s; peak RSS {run.peak_rss / 2**20:,.0f} MB; {run.seconds:.1f} s",
