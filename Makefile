@@ -80,8 +80,8 @@ bench-audit: $(BENCH_STAMP) system-packages
 bench-rebuild: $(BENCH_STAMP) system-packages
 	$(BIN)/python -m bench.suite --only rebuild
 
-bench-feeds: $(STAMP)
-	$(BIN)/python -m bench.feeds
+bench-feeds: $(BENCH_STAMP) system-packages
+	$(BIN)/python -m bench.suite --only feeds
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

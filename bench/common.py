@@ -18,27 +18,22 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
 import orjson
 import psutil
+import yarl
+from rich import progress as rp
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from infra.embedded import EmbeddedPostgres
+from infra.migrations import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
 SCIMLEDGER = ROOT / ".venv" / "bin" / "scimledger"
@@ -46,31 +41,53 @@ CODE = ("service", "domain", "infra", "projections")  # the code a benchmark mea
 SCIM = "application/scim+json"
 ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
 PATCH_OP = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
+NAME_FORMAT = "Bench_User_%06d@Contoso.com"  # user i's userName (wrk's Lua formats it too)
 # ENTRA.md's POST /Users body, shared with the tests.
 ENTRA_USER: dict[str, Any] = json.loads((ROOT / "tests/fixtures/entra_user.json").read_text())
 
 err = Console(stderr=True)
+T = TypeVar("T")
 
 
 class BenchError(Exception):
     """The server answered something a correct server would not; reported, not worked around."""
 
 
-def user_name(i: int) -> str:
-    return f"Bench_User_{i:06d}@Contoso.com"
-
-
 def entra_body(i: int, name: str | None = None) -> bytes:
     """Entra's POST /Users body with a unique userName, work e-mail and externalId."""
-    name = name or user_name(i)
+    name = name or NAME_FORMAT % i
     body = {**ENTRA_USER, "externalId": str(uuid.uuid4()), "userName": name}
     body["emails"] = [{**ENTRA_USER["emails"][0], "value": name}]
     return orjson.dumps(body)
 
 
-# --- figures ----------------------------------------------------------------------------------
+async def send(
+    session: aiohttp.ClientSession, method: str, url: str, token: str, body: bytes | None = None,
+    expect: tuple[int, ...] = (200,),
+) -> bytes:  # fmt: skip
+    """One SCIM request to `url` (already encoded); the reply's body, or BenchError."""
+    headers = {"Authorization": f"Bearer {token}", "Accept": SCIM}
+    headers |= {} if body is None else {"Content-Type": SCIM}
+    encoded = yarl.URL(url, encoded=True)
+    async with session.request(method, encoded, data=body, headers=headers) as r:
+        raw = await r.read()
+        if r.status not in expect:
+            raise BenchError(f"{method} {url} -> {r.status}: {raw[:300]!r}")
+    return raw
 
 
+async def drain(items: Iterable[T], one: Callable[[T], Awaitable[object]], workers: int) -> None:
+    """`one(item)` for each item, `workers` at a time."""
+    todo = iter(items)
+
+    async def worker() -> None:
+        for item in todo:
+            await one(item)
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+
+
+# --- figures
 median = statistics.median
 
 
@@ -96,22 +113,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def progress_bar() -> Progress:
-    return Progress(
-        TextColumn("{task.description:<36}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:>12}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=err,
-    )
+def progress_bar() -> rp.Progress:
+    columns = (rp.TextColumn("{task.description:<36}"), rp.BarColumn(), rp.MofNCompleteColumn())
+    columns += (rp.TextColumn("{task.fields[rate]:>12}"), rp.TimeElapsedColumn())
+    return rp.Progress(*columns, rp.TextColumn("ETA"), rp.TimeRemainingColumn(), console=err)
 
 
-# --- CPU accounting ---------------------------------------------------------------------------
-
-
+# --- CPU accounting
 def machine_busy() -> float:
     """CPU seconds that processes on this machine spent, all cores (interrupts not included)."""
     t = psutil.cpu_times()
@@ -154,13 +162,10 @@ class Cpu:
 
     def __add__(self, o: Cpu, sign: int = 1) -> Cpu:
         pg = None if self.postgres is None or o.postgres is None else o.postgres
-        return Cpu(
-            self.seconds + sign * o.seconds,
-            self.client + sign * o.client,
-            self.server + sign * o.server,
-            None if pg is None else (self.postgres or 0.0) + sign * pg,
-            self.machine + sign * o.machine,
-        )
+        postgres = None if pg is None else (self.postgres or 0.0) + sign * pg
+        seconds, client = self.seconds + sign * o.seconds, self.client + sign * o.client
+        server, machine = self.server + sign * o.server, self.machine + sign * o.machine
+        return Cpu(seconds, client, server, postgres, machine)
 
     def __sub__(self, o: Cpu) -> Cpu:
         return self.__add__(o, -1)
@@ -179,8 +184,7 @@ class Meter:
     """Reads CPU of this process (plus wrk, added by hand), a server, and PostgreSQL."""
 
     def __init__(self, server: psutil.Process | None, postgres: psutil.Process | None) -> None:
-        self.server = server
-        self.postgres = postgres
+        self.server, self.postgres = server, postgres
 
     def read(self) -> Cpu:
         """The counters now (seconds: the clock); subtract two readings for a phase."""
@@ -193,7 +197,14 @@ class Meter:
         return self.read() - before + Cpu(client=extra)
 
 
-# --- PostgreSQL -------------------------------------------------------------------------------
+# --- PostgreSQL
+@contextlib.asynccontextmanager
+async def connected(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        yield conn
+    finally:
+        await conn.close()
 
 
 @contextlib.contextmanager
@@ -215,35 +226,32 @@ async def postgres_facts(dsn: str) -> tuple[psutil.Process | None, str]:
     """The postmaster, if the server runs on this machine (a remote DATABASE_URL gets no CPU
     column), and the server's version."""
     postmaster: psutil.Process | None = None
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         version = str(await conn.fetchval("SHOW server_version"))
         backend = await conn.fetchval("SELECT pg_backend_pid()")
         with contextlib.suppress(psutil.Error):
             parent = psutil.Process(backend).parent()
             if parent is not None and parent.name() == "postgres":
                 postmaster = parent
-    finally:
-        await conn.close()
     return postmaster, version
 
 
-async def make_database(dsn: str, name: str) -> str:
-    """A fresh database `name` in the same server; its DSN."""
-    conn = await asyncpg.connect(dsn)
-    try:
+async def make_database(dsn: str, name: str, *, migrated: bool = False) -> str:
+    """A fresh database `name` in the same server (its schema made if `migrated`); its DSN."""
+    async with connected(dsn) as conn:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
         await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
+    target = urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
+    if migrated:
+        async with connected(target) as conn:
+            await migrate(conn)
+    return target
 
 
 async def wait_for_projections(dsn: str, limit: float) -> float:
     """Until the asynchronous projections reached the head of the store; seconds."""
     started = time.perf_counter()
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         while True:
             head = await conn.fetchrow(
                 "SELECT transaction_id, notification_id FROM stored_events"
@@ -258,29 +266,25 @@ async def wait_for_projections(dsn: str, limit: float) -> float:
             if time.perf_counter() - started > limit:
                 raise BenchError(f"the asynchronous projections did not catch up in {limit} s")
             await asyncio.sleep(0.5)
-    finally:
-        await conn.close()
 
 
-# --- processes --------------------------------------------------------------------------------
-
-
+# --- processes
 def die_with_parent() -> None:
     """In the child: SIGTERM if this benchmark dies without cleaning up (Linux only)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+CHILD: dict[str, Any] = {  # how the benchmark starts its processes
+    "stdin": subprocess.DEVNULL,
+    "preexec_fn": die_with_parent if sys.platform == "linux" else None,
+}
+
+
 def cli(*args: str, timeout: float = 600) -> str:
     """`scimledger ARGS`; its stdout."""
-    done = subprocess.run(
-        [str(SCIMLEDGER), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        preexec_fn=die_with_parent if sys.platform == "linux" else None,
-    )
+    argv = [str(SCIMLEDGER), *args]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **CHILD)
     if done.returncode != 0:
         raise BenchError(f"scimledger {' '.join(args[:2])} failed: {done.stderr.strip()}")
     return done.stdout
@@ -301,13 +305,7 @@ def child_process(
     `log`; SIGTERM on the way out, SIGKILL if it ignores that for `stop_timeout` seconds."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            argv,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=die_with_parent if sys.platform == "linux" else None,
+            argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **CHILD
         )
         try:
             yield proc
@@ -327,17 +325,12 @@ def server_process(
 ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
     """`scimledger serve`, one process (the CPU sampled from its pid is one server's);
     BENCH_WORKERS=N runs `serve --workers N` (CPU then counts the parent only)."""
-    return child_process(
-        [
-            *(str(SCIMLEDGER), "serve", "--workers", os.environ.get("BENCH_WORKERS", "1")),
-            *("--port", str(port), "--database-url", dsn),
-        ],
-        log,
-        # One token drives the whole load: the per-token rate limit and cap on requests in
-        # flight (16 connections > its default 10) would measure themselves.
-        env={**os.environ, "SCIMLEDGER_RATE_LIMIT": "0"}
-        | {"SCIMLEDGER_MAX_CONCURRENT_PER_TOKEN": "0"},
-    )
+    argv = [str(SCIMLEDGER), "serve", "--workers", os.environ.get("BENCH_WORKERS", "1")]
+    argv += ["--port", str(port), "--database-url", dsn]
+    # One token drives the whole load: the per-token rate limit and cap on requests in flight
+    # (16 connections > its default 10) would measure themselves.
+    unlimited = {"SCIMLEDGER_RATE_LIMIT": "0", "SCIMLEDGER_MAX_CONCURRENT_PER_TOKEN": "0"}
+    return child_process(argv, log, env={**os.environ, **unlimited})
 
 
 def py_spy(pid: int, folded: Path, seconds: float) -> subprocess.Popen[bytes]:
@@ -361,12 +354,9 @@ def tail(path: Path, lines: int = 20) -> str:
 
 
 async def wait_ready(
-    session: aiohttp.ClientSession,
-    url: str,
-    proc: subprocess.Popen[bytes],
-    log: Path,
+    session: aiohttp.ClientSession, url: str, proc: subprocess.Popen[bytes], log: Path,
     headers: dict[str, str] | None = None,
-) -> None:
+) -> None:  # fmt: skip
     """Until GET `url` answers 200 (e.g. `/readyz`), or the process exits."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -380,19 +370,33 @@ async def wait_ready(
     raise BenchError(f"{url} not ready after 120 s:\n{tail(log)}")
 
 
-# --- the machine ------------------------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def serving(dsn: str) -> AsyncIterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`scimledger serve` on `dsn`, ready: its origin and process. A failed connection to it
+    is reported with the end of its log."""
+    origin = f"http://127.0.0.1:{(port := free_port())}"
+    with tempfile.TemporaryDirectory(prefix="scimledger-bench-") as tmp:
+        log = Path(tmp) / "serve.log"
+        with server_process(dsn, port, log) as proc:
+            try:
+                async with aiohttp.ClientSession() as session:
+                    await wait_ready(session, f"{origin}/readyz", proc, log)
+                yield origin, proc
+            except (aiohttp.ClientError, OSError) as e:
+                raise BenchError(f"{type(e).__name__}: {e}\nserver log:\n{tail(log)}") from e
 
 
+# --- the machine
 def revision() -> str:
     """The commit the measured code came from, and whether it had uncommitted changes."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
     try:
-        git = ["git", "-C", str(ROOT)]
-        head = subprocess.run(
-            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            [*git, "status", "--porcelain", "--", *CODE], capture_output=True, text=True, check=True
-        ).stdout.strip()
+        head, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--", *CODE)
     except (OSError, subprocess.CalledProcessError):
         return "commit unknown"
     return f"commit {head}" + (" + uncommitted changes" if dirty else "")

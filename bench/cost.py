@@ -1,24 +1,15 @@
-"""Row (9): what one hostile request costs: the worst bodies up to 2 MiB, and another tenant
-meanwhile.
-
-A `scimledger serve` of its own on a database of its own, two tenants. For each shape (many
-values, long strings, deep nesting, many PATCH operations on one multi-valued attribute, many
-members), one request at a time: the server process's CPU seconds for it, read from /proc
-(psutil) before and after, and its wall time; the most of the tries. Then the other tenant's
-GET /Users/{id}, one at a time: its p99 alone, and again while the hostile tenant sends the
-shapes back to back. Target: every shape within 1 s of server CPU.
-"""
+"""Row (9): what one hostile request costs: each body shape up to 2 MiB, one at a time, its
+server CPU (from /proc, before and after); another tenant's GET p99 alone and meanwhile."""
 
 from __future__ import annotations
 
 import asyncio
 import sys
-import tempfile
 import time
 import uuid
+from asyncio.subprocess import PIPE
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import aiohttp
 import orjson
@@ -29,13 +20,11 @@ from bench.common import (
     ROOT,
     create_tenant,
     err,
-    free_port,
     make_database,
     percentile,
-    process_cpu,
-    server_process,
+    serving,
+    tree_cpu,
     verdict,
-    wait_ready,
 )
 from bench.table import Ctx, Row
 
@@ -93,149 +82,59 @@ def _members(t: Targets, n: int) -> list[object]:
     return [{"value": t.members[j % 3]} for j in range(n)]
 
 
+def _op(op: str, path: str, value: object = None) -> dict[str, object]:
+    return {"op": op, "path": path} | ({} if value is None else {"value": value})
+
+
+def _group(members: list[object]) -> bytes:
+    return orjson.dumps({"displayName": _unique("g"), "members": members})
+
+
+def _emails(n: int, value: Callable[[int], str]) -> list[object]:
+    return [{"value": value(i)} for i in range(n)]
+
+
+def _or_terms(i: int) -> str:
+    return "emails[" + " or ".join(f'value eq "{i}-{j}"' for j in range(40)) + "].display"
+
+
 USERS, FULL = (lambda t: "/Users"), (lambda t: f"/Users/{t.full_user}")
 GROUPS, GROUP = (lambda t: "/Groups"), (lambda t: f"/Groups/{t.group}")
+R = range(1000)
 SHAPES: list[Shape] = [
-    Shape(
-        "POST /Users, 20,000 distinct emails (the issue's case)",
-        "POST",
-        USERS,
-        lambda t: _user(_unique("e20k"), emails=[{"value": f"{i}@x.io"} for i in range(20_000)]),
-    ),
-    Shape(
-        "POST /Users, distinct emails filling 2 MiB",
-        "POST",
-        USERS,
-        lambda t: _user(_unique("e2m"), emails=_fill(_email, 49)),
-    ),
-    Shape(
-        "POST /Users, 1000 emails (the cap) of 2 KB each",
-        "POST",
-        USERS,
-        lambda t: _user(
-            _unique("cap"), emails=[{"value": f"{i}-" + "a" * 2000} for i in range(1000)]
-        ),
-    ),
-    Shape(
-        "POST /Users, one string of 2 MiB",
-        "POST",
-        USERS,
-        lambda t: _user(_unique("long"), displayName="x" * LIMIT),
-    ),
-    Shape(
-        "POST /Users, 2 MiB of lists nested 1000 deep",
-        "POST",
-        USERS,
-        lambda t: _user(_unique("deep"))[:-1] + b',"roles":' + _nested(1000) + b"}",
-    ),
-    Shape(
-        "POST /Users, 2 MiB of one-character member names",
-        "POST",
-        USERS,
-        lambda t: _user(_unique("keys"), name={f"k{i}": "v" for i in range(LIMIT // 16)}),
-    ),
-    Shape(
-        "PATCH /Users, 1000 filtered operations on a user of 1000 emails",
-        "PATCH",
-        FULL,
-        lambda t: _patch(
-            [
-                {
-                    "op": "replace",
-                    "path": f'emails[value eq "user{i:06d}@contoso.com"].display',
-                    "value": f"d{uuid.uuid4().hex[:6]}",
-                }
-                for i in range(1000)
-            ]
-        ),
-    ),
-    Shape(
-        "PATCH /Users, Entra-style remove listing 1000 values, on 1000 emails",
-        "PATCH",
-        FULL,
-        lambda t: _patch(
-            [
-                {
-                    "op": "remove",
-                    "path": "emails",
-                    "value": [
-                        {"value": f"USER{i:06d}@contoso.com", "type": "x"} for i in range(1000)
-                    ],
-                }
-            ]
-        ),
-    ),
-    Shape(
-        "PATCH /Users, 1000 operations adding emails, 2 MiB",
-        "PATCH",
-        FULL,
-        lambda t: _patch(
-            [
-                {
-                    "op": "add",
-                    "path": "emails",
-                    "value": [_email(1000 + i * 40 + j) for j in range(40)],
-                }
-                for i in range(1000)
-            ]
-        ),
-    ),
-    Shape(
-        "PATCH /Users, 1000 removes with 1 KB value filters (40 terms), on 1000 emails",
-        "PATCH",
-        FULL,
-        lambda t: _patch(
-            [
-                {
-                    "op": "remove",
-                    "path": "emails["
-                    + " or ".join(f'value eq "{i}-{j}"' for j in range(40))
-                    + "].display",
-                }
-                for i in range(1000)
-            ]
-        ),
-    ),
-    Shape(
-        "POST /Groups, 10,000 members (the cap; 3 users, repeated)",
-        "POST",
-        GROUPS,
-        lambda t: orjson.dumps({"displayName": _unique("g"), "members": _members(t, 10_000)}),
-    ),
-    Shape(
-        "POST /Groups, 2 MiB of members (3 users, repeated)",
-        "POST",
-        GROUPS,
-        lambda t: orjson.dumps(
-            {
-                "displayName": _unique("g"),
-                "members": _fill(lambda i: {"value": t.members[i % 3]}, 50),
-            }
-        ),
-    ),
-    Shape(
-        "POST /Groups, 2 MiB of members (distinct ids, none exists)",
-        "POST",
-        GROUPS,
-        lambda t: orjson.dumps(
-            {
-                "displayName": _unique("g"),
-                "members": _fill(lambda i: {"value": str(uuid.uuid4())}, 50),
-            }
-        ),
-    ),
-    Shape(
-        "PATCH /Groups, 1000 operations of 40 members (2 MiB)",
-        "PATCH",
-        GROUP,
-        lambda t: _patch(
-            [
-                {"op": "add" if i % 2 else "remove", "path": "members", "value": _members(t, 40)}
-                for i in range(1000)
-            ]
-        ),
-    ),
-]
+    Shape("POST /Users, 20,000 distinct emails (the issue's case)", "POST", USERS,
+          lambda t: _user(_unique("e20k"), emails=_emails(20_000, lambda i: f"{i}@x.io"))),
+    Shape("POST /Users, distinct emails filling 2 MiB", "POST", USERS,
+          lambda t: _user(_unique("e2m"), emails=_fill(_email, 49))),
+    Shape("POST /Users, 1000 emails (the cap) of 2 KB each", "POST", USERS,
+          lambda t: _user(_unique("cap"), emails=_emails(1000, lambda i: f"{i}-" + "a" * 2000))),
+    Shape("POST /Users, one string of 2 MiB", "POST", USERS,
+          lambda t: _user(_unique("long"), displayName="x" * LIMIT)),
+    Shape("POST /Users, 2 MiB of lists nested 1000 deep", "POST", USERS,
+          lambda t: _user(_unique("deep"))[:-1] + b',"roles":' + _nested(1000) + b"}"),
+    Shape("POST /Users, 2 MiB of one-character member names", "POST", USERS,
+          lambda t: _user(_unique("keys"), name={f"k{i}": "v" for i in range(LIMIT // 16)})),
+    Shape("PATCH /Users, 1000 filtered operations on a user of 1000 emails", "PATCH", FULL,
+          lambda t: _patch([_op("replace", f'emails[value eq "user{i:06d}@contoso.com"].display',
+                                f"d{uuid.uuid4().hex[:6]}") for i in R])),
+    Shape("PATCH /Users, Entra-style remove listing 1000 values, on 1000 emails", "PATCH", FULL,
+          lambda t: _patch([_op("remove", "emails", [
+              {"value": f"USER{i:06d}@contoso.com", "type": "x"} for i in R])])),
+    Shape("PATCH /Users, 1000 operations adding emails, 2 MiB", "PATCH", FULL,
+          lambda t: _patch([_op("add", "emails", [_email(1000 + i * 40 + j) for j in range(40)])
+                            for i in R])),
+    Shape("PATCH /Users, 1000 removes with 1 KB value filters (40 terms), on 1000 emails",
+          "PATCH", FULL, lambda t: _patch([_op("remove", _or_terms(i)) for i in R])),
+    Shape("POST /Groups, 10,000 members (the cap; 3 users, repeated)", "POST", GROUPS,
+          lambda t: _group(_members(t, 10_000))),
+    Shape("POST /Groups, 2 MiB of members (3 users, repeated)", "POST", GROUPS,
+          lambda t: _group(_fill(lambda i: {"value": t.members[i % 3]}, 50))),
+    Shape("POST /Groups, 2 MiB of members (distinct ids, none exists)", "POST", GROUPS,
+          lambda t: _group(_fill(lambda i: {"value": str(uuid.uuid4())}, 50))),
+    Shape("PATCH /Groups, 1000 operations of 40 members (2 MiB)", "PATCH", GROUP,
+          lambda t: _patch([_op("add" if i % 2 else "remove", "members", _members(t, 40))
+                            for i in R])),
+]  # fmt: skip
 
 
 @dataclass
@@ -261,9 +160,8 @@ class Client:
 
 async def _targets(hostile: Client) -> Targets:
     t = Targets()
-    status, raw = await hostile.send(
-        "POST", "/Users", _user("full@contoso.com", emails=[_email(i) for i in range(1000)])
-    )
+    full = _user("full@contoso.com", emails=[_email(i) for i in range(1000)])
+    status, raw = await hostile.send("POST", "/Users", full)
     if status != 201:
         raise RuntimeError(f"seeding the user of 1000 emails: {status} {raw[:200]!r}")
     t.full_user = orjson.loads(raw)["id"]
@@ -275,31 +173,20 @@ async def _targets(hostile: Client) -> Targets:
     return t
 
 
-def _serving_cpu(server: psutil.Process) -> float:
-    """The server's CPU and its bulk process's (service/bulk.py), which serves large bodies."""
-    total = process_cpu(server)
-    for child in server.children():
-        try:
-            total += process_cpu(child)
-        except psutil.Error:
-            continue
-    return total
-
-
 async def _one(hostile: Client, shape: Shape, t: Targets, server: psutil.Process) -> Measured:
     body = shape.body(t)
-    cpu_before, started = _serving_cpu(server), time.perf_counter()
+    # The server's CPU and its bulk process's (service/bulk.py), which serves large bodies.
+    cpu_before, started = tree_cpu(server), time.perf_counter()
     try:
-        status, raw = await asyncio.wait_for(
-            hostile.send(shape.method, shape.path(t), body), TIMEOUT
-        )
+        request = hostile.send(shape.method, shape.path(t), body)
+        status, raw = await asyncio.wait_for(request, TIMEOUT)
         shown = str(status)
         if status >= 400:
             shown += " " + str(orjson.loads(raw).get("scimType") or "")
     except (TimeoutError, aiohttp.ClientError):
         shown = "no answer"
     wall = time.perf_counter() - started
-    return Measured(shape.name, len(body), shown.strip(), _serving_cpu(server) - cpu_before, wall)
+    return Measured(shape.name, len(body), shown.strip(), tree_cpu(server) - cpu_before, wall)
 
 
 async def _gets(origin: str, token: str, user: str, seconds: float) -> list[float]:
@@ -319,14 +206,8 @@ async def _gets(origin: str, token: str, user: str, seconds: float) -> list[floa
 async def _victim(origin: str, token: str, user: str, seconds: float) -> list[float]:
     """The other tenant's GETs, timed in a process of their own: building 2 MiB bodies here
     would stall this event loop and count as the server's latency."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bench.cost",
-        orjson.dumps([origin, token, user, seconds]).decode(),
-        stdout=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-    )
+    argv = ["-m", "bench.cost", orjson.dumps([origin, token, user, seconds]).decode()]
+    proc = await asyncio.create_subprocess_exec(sys.executable, *argv, stdout=PIPE, cwd=ROOT)
     out, _ = await proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"the other tenant's GETs failed ({proc.returncode})")
@@ -342,71 +223,53 @@ async def cost(ctx: Ctx) -> None:
     """(9) the costliest bodies' server CPU; the other tenant's GET p99 alone and meanwhile."""
     dsn = await make_database(ctx.dsn, "bench_cost")
     samples, seconds = ctx.sizes.cost
-    port = free_port()
-    origin = f"http://127.0.0.1:{port}"
     token, victim_token = create_tenant(dsn), create_tenant(dsn)
-    with tempfile.TemporaryDirectory(prefix="scimledger-bench-cost-") as tmp:
-        log = Path(tmp) / "serve.log"
-        with server_process(dsn, port, log) as proc:
-            server = psutil.Process(proc.pid)
-            timeout = aiohttp.ClientTimeout(total=TIMEOUT + 60)
-            async with aiohttp.ClientSession(timeout=timeout) as hs:
-                await wait_ready(hs, f"{origin}/readyz", proc, log)
-                hostile = Client(hs, f"{origin}/scim/v2", token)
-                t = await _targets(hostile)
-                victim = Client(hs, f"{origin}/scim/v2", victim_token)
-                _, raw = await victim.send("POST", "/Users", _user("victim@contoso.com"))
-                victim_user = orjson.loads(raw)["id"]
-                measured = []
-                for shape in SHAPES:
-                    tries = [await _one(hostile, shape, t, server) for _ in range(samples)]
-                    worst = max(tries, key=lambda m: m.cpu)
-                    err.print(
-                        f"{shape.name}: {worst.status}, {worst.size / 1024:,.0f} KiB,"
-                        f" server CPU {worst.cpu:.3f} s, wall {worst.wall:.3f} s"
-                    )
-                    measured.append(worst)
-                alone = await _victim(origin, victim_token, victim_user, seconds)
-                sent = 0
-                stop = asyncio.Event()
+    async with serving(dsn) as (origin, proc):
+        server = psutil.Process(proc.pid)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT + 60)) as hs:
+            hostile = Client(hs, f"{origin}/scim/v2", token)
+            t = await _targets(hostile)
+            victim = Client(hs, f"{origin}/scim/v2", victim_token)
+            _, raw = await victim.send("POST", "/Users", _user("victim@contoso.com"))
+            victim_user = orjson.loads(raw)["id"]
+            measured = []
+            for shape in SHAPES:
+                tries = [await _one(hostile, shape, t, server) for _ in range(samples)]
+                worst = max(tries, key=lambda m: m.cpu)
+                took = f"server CPU {worst.cpu:.3f} s, wall {worst.wall:.3f} s"
+                err.print(f"{shape.name}: {worst.status}, {worst.size / 1024:,.0f} KiB, {took}")
+                measured.append(worst)
+            alone = await _victim(origin, victim_token, victim_user, seconds)
+            sent = 0
+            stop = asyncio.Event()
 
-                async def hostile_load() -> None:
-                    nonlocal sent
-                    while not stop.is_set():
-                        for shape in SHAPES:
-                            if stop.is_set():
-                                return
-                            await _one(hostile, shape, t, server)
-                            sent += 1
+            async def hostile_load() -> None:
+                nonlocal sent
+                while not stop.is_set():
+                    for shape in SHAPES:
+                        if stop.is_set():
+                            return
+                        await _one(hostile, shape, t, server)
+                        sent += 1
 
-                load = asyncio.create_task(hostile_load())
-                try:
-                    loaded = await _victim(origin, victim_token, victim_user, seconds)
-                finally:
-                    stop.set()
-                    await load
+            load = asyncio.create_task(hostile_load())
+            try:
+                loaded = await _victim(origin, victim_token, victim_user, seconds)
+            finally:
+                stop.set()
+                await load
     worst = max(measured, key=lambda m: m.cpu)
     met = all(m.cpu <= TARGET_CPU and m.status != "no answer" for m in measured)
-    ctx.add(
-        Row(
-            "9",
-            "the costliest request bodies (bench.cost): server CPU for one request; another"
-            " tenant's GET p99 meanwhile",
-            f"{len(measured)} shapes up to 2 MiB",
-            f"most CPU {worst.cpu:.2f} s ({worst.shape}, {worst.status});"
-            f" other tenant's p99 {p99(alone)} alone, {p99(loaded)} under the hostile load",
-            "",
-            f"≤ {TARGET_CPU:.0f} s of CPU per request",
-            verdict(met),
-            "",
-        )
-    )
+    ctx.add(Row("9", "the costliest request bodies (bench.cost): server CPU for one request;"
+        " another tenant's GET p99 meanwhile", f"{len(measured)} shapes up to 2 MiB",
+        f"most CPU {worst.cpu:.2f} s ({worst.shape}, {worst.status}); other tenant's p99"
+        f" {p99(alone)} alone, {p99(loaded)} under the hostile load", "",
+        f"≤ {TARGET_CPU:.0f} s of CPU per request", verdict(met)))  # fmt: skip
+    shapes = "; ".join(f"{m.shape}: {m.status}, {m.cpu:.3f} s" for m in measured)
     ctx.notes.append(
-        f"(9) bench.cost: each shape {samples} time(s) one at a time on an idle server, its CPU"
-        " read from /proc of the server process before and after; then the other tenant's"
-        f" GET /Users/{{id}} one at a time for {seconds:.0f} s alone and {seconds:.0f} s while"
-        f" the hostile tenant sent the shapes back to back ({sent} of them); every shape:"
-        " " + "; ".join(f"{m.shape}: {m.status}, {m.cpu:.3f} s" for m in measured)
+        f"(9) each shape {samples} time(s) on an idle server, its CPU from /proc before and after;"
+        f" the other tenant's GET /Users/{{id}} one at a time, {seconds:.0f} s alone and"
+        f" {seconds:.0f} s while the shapes were sent back to back ({sent}); each: {shapes}"
     )
 
 

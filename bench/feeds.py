@@ -1,17 +1,8 @@
-"""SCIM event feeds: catch-up speed and the cost of streams to SCIM writes.
-
-    .venv/bin/python -m bench.feeds [--events N] [--requests R] [--rounds K]
-
-1. Catch-up: N UserProvisioned events in the store, a poll stream created from the start;
-   the producer turns them into signed (ES256) SETs. SETs/s = N / time to catch up.
-2. POST /Users per second at concurrency 16 through the real app, with two active streams (one
-   poll, drained by a polling client; one push to a local receiver answering 202) and with
-   them paused (none). Rounds alternate so that noise hits both sides; medians and the ratio.
-"""
+"""Row (10), SCIM event feeds: a poll stream's catch-up from the start (signed SETs/s), and
+POST /Users per second with two active streams (poll + push) against none, rounds alternating."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import multiprocessing
 import os
@@ -24,70 +15,52 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from rich.console import Console
-from rich.table import Table
 
-from bench.common import durable_postgres, machine, make_database, median, verdict
+from bench.common import client_cpu, drain, make_database, median, verdict
 from bench.table import Ctx, Row
 from domain.user import User
 from infra.config import Settings
 from infra.database import Database, create_pool
 from infra.eventstore import EventStore
-from infra.migrations import migrate
 from infra.tenants import create_tenant
 from service.app import create_app
 from service.feeds import streams
 from service.feeds.producer import Producer
 
 
-async def _fill(db: Database, tenant_id: uuid.UUID, n: int) -> None:
+async def _fill(db: Database, conn: asyncpg.Connection, tenant_id: uuid.UUID, n: int) -> None:
+    """n UserProvisioned events, 1000 to a transaction, sealed as the service stores them."""
     for start in range(0, n, 1000):
-        count = min(1000, n - start)
-        ids = [uuid.uuid4() for _ in range(count)]
-        stored = [
-            db.store.mapper.to_stored_event(event)
-            for i, uid in enumerate(ids)
-            for event in User.provision(
-                uid, tenant_id, {"userName": f"u{start + i}@contoso.com", "displayName": "U"}
-            ).collect_events()
-        ]
-        await db.pool.execute(
-            "INSERT INTO stored_events (originator_id, originator_version, topic, state,"
-            " tenant_id) SELECT unnest($1::uuid[]), 1, $2, unnest($3::bytea[]), $4",
-            ids,
-            stored[0].topic,
-            [e.state for e in stored],
-            tenant_id,
-        )
+        users = [{"userName": f"u{i}@contoso.com"} for i in range(start, min(n, start + 1000))]
+        made = [User.provision(uuid.uuid4(), tenant_id, u | {"displayName": "U"}) for u in users]
+        await db.store.append(conn, tenant_id, [e for u in made for e in u.collect_events()])
 
 
 def _cpu() -> float:
     """CPU seconds of this process and of its finished children (the producer's workers)."""
-    me = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+    return client_cpu() + children.ru_utime + children.ru_stime
 
 
-CPU_PER_SET: list[float] = []  # CPU seconds per SET of the last catch-up (process + workers)
+async def _stream(
+    conn: asyncpg.Connection, tenant: str, name: str, endpoint: str | None, from_start: bool = False
+) -> dict[str, Any]:
+    events = streams.parse_events(None)
+    return await streams.create(
+        conn, tenant=tenant, name=name, endpoint=endpoint, events=events, full=False,
+        scope_group=None, from_start=from_start,
+    )  # fmt: skip
 
 
-async def catch_up(dsn: str, n: int) -> tuple[float, int]:
+async def catch_up(dsn: str, n: int) -> tuple[float, int, float]:
+    """SETs/s, SETs made, and CPU seconds per SET (this process and the producer's workers)."""
     pool = await create_pool(dsn, min_size=1, max_size=4)
     db = Database(dsn=dsn, pool=pool, store=EventStore(pool), embedded=None)
     try:
         async with pool.acquire() as conn:
             issued = await create_tenant(conn, f"catchup-{uuid.uuid4().hex[:6]}")
-            await _fill(db, issued.tenant_id, n)
-            created = await streams.create(
-                conn,
-                tenant=issued.tenant,
-                name="replay",
-                endpoint=None,
-                events=streams.parse_events(None),
-                full=False,
-                scope_group=None,
-                from_start=True,
-            )
+            await _fill(db, conn, issued.tenant_id, n)
+            created = await _stream(conn, issued.tenant, "replay", None, from_start=True)
         stream_id = uuid.UUID(created["id"])
         producer = Producer(db, lambda: "http://127.0.0.1:8000/scim/v2")
         cpu = _cpu()
@@ -98,29 +71,27 @@ async def catch_up(dsn: str, n: int) -> tuple[float, int]:
                     # the outbox is full: a consumer acknowledges (drop what is pending)
                     await conn.execute("DELETE FROM feed_sets WHERE stream_id = $1", stream_id)
         elapsed = time.perf_counter() - started
-        CPU_PER_SET.append((_cpu() - cpu) / max(producer.produced, 1))
-        return n / elapsed, producer.produced
+        return n / elapsed, producer.produced, (_cpu() - cpu) / max(producer.produced, 1)
     finally:
         await pool.close()
 
 
 async def _writes(base: str, token: str, requests: int, concurrency: int) -> float:
-    counter = iter(range(requests))
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/scim+json"}
+    schemas = ["urn:ietf:params:scim:schemas:core:2.0:User"]
+    async with aiohttp.ClientSession() as session:
 
-    async def worker(session: aiohttp.ClientSession) -> None:
-        for _ in counter:
+        async def post(_: int) -> None:
             body = {
-                "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+                "schemas": schemas,
                 "userName": f"{uuid.uuid4().hex}@contoso.com",
                 "active": True,
             }
             async with session.post(f"{base}/scim/v2/Users", json=body, headers=headers) as r:
                 assert r.status == 201, await r.text()
 
-    async with aiohttp.ClientSession() as session:
         started = time.perf_counter()
-        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        await drain(range(requests), post, concurrency)
         return requests / (time.perf_counter() - started)
 
 
@@ -170,37 +141,18 @@ async def with_streams(dsn: str, requests: int, rounds: int) -> tuple[float, flo
     receiver = spawn.Process(target=_receiver, args=(ports, stop), daemon=True)
     receiver.start()
     processes = [receiver]
-    none: list[float] = []
-    two: list[float] = []
+    none: list[float] = []  # POST/s with the streams paused
+    two: list[float] = []  # and active
     try:
         port = await asyncio.to_thread(ports.get, True, 60)
         async with TestServer(create_app(settings, db), host="127.0.0.1") as server:
             async with pool.acquire() as conn:
                 issued = await create_tenant(conn, f"writes-{uuid.uuid4().hex[:6]}")
-                polled = await streams.create(
-                    conn,
-                    tenant=issued.tenant,
-                    name="poll",
-                    endpoint=None,
-                    events=streams.parse_events(None),
-                    full=False,
-                    scope_group=None,
-                )
-                await streams.create(
-                    conn,
-                    tenant=issued.tenant,
-                    name="push",
-                    endpoint=f"http://127.0.0.1:{port}/set",
-                    events=streams.parse_events(None),
-                    full=False,
-                    scope_group=None,
-                )
+                polled = await _stream(conn, issued.tenant, "poll", None)
+                await _stream(conn, issued.tenant, "push", f"http://127.0.0.1:{port}/set")
             base = str(server.make_url("")).rstrip("/")
-            poller = spawn.Process(
-                target=_poller,
-                args=(f"{base}/events/{polled['id']}", polled["token"], stop),
-                daemon=True,
-            )
+            args = (f"{base}/events/{polled['id']}", polled["token"], stop)
+            poller = spawn.Process(target=_poller, args=args, daemon=True)
             poller.start()
             processes.append(poller)
             await _writes(base, issued.token, requests // 4, 16)  # warm up
@@ -225,65 +177,14 @@ async def with_streams(dsn: str, requests: int, rounds: int) -> tuple[float, flo
 
 async def feeds(ctx: Ctx) -> None:
     """(10) the catch-up of a poll stream from the start, and the writes with two streams."""
-    target = await make_database(ctx.dsn, "bench_feeds")
-    conn = await asyncpg.connect(target)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
+    target = await make_database(ctx.dsn, "bench_feeds", migrated=True)
     events = 20_000 if ctx.quick else 200_000
     requests, rounds = (300, 1) if ctx.quick else (2000, 3)
-    rate, produced = await catch_up(target, events)
+    rate, produced, per_set = await catch_up(target, events)
     none, two = await with_streams(target, requests, rounds)
-    ctx.add(
-        Row(
-            "10",
-            "SCIM event feeds (bench.feeds): POST /Users with two active streams (poll + push"
-            " to a local receiver) against none; a poll stream's catch-up from the start",
-            f"{produced:,} events",
-            f"writes {two:,.0f}/s vs {none:,.0f}/s = {two / none:.2f};"
-            f" catch-up {rate:,.0f} SETs/s ({CPU_PER_SET[-1] * 1e6:,.0f} µs CPU per SET)",
-            "",
-            "≥ 0.90 of none; ≥ 20,000 SETs/s",
-            verdict(two / none >= 0.9 and rate >= 20_000),
-            "",
-        )
-    )
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--events", type=int, default=100_000)
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-    console = Console()
-
-    async def go() -> tuple[tuple[float, int], tuple[float, float]]:
-        with durable_postgres() as dsn:
-            conn = await __import__("asyncpg").connect(dsn)
-            try:
-                await migrate(conn)
-            finally:
-                await conn.close()
-            return await catch_up(dsn, args.events), await with_streams(
-                dsn, args.requests, args.rounds
-            )
-
-    (rate, produced), (none, two) = asyncio.run(go())
-    table = Table(title=f"SCIM event feeds ({machine()})")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    table.add_row(f"catch-up of {produced:,} events, signed SETs/s", f"{rate:,.0f}")
-    table.add_row(
-        "catch-up CPU per SET (producer + workers, not PostgreSQL), µs",
-        f"{CPU_PER_SET[-1] * 1e6:,.0f}",
-    )
-    table.add_row("POST /Users per second, no active stream", f"{none:,.0f}")
-    table.add_row("POST /Users per second, two streams (poll + push)", f"{two:,.0f}")
-    table.add_row("two streams / none", f"{two / none:.2f}")
-    console.print(table)
-
-
-if __name__ == "__main__":
-    main()
+    met = two / none >= 0.9 and rate >= 20_000
+    ctx.add(Row("10", "SCIM event feeds (bench.feeds): POST /Users with two active streams (poll"
+        " + push to a local receiver) against none; a poll stream's catch-up from the start",
+        f"{produced:,} events", f"writes {two:,.0f}/s vs {none:,.0f}/s = {two / none:.2f};"
+        f" catch-up {rate:,.0f} SETs/s ({per_set * 1e6:,.0f} µs CPU per SET)", "",
+        "≥ 0.90 of none; ≥ 20,000 SETs/s", verdict(met)))  # fmt: skip

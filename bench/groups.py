@@ -1,16 +1,14 @@
-"""Row (3): adding and removing one member of groups of three sizes, one request at a time.
-
-Groups are created with Entra's POST /Groups body (the ADSCIM schema URN) and grown with Entra's
-member adds (PATCH `{"op":"Add","path":"members","value":[…]}`, 500 ids each). Then add/remove
-pairs with users in no group, sizes taking turns in 5 rounds so that noise from a shared machine
-falls on all of them alike. Writes to one group serialise by design (a row lock orders them), so
-one request at a time is the headline. The peer gets its group body without the ADSCIM URN and
-its removes with a filter path: it refuses Entra's.
-"""
+"""Row (3): adding and removing one member of groups of three sizes, one request at a time
+(writes to one group serialise by design), sizes taking turns in rounds; groups made and grown
+with Entra's bodies (the peer's without the ADSCIM URN, removes by filter path: it refuses
+Entra's). Row (4): Entra's initial cycle with 8 connections, in Entra's order, on a tenant of
+its own; the same cycle again with 16 connections tells who set the pace."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import random
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,10 +16,22 @@ from time import perf_counter
 
 import aiohttp
 import orjson
-import yarl
 from rich.progress import Progress
 
-from bench.common import PATCH_OP, SCIM, BenchError, Cpu, ms, percentile, progress_bar, verdict
+from bench.common import (
+    ENTERPRISE,
+    PATCH_OP,
+    BenchError,
+    Cpu,
+    create_tenant,
+    drain,
+    entra_body,
+    ms,
+    percentile,
+    progress_bar,
+    send,
+    verdict,
+)
 from bench.lookups import SPARE, ensure_users
 from bench.table import Ctx, Row, Server
 
@@ -41,10 +51,8 @@ def group_body(name: str, *, entra: bool = True) -> bytes:
 
 def members_patch(op: str, ids: Sequence[str]) -> bytes:
     """Entra's default style, for adds and for removes: the members in `value`."""
-    value = [{"$ref": None, "value": i} for i in ids]
-    return orjson.dumps(
-        {"schemas": [PATCH_OP], "Operations": [{"op": op, "path": "members", "value": value}]}
-    )
+    operation = {"op": op, "path": "members", "value": [{"$ref": None, "value": i} for i in ids]}
+    return orjson.dumps({"schemas": [PATCH_OP], "Operations": [operation]})
 
 
 @dataclass
@@ -63,30 +71,19 @@ class Groups:
         self, session: aiohttp.ClientSession, server: Server, spare: list[str], peer: bool
     ) -> None:
         self.session, self.server, self.spare, self.peer = session, server, spare, peer
-        self.headers = {
-            "Authorization": f"Bearer {server.token}",
-            "Accept": SCIM,
-            "Content-Type": SCIM,
-        }
         self.turn = 0
 
-    def url(self, group_id: str) -> yarl.URL:
-        return yarl.URL(f"{self.server.base}/Groups/{group_id}", encoded=True)
+    def url(self, group_id: str) -> str:
+        return f"{self.server.base}/Groups/{group_id}"
 
     async def create(self, name: str) -> str:
         body = group_body(name, entra=not self.peer)
-        url = yarl.URL(f"{self.server.base}/Groups", encoded=True)
-        async with self.session.post(url, data=body, headers=self.headers) as r:
-            raw = await r.read()
-            if r.status != 201:
-                raise BenchError(f"POST /Groups {name!r} -> {r.status}: {raw[:500]!r}")
+        url = f"{self.server.base}/Groups"
+        raw = await send(self.session, "POST", url, self.server.token, body, (201,))
         return str(orjson.loads(raw)["id"])
 
-    async def patch(self, url: yarl.URL, body: bytes) -> None:
-        async with self.session.patch(url, data=body, headers=self.headers) as r:
-            raw = await r.read()
-            if r.status not in (200, 204):
-                raise BenchError(f"PATCH {url.path} -> {r.status}: {raw[:500]!r}")
+    async def patch(self, url: str, body: bytes) -> None:
+        await send(self.session, "PATCH", url, self.server.token, body, (200, 204))
 
     async def grow(self, g: Measured, members: list[str], progress: Progress) -> None:
         task = progress.add_task(f"grow → {len(members):,} members", total=len(members), rate="")
@@ -98,9 +95,8 @@ class Groups:
         if not self.peer:
             return members_patch("Add", [user]), members_patch("Remove", [user])
         remove = {"op": "remove", "path": f'members[value eq "{user}"]'}
-        return members_patch("Add", [user]), orjson.dumps(
-            {"schemas": [PATCH_OP], "Operations": [remove]}
-        )
+        body = {"schemas": [PATCH_OP], "Operations": [remove]}
+        return members_patch("Add", [user]), orjson.dumps(body)
 
     async def pairs(self, g: Measured, n: int, keep: bool = True) -> None:
         """n add/remove pairs, one request at a time, each with the next spare user."""
@@ -151,9 +147,8 @@ async def measure(ctx: Ctx, server: Server, ids: dict[int, str], who: str) -> li
             try:
                 await asyncio.wait_for(run.grow(g, members[:size], progress), limit)
             except TimeoutError:
-                bounded.append(
-                    f"{size:,}: growing the group by PATCHes of 500 did not finish in {limit:.0f} s"
-                )
+                growing = f"growing the group by PATCHes of {BATCH}"
+                bounded.append(f"{size:,}: {growing} did not finish in {limit:.0f} s")
                 break
             measured.append(g)
         task = progress.add_task(f"{who}: add/remove pairs", total=None, rate="")
@@ -177,25 +172,19 @@ async def groups(ctx: Ctx) -> None:
     mine = await measure(ctx, ours, ctx.ids, "scimledger")
     small = mine[0] if mine else None
     rows: dict[int, Row] = {}
+    p50: dict[int, tuple[float, float]] = {}  # ours, by size
     for g in mine:
         add, rem = percentile(g.add, 50), percentile(g.remove, 50)
-        ctx.group_p50[g.size] = (add, rem)
+        p50[g.size] = (add, rem)
         target = verdict_text = ""
         if small is not None and g is mine[-1] and g is not small:
             ra, rr = add / percentile(small.add, 50), rem / percentile(small.remove, 50)
             target = f"within 1.2 x of {small.size}"
             verdict_text = f"{verdict(ra <= 1.2 and rr <= 1.2)}: add {ra:.2f} x, remove {rr:.2f} x"
-        rows[g.size] = Row(
-            "3",
-            "add / remove one member, one request at a time",
-            f"{g.size:,} members",
-            f"add p50 {ms(add)} (p99 {ms(percentile(g.add, 99))}), remove p50 {ms(rem)}"
-            f" (p99 {ms(percentile(g.remove, 99))})",
-            ctx.no_peer,
-            target,
-            verdict_text,
-            g.cpu.text(),
-        )
+        rows[g.size] = Row("3", "add / remove one member, one request at a time",
+            f"{g.size:,} members", f"add p50 {ms(add)} (p99 {ms(percentile(g.add, 99))}),"
+            f" remove p50 {ms(rem)} (p99 {ms(percentile(g.remove, 99))})", ctx.no_peer, target,
+            verdict_text, g.cpu.text())  # fmt: skip
     ctx.notes.append(
         f"(3) groups grown by Entra-style PATCH adds of 500 ids; {ctx.sizes.pairs} add/remove"
         f" pairs per size, sizes taking turns in {ROUNDS} rounds (bench.groups)"
@@ -209,7 +198,7 @@ async def groups(ctx: Ctx) -> None:
                 continue
             add, rem = percentile(g.add, 50), percentile(g.remove, 50)
             row.peer = f"add p50 {ms(add)}, remove p50 {ms(rem)} ({len(g.add)} pairs)"
-            a, r = ctx.group_p50[size]
+            a, r = p50[size]
             ratio = f"peer's p50 / ours: add {add / a:.1f} x, remove {rem / r:.1f} x"
             row.verdict = "; ".join(part for part in (row.verdict, ratio) if part)
         ctx.notes.append(
@@ -219,3 +208,108 @@ async def groups(ctx: Ctx) -> None:
         )
     for row in rows.values():
         ctx.add(row)
+
+
+CONNECTIONS = 8
+MEMBER_BATCH = 100  # member ids per PATCH in the Entra cycle (ENTRA.md: "several")
+
+
+async def entra_cycle(
+    ctx: Ctx, token: str, progress: Progress, connections: int = CONNECTIONS
+) -> tuple[int, Cpu]:
+    """Entra's initial cycle with `connections`: users (lookup, create), managers, groups
+    (lookup, create), then memberships in PATCHes of ≤ MEMBER_BATCH; (requests, CPU)."""
+    (session, ours), (n_users, n_groups, n_members) = ctx.http(), ctx.sizes.cycle
+    base, rng = ours.base, random.Random(8)
+    run = uuid.uuid4().hex[:6]
+    ids: list[str] = [""] * n_users
+    group_ids: list[str] = [""] * n_groups
+    requests = 0
+    total = 3 * n_users - 1 + 2 * n_groups + -(-n_members // MEMBER_BATCH)
+    what = f"Entra cycle {n_users:,}/{n_groups}/{n_members:,}, {connections} connections"
+    task = progress.add_task(what, total=total, rate="")
+
+    async def call(method: str, url: str, body: bytes | None, expect: tuple[int, ...]) -> bytes:
+        nonlocal requests
+        raw = await send(session, method, url, token, body, expect)
+        requests += 1
+        progress.advance(task)
+        return raw
+
+    async def absent(kind: str, attribute: str, value: str, extra: str = "") -> None:
+        quoted = value.replace("@", "%40").replace(" ", "+")
+        url = f"{base}/{kind}?{extra}filter={attribute}+eq+%22{quoted}%22"
+        if orjson.loads(await call("GET", url, None, (200,)))["totalResults"] != 0:
+            raise BenchError(f"{value} should not exist yet")
+
+    async def user(i: int) -> None:
+        name = f"Cycle_{run}_{i:06d}@Contoso.com"
+        await absent("Users", "userName", name)
+        created = await call("POST", f"{base}/Users", entra_body(i, name), (201,))
+        ids[i] = orjson.loads(created)["id"]
+
+    async def manager(i: int) -> None:
+        op = {"op": "add", "path": f"{ENTERPRISE}:manager", "value": ids[(i - 1) // 10]}
+        patch = orjson.dumps({"schemas": [PATCH_OP], "Operations": [op]})
+        await call("PATCH", f"{base}/Users/{ids[i]}", patch, (200, 204))
+
+    async def group(g: int) -> None:
+        display = f"Cycle {run} Group {g:04d}"
+        await absent("Groups", "displayName", display, "excludedAttributes=members&")
+        created = await call("POST", f"{base}/Groups", group_body(display), (201,))
+        group_ids[g] = orjson.loads(created)["id"]
+
+    batches: list[tuple[int, list[int]]] = []
+    for g in range(n_groups):
+        count = n_members // n_groups + (1 if g < n_members % n_groups else 0)
+        picked = rng.sample(range(n_users), min(count, n_users))
+        batches += [(g, picked[k : k + MEMBER_BATCH]) for k in range(0, len(picked), MEMBER_BATCH)]
+
+    async def members(b: int) -> None:
+        g, chosen = batches[b]
+        body = members_patch("Add", [ids[u] for u in chosen])
+        await call("PATCH", f"{base}/Groups/{group_ids[g]}", body, (200, 204))
+
+    before = ours.meter.read()
+    await drain(range(n_users), user, connections)
+    await drain(range(1, n_users), manager, connections)
+    await drain(range(n_groups), group, connections)
+    await drain(range(len(batches)), members, connections)
+    return requests, ours.meter.since(before)
+
+
+async def cycle(ctx: Ctx) -> None:
+    """(4) the cycle at 8 connections and, on a fresh tenant, at 16."""
+    with progress_bar() as progress:
+        requests, c = await entra_cycle(ctx, create_tenant(ctx.dsn), progress)
+        # The same cycle, on a tenant of its own, by a client with twice the connections:
+        # if we set the pace at 8, more connections cannot make it go faster.
+        wider, w = await entra_cycle(ctx, create_tenant(ctx.dsn), progress, 2 * CONNECTIONS)
+    rate, wider_rate = requests / c.seconds, wider / w.seconds
+    speedup = wider_rate / rate
+    cpu = {"client": c.client, "server": c.server, "postgres": c.postgres or 0.0}
+    busiest = max(cpu.items(), key=lambda x: x[1])
+    ok: bool | None = speedup >= 1.2 or busiest[0] == "client"
+    limit = f"{2 * CONNECTIONS} connections: {wider_rate:,.0f} req/s = {speedup:.2f} x the rate at"
+    if speedup >= 1.2:
+        limit += f" {CONNECTIONS}, so at {CONNECTIONS} the client's connections set the pace"
+    else:
+        limit += f" {CONNECTIONS}; busiest at {CONNECTIONS}: {busiest[0]}"
+        limit += f" ({busiest[1] / c.seconds:.2f} cores)"
+    # CPU left for the run: what other processes on the machine did not take.
+    if not ok and c.machine / c.seconds >= 0.9 * (os.cpu_count() or 1):
+        ok = None
+        limit += f"; but the machine was full ({c.others / c.seconds:.2f} cores taken by"
+        limit += " other processes): inconclusive"
+    users_n, groups_n, members_n = ctx.sizes.cycle
+    ctx.add(Row("4", f"Entra initial cycle, {CONNECTIONS} connections (aiohttp client)",
+        f"{users_n:,} users, {groups_n} groups, {members_n:,} memberships",
+        f"{c.seconds:,.1f} s, {requests:,} requests, {rate:,.0f} req/s;"
+        f" mean {CONNECTIONS / rate * 1000:.1f} ms per request", "",
+        "limited by the client, not by us", f"{verdict(ok)}: {limit}", c.text()))  # fmt: skip
+    ctx.notes.append(
+        "(4) users (GET filter → POST), managers (PATCH), groups (GET filter → POST), then"
+        f" member adds ≤ {MEMBER_BATCH} per PATCH; met when the same cycle with"
+        f" {2 * CONNECTIONS} connections is ≥ 1.2 x faster, or the client was the busiest."
+        f" With {2 * CONNECTIONS}: {w.seconds:,.1f} s, {wider:,} requests; CPU {w.text()}"
+    )

@@ -1,16 +1,7 @@
-"""Entra-like tenant histories, every event made by the real aggregates.
-
-One generator for the benchmarks that need a store full of provisioning traffic (bench.rebuild,
-bench.audit): an initial sync (users, then groups, then their members in batches) followed by
-Entra's incremental cycles: attribute updates (department, title, names, e-mails, manager,
-active), re-sent state (no change), joiners, leavers (who leave every group first, as the
-service records it), membership batches, group renames, nested groups, group deletions, and
-requests the service refuses (409 uniqueness, 400 invalidPath, 404 on a user deleted meanwhile).
-
-With `recorded`, each request also carries its outcome (`ProvisioningRequest.record`: success,
-skipped or failure with the SCIM error) with the request's description, as the service appends
-it, and the budget counts requests; without, only the domain events, and it counts events.
-"""
+"""Entra-like tenant histories from the real aggregates (rows 5 and 6): an initial sync, then
+Entra's incremental cycles (updates, re-sent state, joiners, leavers, memberships, renames,
+nesting, deletions, refused requests). `recorded`: each request also carries its outcome, as
+the service appends it, and the budget counts requests; else only events, and it counts those."""
 
 from __future__ import annotations
 
@@ -22,11 +13,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import asyncpg
 from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import StoredEvent
 from rich.progress import Progress
 
+from bench.common import connected
 from domain.group import Group
 from domain.request import ProvisioningRequest
 from domain.user import User
@@ -38,23 +29,14 @@ from infra.transcoder import make_mapper
 
 Event = DomainEventProtocol[uuid.UUID]
 
-GIVEN = (
-    "Adele", "Alex", "Ben", "Chen", "Diego", "Emily", "Fatima", "Grady", "Hana", "Isaiah",
-    "Joni", "Kenji", "Lee", "Lidia", "Megan", "Miriam", "Nestor", "Olga", "Patti", "Raj",
-)  # fmt: skip
-FAMILY = (
-    "Vance", "Wilber", "Walker", "Li", "Garcia", "Braun", "Khan", "Archie", "Sato", "Moore",
-    "Sherman", "Tanaka", "Gu", "Holloway", "Bowen", "Adams", "Wilke", "Petrova", "Fernandez",
-    "Patel",
-)  # fmt: skip
-DEPARTMENTS = (
-    "Sales", "Finance", "Engineering", "Legal", "Marketing", "Support", "Operations",
-    "Human Resources", "IT", "Research",
-)  # fmt: skip
-TITLES = (
-    "Associate", "Analyst", "Engineer", "Senior Engineer", "Consultant", "Specialist",
-    "Manager", "Senior Manager", "Director", "Vice President",
-)  # fmt: skip
+GIVEN = tuple("Adele Alex Ben Chen Diego Emily Fatima Grady Hana Isaiah Joni Kenji Lee Lidia"
+              " Megan Miriam Nestor Olga Patti Raj".split())  # fmt: skip
+FAMILY = tuple("Vance Wilber Walker Li Garcia Braun Khan Archie Sato Moore Sherman Tanaka Gu"
+               " Holloway Bowen Adams Wilke Petrova Fernandez Patel".split())  # fmt: skip
+DEPARTMENTS = tuple("Sales,Finance,Engineering,Legal,Marketing,Support,Operations,Human Resources"
+                    ",IT,Research".split(","))  # fmt: skip
+TITLES = tuple("Associate,Analyst,Engineer,Senior Engineer,Consultant,Specialist,Manager"
+               ",Senior Manager,Director,Vice President".split(","))  # fmt: skip
 
 
 @dataclass
@@ -110,28 +92,18 @@ class TenantHistory:
         return uuid.UUID(int=self.rng.getrandbits(128), version=4)
 
     def _request(
-        self,
-        method: str,
-        path: str,
-        status: int,
-        aggregates: tuple[User | Group, ...],
-        target: str | None = None,
-        error: dict[str, Any] | None = None,
-    ) -> Request | None:
+        self, method: str, path: str, status: int, aggregates: tuple[User | Group, ...],
+        target: str | None = None, error: dict[str, Any] | None = None,
+    ) -> Request | None:  # fmt: skip
         events: list[Event] = [e for a in aggregates for e in a.collect_events()]
         self.emitted += len(events)
         if not self.recorded:
             return Request("", events) if events else None
-        described = {
-            "method": method,
-            "path": path,
-            "status": status,
-            "initiatedBy": "default",
-            "client": f"20.190.{self.rng.randrange(128, 192)}.{self.rng.randrange(1, 255)}",
-            "targetType": "Group" if "/Groups" in path else "User",
-            "targetId": target,
-            "durationMs": round(self.rng.lognormvariate(2.3, 0.5), 3),
-        }
+        client = f"20.190.{self.rng.randrange(128, 192)}.{self.rng.randrange(1, 255)}"
+        kind, ms = "Group" if "/Groups" in path else "User", self.rng.lognormvariate(2.3, 0.5)
+        described = {"method": method, "path": path, "status": status, "initiatedBy": "default",
+            "client": client, "targetType": kind, "targetId": target,
+            "durationMs": round(ms, 3)}  # fmt: skip
         outcome = "failure" if error else ("success" if events else "skipped")
         record = ProvisioningRequest.record(self._uuid(), self.tenant_id, outcome, described, error)
         self.made += 1
@@ -148,22 +120,14 @@ class TenantHistory:
             manager = str(rng.choice(self.people).user.id)
         given, family = rng.choice(GIVEN), rng.choice(FAMILY)
         name = f"{given}.{family}{self.serial}@{self.domain}"
-        state = {
-            "userName": name,
-            "externalId": str(self._uuid()),
-            "active": True,
+        state = {"userName": name, "externalId": str(self._uuid()), "active": True,
             "displayName": f"{given} {family}",
             "name": {"formatted": f"{given} {family}", "familyName": family, "givenName": given},
             "emails": [{"primary": True, "type": "work", "value": name}],
-            "title": rng.choice(TITLES),
-            "preferredLanguage": "en-US",
-            "enterprise": {
-                "department": rng.choice(DEPARTMENTS),
-                "employeeNumber": f"{self.serial:07d}",
-                "costCenter": f"CC-{rng.randrange(200):03d}",
-            },
-            "manager": manager,
-        }
+            "title": rng.choice(TITLES), "preferredLanguage": "en-US",
+            "enterprise": {"department": rng.choice(DEPARTMENTS), "employeeNumber":
+                f"{self.serial:07d}", "costCenter": f"CC-{rng.randrange(200):03d}"},
+            "manager": manager}  # fmt: skip
         user = User.provision(self._uuid(), self.tenant_id, state)
         person = Person(user, self.serial, given, family, self.domain)
         self.index[str(person.user.id)] = len(self.people)
@@ -194,11 +158,8 @@ class TenantHistory:
                 person.family = rng.choice(FAMILY)
                 full, name = f"{person.given} {person.family}", person.user_name
                 desired["displayName"] = full
-                desired["name"] = {
-                    "formatted": full,
-                    "familyName": person.family,
-                    "givenName": person.given,
-                }
+                name_ = {"formatted": full, "familyName": person.family, "givenName": person.given}
+                desired["name"] = name_
                 desired["userName"] = name
                 desired["emails"] = [{"primary": True, "type": "work", "value": name}]
             elif kind < 0.83:  # a second address, or back to one
@@ -209,9 +170,8 @@ class TenantHistory:
                     other = {"type": "other", "value": f"{person.serial}@alias.{person.domain}"}
                     desired["emails"] = [*emails, other]
             elif kind < 0.88:
-                desired["phoneNumbers"] = [
-                    {"type": "work", "value": f"+1 555 {rng.randrange(10**7):07d}"}
-                ]
+                phone = {"type": "work", "value": f"+1 555 {rng.randrange(10**7):07d}"}
+                desired["phoneNumbers"] = [phone]
             else:  # disabled in Entra, or enabled again
                 desired["active"] = not desired.get("active", True)
         desired["enterprise"] = enterprise
@@ -222,12 +182,7 @@ class TenantHistory:
         """DELETE /Users of a leaver: out of every group (membership events), then gone."""
         person = self.rng.choice(self.people)
         user_id = str(person.user.id)
-        touched: list[Group] = []
-        for team in self.teams.values():
-            if user_id in team.members:
-                team.members.discard(user_id)
-                team.group.change_membership([], [user_id])
-                touched.append(team.group)
+        touched = self._out_of_groups(user_id)
         person.user.deprovision()
         at = self.index.pop(user_id)
         last = self.people.pop()
@@ -240,13 +195,20 @@ class TenantHistory:
 
     # -- groups
 
+    def _out_of_groups(self, member: str) -> list[Group]:
+        """`member` (a user or a group) removed from every group that holds it."""
+        holding = [team for team in self.teams.values() if member in team.members]
+        for team in holding:
+            team.members.discard(member)
+            team.group.change_membership([], [member])
+        return [team.group for team in holding]
+
     def create_group(self) -> Request | None:
         rng = self.rng
         self.serial += 1
         kind = rng.choice(("Team", "Project", "Site", "Role", "App access"))
-        group = Group.create(
-            self._uuid(), self.tenant_id, f"{kind} {self.serial}", external_id=str(self._uuid())
-        )
+        group_id, name = self._uuid(), f"{kind} {self.serial}"
+        group = Group.create(group_id, self.tenant_id, name, external_id=str(self._uuid()))
         self.teams[str(group.id)] = Team(group, self.serial)
         self.team_order.append(str(group.id))
         return self._request("POST", "/scim/v2/Groups", 201, (group,))
@@ -310,12 +272,7 @@ class TenantHistory:
         gid = self.rng.choice(self.team_order)
         team = self.teams.pop(gid)
         self.team_order.remove(gid)
-        touched: list[Group] = []
-        for parent in self.teams.values():
-            if gid in parent.members:
-                parent.members.discard(gid)
-                parent.group.change_membership([], [gid])
-                touched.append(parent.group)
+        touched = self._out_of_groups(gid)
         team.group.delete()
         return self._request("DELETE", f"/scim/v2/Groups/{gid}", 204, (team.group, *touched), gid)
 
@@ -361,10 +318,8 @@ class TenantHistory:
             return
         # Everyone in one all-staff group, and in two or three others, in batches.
         everyone, ids = self.teams[self.team_order[0]], [str(p.user.id) for p in self.people]
-        steps = [
-            partial(self.add_members, everyone, picks=set(ids[k : k + 50]))
-            for k in range(0, len(ids), 50)
-        ]
+        batch = partial(self.add_members, everyone)
+        steps = [partial(batch, picks=set(ids[k : k + 50])) for k in range(0, len(ids), 50)]
         steps += [partial(self.add_members, size=20)] * (len(ids) * 3 // 20)
         yield from self._play(steps)
         yield from self._play(self._churn())
@@ -400,21 +355,17 @@ async def seed(
     audit projection makes one entry per transaction); else `chunk` events or more to a
     transaction, never splitting a request. Seeding commits need not wait for their WAL flush
     (synchronous_commit=off: the measurements run with the server's own settings)."""
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         await migrate(conn)
         names = [f"bench-{i:03d}-{uuid.uuid4().hex[:6]}" for i in range(len(budgets))]
         ids = [(await create_tenant(conn, name)).tenant_id for name in names]
-    finally:
-        await conn.close()
     histories = [
         TenantHistory(t, b, i + 1, recorded=recorded)
         for i, (t, b) in enumerate(zip(ids, budgets, strict=True))
     ]
     size = min(8, len(histories))
-    pool = await create_pool(
-        dsn, min_size=size, max_size=size, server_settings={"synchronous_commit": "off"}
-    )
+    settings = {"synchronous_commit": "off"}
+    pool = await create_pool(dsn, min_size=size, max_size=size, server_settings=settings)
     store, mapper = EventStore(pool), make_mapper()
     unit = "requests" if recorded else "events"
     task = progress.add_task(f"seed {sum(budgets):,} {unit}", total=sum(budgets), rate="")

@@ -1,8 +1,5 @@
-"""Row (2): GET /Users?filter=userName eq "…" with wrk at three store sizes, ours and the peer's.
-
-Our store is seeded in bulk (bench.posts.seed_users); the peer, which has no bulk path, through
-its own POST /Users, within a time limit per size.
-"""
+"""Row (2): GET /Users?filter=userName eq "…" with wrk at three store sizes, ours (seeded in
+bulk) and the peer's (seeded through its POST /Users, within a time limit per size)."""
 
 from __future__ import annotations
 
@@ -11,15 +8,13 @@ import time
 
 import aiohttp
 import orjson
-import yarl
 
 from bench import wrk
-from bench.common import SCIM, BenchError, entra_body, ms, progress_bar, verdict
+from bench.common import NAME_FORMAT, drain, entra_body, ms, progress_bar, send, verdict
 from bench.common import wait_for_projections as caught_up
 from bench.posts import row_maker, seed_users, wrk_phase
 from bench.table import CONCURRENCY, Ctx, Row, Server
 
-NAME_FORMAT = "Bench_User_%06d@Contoso.com"  # bench.common.user_name, for wrk's Lua
 SPARE = 200  # users in no group, for the add/remove pairs
 
 
@@ -27,9 +22,7 @@ class PeerSeeder:
     """Users 0, 1, … through the peer's POST /Users at concurrency 16, their ids kept."""
 
     def __init__(self, session: aiohttp.ClientSession, peer: Server, ids: dict[int, str]) -> None:
-        self.session, self.ids = session, ids
-        self.url = yarl.URL(f"{peer.base}/Users", encoded=True)
-        self.headers = {"Authorization": f"Bearer {peer.token}", "Content-Type": SCIM}
+        self.session, self.ids, self.peer = session, ids, peer
         self.stored = 0  # users of whole seeding steps
         self.landed = 0  # users it answered 201 for
         # Set once its growth timed out: it is grown no further (POSTs cut short by the timeout
@@ -40,20 +33,16 @@ class PeerSeeder:
         first = self.stored
         # Entra's body less `"manager": null`, which scim2-server refuses (extra input).
         bodies = [orjson.loads(entra_body(i)) for i in range(first, target)]
-        counter = iter(range(first, target))
 
-        async def worker() -> None:
-            for i in counter:
-                bodies[i - first].pop("manager", None)
-                data = orjson.dumps(bodies[i - first])
-                async with self.session.post(self.url, data=data, headers=self.headers) as r:
-                    raw = await r.read()
-                    if r.status != 201:
-                        raise BenchError(f"peer POST /Users -> {r.status}: {raw[:300]!r}")
-                self.landed += 1
-                self.ids[i] = orjson.loads(raw)["id"]
+        async def one(i: int) -> None:
+            bodies[i - first].pop("manager", None)
+            data = orjson.dumps(bodies[i - first])
+            url, token = f"{self.peer.base}/Users", self.peer.token
+            raw = await send(self.session, "POST", url, token, data, (201,))
+            self.landed += 1
+            self.ids[i] = orjson.loads(raw)["id"]
 
-        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+        await drain(range(first, target), one, CONCURRENCY)
         self.stored = max(self.stored, target)
 
     async def grow(self, size: int, limit: float) -> str:
@@ -64,10 +53,8 @@ class PeerSeeder:
             await asyncio.wait_for(self.seed_to(size), limit)
         except TimeoutError:
             self.stopped = True
-            return (
-                f"its POSTs reached {self.landed:,} users of {size:,} in {limit:.0f} s: measured"
-                f" there, asking for the first {self.stored:,}"
-            )
+            reached = f"its POSTs reached {self.landed:,} users of {size:,} in {limit:.0f} s"
+            return f"{reached}: measured there, asking for the first {self.stored:,}"
         return ""
 
 
@@ -80,10 +67,7 @@ async def lookups(ctx: Ctx) -> None:
     gets: list[tuple[int, wrk.WrkRun, str, str, str]] = []
     with progress_bar() as progress:
         for size in s.users:
-            seeded += await seed_users(
-                ctx.dsn, maker, ctx.stored, size, progress, ctx.ids, max(s.groups) + SPARE
-            )
-            ctx.stored = max(ctx.stored, size)
+            seeded += await seed_users(ctx, maker, size, progress, max(s.groups) + SPARE)
             catch_up += await caught_up(ctx.dsn, 3600)
             script = wrk.find_users_script("/scim/v2/Users", ours.token, size, NAME_FORMAT)
             await wrk_phase(ours, script, 2)
@@ -97,9 +81,8 @@ async def lookups(ctx: Ctx) -> None:
                         "/v2/Users", peer.token, seeder.stored, NAME_FORMAT
                     )
                     theirs, _ = await wrk_phase(peer, script, s.get_seconds, "scim2-server GET")
-                    peer_text = f"{theirs.rate:,.0f} req/s; p99 {ms(theirs.p99)}" + (
-                        f" ({why})" if why else ""
-                    )
+                    peer_text = f"{theirs.rate:,.0f} req/s; p99 {ms(theirs.p99)}"
+                    peer_text += f" ({why})" if why else ""
                     ratio = f"{got.rate / theirs.rate:.1f} x the peer's rate"
             gets.append((size, got, cpu.text(), peer_text or ctx.no_peer, ratio))
     base_rate = gets[0][1].rate
@@ -109,41 +92,25 @@ async def lookups(ctx: Ctx) -> None:
             ok = got.p99 <= 0.010 and got.rate >= 0.8 * base_rate
             target = f"p99 ≤ 10 ms and ≥ 0.8 x the rate at {s.users[0]:,}"
             verdict_text = f"{verdict(ok)}: {got.rate / base_rate:.2f} x the rate at {s.users[0]:,}"
-        ctx.add(
-            Row(
-                "2",
-                f'GET /Users?filter=userName eq "…", concurrency {CONCURRENCY} (wrk)',
-                f"{size:,} users",
-                f"{got.rate:,.0f} req/s; p99 {ms(got.p99)}",
-                peer_text,
-                target,
-                "; ".join(part for part in (verdict_text, ratio) if part),
-                cpu_text,
-            )
-        )
+        what = f'GET /Users?filter=userName eq "…", concurrency {CONCURRENCY} (wrk)'
+        verdicts = "; ".join(part for part in (verdict_text, ratio) if part)
+        ours = f"{got.rate:,.0f} req/s; p99 {ms(got.p99)}"
+        ctx.add(Row("2", what, f"{size:,} users", ours, peer_text, target, verdicts, cpu_text))
     ctx.notes.append(
         f"(2) {ctx.stored:,} users seeded in {seeded:,.0f} s"
-        f" ({ctx.stored / max(seeded, 1e-9):,.0f}/s) straight into the store, not through HTTP:"
-        " each user's events made by `User.provision` from Entra's body (via `user_from_scim`)"
-        " and `ProvisioningRequest.record`, mapped by the service's mapper, its view row by"
-        " `projections.users.row_of`; the two events and the row inserted in one statement and"
-        " one transaction per user, as POST /Users commits them (seeding connections with"
-        " synchronous_commit=off); the server's asynchronous projections (audit, activity) then"
-        f" caught up ({catch_up:,.0f} s) before each measurement"
+        f" ({ctx.stored / max(seeded, 1e-9):,.0f}/s) straight into the store: what POST /Users"
+        " commits, made by the service's code, one statement per user (synchronous_commit=off);"
+        f" the asynchronous projections then caught up ({catch_up:,.0f} s) before each measurement"
     )
     ctx.notes.append(
-        "(2) wrk's Lua script asks for random stored users in random case (lower, upper,"
-        " as stored); a reply counts as right only with totalResults 1; with 16"
-        " requests always in flight the mean latency is 16 / rate (Little's law), so a"
-        " p99 ≤ 10 ms needs well over 1,600 req/s from one server process"
+        "(2) random stored users in random case, a reply right only with totalResults 1; with"
+        " 16 requests in flight, a p99 ≤ 10 ms needs well over 1,600 req/s (Little's law)"
     )
     if peer is not None:
         ctx.notes.append(
-            "(2, 8) the peer was seeded through its own POST /Users (it has no bulk path),"
-            f" at most {s.peer_seed_timeout:.0f} s per size; Entra's body less"
-            ' `"manager": null`, which scim2-server refuses ("Extra inputs are not'
-            ' permitted"); it answers HTTP/1.0 without keep-alive, so wrk reconnects per'
-            " request, as any client of it must"
+            f"(2, 8) the peer seeded by its POST /Users, at most {s.peer_seed_timeout:.0f} s"
+            ' per size, Entra\'s body less `"manager": null` (it refuses it); it answers'
+            " HTTP/1.0 without keep-alive, so wrk reconnects per request"
         )
 
 
@@ -153,8 +120,7 @@ async def ensure_users(ctx: Ctx, n: int) -> None:
     if ctx.stored < n:
         with progress_bar() as progress:
             maker = await row_maker(ctx.dsn, ours.token)
-            await seed_users(ctx.dsn, maker, ctx.stored, n, progress, ctx.ids, n)
-        ctx.stored = n
+            await seed_users(ctx, maker, n, progress, n)
         await caught_up(ctx.dsn, 3600)
     if ctx.peer is not None and ctx.session is not None and not ctx.peer_ids:
         started = time.perf_counter()

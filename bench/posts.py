@@ -52,23 +52,14 @@ class RowMaker:
     """What the service writes for Entra's POST /Users, made by the service's own code."""
 
     def __init__(self, tenant_id: uuid.UUID, token_name: str) -> None:
-        self.tenant_id = tenant_id
-        self.token_name = token_name
-        self.mapper = make_mapper()
+        self.tenant_id, self.token_name, self.mapper = tenant_id, token_name, make_mapper()
 
     def make(self, body: bytes) -> tuple[uuid.UUID, tuple[Any, ...]]:
         """The user's id and the arguments of POST_ROWS_SQL."""
         user = User.provision(uuid.uuid4(), self.tenant_id, user_from_scim(orjson.loads(body)))
-        described = {
-            "method": "POST",
-            "path": "/scim/v2/Users",
-            "status": 201,
-            "initiatedBy": self.token_name,
-            "client": "127.0.0.1",
-            "targetType": "User",
-            "targetId": None,
-            "durationMs": 2.0,
-        }
+        described = {"method": "POST", "path": "/scim/v2/Users", "status": 201,
+            "initiatedBy": self.token_name, "client": "127.0.0.1", "targetType": "User",
+            "targetId": None, "durationMs": 2.0}  # fmt: skip
         record = ProvisioningRequest.record(uuid.uuid4(), self.tenant_id, "success", described)
         events = [*user.collect_events(), *record.collect_events()]
         stored = [self.mapper.to_stored_event(e) for e in events]
@@ -95,22 +86,15 @@ async def row_maker(dsn: str, token: str) -> RowMaker:
     return RowMaker(principal.tenant_id, principal.token_name)
 
 
-async def seed_users(
-    dsn: str,
-    maker: RowMaker,
-    first: int,
-    last: int,
-    progress: Progress,
-    ids: dict[int, str],
-    keep: int,
-) -> float:
-    """Users first..last-1 (bench.common.user_name), straight into the store; seconds. The ids
-    of users below `keep` go to `ids` (the group members)."""
+async def seed_users(ctx: Ctx, maker: RowMaker, last: int, progress: Progress, keep: int) -> float:
+    """Users ctx.stored..last-1 (NAME_FORMAT), straight into the store; seconds. The
+    ids of users below `keep` go to ctx.ids (the group members)."""
+    first, ids = ctx.stored, ctx.ids
     if last <= first:
         return 0.0
-    pool = await create_pool(
-        dsn, min_size=4, max_size=4, server_settings={"synchronous_commit": "off"}
-    )
+    ctx.stored = last
+    settings = {"synchronous_commit": "off"}
+    pool = await create_pool(ctx.dsn, min_size=4, max_size=4, server_settings=settings)
     task = progress.add_task(f"seed users → {last:,}", total=last - first, rate="")
     counter = iter(range(first, last))
     done = 0
@@ -137,21 +121,18 @@ async def seed_users(
     return time.perf_counter() - started
 
 
-async def floor(
-    dsn: str, maker: RowMaker, n: int, meter: Meter, progress: Progress
-) -> tuple[float, list[float], Cpu]:
-    """n users' rows (made beforehand) by plain asyncpg, one statement each, concurrency 16."""
+async def floor(ctx: Ctx, maker: RowMaker, progress: Progress) -> tuple[float, list[float], Cpu]:
+    """The users' rows (made beforehand) by plain asyncpg, one statement each, concurrency 16."""
+    n, meter = ctx.sizes.floor_rows, Meter(None, ctx.postmaster)
     rows = [maker.make(entra_body(10_000_000 + i))[1] for i in range(n)]
 
     async def jsonb(conn: asyncpg.Connection) -> None:
-        await conn.set_type_codec(
-            "jsonb",
-            encoder=lambda v: orjson.dumps(v).decode(),
-            decoder=orjson.loads,
-            schema="pg_catalog",
-        )
+        codec = {"encoder": lambda v: orjson.dumps(v).decode(), "decoder": orjson.loads}
+        await conn.set_type_codec("jsonb", schema="pg_catalog", **codec)
 
-    pool = await asyncpg.create_pool(dsn, min_size=CONCURRENCY, max_size=CONCURRENCY, init=jsonb)
+    pool = await asyncpg.create_pool(
+        ctx.dsn, min_size=CONCURRENCY, max_size=CONCURRENCY, init=jsonb
+    )
     latencies = [0.0] * n
     counter = iter(range(n))
     task = progress.add_task("floor: plain asyncpg", total=n, rate="")
@@ -190,10 +171,8 @@ async def wrk_phase(
             await asyncio.to_thread(spy.wait, 120)
     cpu = server.meter.since(before, extra=got.cpu)
     if who and (got.bad or got.socket_errors):
-        raise BenchError(
-            f"{who}: {got.bad} wrong replies and {got.socket_errors} socket errors in"
-            f" {got.requests:,} requests; first: {got.sample}"
-        )
+        wrong = f"{got.bad} wrong replies and {got.socket_errors} socket errors"
+        raise BenchError(f"{who}: {wrong} in {got.requests:,} requests; first: {got.sample}")
     return got, cpu
 
 
@@ -211,74 +190,50 @@ async def post_users(ctx: Ctx) -> None:
     with progress_bar() as progress:
         progress.console.print("POST /Users with wrk …")
         await wrk_phase(ours, post_script(ours, template, "Warm"), 2)
-        post, cpu = await wrk_phase(
-            ours, post_script(ours, template, "Post"), s.post_seconds, "scimledger POST /Users"
-        )
+        script = post_script(ours, template, "Post")
+        post, cpu = await wrk_phase(ours, script, s.post_seconds, "scimledger POST /Users")
         maker = await row_maker(ctx.dsn, ours.token)
-        floor_rate, floor_lat, floor_cpu = await floor(
-            ctx.dsn, maker, s.floor_rows, Meter(None, ctx.postmaster), progress
-        )
+        floor_rate, floor_lat, floor_cpu = await floor(ctx, maker, progress)
         peer_post = None
         if peer is not None:
             progress.console.print("POST /Users on the peer with wrk …")
             template.pop("manager", None)
-            peer_post, peer_cpu = await wrk_phase(
-                peer, post_script(peer, template, "Post"), s.post_seconds, "scim2-server POST"
-            )
+            script = post_script(peer, template, "Post")
+            peer_post, peer_cpu = await wrk_phase(peer, script, s.post_seconds, "scim2-server POST")
     to_floor = post.rate / floor_rate
     to_peer = post.rate / peer_post.rate if peer_post else None
     ok = to_floor >= 0.6 and (to_peer is None or to_peer >= 3)
-    ctx.add(
-        Row(
-            "1",
-            f"POST /Users, concurrency {CONCURRENCY} (wrk)",
-            f"{post.requests:,} requests",
-            f"{post.rate:,.0f} req/s; p50 {ms(post.p50)}, p99 {ms(post.p99)}",
-            f"{peer_post.rate:,.0f} req/s; p50 {ms(peer_post.p50)}, p99 {ms(peer_post.p99)}"
-            if peer_post
-            else ctx.no_peer,
-            "≥ 0.6 x floor and ≥ 3 x peer",
-            f"{verdict(ok)}: {to_floor:.2f} x floor, "
-            + (f"{to_peer:.1f} x peer" if to_peer else "no peer"),
-            cpu.text(),
-        )
-    )
-    ctx.add(
-        Row(
-            "7",
-            f"floor: the rows of (1) by plain asyncpg, concurrency {CONCURRENCY}",
-            f"{s.floor_rows:,} users",
-            f"{floor_rate:,.0f} users/s; p50 {ms(percentile(floor_lat, 50))},"
-            f" p99 {ms(percentile(floor_lat, 99))}",
-            "",
-            "(1) ≥ 0.6 x this",
-            f"service/floor = {to_floor:.2f}",
-            floor_cpu.text(),
-        )
-    )
+    theirs = ctx.no_peer
+    if peer_post is not None:
+        theirs = f"{peer_post.rate:,.0f} req/s; p50 {ms(peer_post.p50)}, p99 {ms(peer_post.p99)}"
+    ctx.add(Row("1", f"POST /Users, concurrency {CONCURRENCY} (wrk)", f"{post.requests:,} requests",
+        f"{post.rate:,.0f} req/s; p50 {ms(post.p50)}, p99 {ms(post.p99)}",
+        theirs, "≥ 0.6 x floor and ≥ 3 x peer",
+        f"{verdict(ok)}: {to_floor:.2f} x floor, "
+        + (f"{to_peer:.1f} x peer" if to_peer else "no peer"), cpu.text()))  # fmt: skip
+    ctx.add(Row("7", f"floor: the rows of (1) by plain asyncpg, concurrency {CONCURRENCY}",
+        f"{s.floor_rows:,} users", f"{floor_rate:,.0f} users/s; p50"
+        f" {ms(percentile(floor_lat, 50))}, p99 {ms(percentile(floor_lat, 99))}", "",
+        "(1) ≥ 0.6 x this", f"service/floor = {to_floor:.2f}", floor_cpu.text()))  # fmt: skip
     if peer_post is not None:
         ctx.notes.append(
             f"(1) peer CPU: {peer_cpu.text()}; wrk used {post.cpu:.1f} CPU s against"
             f" scimledger's {cpu.server:.1f} s (server process) in the POST run"
         )
     ctx.notes.append(
-        "(7) the floor inserts per user the rows one POST /Users commits: its two stored"
-        " events (UserProvisioned, RequestRecorded) and its scim_users row, made"
-        " beforehand by the service's own code, in ONE statement (a CTE: one round trip,"
-        " one transaction), durable commit"
+        "(7) the floor: per user the two events and the scim_users row one POST commits, made"
+        " beforehand by the service's code, in ONE statement, durable commit"
     )
     # Where (1) stands against (7) on this machine: the CPU each one costs per user.
-    ours_ms = (cpu.server + (cpu.postgres or 0.0)) / post.requests * 1000
-    floor_pg_ms = (floor_cpu.postgres or 0.0) / s.floor_rows * 1000
+    server_ms, pg_ms = (x / post.requests * 1000 for x in (cpu.server, cpu.postgres or 0.0))
+    ours_ms, floor_pg_ms = server_ms + pg_ms, (floor_cpu.postgres or 0.0) / s.floor_rows * 1000
     floor_ms = floor_pg_ms + floor_cpu.client / s.floor_rows * 1000
     cores = os.cpu_count() or 1
     ceiling = cores / ours_ms * 1000
     ctx.notes.append(
-        f"(1, 7) CPU per user created: scimledger {ours_ms:.2f} ms (server"
-        f" {cpu.server / post.requests * 1000:.2f} ms, PostgreSQL"
-        f" {(cpu.postgres or 0.0) / post.requests * 1000:.2f} ms: its statement, the"
-        " token lookup, and the audit and activity projections' writes); the floor"
-        f" {floor_ms:.2f} ms (PostgreSQL {floor_pg_ms:.2f} ms, its client the rest)."
-        f" With all {cores} cores on it, scimledger's cost allows at most"
+        f"(1, 7) CPU per user created: scimledger {ours_ms:.2f} ms (server {server_ms:.2f} ms,"
+        f" PostgreSQL {pg_ms:.2f} ms: its statement, the token lookup, and the audit and activity"
+        f" projections' writes); the floor {floor_ms:.2f} ms (PostgreSQL {floor_pg_ms:.2f} ms, its"
+        f" client the rest). With all {cores} cores on it, scimledger's cost allows at most"
         f" {ceiling:,.0f} POST/s, {ceiling / floor_rate:.2f} x the floor measured here"
     )

@@ -1,39 +1,40 @@
-"""Row (5): `scimledger projections rebuild --all` over Entra-like tenant histories.
+"""Row (5): `scimledger projections rebuild --all` over bench.history's tenant histories, three
+runs as a subprocess: views stale, `--dry-run` (no drift expected), views current (the row).
 
-A database of its own is seeded with bench.history's tenant histories (events only, 50,000 per
-tenant), stored through `EventStore.append_stored`, several thousand events per transaction.
-The asynchronous projections are brought to the head by their own runner (`Runner.step`, as
-`serve` would), because their rebuild replays up to their live checkpoint. Then three runs of
-the command as a subprocess: views stale (it swaps new ones in), `--dry-run` (no drift
-expected), views current (the steady state an operator meets: the row). Per run: wall seconds
-(start-up included), events x projections / seconds, the peak RSS of the command and its
-workers (the sum of their VmHWM, read every 50 ms), their CPU (`wait4`) and PostgreSQL's.
-"""
+    .venv/bin/python -m bench.rebuild [--events N] [--runs N] [--sealed]
+
+runs it alone, in clear or (--sealed, issue 17's cost on replay) after `scimledger erase
+migrate`; each run's rate and the median."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import re
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
+import click
 import psutil
 from rich.progress import Progress
 
 from bench.common import (
+    CHILD,
     SCIMLEDGER,
     BenchError,
-    die_with_parent,
+    Cpu,
+    connected,
+    durable_postgres,
     machine_busy,
     make_database,
+    median,
+    postgres_facts,
     progress_bar,
     tree_cpu,
     verdict,
@@ -45,6 +46,7 @@ from infra.database import open_database
 from projections.registry import PROJECTIONS
 from projections.runner import Runner
 from projections.state import register
+from service.erasure import migrate_all
 
 TARGET = 50_000  # events/s, events x projections / seconds (the issue's goal)
 TENANT_EVENTS = 50_000
@@ -99,14 +101,7 @@ def run_command(dsn: str, size: int, *, dry_run: bool) -> tuple[Run, float]:
     busy0 = machine_busy()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as errors:
         started = time.perf_counter()
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=errors,
-            start_new_session=True,
-            preexec_fn=die_with_parent if sys.platform == "linux" else None,
-        )
+        proc = subprocess.Popen(cmd, stdout=out, stderr=errors, start_new_session=True, **CHILD)
         marks: dict[int, int] = {}  # pid -> its VmHWM, the command's and its workers'
         try:
             watched = psutil.Process(proc.pid)
@@ -148,8 +143,8 @@ async def measured(dsn: str, size: int, postmaster: psutil.Process | None, dry_r
     pg0 = tree_cpu(postmaster) if postmaster is not None else None
     run, busy0 = await asyncio.to_thread(run_command, dsn, size, dry_run=dry_run)
     if postmaster is not None and pg0 is not None:
-        conn = await asyncpg.connect(dsn)
-        try:  # until the rebuild's backends have exited (and their CPU was accounted)
+        # until the rebuild's backends have exited (and their CPU was accounted)
+        async with connected(dsn) as conn:
             for _ in range(200):
                 if not await conn.fetchval(
                     "SELECT count(*) FROM pg_stat_activity"
@@ -157,61 +152,77 @@ async def measured(dsn: str, size: int, postmaster: psutil.Process | None, dry_r
                 ):
                     break
                 await asyncio.sleep(0.05)
-        finally:
-            await conn.close()
         run.postgres_cpu = tree_cpu(postmaster) - pg0
         run.other_cpu = max(0.0, machine_busy() - busy0 - run.cpu - run.postgres_cpu)
     return run
 
 
+async def seeded(dsn: str, n: int, progress: Progress) -> int:
+    """bench.history's tenant histories (events only), the asynchronous projections caught up
+    (their rebuild replays up to their live checkpoint); the events stored."""
+    budgets = [TENANT_EVENTS] * (n // TENANT_EVENTS) + [n % TENANT_EVENTS] * bool(n % TENANT_EVENTS)
+    histories = await seed(dsn, budgets, progress, recorded=False, chunk=CHUNK)
+    n = sum(h.emitted for _, h in histories)
+    async with connected(dsn) as conn:
+        if (stored := await conn.fetchval("SELECT count(*) FROM stored_events")) != n:
+            raise BenchError(f"seeded {n:,} events but the store holds {stored:,}")
+        # What autovacuum would have done by now; and no checkpoint due mid-run.
+        await conn.execute("VACUUM ANALYZE stored_events")
+        await conn.execute("CHECKPOINT")
+    await catch_up(dsn, [p.name for p in PROJECTIONS.values() if p.mode == "async"], progress)
+    return n
+
+
 async def rebuild(ctx: Ctx) -> None:
     """(5) the rebuild of every projection, views current, on a database of its own."""
     dsn = await make_database(ctx.dsn, "bench_rebuild")
-    n = ctx.sizes.rebuild_events
     with progress_bar() as progress:
-        budgets = [TENANT_EVENTS] * (n // TENANT_EVENTS) + [n % TENANT_EVENTS] * bool(
-            n % TENANT_EVENTS
-        )
-        histories = await seed(dsn, budgets, progress, recorded=False, chunk=CHUNK)
-        n = sum(h.emitted for _, h in histories)
-        conn = await asyncpg.connect(dsn)
-        try:
-            if (stored := await conn.fetchval("SELECT count(*) FROM stored_events")) != n:
-                raise BenchError(f"seeded {n:,} events but the store holds {stored:,}")
-            # What autovacuum would have done by now; and no checkpoint due mid-run.
-            await conn.execute("VACUUM ANALYZE stored_events")
-            await conn.execute("CHECKPOINT")
-        finally:
-            await conn.close()
-        asynchronous = [p.name for p in PROJECTIONS.values() if p.mode == "async"]
-        await catch_up(dsn, asynchronous, progress)
+        n = await seeded(dsn, ctx.sizes.rebuild_events, progress)
         for label, dry_run in (("views stale", False), ("--dry-run", True), ("current", False)):
             task = progress.add_task(f"rebuild {n:,} events ({label})", total=None, rate="")
             run = await measured(dsn, n, ctx.postmaster, dry_run)
             progress.update(task, total=1, completed=1, rate=f"{run.events / run.seconds:,.0f}/s")
             if dry_run and run.drift:
                 raise BenchError(f"a dry run right after a rebuild found drift:\n{run.output}")
-    rate = run.events / run.seconds
-
-    def cores(cpu: float | None) -> str:
-        return "n/a" if cpu is None else f"{cpu / run.seconds:.2f}"
-
-    ctx.add(
-        Row(
-            "5",
-            "projection rebuild, every projection (bench.rebuild, views current)",
-            f"{n:,} events",
-            f"{rate:,.0f} events/s; peak RSS {run.peak_rss / 2**20:,.0f} MB; {run.seconds:.1f} s",
-            "",
-            f"≥ {TARGET:,} events/s",
-            verdict(rate >= TARGET),
-            f"rebuild {cores(run.cpu)} / postgres {cores(run.postgres_cpu)} /"
-            f" other {cores(run.other_cpu)}",
-        )
-    )
+    rate, cores = run.events / run.seconds, Cpu(seconds=run.seconds).cores
+    ctx.add(Row("5", "projection rebuild, every projection (bench.rebuild, views current)",
+        f"{n:,} events",
+        f"{rate:,.0f} events/s; peak RSS {run.peak_rss / 2**20:,.0f} MB; {run.seconds:.1f} s",
+        "", f"≥ {TARGET:,} events/s", verdict(rate >= TARGET), f"rebuild {cores(run.cpu)} /"
+        f" postgres {cores(run.postgres_cpu)} / other {cores(run.other_cpu)}"))  # fmt: skip
     ctx.notes.append(
-        "(5) events/s as bench.rebuild counts it: events x projections / wall seconds of"
-        " `scimledger projections rebuild --all` (start-up included); its seeding: Entra-like"
-        " tenant histories (bench.history) from the real aggregates, appended by"
-        " EventStore.append_stored"
+        "(5) events x projections / wall seconds of `projections rebuild --all` (start-up"
+        " included), over bench.history's tenant histories"
     )
+
+
+async def alone(dsn: str, events: int, runs: int, sealed: bool) -> None:
+    postmaster, _ = await postgres_facts(dsn)
+    with progress_bar() as progress:
+        n = await seeded(dsn, events, progress)
+    if sealed:
+        async with open_database(Settings(database_url=dsn, run_projections=False)) as db:
+            print(f"sealed {await migrate_all(db):,} events in place")
+        async with connected(dsn) as conn:
+            await conn.execute("VACUUM ANALYZE stored_events")
+    rates = []
+    for i in range(runs):
+        got = await measured(dsn, n, postmaster, dry_run=False)
+        rates.append(got.events / got.seconds)
+        print(f"run {i + 1}: {rates[-1]:,.0f} events/s; CPU {got.cpu:.1f} s")
+    print(f"{n:,} events, {'sealed' if sealed else 'clear'}: median {median(rates):,.0f} events/s")
+
+
+@click.command(help="The rebuild of every projection, alone: each run's rate and the median.")
+@click.option("--events", default=100_000, show_default=True)
+@click.option("--runs", default=3, show_default=True)
+@click.option("--sealed", is_flag=True, help="`erase migrate` before the runs.")
+def main(events: int, runs: int, sealed: bool) -> None:
+    # One master key for this process and the rebuilds it starts.
+    os.environ.setdefault("SCIMLEDGER_MASTER_KEY", base64.b64encode(os.urandom(32)).decode())
+    with durable_postgres() as dsn:
+        asyncio.run(alone(dsn, events, runs, sealed))
+
+
+if __name__ == "__main__":
+    main()

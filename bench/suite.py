@@ -1,38 +1,24 @@
-"""The whole benchmark in one table: the service, the database floor and a peer, in one run.
-
-    .venv/bin/python -m bench.suite [--quick] [--skip ROWS] [--only ROWS]
-
-On a durable embedded PostgreSQL (fsync and synchronous_commit on) with `scimledger serve`, and
-scim2-server (in memory, its own process and port) as the peer (8), one function per row:
-
-1. POST /Users at concurrency 16 with wrk, and 7. the floor: its rows by plain asyncpg (posts);
-2. GET /Users?filter=userName eq "…" at three store sizes (lookups);
-3. adding and removing one member of groups of three sizes (groups);
-4. an Entra initial cycle with 8 connections, in Entra's order (cycle);
-5. a projection rebuild (rebuild), 6. audit query p95 (audit) and 9. the costliest request
-   bodies (cost), each on a database of its own in the same PostgreSQL.
-
-The table goes to stdout and to bench/results/latest.md (quick.md with --quick; a run of some
-rows only to latest-<rows>.md), with the machine's description.
-"""
+"""The whole benchmark in one table (bench/results/latest.md, quick.md with --quick, a run of
+some rows latest-<rows>.md): one function per row in ROWS, on a durable embedded PostgreSQL,
+with `scimledger serve` and scim2-server (in memory) as the peer for the rows over HTTP."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
 import click
 import psutil
+import uvloop
 from rich.console import Console
 from rich.table import Table
 
@@ -50,91 +36,62 @@ from bench.common import (
     machine_description,
     postgres_facts,
     revision,
-    server_process,
-    tail,
+    serving,
     wait_ready,
 )
 from bench.cost import cost
-from bench.cycle import cycle
 from bench.feeds import feeds
-from bench.groups import groups
-from bench.lookups import NAME_FORMAT, lookups
+from bench.groups import cycle, groups
+from bench.lookups import lookups
 from bench.posts import post_users
 from bench.rebuild import rebuild
 from bench.table import COLUMNS, CONCURRENCY, FULL, QUICK, Ctx, Server, render_markdown
 
 PEER = ROOT / ".venv" / "bin" / "scim2-server"
+DIR = click.Path(file_okay=False, path_type=Path)
+CHECKOUT = click.Path(exists=True, file_okay=False, path_type=Path)
 
 # The table's rows in the order they run: (name, function, over HTTP with the servers up).
 # A new row is one function taking the run's Ctx and one line here.
 ROWS: list[tuple[str, Callable[[Ctx], Awaitable[None]], bool]] = [
-    ("post", post_users, True),
-    ("lookups", lookups, True),
-    ("groups", groups, True),
-    ("cycle", cycle, True),
-    ("rebuild", rebuild, False),
-    ("audit", audit, False),
-    ("cost", cost, False),
-    ("feeds", feeds, False),
-]
+    ("post", post_users, True), ("lookups", lookups, True), ("groups", groups, True),
+    ("cycle", cycle, True), ("rebuild", rebuild, False), ("audit", audit, False),
+    ("cost", cost, False), ("feeds", feeds, False),
+]  # fmt: skip
 PARTS = ("peer", *(name for name, _, _ in ROWS))
-__all__ = ["NAME_FORMAT", "ROWS", "main"]
-
-
-@contextlib.contextmanager
-def peer_process(port: int, token: str, log: Path) -> Iterator[subprocess.Popen[bytes] | None]:
-    """scim2-server in memory on `port` with a static bearer token; None if not installed."""
-    if not PEER.exists():
-        yield None
-        return
-    argv = [str(PEER), "--port", str(port), "--bearer-token", token]
-    with child_process(argv, log, stop_timeout=10) as proc:
-        yield proc
 
 
 async def over_http(ctx: Ctx, rows: list[Callable[[Ctx], Awaitable[None]]], tmp: Path) -> None:
     """The rows that talk to `scimledger serve` (and the peer), with both up meanwhile."""
-    port, peer_port, peer_token = free_port(), free_port(), uuid.uuid4().hex
-    token = create_tenant(ctx.dsn)
+    peer_port, peer_token, token = free_port(), uuid.uuid4().hex, create_tenant(ctx.dsn)
     with contextlib.ExitStack() as servers:
-        proc = servers.enter_context(server_process(ctx.dsn, port, tmp / "serve.log"))
         peer = None
         if "peer" in ctx.skip:
             ctx.notes.append("(8) the peer was skipped (--skip peer)")
+        elif not PEER.exists():
+            ctx.notes.append(f"(8) the peer is not installed ({PEER}): `make bench` installs it")
         else:
-            peer = servers.enter_context(peer_process(peer_port, peer_token, tmp / "peer.log"))
-            if peer is None:
-                missing = f"(8) the peer is not installed ({PEER})"
-                ctx.notes.append(f"{missing}: `make bench` installs it")
-        origin = f"http://127.0.0.1:{port}"
-        meter = Meter(psutil.Process(proc.pid), ctx.postmaster)
-        ctx.ours = Server(origin, f"{origin}/scim/v2", token, proc, tmp / "serve.log", meter)
-        ctx.ours.profile = ctx.profile
+            argv = [str(PEER), "--port", str(peer_port), "--bearer-token", peer_token]
+            peer = servers.enter_context(child_process(argv, tmp / "peer.log", stop_timeout=10))
         connector = aiohttp.TCPConnector(limit=CONCURRENCY, limit_per_host=CONCURRENCY)
         timeout = aiohttp.ClientTimeout(total=600)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        async with (
+            serving(ctx.dsn) as (origin, proc),
+            aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+        ):
+            meter = Meter(psutil.Process(proc.pid), ctx.postmaster)
+            ctx.ours = Server(origin, f"{origin}/scim/v2", token, proc, meter, ctx.profile)
             ctx.session = session
-            await wait_ready(session, f"{origin}/readyz", proc, tmp / "serve.log")
             if peer is not None:
                 origin = f"http://127.0.0.1:{peer_port}"
-                ctx.peer = Server(
-                    origin,
-                    f"{origin}/v2",
-                    peer_token,
-                    peer,
-                    tmp / "peer.log",
-                    Meter(psutil.Process(peer.pid), None),
-                )
+                meter = Meter(psutil.Process(peer.pid), None)
+                ctx.peer = Server(origin, f"{origin}/v2", peer_token, peer, meter)
                 headers = {"Authorization": f"Bearer {peer_token}"}
                 url = f"{ctx.peer.base}/ServiceProviderConfig"
                 await wait_ready(session, url, peer, tmp / "peer.log", headers)
             try:
                 for row in rows:
                     await row(ctx)
-            except (aiohttp.ClientError, OSError) as e:
-                raise BenchError(
-                    f"{type(e).__name__}: {e}\nserver log:\n{tail(tmp / 'serve.log')}"
-                ) from e
             finally:
                 ctx.session = ctx.ours = ctx.peer = None
 
@@ -154,9 +111,7 @@ def report(ctx: Ctx, load_before: tuple[float, ...], rev: str, started: float) -
     machine = machine_description(ctx.pg_version, load_before, rev)
     ctx.notes.append(f"the whole run took {time.perf_counter() - started:,.0f} s")
     title = "scimledger benchmark" + (" (quick sizes)" if ctx.quick else "")
-    table = Table(title=title, show_lines=True)
-    for col in COLUMNS:
-        table.add_column(col)
+    table = Table(*COLUMNS, title=title, show_lines=True)
     for row in ctx.rows:
         table.add_row(*row.cells())
     out = Console(width=None if sys.stdout.isatty() else 220)
@@ -187,16 +142,8 @@ def parts(value: str) -> frozenset[str]:
 @click.option("--quick", is_flag=True, help="Smaller sizes: a few minutes.")
 @click.option("--skip", default="", help=f"Rows to leave out, comma-separated: {', '.join(PARTS)}.")
 @click.option("--only", default="", help="The rows to run (and the peer), comma-separated.")
-@click.option(
-    "--profile",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="py-spy records the server in each measured wrk run into DIR/<row>.folded.",
-)
-@click.option(
-    "--code",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Run the servers from this checkout (PYTHONPATH), to compare two commits.",
-)
+@click.option("--profile", type=DIR, help="py-spy profiles of the server's wrk runs, into DIR.")
+@click.option("--code", type=CHECKOUT, help="Run the servers from this checkout (PYTHONPATH).")
 def main(quick: bool, skip: str, only: str, profile: Path | None, code: Path | None) -> None:
     left_out = parts(skip) | (frozenset(PARTS[1:]) - parts(only) if only else frozenset())
     if code is not None:
@@ -215,8 +162,6 @@ def main(quick: bool, skip: str, only: str, profile: Path | None, code: Path | N
             ctx = Ctx(QUICK if quick else FULL, quick, dsn, skip=left_out, profile=profile)
             if left_out:
                 ctx.notes.append(f"parts left out of this run: {', '.join(sorted(left_out))}")
-            import uvloop
-
             uvloop.run(run_rows(ctx, tmp))
     except wrk.WrkMissing as e:
         err.print(f"[red]{e}[/red]", markup=True, highlight=False)

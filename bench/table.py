@@ -12,16 +12,8 @@ import psutil
 
 from bench.common import Meter, err
 
-COLUMNS = (
-    "#",
-    "measurement",
-    "size",
-    "scimledger",
-    "scim2-server (peer)",
-    "target",
-    "verdict",
-    "CPU in cores: client / server / postgres / other",
-)
+COLUMNS = ("#", "measurement", "size", "scimledger", "scim2-server (peer)", "target", "verdict",
+    "CPU in cores: client / server / postgres / other")  # fmt: skip
 CONCURRENCY = 16
 
 
@@ -42,38 +34,16 @@ class Sizes:
     cost: tuple[int, float]  # tries per shape, seconds of the other tenant's GETs
 
 
-FULL = Sizes(
-    post_seconds=30,
-    floor_rows=40_000,
-    users=(10_000, 100_000, 1_000_000),
-    get_seconds=20,
-    groups=(10, 10_000, 100_000),
-    pairs=500,
-    cycle=(10_000, 100, 50_000),
-    rebuild_events=1_000_000,
-    audit_entries=1_000_000,
-    audit_samples=100,
-    # The peer slows down as it grows (each POST and each member add scans what it holds):
-    # its sizes are reached within these limits, or measured where it got to.
-    peer_seed_timeout=180,
-    peer_group_timeout=120,
-    cost=(3, 20.0),
-)
-QUICK = Sizes(
-    post_seconds=10,
-    floor_rows=8_000,
-    users=(1_000, 10_000, 50_000),
-    get_seconds=8,
-    groups=(10, 1_000, 10_000),
-    pairs=150,
-    cycle=(1_000, 20, 5_000),
-    rebuild_events=100_000,
-    audit_entries=100_000,
-    audit_samples=30,
-    peer_seed_timeout=60,
-    peer_group_timeout=60,
-    cost=(1, 5.0),
-)
+# The peer slows down as it grows (each POST and each member add scans what it holds): its
+# sizes are reached within peer_seed_timeout and peer_group_timeout, or measured where it got to.
+FULL = Sizes(post_seconds=30, floor_rows=40_000, users=(10_000, 100_000, 1_000_000),
+    get_seconds=20, groups=(10, 10_000, 100_000), pairs=500, cycle=(10_000, 100, 50_000),
+    rebuild_events=1_000_000, audit_entries=1_000_000, audit_samples=100,
+    peer_seed_timeout=180, peer_group_timeout=120, cost=(3, 20.0))  # fmt: skip
+QUICK = Sizes(post_seconds=10, floor_rows=8_000, users=(1_000, 10_000, 50_000),
+    get_seconds=8, groups=(10, 1_000, 10_000), pairs=150, cycle=(1_000, 20, 5_000),
+    rebuild_events=100_000, audit_entries=100_000, audit_samples=30,
+    peer_seed_timeout=60, peer_group_timeout=60, cost=(1, 5.0))  # fmt: skip
 
 
 @dataclass
@@ -99,7 +69,6 @@ class Server:
     base: str
     token: str
     proc: subprocess.Popen[bytes]
-    log: Path
     meter: Meter
     profile: Path | None = None  # py-spy records it during the measured wrk runs, into here
 
@@ -123,8 +92,7 @@ class Ctx:
     peer: Server | None = None
     ids: dict[int, str] = field(default_factory=dict)  # user i -> its id (the group members)
     peer_ids: dict[int, str] = field(default_factory=dict)  # the same on the peer
-    stored: int = 0  # users seeded so far (bench.common.user_name(i) for i below)
-    group_p50: dict[int, tuple[float, float]] = field(default_factory=dict)  # ours, by size
+    stored: int = 0  # users seeded so far (NAME_FORMAT % i for i below)
 
     @property
     def no_peer(self) -> str:
@@ -143,20 +111,7 @@ def render_markdown(title: str, rows: Sequence[Row], notes: Sequence[str], machi
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
 
-    lines = [
-        f"# {title}",
-        "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "| " + " | ".join("---" for _ in COLUMNS) + " |",
-        *("| " + " | ".join(cell(c) for c in r.cells()) + " |" for r in rows),
-        "",
-        "## Machine",
-        "",
-        machine,
-        "",
-        "## Notes",
-        "",
-        *(f"- {n}" for n in notes),
-        "",
-    ]
+    table = [COLUMNS, ["---"] * len(COLUMNS), *([cell(c) for c in r.cells()] for r in rows)]
+    lines = [f"# {title}", "", *("| " + " | ".join(cells) + " |" for cells in table), ""]
+    lines += ["## Machine", "", machine, "", "## Notes", "", *(f"- {n}" for n in notes), ""]
     return "\n".join(lines)

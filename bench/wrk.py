@@ -1,10 +1,5 @@
-"""wrk as the load client: its Lua scripts, and one run of it with its CPU time.
-
-wrk (C and LuaJIT, `apt-get install wrk`) costs far less CPU per request than the service, so
-the figures it reports are the service's, not the client's. Each script counts the replies
-that are not what a correct server sends (`bad`) and prints one machine-readable line at the
-end; `run` parses it.
-"""
+"""wrk (C and LuaJIT, far cheaper per request than the service) as the load client: its Lua
+scripts, which count wrong replies and print one machine-readable line, and one run of it."""
 
 from __future__ import annotations
 
@@ -32,9 +27,7 @@ class WrkMissing(Exception):
 def executable() -> str:
     found = shutil.which("wrk")
     if found is None:
-        raise WrkMissing(
-            "wrk is not installed; the benchmark's load client is wrk: `apt-get install wrk`"
-        )
+        raise WrkMissing("wrk is not installed; the benchmark's load client: `apt-get install wrk`")
     return found
 
 
@@ -100,15 +93,8 @@ def post_users_script(path: str, token: str, body_template: bytes, prefix: str) 
     request (thread, counter): `{prefix}_{thread}_{counter}@Contoso.com` and a GUID-shaped id."""
     text = body_template.decode()
     pieces = re.split(f"({re.escape(NAME)}|{re.escape(EXTERNAL_ID)})", text)
-    parts = []
-    for piece in pieces:
-        if piece == NAME:
-            parts.append("name")
-        elif piece == EXTERNAL_ID:
-            parts.append("ext")
-        elif piece:
-            parts.append(_lua_string(piece))
-    concat = " .. ".join(parts)
+    lua = {NAME: "name", EXTERNAL_ID: "ext"}
+    concat = " .. ".join(lua.get(piece) or _lua_string(piece) for piece in pieces if piece)
     run = int.from_bytes(os.urandom(4), "big")
     return f"""
 {_headers(token, body=True)}
@@ -157,7 +143,7 @@ class WrkRun:
     seconds: float
     p50: float  # seconds
     p99: float
-    bad: int
+    bad: int  # replies that are not what a correct server sends
     socket_errors: int
     sample: str
     cpu: float  # wrk's own CPU seconds
@@ -168,13 +154,12 @@ class WrkRun:
 
 
 def parse(output: str) -> dict[str, Any]:
-    for line in output.splitlines():
+    lines = output.splitlines()
+    for line in lines:
         if line.startswith(RESULT):
             found: dict[str, Any] = orjson.loads(line[len(RESULT) :])
-            sample = next(
-                (x[len(SAMPLE) :] for x in output.splitlines() if x.startswith(SAMPLE)), ""
-            )
-            found["sample"] = sample.strip()
+            found["sample"] = next((x[len(SAMPLE) :] for x in lines if x.startswith(SAMPLE)), "")
+            found["sample"] = found["sample"].strip()
             return found
     raise ValueError(f"wrk printed no result line:\n{output[-2000:]}")
 
@@ -188,12 +173,8 @@ def run(origin: str, script: str, seconds: float, connections: int, threads: int
         out = Path(tmp) / "out.txt"
         with out.open("wb") as sink:
             argv = [exe, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s"]
-            proc = subprocess.Popen(
-                [*argv, "--timeout", "60s", "-s", str(path), origin],
-                stdin=subprocess.DEVNULL,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-            )
+            argv += ["--timeout", "60s", "-s", str(path), origin]
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink)
             # wait4: the child's own rusage, reaped.
             _, status, usage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(status)
@@ -201,13 +182,7 @@ def run(origin: str, script: str, seconds: float, connections: int, threads: int
     if proc.returncode != 0:
         raise RuntimeError(f"wrk exited with {proc.returncode}:\n{text[-2000:]}")
     found = parse(text)
-    return WrkRun(
-        requests=int(found["requests"]),
-        seconds=found["duration_us"] / 1e6,
-        p50=found["p50_us"] / 1e6,
-        p99=found["p99_us"] / 1e6,
-        bad=int(found["bad"]),
-        socket_errors=int(found["socket_errors"]),
-        sample=str(found["sample"]),
-        cpu=usage.ru_utime + usage.ru_stime,
-    )
+    seconds = [found[k] / 1e6 for k in ("duration_us", "p50_us", "p99_us")]
+    counts = [int(found[k]) for k in ("requests", "bad", "socket_errors")]
+    cpu = usage.ru_utime + usage.ru_stime
+    return WrkRun(counts[0], *seconds, *counts[1:], str(found["sample"]), cpu)
