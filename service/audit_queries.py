@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -132,8 +132,52 @@ def decode_next(token: str) -> tuple[datetime, int]:
     return moment, txid
 
 
-def entry_json(row: Any) -> dict[str, Any]:
-    """An entry shaped like Microsoft Graph's provisioningObjectSummary, plus what only we know."""
+# The streams whose events name a SCIM resource, by the class part of the event's topic.
+_RESOURCE_PATHS = {"User": "/Users/", "Group": "/Groups/"}
+
+
+def event_json(stream: UUID, version: int, topic: str) -> dict[str, Any]:
+    """One stored event of an entry, named by what belongs to the tenant alone: its stream
+    (for a user's or group's, the resource's path), its version there and its type.
+
+    Never its global position: the gaps between an entry's positions and the next entry's
+    would count the events of every other tenant stored meanwhile (issue 14)."""
+    qualname = topic.partition(":")[2]
+    kind, _, name = qualname.rpartition(".")
+    prefix = _RESOURCE_PATHS.get(kind)
+    return {
+        "resource": f"{prefix}{stream}" if prefix else None,
+        "stream": str(stream),
+        "version": version,
+        "type": name or qualname,
+    }
+
+
+async def stored_events(
+    conn: Conn | asyncpg.Pool, tenant_id: UUID, rows: Sequence[Any]
+) -> dict[int, dict[str, Any]]:
+    """The events of the entries in `rows` (their kept positions), as `event_json`, by
+    position: one indexed query for a whole page; another tenant's event is never read."""
+    positions = [p for row in rows for p in row["positions"]]
+    if not positions:
+        return {}
+    found = await conn.fetch(
+        "SELECT notification_id, originator_id, originator_version, topic FROM stored_events"
+        " WHERE notification_id = any($1::bigint[]) AND tenant_id = $2",
+        positions,
+        tenant_id,
+    )
+    return {
+        r["notification_id"]: event_json(r["originator_id"], r["originator_version"], r["topic"])
+        for r in found
+    }
+
+
+def entry_json(row: Any, events: Mapping[int, dict[str, Any]]) -> dict[str, Any]:
+    """An entry shaped like Microsoft Graph's provisioningObjectSummary, plus what only we know.
+
+    `events` (from `stored_events`) names the events the request stored; the positions the
+    projection keeps to find them are never returned."""
     error = None
     if row["status"] == "failure":
         error = {"errorCode": row["error_code"], "reason": row["error_reason"]}
@@ -155,7 +199,7 @@ def entry_json(row: Any) -> dict[str, Any]:
         "initiatedBy": {"displayName": row["initiated_by"], "initiatorType": "application"},
         "durationInMilliseconds": row["duration_ms"],
         "request": {"method": row["method"], "path": row["path"], "status": row["http_status"]},
-        "eventPositions": list(row["positions"]),
+        "events": [events[p] for p in row["positions"] if p in events],
     }
 
 
@@ -172,7 +216,8 @@ async def page(
     rows = await _rows(conn, tenant_id, where, limit + 1, after)
     more = len(rows) > limit
     rows = rows[:limit]
-    return [entry_json(r) for r in rows], encode_next(rows[-1]) if more and rows else None
+    events = await stored_events(conn, tenant_id, rows)
+    return [entry_json(r, events) for r in rows], encode_next(rows[-1]) if more and rows else None
 
 
 async def _rows(
@@ -220,7 +265,7 @@ async def one(conn: Conn | asyncpg.Pool, tenant_id: UUID, entry_id: str) -> dict
         tenant_id,
         key,
     )
-    return entry_json(row) if row else None
+    return entry_json(row, await stored_events(conn, tenant_id, [row])) if row else None
 
 
 async def history(
@@ -246,7 +291,8 @@ async def history(
     )
     more = len(rows) > limit
     rows = rows[:limit]
-    return [entry_json(r) for r in rows], encode_next(rows[-1]) if more and rows else None
+    events = await stored_events(conn, tenant_id, rows)
+    return [entry_json(r, events) for r in rows], encode_next(rows[-1]) if more and rows else None
 
 
 async def member_types(
@@ -273,8 +319,9 @@ async def stream(
     after: tuple[datetime, int] | None = None
     while True:
         rows = await _rows(source, tenant_id, where, chunk, after)
+        events = await stored_events(source, tenant_id, rows)
         for row in rows:
-            yield entry_json(row)
+            yield entry_json(row, events)
         if len(rows) < chunk:
             return
         after = (rows[-1]["activity_at"], rows[-1]["transaction_id"])

@@ -26,9 +26,7 @@ from tests.test_entra_users import patch
 
 Client = TestClient[Any, Any]
 
-_UUID = re.compile(
-    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|\b[0-9a-f]{32}\b"
-)
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|\b[0-9a-f]{32}\b")
 _TIME = re.compile(r"\d{4}-\d\d-\d\dT[0-9:.]+(Z|[+-]\d\d:\d\d)?|\d{4}-\d\d-\d\d [0-9:.]+( UTC)?")
 _VARYING = ("activityDateTime", "durationInMilliseconds", "changeId")
 
@@ -88,8 +86,12 @@ async def test_entries_do_not_reveal_other_tenants_volume(
         user_id = created["targetIdentity"]["id"]
         # The events are named by what is A's own: resource, version in its stream, type.
         assert [e for e in created["events"] if e["resource"]] == [
-            {"resource": f"/Users/{user_id}", "stream": user_id, "version": 1,
-             "type": "UserProvisioned"}
+            {
+                "resource": f"/Users/{user_id}",
+                "stream": user_id,
+                "version": 1,
+                "type": "UserProvisioned",
+            }
         ]
         assert {e["type"] for e in created["events"] if not e["resource"]} == {"RequestRecorded"}
         assert [(e["resource"], e["version"]) for e in changed["events"] if e["resource"]] == [
@@ -98,7 +100,7 @@ async def test_entries_do_not_reveal_other_tenants_volume(
 
     # One entry by id, the JSONL export, the web page and the CLI: the same.
     ones = []
-    for created, changed in rounds:
+    for _, changed in rounds:
         r = await client.get(f"/audit/v1/entries/{changed['id']}", headers=reader)
         assert r.status == 200
         one = await r.json()
