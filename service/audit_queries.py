@@ -115,21 +115,48 @@ class AuditFilter:
 
 
 def encode_next(row: Any) -> str:
-    raw = orjson.dumps([row["activity_at"].isoformat(), row["transaction_id"]])
+    """A page token: the id of the page's last entry. Never its transaction id, a global
+    counter whose gaps would tell other tenants' volume (issue 14); only an entry without an
+    id (none is made today) falls back to (activity_at, transaction_id)."""
+    if row["id"] is not None:
+        raw = orjson.dumps(str(row["id"]))
+    else:
+        raw = orjson.dumps([row["activity_at"].isoformat(), row["transaction_id"]])
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_next(token: str) -> tuple[datetime, int]:
-    """The (activity_at, transaction_id) a page token of encode_next holds; a forged one is
-    refused here, before its values reach a bigint and a timestamptz."""
+def decode_next(token: str) -> UUID | tuple[datetime, int]:
+    """The entry id (or (activity_at, transaction_id)) a page token of encode_next holds; a
+    forged one is refused here, before its values reach a uuid, a bigint or a timestamptz."""
     try:
-        at, txid = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        held = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        if isinstance(held, str):
+            return UUID(held)
+        at, txid = held
         moment = datetime.fromisoformat(at)
     except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
         raise BadQuery("next is not a page token of this API") from None
     if moment.tzinfo is None or in_utc(moment) is None or not is_bigint(txid):
         raise BadQuery("next is not a page token of this API")
     return moment, txid
+
+
+async def resolve_next(
+    conn: Conn | asyncpg.Pool, tenant_id: UUID, token: str
+) -> tuple[datetime, int]:
+    """Where the page after `token` starts: (activity_at, transaction_id) of the tenant's
+    entry it names, read here so that neither leaves the service."""
+    held = decode_next(token)
+    if not isinstance(held, UUID):
+        return held
+    row = await conn.fetchrow(
+        "SELECT activity_at, transaction_id FROM audit_entries WHERE tenant_id = $1 AND id = $2",
+        tenant_id,
+        held,
+    )
+    if row is None:
+        raise BadQuery("next is not a page token of this API")
+    return row["activity_at"], row["transaction_id"]
 
 
 # The streams whose events name a SCIM resource, by the class part of the event's topic.
@@ -212,7 +239,7 @@ async def page(
 ) -> tuple[list[dict[str, Any]], str | None]:
     """Newest first, keyset-paginated (never OFFSET)."""
     limit = max(1, min(limit, MAX_LIMIT))
-    after = decode_next(next_token) if next_token else None
+    after = await resolve_next(conn, tenant_id, next_token) if next_token else None
     rows = await _rows(conn, tenant_id, where, limit + 1, after)
     more = len(rows) > limit
     rows = rows[:limit]
@@ -280,7 +307,7 @@ async def history(
     args: list[Any] = [tenant_id, resource_id]
     after = ""
     if next_token:
-        at, txid = decode_next(next_token)
+        at, txid = await resolve_next(conn, tenant_id, next_token)
         args += [at, txid]
         after = " AND (activity_at, transaction_id) > ($3, $4)"
     args.append(limit + 1)

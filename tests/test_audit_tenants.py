@@ -9,8 +9,10 @@ both rounds once A's own ids, names and times are set aside.
 
 from __future__ import annotations
 
+import base64
 import difflib
 import re
+import uuid
 from typing import Any
 
 import orjson
@@ -132,3 +134,39 @@ async def test_entries_do_not_reveal_other_tenants_volume(
         assert f"/Users/{created['targetIdentity']['id']} v2" in out
         shown.append(_same_shape(out, *names))
     _assert_same(*shown)
+
+
+async def test_page_tokens_hold_the_entry_id_only(
+    client: Client, auth: dict[str, str], database: Database, tenant: IssuedToken
+) -> None:
+    """A page token used to hold the last entry's transaction id, a global counter: now it
+    holds the entry's id, and the service looks the position up in the tenant's own log."""
+    reader = await audit_auth(database)
+    user = await create_user(client, auth)
+    for title in ("a", "b"):
+        await patch(client, auth, user["id"], {"op": "Replace", "path": "title", "value": title})
+    entries = (await settled(client, reader))["entries"]
+    seen, token = [], None
+    while True:
+        query = "limit=1" + (f"&next={token}" if token else "")
+        body = await (await client.get(f"/audit/v1/entries?{query}", headers=reader)).json()
+        seen += body["entries"]
+        token = body["next"]
+        if token is None:
+            break
+        held = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        assert held == seen[-1]["id"]
+    assert [e["id"] for e in seen] == [e["id"] for e in entries]
+    r = await client.get(f"/audit/v1/resources/{user['id']}/history?limit=1", headers=reader)
+    token = (await r.json())["next"]
+    held = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    assert held == entries[-1]["id"]
+    # A token naming no entry of this tenant is refused, not read as "from the start".
+    async with database.pool.acquire() as conn:
+        other = await create_tenant(conn, "fabrikam")
+    await create_user(client, {"Authorization": f"Bearer {other.token}"})
+    [theirs] = (await settled(client, await audit_auth(database, "fabrikam")))["entries"]
+    for named in (theirs["id"], str(uuid.uuid4())):
+        foreign = base64.urlsafe_b64encode(orjson.dumps(named)).decode().rstrip("=")
+        r = await client.get(f"/audit/v1/entries?next={foreign}", headers=reader)
+        assert r.status == 400, named
