@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -115,15 +115,24 @@ class AuditFilter:
 
 
 def encode_next(row: Any) -> str:
-    raw = orjson.dumps([row["activity_at"].isoformat(), row["transaction_id"]])
+    """A page token: the id of the page's last entry. Never its transaction id, a global
+    counter whose gaps would tell other tenants' volume (issue 14); only an entry without an
+    id (none is made today) falls back to (activity_at, transaction_id)."""
+    if row["id"] is not None:
+        raw = orjson.dumps(str(row["id"]))
+    else:
+        raw = orjson.dumps([row["activity_at"].isoformat(), row["transaction_id"]])
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_next(token: str) -> tuple[datetime, int]:
-    """The (activity_at, transaction_id) a page token of encode_next holds; a forged one is
-    refused here, before its values reach a bigint and a timestamptz."""
+def decode_next(token: str) -> UUID | tuple[datetime, int]:
+    """The entry id (or (activity_at, transaction_id)) a page token of encode_next holds; a
+    forged one is refused here, before its values reach a uuid, a bigint or a timestamptz."""
     try:
-        at, txid = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        held = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        if isinstance(held, str):
+            return UUID(held)
+        at, txid = held
         moment = datetime.fromisoformat(at)
     except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
         raise BadQuery("next is not a page token of this API") from None
@@ -132,8 +141,70 @@ def decode_next(token: str) -> tuple[datetime, int]:
     return moment, txid
 
 
-def entry_json(row: Any) -> dict[str, Any]:
-    """An entry shaped like Microsoft Graph's provisioningObjectSummary, plus what only we know."""
+async def resolve_next(
+    conn: Conn | asyncpg.Pool, tenant_id: UUID, token: str
+) -> tuple[datetime, int]:
+    """Where the page after `token` starts: (activity_at, transaction_id) of the tenant's
+    entry it names, read here so that neither leaves the service."""
+    held = decode_next(token)
+    if not isinstance(held, UUID):
+        return held
+    row = await conn.fetchrow(
+        "SELECT activity_at, transaction_id FROM audit_entries WHERE tenant_id = $1 AND id = $2",
+        tenant_id,
+        held,
+    )
+    if row is None:
+        raise BadQuery("next is not a page token of this API")
+    return row["activity_at"], row["transaction_id"]
+
+
+# The streams whose events name a SCIM resource, by the class part of the event's topic.
+_RESOURCE_PATHS = {"User": "/Users/", "Group": "/Groups/"}
+
+
+def event_json(stream: UUID, version: int, topic: str) -> dict[str, Any]:
+    """One stored event of an entry, named by what belongs to the tenant alone: its stream
+    (for a user's or group's, the resource's path), its version there and its type.
+
+    Never its global position: the gaps between an entry's positions and the next entry's
+    would count the events of every other tenant stored meanwhile (issue 14)."""
+    qualname = topic.partition(":")[2]
+    kind, _, name = qualname.rpartition(".")
+    prefix = _RESOURCE_PATHS.get(kind)
+    return {
+        "resource": f"{prefix}{stream}" if prefix else None,
+        "stream": str(stream),
+        "version": version,
+        "type": name or qualname,
+    }
+
+
+async def stored_events(
+    conn: Conn | asyncpg.Pool, tenant_id: UUID, rows: Sequence[Any]
+) -> dict[int, dict[str, Any]]:
+    """The events of the entries in `rows` (their kept positions), as `event_json`, by
+    position: one indexed query for a whole page; another tenant's event is never read."""
+    positions = [p for row in rows for p in row["positions"]]
+    if not positions:
+        return {}
+    found = await conn.fetch(
+        "SELECT notification_id, originator_id, originator_version, topic FROM stored_events"
+        " WHERE notification_id = any($1::bigint[]) AND tenant_id = $2",
+        positions,
+        tenant_id,
+    )
+    return {
+        r["notification_id"]: event_json(r["originator_id"], r["originator_version"], r["topic"])
+        for r in found
+    }
+
+
+def entry_json(row: Any, events: Mapping[int, dict[str, Any]]) -> dict[str, Any]:
+    """An entry shaped like Microsoft Graph's provisioningObjectSummary, plus what only we know.
+
+    `events` (from `stored_events`) names the events the request stored; the positions the
+    projection keeps to find them are never returned."""
     error = None
     if row["status"] == "failure":
         error = {"errorCode": row["error_code"], "reason": row["error_reason"]}
@@ -155,7 +226,7 @@ def entry_json(row: Any) -> dict[str, Any]:
         "initiatedBy": {"displayName": row["initiated_by"], "initiatorType": "application"},
         "durationInMilliseconds": row["duration_ms"],
         "request": {"method": row["method"], "path": row["path"], "status": row["http_status"]},
-        "eventPositions": list(row["positions"]),
+        "events": [events[p] for p in row["positions"] if p in events],
     }
 
 
@@ -168,11 +239,12 @@ async def page(
 ) -> tuple[list[dict[str, Any]], str | None]:
     """Newest first, keyset-paginated (never OFFSET)."""
     limit = max(1, min(limit, MAX_LIMIT))
-    after = decode_next(next_token) if next_token else None
+    after = await resolve_next(conn, tenant_id, next_token) if next_token else None
     rows = await _rows(conn, tenant_id, where, limit + 1, after)
     more = len(rows) > limit
     rows = rows[:limit]
-    return [entry_json(r) for r in rows], encode_next(rows[-1]) if more and rows else None
+    events = await stored_events(conn, tenant_id, rows)
+    return [entry_json(r, events) for r in rows], encode_next(rows[-1]) if more and rows else None
 
 
 async def _rows(
@@ -220,7 +292,7 @@ async def one(conn: Conn | asyncpg.Pool, tenant_id: UUID, entry_id: str) -> dict
         tenant_id,
         key,
     )
-    return entry_json(row) if row else None
+    return entry_json(row, await stored_events(conn, tenant_id, [row])) if row else None
 
 
 async def history(
@@ -235,7 +307,7 @@ async def history(
     args: list[Any] = [tenant_id, resource_id]
     after = ""
     if next_token:
-        at, txid = decode_next(next_token)
+        at, txid = await resolve_next(conn, tenant_id, next_token)
         args += [at, txid]
         after = " AND (activity_at, transaction_id) > ($3, $4)"
     args.append(limit + 1)
@@ -246,7 +318,8 @@ async def history(
     )
     more = len(rows) > limit
     rows = rows[:limit]
-    return [entry_json(r) for r in rows], encode_next(rows[-1]) if more and rows else None
+    events = await stored_events(conn, tenant_id, rows)
+    return [entry_json(r, events) for r in rows], encode_next(rows[-1]) if more and rows else None
 
 
 async def member_types(
@@ -273,8 +346,9 @@ async def stream(
     after: tuple[datetime, int] | None = None
     while True:
         rows = await _rows(source, tenant_id, where, chunk, after)
+        events = await stored_events(source, tenant_id, rows)
         for row in rows:
-            yield entry_json(row)
+            yield entry_json(row, events)
         if len(rows) < chunk:
             return
         after = (rows[-1]["activity_at"], rows[-1]["transaction_id"])

@@ -245,7 +245,7 @@ def audit_show(
         ("duration ms", entry["durationInMilliseconds"]),
         ("change id", entry["changeId"]),
         ("client request id", entry["clientRequestId"]),
-        ("events", ", ".join(str(p) for p in entry["eventPositions"])),
+        ("events", "; ".join(_event_text(e) for e in entry["events"])),
     ):
         facts.add_row(label, "-" if value is None else str(value))
     console = _audit_console()
@@ -255,6 +255,11 @@ def audit_show(
         for p in entry["modifiedProperties"]:
             changes.add_row(p["displayName"], p["oldValue"] or "-", p["newValue"] or "-")
         console.print(changes)
+
+
+def _event_text(event: dict[str, Any]) -> str:
+    """An event by what is the tenant's own: type, resource (or stream) and version."""
+    return f"{event['type']} {event['resource'] or event['stream']} v{event['version']}"
 
 
 @audit.command("history")
