@@ -62,18 +62,21 @@ def seal(
         state[SEALED] = base64.b64encode(nonce + sealed).decode()
 
 
+def _personal_fields(ring: KeyRing, state: dict[str, Any], topic_module: str) -> list[str]:
+    """The fields of an event's state whose values are sealed: all but the clear ones (and a
+    group's displayName when group names are not sealed)."""
+    group_name_clear = topic_module == "domain.group" and not ring.encrypt_group_names
+    return [
+        field
+        for field in state
+        if field not in _CLEAR_FIELDS and not (group_name_clear and field == "display_name")
+    ]
+
+
 def split(ring: KeyRing, state: dict[str, Any], topic_module: str) -> list[Any]:
     """Take the personal values out of an event's state (in place), in walk order."""
     leaves: list[Any] = []
-    for field in list(state):
-        if field in _CLEAR_FIELDS:
-            continue
-        if (
-            field == "display_name"
-            and topic_module == "domain.group"
-            and not ring.encrypt_group_names
-        ):
-            continue
+    for field in _personal_fields(ring, state, topic_module):
         value = state[field]
         if field in _DICT_FIELDS and type(value) is dict:
             state[field] = {
@@ -104,15 +107,7 @@ def unseal(
         except InvalidTag:
             leaves = None  # not this key: a key replaced since (a restored old backup)
     source = iter(leaves) if leaves is not None else None
-    for field in list(state):
-        if field in _CLEAR_FIELDS:
-            continue
-        if (
-            field == "display_name"
-            and topic_module == "domain.group"
-            and not ring.encrypt_group_names
-        ):
-            continue
+    for field in _personal_fields(ring, state, topic_module):
         value = state[field]
         if field in _DICT_FIELDS and type(value) is dict:
             state[field] = {
