@@ -175,29 +175,10 @@ class EventStore:
         new_keys: Sequence[tuple[UUID, int, bytes]],
         *args: Any,
     ) -> list[RecordedEvent]:
-        """Run an append statement (`q.INSERT`, alone or with more); its errors as ours."""
+        """Run an append statement (`q.INSERT`, alone or with more); its errors as ours. On any
+        failure the new subjects' keys were not stored: they are forgotten (a retry makes new
+        ones)."""
         started = time.perf_counter()
-        try:
-            return await self._insert_keyed(
-                conn, sql, stored, tenant_id, request_id, new_keys, *args
-            )
-        except BaseException:
-            # The new subjects' keys were not stored: forget them (a retry makes new ones).
-            self.keys.forget(k[0] for k in new_keys)
-            raise
-        finally:
-            metrics.APPEND_SECONDS.observe(time.perf_counter() - started)
-
-    async def _insert_keyed(
-        self,
-        conn: Conn,
-        sql: str,
-        stored: Sequence[StoredEvent],
-        tenant_id: UUID,
-        request_id: str | None,
-        new_keys: Sequence[tuple[UUID, int, bytes]],
-        *args: Any,
-    ) -> list[RecordedEvent]:
         try:
             rows = await conn.fetch(
                 sql,
@@ -212,23 +193,35 @@ class EventStore:
                 [k[2] for k in new_keys],
                 *args,
             )
-        except asyncpg.UniqueViolationError as e:
-            if getattr(e, "constraint_name", None) != q.PRIMARY_KEY:
-                raise  # a view's unique index, in the same statement
-            metrics.CONFLICTS.labels("version").inc()
-            raise ConcurrencyError(_conflicting_stream(stored, e)) from None
-        except asyncpg.PostgresError as e:
-            if e.sqlstate == q.OUT_OF_ORDER:
-                metrics.CONFLICTS.labels("order").inc()
-                raise OutOfOrder(_late_stream(stored, e)) from None
-            if e.sqlstate == q.ERASED:
-                subject = _late_stream(stored, e)
-                self.keys.erased(subject)
-                raise SubjectErased(subject) from None
-            raise
+        except BaseException as e:
+            self.keys.forget(k[0] for k in new_keys)
+            ours = self._refusal(stored, e)
+            if ours is e:
+                raise
+            raise ours from None
+        finally:
+            metrics.APPEND_SECONDS.observe(time.perf_counter() - started)
         metrics.APPENDS.inc()
         metrics.EVENTS_APPENDED.inc(len(rows))
         return [_recorded(r) for r in rows]
+
+    def _refusal(self, stored: Sequence[StoredEvent], error: BaseException) -> BaseException:
+        """What a failed append raises: ours for a version conflict, a stream written out of
+        order or an erased subject; anything else as it came."""
+        if isinstance(error, asyncpg.UniqueViolationError):
+            if getattr(error, "constraint_name", None) != q.PRIMARY_KEY:
+                return error  # a view's unique index, in the same statement
+            metrics.CONFLICTS.labels("version").inc()
+            return ConcurrencyError(_conflicting_stream(stored, error))
+        if isinstance(error, asyncpg.PostgresError):
+            if error.sqlstate == q.OUT_OF_ORDER:
+                metrics.CONFLICTS.labels("order").inc()
+                return OutOfOrder(_late_stream(stored, error))
+            if error.sqlstate == q.ERASED:
+                subject = _late_stream(stored, error)
+                self.keys.erased(subject)
+                return SubjectErased(subject)
+        return error
 
     async def append_now(
         self,
