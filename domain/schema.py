@@ -39,6 +39,16 @@ NAME_SUB_ATTRIBUTES = (
     "honorificPrefix",
     "honorificSuffix",
 )
+# Sub-attributes of an address (RFC 7643 §4.1.2), `primary` aside.
+ADDRESS_SUB_ATTRIBUTES = (
+    "formatted",
+    "streetAddress",
+    "locality",
+    "region",
+    "postalCode",
+    "country",
+    "type",
+)
 USER_STRING_ATTRIBUTES = (
     "externalId",
     "displayName",

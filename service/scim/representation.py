@@ -18,6 +18,7 @@ from typing import Any
 
 from domain.schema import (
     ACTIVE,
+    ADDRESS_SUB_ATTRIBUTES,
     ENTERPRISE,
     ENTERPRISE_SCHEMA_URN,
     MANAGER,
@@ -43,16 +44,7 @@ CORE_STRING_ATTRIBUTES = (USER_NAME, *USER_STRING_ATTRIBUTES)
 
 # Sub-attributes of the multi-valued attributes (RFC 7643 §4.1.2); others are ignored.
 _PLURAL_SUB_ATTRIBUTES = ("value", "display", "type", "primary")
-_ADDRESS_SUB_ATTRIBUTES = (
-    "formatted",
-    "streetAddress",
-    "locality",
-    "region",
-    "postalCode",
-    "country",
-    "type",
-    "primary",
-)
+_ADDRESS_SUB_ATTRIBUTES = (*ADDRESS_SUB_ATTRIBUTES, "primary")
 MULTI_VALUED_SUB_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     attribute: _ADDRESS_SUB_ATTRIBUTES if attribute == "addresses" else _PLURAL_SUB_ATTRIBUTES
     for attribute in USER_MULTI_VALUED_ATTRIBUTES

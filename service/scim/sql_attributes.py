@@ -16,6 +16,12 @@ from typing import Any
 
 from scim2_models.path import AttrPath
 
+from domain.schema import (
+    ADDRESS_SUB_ATTRIBUTES,
+    NAME_SUB_ATTRIBUTES,
+    USER_ENTERPRISE_ATTRIBUTES,
+    USER_STRING_ATTRIBUTES,
+)
 from domain.schema import ENTERPRISE_SCHEMA_URN as ENTERPRISE_USER_SCHEMA
 from domain.schema import GROUP_SCHEMA_URN as GROUP_SCHEMA
 from domain.schema import USER_SCHEMA_URN as USER_SCHEMA
@@ -170,33 +176,8 @@ def _plural(name: str, *, value_keys: str | None = None) -> Attribute:
     return _multi(name, [*subs, _item_boolean("primary")], value_keys=value_keys)
 
 
-_NAME_PARTS = (
-    "formatted",
-    "familyName",
-    "givenName",
-    "middleName",
-    "honorificPrefix",
-    "honorificSuffix",
-)
-_ADDRESS_PARTS = (
-    "formatted",
-    "streetAddress",
-    "locality",
-    "region",
-    "postalCode",
-    "country",
-    "type",
-)
-_USER_STRINGS = (
-    "nickName",
-    "profileUrl",
-    "title",
-    "userType",
-    "preferredLanguage",
-    "locale",
-    "timezone",
-)
-_ENTERPRISE_STRINGS = ("employeeNumber", "costCenter", "organization", "division", "department")
+# Held as JSON in the resource (the views have columns for externalId and displayName).
+_USER_STRINGS = tuple(a for a in USER_STRING_ATTRIBUTES if a not in ("externalId", "displayName"))
 
 USER_ATTRIBUTES = AttributeMap(
     schema=USER_SCHEMA,
@@ -211,14 +192,14 @@ USER_ATTRIBUTES = AttributeMap(
             "name",
             Kind.COMPLEX,
             "u.resource->'name'",
-            sub_attributes=attributes(*(_json_string(part, "name") for part in _NAME_PARTS)),
+            sub_attributes=attributes(*(_json_string(p, "name") for p in NAME_SUB_ATTRIBUTES)),
         ),
         _plural("emails", value_keys="scim_email_keys(u.resource)"),
         *(_plural(name) for name in ("phoneNumbers", "ims", "photos", "entitlements", "roles")),
         _plural("x509Certificates"),
         _multi(
             "addresses",
-            [*(_item_string(part) for part in _ADDRESS_PARTS), _item_boolean("primary")],
+            [*(_item_string(part) for part in ADDRESS_SUB_ATTRIBUTES), _item_boolean("primary")],
         ),
         Attribute(
             "meta",
@@ -234,7 +215,7 @@ USER_ATTRIBUTES = AttributeMap(
     undeclared="u.resource",
     extensions={
         ENTERPRISE_USER_SCHEMA: attributes(
-            *(_json_string(name, "enterprise") for name in _ENTERPRISE_STRINGS),
+            *(_json_string(name, "enterprise") for name in USER_ENTERPRISE_ATTRIBUTES),
             # The canonical state keeps the manager's id only; manager and manager.value
             # both compare it.
             Attribute(
