@@ -118,6 +118,20 @@ def _unwrap(kek: AESGCM, wrapped: bytes, aad: bytes) -> bytes:
     return kek.decrypt(wrapped[:_NONCE], wrapped[_NONCE:], aad)
 
 
+def _display_members(event: DomainEventProtocol[UUID]) -> list[UUID]:
+    """The members a group's membership change keeps a display of (sealed under their keys)."""
+    displays = getattr(event, "displays", None)
+    if not displays:
+        return []
+    out = []
+    for member in displays:
+        try:
+            out.append(UUID(member))
+        except ValueError:
+            continue
+    return out
+
+
 def _kek_aad(tenant_id: UUID, version: int) -> bytes:
     return b"kek:" + tenant_id.bytes + version.to_bytes(4, "big")
 
@@ -258,9 +272,11 @@ class KeyRing:
         """
         new: list[tuple[UUID, int, bytes]] = []
         missing: list[UUID] = []
+        members: list[UUID] = []
         for e in events:
             if type(e).__module__ not in PERSONAL_MODULES:
                 continue
+            members += _display_members(e)
             sid = e.originator_id
             if sid in self._subjects:
                 if self._subjects[sid] is None:
@@ -280,6 +296,8 @@ class KeyRing:
                     await self.create(conn, tenant_id, sid)
                 if self._subjects.get(sid, None) is None:
                     raise SubjectErased(sid)
+        if members:  # their displays are sealed under their own keys (infra.sealing)
+            await self.load(conn, members, missing_unreadable=True)
         return new
 
     async def create(self, conn: Any, tenant_id: UUID, subject_id: UUID) -> None:
