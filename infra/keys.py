@@ -45,6 +45,17 @@ _log = structlog.get_logger()
 _ERASED_SUBJECTS: set[UUID] = set()
 
 
+# The key ring this process made last (one master key per process): the provisioning log's
+# projection and its readers seal and open with it (infra.audit_sealing).
+_LATEST: list[KeyRing] = []
+
+
+def latest_ring() -> KeyRing:
+    if not _LATEST:
+        raise RuntimeError("no key ring yet: open the database (or an EventStore) first")
+    return _LATEST[0]
+
+
 def is_erased(subject_id: UUID) -> bool:
     return subject_id in _ERASED_SUBJECTS
 
@@ -159,6 +170,7 @@ class KeyRing:
         # Subjects found without a key row (streams stored before encryption): their events
         # are in clear until `scimledger erase migrate`; a write makes them a key.
         self._absent: set[UUID] = set()
+        _LATEST[:] = [self]  # the provisioning log's sealing uses it (infra.audit_sealing)
 
     # KEKs
 
