@@ -87,7 +87,9 @@ async def test_the_log_is_sealed_at_rest_and_reads_erased_without_a_scrub(
         "UPDATE subject_keys SET wrapped = NULL WHERE subject_id = $1", UUID(grace["id"])
     )
     assert await _audit_tables(database) == stored
-    code, out, err = await _cli(fresh_dsn, "audit", "export", "--tenant", "acme", "--format", "jsonl")
+    code, out, err = await _cli(
+        fresh_dsn, "audit", "export", "--tenant", "acme", "--format", "jsonl"
+    )
     assert code == 0, out + err
     entries = [orjson.loads(line) for line in out.splitlines() if line.strip()]
     hers = [e for e in entries if e["targetIdentity"]["id"] == grace["id"]]
