@@ -32,7 +32,7 @@ from eventsourcing.persistence import Mapper, StoredEvent
 from infra import eventstore_sql as q
 from infra import metrics
 from infra.keys import KeyRing, SubjectErased
-from infra.sealing import SealingMapper, is_personal_topic
+from infra.sealing import SealingMapper, display_members, is_personal_topic
 
 NOTIFY_CHANNEL = "scimledger_events"
 NOTIFY_COALESCE_SECONDS = 0.05
@@ -329,6 +329,8 @@ class EventStore:
         for r in recorded:
             if is_personal_topic(r.topic):
                 subjects.add(r.originator_id)
+                if b'"_displays_":{"' in r.state:  # members' displays, under their keys
+                    subjects.update(display_members(orjson.loads(r.state)))
             elif r.topic == _SUBJECT_ERASED:
                 erased = orjson.loads(r.state).get("subject_id")
                 if isinstance(erased, dict):

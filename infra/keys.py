@@ -45,6 +45,17 @@ _log = structlog.get_logger()
 _ERASED_SUBJECTS: set[UUID] = set()
 
 
+# The key ring this process made last (one master key per process): the provisioning log's
+# projection and its readers seal and open with it (infra.audit_sealing).
+_LATEST: list[KeyRing] = []
+
+
+def latest_ring() -> KeyRing:
+    if not _LATEST:
+        raise RuntimeError("no key ring yet: open the database (or an EventStore) first")
+    return _LATEST[0]
+
+
 def is_erased(subject_id: UUID) -> bool:
     return subject_id in _ERASED_SUBJECTS
 
@@ -118,6 +129,20 @@ def _unwrap(kek: AESGCM, wrapped: bytes, aad: bytes) -> bytes:
     return kek.decrypt(wrapped[:_NONCE], wrapped[_NONCE:], aad)
 
 
+def _display_members(event: DomainEventProtocol[UUID]) -> list[UUID]:
+    """The members a group's membership change keeps a display of (sealed under their keys)."""
+    displays = getattr(event, "displays", None)
+    if not displays:
+        return []
+    out = []
+    for member in displays:
+        try:
+            out.append(UUID(member))
+        except ValueError:
+            continue
+    return out
+
+
 def _kek_aad(tenant_id: UUID, version: int) -> bytes:
     return b"kek:" + tenant_id.bytes + version.to_bytes(4, "big")
 
@@ -145,6 +170,7 @@ class KeyRing:
         # Subjects found without a key row (streams stored before encryption): their events
         # are in clear until `scimledger erase migrate`; a write makes them a key.
         self._absent: set[UUID] = set()
+        _LATEST[:] = [self]  # the provisioning log's sealing uses it (infra.audit_sealing)
 
     # KEKs
 
@@ -258,9 +284,11 @@ class KeyRing:
         """
         new: list[tuple[UUID, int, bytes]] = []
         missing: list[UUID] = []
+        members: list[UUID] = []
         for e in events:
             if type(e).__module__ not in PERSONAL_MODULES:
                 continue
+            members += _display_members(e)
             sid = e.originator_id
             if sid in self._subjects:
                 if self._subjects[sid] is None:
@@ -280,6 +308,8 @@ class KeyRing:
                     await self.create(conn, tenant_id, sid)
                 if self._subjects.get(sid, None) is None:
                     raise SubjectErased(sid)
+        if members:  # their displays are sealed under their own keys (infra.sealing)
+            await self.load(conn, members, missing_unreadable=True)
         return new
 
     async def create(self, conn: Any, tenant_id: UUID, subject_id: UUID) -> None:

@@ -39,6 +39,7 @@ _CLEAR_FIELDS = frozenset(
         "class_version",
         "added",
         "removed",
+        "_displays_",  # members' displays, each sealed under its member's key (seal_displays)
     }
 )
 _CLEAR_ATTRIBUTES = frozenset({"active"})
@@ -55,6 +56,8 @@ def seal(
     cipher = ring.cipher(subject_id)
     if cipher is None:
         raise SubjectErased(subject_id)
+    if DISPLAYS in state and topic_module == "domain.group":
+        seal_displays(ring, state, subject_id, version)
     leaves = split(ring, state, topic_module)
     if leaves:
         nonce = os.urandom(_NONCE)
@@ -119,6 +122,77 @@ def unseal(
             state[field] = _restore(value, source)
 
 
+# -- a group's members' displays: each under its member's key -------------------------------
+#
+# A client's `display` of a member (GroupMembershipChanged.displays) is the member's name: it
+# is sealed under the MEMBER's data key, not the group's, so erasing the member makes it
+# unreadable in the group's events too (docs/erasure.md). Stored as `_displays_`, member id →
+# base64 of nonce + ciphertext, the group id, its version and the member id as associated data.
+# Events stored before this kept `displays` under the group's key, and still read so.
+
+DISPLAYS = "displays"
+SEALED_DISPLAYS = "_displays_"
+
+
+def display_members(state: dict[str, Any]) -> list[UUID]:
+    """The members whose keys reading this stored state needs (see EventStore.load_keys)."""
+    sealed = state.get(SEALED_DISPLAYS)
+    if type(sealed) is not dict:
+        return []
+    out = []
+    for member in sealed:
+        try:
+            out.append(UUID(member))
+        except ValueError:
+            continue
+    return out
+
+
+def seal_displays(ring: KeyRing, state: dict[str, Any], group_id: UUID, version: int) -> None:
+    """Move `displays` to `_displays_`, each sealed under its member's key. A member whose
+    key is not known (no key row: a stream from before encryption) loses its display."""
+    displays = state.pop(DISPLAYS)
+    sealed: dict[str, str] = {}
+    for member, display in (displays or {}).items():
+        try:
+            member_id = UUID(member)
+        except ValueError:
+            continue
+        cipher = ring.cipher(member_id)
+        if cipher is None:
+            continue
+        nonce = os.urandom(_NONCE)
+        aad = _display_aad(group_id, version, member_id)
+        raw = cipher.encrypt(nonce, orjson.dumps(display), aad)
+        sealed[member] = base64.b64encode(nonce + raw).decode()
+    state[SEALED_DISPLAYS] = sealed
+
+
+def unseal_displays(ring: KeyRing, state: dict[str, Any], group_id: UUID, version: int) -> None:
+    """Put `displays` back from `_displays_`; `[erased]` for a member whose key is gone."""
+    sealed = state.pop(SEALED_DISPLAYS)
+    displays: dict[str, Any] = {}
+    for member, text in (sealed or {}).items():
+        member_id = UUID(member)
+        if not ring.known(member_id) and not ring.is_absent(member_id):
+            raise LookupError(f"the data key of {member_id} was not loaded before decoding")
+        cipher = ring.cipher(member_id)
+        display: Any = ERASED
+        if cipher is not None:
+            raw = base64.b64decode(text)
+            aad = _display_aad(group_id, version, member_id)
+            try:
+                display = orjson.loads(cipher.decrypt(raw[:_NONCE], raw[_NONCE:], aad))
+            except InvalidTag:
+                display = ERASED
+        displays[member] = display
+    state[DISPLAYS] = displays
+
+
+def _display_aad(group_id: UUID, version: int, member_id: UUID) -> bytes:
+    return group_id.bytes + version.to_bytes(8, "big") + member_id.bytes
+
+
 def _aad(subject_id: UUID, version: int) -> bytes:
     return subject_id.bytes + version.to_bytes(8, "big")
 
@@ -178,6 +252,8 @@ class SealingMapper(Mapper[UUID]):
         cls = resolve_topic(stored_event.topic)
         event_state: dict[str, Any] = self.transcoder.decode(stored_event.state)
         originator_id = cast(UUID, stored_event.originator_id)
+        if SEALED_DISPLAYS in event_state:
+            unseal_displays(self.keys, event_state, originator_id, stored_event.originator_version)
         if SEALED in event_state:
             unseal(
                 self.keys,

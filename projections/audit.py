@@ -23,15 +23,17 @@ from domain.group import Group
 from domain.request import ProvisioningRequest
 from domain.schema import EXTENSION_SEPARATOR, is_extension_urn
 from domain.user import User
+from infra import audit_sealing
 from infra.eventstore import Conn
-from infra.keys import is_erased
-from infra.sealing import ERASED
+from infra.keys import KeyRing, is_erased
+from infra.sealing import ERASED, PLACEHOLDER
 
 NAME = "audit"
 # 2: list and object values in modifiedProperties are UTF-8 JSON (orjson), not \u-escaped.
 # 3: the error reason is bounded (domain.errors.bounded), also for requests recorded before it
 #    was; and the client's X-Request-Id (`clientRequestId`) has a column of its own.
-VERSION = 3
+# 4: personal values sealed under the subject's data key (infra.audit_sealing).
+VERSION = 4
 ENTRIES, RESOURCES = "audit_entries", "audit_resources"
 TABLES = (ENTRIES, RESOURCES)
 LIVE: Mapping[str, str] = {ENTRIES: ENTRIES, RESOURCES: RESOURCES}
@@ -39,7 +41,8 @@ LIVE: Mapping[str, str] = {ENTRIES: ENTRIES, RESOURCES: RESOURCES}
 ENTRY_COLUMNS = (
     "transaction_id, id, tenant_id, activity_at, change_id, action, status, error_code,"
     " error_reason, target_type, target_id, target_name, source_id, initiated_by, method,"
-    " path, http_status, duration_ms, positions, modified_properties, client_request_id"
+    " path, http_status, duration_ms, positions, modified_properties, client_request_id,"
+    " sealed"
 )
 
 # Entra's provisioning-log error codes, from the SCIM error a request got.
@@ -143,11 +146,33 @@ class _Entry:
         method = str(self.request.get("method", "")).upper()
         return {"POST": "create", "DELETE": "delete"}.get(method, "update")
 
-    def row(self) -> tuple[Any, ...]:
+    def _target(self) -> tuple[Any, Any, Any, Any]:
+        """(type, id, name, external id) of what the entry is about."""
         wanted = self.request.get("targetId")
         target = self.targets.get(_uuid(wanted)) if wanted else None  # type: ignore[arg-type]
         target = target or next(iter(self.targets.values()), None)
+        if target:
+            return target
+        return self.request.get("targetType"), _uuid(wanted), self.request.get("targetName"), None
+
+    def subject(self) -> UUID | None:
+        """The user or group whose key seals the entry's values (an erasure's: none, clear)."""
+        kind, rid, _, _ = self._target()
+        return None if "SubjectErased" in self.kinds else audit_sealing.entry_subject(kind, rid)
+
+    def row(self, keys: KeyRing) -> tuple[Any, ...]:
         error = self.error or {}
+        kind, rid, name, source = self._target()
+        name, source, properties, reason, sealed = audit_sealing.seal_entry(
+            keys,
+            self.tenant_id,
+            self.transaction_id,
+            self.subject(),
+            name,
+            source,
+            self.properties,
+            bounded(str(error.get("detail"))) if error.get("detail") is not None else None,
+        )
         return (
             self.transaction_id,
             self.id,
@@ -157,19 +182,20 @@ class _Entry:
             self.action(),
             self.status,
             error_code(error) if self.error else None,
-            bounded(str(error.get("detail"))) if error.get("detail") is not None else None,
-            target[0] if target else self.request.get("targetType"),
-            target[1] if target else _uuid(wanted),
-            target[2] if target else self.request.get("targetName"),
-            target[3] if target else None,
+            reason,
+            kind,
+            rid,
+            name,
+            source,
             self.request.get("initiatedBy"),
             self.request.get("method"),
             self.request.get("path"),
             self.request.get("status"),
             self.request.get("durationMs"),
             self.positions,
-            orjson.dumps(self.properties).decode(),
+            orjson.dumps(properties).decode(),
             self.request.get("clientRequestId"),
+            sealed,
         )
 
 
@@ -214,8 +240,11 @@ async def apply(
                 {"displayName": "reason", "oldValue": None, "newValue": fields.reason}
             )
             entry.properties.append(
-                {"displayName": "events made unreadable", "oldValue": None,
-                 "newValue": str(fields.events)}
+                {
+                    "displayName": "events made unreadable",
+                    "oldValue": None,
+                    "newValue": str(fields.events),
+                }
             )
             erasures.append((fields.tenant_id, fields.subject_id))
             continue
@@ -263,20 +292,22 @@ async def apply(
                     )
     await _save_resources(conn, resources, tables)
     if entries:
-        rows = [e.row() for e in entries.values()]
+        keys = await audit_sealing.load(conn, (e.subject() for e in entries.values()))
+        rows = [e.row(keys) for e in entries.values()]
         await conn.execute(
             f"INSERT INTO {tables[ENTRIES]} ({ENTRY_COLUMNS})"
             " SELECT transaction_id, id, tenant_id, activity_at, change_id, action, status,"
             " error_code, error_reason, target_type, target_id, target_name, source_id,"
             " initiated_by, method, path, http_status, duration_ms, positions::bigint[],"
-            " props::jsonb, client_request_id FROM unnest($1::bigint[], $2::uuid[], $3::uuid[],"
-            " $4::timestamptz[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[],"
-            " $10::text[], $11::uuid[], $12::text[], $13::text[], $14::text[], $15::text[],"
-            " $16::text[], $17::int[], $18::float8[], $19::text[], $20::text[], $21::text[])"
+            " props::jsonb, client_request_id, sealed FROM unnest($1::bigint[], $2::uuid[],"
+            " $3::uuid[], $4::timestamptz[], $5::text[], $6::text[], $7::text[], $8::text[],"
+            " $9::text[], $10::text[], $11::uuid[], $12::text[], $13::text[], $14::text[],"
+            " $15::text[], $16::text[], $17::int[], $18::float8[], $19::text[], $20::text[],"
+            " $21::text[], $22::text[])"
             " AS e (transaction_id, id, tenant_id, activity_at, change_id, action, status,"
             " error_code, error_reason, target_type, target_id, target_name, source_id,"
             " initiated_by, method, path, http_status, duration_ms, positions, props,"
-            " client_request_id)"
+            " client_request_id, sealed)"
             " ON CONFLICT (transaction_id) DO NOTHING",
             *[list(c) for c in zip(*[_arrays(r) for r in rows], strict=True)],
         )
@@ -291,12 +322,14 @@ async def _scrub(
     as a replay makes of them once the key is gone (see `apply`)."""
     await conn.execute(
         f"UPDATE {tables[ENTRIES]} e SET target_name = $3, source_id = NULL,"
-        " modified_properties = '[]'::jsonb"
+        " modified_properties = '[]'::jsonb, sealed = NULL,"
+        " error_reason = CASE WHEN error_reason = $4 THEN $3 ELSE error_reason END"
         " FROM unnest($1::uuid[], $2::uuid[]) AS x (tenant_id, subject_id)"
         " WHERE e.tenant_id = x.tenant_id AND e.target_id = x.subject_id AND e.action <> 'erase'",
         [t for t, _ in erasures],
         [s for _, s in erasures],
         ERASED,
+        PLACEHOLDER,
     )
     await conn.execute(
         f"DELETE FROM {tables[RESOURCES]} r USING unnest($1::uuid[], $2::uuid[])"
@@ -343,19 +376,22 @@ async def _load_resources(
         " WHERE id = any($1::uuid[])",
         ids,
     )
+    keys = await audit_sealing.load(conn, (r["id"] for r in rows))
     for r in rows:
+        state = audit_sealing.open_state(keys, r["tenant_id"], r["id"], r["state"])
+        if state is None:
+            continue  # its key is gone: the subject was erased (its row goes with it)
         if r["type"] == "User":
             found[r["id"]] = User.from_state(
                 r["id"],
                 r["version"],
                 r["tenant_id"],
-                r["state"],
+                state,
                 r["created"],
                 r["modified"],
                 owned=True,
             )
         else:
-            state = r["state"]
             found[r["id"]] = Group.from_state(
                 r["id"],
                 r["version"],
@@ -373,6 +409,7 @@ async def _save_resources(
     conn: Conn, resources: Mapping[UUID, Any], tables: Mapping[str, str]
 ) -> None:
     live, gone = [], []
+    keys = await audit_sealing.load(conn, (r for r, a in resources.items() if a is not None))
     for rid, agg in resources.items():
         if agg is None:
             continue
@@ -383,7 +420,15 @@ async def _save_resources(
             continue
         kind = "User" if isinstance(agg, User) else "Group"
         live.append(
-            (agg.tenant_id, rid, kind, agg.version, _state_of(agg), agg.created_on, agg.modified_on)
+            (
+                agg.tenant_id,
+                rid,
+                kind,
+                agg.version,
+                audit_sealing.seal_state(keys, agg.tenant_id, rid, _state_of(agg)),
+                agg.created_on,
+                agg.modified_on,
+            )
         )
     if gone:
         await conn.execute(f"DELETE FROM {tables[RESOURCES]} WHERE id = any($1::uuid[])", gone)

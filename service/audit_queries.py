@@ -14,6 +14,7 @@ from uuid import UUID
 import asyncpg
 import orjson
 
+from infra import audit_sealing
 from infra.eventstore import Conn
 from projections import state
 from projections.audit import ENTRY_COLUMNS
@@ -104,7 +105,15 @@ class AuditFilter:
             add("target_id = ?", self.target_id)
         if self.identity:
             escaped = self.identity.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            add("target_name ILIKE ?", f"%{escaped}%")
+            # The log's names are sealed (infra.audit_sealing): a name is looked up where it is
+            # in clear, the SCIM views (current names of existing users and groups); a target
+            # that is not a user or a group (a schema) keeps its name in clear.
+            add(
+                "(target_name ILIKE ? OR target_id IN (SELECT id FROM scim_users"
+                " WHERE tenant_id = $1 AND user_name ILIKE ? UNION ALL SELECT id FROM scim_groups"
+                " WHERE tenant_id = $1 AND display_name ILIKE ?))",
+                f"%{escaped}%",
+            )
         if self.change_id:
             add("change_id = ?", self.change_id)
         if self.client_request_id:
@@ -244,7 +253,8 @@ async def page(
     more = len(rows) > limit
     rows = rows[:limit]
     events = await stored_events(conn, tenant_id, rows)
-    return [entry_json(r, events) for r in rows], encode_next(rows[-1]) if more and rows else None
+    opened = await audit_sealing.open_entries(conn, rows)
+    return [entry_json(r, events) for r in opened], encode_next(rows[-1]) if more and rows else None
 
 
 async def _rows(
@@ -292,7 +302,10 @@ async def one(conn: Conn | asyncpg.Pool, tenant_id: UUID, entry_id: str) -> dict
         tenant_id,
         key,
     )
-    return entry_json(row, await stored_events(conn, tenant_id, [row])) if row else None
+    if row is None:
+        return None
+    [opened] = await audit_sealing.open_entries(conn, [row])
+    return entry_json(opened, await stored_events(conn, tenant_id, [row]))
 
 
 async def history(
@@ -319,7 +332,8 @@ async def history(
     more = len(rows) > limit
     rows = rows[:limit]
     events = await stored_events(conn, tenant_id, rows)
-    return [entry_json(r, events) for r in rows], encode_next(rows[-1]) if more and rows else None
+    opened = await audit_sealing.open_entries(conn, rows)
+    return [entry_json(r, events) for r in opened], encode_next(rows[-1]) if more and rows else None
 
 
 async def member_types(
@@ -347,7 +361,7 @@ async def stream(
     while True:
         rows = await _rows(source, tenant_id, where, chunk, after)
         events = await stored_events(source, tenant_id, rows)
-        for row in rows:
+        for row in await audit_sealing.open_entries(source, rows):
             yield entry_json(row, events)
         if len(rows) < chunk:
             return
@@ -370,4 +384,3 @@ async def lag(conn: Conn | asyncpg.Pool, tenant_id: UUID) -> dict[str, Any]:
     if behind is None:
         return {"eventsBehind": None, "eventsBehindCapped": False}
     return {"eventsBehind": behind, "eventsBehindCapped": behind >= LAG_COUNT_CAP}
-

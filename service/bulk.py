@@ -41,6 +41,7 @@ from infra import logging as logsetup
 from infra.config import Settings
 from infra.supervisor import SupervisorStatus
 from service.errors import ScimError
+from service.metrics import observe_request
 
 log = structlog.get_logger("scimledger.bulk")
 
@@ -161,6 +162,7 @@ async def _relay(request: web.Request) -> web.StreamResponse:
             yield chunk
 
     started = time.perf_counter()
+    status = 500
     try:
         async with session.request(
             request.method,
@@ -174,13 +176,17 @@ async def _relay(request: web.Request) -> web.StreamResponse:
             response = web.Response(status=reply.status, body=content)
             for key, value in relayed:
                 response.headers.add(key, value)
+            status = reply.status
             return response
     except _TooLarge:
+        status = 413
         return _refused(request, 413, f"The request body is larger than {limit} bytes", started)
     except (aiohttp.ClientError, OSError) as e:
         if sent > limit:  # the upload broke off because it grew past the limit
+            status = 413
             return _refused(request, 413, f"The request body is larger than {limit} bytes", started)
         log.warning("bulk process unreachable", error=type(e).__name__)
+        status = 503
         return _refused(
             request,
             503,
@@ -188,6 +194,11 @@ async def _relay(request: web.Request) -> web.StreamResponse:
             started,
             headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
+    finally:
+        # Counted here, where the client is answered (the time it waited, relay included): the
+        # bulk process counts nothing (service/metrics.observe_request), so the figures are the
+        # same whether the front is `serve`'s one process or one of its workers.
+        observe_request(request, status, time.perf_counter() - started)
 
 
 class _TooLarge(Exception):

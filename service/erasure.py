@@ -253,6 +253,7 @@ async def seal_stream(db: Database, conn: Conn, tenant_id: UUID, subject_id: UUI
         await keys.create(conn, tenant_id, subject_id)
     if keys.cipher(subject_id) is None:
         raise SubjectErased(subject_id)
+    await _member_keys(conn, keys, tenant_id, clear)
     from eventsourcing.persistence import StoredEvent
 
     sealed: list[tuple[int, bytes]] = []
@@ -269,6 +270,31 @@ async def seal_stream(db: Database, conn: Conn, tenant_id: UUID, subject_id: UUI
         [s for _, s in sealed],
     )
     return len(sealed)
+
+
+async def _member_keys(conn: Conn, keys: Any, tenant_id: UUID, rows: list[Any]) -> None:
+    """The keys a group's clear membership changes are sealed with: each member's display goes
+    under its member's key (infra.sealing.seal_displays); a member from before encryption gets
+    its key now, as its own stream would."""
+    members: set[UUID] = set()
+    for r in rows:
+        displays = orjson.loads(r["state"]).get(sealing.DISPLAYS)
+        if type(displays) is dict:
+            members.update(UUID(m) for m in displays if _is_uuid(m))
+    if not members:
+        return
+    await keys.load(conn, members)
+    for member in members:
+        if not keys.known(member):
+            await keys.create(conn, tenant_id, member)
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        UUID(text)
+    except ValueError:
+        return False
+    return True
 
 
 _PERSONAL_STREAMS = (

@@ -30,7 +30,7 @@ from infra import metrics as m
 from infra.supervisor import SupervisorStatus
 from projections import state
 from projections.registry import PROJECTIONS
-from service.state import DATABASE, SUPERVISOR
+from service.state import DATABASE, SETTINGS, SUPERVISOR
 
 # Bounds the work of one scrape when a projection is far behind: the gauge then reads "at least".
 _LAG_COUNT_CAP = 10_000
@@ -50,7 +50,11 @@ def multiprocess_dir() -> str | None:
 
 
 def observe_request(request: web.Request, status: int, seconds: float) -> None:
-    """Count one answered request under its route template (never the raw path)."""
+    """Count one answered request under its route template (never the raw path). Not on the
+    bulk process: the front that relayed the request counts it (service/bulk.py)."""
+    settings = request.app.get(SETTINGS)
+    if settings is not None and settings.bulk_peer:
+        return
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     m.REQUESTS.labels(request.method, route, str(status)).inc()

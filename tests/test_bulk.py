@@ -63,6 +63,22 @@ async def _chunks(raw: bytes) -> AsyncIterator[bytes]:
         yield raw[start : start + 1000]
 
 
+async def _posted(http: aiohttp.ClientSession, port: int) -> dict[str, int]:
+    """POST /scim/v2/Users requests counted in /metrics, by status; and their durations."""
+    async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+        assert r.status == 200
+        text = await r.text()
+    counts: dict[str, int] = {}
+    prefix = 'scimledger_http_requests_total{method="POST",route="/scim/v2/Users",status="'
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            counts[line[len(prefix) : line.index('"', len(prefix))]] = int(float(line.split()[-1]))
+    timed = 'scimledger_http_request_duration_seconds_count{method="POST",route="/scim/v2/Users"}'
+    [duration] = [line for line in text.splitlines() if line.startswith(timed)]
+    assert int(float(duration.split()[-1])) == sum(counts.values())
+    return counts
+
+
 async def test_large_bodies_are_served_by_the_bulk_process(fresh_dsn: str) -> None:
     proc, banner, port = await _serve(fresh_dsn)
     base = f"http://127.0.0.1:{port}/scim/v2"
@@ -89,6 +105,8 @@ async def test_large_bodies_are_served_by_the_bulk_process(fresh_dsn: str) -> No
                     assert "X-Request-Id" in r.headers, (name, dict(r.headers))
                     created[name] = (await r.json(content_type=None), r.headers["X-Request-Id"])
             assert len(created["large@contoso.com"][0]["emails"]) == 60
+            # Both are counted in /metrics, under the same names (the relayed one by the front).
+            assert await _posted(http, port) == {"201": 2}
             for _, request_id in created.values():
                 record = await db.fetchval(
                     "SELECT state FROM stored_events WHERE request_id = $1"
@@ -113,6 +131,7 @@ async def test_large_bodies_are_served_by_the_bulk_process(fresh_dsn: str) -> No
             async with http.post(f"{base}/Users", data=bad, headers=headers) as r:
                 assert r.status == 400, await r.text()
                 assert (await r.json(content_type=None))["scimType"] == "invalidValue"
+            assert await _posted(http, port) == {"201": 3, "413": 2, "400": 1}
 
             # The bulk process dies: large bodies get 503 with Retry-After (never a 500) until
             # `serve` has started another; small ones are answered all along.
