@@ -937,3 +937,96 @@ async def test_every_attribute_schemas_lists_round_trips(
         assert not set(selected) - {"id", "schemas", urn}, (full, selected)
         await patched(rid, {"op": "Remove", "path": full})
         assert await current(rid) is None, full
+
+
+TYPED = "urn:example:params:scim:schemas:extension:Typed:2.0:User"
+
+
+async def test_declared_typed_values_filter_sort_and_are_unique_as_their_type(
+    client: Client, auth: dict[str, str], database: Database
+) -> None:
+    schema = {
+        "id": TYPED,
+        "attributes": [
+            {"name": "hired", "type": "dateTime"},
+            {"name": "seat", "type": "integer", "uniqueness": "server"},
+            {"name": "score", "type": "decimal", "uniqueness": "server"},
+            {"name": "badgeAt", "type": "dateTime", "uniqueness": "server"},
+            {"name": "lead", "type": "boolean", "uniqueness": "server"},
+            {"name": "tags", "type": "string", "multiValued": True},
+        ],
+    }
+    async with database.pool.acquire() as conn:
+        await declare(conn, database.store, "acme", parse_declaration(schema), "User", "t")
+
+    def typed_user(name: str, **values: Any) -> dict[str, Any]:
+        body = entra_user(name)
+        body[TYPED] = values
+        return body
+
+    # 2026-01-01T19:00Z, written with its +05:00 offset: as text it is after 20:00Z.
+    early = await post_user(
+        client, auth, typed_user("early@contoso.com", hired="2026-01-02T00:00:00+05:00", seat=9)
+    )
+    late = await post_user(
+        client, auth, typed_user("late@contoso.com", hired="2026-01-01T20:00:00Z", seat=10)
+    )
+    assert early[TYPED]["hired"] == "2026-01-02T00:00:00+05:00"  # kept as sent
+
+    async def ids(query: str) -> list[str]:
+        return [u["id"] for u in (await find(client, auth, query))["Resources"]]
+
+    hired = f"{TYPED}:hired"
+    assert await ids(f'filter={hired} gt "2026-01-01T19:30:00Z"') == [late["id"]]
+    assert await ids(f'filter={hired} lt "2026-01-01T19:30:00Z"') == [early["id"]]
+    assert await ids(f'filter={hired} ge "2026-01-01T19:00:00Z"&sortBy={hired}') == [
+        early["id"],
+        late["id"],
+    ]
+    assert await ids(f'filter={hired} le "2026-01-01T19:00:00Z"') == [early["id"]]
+    assert await ids(f'filter={hired} eq "2026-01-01T14:00:00-05:00"') == [early["id"]]
+    # sortBy orders by the instant and by the number (as text: "10" < "9", "2026-01-02" last).
+    assert await ids(f"sortBy={hired}") == [early["id"], late["id"]]
+    assert await ids(f"sortBy={hired}&sortOrder=descending") == [late["id"], early["id"]]
+    assert await ids(f"sortBy={TYPED}:seat") == [early["id"], late["id"]]
+    # A multi-valued attribute is no sort key: a clear 400 invalidValue.
+    r = await client.get(f"/scim/v2/Users?sortBy={TYPED}:tags", headers=auth)
+    assert r.status == 400 and (await r.json())["scimType"] == "invalidValue"
+    assert "tags" in (await r.json())["detail"]
+
+    # uniqueness: server on an integer, a decimal, a dateTime and a boolean: equal as values
+    # (10 and 10.0, one instant at two offsets), whatever their spelling.
+    await patch(client, auth, early["id"], {"op": "Add", "path": f"{TYPED}:score", "value": 1.5})
+    await patch(
+        client,
+        auth,
+        early["id"],
+        {"op": "Add", "path": f"{TYPED}:badgeAt", "value": "2026-03-01T10:00:00+01:00"},
+    )
+    await patch(client, auth, early["id"], {"op": "Add", "path": f"{TYPED}:lead", "value": True})
+    before = await event_count(database)
+    for name, value in (
+        ("seat", 9),
+        ("score", 1.50),
+        ("badgeAt", "2026-03-01T09:00:00Z"),
+        ("lead", "True"),
+    ):
+        error = await patch(
+            client,
+            auth,
+            late["id"],
+            {"op": "Replace", "path": f"{TYPED}:{name}", "value": value},
+            status=409,
+        )
+        assert error["scimType"] == "uniqueness" and f"{TYPED}:{name}" in error["detail"], error
+        r = await client.post(
+            "/scim/v2/Users",
+            json=typed_user(f"new-{name}@contoso.com", **{name: value}),
+            headers=headers(auth),
+        )
+        assert r.status == 409 and (await r.json())["scimType"] == "uniqueness", name
+    assert await event_count(database) == before
+    await patch(client, auth, late["id"], {"op": "Replace", "path": f"{TYPED}:seat", "value": 11})
+    await patch(
+        client, auth, late["id"], {"op": "Replace", "path": f"{TYPED}:lead", "value": False}
+    )
