@@ -18,8 +18,15 @@ from collections.abc import Mapping
 from typing import Any
 from uuid import UUID
 
+from domain.core_schemas import (
+    COMMON_ATTRIBUTES,
+    ENTERPRISE_USER,
+    USER,
+    named,
+    names,
+    sub_names,
+)
 from domain.core_schemas import ENTERPRISE_SCHEMA_URN as ENTERPRISE_SCHEMA_URN
-from domain.core_schemas import ENTERPRISE_USER, USER, named, names, sub_names
 from domain.core_schemas import GROUP_SCHEMA_URN as GROUP_SCHEMA_URN
 from domain.core_schemas import USER_SCHEMA_URN as USER_SCHEMA_URN
 from domain.errors import InvalidValue
@@ -48,6 +55,16 @@ USER_MULTI_VALUED_ATTRIBUTES = names(
     _USER_ATTRIBUTES, kinds=("complex",), multi=True, writable=True
 )
 USER_ENTERPRISE_ATTRIBUTES = names(ENTERPRISE_USER["attributes"], kinds=_TEXT, multi=False)
+# Sub-attributes of each multi-valued one (RFC 7643 §4.1.2), and of the enterprise manager.
+USER_MULTI_VALUED_SUB_ATTRIBUTES = {
+    attribute: sub_names(named(USER, attribute)) for attribute in USER_MULTI_VALUED_ATTRIBUTES
+}
+MANAGER_SUB_ATTRIBUTES = sub_names(named(ENTERPRISE_USER, MANAGER))
+# Attributes a client never writes (mutability readOnly): the common id and meta, and groups.
+USER_READ_ONLY_ATTRIBUTES = (
+    *names(COMMON_ATTRIBUTES, writable=False),
+    *names(_USER_ATTRIBUTES, writable=False),
+)
 # How enterprise sub-attributes are named in UserAttributesChanged and in InvalidValue.
 ENTERPRISE_PREFIX = ENTERPRISE + "."
 
