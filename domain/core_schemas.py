@@ -231,7 +231,7 @@ ENTERPRISE_USER: Schema = {
                     "$ref",
                     "reference",
                     "The manager's URI (derived from value).",
-                    required=True,
+                    required=False,
                     case_exact=True,
                     references=("User",),
                 ),
