@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from domain.core_schemas import ENTERPRISE_SCHEMA_URN
 from domain.request import ProvisioningRequest
 from domain.schema import extension_attribute_name
 from infra.eventstore import NOTIFY_CHANNEL, Conn, EventStore
@@ -30,7 +31,7 @@ TYPES = ("string", "boolean", "integer", "decimal", "dateTime", "reference", "co
 _URN = re.compile(r"urn:[A-Za-z0-9][A-Za-z0-9-]{0,31}(?::[!-~]+)+")
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 _CORE = ("urn:ietf:params:scim:schemas:core:", "urn:ietf:params:scim:api:")
-_ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:user"
+_ENTERPRISE = ENTERPRISE_SCHEMA_URN.casefold()
 MAX_ATTRIBUTES = 200
 
 
