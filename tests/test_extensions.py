@@ -21,6 +21,8 @@ from infra.schemas import BadDeclaration, declare, parse_declaration, withdraw
 from infra.tenants import IssuedToken, create_tenant, set_tenant_undeclared
 from projections.registry import PROJECTIONS
 from service.scim.filter import SqlParams, user_filter_sql
+from service.scim.lists import tenant_where
+from service.scim.users import USERS_VIEW
 from tests.test_audit import audit_auth, settled
 from tests.test_cli import run
 from tests.test_entra_groups import GROUP
@@ -540,6 +542,18 @@ async def test_declared_unique_attribute_is_unique_per_tenant(
         return f"u.tenant_id = $1 AND {where}", params.values
 
     assert await lookup_plan(database, *lookup(tenant_id)) == 1
+    # The WHERE a list query runs: its cached generic plan (the one PostgreSQL keeps after
+    # five executions of a prepared statement) uses the index too, without replanning.
+    params = SqlParams([tenant_id])
+    where = tenant_where(USERS_VIEW, tenant_id, f'{BADGE}:number eq "b-1"', params, declared)
+    async with database.pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL enable_seqscan = off")
+        await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        await conn.execute(f"PREPARE listed AS SELECT u.id FROM scim_users u WHERE {where}")
+        literals = ", ".join(f"'{value}'" for value in params.values)  # a UUID, "b-1"
+        plan = await conn.fetch(f"EXPLAIN EXECUTE listed({literals})")
+        await conn.execute("DEALLOCATE listed")
+    assert "scim_users_xattr_" in "\n".join(row[0] for row in plan), plan
     params = SqlParams([tenant_id])
     plain = user_filter_sql(f'{CUSTOM}:CustomAttribute eq "b-1"', params)
     assert await lookup_plan(database, f"u.tenant_id = $1 AND {plain}", params.values) == 0
