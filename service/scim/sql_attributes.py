@@ -16,7 +16,7 @@ from typing import Any
 
 from scim2_models.path import AttrPath
 
-from domain.core_schemas import ENTERPRISE_USER, USER
+from domain.core_schemas import ENTERPRISE_USER, GROUP, USER, named
 from domain.core_schemas import Attribute as Spec
 from domain.schema import EMAILS, MANAGER
 from domain.schema import ENTERPRISE_SCHEMA_URN as ENTERPRISE_USER_SCHEMA
@@ -242,6 +242,8 @@ USER_ATTRIBUTES = AttributeMap(
 
 
 # --- the groups view ---------------------------------------------------------------------
+# Its columns and the membership rows are how the view keeps Group's attributes
+# (domain/core_schemas.py); members' $ref and display are not filtered on.
 
 GROUP_ATTRIBUTES = AttributeMap(
     schema=GROUP_SCHEMA,
@@ -249,7 +251,12 @@ GROUP_ATTRIBUTES = AttributeMap(
     attributes=attributes(
         Attribute("id", Kind.UUID, "g.id", case_exact=True),
         Attribute("externalId", Kind.STRING, "g.external_id", case_exact=True),
-        Attribute("displayName", Kind.STRING, "g.display_name"),
+        Attribute(
+            "displayName",
+            Kind.STRING,
+            "g.display_name",
+            case_exact=named(GROUP, "displayName")["caseExact"],
+        ),
         # One row per member: members.value eq "id" is a primary-key probe.
         Attribute(
             "members",
