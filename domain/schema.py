@@ -18,11 +18,20 @@ from collections.abc import Mapping
 from typing import Any
 from uuid import UUID
 
+from domain.core_schemas import (
+    COMMON_ATTRIBUTES,
+    ENTERPRISE_USER,
+    USER,
+    named,
+    names,
+    sub_names,
+)
+from domain.core_schemas import ENTERPRISE_SCHEMA_URN as ENTERPRISE_SCHEMA_URN
+from domain.core_schemas import GROUP_SCHEMA_URN as GROUP_SCHEMA_URN
+from domain.core_schemas import USER_SCHEMA_URN as USER_SCHEMA_URN
 from domain.errors import InvalidValue
 
-USER_SCHEMA_URN = "urn:ietf:params:scim:schemas:core:2.0:User"
-ENTERPRISE_SCHEMA_URN = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
-GROUP_SCHEMA_URN = "urn:ietf:params:scim:schemas:core:2.0:Group"
+_TEXT = ("string", "reference")
 
 USER_NAME = "userName"
 ACTIVE = "active"
@@ -31,51 +40,30 @@ EMAILS = "emails"
 MANAGER = "manager"
 ENTERPRISE = "enterprise"
 
-NAME_SUB_ATTRIBUTES = (
-    "formatted",
-    "familyName",
-    "givenName",
-    "middleName",
-    "honorificPrefix",
-    "honorificSuffix",
-)
+# The attribute sets below are read off the one definition (domain/core_schemas.py).
+_USER_ATTRIBUTES = USER["attributes"]
+NAME_SUB_ATTRIBUTES = sub_names(named(USER, NAME))
 # Sub-attributes of an address (RFC 7643 §4.1.2), `primary` aside.
-ADDRESS_SUB_ATTRIBUTES = (
-    "formatted",
-    "streetAddress",
-    "locality",
-    "region",
-    "postalCode",
-    "country",
-    "type",
-)
+ADDRESS_SUB_ATTRIBUTES = sub_names(named(USER, "addresses"), skip=("primary",))
+# Single-valued strings (and references) besides userName, externalId first (RFC 7643 §3.1).
 USER_STRING_ATTRIBUTES = (
     "externalId",
-    "displayName",
-    "nickName",
-    "profileUrl",
-    "title",
-    "userType",
-    "preferredLanguage",
-    "locale",
-    "timezone",
+    *(n for n in names(_USER_ATTRIBUTES, kinds=_TEXT, multi=False) if n != USER_NAME),
 )
-USER_MULTI_VALUED_ATTRIBUTES = (
-    "emails",
-    "phoneNumbers",
-    "ims",
-    "photos",
-    "addresses",
-    "entitlements",
-    "roles",
-    "x509Certificates",
+# Multi-valued complex attributes a client writes (`groups` is read-only).
+USER_MULTI_VALUED_ATTRIBUTES = names(
+    _USER_ATTRIBUTES, kinds=("complex",), multi=True, writable=True
 )
-USER_ENTERPRISE_ATTRIBUTES = (
-    "employeeNumber",
-    "costCenter",
-    "organization",
-    "division",
-    "department",
+USER_ENTERPRISE_ATTRIBUTES = names(ENTERPRISE_USER["attributes"], kinds=_TEXT, multi=False)
+# Sub-attributes of each multi-valued one (RFC 7643 §4.1.2), and of the enterprise manager.
+USER_MULTI_VALUED_SUB_ATTRIBUTES = {
+    attribute: sub_names(named(USER, attribute)) for attribute in USER_MULTI_VALUED_ATTRIBUTES
+}
+MANAGER_SUB_ATTRIBUTES = sub_names(named(ENTERPRISE_USER, MANAGER))
+# Attributes a client never writes (mutability readOnly): the common id and meta, and groups.
+USER_READ_ONLY_ATTRIBUTES = (
+    *names(COMMON_ATTRIBUTES, writable=False),
+    *names(_USER_ATTRIBUTES, writable=False),
 )
 # How enterprise sub-attributes are named in UserAttributesChanged and in InvalidValue.
 ENTERPRISE_PREFIX = ENTERPRISE + "."

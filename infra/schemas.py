@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from domain.core_schemas import ENTERPRISE_SCHEMA_URN
 from domain.request import ProvisioningRequest
 from domain.schema import extension_attribute_name
 from infra.eventstore import NOTIFY_CHANNEL, Conn, EventStore
@@ -30,7 +31,7 @@ TYPES = ("string", "boolean", "integer", "decimal", "dateTime", "reference", "co
 _URN = re.compile(r"urn:[A-Za-z0-9][A-Za-z0-9-]{0,31}(?::[!-~]+)+")
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 _CORE = ("urn:ietf:params:scim:schemas:core:", "urn:ietf:params:scim:api:")
-_ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:user"
+_ENTERPRISE = ENTERPRISE_SCHEMA_URN.casefold()
 MAX_ATTRIBUTES = 200
 
 
@@ -54,27 +55,55 @@ def text_sql(column: str, urn: str, name: str) -> str:
     return f"({column} -> {literal(urn)} ->> {literal(name)})"
 
 
-def index_name(resource_type: str, tenant_id: Any, urn: str, name: str, case_exact: bool) -> str:
+def typed_sql(column: str, urn: str, name: str, kind: str) -> str:
+    """A declared single-valued attribute read as its type (strings as text): what filters
+    compare and sortBy orders by, and (lower-cased unless caseExact, for strings) what a unique
+    index holds. A value of another JSON type (kept before the declaration) reads as NULL;
+    dateTime goes through scim_timestamptz (migration 0019): with its offset, as an instant."""
+    if kind in ("string", "reference"):
+        return text_sql(column, urn, name)
+    value = value_sql(column, urn, name)
+    if kind == "boolean":
+        return f"(CASE jsonb_typeof({value}) WHEN 'boolean' THEN {value}::boolean END)"
+    if kind in ("integer", "decimal"):
+        return f"(CASE jsonb_typeof({value}) WHEN 'number' THEN {value}::numeric END)"
+    if kind == "dateTime":
+        return f"scim_timestamptz({text_sql(column, urn, name)})"
+    raise ValueError(f"no single SQL value for a {kind} attribute")
+
+
+def index_name(
+    resource_type: str,
+    tenant_id: Any,
+    urn: str,
+    name: str,
+    case_exact: bool,
+    kind: str = "string",
+) -> str:
     """The name of the unique index behind a declared attribute of one tenant."""
     table, column = VIEWS[resource_type]
-    key = f"{table}\x1f{tenant_id}\x1f{_key(column, urn, name, case_exact)}"
+    key = f"{table}\x1f{tenant_id}\x1f{_key(column, urn, name, case_exact, kind)}"
     return f"{table}_{INDEX_PREFIX}{hashlib.sha256(key.encode()).hexdigest()[:32]}"
 
 
-def _key(column: str, urn: str, name: str, case_exact: bool) -> str:
-    value = text_sql(column, urn, name)
-    return value if case_exact else f"lower({value})"
+def _key(column: str, urn: str, name: str, case_exact: bool, kind: str = "string") -> str:
+    value = typed_sql(column, urn, name, kind)
+    return value if case_exact or kind not in ("string", "reference") else f"lower({value})"
 
 
-def unique_indexed(schema: Mapping[str, Any]) -> list[tuple[str, bool]]:
-    """(name, caseExact) of the attributes a unique index stands behind: single-valued
-    strings and references with `uniqueness: server` or `global`."""
+UNIQUE_TYPES = ("string", "reference", "boolean", "integer", "decimal", "dateTime")
+
+
+def unique_indexed(schema: Mapping[str, Any]) -> list[tuple[str, bool, str]]:
+    """(name, caseExact, type) of the attributes a unique index stands behind: single-valued
+    ones of a simple type with `uniqueness: server` or `global` (numbers unique as numbers,
+    dateTimes as instants)."""
     return [
-        (a["name"], bool(a.get("caseExact")))
+        (a["name"], bool(a.get("caseExact")), a.get("type", "string"))
         for a in schema.get("attributes", [])
         if a.get("uniqueness") in ("server", "global")
         and not a.get("multiValued")
-        and a.get("type", "string") in ("string", "reference")
+        and a.get("type", "string") in UNIQUE_TYPES
     ]
 
 
@@ -85,12 +114,13 @@ def unique_indexes(tenant_id: Any, resource_type: str, schema: Mapping[str, Any]
     and the filter `urn:…:attribute eq "x"` (the same expression) reads the index."""
     table, column = VIEWS[resource_type]
     out: dict[str, str] = {}
-    for name, case_exact in unique_indexed(schema):
-        index = index_name(resource_type, tenant_id, schema["id"], name, case_exact)
-        value = text_sql(column, schema["id"], name)
+    for name, case_exact, kind in unique_indexed(schema):
+        index = index_name(resource_type, tenant_id, schema["id"], name, case_exact, kind)
+        key = _key(column, schema["id"], name, case_exact, kind)
+        value = typed_sql(column, schema["id"], name, kind)
         out[index] = (
             f"CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS {index} ON {table}"
-            f" (tenant_id, {_key(column, schema['id'], name, case_exact)})"
+            f" (tenant_id, {key})"
             f" WHERE tenant_id = {literal(str(tenant_id))}::uuid AND {value} IS NOT NULL"
         )
     return out
@@ -101,15 +131,15 @@ async def _duplicate(
 ) -> str | None:
     """The first value a new unique attribute already holds twice in the tenant, if any."""
     table, column = VIEWS[resource_type]
-    for name, case_exact in unique_indexed(schema):
-        key = _key(column, schema["id"], name, case_exact)
+    for name, case_exact, kind in unique_indexed(schema):
+        key = _key(column, schema["id"], name, case_exact, kind)
         found = await conn.fetchval(
             f"SELECT {key} FROM {table} WHERE tenant_id = $1 AND {key} IS NOT NULL"
             f" GROUP BY 1 HAVING count(*) > 1 LIMIT 1",
             tenant_id,
         )
         if found is not None:
-            return f"{schema['id']}:{name} {found[:100]!r}"
+            return f"{schema['id']}:{name} {str(found)[:100]!r}"
     return None
 
 

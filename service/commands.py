@@ -24,6 +24,7 @@ class Unique:
     urn: str
     attribute: str
     case_exact: bool
+    kind: str = "string"  # its declared type: the unique index reads the value as one
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,8 +6,8 @@ import copy
 from typing import Any
 
 from aiohttp import web
-from scim2_models import EnterpriseUser, Group, User
 
+from domain.core_schemas import RESOURCE_SCHEMAS, Schema
 from infra.config import Settings
 from service.errors import ScimError, scim_json
 from service.feeds.sets import EVENT_URIS
@@ -16,34 +16,28 @@ from service.state import DATABASE, PRINCIPAL, SETTINGS, base_url
 LIST_RESPONSE = "urn:ietf:params:scim:api:messages:2.0:ListResponse"
 SPC_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"
 RESOURCE_TYPE_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:ResourceType"
-USER_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:User"
-GROUP_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:Group"
-ENTERPRISE_SCHEMA = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
+
+
+def _resource_type(name: str, endpoint: str) -> dict[str, Any]:
+    """A resource type (RFC 7643 §6) of its schemas in domain/core_schemas.py."""
+    core, *extensions = RESOURCE_SCHEMAS[name]
+    item: dict[str, Any] = {
+        "id": name,
+        "name": name,
+        "endpoint": endpoint,
+        "description": core["description"],
+        "schema": core["id"],
+    }
+    if extensions:
+        item["schemaExtensions"] = [{"schema": s["id"], "required": False} for s in extensions]
+    return item
+
 
 # Resource types are announced only once their endpoints exist (see service/app.py).
 RESOURCE_TYPES: dict[str, dict[str, Any]] = {
-    "User": {
-        "id": "User",
-        "name": "User",
-        "endpoint": "/Users",
-        "description": "User Account",
-        "schema": USER_SCHEMA,
-        "schemaExtensions": [{"schema": ENTERPRISE_SCHEMA, "required": False}],
-    },
-    "Group": {
-        "id": "Group",
-        "name": "Group",
-        "endpoint": "/Groups",
-        "description": "Group",
-        "schema": GROUP_SCHEMA,
-    },
+    "User": _resource_type("User", "/Users"),
+    "Group": _resource_type("Group", "/Groups"),
 }
-
-_SCHEMA_MODELS = {"User": (User, USER_SCHEMA), "Group": (Group, GROUP_SCHEMA)}
-# Attributes of the standard schemas that this server does not keep, so it does not announce
-# them (RFC 7644 §4: /Schemas describes the schemas the service provider supports). A password
-# is never kept: an append-only event store would never forget it.
-_UNSUPPORTED_ATTRIBUTES = {USER_SCHEMA: frozenset({"password"})}
 
 ENABLED_RESOURCES = web.AppKey("enabled_resources", tuple)
 
@@ -88,20 +82,9 @@ def _schemas(request: web.Request) -> list[dict[str, Any]]:
     settings = request.app[SETTINGS]
     out: list[dict[str, Any]] = []
     for name in _enabled(request):
-        model, urn = _SCHEMA_MODELS[name]
-        to_schema: Any = model.to_schema  # type: ignore[attr-defined]
-        schema = to_schema().model_dump(mode="json", exclude_none=True)
-        unsupported = _UNSUPPORTED_ATTRIBUTES.get(urn, frozenset())
-        schema["attributes"] = [a for a in schema["attributes"] if a["name"] not in unsupported]
-        _announce_limits(schema["attributes"], settings)
-        schema["meta"] = _meta(request, "Schema", f"/Schemas/{urn}")
-        out.append(schema)
-        if name == "User":
-            ext = EnterpriseUser.to_schema().model_dump(mode="json", exclude_none=True)
-            _announce_limits(ext["attributes"], settings)
-            ext["meta"] = _meta(request, "Schema", f"/Schemas/{ENTERPRISE_SCHEMA}")
-            out.append(ext)
-        for declared in _declared(request, name):
+        # The core schema and the enterprise extension (domain/core_schemas.py), then the
+        # tenant's declared extensions: what requests are validated against, and nothing else.
+        for declared in (*RESOURCE_SCHEMAS[name], *_declared(request, name)):
             schema = copy.deepcopy(declared)
             _announce_limits(schema["attributes"], settings)
             schema["meta"] = _meta(request, "Schema", f"/Schemas/{schema['id']}")
@@ -109,7 +92,7 @@ def _schemas(request: web.Request) -> list[dict[str, Any]]:
     return out
 
 
-def _declared(request: web.Request, resource_type: str) -> list[dict[str, Any]]:
+def _declared(request: web.Request, resource_type: str) -> list[Schema]:
     """The extension schemas the caller's tenant declares for a resource type."""
     principal = request.get(PRINCIPAL)
     declarations = principal.declared if principal is not None else ()

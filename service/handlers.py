@@ -307,6 +307,7 @@ def _taken(
                 attribute.urn,
                 attribute.attribute,
                 attribute.case_exact,
+                attribute.kind,
             )
             out[index] = f"{attribute.urn}:{attribute.attribute} {str(value)[:100]!r}"
     return out

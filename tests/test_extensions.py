@@ -21,6 +21,8 @@ from infra.schemas import BadDeclaration, declare, parse_declaration, withdraw
 from infra.tenants import IssuedToken, create_tenant, set_tenant_undeclared
 from projections.registry import PROJECTIONS
 from service.scim.filter import SqlParams, user_filter_sql
+from service.scim.lists import tenant_where
+from service.scim.users import USERS_VIEW
 from tests.test_audit import audit_auth, settled
 from tests.test_cli import run
 from tests.test_entra_groups import GROUP
@@ -540,6 +542,18 @@ async def test_declared_unique_attribute_is_unique_per_tenant(
         return f"u.tenant_id = $1 AND {where}", params.values
 
     assert await lookup_plan(database, *lookup(tenant_id)) == 1
+    # The WHERE a list query runs: its cached generic plan (the one PostgreSQL keeps after
+    # five executions of a prepared statement) uses the index too, without replanning.
+    params = SqlParams([tenant_id])
+    where = tenant_where(USERS_VIEW, tenant_id, f'{BADGE}:number eq "b-1"', params, declared)
+    async with database.pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL enable_seqscan = off")
+        await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        await conn.execute(f"PREPARE listed AS SELECT u.id FROM scim_users u WHERE {where}")
+        literals = ", ".join(f"'{value}'" for value in params.values)  # a UUID, "b-1"
+        plan = await conn.fetch(f"EXPLAIN EXECUTE listed({literals})")
+        await conn.execute("DEALLOCATE listed")
+    assert "scim_users_xattr_" in "\n".join(row[0] for row in plan), plan
     params = SqlParams([tenant_id])
     plain = user_filter_sql(f'{CUSTOM}:CustomAttribute eq "b-1"', params)
     assert await lookup_plan(database, f"u.tenant_id = $1 AND {plain}", params.values) == 0
@@ -826,32 +840,79 @@ EVERY_TYPES = [
 ]
 
 
-def sample(attribute: dict[str, Any], n: int) -> Any:
-    """The n-th value (1 or 2) of an attribute, by the characteristics /Schemas gives."""
+# Resource types a reference may name (RFC 7643 §7 referenceTypes) and their endpoints.
+ENDPOINTS = {"User": "/scim/v2/Users", "Group": "/scim/v2/Groups"}
+
+
+def resource_reference(attribute: dict[str, Any]) -> str | None:
+    """The resource type a complex attribute refers to, by its `$ref` sub-attribute's
+    referenceTypes (RFC 7643 §2.4: then `value` is that resource's id), if it does."""
+    for sub in attribute.get("subAttributes", []):
+        if sub["name"] == "$ref":
+            known = [t for t in sub.get("referenceTypes", []) if t in ENDPOINTS]
+            if known:
+                return str(known[0])
+    return None
+
+
+def writable(attribute: dict[str, Any]) -> bool:
+    """Whether a client writes the attribute and reads it back, by its characteristics."""
+    return attribute.get("mutability", "readWrite") not in ("readOnly", "writeOnly") and (
+        attribute.get("returned", "default") in ("default", "always")
+    )
+
+
+def sample(attribute: dict[str, Any], n: int, key: str, refs: dict[str, list[str]]) -> Any:
+    """The n-th value (1 or 2) of an attribute, by the characteristics /Schemas gives; `key`
+    keeps strings apart between resources (uniqueness), `refs` holds ids of each resource
+    type that a reference attribute can name."""
     kind = attribute.get("type", "string")
+    canonical = attribute.get("canonicalValues")
+    target = resource_reference(attribute)
     if kind == "complex":
         one = {
-            sub["name"]: sample({**sub, "multiValued": False}, n)
+            sub["name"]: sample({**sub, "multiValued": False}, n, key, refs)
             for sub in attribute["subAttributes"]
+            # $ref is derived from value; readOnly ones are not written (RFC 7643 §2.4).
+            if writable(sub) and not (target and sub["name"] == "$ref")
         }
+        if target is not None:
+            one["value"] = refs[target][n - 1]
+            if "type" in one:
+                one["type"] = target
+    elif canonical:
+        one = canonical[(n - 1) % len(canonical)]
     else:
         one = {
-            "string": f"v{n}-{attribute['name']}",
-            "boolean": n == 1,
+            "string": f"v{n}-{attribute['name']}-{key}",
+            "boolean": n == 2,
             "integer": n,
             "decimal": n + 0.5,
             "dateTime": f"2026-01-0{n}T09:00:00Z",
-            "reference": f"https://example.com/{attribute['name']}/{n}",
+            "reference": f"https://example.com/{attribute['name']}/{key}/{n}",
+            "binary": f"djEt{n}{key}".replace("-", ""),  # base64 text
         }[kind]
     return [one] if attribute.get("multiValued") else one
 
 
-def filter_of(urn: str, attribute: dict[str, Any], value: Any) -> str:
-    """A filter that finds `value` (sample()) of the attribute."""
+def within(sent: Any, got: Any) -> bool:
+    """Whether `got` holds what was sent (the server adds derived values: $ref, type)."""
+    if isinstance(sent, dict):
+        return isinstance(got, dict) and all(within(v, got.get(k)) for k, v in sent.items())
+    if isinstance(sent, list):
+        return (
+            isinstance(got, list)
+            and len(got) == len(sent)
+            and all(within(s, g) for s, g in zip(sent, got, strict=True))
+        )
+    return bool(sent == got)
+
+
+def filter_of(path: str, attribute: dict[str, Any], value: Any) -> str:
+    """A filter that finds `value` (sample()) of the attribute at `path`."""
     one = value[0] if attribute.get("multiValued") else value
-    path = f"{urn}:{attribute['name']}"
     if attribute.get("type") == "complex":
-        sub = attribute["subAttributes"][0]["name"]
+        sub = next(s["name"] for s in attribute["subAttributes"] if s["name"] in one)
         path, one = f"{path}.{sub}", one[sub]
     return f"{path} eq {orjson.dumps(one).decode()}"
 
@@ -859,81 +920,224 @@ def filter_of(urn: str, attribute: dict[str, Any], value: Any) -> str:
 async def test_every_attribute_schemas_lists_round_trips(
     client: Client, auth: dict[str, str], database: Database
 ) -> None:
+    """Every attribute /Schemas lists for the tenant (core User, enterprise User, Group and the
+    two declared extensions) through POST, GET, PATCH (both styles), PUT, filter, attributes=
+    and removal; which ones take part, and how, comes from their own characteristics."""
     async with database.pool.acquire() as conn:
         for urn, kind in ((EVERY_USER, "User"), (EVERY_GROUP, "Group")):
             schema = parse_declaration({"id": urn, "attributes": EVERY_TYPES})
             await declare(conn, database.store, "acme", schema, kind, "test")
 
     r = await client.get("/scim/v2/ResourceTypes", headers=auth)
-    extensions = {
-        e["schema"]: (t["endpoint"], t["schema"])
-        for t in (await r.json())["Resources"]
-        for e in t.get("schemaExtensions", [])
-    }
+    types = (await r.json())["Resources"]
     r = await client.get("/scim/v2/Schemas", headers=auth)
     listed = {s["id"]: s for s in (await r.json())["Resources"]}
+    # Each resource type's schemas: its core one, then its extensions.
     driven = [
-        (urn, endpoint, core, attribute)
-        for urn, (endpoint, core) in extensions.items()
-        if urn in listed and urn != ENTERPRISE_URN
+        (t, urn, attribute)
+        for t in types
+        for urn in (t["schema"], *(e["schema"] for e in t.get("schemaExtensions", [])))
         for attribute in listed[urn]["attributes"]
     ]
-    assert {urn for urn, *_ in driven} == {EVERY_USER, EVERY_GROUP}
-    assert len(driven) == 2 * len(EVERY_TYPES)
+    assert {urn for _, urn, _ in driven} == set(listed)  # every schema listed is driven
+    assert {urn for _, urn, _ in driven} >= {EVERY_USER, EVERY_GROUP, ENTERPRISE_URN}
+    assert len([d for d in driven if d[1] in (EVERY_USER, EVERY_GROUP)]) == 2 * len(EVERY_TYPES)
 
-    for i, (urn, endpoint, core, attribute) in enumerate(driven):
-        name = attribute["name"]
-        full = f"{urn}:{name}"
-        first, second = sample(attribute, 1), sample(attribute, 2)
+    # Resources a reference attribute (manager, members) can name: two of each type.
+    refs: dict[str, list[str]] = {"User": [], "Group": []}
+    for n in (1, 2):
+        refs["User"].append((await post_user(client, auth, entra_user(f"ref{n}@c.com")))["id"])
+        r = await client.post(
+            "/scim/v2/Groups", json={"displayName": f"Ref {n}"}, headers=headers(auth)
+        )
+        refs["Group"].append((await r.json())["id"])
+
+    done, ignored = [], []
+    for i, (resource_type, urn, attribute) in enumerate(driven):
+        name, core = attribute["name"], resource_type["schema"]
+        if attribute.get("mutability") == "readOnly":
+            # RFC 7644 §3.5.1: what a client sends for it is ignored (User's groups).
+            value, base = sample(attribute, 1, str(i), refs), {"schemas": [core]}
+            for other in listed[core]["attributes"]:
+                if other.get("required") and writable(other):
+                    base[other["name"]] = sample(other, 3, str(i), refs)
+            body = {**base, name: value} if urn == core else {**base, urn: {name: value}}
+            r = await client.post(
+                ENDPOINTS[resource_type["name"]], json=body, headers=headers(auth)
+            )
+            assert r.status == 201, (name, await r.text())
+            created = await r.json()
+            held = created.get(name) if urn == core else created.get(urn, {}).get(name)
+            assert not within(value, held), (name, held)
+            ignored.append(name)
+            continue
+        if not writable(attribute):
+            continue  # writeOnly or not returned: nothing to read back
+        full = name if urn == core else f"{urn}:{name}"  # as Entra names them
+        url = ENDPOINTS[resource_type["name"]]
+        first, second = (sample(attribute, n, str(i), refs) for n in (1, 2))
+        # The core schema's required attributes, each resource its own values.
         base: dict[str, Any] = {"schemas": [core]}
-        if endpoint == "/Users":
-            base["userName"] = f"every{i}@contoso.com"
-        else:
-            base["displayName"] = f"Every {i}"
-        url = f"/scim/v2{endpoint}"
+        for other in listed[core]["attributes"]:
+            if other.get("required") and writable(other):
+                base[other["name"]] = sample(other, 3, str(i), refs)
 
-        async def current(resource_id: str, at: tuple[str, str, str] = (url, urn, name)) -> Any:
-            r = await client.get(f"{at[0]}/{resource_id}", headers=auth)
+        def body(value: Any, urn: str = urn, name: str = name, base: Any = base) -> Any:
+            if urn == base["schemas"][0]:
+                return {**base, name: value}
+            return {**base, "schemas": [*base["schemas"], urn], urn: {name: value}}
+
+        def read(resource: dict[str, Any], urn: str = urn, name: str = name) -> Any:
+            holder = resource if urn == resource["schemas"][0] else resource.get(urn, {})
+            return holder.get(name)
+
+        async def current(rid: str, url: str = url) -> Any:
+            r = await client.get(f"{url}/{rid}", headers=auth)
             assert r.status == 200, await r.text()
-            return (await r.json()).get(at[1], {}).get(at[2])
+            return read(await r.json())
 
-        async def patched(rid: str, operation: dict[str, Any], url: str = url) -> None:
+        async def patched(rid: str, operation: dict[str, Any], url: str = url) -> Any:
             body = {"schemas": [PATCH_OP], "Operations": [operation]}
             r = await client.patch(f"{url}/{rid}", json=body, headers=headers(auth))
-            assert r.status in (200, 204), (operation, await r.text())
+            return r.status, await r.text()
 
-        r = await client.post(url, json={**base, urn: {name: first}}, headers=headers(auth))
+        r = await client.post(url, json=body(first), headers=headers(auth))
         assert r.status == 201, (full, await r.text())
         created = await r.json()
         rid = created["id"]
-        assert created[urn][name] == first, full
-        assert await current(rid) == first, full
-        # PATCH, the default style (a path) and the aadOptscim062020 one (URN keys, no path).
-        await patched(rid, {"op": "Replace", "path": full, "value": second})
-        assert await current(rid) == second, full
-        await patched(rid, {"op": "replace", "value": {full: first}})
-        assert await current(rid) == first, full
-        r = await client.put(
-            f"{url}/{rid}", json={**base, urn: {name: second}}, headers=headers(auth)
-        )
+        assert within(first, read(created)), (full, read(created))
+        assert within(first, await current(rid)), full
+        # PATCH, the default style (a path) and the aadOptscim062020 one (keys, no path).
+        status, text = await patched(rid, {"op": "Replace", "path": full, "value": second})
+        assert status in (200, 204), (full, text)
+        assert within(second, await current(rid)), full
+        status, text = await patched(rid, {"op": "replace", "value": {full: first}})
+        assert status in (200, 204), (full, text)
+        assert within(first, await current(rid)), full
+        r = await client.put(f"{url}/{rid}", json=body(second), headers=headers(auth))
         assert r.status == 200, (full, await r.text())
-        assert await current(rid) == second, full
+        assert within(second, await current(rid)), full
         # filter finds it by the value it has, not by the one it had.
-        for value, expected in ((second, [rid]), (first, [])):
+        for value, found in ((second, True), (first, False)):
             r = await client.get(
                 url,
                 params={
-                    "filter": filter_of(urn, attribute, value),
+                    "filter": filter_of(full, attribute, value),
                     "excludedAttributes": "members",
                 },
                 headers=auth,
             )
             assert r.status == 200, (full, await r.text())
-            assert [x["id"] for x in (await r.json())["Resources"]] == expected, full
-        # attributes= selects it alone.
+            ids = [x["id"] for x in (await r.json())["Resources"]]
+            assert (rid in ids) == found, (full, value, ids)
+        # attributes= selects it alone (with id and schemas, RFC 7644 §3.9).
         r = await client.get(f"{url}/{rid}", params={"attributes": full}, headers=auth)
         selected = await r.json()
-        assert selected[urn] == {name: second}, full
-        assert not set(selected) - {"id", "schemas", urn}, (full, selected)
-        await patched(rid, {"op": "Remove", "path": full})
-        assert await current(rid) is None, full
+        assert within(second, read(selected)), (full, selected)
+        assert not set(selected) - {"id", "schemas", urn if urn != core else name}, selected
+        # Removing it: a required attribute cannot go (400), any other is gone.
+        status, text = await patched(rid, {"op": "Remove", "path": full})
+        if attribute.get("required"):
+            assert status == 400, (full, text)
+            assert within(second, await current(rid)), full
+        else:
+            assert status in (200, 204), (full, text)
+            assert not await current(rid), full
+        done.append(full)
+    # The core attributes took part, not only the declared ones.
+    assert {"userName", "emails", "name", "active", "displayName", "members"} <= set(done)
+    assert f"{ENTERPRISE_URN}:manager" in done and f"{EVERY_GROUP}:doors" in done
+    assert ignored == ["groups"]
+
+
+TYPED = "urn:example:params:scim:schemas:extension:Typed:2.0:User"
+
+
+async def test_declared_typed_values_filter_sort_and_are_unique_as_their_type(
+    client: Client, auth: dict[str, str], database: Database
+) -> None:
+    schema = {
+        "id": TYPED,
+        "attributes": [
+            {"name": "hired", "type": "dateTime"},
+            {"name": "seat", "type": "integer", "uniqueness": "server"},
+            {"name": "score", "type": "decimal", "uniqueness": "server"},
+            {"name": "badgeAt", "type": "dateTime", "uniqueness": "server"},
+            {"name": "lead", "type": "boolean", "uniqueness": "server"},
+            {"name": "tags", "type": "string", "multiValued": True},
+        ],
+    }
+    async with database.pool.acquire() as conn:
+        await declare(conn, database.store, "acme", parse_declaration(schema), "User", "t")
+
+    def typed_user(name: str, **values: Any) -> dict[str, Any]:
+        body = entra_user(name)
+        body[TYPED] = values
+        return body
+
+    # 2026-01-01T19:00Z, written with its +05:00 offset: as text it is after 20:00Z.
+    early = await post_user(
+        client, auth, typed_user("early@contoso.com", hired="2026-01-02T00:00:00+05:00", seat=9)
+    )
+    late = await post_user(
+        client, auth, typed_user("late@contoso.com", hired="2026-01-01T20:00:00Z", seat=10)
+    )
+    assert early[TYPED]["hired"] == "2026-01-02T00:00:00+05:00"  # kept as sent
+
+    async def ids(query: str) -> list[str]:
+        return [u["id"] for u in (await find(client, auth, query))["Resources"]]
+
+    hired = f"{TYPED}:hired"
+    assert await ids(f'filter={hired} gt "2026-01-01T19:30:00Z"') == [late["id"]]
+    assert await ids(f'filter={hired} lt "2026-01-01T19:30:00Z"') == [early["id"]]
+    assert await ids(f'filter={hired} ge "2026-01-01T19:00:00Z"&sortBy={hired}') == [
+        early["id"],
+        late["id"],
+    ]
+    assert await ids(f'filter={hired} le "2026-01-01T19:00:00Z"') == [early["id"]]
+    assert await ids(f'filter={hired} eq "2026-01-01T14:00:00-05:00"') == [early["id"]]
+    # sortBy orders by the instant and by the number (as text: "10" < "9", "2026-01-02" last).
+    assert await ids(f"sortBy={hired}") == [early["id"], late["id"]]
+    assert await ids(f"sortBy={hired}&sortOrder=descending") == [late["id"], early["id"]]
+    assert await ids(f"sortBy={TYPED}:seat") == [early["id"], late["id"]]
+    # A multi-valued attribute is no sort key: a clear 400 invalidValue.
+    r = await client.get(f"/scim/v2/Users?sortBy={TYPED}:tags", headers=auth)
+    assert r.status == 400 and (await r.json())["scimType"] == "invalidValue"
+    assert "tags" in (await r.json())["detail"]
+
+    # uniqueness: server on an integer, a decimal, a dateTime and a boolean: equal as values
+    # (10 and 10.0, one instant at two offsets), whatever their spelling.
+    await patch(client, auth, early["id"], {"op": "Add", "path": f"{TYPED}:score", "value": 1.5})
+    await patch(
+        client,
+        auth,
+        early["id"],
+        {"op": "Add", "path": f"{TYPED}:badgeAt", "value": "2026-03-01T10:00:00+01:00"},
+    )
+    await patch(client, auth, early["id"], {"op": "Add", "path": f"{TYPED}:lead", "value": True})
+    before = await event_count(database)
+    for name, value in (
+        ("seat", 9),
+        ("score", 1.50),
+        ("badgeAt", "2026-03-01T09:00:00Z"),
+        ("lead", "True"),
+    ):
+        error = await patch(
+            client,
+            auth,
+            late["id"],
+            {"op": "Replace", "path": f"{TYPED}:{name}", "value": value},
+            status=409,
+        )
+        assert error["scimType"] == "uniqueness" and f"{TYPED}:{name}" in error["detail"], error
+        r = await client.post(
+            "/scim/v2/Users",
+            json=typed_user(f"new-{name}@contoso.com", **{name: value}),
+            headers=headers(auth),
+        )
+        assert r.status == 409 and (await r.json())["scimType"] == "uniqueness", name
+    assert await event_count(database) == before
+    await patch(client, auth, late["id"], {"op": "Replace", "path": f"{TYPED}:seat", "value": 11})
+    await patch(
+        client, auth, late["id"], {"op": "Replace", "path": f"{TYPED}:lead", "value": False}
+    )

@@ -137,14 +137,14 @@ def excluding(excluded: str | None, names: list[str]) -> str | None:
     return ",".join([*([excluded] if excluded else []), *names])
 
 
-def unique_attributes(declared: Declared) -> list[tuple[str, str, bool]]:
-    """(URN, attribute, caseExact) of the declared attributes whose values are unique in the
-    tenant: single-valued strings and references with `uniqueness: server` or `global`, each
-    behind a unique index (infra/schemas.py)."""
+def unique_attributes(declared: Declared) -> list[tuple[str, str, bool, str]]:
+    """(URN, attribute, caseExact, type) of the declared attributes whose values are unique in
+    the tenant: single-valued ones of a simple type with `uniqueness: server` or `global`,
+    each behind a unique index (infra/schemas.py)."""
     return [
-        (schema["id"], name, case_exact)
+        (schema["id"], name, case_exact, kind)
         for schema in declared.values()
-        for name, case_exact in unique_indexed(schema)
+        for name, case_exact, kind in unique_indexed(schema)
     ]
 
 

@@ -3,8 +3,9 @@
 A declared single-valued attribute of a simple type reads as the JSON value kept under its
 declared spelling (coerce_declared writes the URN and name as declared): a string compares
 with its declared `caseExact` (`lower()` on both sides when false), a number as a number, a
-boolean as a boolean, and each sorts as its type. Multi-valued, complex and dateTime ones
-are filtered like undeclared attributes (service/scim/filter.py, `_undeclared`).
+boolean as a boolean, a dateTime as an instant (its offset applied), and each sorts as its
+type (infra/schemas.py, `typed_sql`). Multi-valued and complex ones are filtered like
+undeclared attributes (service/scim/filter.py, `_undeclared`) and cannot be sortBy keys.
 
 The URN and names are the operator's declaration, never a client's input; they reach SQL as
 quoted literals (an expression index on the same expression can serve the lookup).
@@ -18,26 +19,26 @@ from typing import Any
 
 import orjson
 
-from infra.schemas import text_sql, value_sql
+from infra.schemas import typed_sql
 from service.scim.declared import Declared
 from service.scim.sql_attributes import Attribute, AttributeMap, Kind
 
+_KINDS = {
+    "string": Kind.STRING,
+    "reference": Kind.STRING,
+    "boolean": Kind.BOOLEAN,
+    "integer": Kind.NUMBER,
+    "decimal": Kind.NUMBER,
+    "dateTime": Kind.DATETIME,
+}
+
 
 def declared_attribute(column: str, urn: str, spec: Mapping[str, Any]) -> Attribute | None:
-    if spec.get("multiValued"):
+    kind = _KINDS.get(spec["type"])
+    if spec.get("multiValued") or kind is None:
         return None
-    name, kind = spec["name"], spec["type"]
-    if kind in ("string", "reference"):
-        case_exact = bool(spec.get("caseExact"))
-        return Attribute(name, Kind.STRING, text_sql(column, urn, name), case_exact=case_exact)
-    value = value_sql(column, urn, name)
-    if kind == "boolean":
-        sql = f"(CASE jsonb_typeof({value}) WHEN 'boolean' THEN {value}::boolean END)"
-        return Attribute(name, Kind.BOOLEAN, sql)
-    if kind in ("integer", "decimal"):
-        sql = f"(CASE jsonb_typeof({value}) WHEN 'number' THEN {value}::numeric END)"
-        return Attribute(name, Kind.NUMBER, sql)
-    return None
+    sql = typed_sql(column, urn, spec["name"], spec["type"])
+    return Attribute(spec["name"], kind, sql, case_exact=bool(spec.get("caseExact")))
 
 
 def declared_tables(column: str, declared: Declared) -> dict[str, dict[str, Attribute]]:

@@ -381,7 +381,12 @@ def compile_sort(attribute_map: AttributeMap, sort_by: str) -> str:
     if attribute is not None and attribute.kind is not Kind.MULTI and path.sub_attr:
         attribute = attribute.sub(path.sub_attr)
     if attribute is None:
-        raise ScimError(400, f"sortBy names an unknown attribute: {path}", "invalidValue")
+        raise ScimError(
+            400,
+            f"cannot sort by {path}: not an attribute with a single value of a simple type"
+            " (multi-valued and complex attributes are no sort keys, RFC 7644 §3.4.2.3)",
+            "invalidValue",
+        )
     if attribute.kind in (Kind.MULTI, Kind.COMPLEX) or attribute.sql is None:
         raise ScimError(400, f"cannot sort by {path}: not a single value", "invalidValue")
     if attribute.kind is Kind.STRING and not attribute.case_exact:

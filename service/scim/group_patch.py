@@ -18,11 +18,12 @@ from typing import Any
 from scim2_models import InvalidFilterException, ScimFilter
 from scim2_models.path.expressions import CompareOperator, Comparison, LogicalExpr, LogicalOperator
 
+from domain.core_schemas import GROUP_SCHEMA_URN
 from service.commands import GroupEdit
 from service.errors import ScimError, invalid_value
 from service.scim.representation import is_undeclared_urn, undeclared_refused
 
-GROUP_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:Group"
+GROUP_SCHEMA = GROUP_SCHEMA_URN
 # Entra adds this schema to groups it creates; it carries nothing we keep.
 AD_GROUP_SCHEMA = "http://schemas.microsoft.com/2006/11/ResourceManagement/ADSCIM/2.0/Group"
 def _no_target(detail: str) -> ScimError:

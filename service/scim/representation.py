@@ -18,7 +18,6 @@ from typing import Any
 
 from domain.schema import (
     ACTIVE,
-    ADDRESS_SUB_ATTRIBUTES,
     ENTERPRISE,
     ENTERPRISE_SCHEMA_URN,
     MANAGER,
@@ -26,12 +25,15 @@ from domain.schema import (
     NAME_SUB_ATTRIBUTES,
     USER_ENTERPRISE_ATTRIBUTES,
     USER_MULTI_VALUED_ATTRIBUTES,
+    USER_MULTI_VALUED_SUB_ATTRIBUTES,
     USER_NAME,
+    USER_READ_ONLY_ATTRIBUTES,
     USER_SCHEMA_URN,
     USER_STRING_ATTRIBUTES,
     is_extension_urn,
     split_extension_attribute,
 )
+from domain.schema import MANAGER_SUB_ATTRIBUTES as DOMAIN_MANAGER_SUB_ATTRIBUTES
 from service.errors import ScimError, invalid_value
 from service.scim.selection import select_attributes as select_attributes
 
@@ -39,19 +41,14 @@ USER_SCHEMA = USER_SCHEMA_URN
 ENTERPRISE_SCHEMA = ENTERPRISE_SCHEMA_URN
 
 # Attributes a client never writes: ignored in bodies, refused as PATCH targets.
-READ_ONLY_ATTRIBUTES = ("id", "meta", "groups", "schemas")
+READ_ONLY_ATTRIBUTES = (*USER_READ_ONLY_ATTRIBUTES, "schemas")
 CORE_STRING_ATTRIBUTES = (USER_NAME, *USER_STRING_ATTRIBUTES)
 
 # Sub-attributes of the multi-valued attributes (RFC 7643 §4.1.2); others are ignored.
-_PLURAL_SUB_ATTRIBUTES = ("value", "display", "type", "primary")
-_ADDRESS_SUB_ATTRIBUTES = (*ADDRESS_SUB_ATTRIBUTES, "primary")
-MULTI_VALUED_SUB_ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    attribute: _ADDRESS_SUB_ATTRIBUTES if attribute == "addresses" else _PLURAL_SUB_ATTRIBUTES
-    for attribute in USER_MULTI_VALUED_ATTRIBUTES
-}
+MULTI_VALUED_SUB_ATTRIBUTES = USER_MULTI_VALUED_SUB_ATTRIBUTES
 # The enterprise manager (RFC 7643 §4.3): only `value` is kept; `$ref` and `displayName` are
 # derived from it.
-MANAGER_SUB_ATTRIBUTES = ("value", "$ref", "displayName")
+MANAGER_SUB_ATTRIBUTES = DOMAIN_MANAGER_SUB_ATTRIBUTES
 PRIMARY = "primary"
 
 _BOOLEAN_STRINGS = {"true": True, "false": False}

@@ -16,12 +16,9 @@ from typing import Any
 
 from scim2_models.path import AttrPath
 
-from domain.schema import (
-    ADDRESS_SUB_ATTRIBUTES,
-    NAME_SUB_ATTRIBUTES,
-    USER_ENTERPRISE_ATTRIBUTES,
-    USER_STRING_ATTRIBUTES,
-)
+from domain.core_schemas import ENTERPRISE_USER, GROUP, USER, named
+from domain.core_schemas import Attribute as Spec
+from domain.schema import EMAILS, MANAGER
 from domain.schema import ENTERPRISE_SCHEMA_URN as ENTERPRISE_USER_SCHEMA
 from domain.schema import GROUP_SCHEMA_URN as GROUP_SCHEMA
 from domain.schema import USER_SCHEMA_URN as USER_SCHEMA
@@ -138,10 +135,10 @@ def _column(name: str, kind: Kind, column: str, *, case_exact: bool = False) -> 
     return Attribute(name, kind, f"u.{column}", case_exact=case_exact)
 
 
-def _json_string(name: str, *path: str) -> Attribute:
-    """A string at resource->path[0]->...->>name (keys are constants of this module)."""
+def _json_string(name: str, *path: str, case_exact: bool = False) -> Attribute:
+    """A string at resource->path[0]->...->>name (names of domain/core_schemas.py)."""
     prefix = "".join(f"->'{key}'" for key in path)
-    return Attribute(name, Kind.STRING, f"u.resource{prefix}->>'{name}'")
+    return Attribute(name, Kind.STRING, f"u.resource{prefix}->>'{name}'", case_exact=case_exact)
 
 
 def _item_string(name: str, *, case_exact: bool = False) -> Attribute:
@@ -170,37 +167,50 @@ def _multi(name: str, subs: Iterable[Attribute], *, value_keys: str | None = Non
     )
 
 
-def _plural(name: str, *, value_keys: str | None = None) -> Attribute:
-    """Multi-valued value/display/type/primary attributes, e.g. emails (RFC 7643 §2.4)."""
-    subs = [_item_string(sub) for sub in ("value", "display", "type")]
-    return _multi(name, [*subs, _item_boolean("primary")], value_keys=value_keys)
+# Columns of the users view; the other attributes are read from its resource JSON.
+_USER_COLUMNS = {"userName": "user_name", "displayName": "display_name", "active": "active"}
 
 
-# Held as JSON in the resource (the views have columns for externalId and displayName).
-_USER_STRINGS = tuple(a for a in USER_STRING_ATTRIBUTES if a not in ("externalId", "displayName"))
+def _user_attribute(spec: Spec, *path: str) -> Attribute | None:
+    """How an attribute of domain/core_schemas.py reads in the users view: its name, type,
+    caseExact and sub-attributes from the definition, its place from how the view keeps it.
+    readOnly ones (groups: the groups' membership rows) are not filtered on."""
+    name, case_exact = spec["name"], spec["caseExact"]
+    if spec["mutability"] == "readOnly":
+        return None
+    if spec["multiValued"]:
+        subs = [
+            _item_boolean(sub["name"])
+            if sub["type"] == "boolean"
+            else _item_string(sub["name"], case_exact=sub["caseExact"])
+            for sub in spec["subAttributes"]
+        ]
+        keys = "scim_email_keys(u.resource)" if name == EMAILS else None
+        return _multi(name, subs, value_keys=keys)
+    if spec["type"] == "complex":
+        keys = "".join(f"->'{key}'" for key in (*path, name))
+        return Attribute(
+            name,
+            Kind.COMPLEX,
+            f"u.resource{keys}",
+            sub_attributes=attributes(*_user_attributes(spec["subAttributes"], *path, name)),
+        )
+    if not path and name in _USER_COLUMNS:
+        kind = Kind.BOOLEAN if spec["type"] == "boolean" else Kind.STRING
+        return _column(name, kind, _USER_COLUMNS[name], case_exact=case_exact)
+    return _json_string(name, *path, case_exact=case_exact)
+
+
+def _user_attributes(specs: list[Spec], *path: str) -> list[Attribute]:
+    return [a for a in (_user_attribute(spec, *path) for spec in specs) if a is not None]
+
 
 USER_ATTRIBUTES = AttributeMap(
     schema=USER_SCHEMA,
     attributes=attributes(
         _column("id", Kind.UUID, "id", case_exact=True),
         _column("externalId", Kind.STRING, "external_id", case_exact=True),
-        _column("userName", Kind.STRING, "user_name"),
-        _column("displayName", Kind.STRING, "display_name"),
-        _column("active", Kind.BOOLEAN, "active"),
-        *(_json_string(name) for name in _USER_STRINGS),
-        Attribute(
-            "name",
-            Kind.COMPLEX,
-            "u.resource->'name'",
-            sub_attributes=attributes(*(_json_string(p, "name") for p in NAME_SUB_ATTRIBUTES)),
-        ),
-        _plural("emails", value_keys="scim_email_keys(u.resource)"),
-        *(_plural(name) for name in ("phoneNumbers", "ims", "photos", "entitlements", "roles")),
-        _plural("x509Certificates"),
-        _multi(
-            "addresses",
-            [*(_item_string(part) for part in ADDRESS_SUB_ATTRIBUTES), _item_boolean("primary")],
-        ),
+        *_user_attributes(USER["attributes"]),
         Attribute(
             "meta",
             Kind.COMPLEX,
@@ -215,7 +225,9 @@ USER_ATTRIBUTES = AttributeMap(
     undeclared="u.resource",
     extensions={
         ENTERPRISE_USER_SCHEMA: attributes(
-            *(_json_string(name, "enterprise") for name in USER_ENTERPRISE_ATTRIBUTES),
+            *_user_attributes(
+                [a for a in ENTERPRISE_USER["attributes"] if a["name"] != MANAGER], "enterprise"
+            ),
             # The canonical state keeps the manager's id only; manager and manager.value
             # both compare it.
             Attribute(
@@ -230,6 +242,8 @@ USER_ATTRIBUTES = AttributeMap(
 
 
 # --- the groups view ---------------------------------------------------------------------
+# Its columns and the membership rows are how the view keeps Group's attributes
+# (domain/core_schemas.py); members' $ref and display are not filtered on.
 
 GROUP_ATTRIBUTES = AttributeMap(
     schema=GROUP_SCHEMA,
@@ -237,7 +251,12 @@ GROUP_ATTRIBUTES = AttributeMap(
     attributes=attributes(
         Attribute("id", Kind.UUID, "g.id", case_exact=True),
         Attribute("externalId", Kind.STRING, "g.external_id", case_exact=True),
-        Attribute("displayName", Kind.STRING, "g.display_name"),
+        Attribute(
+            "displayName",
+            Kind.STRING,
+            "g.display_name",
+            case_exact=named(GROUP, "displayName")["caseExact"],
+        ),
         # One row per member: members.value eq "id" is a primary-key probe.
         Attribute(
             "members",
