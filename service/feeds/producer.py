@@ -4,9 +4,10 @@ A follower like the asynchronous projections' runners (projections/runner.py): o
 holds the `feeds` advisory lock and produces (the others stand by), each stream has its own
 checkpoint, and one step turns a batch of whole transactions into signed SETs in `feed_sets`
 and moves that stream's checkpoint in the same transaction, with the stream's row locked. So a
-SET is produced exactly once (one `jti`), survives restarts, and a redelivery resends the same
-token. A stream with `MAX_PENDING` SETs not yet delivered waits (its checkpoint stays), so a
-consumer that stops polling costs a bounded table, not an unbounded one.
+SET survives restarts, a redelivery resends the same token, and a SET produced again after a
+lost commit carries the same `jti` (derived from the event it reports, build.Signer). A stream
+with `MAX_PENDING` SETs not yet delivered waits (its checkpoint stays), so a consumer that
+stops polling costs a bounded table, not an unbounded one.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import structlog
 
 from infra.database import Database
 from infra.eventstore import NOTIFY_CHANNEL, Conn, Position, RecordedEvent
+from infra.keys import PERSONAL_MODULES, is_erased
 from projections.runner import LOCK_NAMESPACE, SESSION_LOST, idle, lead
 from service.feeds import sets
 from service.feeds.build import (
@@ -38,14 +40,16 @@ from service.feeds.keys import KeyRing
 from service.feeds.streams import Stream
 
 log = structlog.get_logger("scimledger.feeds")
+_PERSONAL = tuple(m + ":" for m in PERSONAL_MODULES)
 MAX_PENDING = 10_000
 LOCK_NAME = "feeds"
 # A lock namespace of its own: the projections' one holds a lock per projection, no other.
 FEEDS_LOCK_NAMESPACE = LOCK_NAMESPACE + 1
 # The feed's own commits do not wait for the WAL flush, so they do not queue behind (or
-# ahead of) the SCIM writers' ones. A crash may lose the last of them, atomically: a step's
-# SETs with its checkpoint (produced again, new `jti`s, the same `txn`: RFC 9967 §2.2 lets a
-# receiver see them as one transaction's), a delivery's removal (sent again, the same `jti`).
+# ahead of) the SCIM writers' ones. A crash or failover may lose the last of them, atomically:
+# a step's SETs with its checkpoint (produced again with the same `jti`s, build.Signer, so a
+# receiver that had them sees duplicates it can drop, and its acknowledgement of either copy
+# works), a delivery's removal (sent again, the same `jti`).
 # At-least-once and the order hold; nothing is skipped.
 ASYNC_COMMIT = "SET LOCAL synchronous_commit = off"
 # Worker processes that build and sign a catch-up's SETs (0: none, all in the producer).
@@ -163,16 +167,22 @@ class Producer:
             stream = Stream.of(row)
             mine = [r for r in batch if r.tenant_id == stream.tenant_id]
             tokens = await self._sets(conn, stream, mine, row["kid"]) if mine else []
+            made = 0
             if tokens:
-                await conn.execute(
-                    "INSERT INTO feed_sets (stream_id, jti, kid, token)"
-                    " SELECT $1, j, k, t FROM unnest($2::text[], $3::text[], $4::text[])"
-                    " WITH ORDINALITY AS x (j, k, t, n) ORDER BY n",
+                # A SET still pending from before (its producing commit was kept, the
+                # checkpoint's lost) keeps its row: the same jti (build.Signer), in order.
+                status = await conn.execute(
+                    "INSERT INTO feed_sets (stream_id, jti, kid, token, subject)"
+                    " SELECT $1, j, k, t, s FROM unnest($2::text[], $3::text[], $4::text[],"
+                    " $5::uuid[]) WITH ORDINALITY AS x (j, k, t, s, n) ORDER BY n"
+                    " ON CONFLICT (stream_id, jti) DO NOTHING",
                     stream_id,
                     [t[0] for t in tokens],
                     [t[1] for t in tokens],
                     [t[2] for t in tokens],
+                    [t[3] for t in tokens],
                 )
+                made = int(status.rsplit(" ", 1)[-1])
             last = batch[-1].position
             await conn.execute(
                 "UPDATE feed_streams SET checkpoint_transaction = $2, checkpoint_position = $3,"
@@ -180,9 +190,9 @@ class Producer:
                 stream_id,
                 last[0],
                 last[1],
-                len(tokens),
+                made,
             )
-        self.produced += len(tokens)
+        self.produced += made
         return len(batch)
 
     async def _sets(
@@ -193,7 +203,8 @@ class Producer:
         base = self.base_url()
         issuer, audience = issuer_of(base), audience_of(base, stream.id)
         view = StreamView(stream.id, stream.full, stream.events, stream.scope_group)
-        sign = Signer(key, issuer, audience)
+        sign = Signer(key, issuer, audience, stream.id)
+        await self._erased(conn, records)
         members: set[str] | None = None
         if stream.scope_group is not None:
             members = {
@@ -226,6 +237,22 @@ class Producer:
                 [m for m in joined if m not in left],
             )
         return out
+
+    async def _erased(self, conn: Conn, records: Sequence[RecordedEvent]) -> None:
+        """Mark the subjects of these events erased whose erasure has committed (on any
+        instance: this one may still hold the key cached), before their SETs are built: an
+        erased subject's SETs are notices (build.emit). The erasure waits for this step's
+        stream lock, then rewrites what the step stored (service/feeds/erasure.py)."""
+        subjects = list({r.originator_id for r in records if r.topic.startswith(_PERSONAL)})
+        if not subjects:
+            return
+        for row in await conn.fetch(
+            "SELECT subject_id FROM subject_keys WHERE subject_id = any($1::uuid[])"
+            " AND wrapped IS NULL",
+            subjects,
+        ):
+            if not is_erased(row[0]):
+                self.db.store.keys.erased(row[0])
 
     async def _record_error(self, conn: Conn, stream_id: uuid.UUID, error: Exception) -> None:
         text = f"{type(error).__name__}: {error}"[:2000]
