@@ -18,7 +18,16 @@ import click
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from bench.common import client_cpu, drain, durable_postgres, make_database, median, verdict
+from bench.common import (
+    client_cpu,
+    drain,
+    durable_postgres,
+    make_database,
+    median,
+    postgres_facts,
+    tree_cpu,
+    verdict,
+)
 from bench.table import Ctx, Row
 from domain.user import User
 from infra.config import Settings
@@ -60,6 +69,7 @@ async def catch_up(dsn: str, n: int, runs: int = 1) -> tuple[float, int, float]:
     pool = await create_pool(dsn, min_size=1, max_size=4)
     db = Database(dsn=dsn, pool=pool, store=EventStore(pool), embedded=None)
     results: list[tuple[float, int, float]] = []
+    postmaster, _ = await postgres_facts(dsn)
     try:
         async with pool.acquire() as conn:
             issued = await create_tenant(conn, f"catchup-{uuid.uuid4().hex[:6]}")
@@ -69,7 +79,7 @@ async def catch_up(dsn: str, n: int, runs: int = 1) -> tuple[float, int, float]:
                 created = await _stream(conn, issued.tenant, f"replay{run}", None, True)
             stream_id = uuid.UUID(created["id"])
             producer = Producer(db, lambda: "http://127.0.0.1:8000/scim/v2")
-            cpu = _cpu()
+            cpu, pg = _cpu(), tree_cpu(postmaster) if postmaster else 0.0
             started = time.perf_counter()
             async with pool.acquire() as conn:
                 while producer.produced < n:
@@ -78,9 +88,11 @@ async def catch_up(dsn: str, n: int, runs: int = 1) -> tuple[float, int, float]:
                         await conn.execute("DELETE FROM feed_sets WHERE stream_id = $1", stream_id)
             elapsed = time.perf_counter() - started
             used = (_cpu() - cpu) / max(producer.produced, 1)
+            pg = ((tree_cpu(postmaster) - pg) if postmaster else 0.0) / max(producer.produced, 1)
             results.append((n / elapsed, producer.produced, used))
             print(
                 f"catch-up run {run + 1}: {n / elapsed:,.0f} SETs/s, {used * 1e6:,.0f} µs CPU/SET"
+                f" (PostgreSQL {pg * 1e6:,.0f} µs/SET)"
             )
             async with pool.acquire() as conn:
                 await streams.delete(conn, issued.tenant, f"replay{run}")

@@ -42,6 +42,7 @@ from service.feeds.streams import Stream
 log = structlog.get_logger("scimledger.feeds")
 _PERSONAL = tuple(m + ":" for m in PERSONAL_MODULES)
 MAX_PENDING = 10_000
+MAX_READ_AHEAD = 2  # streams catching up with a batch read ahead at once
 LOCK_NAME = "feeds"
 # A lock namespace of its own: the projections' one holds a lock per projection, no other.
 FEEDS_LOCK_NAMESPACE = LOCK_NAMESPACE + 1
@@ -98,6 +99,7 @@ class Producer:
         self.active = False
         self.produced = 0
         self.woken = asyncio.Event()
+        self._ahead: dict[uuid.UUID, tuple[Position, asyncio.Future[list[RecordedEvent]]]] = {}
         # After a wake-up, wait this long for more commits: one step per stream then covers
         # many SCIM requests, instead of a handful of round trips per stream per request.
         self.coalesce = coalesce
@@ -128,6 +130,12 @@ class Producer:
             self.woken.set()
 
         await conn.add_listener(NOTIFY_CHANNEL, wake)
+        try:
+            await self._steps(conn, stop)
+        finally:
+            self.forget_reads()
+
+    async def _steps(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self.woken.clear()
             busy = False
@@ -161,39 +169,66 @@ class Producer:
             if row is None or row["pending"] >= MAX_PENDING:
                 return 0
             position = Position(row["checkpoint_transaction"], row["checkpoint_position"])
-            batch = await self.db.store.read_all(position, self.batch_size, conn=conn)
+            batch = await self._batch(conn, stream_id, position)
             if not batch:
                 return 0
+            if len(batch) >= self.batch_size:  # a catch-up: read the next batch meanwhile
+                self._read_ahead(stream_id, batch[-1].position)
             stream = Stream.of(row)
             mine = [r for r in batch if r.tenant_id == stream.tenant_id]
             tokens = await self._sets(conn, stream, mine, row["kid"]) if mine else []
-            made = 0
-            if tokens:
-                # A SET still pending from before (its producing commit was kept, the
-                # checkpoint's lost) keeps its row: the same jti (build.Signer), in order.
-                status = await conn.execute(
-                    "INSERT INTO feed_sets (stream_id, jti, kid, token, subject)"
-                    " SELECT $1, j, k, t, s FROM unnest($2::text[], $3::text[], $4::text[],"
-                    " $5::uuid[]) WITH ORDINALITY AS x (j, k, t, s, n) ORDER BY n"
-                    " ON CONFLICT (stream_id, jti) DO NOTHING",
-                    stream_id,
-                    [t[0] for t in tokens],
-                    [t[1] for t in tokens],
-                    [t[2] for t in tokens],
-                    [t[3] for t in tokens],
-                )
-                made = int(status.rsplit(" ", 1)[-1])
             last = batch[-1].position
-            await conn.execute(
-                "UPDATE feed_streams SET checkpoint_transaction = $2, checkpoint_position = $3,"
-                " produced = produced + $4 WHERE id = $1",
+            # A SET still pending from before (its producing commit was kept, the checkpoint's
+            # lost) keeps its row: the same jti (build.Signer), in order. One round trip.
+            made = await conn.fetchval(
+                "WITH made AS (INSERT INTO feed_sets (stream_id, jti, kid, token, subject)"
+                "  SELECT $1, j, k, t, s FROM unnest($2::text[], $3::text[], $4::text[],"
+                "  $5::uuid[]) WITH ORDINALITY AS x (j, k, t, s, n) ORDER BY n"
+                "  ON CONFLICT (stream_id, jti) DO NOTHING RETURNING 1),"
+                " n AS (SELECT count(*) AS n FROM made)"
+                " UPDATE feed_streams SET checkpoint_transaction = $6, checkpoint_position = $7,"
+                " produced = produced + n.n FROM n WHERE id = $1 RETURNING n.n",
                 stream_id,
+                [t[0] for t in tokens],
+                [t[1] for t in tokens],
+                [t[2] for t in tokens],
+                [t[3] for t in tokens],
                 last[0],
                 last[1],
-                made,
             )
-        self.produced += made
+        self.produced += made or 0
         return len(batch)
+
+    async def _batch(
+        self, conn: Conn, stream_id: uuid.UUID, position: Position
+    ) -> list[RecordedEvent]:
+        """The events after `position`: read ahead by the previous step if it guessed this
+        position (the committed log after a position never changes), else read now."""
+        ahead = self._ahead.pop(stream_id, None)
+        if ahead is not None:
+            at, task = ahead
+            if at == position:
+                with contextlib.suppress(Exception):  # a failed read-ahead: read again
+                    return await task
+            else:
+                _drop(task)
+        return await self.db.store.read_all(position, self.batch_size, conn=conn)
+
+    def _read_ahead(self, stream_id: uuid.UUID, position: Position) -> None:
+        """Read the batch after `position` on another connection of the pool while this step
+        builds and signs its SETs: the database's work overlaps the producer's."""
+        old = self._ahead.pop(stream_id, None)
+        if old is not None:
+            _drop(old[1])
+        if len(self._ahead) >= MAX_READ_AHEAD:  # each holds a connection of the pool
+            return
+        task = asyncio.ensure_future(self.db.store.read_all(position, self.batch_size))
+        self._ahead[stream_id] = (position, task)
+
+    def forget_reads(self) -> None:
+        for _, task in self._ahead.values():
+            _drop(task)
+        self._ahead.clear()
 
     async def _sets(
         self, conn: Conn, stream: Stream, records: Sequence[RecordedEvent], kid: str | None
@@ -261,6 +296,14 @@ class Producer:
             await conn.execute(
                 "UPDATE feed_streams SET last_error = $2 WHERE id = $1", stream_id, text
             )
+
+
+def _drop(task: asyncio.Future[Any]) -> None:
+    if task.done():
+        if not task.cancelled():
+            task.exception()  # retrieved: a failed read-ahead is read again, not logged
+    else:
+        task.cancel()
 
 
 async def _resource_at(db: Database, conn: Conn, change: sets.Change) -> dict[str, Any] | None:
