@@ -10,12 +10,15 @@ from typing import Any
 
 import jwt
 import orjson
+import pytest
 
 from infra.database import Database
 from infra.tenants import IssuedToken
 from service.erasure import erase
+from service.feeds import producer as producer_module
 from service.feeds import streams
 from service.feeds.erasure import claims_of, notice
+from service.feeds.producer import PRODUCER
 from service.feeds.sets import PREFIX
 from tests.test_entra_users import create as create_user
 from tests.test_entra_users import patch as patch_user
@@ -182,3 +185,37 @@ def test_the_notice_of_a_full_set_keeps_its_identity_and_names_the_attributes() 
     assert out["events"] == {
         PREFIX + "prov:patch:notice": {"version": 'W/"2"', "attributes": ["members", "displayName"]}
     }
+
+
+async def test_an_acknowledgement_wakes_the_producer_of_a_full_outbox(
+    client: Client,
+    database: Database,
+    tenant: IssuedToken,
+    auth: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(producer_module, "MAX_PENDING", 2)
+    producer = client.server.app[PRODUCER]
+    async with database.pool.acquire() as conn:
+        stream = await streams.create(
+            conn, tenant="acme", name="cap", endpoint=None, events=["prov:create"],
+            full=False, scope_group=None,
+        )  # fmt: skip
+    producer.poll_interval = 3600.0  # only a notification wakes it now
+    for n in range(2):
+        await create_user(client, auth, user_name=f"u{n}@example.com")
+        await _until(client, stream, n + 1)
+    held = producer.held
+    await create_user(client, auth, user_name="third@example.com")
+    deadline = time.monotonic() + DEADLINE
+    while producer.held == held:  # until the producer has found the outbox full
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    r = await client.post(
+        f"/events/{stream['id']}",
+        json={"ack": list(await _poll(client, stream, [])), "maxEvents": 10},
+        headers={"Authorization": f"Bearer {stream['token']}"},
+    )  # acknowledges both, then waits (long poll) for what the woken producer makes
+    assert r.status == 200
+    (token,) = (await r.json())["sets"].values()
+    assert claims_of(token)["sub_id"]["uri"].startswith("/Users/")

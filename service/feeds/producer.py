@@ -20,6 +20,7 @@ from typing import Any
 
 import asyncpg
 import structlog
+from aiohttp import web
 
 from infra.database import Database
 from infra.eventstore import NOTIFY_CHANNEL, Conn, Position, RecordedEvent
@@ -42,6 +43,9 @@ from service.feeds.streams import Stream
 log = structlog.get_logger("scimledger.feeds")
 _PERSONAL = tuple(m + ":" for m in PERSONAL_MODULES)
 MAX_PENDING = 10_000
+# Acknowledgements that free room in a stream's outbox wake the producer (poll.py), so a
+# stream held at MAX_PENDING resumes at once, not at the next `poll_interval`.
+FEED_CHANNEL = "scimledger_feeds"
 MAX_READ_AHEAD = 2  # streams catching up with a batch read ahead at once
 LOCK_NAME = "feeds"
 # A lock namespace of its own: the projections' one holds a lock per projection, no other.
@@ -98,7 +102,11 @@ class Producer:
         self.keys = KeyRing()
         self.active = False
         self.produced = 0
+        self.held = 0  # steps that found their stream's outbox full
         self.woken = asyncio.Event()
+        # Set (and replaced) when a step has stored SETs: a waiting long poll of this
+        # instance answers at once (poll.py), instead of at its next check.
+        self.stored = asyncio.Event()
         self._ahead: dict[uuid.UUID, tuple[Position, asyncio.Future[list[RecordedEvent]]]] = {}
         # After a wake-up, wait this long for more commits: one step per stream then covers
         # many SCIM requests, instead of a handful of round trips per stream per request.
@@ -130,6 +138,7 @@ class Producer:
             self.woken.set()
 
         await conn.add_listener(NOTIFY_CHANNEL, wake)
+        await conn.add_listener(FEED_CHANNEL, wake)
         try:
             await self._steps(conn, stop)
         finally:
@@ -166,7 +175,10 @@ class Producer:
             await conn.execute(ASYNC_COMMIT)
             # One round trip for the stream, what it has pending and its tenant's current key.
             row = await conn.fetchrow(_STEP, stream_id, MAX_PENDING)
-            if row is None or row["pending"] >= MAX_PENDING:
+            if row is None:
+                return 0
+            if row["pending"] >= MAX_PENDING:
+                self.held += 1
                 return 0
             position = Position(row["checkpoint_transaction"], row["checkpoint_position"])
             batch = await self._batch(conn, stream_id, position)
@@ -197,6 +209,9 @@ class Producer:
                 last[1],
             )
         self.produced += made or 0
+        if made:
+            self.stored.set()
+            self.stored = asyncio.Event()
         return len(batch)
 
     async def _batch(
@@ -315,3 +330,6 @@ async def _resource_at(db: Database, conn: Conn, change: sets.Change) -> dict[st
         if record.originator_version <= change.version
     ]
     return sets.replayed(change.resource_id, events)
+
+
+PRODUCER = web.AppKey("feed_producer", Producer)
