@@ -116,6 +116,11 @@ async def test_sets_produced_again_after_lost_commits_keep_their_jti(
     await create_user(client, auth, user_name="eve@example.com")
     (fresh,) = (await _until(client, stream, 1)).keys()
     assert fresh not in first
+    # An operator's replay (`feeds reset`) is new SETs, not a redelivery: new jtis.
+    async with database.pool.acquire() as conn:
+        await streams.reset(conn, "acme", "fo", "START")
+    replayed = await _until(client, stream, 4)
+    assert not set(replayed) & {*first, fresh}
 
 
 def _leaves(value: Any) -> set[str]:

@@ -46,17 +46,25 @@ class Signer:
     those the change makes. A SET produced again (the producer's last commits lost in a crash
     or failover, service/feeds/producer.py) carries the same `jti`, so the receiver's
     de-duplication and an acknowledgement of either copy work (RFC 8417 §2.2: `jti` unique per
-    SET; RFC 8936 §2.4: acknowledgements name it).
+    SET; RFC 8936 §2.4: acknowledgements name it). An operator's `feeds reset` moves the stream
+    to its next epoch, part of the derivation: a replay is new SETs, not a redelivery.
     """
 
     def __init__(
-        self, key: SigningKey, issuer: str, audience: str, stream_id: uuid.UUID, iat: int = 0
+        self,
+        key: SigningKey,
+        issuer: str,
+        audience: str,
+        stream_id: uuid.UUID,
+        epoch: int = 0,
+        iat: int = 0,
     ) -> None:
         self.key = key
         self.issuer = issuer
         self.audience = audience
         self.iat = iat or int(time.time())
-        self._stream = stream_id.bytes
+        # `feeds reset` starts a new epoch: a replay's SETs are new ones (streams.reset).
+        self._stream = stream_id.bytes + epoch.to_bytes(4, "big")
         self._head = b'{"iss":%s,"iat":%d,"jti":"' % (orjson.dumps(issuer), self.iat)
         self._aud = b'","aud":' + orjson.dumps(audience)
 

@@ -188,7 +188,9 @@ class Producer:
                 self._read_ahead(stream_id, batch[-1].position)
             stream = Stream.of(row)
             mine = [r for r in batch if r.tenant_id == stream.tenant_id]
-            tokens = await self._sets(conn, stream, mine, row["kid"]) if mine else []
+            tokens: list[Token] = []
+            if mine:
+                tokens = await self._sets(conn, stream, mine, row["kid"], row["epoch"])
             last = batch[-1].position
             # A SET still pending from before (its producing commit was kept, the checkpoint's
             # lost) keeps its row: the same jti (build.Signer), in order. One round trip.
@@ -246,14 +248,20 @@ class Producer:
         self._ahead.clear()
 
     async def _sets(
-        self, conn: Conn, stream: Stream, records: Sequence[RecordedEvent], kid: str | None
+        self,
+        conn: Conn,
+        stream: Stream,
+        records: Sequence[RecordedEvent],
+        kid: str | None,
+        epoch: int = 0,
     ) -> list[Token]:
-        """(jti, kid, compact JWS) of each SET these events make for the stream, in order."""
+        """(jti, kid, compact JWS, subject) of each SET these events make for the stream, in
+        order."""
         key = await self.keys.current(conn, stream.tenant_id, kid)
         base = self.base_url()
         issuer, audience = issuer_of(base), audience_of(base, stream.id)
         view = StreamView(stream.id, stream.full, stream.events, stream.scope_group)
-        sign = Signer(key, issuer, audience, stream.id)
+        sign = Signer(key, issuer, audience, stream.id, epoch)
         await self._erased(conn, records)
         members: set[str] | None = None
         if stream.scope_group is not None:
