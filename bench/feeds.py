@@ -1,9 +1,11 @@
-"""Row (10), SCIM event feeds: a poll stream's catch-up from the start (signed SETs/s), and
-POST /Users per second with two active streams (poll + push) against none, rounds alternating."""
+"""Row (10), SCIM event feeds: a poll stream's catch-up from the start to a poll consumer
+(signed SETs/s; `--direct`: the producer's steps alone), and POST /Users per second with two
+active streams (poll + push) against none, rounds alternating."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import multiprocessing
 import os
 import resource
@@ -13,10 +15,20 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import click
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from bench.common import client_cpu, drain, make_database, median, verdict
+from bench.common import (
+    client_cpu,
+    drain,
+    durable_postgres,
+    make_database,
+    median,
+    postgres_facts,
+    tree_cpu,
+    verdict,
+)
 from bench.table import Ctx, Row
 from domain.user import User
 from infra.config import Settings
@@ -25,7 +37,8 @@ from infra.eventstore import EventStore
 from infra.tenants import create_tenant
 from service.app import create_app
 from service.feeds import streams
-from service.feeds.producer import Producer
+from service.feeds.config import FEED_SETTINGS
+from service.feeds.producer import FEED_CHANNEL, PRODUCER, Producer
 
 
 async def _fill(db: Database, conn: asyncpg.Connection, tenant_id: uuid.UUID, n: int) -> None:
@@ -52,28 +65,113 @@ async def _stream(
     )  # fmt: skip
 
 
-async def catch_up(dsn: str, n: int) -> tuple[float, int, float]:
-    """SETs/s, SETs made, and CPU seconds per SET (this process and the producer's workers)."""
+async def catch_up(dsn: str, n: int, runs: int = 1) -> tuple[float, int, float]:
+    """SETs/s, SETs made, and CPU seconds per SET (this process and the producer's workers):
+    the median run's, each run a new stream from the start of the same log."""
     pool = await create_pool(dsn, min_size=1, max_size=4)
     db = Database(dsn=dsn, pool=pool, store=EventStore(pool), embedded=None)
+    results: list[tuple[float, int, float]] = []
+    postmaster, _ = await postgres_facts(dsn)
     try:
         async with pool.acquire() as conn:
             issued = await create_tenant(conn, f"catchup-{uuid.uuid4().hex[:6]}")
             await _fill(db, conn, issued.tenant_id, n)
-            created = await _stream(conn, issued.tenant, "replay", None, from_start=True)
-        stream_id = uuid.UUID(created["id"])
-        producer = Producer(db, lambda: "http://127.0.0.1:8000/scim/v2")
-        cpu = _cpu()
-        started = time.perf_counter()
-        async with pool.acquire() as conn:
-            while producer.produced < n:
-                if await producer.step(conn, stream_id) == 0:
-                    # the outbox is full: a consumer acknowledges (drop what is pending)
-                    await conn.execute("DELETE FROM feed_sets WHERE stream_id = $1", stream_id)
-        elapsed = time.perf_counter() - started
-        return n / elapsed, producer.produced, (_cpu() - cpu) / max(producer.produced, 1)
+        for run in range(runs):
+            async with pool.acquire() as conn:
+                created = await _stream(conn, issued.tenant, f"replay{run}", None, True)
+            stream_id = uuid.UUID(created["id"])
+            producer = Producer(db, lambda: "http://127.0.0.1:8000/scim/v2")
+            cpu, pg = _cpu(), tree_cpu(postmaster) if postmaster else 0.0
+            started = time.perf_counter()
+            async with pool.acquire() as conn:
+                while producer.produced < n:
+                    if await producer.step(conn, stream_id) == 0:
+                        # the outbox is full: a consumer acknowledges (drop what is pending)
+                        await conn.execute("DELETE FROM feed_sets WHERE stream_id = $1", stream_id)
+            elapsed = time.perf_counter() - started
+            used = (_cpu() - cpu) / max(producer.produced, 1)
+            pg = ((tree_cpu(postmaster) - pg) if postmaster else 0.0) / max(producer.produced, 1)
+            results.append((n / elapsed, producer.produced, used))
+            print(
+                f"catch-up run {run + 1}: {n / elapsed:,.0f} SETs/s, {used * 1e6:,.0f} µs CPU/SET"
+                f" (PostgreSQL {pg * 1e6:,.0f} µs/SET)"
+            )
+            async with pool.acquire() as conn:
+                await streams.delete(conn, issued.tenant, f"replay{run}")
     finally:
         await pool.close()
+    results.sort()
+    return results[len(results) // 2]
+
+
+def _consumer(url: str, token: str, stop: Any) -> None:
+    """A catch-up's poll consumer (RFC 8936), in a process of its own: 1,000 SETs a poll,
+    each poll acknowledging the last one's."""
+
+    async def go() -> None:
+        acks: list[str] = []
+        headers = {"Authorization": f"Bearer {token}"}
+        async with aiohttp.ClientSession() as session:
+            while not stop.is_set():
+                body = {"ack": acks, "maxEvents": 1000, "returnImmediately": False}
+                async with session.post(url, json=body, headers=headers) as r:
+                    acks = list((await r.json())["sets"])
+
+    asyncio.run(go())
+
+
+async def polled_catch_up(dsn: str, n: int) -> tuple[float, int, float]:
+    """End to end: the producer as the service runs it (its own task, woken by commits and
+    acknowledgements) and the poll endpoint serve a consumer in another process, from a new
+    stream's creation until the consumer has acknowledged `n` SETs. SETs/s, SETs, CPU
+    seconds per SET of this process (producer and server; not the consumer's)."""
+    pool = await create_pool(dsn, min_size=2, max_size=10)
+    db = Database(dsn=dsn, pool=pool, store=EventStore(pool), embedded=None)
+    settings = Settings(database_url=dsn, rate_limit=0, run_projections=False)
+    spawn = multiprocessing.get_context("spawn")
+    stop = spawn.Event()
+    app = create_app(settings, db)
+    producer = Producer(db, lambda: "http://127.0.0.1:8000/scim/v2", standby_interval=0.1)
+    app[PRODUCER] = producer
+    halt = asyncio.Event()
+    consumer = None
+    wait, FEED_SETTINGS.max_wait = FEED_SETTINGS.max_wait, 1.0  # the consumer's last long poll
+    try:
+        async with pool.acquire() as conn:
+            issued = await create_tenant(conn, f"polled-{uuid.uuid4().hex[:6]}")
+            await _fill(db, conn, issued.tenant_id, n)
+        running = asyncio.ensure_future(producer.run(halt))
+        async with TestServer(app, host="127.0.0.1") as server:
+            cpu = _cpu()
+            started = time.perf_counter()
+            async with pool.acquire() as conn:
+                made = await _stream(conn, issued.tenant, "replay", None, True)
+                await conn.execute("SELECT pg_notify($1, '')", FEED_CHANNEL)
+            url = str(server.make_url(f"/events/{made['id']}"))
+            consumer = spawn.Process(target=_consumer, args=(url, made["token"], stop))
+            consumer.start()
+            stream_id = uuid.UUID(made["id"])
+            delivered = 0
+            while delivered < n:
+                await asyncio.sleep(0.05)
+                delivered = await pool.fetchval(
+                    "SELECT delivered FROM feed_streams WHERE id = $1", stream_id
+                )
+            elapsed = time.perf_counter() - started
+            used = (_cpu() - cpu) / n
+            stop.set()
+            await asyncio.to_thread(consumer.join, 10)
+        halt.set()
+        await running
+    finally:
+        stop.set()
+        halt.set()
+        if consumer is not None and consumer.is_alive():
+            consumer.terminate()
+        FEED_SETTINGS.max_wait = wait
+        await pool.close()
+    print(f"polled catch-up: {n / elapsed:,.0f} SETs/s, {used * 1e6:,.0f} µs CPU/SET")
+    return n / elapsed, n, used
 
 
 async def _writes(base: str, token: str, requests: int, concurrency: int) -> float:
@@ -180,7 +278,7 @@ async def feeds(ctx: Ctx) -> None:
     target = await make_database(ctx.dsn, "bench_feeds", migrated=True)
     events = 20_000 if ctx.quick else 200_000
     requests, rounds = (300, 1) if ctx.quick else (2000, 3)
-    rate, produced, per_set = await catch_up(target, events)
+    rate, produced, per_set = await polled_catch_up(target, events)
     none, two = await with_streams(target, requests, rounds)
     met = two / none >= 0.9 and rate >= 20_000
     ctx.add(Row("10", "SCIM event feeds (bench.feeds): POST /Users with two active streams (poll"
@@ -188,3 +286,39 @@ async def feeds(ctx: Ctx) -> None:
         f"{produced:,} events", f"writes {two:,.0f}/s vs {none:,.0f}/s = {two / none:.2f};"
         f" catch-up {rate:,.0f} SETs/s ({per_set * 1e6:,.0f} µs CPU per SET)", "",
         "≥ 0.90 of none; ≥ 20,000 SETs/s", verdict(met)))  # fmt: skip
+
+
+@click.command(help="Row (10) alone: a poll stream's catch-up, and POST /Users with two streams.")
+@click.option("--events", default=200_000, show_default=True, help="Events of the catch-up.")
+@click.option("--runs", default=1, show_default=True, help="Catch-up runs over the same log.")
+@click.option("--requests", default=2000, show_default=True, help="POSTs per writes round.")
+@click.option("--rounds", default=3, show_default=True, help="Writes rounds (0: none).")
+@click.option(
+    "--polled/--direct",
+    default=True,
+    show_default=True,
+    help="Catch-up through the poll endpoint to a consumer process, or the producer's steps"
+    " alone (the outbox emptied by SQL).",
+)
+def main(events: int, runs: int, requests: int, rounds: int, polled: bool) -> None:
+    os.environ.setdefault("SCIMLEDGER_MASTER_KEY", base64.b64encode(os.urandom(32)).decode())
+
+    async def go(dsn: str) -> None:
+        target = await make_database(dsn, "bench_feeds", migrated=True)
+        if polled:
+            rate, produced, per_set = await polled_catch_up(target, events)
+        else:
+            rate, produced, per_set = await catch_up(target, events, runs)
+        print(f"catch-up of {produced:,} events: {rate:,.0f} SETs/s signed,"
+              f" {per_set * 1e6:,.0f} µs CPU per SET (median of {runs})")  # fmt: skip
+        if rounds:
+            none, two = await with_streams(target, requests, rounds)
+            print(f"POST /Users: {two:,.0f}/s with two streams vs {none:,.0f}/s with none"
+                  f" = {two / none:.2f}")  # fmt: skip
+
+    with durable_postgres() as dsn:
+        asyncio.run(go(dsn))
+
+
+if __name__ == "__main__":
+    main()

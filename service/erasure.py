@@ -25,6 +25,7 @@ from infra.database import Database
 from infra.eventstore import Conn
 from infra.keys import SubjectErased
 from infra.sealing import ERASED, PLACEHOLDER, SEALED, is_personal_topic
+from service.feeds.erasure import scrub as scrub_pending_sets
 
 _log = structlog.get_logger()
 
@@ -178,6 +179,8 @@ async def erase(
                 audit_entries=entries,
             )
             recorded = await db.store.append(conn, tenant_id, erasure.collect_events())
+            # Pending SETs carrying the subject's values become notices (issue 18).
+            await scrub_pending_sets(conn, tenant_id, subject_id)
             row = await conn.fetchrow(
                 f"INSERT INTO erasures ({_RECEIPT_COLUMNS})"
                 " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"

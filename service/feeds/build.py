@@ -8,12 +8,14 @@ costs as much again. An erased subject's changes become notices: attribute names
 
 from __future__ import annotations
 
-import secrets
+import hashlib
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from domain.request import ProvisioningRequest
 from infra.eventstore import RecordedEvent
@@ -21,7 +23,8 @@ from infra.keys import is_erased
 from service.feeds import sets
 from service.feeds.keys import SigningKey
 
-Token = tuple[str, str, str]  # (jti, kid, compact JWS)
+# (jti, kid, compact JWS, the subject whose personal values it carries)
+Token = tuple[str, str, str, uuid.UUID | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,30 +38,72 @@ class StreamView:
 
 
 class Signer:
-    """Signs the SETs of one batch: one key, issuer, audience and `iat`, and `jti`s made of a
-    random prefix per batch and a counter (unique without an `os.urandom` call per SET)."""
+    """Signs the SETs of one batch for one stream: one key, issuer, audience and `iat`.
 
-    def __init__(self, key: SigningKey, issuer: str, audience: str, iat: int | None = None):
+    A SET's `jti` is derived from what it reports, never drawn at random: the stream, the
+    event's identity (the resource's id and its version after the change; a version belongs to
+    one transaction, whatever global position a failover gives it) and the SET's index among
+    those the change makes. A SET produced again (the producer's last commits lost in a crash
+    or failover, service/feeds/producer.py) carries the same `jti`, so the receiver's
+    de-duplication and an acknowledgement of either copy work (RFC 8417 §2.2: `jti` unique per
+    SET; RFC 8936 §2.4: acknowledgements name it). An operator's `feeds reset` moves the stream
+    to its next epoch, part of the derivation: a replay is new SETs, not a redelivery.
+    """
+
+    def __init__(
+        self,
+        key: SigningKey,
+        issuer: str,
+        audience: str,
+        stream_id: uuid.UUID,
+        epoch: int = 0,
+        iat: int = 0,
+    ) -> None:
         self.key = key
         self.issuer = issuer
         self.audience = audience
-        self.iat = int(time.time()) if iat is None else iat
-        self._prefix = secrets.token_hex(10)
-        self._count = 0
+        self.iat = iat or int(time.time())
+        # `feeds reset` starts a new epoch: a replay's SETs are new ones (streams.reset).
+        self._stream = stream_id.bytes + epoch.to_bytes(4, "big")
+        self._head = b'{"iss":%s,"iat":%d,"jti":"' % (orjson.dumps(issuer), self.iat)
+        self._aud = b'","aud":' + orjson.dumps(audience)
 
-    def __call__(self, txn: str, subject: dict[str, Any], events: dict[str, Any]) -> Token:
-        self._count += 1
-        jti = f"{self._prefix}{self._count:012x}"
-        claims = sets.claims(
-            issuer=self.issuer,
-            audience=self.audience,
-            jti=jti,
-            iat=self.iat,
-            txn=txn,
-            subject=subject,
-            events=events,
+    def jti(self, resource_id: uuid.UUID, version: int, index: int) -> str:
+        return jti_of(self._stream, resource_id, version, index)
+
+    def __call__(
+        self,
+        identity: tuple[uuid.UUID, int, int],
+        txn: str,
+        subject: dict[str, Any],
+        events: dict[str, Any],
+        personal: uuid.UUID | None = None,
+    ) -> Token:
+        """`personal`: the subject whose personal values the SET carries (a full form's data,
+        an externalId), so an erasure finds it while it waits (service/feeds/erasure.py)."""
+        jti = self.jti(*identity)
+        # sets.claims' members in its order, serialised around the per-batch constants.
+        payload = b"".join(
+            (
+                self._head,
+                jti.encode(),
+                self._aud,
+                b',"txn":' + orjson.dumps(txn) if txn else b"",
+                b',"sub_id":',
+                orjson.dumps(subject),
+                b',"events":',
+                orjson.dumps(events),
+                b"}",
+            )
         )
-        return jti, self.key.kid, self.key.sign(claims)
+        return jti, self.key.kid, self.key.sign_json(payload), personal
+
+
+def jti_of(stream: bytes, resource_id: uuid.UUID, version: int, index: int) -> str:
+    """32 hex digits: a keyed-by-stream digest, so one change's SETs on two streams (or two
+    SETs of one change) never share a `jti`, and a stream's `jti`s reveal nothing else."""
+    tail = version.to_bytes(8, "big") + index.to_bytes(4, "big")
+    return hashlib.blake2b(resource_id.bytes + tail, digest_size=16, key=stream).hexdigest()
 
 
 def transactions(records: Sequence[RecordedEvent]) -> list[list[RecordedEvent]]:
@@ -120,8 +165,11 @@ def emit(
             change.external_id = None
         full = stream.full and not erased
         events = sets.payload_events(change, method=method, full=full, wanted=stream.events)
+        index = 0
         if events:
-            out.append(sign(txn, sets.sub_id(change), events))
+            personal = change.resource_id if full or change.external_id else None
+            identity = (change.resource_id, change.version, index)
+            out.append(sign(identity, txn, sets.sub_id(change), events, personal))
         if change.deleted and members is not None:
             members.discard(rid)
             left.append(rid)
@@ -137,8 +185,11 @@ def emit(
             else:
                 members.add(member)
                 joined.append(member)
+            index += 1  # the member's SET: the group's change is the event it reports
             if uri.removeprefix(sets.PREFIX) in stream.events:
-                out.append(sign(txn, sets.feed_subject("User", member, None), {uri: {}}))
+                identity = (change.resource_id, change.version, index)
+                subject = sets.feed_subject("User", member, None)
+                out.append(sign(identity, txn, subject, {uri: {}}))
     return out
 
 

@@ -44,7 +44,11 @@ class SigningKey:
         self._ecdsa = ec.ECDSA(hashes.SHA256())
 
     def sign(self, claims: dict[str, Any]) -> str:
-        signing_input = self._header + _b64(orjson.dumps(claims))
+        return self.sign_json(orjson.dumps(claims))
+
+    def sign_json(self, payload: bytes) -> str:
+        """The compact JWS of a claims set already serialised (build.Signer's template)."""
+        signing_input = self._header + _b64(payload)
         r, s = decode_dss_signature(self.key.sign(signing_input, self._ecdsa))
         signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
         return (signing_input + b"." + _b64(signature)).decode()

@@ -10,6 +10,7 @@ pending and `returnImmediately` false the request waits, at most `FeedSettings.m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from typing import Any
@@ -20,7 +21,7 @@ from aiohttp import web
 
 from service.feeds.config import FEED_SETTINGS
 from service.feeds.keys import jwks
-from service.feeds.producer import ASYNC_COMMIT
+from service.feeds.producer import ASYNC_COMMIT, FEED_CHANNEL, PRODUCER
 from service.state import DATABASE, PRINCIPAL
 
 log = structlog.get_logger("scimledger.feeds")
@@ -101,11 +102,14 @@ async def _poll(request: web.Request) -> web.Response:
     if done:
         async with pool.acquire() as conn, conn.transaction():
             await conn.execute(ASYNC_COMMIT)  # see producer.py: lost, they are sent again
+            # Room in the outbox: the producer (of whichever instance) is woken at commit.
             removed = await conn.fetchval(
                 "WITH d AS (DELETE FROM feed_sets WHERE stream_id = $1 AND jti = any($2::text[])"
-                " RETURNING 1) SELECT count(*) FROM d",
+                " RETURNING 1), n AS (SELECT count(*) AS n FROM d)"
+                " SELECT n, CASE WHEN n > 0 THEN pg_notify($3, '') END FROM n",
                 stream_id,
                 done,
+                FEED_CHANNEL,
             )
             if removed:
                 await conn.execute(
@@ -124,7 +128,11 @@ async def _poll(request: web.Request) -> web.Response:
     if max_events == 0:
         return _reply({}, False)
     deadline = time.monotonic() + (0 if immediately else FEED_SETTINGS.max_wait)
+    producer = request.app.get(PRODUCER)
     while True:
+        # Taken before the read: SETs stored after it set this event (this instance's
+        # producer); another instance's are seen at the next check.
+        stored = producer.stored if producer is not None else None
         rows = await pool.fetch(
             "SELECT jti, token FROM feed_sets WHERE stream_id = $1 ORDER BY seq LIMIT $2",
             stream_id,
@@ -132,7 +140,12 @@ async def _poll(request: web.Request) -> web.Response:
         )
         if rows or time.monotonic() >= deadline:
             break
-        await asyncio.sleep(min(FEED_SETTINGS.poll_check, max(0.0, deadline - time.monotonic())))
+        wait = min(FEED_SETTINGS.poll_check, max(0.0, deadline - time.monotonic()))
+        if stored is None:
+            await asyncio.sleep(wait)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stored.wait(), wait)
     sets = {r["jti"]: r["token"] for r in rows[:max_events]}
     return _reply(sets, len(rows) > max_events)
 

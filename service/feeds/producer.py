@@ -4,24 +4,28 @@ A follower like the asynchronous projections' runners (projections/runner.py): o
 holds the `feeds` advisory lock and produces (the others stand by), each stream has its own
 checkpoint, and one step turns a batch of whole transactions into signed SETs in `feed_sets`
 and moves that stream's checkpoint in the same transaction, with the stream's row locked. So a
-SET is produced exactly once (one `jti`), survives restarts, and a redelivery resends the same
-token. A stream with `MAX_PENDING` SETs not yet delivered waits (its checkpoint stays), so a
-consumer that stops polling costs a bounded table, not an unbounded one.
+SET survives restarts, a redelivery resends the same token, and a SET produced again after a
+lost commit carries the same `jti` (derived from the event it reports, build.Signer). A stream
+with `MAX_PENDING` SETs not yet delivered waits (its checkpoint stays), so a consumer that
+stops polling costs a bounded table, not an unbounded one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import asyncpg
 import structlog
+from aiohttp import web
 
 from infra.database import Database
 from infra.eventstore import NOTIFY_CHANNEL, Conn, Position, RecordedEvent
+from infra.keys import PERSONAL_MODULES, is_erased
 from projections.runner import LOCK_NAMESPACE, SESSION_LOST, idle, lead
 from service.feeds import sets
 from service.feeds.build import (
@@ -38,14 +42,20 @@ from service.feeds.keys import KeyRing
 from service.feeds.streams import Stream
 
 log = structlog.get_logger("scimledger.feeds")
+_PERSONAL = tuple(m + ":" for m in PERSONAL_MODULES)
 MAX_PENDING = 10_000
+# Acknowledgements that free room in a stream's outbox wake the producer (poll.py), so a
+# stream held at MAX_PENDING resumes at once, not at the next `poll_interval`.
+FEED_CHANNEL = "scimledger_feeds"
+MAX_READ_AHEAD = 2  # streams catching up with a batch read ahead at once
 LOCK_NAME = "feeds"
 # A lock namespace of its own: the projections' one holds a lock per projection, no other.
 FEEDS_LOCK_NAMESPACE = LOCK_NAMESPACE + 1
 # The feed's own commits do not wait for the WAL flush, so they do not queue behind (or
-# ahead of) the SCIM writers' ones. A crash may lose the last of them, atomically: a step's
-# SETs with its checkpoint (produced again, new `jti`s, the same `txn`: RFC 9967 §2.2 lets a
-# receiver see them as one transaction's), a delivery's removal (sent again, the same `jti`).
+# ahead of) the SCIM writers' ones. A crash or failover may lose the last of them, atomically:
+# a step's SETs with its checkpoint (produced again with the same `jti`s, build.Signer, so a
+# receiver that had them sees duplicates it can drop, and its acknowledgement of either copy
+# works), a delivery's removal (sent again, the same `jti`).
 # At-least-once and the order hold; nothing is skipped.
 ASYNC_COMMIT = "SET LOCAL synchronous_commit = off"
 # Worker processes that build and sign a catch-up's SETs (0: none, all in the producer).
@@ -93,7 +103,12 @@ class Producer:
         self.keys = KeyRing()
         self.active = False
         self.produced = 0
+        self.held = 0  # steps that found their stream's outbox full
         self.woken = asyncio.Event()
+        # Set (and replaced) when a step has stored SETs: a waiting long poll of this
+        # instance answers at once (poll.py), instead of at its next check.
+        self.stored = asyncio.Event()
+        self._ahead: dict[uuid.UUID, tuple[Position, asyncio.Future[list[RecordedEvent]]]] = {}
         # After a wake-up, wait this long for more commits: one step per stream then covers
         # many SCIM requests, instead of a handful of round trips per stream per request.
         self.coalesce = coalesce
@@ -124,6 +139,13 @@ class Producer:
             self.woken.set()
 
         await conn.add_listener(NOTIFY_CHANNEL, wake)
+        await conn.add_listener(FEED_CHANNEL, wake)
+        try:
+            await self._steps(conn, stop)
+        finally:
+            self.forget_reads()
+
+    async def _steps(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self.woken.clear()
             busy = False
@@ -154,46 +176,95 @@ class Producer:
             await conn.execute(ASYNC_COMMIT)
             # One round trip for the stream, what it has pending and its tenant's current key.
             row = await conn.fetchrow(_STEP, stream_id, MAX_PENDING)
-            if row is None or row["pending"] >= MAX_PENDING:
+            if row is None:
+                return 0
+            if row["pending"] >= MAX_PENDING:
+                self.held += 1
                 return 0
             position = Position(row["checkpoint_transaction"], row["checkpoint_position"])
-            batch = await self.db.store.read_all(position, self.batch_size, conn=conn)
+            batch = await self._batch(conn, stream_id, position)
             if not batch:
                 return 0
+            if len(batch) >= self.batch_size:  # a catch-up: read the next batch meanwhile
+                self._read_ahead(stream_id, batch[-1].position)
             stream = Stream.of(row)
             mine = [r for r in batch if r.tenant_id == stream.tenant_id]
-            tokens = await self._sets(conn, stream, mine, row["kid"]) if mine else []
-            if tokens:
-                await conn.execute(
-                    "INSERT INTO feed_sets (stream_id, jti, kid, token)"
-                    " SELECT $1, j, k, t FROM unnest($2::text[], $3::text[], $4::text[])"
-                    " WITH ORDINALITY AS x (j, k, t, n) ORDER BY n",
-                    stream_id,
-                    [t[0] for t in tokens],
-                    [t[1] for t in tokens],
-                    [t[2] for t in tokens],
-                )
+            tokens: list[Token] = []
+            if mine:
+                with _young_objects_kept(len(batch) >= self.batch_size):
+                    tokens = await self._sets(conn, stream, mine, row["kid"], row["epoch"])
             last = batch[-1].position
-            await conn.execute(
-                "UPDATE feed_streams SET checkpoint_transaction = $2, checkpoint_position = $3,"
-                " produced = produced + $4 WHERE id = $1",
+            # A SET still pending from before (its producing commit was kept, the checkpoint's
+            # lost) keeps its row: the same jti (build.Signer), in order. One round trip.
+            made = await conn.fetchval(
+                "WITH made AS (INSERT INTO feed_sets (stream_id, jti, kid, token, subject)"
+                "  SELECT $1, j, k, t, s FROM unnest($2::text[], $3::text[], $4::text[],"
+                "  $5::uuid[]) WITH ORDINALITY AS x (j, k, t, s, n) ORDER BY n"
+                "  ON CONFLICT (stream_id, jti) DO NOTHING RETURNING 1),"
+                " n AS (SELECT count(*) AS n FROM made)"
+                " UPDATE feed_streams SET checkpoint_transaction = $6, checkpoint_position = $7,"
+                " produced = produced + n.n FROM n WHERE id = $1 RETURNING n.n",
                 stream_id,
+                [t[0] for t in tokens],
+                [t[1] for t in tokens],
+                [t[2] for t in tokens],
+                [t[3] for t in tokens],
                 last[0],
                 last[1],
-                len(tokens),
             )
-        self.produced += len(tokens)
+        self.produced += made or 0
+        if made:
+            self.stored.set()
+            self.stored = asyncio.Event()
         return len(batch)
 
+    async def _batch(
+        self, conn: Conn, stream_id: uuid.UUID, position: Position
+    ) -> list[RecordedEvent]:
+        """The events after `position`: read ahead by the previous step if it guessed this
+        position (the committed log after a position never changes), else read now."""
+        ahead = self._ahead.pop(stream_id, None)
+        if ahead is not None:
+            at, task = ahead
+            if at == position:
+                with contextlib.suppress(Exception):  # a failed read-ahead: read again
+                    return await task
+            else:
+                _drop(task)
+        return await self.db.store.read_all(position, self.batch_size, conn=conn)
+
+    def _read_ahead(self, stream_id: uuid.UUID, position: Position) -> None:
+        """Read the batch after `position` on another connection of the pool while this step
+        builds and signs its SETs: the database's work overlaps the producer's."""
+        old = self._ahead.pop(stream_id, None)
+        if old is not None:
+            _drop(old[1])
+        if len(self._ahead) >= MAX_READ_AHEAD:  # each holds a connection of the pool
+            return
+        task = asyncio.ensure_future(self.db.store.read_all(position, self.batch_size))
+        self._ahead[stream_id] = (position, task)
+
+    def forget_reads(self) -> None:
+        for _, task in self._ahead.values():
+            _drop(task)
+        self._ahead.clear()
+
     async def _sets(
-        self, conn: Conn, stream: Stream, records: Sequence[RecordedEvent], kid: str | None
+        self,
+        conn: Conn,
+        stream: Stream,
+        records: Sequence[RecordedEvent],
+        kid: str | None,
+        epoch: int = 0,
     ) -> list[Token]:
-        """(jti, kid, compact JWS) of each SET these events make for the stream, in order."""
+        """(jti, kid, compact JWS, subject) of each SET these events make for the stream, in
+        order."""
         key = await self.keys.current(conn, stream.tenant_id, kid)
         base = self.base_url()
         issuer, audience = issuer_of(base), audience_of(base, stream.id)
         view = StreamView(stream.id, stream.full, stream.events, stream.scope_group)
-        sign = Signer(key, issuer, audience)
+        sign = Signer(key, issuer, audience, stream.id, epoch)
+        await self._erased(conn, records)
         members: set[str] | None = None
         if stream.scope_group is not None:
             members = {
@@ -227,6 +298,22 @@ class Producer:
             )
         return out
 
+    async def _erased(self, conn: Conn, records: Sequence[RecordedEvent]) -> None:
+        """Mark the subjects of these events erased whose erasure has committed (on any
+        instance: this one may still hold the key cached), before their SETs are built: an
+        erased subject's SETs are notices (build.emit). The erasure waits for this step's
+        stream lock, then rewrites what the step stored (service/feeds/erasure.py)."""
+        subjects = list({r.originator_id for r in records if r.topic.startswith(_PERSONAL)})
+        if not subjects:
+            return
+        for row in await conn.fetch(
+            "SELECT subject_id FROM subject_keys WHERE subject_id = any($1::uuid[])"
+            " AND wrapped IS NULL",
+            subjects,
+        ):
+            if not is_erased(row[0]):
+                self.db.store.keys.erased(row[0])
+
     async def _record_error(self, conn: Conn, stream_id: uuid.UUID, error: Exception) -> None:
         text = f"{type(error).__name__}: {error}"[:2000]
         log.error("feed producer failed", stream=str(stream_id), error=text)
@@ -234,6 +321,32 @@ class Producer:
             await conn.execute(
                 "UPDATE feed_streams SET last_error = $2 WHERE id = $1", stream_id, text
             )
+
+
+@contextlib.contextmanager
+def _young_objects_kept(catching_up: bool) -> Iterator[None]:
+    """A catch-up batch's objects (events, changes, claims: tens per SET) live for its whole
+    step, so the collector would promote them to the oldest generation, and every quarter of
+    that generation's size so promoted runs a full collection: over a large heap (a key cache
+    of a million subjects) that cost ~50 µs per SET (bench.feeds). The cyclic collector waits
+    while a catch-up batch is built; refcounting frees the batch after, and what is left is
+    collected as usual."""
+    if not catching_up or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def _drop(task: asyncio.Future[Any]) -> None:
+    if task.done():
+        if not task.cancelled():
+            task.exception()  # retrieved: a failed read-ahead is read again, not logged
+    else:
+        task.cancel()
 
 
 async def _resource_at(db: Database, conn: Conn, change: sets.Change) -> dict[str, Any] | None:
@@ -245,3 +358,6 @@ async def _resource_at(db: Database, conn: Conn, change: sets.Change) -> dict[st
         if record.originator_version <= change.version
     ]
     return sets.replayed(change.resource_id, events)
+
+
+PRODUCER = web.AppKey("feed_producer", Producer)

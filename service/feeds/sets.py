@@ -267,6 +267,14 @@ def note_members(members: dict[str, str | None], event: Any) -> None:
         members.pop(member, None)
 
 
+_CREATED_ORDER = {
+    a: i
+    for i, a in enumerate(
+        (USER_NAME, *USER_STRING_ATTRIBUTES, NAME, ACTIVE, *USER_MULTI_VALUED_ATTRIBUTES)
+    )
+}
+
+
 def created_names(change: Change) -> list[str]:
     """`attributes` of prov:create:notice. A user created by one event (the common case, and
     every event of a catch-up) is named from its state, in `user_document`'s order, without
@@ -275,8 +283,11 @@ def created_names(change: Change) -> list[str]:
     if change.data is None and type(first).__name__ == "UserProvisioned":
         state = {USER_NAME: first.user_name, **first.attributes}
         names = ["id"]
-        order = (USER_NAME, *USER_STRING_ATTRIBUTES, NAME, ACTIVE, *USER_MULTI_VALUED_ATTRIBUTES)
-        names += [a for a in order if state.get(a) is not None]
+        # The set attributes of `user_document`'s order, by a walk of the (few) set ones.
+        names += sorted(
+            (a for a, v in state.items() if v is not None and a in _CREATED_ORDER),
+            key=_CREATED_ORDER.__getitem__,
+        )
         extension = dict.fromkeys(state.get(ENTERPRISE) or {})
         if state.get(MANAGER):
             extension[MANAGER] = None

@@ -232,7 +232,8 @@ async def delete(conn: Conn, tenant: str, name: str) -> None:
 
 async def reset(conn: Conn, tenant: str, name: str, start: str) -> None:
     """Move the checkpoint: START (the log's beginning), NOW (its end) or a timestamp (the first
-    event recorded at or after it). Pending SETs are dropped: the stream is rebuilt from there."""
+    event recorded at or after it). Pending SETs are dropped: the stream is rebuilt from there,
+    in a new epoch (new `jti`s: a replay, not a redelivery)."""
     row = await find(conn, tenant, name)
     async with conn.transaction():
         await conn.execute("SELECT 1 FROM feed_streams WHERE id = $1 FOR UPDATE", row["id"])
@@ -259,7 +260,7 @@ async def reset(conn: Conn, tenant: str, name: str, start: str) -> None:
         await conn.execute("DELETE FROM feed_sets WHERE stream_id = $1", row["id"])
         await conn.execute(
             "UPDATE feed_streams SET checkpoint_transaction = $2, checkpoint_position = $3,"
-            " failing_since = NULL, last_error = NULL WHERE id = $1",
+            " failing_since = NULL, last_error = NULL, epoch = epoch + 1 WHERE id = $1",
             row["id"],
             position[0],
             position[1],

@@ -9,11 +9,9 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from service.feeds import poll
-from service.feeds.producer import Producer
+from service.feeds.producer import PRODUCER, Producer
 from service.feeds.push import Pusher
 from service.state import DATABASE, SETTINGS
-
-PRODUCER = web.AppKey("feed_producer", Producer)
 
 
 def scim_base(app: web.Application) -> str:
