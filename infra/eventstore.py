@@ -203,7 +203,12 @@ class EventStore:
             metrics.APPEND_SECONDS.observe(time.perf_counter() - started)
         metrics.APPENDS.inc()
         metrics.EVENTS_APPENDED.inc(len(rows))
-        return [_recorded(r) for r in rows]
+        sent = {(s.originator_id, s.originator_version): s for s in stored}
+        return [
+            RecordedEvent(oid, v, sent[(oid, v)].topic, sent[(oid, v)].state, n, tenant_id, at,
+                          request_id, tx)
+            for oid, v, n, at, tx in rows
+        ]  # fmt: skip
 
     def _refusal(self, stored: Sequence[StoredEvent], error: BaseException) -> BaseException:
         """What a failed append raises: ours for a version conflict, a stream written out of

@@ -7,6 +7,9 @@ COLUMNS = (
     " recorded_at, request_id, transaction_id"
 )
 
+# What an append returns: only what the writer does not know already (not the states it sent).
+APPENDED = "originator_id, originator_version, notification_id, recorded_at, transaction_id"
+
 # Followers read in transaction id order, so a stream's events must have ascending
 # transaction ids. A writer takes its id when it first writes or locks a row, which may be
 # before it waited for the writer of the stream's previous version; then its id is the lower
@@ -16,6 +19,11 @@ COLUMNS = (
 # Crypto-shredding (infra.keys): the data keys of new subjects are stored by the same statement
 # ($7..$9), and an append for a subject whose key was destroyed (erased) fails whole (`erased`
 # raises SL002, migration 0017): on every instance, whatever its cache holds.
+#
+# Both checks look at the events after a stream's first only (an index probe each): a first
+# event (a new stream: POST, a request's record) has no previous version to be late after, and
+# a subject erased has a first event already, so its key row need not be read: a first event
+# for it collides on the primary key (ConcurrencyError) and nothing is written.
 APPEND_CTES = """
 e AS (
     SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bytea[])
@@ -28,19 +36,19 @@ e AS (
 ), erased AS (
     SELECT scimledger_subject_erased(k.subject_id) FROM e JOIN subject_keys k
         ON k.subject_id = e.originator_id
-    WHERE k.wrapped IS NULL
+    WHERE e.originator_version > 1 AND k.wrapped IS NULL
     LIMIT 1
 ), late AS (
     SELECT scimledger_stream_written_later(p.originator_id) FROM e JOIN stored_events p
         ON p.originator_id = e.originator_id AND p.originator_version = e.originator_version - 1
-    WHERE p.transaction_id > pg_current_xact_id()::text::bigint
+    WHERE e.originator_version > 1 AND p.transaction_id > pg_current_xact_id()::text::bigint
     LIMIT 1
 )"""
 APPEND_INSERT = f"""
 INSERT INTO stored_events (originator_id, originator_version, topic, state, tenant_id, request_id)
 SELECT e.originator_id, e.originator_version, e.topic, e.state, $5::uuid, $6::text
 FROM e WHERE NOT EXISTS (SELECT 1 FROM late) AND NOT EXISTS (SELECT 1 FROM erased)
-RETURNING {COLUMNS}
+RETURNING {APPENDED}
 """
 INSERT = f"WITH {APPEND_CTES}{APPEND_INSERT}"
 OUT_OF_ORDER = "SL001"

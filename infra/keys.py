@@ -11,8 +11,9 @@ the subject's data key. Erasing a subject destroys its data key (the row stays, 
 NULL): its events then read `[erased]` where the values were.
 
 Caching. Unwrapped keys are cached in memory. A write for a subject checks the key row in the
-appending statement itself (see infra.eventstore), so an erasure made on another instance is
-effective at once; a reader of one stream re-reads the key row (infra.eventstore.read_stream).
+appending statement itself (see infra.eventstore_sql; a stream's first event needs no check: an
+erased subject's stream has one already), so an erasure made on another instance is effective
+at once; a reader of one stream re-reads the key row (infra.eventstore.read_stream).
 """
 
 from __future__ import annotations

@@ -213,7 +213,7 @@ async def apply(
     recorded: Sequence[Any] | None = None,
 ) -> None:
     assert recorded is not None, "the audit projection needs the recorded events"
-    resources = await _load_resources(conn, events, tables)
+    resources = await _load_resources(conn, events, recorded, tables)
     entries: dict[int, _Entry] = {}
     flats: dict[UUID, Mapping[str, str]] = {}
     erasures: list[tuple[UUID, UUID]] = []
@@ -365,16 +365,24 @@ def _state_of(aggregate: Any) -> Mapping[str, Any] | None:
 
 
 async def _load_resources(
-    conn: Conn, events: Sequence[Any], tables: Mapping[str, str]
+    conn: Conn, events: Sequence[Any], recorded: Sequence[Any], tables: Mapping[str, str]
 ) -> dict[UUID, Any]:
-    ids = list({e.originator_id for e in events if isinstance(e, User.Event | Group.Event)})
+    # By the primary key (tenant, id): one index probe per resource. (By id alone the whole
+    # index was walked: 0.13 ms of PostgreSQL per POST /Users, growing with the table.)
+    keys = {
+        (r.tenant_id, e.originator_id): None
+        for e, r in zip(events, recorded, strict=True)
+        if isinstance(e, User.Event | Group.Event)
+    }
     found: dict[UUID, Any] = {}
-    if not ids:
+    if not keys:
         return found
     rows = await conn.fetch(
-        f"SELECT tenant_id, id, type, version, state, created, modified FROM {tables[RESOURCES]}"
-        " WHERE id = any($1::uuid[])",
-        ids,
+        f"SELECT r.tenant_id, r.id, r.type, r.version, r.state, r.created, r.modified"
+        f" FROM {tables[RESOURCES]} r JOIN unnest($1::uuid[], $2::uuid[]) AS k (tenant_id, id)"
+        " ON r.tenant_id = k.tenant_id AND r.id = k.id",
+        [t for t, _ in keys],
+        [i for _, i in keys],
     )
     keys = await audit_sealing.load(conn, (r["id"] for r in rows))
     for r in rows:
@@ -416,7 +424,7 @@ async def _save_resources(
         if (isinstance(agg, User) and agg.deprovisioned) or (
             isinstance(agg, Group) and agg.deleted
         ):
-            gone.append(rid)
+            gone.append((agg.tenant_id, rid))
             continue
         kind = "User" if isinstance(agg, User) else "Group"
         live.append(
@@ -431,7 +439,12 @@ async def _save_resources(
             )
         )
     if gone:
-        await conn.execute(f"DELETE FROM {tables[RESOURCES]} WHERE id = any($1::uuid[])", gone)
+        await conn.execute(
+            f"DELETE FROM {tables[RESOURCES]} r USING unnest($1::uuid[], $2::uuid[])"
+            " AS g (tenant_id, id) WHERE r.tenant_id = g.tenant_id AND r.id = g.id",
+            [t for t, _ in gone],
+            [i for _, i in gone],
+        )
     if live:
         await conn.execute(
             f"INSERT INTO {tables[RESOURCES]}"

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from domain.user import User
 from infra.database import Database
-from infra.eventstore import START, EventStore
+from infra.eventstore import START, ConcurrencyError, EventStore
 from infra.keys import MASTER_ENV, MASTER_FILE_ENV, KeyRing, SubjectErased, load_master_key
 from infra.tenants import IssuedToken, create_tenant
 from tests.test_audit import audit_auth, settled
@@ -227,6 +227,23 @@ async def test_force_deprovisions_first_and_writes_for_an_erased_subject_are_ref
     assert await database.pool.fetchval("SELECT count(*) FROM stored_events") == before
     # ... and that instance has learnt it: its cached key is gone.
     assert database.store.keys.known(sid) and database.store.keys.cipher(sid) is None
+    # A first event for the erased subject (a stream started again under its id, from a stale
+    # instance): the appending statement reads no key row for a first event, the stream's
+    # existing first event refuses it; nothing is written and the key stays destroyed.
+    for stale_key in (AESGCM(os.urandom(32)), None):  # a stale key; none (a new key is made)
+        if stale_key is None:
+            database.store.keys.forget([sid])
+        else:
+            database.store.keys._subjects[sid] = stale_key
+        again = User.provision(sid, tenant.tenant_id, {"userName": "someone@else"})
+        async with database.pool.acquire() as conn:
+            with pytest.raises(ConcurrencyError):
+                await database.store.append(conn, tenant.tenant_id, again.collect_events())
+        assert await database.pool.fetchval("SELECT count(*) FROM stored_events") == before
+    wrapped = await database.pool.fetchval(
+        "SELECT wrapped FROM subject_keys WHERE subject_id = $1", sid
+    )
+    assert wrapped is None
 
 
 def test_the_embedded_default_makes_a_master_key_once(
