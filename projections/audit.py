@@ -384,9 +384,9 @@ async def _load_resources(
         [t for t, _ in keys],
         [i for _, i in keys],
     )
-    keys = await audit_sealing.load(conn, (r["id"] for r in rows))
+    ring = await audit_sealing.load(conn, (r["id"] for r in rows))
     for r in rows:
-        state = audit_sealing.open_state(keys, r["tenant_id"], r["id"], r["state"])
+        state = audit_sealing.open_state(ring, r["tenant_id"], r["id"], r["state"])
         if state is None:
             continue  # its key is gone: the subject was erased (its row goes with it)
         if r["type"] == "User":
