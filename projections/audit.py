@@ -27,6 +27,8 @@ from infra import audit_sealing
 from infra.eventstore import Conn
 from infra.keys import KeyRing, is_erased
 from infra.sealing import ERASED, PLACEHOLDER
+from projections import audit_resources
+from projections.audit_resources import RESOURCES, state_of
 
 NAME = "audit"
 # 2: list and object values in modifiedProperties are UTF-8 JSON (orjson), not \u-escaped.
@@ -34,7 +36,7 @@ NAME = "audit"
 #    was; and the client's X-Request-Id (`clientRequestId`) has a column of its own.
 # 4: personal values sealed under the subject's data key (infra.audit_sealing).
 VERSION = 4
-ENTRIES, RESOURCES = "audit_entries", "audit_resources"
+ENTRIES = "audit_entries"
 TABLES = (ENTRIES, RESOURCES)
 LIVE: Mapping[str, str] = {ENTRIES: ENTRIES, RESOURCES: RESOURCES}
 
@@ -99,14 +101,6 @@ def _changes(old: Mapping[str, str], new: Mapping[str, str]) -> list[dict[str, A
         for key in sorted(set(old) | set(new))
         if old.get(key) != new.get(key)
     ]
-
-
-def _group_state(group: Group) -> dict[str, Any]:
-    state: dict[str, Any] = {"displayName": group.display_name}
-    if group.external_id is not None:
-        state["externalId"] = group.external_id
-    state.update(group.extensions)
-    return state
 
 
 class _Entry:
@@ -213,7 +207,7 @@ async def apply(
     recorded: Sequence[Any] | None = None,
 ) -> None:
     assert recorded is not None, "the audit projection needs the recorded events"
-    resources = await _load_resources(conn, events, recorded, tables)
+    resources = await audit_resources.load(conn, events, recorded, tables)
     entries: dict[int, _Entry] = {}
     flats: dict[UUID, Mapping[str, str]] = {}
     erasures: list[tuple[UUID, UUID]] = []
@@ -261,10 +255,10 @@ async def apply(
             continue
         current = resources.get(rid)
         # Each resource's attributes as text, kept from one event to its next in the batch.
-        before = flats[rid] if rid in flats else _flat(_state_of(current))
+        before = flats[rid] if rid in flats else _flat(state_of(current))
         current = event.mutate(current)
         resources[rid] = current
-        after = flats[rid] = _flat(_state_of(current))
+        after = flats[rid] = _flat(state_of(current))
         if isinstance(current, User):
             name, source = after.get("userName"), after.get("externalId")
             entry.properties += _changes(before, after)
@@ -290,7 +284,7 @@ async def apply(
                             "newValue": None,
                         }
                     )
-    await _save_resources(conn, resources, tables)
+    await audit_resources.save(conn, resources, tables)
     if entries:
         keys = await audit_sealing.load(conn, (e.subject() for e in entries.values()))
         rows = [e.row(keys) for e in entries.values()]
@@ -353,108 +347,6 @@ def _is_main(entry: _Entry, rid: UUID) -> bool:
 
 def _add_target(entry: _Entry, kind: str, rid: UUID, name: Any, source: Any) -> None:
     entry.targets[rid] = (kind, rid, name, source)
-
-
-def _state_of(aggregate: Any) -> Mapping[str, Any] | None:
-    """The attributes an entry lists; read at once, never kept (a user's is not a copy)."""
-    if isinstance(aggregate, User):
-        return aggregate.state_view
-    if isinstance(aggregate, Group):
-        return _group_state(aggregate)
-    return None
-
-
-async def _load_resources(
-    conn: Conn, events: Sequence[Any], recorded: Sequence[Any], tables: Mapping[str, str]
-) -> dict[UUID, Any]:
-    # By the primary key (tenant, id): one index probe per resource. (By id alone the whole
-    # index was walked: 0.13 ms of PostgreSQL per POST /Users, growing with the table.)
-    keys = {
-        (r.tenant_id, e.originator_id): None
-        for e, r in zip(events, recorded, strict=True)
-        if isinstance(e, User.Event | Group.Event)
-    }
-    found: dict[UUID, Any] = {}
-    if not keys:
-        return found
-    rows = await conn.fetch(
-        f"SELECT r.tenant_id, r.id, r.type, r.version, r.state, r.created, r.modified"
-        f" FROM {tables[RESOURCES]} r JOIN unnest($1::uuid[], $2::uuid[]) AS k (tenant_id, id)"
-        " ON r.tenant_id = k.tenant_id AND r.id = k.id",
-        [t for t, _ in keys],
-        [i for _, i in keys],
-    )
-    ring = await audit_sealing.load(conn, (r["id"] for r in rows))
-    for r in rows:
-        state = audit_sealing.open_state(ring, r["tenant_id"], r["id"], r["state"])
-        if state is None:
-            continue  # its key is gone: the subject was erased (its row goes with it)
-        if r["type"] == "User":
-            found[r["id"]] = User.from_state(
-                r["id"],
-                r["version"],
-                r["tenant_id"],
-                state,
-                r["created"],
-                r["modified"],
-                owned=True,
-            )
-        else:
-            found[r["id"]] = Group.from_state(
-                r["id"],
-                r["version"],
-                r["tenant_id"],
-                state["displayName"],
-                state.get("externalId"),
-                r["created"],
-                r["modified"],
-                {key: value for key, value in state.items() if is_extension_urn(key)},
-            )
-    return found
-
-
-async def _save_resources(
-    conn: Conn, resources: Mapping[UUID, Any], tables: Mapping[str, str]
-) -> None:
-    live, gone = [], []
-    keys = await audit_sealing.load(conn, (r for r, a in resources.items() if a is not None))
-    for rid, agg in resources.items():
-        if agg is None:
-            continue
-        if (isinstance(agg, User) and agg.deprovisioned) or (
-            isinstance(agg, Group) and agg.deleted
-        ):
-            gone.append((agg.tenant_id, rid))
-            continue
-        kind = "User" if isinstance(agg, User) else "Group"
-        live.append(
-            (
-                agg.tenant_id,
-                rid,
-                kind,
-                agg.version,
-                audit_sealing.seal_state(keys, agg.tenant_id, rid, _state_of(agg)),
-                agg.created_on,
-                agg.modified_on,
-            )
-        )
-    if gone:
-        await conn.execute(
-            f"DELETE FROM {tables[RESOURCES]} r USING unnest($1::uuid[], $2::uuid[])"
-            " AS g (tenant_id, id) WHERE r.tenant_id = g.tenant_id AND r.id = g.id",
-            [t for t, _ in gone],
-            [i for _, i in gone],
-        )
-    if live:
-        await conn.execute(
-            f"INSERT INTO {tables[RESOURCES]}"
-            " (tenant_id, id, type, version, state, created, modified)"
-            " SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bigint[], $5::jsonb[],"
-            " $6::timestamptz[], $7::timestamptz[])"
-            " ON CONFLICT (tenant_id, id) DO UPDATE SET version = excluded.version,"
-            " state = excluded.state, modified = excluded.modified",
-            *[list(c) for c in zip(*live, strict=True)],
-        )
 
 
 def describe(table: str, row: Mapping[str, Any]) -> str:

@@ -1,0 +1,126 @@
+"""The audit projection's own copy of each resource (`audit_resources`): the state before a
+request, from which an entry's old values come. Each copy is sealed under its subject's data key
+(infra.audit_sealing); an erased subject's copy cannot be opened and is left out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+from uuid import UUID
+
+from domain.group import Group
+from domain.schema import is_extension_urn
+from domain.user import User
+from infra import audit_sealing
+from infra.eventstore import Conn
+
+RESOURCES = "audit_resources"
+
+
+def group_state(group: Group) -> dict[str, Any]:
+    state: dict[str, Any] = {"displayName": group.display_name}
+    if group.external_id is not None:
+        state["externalId"] = group.external_id
+    state.update(group.extensions)
+    return state
+
+
+def state_of(aggregate: Any) -> Mapping[str, Any] | None:
+    """The attributes an entry lists; read at once, never kept (a user's is not a copy)."""
+    if isinstance(aggregate, User):
+        return aggregate.state_view
+    if isinstance(aggregate, Group):
+        return group_state(aggregate)
+    return None
+
+
+async def load(
+    conn: Conn, events: Sequence[Any], recorded: Sequence[Any], tables: Mapping[str, str]
+) -> dict[UUID, Any]:
+    # By the primary key (tenant, id): one index probe per resource. (By id alone the whole
+    # index was walked: 0.13 ms of PostgreSQL per POST /Users, growing with the table.)
+    keys = {
+        (r.tenant_id, e.originator_id): None
+        for e, r in zip(events, recorded, strict=True)
+        if isinstance(e, User.Event | Group.Event)
+    }
+    found: dict[UUID, Any] = {}
+    if not keys:
+        return found
+    rows = await conn.fetch(
+        f"SELECT r.tenant_id, r.id, r.type, r.version, r.state, r.created, r.modified"
+        f" FROM {tables[RESOURCES]} r JOIN unnest($1::uuid[], $2::uuid[]) AS k (tenant_id, id)"
+        " ON r.tenant_id = k.tenant_id AND r.id = k.id",
+        [t for t, _ in keys],
+        [i for _, i in keys],
+    )
+    ring = await audit_sealing.load(conn, (r["id"] for r in rows))
+    for r in rows:
+        state = audit_sealing.open_state(ring, r["tenant_id"], r["id"], r["state"])
+        if state is None:
+            continue  # its key is gone: the subject was erased (its row goes with it)
+        if r["type"] == "User":
+            found[r["id"]] = User.from_state(
+                r["id"],
+                r["version"],
+                r["tenant_id"],
+                state,
+                r["created"],
+                r["modified"],
+                owned=True,
+            )
+        else:
+            found[r["id"]] = Group.from_state(
+                r["id"],
+                r["version"],
+                r["tenant_id"],
+                state["displayName"],
+                state.get("externalId"),
+                r["created"],
+                r["modified"],
+                {key: value for key, value in state.items() if is_extension_urn(key)},
+            )
+    return found
+
+
+async def save(conn: Conn, resources: Mapping[UUID, Any], tables: Mapping[str, str]) -> None:
+    live, gone = [], []
+    keys = await audit_sealing.load(conn, (r for r, a in resources.items() if a is not None))
+    for rid, agg in resources.items():
+        if agg is None:
+            continue
+        if (isinstance(agg, User) and agg.deprovisioned) or (
+            isinstance(agg, Group) and agg.deleted
+        ):
+            gone.append((agg.tenant_id, rid))
+            continue
+        kind = "User" if isinstance(agg, User) else "Group"
+        live.append(
+            (
+                agg.tenant_id,
+                rid,
+                kind,
+                agg.version,
+                audit_sealing.seal_state(keys, agg.tenant_id, rid, state_of(agg)),
+                agg.created_on,
+                agg.modified_on,
+            )
+        )
+    if gone:
+        await conn.execute(
+            f"DELETE FROM {tables[RESOURCES]} r USING unnest($1::uuid[], $2::uuid[])"
+            " AS g (tenant_id, id) WHERE r.tenant_id = g.tenant_id AND r.id = g.id",
+            [t for t, _ in gone],
+            [i for _, i in gone],
+        )
+    if live:
+        await conn.execute(
+            f"INSERT INTO {tables[RESOURCES]}"
+            " (tenant_id, id, type, version, state, created, modified)"
+            " SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bigint[], $5::jsonb[],"
+            " $6::timestamptz[], $7::timestamptz[])"
+            " ON CONFLICT (tenant_id, id) DO UPDATE SET version = excluded.version,"
+            " state = excluded.state, modified = excluded.modified",
+            *[list(c) for c in zip(*live, strict=True)],
+        )
