@@ -363,6 +363,7 @@ async def _bulk(
     from infra.database import open_database
     from service.app import create_app
     from service.state import SUPERVISOR
+    from service.workers import settle_heap
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -382,6 +383,7 @@ async def _bulk(
             await runner.cleanup()
             messages.put(f"the bulk process cannot listen on {path}: {e.strerror}")
             return
+        settle_heap()
         messages.put(None)
         try:
             await stop.wait()
