@@ -91,8 +91,9 @@ def seal_entry(
     reason: str | None,
 ) -> tuple[str | None, str | None, list[dict[str, Any]], str | None, str | None]:
     """(name, source, properties, reason, sealed) as the entry's row stores them."""
-    if subject_id is None or not keys.known(subject_id):
+    if subject_id is None or keys.is_absent(subject_id):
         return name, source, properties, reason, None
+    _loaded(keys, subject_id)
     cipher = keys.cipher(subject_id)
     if cipher is None:  # erased: what the erasure's scrub leaves of an entry (projections.audit)
         return ERASED, None, [], ERASED if reason is not None else None, None
@@ -110,6 +111,12 @@ def seal_entry(
         for p in properties
     ]
     return _hidden(name), _hidden(source), shown, _hidden(reason), sealed
+
+
+def _loaded(keys: KeyRing, subject_id: UUID) -> None:
+    """Never write a value in clear because its key was not loaded (or evicted since)."""
+    if not keys.known(subject_id):
+        raise LookupError(f"the data key of {subject_id} was not loaded before sealing")
 
 
 def _hidden(value: Any) -> Any:
@@ -165,8 +172,11 @@ def seal_state(
     keys: KeyRing, tenant_id: UUID, subject_id: UUID, state: Mapping[str, Any] | None
 ) -> Any:
     """A resource's state as `audit_resources` stores it: sealed if the subject has a key."""
+    if state is None or keys.is_absent(subject_id):
+        return state
+    _loaded(keys, subject_id)
     cipher = keys.cipher(subject_id)
-    if state is None or cipher is None:
+    if cipher is None:
         return state
     return {SEALED: _seal(cipher, _state_aad(tenant_id, subject_id), state)}
 
