@@ -11,10 +11,10 @@ the subject's data key. Erasing a subject destroys its data key (the row stays, 
 NULL): its events then read `[erased]` where the values were.
 
 Caching. Unwrapped keys are cached in memory, an LRU of `SCIMLEDGER_KEY_CACHE` subjects (an
-evicted key row is read again when needed; docs/erasure.md, "The key cache is bounded"). A write for a subject checks the key row in the
-appending statement itself (see infra.eventstore_sql; a stream's first event needs no check: an
-erased subject's stream has one already), so an erasure made on another instance is effective
-at once; a reader of one stream re-reads the key row (infra.eventstore.read_stream).
+evicted key row is read again when needed; docs/erasure.md). A write for a subject checks the
+key row in the appending statement itself (see infra.eventstore_sql; a stream's first event
+needs no check: an erased subject's stream has one already), so an erasure made on another
+instance is effective at once; a reader of one stream re-reads the key row.
 """
 
 from __future__ import annotations
