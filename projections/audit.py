@@ -23,7 +23,7 @@ from domain.group import Group
 from domain.request import ProvisioningRequest
 from domain.schema import EXTENSION_SEPARATOR, is_extension_urn
 from domain.user import User
-from infra import audit_sealing
+from infra import audit_sealing, detail_sealing
 from infra.eventstore import Conn
 from infra.keys import KeyRing, is_erased
 from infra.sealing import ERASED, PLACEHOLDER
@@ -68,7 +68,8 @@ def error_code(error: Mapping[str, Any]) -> str:
         return code
     if status == "400":
         detail = str(error.get("detail", ""))
-        return "MandatoryFieldsMissing" if "required" in detail else "InvalidInput"
+        required = error.get("required") or "required" in detail  # (sealed: its flag)
+        return "MandatoryFieldsMissing" if required else "InvalidInput"
     return "Other"
 
 
@@ -157,16 +158,14 @@ class _Entry:
     def row(self, keys: KeyRing) -> tuple[Any, ...]:
         error = self.error or {}
         kind, rid, name, source = self._target()
+        # A detail sealed under the subject it quotes (a 409's holder) stays so, as stored.
+        reason = detail_sealing.sealed_reason(error)
+        if reason is None and error.get("detail") is not None:
+            reason = bounded(str(error.get("detail")))
         name, source, properties, reason, sealed = audit_sealing.seal_entry(
-            keys,
-            self.tenant_id,
-            self.transaction_id,
-            self.subject(),
-            name,
-            source,
-            self.properties,
-            bounded(str(error.get("detail"))) if error.get("detail") is not None else None,
-        )
+            keys, self.tenant_id, self.transaction_id, self.subject(), name, source,
+            self.properties, reason,
+        )  # fmt: skip
         return (
             self.transaction_id,
             self.id,
