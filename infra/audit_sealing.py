@@ -126,11 +126,12 @@ def _hidden(value: Any) -> Any:
 async def open_entries(conn: Any, rows: Sequence[Any]) -> list[dict[str, Any]]:
     """Entries' rows with their sealed values put back, or `[erased]` where they are gone."""
     from infra.detail_sealing import open_reasons
+    from infra.group_labels import name_groups
 
     out = [dict(r) for r in rows]
     sealed = [r for r in out if r.get("sealed")]
     if not sealed:
-        return await open_reasons(conn, out)
+        return await name_groups(conn, await open_reasons(conn, out))
     keys = await load(conn, (r["target_id"] for r in sealed))
     for r in sealed:
         subject = r["target_id"]
@@ -145,7 +146,7 @@ async def open_entries(conn: Any, rows: Sequence[Any]) -> list[dict[str, Any]]:
         if r.get("error_reason") is not None:
             r["error_reason"] = reason
         r["modified_properties"] = _restore(r["modified_properties"], values)
-    return await open_reasons(conn, out)
+    return await name_groups(conn, await open_reasons(conn, out))
 
 
 def _restore(properties: Any, values: list[Any] | None) -> Any:

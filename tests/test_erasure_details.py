@@ -13,6 +13,7 @@ from infra.database import Database
 from infra.sealing import ERASED
 from infra.tenants import IssuedToken
 from tests.test_audit import audit_auth, settled
+from tests.test_entra_groups import create_group, patch_group
 from tests.test_entra_users import create as create_user
 from tests.test_entra_users import entra_user, headers, patch
 from tests.test_erasure import _cli, _decoded, _everything
@@ -88,5 +89,49 @@ async def test_a_409_is_sealed_under_the_holders_key_and_erased_with_it(
         assert clear.encode() not in exports, clear
     assert BOB in decoded and BOB.encode() in exports  # Bob is intact
     # A rebuild after the erasure makes the very rows the live projection holds.
+    code, out, err = await _cli(fresh_dsn, "projections", "verify", "--all", "--quiet")
+    assert code == 0, out + err
+
+
+async def test_a_group_named_in_a_users_entry_by_its_id_and_read_by_its_name(
+    client: Client,
+    auth: dict[str, str],
+    database: Database,
+    tenant: IssuedToken,
+    fresh_dsn: str,
+) -> None:
+    reader = await audit_auth(database)
+    secret = "Friends of Ada Lovelace"
+    group = await create_group(client, auth, secret)
+    ada = await create_user(client, auth, user_name=ADA)
+    add = {"op": "Add", "path": "members", "value": [{"value": ada["id"]}]}
+    await patch_group(client, auth, group["id"], add)
+    r = await client.delete(f"/scim/v2/Users/{ada['id']}", headers=auth)  # leaves the group
+    assert r.status == 204
+    body = await settled(client, reader)
+    # Stored by the group's id; read by its current name.
+    labels = await database.pool.fetch("SELECT modified_properties::text FROM audit_entries")
+    text = "\n".join(r[0] for r in labels)
+    assert f"group {group['id']}: members removed" in text and secret not in text
+    deletion = next(e for e in body["entries"] if e["provisioningAction"] == "delete")
+    assert f"group {secret}: members removed" in str(deletion), deletion
+
+    # The group goes and is erased: its name is nowhere, the user's entry names it by id.
+    r = await client.delete(f"/scim/v2/Groups/{group['id']}", headers=auth)
+    assert r.status == 204
+    await settled(client, reader)
+    r = await client.post("/audit/v1/erasures", json={"groupId": group["id"]}, headers=reader)
+    assert r.status == 201, await r.text()
+    body = await settled(client, reader)
+    deletion = next(e for e in body["entries"] if e["provisioningAction"] == "delete"
+                    and e.get("targetIdentity", {}).get("id") == ada["id"])  # fmt: skip
+    assert f"group {group['id']}: members removed" in str(deletion), deletion
+    everything = await _everything(database)
+    exports = b""
+    for fmt in ("csv", "jsonl"):
+        r = await client.get(f"/audit/v1/export?format={fmt}", headers=reader)
+        exports += await r.read()
+    assert secret.encode() not in everything and secret.encode() not in exports
+    assert group["id"].encode() in exports
     code, out, err = await _cli(fresh_dsn, "projections", "verify", "--all", "--quiet")
     assert code == 0, out + err
