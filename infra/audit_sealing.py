@@ -91,8 +91,9 @@ def seal_entry(
     reason: str | None,
 ) -> tuple[str | None, str | None, list[dict[str, Any]], str | None, str | None]:
     """(name, source, properties, reason, sealed) as the entry's row stores them."""
-    if subject_id is None or not keys.known(subject_id):
+    if subject_id is None or keys.is_absent(subject_id):
         return name, source, properties, reason, None
+    _loaded(keys, subject_id)
     cipher = keys.cipher(subject_id)
     if cipher is None:  # erased: what the erasure's scrub leaves of an entry (projections.audit)
         return ERASED, None, [], ERASED if reason is not None else None, None
@@ -112,16 +113,25 @@ def seal_entry(
     return _hidden(name), _hidden(source), shown, _hidden(reason), sealed
 
 
+def _loaded(keys: KeyRing, subject_id: UUID) -> None:
+    """Never write a value in clear because its key was not loaded (or evicted since)."""
+    if not keys.known(subject_id):
+        raise LookupError(f"the data key of {subject_id} was not loaded before sealing")
+
+
 def _hidden(value: Any) -> Any:
     return None if value is None else PLACEHOLDER
 
 
 async def open_entries(conn: Any, rows: Sequence[Any]) -> list[dict[str, Any]]:
     """Entries' rows with their sealed values put back, or `[erased]` where they are gone."""
+    from infra.detail_sealing import open_reasons
+    from infra.group_labels import name_groups
+
     out = [dict(r) for r in rows]
     sealed = [r for r in out if r.get("sealed")]
     if not sealed:
-        return out
+        return await name_groups(conn, await open_reasons(conn, out))
     keys = await load(conn, (r["target_id"] for r in sealed))
     for r in sealed:
         subject = r["target_id"]
@@ -136,7 +146,7 @@ async def open_entries(conn: Any, rows: Sequence[Any]) -> list[dict[str, Any]]:
         if r.get("error_reason") is not None:
             r["error_reason"] = reason
         r["modified_properties"] = _restore(r["modified_properties"], values)
-    return out
+    return await name_groups(conn, await open_reasons(conn, out))
 
 
 def _restore(properties: Any, values: list[Any] | None) -> Any:
@@ -165,8 +175,11 @@ def seal_state(
     keys: KeyRing, tenant_id: UUID, subject_id: UUID, state: Mapping[str, Any] | None
 ) -> Any:
     """A resource's state as `audit_resources` stores it: sealed if the subject has a key."""
+    if state is None or keys.is_absent(subject_id):
+        return state
+    _loaded(keys, subject_id)
     cipher = keys.cipher(subject_id)
-    if state is None or cipher is None:
+    if cipher is None:
         return state
     return {SEALED: _seal(cipher, _state_aad(tenant_id, subject_id), state)}
 

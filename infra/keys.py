@@ -10,10 +10,11 @@ Sealing (infra.sealing): of a user's or a group's event, the personal values are
 the subject's data key. Erasing a subject destroys its data key (the row stays, `wrapped`
 NULL): its events then read `[erased]` where the values were.
 
-Caching. Unwrapped keys are cached in memory. A write for a subject checks the key row in the
-appending statement itself (see infra.eventstore_sql; a stream's first event needs no check: an
-erased subject's stream has one already), so an erasure made on another instance is effective
-at once; a reader of one stream re-reads the key row (infra.eventstore.read_stream).
+Caching. Unwrapped keys are cached in memory, an LRU of `SCIMLEDGER_KEY_CACHE` subjects (an
+evicted key row is read again when needed; docs/erasure.md). A write for a subject checks the
+key row in the appending statement itself (see infra.eventstore_sql; a stream's first event
+needs no check: an erased subject's stream has one already), so an erasure made on another
+instance is effective at once; a reader of one stream re-reads the key row.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,8 @@ from eventsourcing.domain import DomainEventProtocol
 MASTER_ENV = "SCIMLEDGER_MASTER_KEY"
 MASTER_FILE_ENV = "SCIMLEDGER_MASTER_KEY_FILE"
 GROUP_NAMES_ENV = "SCIMLEDGER_ENCRYPT_GROUP_NAMES"
+KEY_CACHE_ENV = "SCIMLEDGER_KEY_CACHE"
+DEFAULT_KEY_CACHE = 100_000
 MASTER_FILE = "master.key"
 
 _NONCE = 12
@@ -49,6 +53,17 @@ _ERASED_SUBJECTS: set[UUID] = set()
 # The key ring this process made last (one master key per process): the provisioning log's
 # projection and its readers seal and open with it (infra.audit_sealing).
 _LATEST: list[KeyRing] = []
+
+
+def _cache_size() -> int:
+    text = os.environ.get(KEY_CACHE_ENV, "")
+    try:
+        size = int(text) if text.strip() else DEFAULT_KEY_CACHE
+    except ValueError as e:
+        raise ValueError(f"{KEY_CACHE_ENV}: not a number: {text!r}") from e
+    if size < 1:
+        raise ValueError(f"{KEY_CACHE_ENV}: at least 1, got {size}")
+    return size
 
 
 def latest_ring() -> KeyRing:
@@ -158,7 +173,13 @@ def _dk_aad(subject_id: UUID) -> bytes:
 class KeyRing:
     """Tenant KEKs and subjects' data keys, unwrapped once and cached."""
 
-    def __init__(self, master: bytes, *, encrypt_group_names: bool | None = None) -> None:
+    def __init__(
+        self,
+        master: bytes,
+        *,
+        encrypt_group_names: bool | None = None,
+        cache_size: int | None = None,
+    ) -> None:
         self._master = AESGCM(master)
         self.master_id = master_id(master)
         if encrypt_group_names is None:
@@ -166,11 +187,13 @@ class KeyRing:
         self.encrypt_group_names = encrypt_group_names
         self._keks: dict[tuple[UUID, int], AESGCM] = {}
         self._current: dict[UUID, int] = {}
-        # subject id -> its cipher, or None once erased.
-        self._subjects: dict[UUID, AESGCM | None] = {}
+        self.cache_size = cache_size if cache_size is not None else _cache_size()
+        # subject id -> its cipher, or None once erased; least recently used first.
+        self._subjects: OrderedDict[UUID, AESGCM | None] = OrderedDict()
         # Subjects found without a key row (streams stored before encryption): their events
-        # are in clear until `scimledger erase migrate`; a write makes them a key.
-        self._absent: set[UUID] = set()
+        # are in clear until `scimledger erase migrate`; a write makes them a key. Bounded the
+        # same way (an evicted one is looked up again).
+        self._absent: OrderedDict[UUID, None] = OrderedDict()
         _LATEST[:] = [self]  # the provisioning log's sealing uses it (infra.audit_sealing)
 
     # KEKs
@@ -229,14 +252,47 @@ class KeyRing:
     def known(self, subject_id: UUID) -> bool:
         return subject_id in self._subjects
 
+    def cached(self) -> int:
+        """Subjects whose key (or its absence) is held in memory."""
+        return len(self._subjects) + len(self._absent)
+
     def forget(self, subject_ids: Iterable[UUID]) -> None:
         for s in subject_ids:
             self._subjects.pop(s, None)
-            self._absent.discard(s)
+            self._absent.pop(s, None)
 
     def erased(self, subject_id: UUID) -> None:
-        self._subjects[subject_id] = None
+        self._put(subject_id, None, frozenset())
         _ERASED_SUBJECTS.add(subject_id)
+
+    def _put(self, subject_id: UUID, cipher: AESGCM | None, keep: Iterable[UUID]) -> None:
+        """Cache a subject's key, most recently used; evict the least recently used past the
+        cap, but none of `keep` (what the running load is loading)."""
+        self._absent.pop(subject_id, None)
+        self._subjects[subject_id] = cipher
+        self._subjects.move_to_end(subject_id)
+        self._evict(keep)
+
+    def _put_absent(self, subject_id: UUID, keep: Iterable[UUID]) -> None:
+        self._absent[subject_id] = None
+        self._absent.move_to_end(subject_id)
+        self._evict(keep)
+
+    def _evict(self, keep: Iterable[UUID]) -> None:
+        kept = keep if isinstance(keep, set | frozenset) else set(keep)
+        for cache in (self._absent, self._subjects):
+            while self.cached() > self.cache_size and cache:
+                oldest = next(iter(cache))
+                if oldest in kept:
+                    break  # the rest is newer still: this load's own keys
+                del cache[oldest]
+
+    def _touch(self, subject_ids: Iterable[UUID]) -> None:
+        for s in subject_ids:
+            if s in self._subjects:
+                self._subjects.move_to_end(s)
+            elif s in self._absent:
+                self._absent.move_to_end(s)
 
     async def load(
         self,
@@ -245,12 +301,18 @@ class KeyRing:
         *,
         refresh: bool = False,
         missing_unreadable: bool = False,
+        keep: Iterable[UUID] = (),
     ) -> None:
         """Load the data keys of these subjects (those not cached, or all with `refresh`).
         `missing_unreadable` (readers): a subject without a key row is remembered as such; its
         events read as stored (in clear if from before encryption, else `[erased]`)."""
-        wanted = list({s for s in subject_ids if refresh or s not in self._subjects})
+        wanted = list(set(subject_ids))
+        self._touch(wanted)
+        asked = set(wanted).union(keep)
+        if not refresh:
+            wanted = [s for s in wanted if s not in self._subjects]
         if not wanted:
+            self._evict(asked)  # what an earlier, larger batch left past the cap
             return
         rows = await conn.fetch(
             "SELECT subject_id, tenant_id, kek_version, wrapped FROM subject_keys"
@@ -258,20 +320,21 @@ class KeyRing:
             wanted,
         )
         for row in rows:
-            await self._remember(conn, row)
+            await self._remember(conn, row, asked)
         if missing_unreadable:
-            self._absent.update(s for s in wanted if s not in self._subjects)
+            for s in wanted:
+                if s not in self._subjects:
+                    self._put_absent(s, asked)
 
-    async def _remember(self, conn: Any, row: Any) -> None:
+    async def _remember(self, conn: Any, row: Any, keep: Iterable[UUID]) -> None:
         subject_id: UUID = row["subject_id"]
-        self._absent.discard(subject_id)
         if row["wrapped"] is None:
-            self._subjects[subject_id] = None
+            self._put(subject_id, None, keep)
             _ERASED_SUBJECTS.add(subject_id)
             return
         _ERASED_SUBJECTS.discard(subject_id)
         _, kek = await self._kek(conn, row["tenant_id"], int(row["kek_version"]))
-        self._subjects[subject_id] = AESGCM(_unwrap(kek, row["wrapped"], _dk_aad(subject_id)))
+        self._put(subject_id, AESGCM(_unwrap(kek, row["wrapped"], _dk_aad(subject_id))), keep)
 
     async def prepare(
         self, conn: Any, tenant_id: UUID, events: Sequence[DomainEventProtocol[UUID]]
@@ -286,10 +349,13 @@ class KeyRing:
         new: list[tuple[UUID, int, bytes]] = []
         missing: list[UUID] = []
         members: list[UUID] = []
-        for e in events:
-            if type(e).__module__ not in PERSONAL_MODULES:
-                continue
+        personal = [e for e in events if type(e).__module__ in PERSONAL_MODULES]
+        for e in personal:
             members += _display_members(e)
+        # This batch's keys stay cached until it is sealed (the cap may wait for the next load).
+        batch = {e.originator_id for e in personal}.union(members)
+        self._touch(batch)
+        for e in personal:
             sid = e.originator_id
             if sid in self._subjects:
                 if self._subjects[sid] is None:
@@ -299,21 +365,24 @@ class KeyRing:
                 version, kek = await self._kek(conn, tenant_id)
                 key = AESGCM.generate_key(bit_length=256)
                 new.append((sid, version, _wrap(kek, key, _dk_aad(sid))))
-                self._subjects[sid] = AESGCM(key)
+                self._put(sid, AESGCM(key), batch)
             else:
                 missing.append(sid)
         if missing:
-            await self.load(conn, missing)
+            await self.load(conn, missing, keep=batch)
             for sid in missing:
                 if sid not in self._subjects:
-                    await self.create(conn, tenant_id, sid)
+                    await self.create(conn, tenant_id, sid, keep=batch)
                 if self._subjects.get(sid, None) is None:
                     raise SubjectErased(sid)
         if members:  # their displays are sealed under their own keys (infra.sealing)
-            await self.load(conn, members, missing_unreadable=True)
+            await self.load(conn, members, missing_unreadable=True, keep=batch)
+        self._evict(batch)  # what an earlier, larger batch left past the cap
         return new
 
-    async def create(self, conn: Any, tenant_id: UUID, subject_id: UUID) -> None:
+    async def create(
+        self, conn: Any, tenant_id: UUID, subject_id: UUID, *, keep: Iterable[UUID] = ()
+    ) -> None:
         """Store a key for a subject that has none yet (a stream from before encryption)."""
         version, kek = await self._kek(conn, tenant_id)
         key = AESGCM.generate_key(bit_length=256)
@@ -326,7 +395,7 @@ class KeyRing:
             _wrap(kek, key, _dk_aad(subject_id)),
         )
         self._subjects.pop(subject_id, None)
-        await self.load(conn, [subject_id])
+        await self.load(conn, [subject_id], keep=keep)
 
     # rotation
 

@@ -23,7 +23,7 @@ from domain.group import Group
 from domain.request import ProvisioningRequest
 from domain.schema import EXTENSION_SEPARATOR, is_extension_urn
 from domain.user import User
-from infra import audit_sealing
+from infra import audit_sealing, detail_sealing, group_labels
 from infra.eventstore import Conn
 from infra.keys import KeyRing, is_erased
 from infra.sealing import ERASED, PLACEHOLDER
@@ -35,7 +35,9 @@ NAME = "audit"
 # 3: the error reason is bounded (domain.errors.bounded), also for requests recorded before it
 #    was; and the client's X-Request-Id (`clientRequestId`) has a column of its own.
 # 4: personal values sealed under the subject's data key (infra.audit_sealing).
-VERSION = 4
+# 5: a group named in another subject's entry by its id (infra.group_labels); a failed
+#    request's detail as its record sealed it (infra.detail_sealing).
+VERSION = 5
 ENTRIES = "audit_entries"
 TABLES = (ENTRIES, RESOURCES)
 LIVE: Mapping[str, str] = {ENTRIES: ENTRIES, RESOURCES: RESOURCES}
@@ -68,7 +70,8 @@ def error_code(error: Mapping[str, Any]) -> str:
         return code
     if status == "400":
         detail = str(error.get("detail", ""))
-        return "MandatoryFieldsMissing" if "required" in detail else "InvalidInput"
+        required = error.get("required") or "required" in detail  # (sealed: its flag)
+        return "MandatoryFieldsMissing" if required else "InvalidInput"
     return "Other"
 
 
@@ -157,16 +160,14 @@ class _Entry:
     def row(self, keys: KeyRing) -> tuple[Any, ...]:
         error = self.error or {}
         kind, rid, name, source = self._target()
+        # A detail sealed under the subject it quotes (a 409's holder) stays so, as stored.
+        reason = detail_sealing.sealed_reason(error)
+        if reason is None and error.get("detail") is not None:
+            reason = bounded(str(error.get("detail")))
         name, source, properties, reason, sealed = audit_sealing.seal_entry(
-            keys,
-            self.tenant_id,
-            self.transaction_id,
-            self.subject(),
-            name,
-            source,
-            self.properties,
-            bounded(str(error.get("detail"))) if error.get("detail") is not None else None,
-        )
+            keys, self.tenant_id, self.transaction_id, self.subject(), name, source,
+            self.properties, reason,
+        )  # fmt: skip
         return (
             self.transaction_id,
             self.id,
@@ -252,6 +253,9 @@ async def apply(
             kind = "User" if isinstance(event, User.Event) else "Group"
             _add_target(entry, kind, rid, ERASED, None)
             resources.pop(rid, None)
+            if type(event).__name__ == "GroupMembershipChanged" and not _is_main(entry, rid):
+                # Named by its id in another subject's entry: that stays (as it was live).
+                _members(entry, fields, group_labels.prefix(audit_sealing.ring(), rid, None))
             continue
         current = resources.get(rid)
         # Each resource's attributes as text, kept from one event to its next in the batch.
@@ -267,23 +271,12 @@ async def apply(
             _add_target(entry, "Group", rid, current.display_name, current.external_id)
             entry.properties += _changes(before, after)
             if type(event).__name__ == "GroupMembershipChanged":
-                prefix = "" if _is_main(entry, rid) else f"group {current.display_name}: "
-                if fields.added:
-                    entry.properties.append(
-                        {
-                            "displayName": f"{prefix}members added",
-                            "oldValue": None,
-                            "newValue": ", ".join(fields.added),
-                        }
-                    )
-                if fields.removed:
-                    entry.properties.append(
-                        {
-                            "displayName": f"{prefix}members removed",
-                            "oldValue": ", ".join(fields.removed),
-                            "newValue": None,
-                        }
-                    )
+                prefix = (
+                    ""
+                    if _is_main(entry, rid)
+                    else group_labels.prefix(audit_sealing.ring(), rid, current.display_name)
+                )
+                _members(entry, fields, prefix)
     await audit_resources.save(conn, resources, tables)
     if entries:
         keys = await audit_sealing.load(conn, (e.subject() for e in entries.values()))
@@ -338,6 +331,20 @@ def _arrays(row: tuple[Any, ...]) -> tuple[Any, ...]:
     values = list(row)
     values[18] = "{" + ",".join(str(p) for p in values[18]) + "}"
     return tuple(values)
+
+
+def _members(entry: _Entry, fields: Any, prefix: str) -> None:
+    """A membership change's properties: members added, members removed (ids)."""
+    if fields.added:
+        entry.properties.append(
+            {"displayName": f"{prefix}members added", "oldValue": None,
+             "newValue": ", ".join(fields.added)}
+        )  # fmt: skip
+    if fields.removed:
+        entry.properties.append(
+            {"displayName": f"{prefix}members removed", "oldValue": ", ".join(fields.removed),
+             "newValue": None}
+        )  # fmt: skip
 
 
 def _is_main(entry: _Entry, rid: UUID) -> bool:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from uuid import UUID
+
 from domain.errors import bounded
 
 
@@ -22,7 +24,13 @@ class Invalid(ServiceError):
 
 
 class Taken(ServiceError):
-    """A value another resource of the tenant holds (409 uniqueness)."""
+    """A value another resource of the tenant holds (409 uniqueness). `holder`: that resource,
+    when known: the detail quotes its value, so its record is sealed under the holder's key."""
+
+    def __init__(self, detail: str, held: tuple[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.held = held  # (User or Group, the value): service.taken finds the holder
+        self.holder: UUID | None = None
 
 
 class PreconditionFailed(ServiceError):

@@ -41,6 +41,7 @@ from service.commands import (
     Unique,
 )
 from service.exceptions import Conflict, Invalid, NotFound, PreconditionFailed, Taken
+from service.taken import holder_of
 from service.unit_of_work import UnitOfWork, is_unique_violation
 
 if TYPE_CHECKING:  # service.outcomes imports the app's state, which names Handlers
@@ -115,6 +116,10 @@ class Handlers:
                 ) as uow:
                     result = await work(uow)
                 return result
+            except Taken as e:
+                if e.held is not None:  # its connection given back: no second one held
+                    e.holder = await holder_of(self.db.pool, caller.tenant_id, *e.held)
+                raise
             except (OutOfOrder, _GroupsChanged):
                 # Not a conflict: If-Match was checked and holds; a new transaction succeeds.
                 if attempt + 1 < MAX_ATTEMPTS:
@@ -403,10 +408,10 @@ async def _flush(
     try:
         await uow.flush()
     except asyncpg.UniqueViolationError as e:
-        if is_unique_violation(e, "scim_users_user_name_uq") or is_unique_violation(
-            e, "scim_groups_display_name_uq"
-        ):
-            raise Taken(f"{attribute} {name!r} is already taken") from None
+        if is_unique_violation(e, "scim_users_user_name_uq"):
+            raise Taken(f"{attribute} {name!r} is already taken", ("User", name)) from None
+        if is_unique_violation(e, "scim_groups_display_name_uq"):
+            raise Taken(f"{attribute} {name!r} is already taken", ("Group", name)) from None
         constraint = str(getattr(e, "constraint_name", None) or "")
         if INDEX_PREFIX in constraint:
             what = (taken or {}).get(constraint, "a declared unique attribute's value")

@@ -120,6 +120,10 @@ async def scim_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except ScimError as e:
         return e.response()
     except ServiceError as e:
+        holder = getattr(e, "holder", None)
+        context = request.get(REQUEST_CONTEXT)
+        if holder is not None and context is not None:
+            context.error_subject = holder  # its record is sealed under its key
         return scim_error_of(e).response()
     except web.HTTPException as e:
         if e.status < 400:

@@ -24,6 +24,7 @@ from domain.errors import bounded
 from domain.request import ProvisioningRequest
 from infra import metrics
 from infra.database import Database
+from infra.detail_sealing import seal_error
 from infra.eventstore import ConcurrencyError
 from infra.tenants import authenticate_many
 from service.state import (
@@ -59,6 +60,19 @@ class RequestContext:
     started: float = field(default_factory=time.perf_counter)
     # Set by the unit of work when it committed domain events with the outcome.
     recorded: bool = False
+    # The subject a failure's detail quotes, when not the target (a 409's holder).
+    error_subject: UUID | None = None
+
+    def subject(self) -> UUID | None:
+        """The user or group whose key seals a failure's detail (infra.detail_sealing)."""
+        if self.error_subject is not None:
+            return self.error_subject
+        if self.target_type not in ("User", "Group") or not self.target_id:
+            return None
+        try:
+            return UUID(self.target_id)
+        except ValueError:
+            return None
 
     def describe(self, status: int) -> dict[str, Any]:
         return _text_safe(
@@ -157,6 +171,7 @@ async def record_outcomes(request: web.Request, handler: Handler) -> web.StreamR
         context.describe(status),
         error,
         context.request_id,
+        context.subject() if error is not None else None,
     )
     pending = request.app[PENDING_OUTCOMES]
     database = request.app[DATABASE]
@@ -187,6 +202,7 @@ class QueuedOutcome:
     described: dict[str, Any]
     error: dict[str, Any] | None
     request_id: str
+    subject: UUID | None = None  # whose key seals the error's detail
 
     async def write(self, database: Database) -> None:
         tenant_id = self.tenant_id
@@ -198,8 +214,12 @@ class QueuedOutcome:
                 return  # a token that would have been refused: a 401/403, never recorded
             tenant_id = principal.tenant_id
             self.described["initiatedBy"] = principal.token_name
+        error = self.error
+        if error is not None and self.subject is not None:
+            keys = database.store.keys
+            error = await seal_error(database.pool, keys, self.record_id, self.subject, error)
         record = ProvisioningRequest.record(
-            self.record_id, tenant_id, self.outcome, self.described, self.error
+            self.record_id, tenant_id, self.outcome, self.described, error
         )
         try:
             await database.store.append_now(tenant_id, record.collect_events(), self.request_id)

@@ -277,6 +277,9 @@ class Producer:
         left: list[str] = []
         out: list[Token] = []
         for transaction in transactions(records):
+            # Its keys again (a no-op when cached): the awaits of the transactions before may
+            # have let other readers evict them from the key cache (infra.keys).
+            await self.db.store.load_keys(conn, transaction)
             decoded = [self.db.store.to_domain(r) for r in transaction]
             method = method_of(decoded)
             changes = sets.changes_of(decoded)

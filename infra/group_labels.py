@@ -1,0 +1,62 @@
+"""A group named in another subject's provisioning-log entry (issue 17).
+
+When a request about a user changes a group (a deleted user leaves its groups), the entry's
+modifiedProperties say `group <name>: members removed`. The attribute names of an entry stay
+in clear (the shape of a change is not personal), so with group names personal
+(`SCIMLEDGER_ENCRYPT_GROUP_NAMES`, on by default) the projection names the group by its id
+there, and readers show the group's *current* displayName in its place (the SCIM view holds
+it); a deleted or erased group reads by its id.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from uuid import UUID
+
+import orjson
+
+from infra.keys import KeyRing
+
+_LABEL = re.compile(r"group ([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}): ")
+
+
+def prefix(keys: KeyRing, group_id: UUID, name: Any) -> str:
+    """How an entry about another subject names a group in its attribute names."""
+    return f"group {group_id if keys.encrypt_group_names else name}: "
+
+
+async def name_groups(conn: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Entries' rows (opened) with `group <id>: ` in attribute names shown as the group's
+    current displayName, in place. One query for the page."""
+    wanted: set[UUID] = set()
+    for r in rows:
+        properties = r.get("modified_properties")
+        if type(properties) is str:
+            if "group " not in properties:
+                continue
+            properties = r["modified_properties"] = orjson.loads(properties)
+        for p in properties or []:
+            found = _LABEL.match(str(p.get("displayName", "")))
+            if found:
+                wanted.add(UUID(found.group(1)))
+    if not wanted:
+        return rows
+    names = {
+        (g["tenant_id"], g["id"]): g["display_name"]
+        for g in await conn.fetch(
+            "SELECT tenant_id, id, display_name FROM scim_groups WHERE id = ANY($1::uuid[])",
+            list(wanted),
+        )
+    }
+    for r in rows:
+        shown = []
+        for p in r.get("modified_properties") or []:
+            found = _LABEL.match(str(p.get("displayName", "")))
+            name = names.get((r.get("tenant_id"), UUID(found.group(1)))) if found else None
+            if found and name is not None:
+                rest = str(p["displayName"])[found.end() :]
+                p = {**p, "displayName": f"group {name}: {rest}"}
+            shown.append(p)
+        r["modified_properties"] = shown
+    return rows
