@@ -29,7 +29,7 @@ def prefix(keys: KeyRing, group_id: UUID, name: Any) -> str:
 async def name_groups(conn: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Entries' rows (opened) with `group <id>: ` in attribute names shown as the group's
     current displayName, in place. One query for the page."""
-    wanted: set[UUID] = set()
+    wanted: set[tuple[UUID, UUID]] = set()
     for r in rows:
         properties = r.get("modified_properties")
         if type(properties) is str:
@@ -39,14 +39,18 @@ async def name_groups(conn: Any, rows: list[dict[str, Any]]) -> list[dict[str, A
         for p in properties or []:
             found = _LABEL.match(str(p.get("displayName", "")))
             if found:
-                wanted.add(UUID(found.group(1)))
+                wanted.add((r["tenant_id"], UUID(found.group(1))))
     if not wanted:
         return rows
+    # By the primary key (tenant, id): one index probe per group (by id alone, the whole index).
     names = {
         (g["tenant_id"], g["id"]): g["display_name"]
         for g in await conn.fetch(
-            "SELECT tenant_id, id, display_name FROM scim_groups WHERE id = ANY($1::uuid[])",
-            list(wanted),
+            "SELECT g.tenant_id, g.id, g.display_name FROM scim_groups g"
+            " JOIN unnest($1::uuid[], $2::uuid[]) AS k (tenant_id, id)"
+            " ON g.tenant_id = k.tenant_id AND g.id = k.id",
+            [t for t, _ in wanted],
+            [i for _, i in wanted],
         )
     }
     for r in rows:
