@@ -145,16 +145,13 @@ def _unwrap(kek: AESGCM, wrapped: bytes, aad: bytes) -> bytes:
     return kek.decrypt(wrapped[:_NONCE], wrapped[_NONCE:], aad)
 
 
-def _display_members(event: DomainEventProtocol[UUID]) -> list[UUID]:
-    """The members a group's membership change keeps a display of (sealed under their keys)."""
-    displays = getattr(event, "displays", None)
-    if not displays:
-        return []
+def uuids(texts: Iterable[Any]) -> list[UUID]:
+    """Those of `texts` that are UUIDs, as UUIDs (a client's member value may be anything)."""
     out = []
-    for member in displays:
+    for text in texts:
         try:
-            out.append(UUID(member))
-        except ValueError:
+            out.append(UUID(text))
+        except (TypeError, ValueError):
             continue
     return out
 
@@ -351,7 +348,8 @@ class KeyRing:
         members: list[UUID] = []
         personal = [e for e in events if type(e).__module__ in PERSONAL_MODULES]
         for e in personal:
-            members += _display_members(e)
+            # The members a membership change keeps a display of (sealed under their keys).
+            members += uuids(getattr(e, "displays", None) or ())
         # This batch's keys stay cached until it is sealed (the cap may wait for the next load).
         batch = {e.originator_id for e in personal}.union(members)
         self._touch(batch)

@@ -21,7 +21,7 @@ from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import Mapper, StoredEvent
 from eventsourcing.utils import get_topic, resolve_topic
 
-from infra.keys import _NONCE, PERSONAL_MODULES, KeyRing, SubjectErased
+from infra.keys import _NONCE, PERSONAL_MODULES, KeyRing, SubjectErased, uuids
 from infra.transcoder import OrjsonTranscoder, _tag, _untag
 
 SEALED = "_sealed_"
@@ -137,15 +137,7 @@ SEALED_DISPLAYS = "_displays_"
 def display_members(state: dict[str, Any]) -> list[UUID]:
     """The members whose keys reading this stored state needs (see EventStore.load_keys)."""
     sealed = state.get(SEALED_DISPLAYS)
-    if type(sealed) is not dict:
-        return []
-    out = []
-    for member in sealed:
-        try:
-            out.append(UUID(member))
-        except ValueError:
-            continue
-    return out
+    return uuids(sealed) if type(sealed) is dict else []
 
 
 def seal_displays(ring: KeyRing, state: dict[str, Any], group_id: UUID, version: int) -> None:

@@ -23,7 +23,7 @@ from domain.erasure import Erasure
 from infra import sealing
 from infra.database import Database
 from infra.eventstore import Conn
-from infra.keys import SubjectErased
+from infra.keys import SubjectErased, uuids
 from infra.sealing import ERASED, PLACEHOLDER, SEALED, is_personal_topic
 from service.feeds.erasure import scrub as scrub_pending_sets
 
@@ -283,21 +283,13 @@ async def _member_keys(conn: Conn, keys: Any, tenant_id: UUID, rows: list[Any]) 
     for r in rows:
         displays = orjson.loads(r["state"]).get(sealing.DISPLAYS)
         if type(displays) is dict:
-            members.update(UUID(m) for m in displays if _is_uuid(m))
+            members.update(uuids(displays))
     if not members:
         return
     await keys.load(conn, members)
     for member in members:
         if not keys.known(member):
             await keys.create(conn, tenant_id, member)
-
-
-def _is_uuid(text: str) -> bool:
-    try:
-        UUID(text)
-    except ValueError:
-        return False
-    return True
 
 
 _PERSONAL_STREAMS = (
