@@ -61,11 +61,6 @@ bench: $(BENCH_STAMP) system-packages
 
 bench-quick: $(BENCH_STAMP) system-packages
 	$(BIN)/python -m bench.suite --quick
-	$(BIN)/python -m bench.extensions --quick
-
-# A user with 20 declared extension attributes against a plain one (issue 15: at most 1.2x).
-bench-extensions: $(STAMP)
-	$(BIN)/python -m bench.extensions
 
 # One row of the table (or two) at full size, written to bench/results/latest-<rows>.md.
 bench-users: $(BENCH_STAMP) system-packages
@@ -82,6 +77,10 @@ bench-rebuild: $(BENCH_STAMP) system-packages
 
 bench-feeds: $(BENCH_STAMP) system-packages
 	$(BIN)/python -m bench.suite --only feeds
+
+# A user with 20 declared extension attributes against a plain one (issue 15: at most 1.2x).
+bench-extensions: $(BENCH_STAMP) system-packages
+	$(BIN)/python -m bench.suite --only extensions
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -114,9 +114,10 @@ def free_port() -> int:
 
 
 def progress_bar() -> rp.Progress:
-    columns = (rp.TextColumn("{task.description:<36}"), rp.BarColumn(), rp.MofNCompleteColumn())
-    columns += (rp.TextColumn("{task.fields[rate]:>12}"), rp.TimeElapsedColumn())
-    return rp.Progress(*columns, rp.TextColumn("ETA"), rp.TimeRemainingColumn(), console=err)
+    columns: tuple[rp.ProgressColumn, ...] = (rp.TextColumn("{task.description:<36}"),)
+    columns += (rp.BarColumn(), rp.MofNCompleteColumn(), rp.TextColumn("{task.fields[rate]:>12}"))
+    columns += (rp.TimeElapsedColumn(), rp.TextColumn("ETA"), rp.TimeRemainingColumn())
+    return rp.Progress(*columns, console=err)
 
 
 # --- CPU accounting
@@ -287,7 +288,7 @@ def cli(*args: str, timeout: float = 600) -> str:
     done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **CHILD)
     if done.returncode != 0:
         raise BenchError(f"scimledger {' '.join(args[:2])} failed: {done.stderr.strip()}")
-    return done.stdout
+    return str(done.stdout)
 
 
 def create_tenant(dsn: str) -> str:
@@ -361,7 +362,7 @@ async def wait_ready(
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise BenchError(f"{proc.args[0]} exited with {proc.returncode}:\n{tail(log)}")
+            raise BenchError(f"{log.stem} exited with {proc.returncode}:\n{tail(log)}")
         with contextlib.suppress(aiohttp.ClientError, OSError):
             async with session.get(url, headers=headers) as r:
                 if r.status == 200:
@@ -408,12 +409,6 @@ def _cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
-
-
-def machine() -> str:
-    ram = psutil.virtual_memory().total / 2**30
-    python = platform.python_version()
-    return f"{os.cpu_count()} cores ({_cpu_model()}), {ram:.0f} GiB, Python {python}"
 
 
 def machine_description(pg_version: str, load_before: tuple[float, ...], rev: str) -> str:

@@ -1,22 +1,21 @@
-"""What declared extension attributes cost (issue 15: at most 1.2x): POST and a filter lookup
-of a user with 20 of them (`badge` unique, so indexed; looked up by `urn:…:badge eq`) against a
-plain one (`userName eq`), in-process app on the real write path, rounds alternating tenants."""
+"""Row (11): what declared extension attributes cost (issue 15: at most 1.2x): POST and a
+filter lookup of a user with 20 of them (`badge` unique, so indexed; looked up by `urn:…:badge
+eq`) against a plain one (`userName eq`), in-process app on the real write path, rounds
+alternating tenants."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import click
 from aiohttp.test_utils import TestClient, TestServer
 
-from bench.common import ROOT, drain, durable_postgres, machine, median, revision
+from bench.common import drain, make_database, median, verdict
+from bench.table import Ctx, Row
 from infra.config import Settings
 from infra.database import open_database
 from infra.logging import configure
@@ -24,7 +23,6 @@ from infra.schemas import declare, parse_declaration
 from infra.tenants import create_tenant
 from service.app import create_app
 
-RESULTS = ROOT / "bench" / "results" / "extensions-latest.md"
 URN = "urn:ietf:params:scim:schemas:extension:Bench:2.0:User"
 TYPES = ["string"] * 12 + ["integer"] * 3 + ["decimal"] * 2 + ["boolean"] * 2 + ["dateTime"]
 SCHEMA = {
@@ -77,11 +75,12 @@ async def timed(c: Client, auth: dict[str, str], op: str, ext: bool, names: list
     return (time.perf_counter() - started) / len(names)
 
 
-async def run(rounds: int, batch: int) -> list[tuple[str, float, float]]:
+async def run(dsn: str, rounds: int, batch: int) -> list[tuple[str, float, float]]:
     """Per operation: the median over rounds of the mean seconds per request, plain and ext."""
-    with durable_postgres() as dsn, tempfile.TemporaryDirectory() as tmp:
-        unlimited = {"rate_limit": 0, "max_concurrent_per_token": 0}
-        settings = Settings(data_dir=Path(tmp), database_url=dsn, **unlimited)
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(
+            data_dir=Path(tmp), database_url=dsn, rate_limit=0, max_concurrent_per_token=0
+        )
         async with open_database(settings) as db:
             async with db.pool.acquire() as conn:
                 tokens = {t: (await create_tenant(conn, t)).token for t in ("plain", "ext")}
@@ -99,29 +98,18 @@ async def run(rounds: int, batch: int) -> list[tuple[str, float, float]]:
     return [(op, median(seconds[(op, "plain")]), median(seconds[(op, "ext")])) for op in ops]
 
 
-@click.command(help=(__doc__ or "").splitlines()[0])
-@click.option("--quick", is_flag=True, help="Fewer rounds: about a minute.")
-def main(quick: bool) -> None:
-    configure(logging.WARNING)  # not a line per request
-    rounds, batch = (4, 200) if quick else (10, 500)
-    rows = asyncio.run(run(rounds, batch))
-    stamp = f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {revision()}, {machine()}"
-    text = f"""# Declared extension attributes ({stamp})
-
-{rounds} rounds of {batch} users per tenant, concurrency {CONCURRENCY}; median of the rounds'
-mean time per request.
-
-| operation | plain user ms | user with 20 declared attributes ms | ratio | target |
-|---|---|---|---|---|
-"""
-    for op, plain, ext in rows:
-        ok = "ok" if ext / plain <= TARGET else "MISSED"
-        ratio = f"{ext / plain:.2f}x | ≤{TARGET}x {ok}"
-        text += f"| {op} | {plain * 1000:.2f} | {ext * 1000:.2f} | {ratio} |\n"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
-    print(text)
-
-
-if __name__ == "__main__":
-    main()
+async def extensions(ctx: Ctx) -> None:
+    """(11) a user with 20 declared attributes against a plain one: POST and a filter lookup."""
+    rounds, batch = ctx.sizes.extensions
+    dsn = await make_database(ctx.dsn, "bench_extensions")
+    configure(logging.WARNING)  # the in-process app: not a line per request
+    for op, plain, ext in await run(dsn, rounds, batch):
+        ratio = ext / plain
+        ctx.add(Row("11", f"{op}, a user with 20 declared extension attributes vs a plain one",
+            f"{rounds} rounds of {batch} users, concurrency {CONCURRENCY}",
+            f"{ext * 1000:.2f} ms vs {plain * 1000:.2f} ms per request: {ratio:.2f} x", "",
+            f"≤ {TARGET} x", verdict(ratio <= TARGET)))  # fmt: skip
+    ctx.notes.append(
+        "(11) bench.extensions: the in-process app on the real write path, tenants alternating"
+        " each round; median over the rounds of the mean time per request"
+    )

@@ -192,12 +192,12 @@ async def groups(ctx: Ctx) -> None:
     if ctx.peer is not None:
         theirs = {g.size: g for g in await measure(ctx, ctx.peer, ctx.peer_ids, "peer")}
         for size, row in rows.items():
-            g = theirs.get(size)
-            if g is None:
+            t = theirs.get(size)
+            if t is None:
                 row.peer = "not measured (see the notes)"
                 continue
-            add, rem = percentile(g.add, 50), percentile(g.remove, 50)
-            row.peer = f"add p50 {ms(add)}, remove p50 {ms(rem)} ({len(g.add)} pairs)"
+            add, rem = percentile(t.add, 50), percentile(t.remove, 50)
+            row.peer = f"add p50 {ms(add)}, remove p50 {ms(rem)} ({len(t.add)} pairs)"
             a, r = p50[size]
             ratio = f"peer's p50 / ours: add {add / a:.1f} x, remove {rem / r:.1f} x"
             row.verdict = "; ".join(part for part in (row.verdict, ratio) if part)

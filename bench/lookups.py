@@ -94,8 +94,8 @@ async def lookups(ctx: Ctx) -> None:
             verdict_text = f"{verdict(ok)}: {got.rate / base_rate:.2f} x the rate at {s.users[0]:,}"
         what = f'GET /Users?filter=userName eq "…", concurrency {CONCURRENCY} (wrk)'
         verdicts = "; ".join(part for part in (verdict_text, ratio) if part)
-        ours = f"{got.rate:,.0f} req/s; p99 {ms(got.p99)}"
-        ctx.add(Row("2", what, f"{size:,} users", ours, peer_text, target, verdicts, cpu_text))
+        rate = f"{got.rate:,.0f} req/s; p99 {ms(got.p99)}"
+        ctx.add(Row("2", what, f"{size:,} users", rate, peer_text, target, verdicts, cpu_text))
     ctx.notes.append(
         f"(2) {ctx.stored:,} users seeded in {seeded:,.0f} s"
         f" ({ctx.stored / max(seeded, 1e-9):,.0f}/s) straight into the store: what POST /Users"

@@ -127,8 +127,12 @@ async def floor(ctx: Ctx, maker: RowMaker, progress: Progress) -> tuple[float, l
     rows = [maker.make(entra_body(10_000_000 + i))[1] for i in range(n)]
 
     async def jsonb(conn: asyncpg.Connection) -> None:
-        codec = {"encoder": lambda v: orjson.dumps(v).decode(), "decoder": orjson.loads}
-        await conn.set_type_codec("jsonb", schema="pg_catalog", **codec)
+        await conn.set_type_codec(
+            "jsonb",
+            schema="pg_catalog",
+            encoder=lambda v: orjson.dumps(v).decode(),
+            decoder=orjson.loads,
+        )
 
     pool = await asyncpg.create_pool(
         ctx.dsn, min_size=CONCURRENCY, max_size=CONCURRENCY, init=jsonb

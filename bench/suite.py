@@ -40,6 +40,7 @@ from bench.common import (
     wait_ready,
 )
 from bench.cost import cost
+from bench.extensions import extensions
 from bench.feeds import feeds
 from bench.groups import cycle, groups
 from bench.lookups import lookups
@@ -56,7 +57,7 @@ CHECKOUT = click.Path(exists=True, file_okay=False, path_type=Path)
 ROWS: list[tuple[str, Callable[[Ctx], Awaitable[None]], bool]] = [
     ("post", post_users, True), ("lookups", lookups, True), ("groups", groups, True),
     ("cycle", cycle, True), ("rebuild", rebuild, False), ("audit", audit, False),
-    ("cost", cost, False), ("feeds", feeds, False),
+    ("cost", cost, False), ("feeds", feeds, False), ("extensions", extensions, False),
 ]  # fmt: skip
 PARTS = ("peer", *(name for name, _, _ in ROWS))
 

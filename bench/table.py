@@ -32,6 +32,7 @@ class Sizes:
     peer_seed_timeout: float  # seconds of POSTs allowed to grow the peer's store per size
     peer_group_timeout: float  # seconds allowed to grow one of the peer's groups
     cost: tuple[int, float]  # tries per shape, seconds of the other tenant's GETs
+    extensions: tuple[int, int]  # rounds, users per tenant and round
 
 
 # The peer slows down as it grows (each POST and each member add scans what it holds): its
@@ -39,11 +40,13 @@ class Sizes:
 FULL = Sizes(post_seconds=30, floor_rows=40_000, users=(10_000, 100_000, 1_000_000),
     get_seconds=20, groups=(10, 10_000, 100_000), pairs=500, cycle=(10_000, 100, 50_000),
     rebuild_events=1_000_000, audit_entries=1_000_000, audit_samples=100,
-    peer_seed_timeout=180, peer_group_timeout=120, cost=(3, 20.0))  # fmt: skip
+    peer_seed_timeout=180, peer_group_timeout=120, cost=(3, 20.0),
+    extensions=(10, 500))  # fmt: skip
 QUICK = Sizes(post_seconds=10, floor_rows=8_000, users=(1_000, 10_000, 50_000),
     get_seconds=8, groups=(10, 1_000, 10_000), pairs=150, cycle=(1_000, 20, 5_000),
     rebuild_events=100_000, audit_entries=100_000, audit_samples=30,
-    peer_seed_timeout=60, peer_group_timeout=60, cost=(1, 5.0))  # fmt: skip
+    peer_seed_timeout=60, peer_group_timeout=60, cost=(1, 5.0),
+    extensions=(4, 200))  # fmt: skip
 
 
 @dataclass

@@ -182,7 +182,7 @@ def run(origin: str, script: str, seconds: float, connections: int, threads: int
     if proc.returncode != 0:
         raise RuntimeError(f"wrk exited with {proc.returncode}:\n{text[-2000:]}")
     found = parse(text)
-    seconds = [found[k] / 1e6 for k in ("duration_us", "p50_us", "p99_us")]
-    counts = [int(found[k]) for k in ("requests", "bad", "socket_errors")]
+    seconds, p50, p99 = (float(found[k]) / 1e6 for k in ("duration_us", "p50_us", "p99_us"))
+    requests, bad, errors = (int(found[k]) for k in ("requests", "bad", "socket_errors"))
     cpu = usage.ru_utime + usage.ru_stime
-    return WrkRun(counts[0], *seconds, *counts[1:], str(found["sample"]), cpu)
+    return WrkRun(requests, seconds, p50, p99, bad, errors, str(found["sample"]), cpu)
