@@ -51,6 +51,7 @@ class UnitOfWork:
         self.tenant_id = tenant_id
         self.request_id = request_id
         self.recorded: list[RecordedEvent] = []
+        self._appended: list[Any] = []  # the domain events of `recorded`
         self._users: dict[UUID, User] = {}
         self._groups: dict[UUID, Group] = {}
         self._queued: set[UUID] = set()
@@ -91,7 +92,7 @@ class UnitOfWork:
         if (exc_type is None or self._committed) and self.recorded:
             if self.audit is not None:
                 self.audit.recorded = True
-            self.db.store.notify()
+            self.db.store.committed(self.recorded, self._appended)
 
     def _reader(self) -> PoolConnectionProxy[Any]:
         """For plain reads (no lock): they need no transaction. Under READ COMMITTED each
@@ -211,6 +212,7 @@ class UnitOfWork:
             if groups:
                 await groups_view.write(conn, groups, group_events)
         self.recorded.extend(recorded)
+        self._appended.extend(events)
         return recorded
 
 

@@ -291,12 +291,24 @@ def user_from_scim(
     return state
 
 
+def json_copy(value: Any) -> Any:
+    """A deep copy of JSON-shaped data (dicts, lists, scalars): what copy.deepcopy makes of
+    it, at a third of the cost (a reply copies the state it shows)."""
+    if type(value) is dict:
+        return {k: json_copy(v) for k, v in value.items()}
+    if type(value) is list:
+        return [json_copy(v) for v in value]
+    if isinstance(value, dict | list | tuple):
+        return copy.deepcopy(value)
+    return value
+
+
 def user_document(state: Mapping[str, Any]) -> dict[str, Any]:
     """Canonical state -> the SCIM JSON of the user's attributes (no id, no meta).
 
     user_from_scim(user_document(state)) normalises back to `state`.
     """
-    extension: dict[str, Any] = dict(copy.deepcopy(state.get(ENTERPRISE) or {}))
+    extension: dict[str, Any] = dict(json_copy(state.get(ENTERPRISE) or {}))
     if state.get(MANAGER):
         extension[MANAGER] = {"value": state[MANAGER]}
     others = [key for key in state if is_extension_urn(key)]
@@ -312,11 +324,11 @@ def user_document(state: Mapping[str, Any]) -> dict[str, Any]:
     )
     for attribute in order:
         if attribute in state and state[attribute] is not None:
-            document[attribute] = copy.deepcopy(state[attribute])
+            document[attribute] = json_copy(state[attribute])
     if extension:
         document[ENTERPRISE_SCHEMA] = extension
     for urn in others:
-        document[urn] = copy.deepcopy(state[urn])
+        document[urn] = json_copy(state[urn])
     return document
 
 

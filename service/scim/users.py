@@ -200,7 +200,8 @@ async def _resource_of_user(
     ):
         groups = (await groups_of(request, [user.id])).get(user.id)
     return user_resource(
-        user.state,
+        # Sorted as `user.state` is, not copied twice: user_resource copies what it shows.
+        dict(sorted(user.state_view.items())),
         user_id=str(user.id),
         version=user.version,
         created=user.created_on,
@@ -232,7 +233,9 @@ def _reply(
         q.get("excludedAttributes"),
         hidden(request[PRINCIPAL].declared, "User", q.get("attributes")),
     )
-    body = select_attributes(resource, q.get("attributes"), excluded)
+    attributes = q.get("attributes")
+    # A resource made for this reply is shown whole as it is when nothing is selected.
+    body = select_attributes(resource, attributes, excluded) if attributes or excluded else resource
     headers = {"ETag": etag(version)}
     if status == 201:
         headers["Location"] = resource["meta"]["location"]
