@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
+import orjson
+
 from domain.group import Group
 from domain.schema import is_extension_urn
 from domain.user import User
@@ -84,6 +86,18 @@ async def load(
     return found
 
 
+def json_rows(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Rows as JSON for jsonb_to_recordset (ids read from the database are asyncpg's UUIDs,
+    which orjson does not take as its own)."""
+    return orjson.dumps(rows, default=_json_default).decode()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, UUID):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 async def save(conn: Conn, resources: Mapping[UUID, Any], tables: Mapping[str, str]) -> None:
     live, gone = [], []
     keys = await audit_sealing.load(conn, (r for r, a in resources.items() if a is not None))
@@ -97,15 +111,15 @@ async def save(conn: Conn, resources: Mapping[UUID, Any], tables: Mapping[str, s
             continue
         kind = "User" if isinstance(agg, User) else "Group"
         live.append(
-            (
-                agg.tenant_id,
-                rid,
-                kind,
-                agg.version,
-                audit_sealing.seal_state(keys, agg.tenant_id, rid, state_of(agg)),
-                agg.created_on,
-                agg.modified_on,
-            )
+            {
+                "tenant_id": agg.tenant_id,
+                "id": rid,
+                "type": kind,
+                "version": agg.version,
+                "state": audit_sealing.seal_state(keys, agg.tenant_id, rid, state_of(agg)),
+                "created": agg.created_on,
+                "modified": agg.modified_on,
+            }
         )
     if gone:
         await conn.execute(
@@ -115,12 +129,13 @@ async def save(conn: Conn, resources: Mapping[UUID, Any], tables: Mapping[str, s
             [i for _, i in gone],
         )
     if live:
+        # One JSON document, not 7 arrays (see projections.audit).
         await conn.execute(
             f"INSERT INTO {tables[RESOURCES]}"
             " (tenant_id, id, type, version, state, created, modified)"
-            " SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bigint[], $5::jsonb[],"
-            " $6::timestamptz[], $7::timestamptz[])"
+            " SELECT * FROM jsonb_to_recordset($1::text::jsonb) AS r (tenant_id uuid, id uuid,"
+            " type text, version bigint, state jsonb, created timestamptz, modified timestamptz)"
             " ON CONFLICT (tenant_id, id) DO UPDATE SET version = excluded.version,"
             " state = excluded.state, modified = excluded.modified",
-            *[list(c) for c in zip(*live, strict=True)],
+            json_rows(live),
         )

@@ -193,15 +193,10 @@ class UnitOfWork:
         events = [*user_events, *group_events, *outcome]
         if users and not groups and not any(u.deprovisioned for u in users):
             # The common write (a user created or changed): one statement, one round trip.
-            rows = [users_view.row_of(u) for u in users]
             assert self._conn is not None, "the unit of work is not open"
+            statement, args = users_view.append_upsert(users)
             recorded = await self.db.store.append_with(
-                self._conn,
-                self.tenant_id,
-                events,
-                self.request_id,
-                users_view.APPEND_UPSERT,
-                [list(column) for column in zip(*rows, strict=True)],
+                self._conn, self.tenant_id, events, self.request_id, statement, args
             )
             self._committed = self._tx is None
         else:
