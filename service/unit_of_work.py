@@ -183,13 +183,14 @@ class UnitOfWork:
         outcome: list[Any] = []
         if self.audit is not None:
             # The request's own record commits with its changes: one audit entry, whole.
-            record = ProvisioningRequest.record(
-                uuid.uuid4(),
-                self.tenant_id,
-                "success",
-                self.audit.describe(self.audit.success_status()),
-            )
-            outcome = list(record.collect_events())
+            outcome = [
+                ProvisioningRequest.recorded(
+                    uuid.uuid4(),
+                    self.tenant_id,
+                    "success",
+                    self.audit.describe(self.audit.success_status()),
+                )
+            ]
         events = [*user_events, *group_events, *outcome]
         if users and not groups and not any(u.deprovisioned for u in users):
             # The common write (a user created or changed): one statement, one round trip.
