@@ -254,10 +254,13 @@ async def concurrency_limit(request: web.Request, handler: Handler) -> web.Strea
     with Retry-After and is not recorded in the provisioning log, like the rate limit's.
     """
     principal = request.get(PRINCIPAL)
-    if principal is None:
-        return await handler(request)
     slots = request.app[REQUEST_SLOTS]
+    if principal is None or slots.limit <= 0:
+        return await handler(request)
     if slots.full(principal.token_id):
         request.pop(REQUEST_CONTEXT, None)
-    with slots.hold(principal.token_id):
+    slots.take(principal.token_id)
+    try:
         return await handler(request)
+    finally:
+        slots.give(principal.token_id)
