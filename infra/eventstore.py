@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
@@ -357,39 +358,50 @@ class EventStore:
         return recorded
 
     async def read_all(
-        self, after: Position = START, limit: int = 1000, conn: Any = None, *, keys: bool = True
+        self, after: Position = START, limit: int = 1000, conn: Any = None, *, heads: bool = False
     ) -> list[RecordedEvent]:
         """Committed events after `after`, in commit-safe order; never one that could be skipped.
 
         A batch ends on a transaction boundary (it may exceed `limit` to get there), so a
-        consumer always sees the whole of what one request appended. `keys`: load the keys
-        `to_domain` needs (without: the caller decodes with `decode`, or not at all).
+        consumer always sees the whole of what one request appended. `heads`: without their
+        states (empty) and keys: for a caller that reads no state, or decodes with `decode`.
         """
         source = conn or self.pool
-        rows = list(await source.fetch(q.READ_ALL, after[0], after[1], limit))
+        read, rest = (q.READ_ALL_HEADS, q.REST_OF_TRANSACTION_HEADS) if heads else (
+            q.READ_ALL, q.REST_OF_TRANSACTION)  # fmt: skip
+        rows = list(await source.fetch(read, after[0], after[1], limit))
         if len(rows) == limit:
             last = rows[-1]
-            rows += await source.fetch(q.REST_OF_TRANSACTION, last[8], last[4])
+            rows += await source.fetch(rest, last[8], last[4])
         recorded = [_recorded(r) for r in rows]
-        if keys:
+        if not heads:
             await self.load_keys(source, recorded)
         return recorded
 
     async def decode(
         self, conn: Any, recorded: Sequence[RecordedEvent]
     ) -> list[DomainEventProtocol[UUID]]:
-        """The domain events of a batch `read_all(keys=False)` read: those this process
+        """The domain events of a batch `read_all(heads=True)` read: those this process
         committed lately as it wrote them (RecentEvents), while their subjects' keys are
-        still held; the others decoded. A batch with an erasure is decoded whole."""
+        still held; the others read (their states) and decoded. A batch with an erasure is
+        read and decoded whole."""
         recent = [self._recent(r) for r in recorded]
         if any(r.topic == _SUBJECT_ERASED for r in recorded):
             recent = [None] * len(recorded)
         missing = [r for r, e in zip(recorded, recent, strict=True) if e is None]
         if missing:
+            unread = [r.notification_id for r in missing if not r.state]
+            if unread:
+                states = dict(await conn.fetch(q.STATES, unread))
+                missing = [
+                    r if r.state else dataclasses.replace(r, state=states[r.notification_id])
+                    for r in missing
+                ]
             await self.load_keys(conn, missing)
+        decoded = iter(missing)
         return [
-            e if e is not None else self.to_domain(r)
-            for r, e in zip(recorded, recent, strict=True)
+            e if e is not None else self.to_domain(next(decoded))
+            for e in recent
         ]
 
     def _recent(self, recorded: RecordedEvent) -> DomainEventProtocol[UUID] | None:

@@ -121,7 +121,7 @@ class Runner:
         async with conn.transaction():
             position = await state.checkpoint(conn, self.projection.name, lock=True)
             store = self.db.store
-            batch = await store.read_all(position, self.batch_size, conn=conn, keys=False)
+            batch = await store.read_all(position, self.batch_size, conn=conn, heads=True)
             if not batch:
                 return 0
             events = await store.decode(conn, batch) if self.projection.decodes else []
