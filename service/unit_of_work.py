@@ -200,6 +200,12 @@ class UnitOfWork:
                 self._conn, self.tenant_id, events, self.request_id, statement, args
             )
             self._committed = self._tx is None
+            if self._committed:
+                # Kept for this process's followers at once: one woken by another commit
+                # may read these before this unit of work is closed.
+                self.db.store.recent.remember(recorded, events)
+                self.recorded.extend(recorded)
+                return recorded
         else:
             conn = await self.begin()
             recorded = await self.db.store.append(conn, self.tenant_id, events, self.request_id)
