@@ -42,11 +42,13 @@ async def load(
 ) -> dict[UUID, Any]:
     # By the primary key (tenant, id): one index probe per resource. (By id alone the whole
     # index was walked: 0.13 ms of PostgreSQL per POST /Users, growing with the table.)
-    keys = {
-        (r.tenant_id, e.originator_id): None
-        for e, r in zip(events, recorded, strict=True)
-        if isinstance(e, User.Event | Group.Event)
-    }
+    # A resource whose first event in the batch is its first of all (a POST's) has no copy
+    # yet: only the others are read (a batch of creations reads nothing).
+    first: dict[tuple[UUID, UUID], bool] = {}
+    for e, r in zip(events, recorded, strict=True):
+        if isinstance(e, User.Event | Group.Event):
+            first.setdefault((r.tenant_id, e.originator_id), e.originator_version == 1)
+    keys = [key for key, created in first.items() if not created]
     found: dict[UUID, Any] = {}
     if not keys:
         return found
