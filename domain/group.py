@@ -225,9 +225,9 @@ def normalise_extensions(extensions: Mapping[str, Any]) -> dict[str, Any]:
 
 def _copy(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
+        return {k: _copy(v) if isinstance(v, dict | list) else v for k, v in value.items()}
     if isinstance(value, list):
-        return [_copy(v) for v in value]
+        return [_copy(v) if isinstance(v, dict | list) else v for v in value]
     return value
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate, event
+from eventsourcing.utils import get_topic
 
 OUTCOMES = ("success", "skipped", "failure")
 
@@ -55,3 +56,32 @@ class ProvisioningRequest(Aggregate):
             request=dict(request),
             error=dict(error) if error is not None else None,
         )
+
+    @classmethod
+    def recorded(
+        cls,
+        request_id: UUID,
+        tenant_id: UUID,
+        outcome: str,
+        request: dict[str, Any],
+        error: dict[str, Any] | None = None,
+    ) -> Aggregate.Event:
+        """The one event of `record(...)`, made as the library makes it, without the
+        aggregate nothing reads (a request's record is written, never loaded, by its writer)."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}")
+        event_class: Any = cls.RequestRecorded  # type: ignore[attr-defined]
+        recorded: Aggregate.Event = event_class(
+            originator_topic=_TOPIC,
+            originator_id=request_id,
+            originator_version=cls.INITIAL_VERSION,
+            timestamp=event_class.create_timestamp(),
+            tenant_id=tenant_id,
+            outcome=outcome,
+            request=dict(request),
+            error=dict(error) if error is not None else None,
+        )
+        return recorded
+
+
+_TOPIC = get_topic(ProvisioningRequest)

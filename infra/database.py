@@ -94,6 +94,13 @@ class _Pool(asyncpg.Pool):
     acquire_timeout: float | None = None
 
     def acquire(self, *, timeout: float | None = None) -> Any:
+        free = getattr(self, "_queue", None)  # asyncpg's queue of free connection holders
+        if timeout is None and free is not None and free.qsize() > 0:
+            # A connection is free: there is no wait to bound (asyncpg would still run the
+            # acquisition under a timeout, a task and a timer per request). Connecting a
+            # holder whose connection was closed keeps its own bound (the connect timeout),
+            # and statements theirs (command_timeout).
+            return super().acquire()
         return super().acquire(timeout=self.acquire_timeout if timeout is None else timeout)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from eventsourcing.persistence import Mapper, StoredEvent
 
 from infra import eventstore_sql as q
 from infra import metrics
-from infra.keys import KeyRing, SubjectErased
+from infra.keys import KeyRing, SubjectErased, uuids
 from infra.sealing import SealingMapper, display_members, is_personal_topic
 
 NOTIFY_CHANNEL = "scimledger_events"
@@ -94,6 +95,48 @@ class RecordedEvent:
 
 
 _SUBJECT_ERASED = "domain.erasure:Erasure.SubjectErased"
+# Events this process committed lately, kept for its own followers (see RecentEvents).
+RECENT_EVENTS = 4096
+
+
+class RecentEvents:
+    """The domain events this process committed lately, by notification_id, as written.
+
+    A fast path for the followers in this process (the audit projection's runner), which would
+    otherwise decode (and unseal) the very events that were just encoded. The store stays the
+    source of truth: a follower reads its batch from the log (which events, in which order);
+    only an event found here under the same stream and version is not decoded again. Events of
+    other processes, from before a restart, or older than the last RECENT_EVENTS are decoded.
+    Bounded: the oldest go first.
+    """
+
+    def __init__(self, cap: int = RECENT_EVENTS) -> None:
+        self.cap = cap
+        self._events: dict[int, DomainEventProtocol[UUID]] = {}
+
+    def remember(
+        self, recorded: Sequence[RecordedEvent], events: Iterable[DomainEventProtocol[UUID]]
+    ) -> None:
+        """After the commit of `recorded`: the domain events they store (any order)."""
+        by_stream = {(e.originator_id, e.originator_version): e for e in events}
+        for r in recorded:
+            event = by_stream.get((r.originator_id, r.originator_version))
+            if event is not None:
+                self._events[r.notification_id] = event
+        while len(self._events) > self.cap:
+            del self._events[next(iter(self._events))]
+
+    def get(self, recorded: RecordedEvent) -> DomainEventProtocol[UUID] | None:
+        event = self._events.get(recorded.notification_id)
+        if event is None or event.originator_id != recorded.originator_id:
+            return None
+        return event if event.originator_version == recorded.originator_version else None
+
+    def clear(self) -> None:
+        self._events.clear()
+
+    def __len__(self) -> int:
+        return len(self._events)
 
 
 def _recorded(row: asyncpg.Record) -> RecordedEvent:
@@ -114,6 +157,7 @@ class EventStore:
         self.mapper = mapper or SealingMapper(keys)
         self._wake = asyncio.Event()
         self._notifier: asyncio.Task[None] | None = None
+        self.recent = RecentEvents()
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -237,8 +281,16 @@ class EventStore:
         """Append atomically on its own (one INSERT statement) and wake followers."""
         async with self.pool.acquire() as conn:
             recorded = await self.append(conn, tenant_id, events, request_id)
-        self.notify()
+        self.committed(recorded, events)
         return recorded
+
+    def committed(
+        self, recorded: Sequence[RecordedEvent], events: Iterable[DomainEventProtocol[UUID]]
+    ) -> None:
+        """After the commit of `recorded` (the append of `events`): keep them for this
+        process's followers (RecentEvents), and wake the followers."""
+        self.recent.remember(recorded, events)
+        self.notify()
 
     def notify(self) -> None:
         """Tell followers there is something new, after the caller's commit.
@@ -306,21 +358,60 @@ class EventStore:
         return recorded
 
     async def read_all(
-        self, after: Position = START, limit: int = 1000, conn: Any = None
+        self, after: Position = START, limit: int = 1000, conn: Any = None, *, heads: bool = False
     ) -> list[RecordedEvent]:
         """Committed events after `after`, in commit-safe order; never one that could be skipped.
 
         A batch ends on a transaction boundary (it may exceed `limit` to get there), so a
-        consumer always sees the whole of what one request appended.
+        consumer always sees the whole of what one request appended. `heads`: without their
+        states (empty) and keys: for a caller that reads no state, or decodes with `decode`.
         """
         source = conn or self.pool
-        rows = list(await source.fetch(q.READ_ALL, after[0], after[1], limit))
+        read, rest = (q.READ_ALL_HEADS, q.REST_OF_TRANSACTION_HEADS) if heads else (
+            q.READ_ALL, q.REST_OF_TRANSACTION)  # fmt: skip
+        rows = list(await source.fetch(read, after[0], after[1], limit))
         if len(rows) == limit:
             last = rows[-1]
-            rows += await source.fetch(q.REST_OF_TRANSACTION, last[8], last[4])
+            rows += await source.fetch(rest, last[8], last[4])
         recorded = [_recorded(r) for r in rows]
-        await self.load_keys(source, recorded)
+        if not heads:
+            await self.load_keys(source, recorded)
         return recorded
+
+    async def decode(
+        self, conn: Any, recorded: Sequence[RecordedEvent]
+    ) -> list[DomainEventProtocol[UUID]]:
+        """The domain events of a batch `read_all(heads=True)` read: those this process
+        committed lately as it wrote them (RecentEvents), while their subjects' keys are
+        still held; the others read (their states) and decoded. A batch with an erasure is
+        read and decoded whole."""
+        recent = [self._recent(r) for r in recorded]
+        if any(r.topic == _SUBJECT_ERASED for r in recorded):
+            recent = [None] * len(recorded)
+        missing = [r for r, e in zip(recorded, recent, strict=True) if e is None]
+        if missing:
+            unread = [r.notification_id for r in missing if not r.state]
+            if unread:
+                states = dict(await conn.fetch(q.STATES, unread))
+                missing = [
+                    r if r.state else dataclasses.replace(r, state=states[r.notification_id])
+                    for r in missing
+                ]
+            await self.load_keys(conn, missing)
+        decoded = iter(missing)
+        return [
+            e if e is not None else self.to_domain(next(decoded))
+            for e in recent
+        ]
+
+    def _recent(self, recorded: RecordedEvent) -> DomainEventProtocol[UUID] | None:
+        """The event as written, if kept and if reading it from the store would show the same:
+        its subject's key (and those of the members whose displays it holds) still held."""
+        event = self.recent.get(recorded)
+        if event is None or not is_personal_topic(recorded.topic):
+            return event
+        subjects = [event.originator_id, *uuids(getattr(event, "displays", None) or ())]
+        return event if all(self.keys.cipher(s) is not None for s in subjects) else None
 
     async def load_keys(
         self, conn: Any, recorded: Sequence[RecordedEvent], *, refresh: bool = False

@@ -87,3 +87,12 @@ SELECT {COLUMNS} FROM stored_events
 WHERE transaction_id = $1 AND notification_id > $2
 ORDER BY notification_id
 """
+
+# The same reads without the states (an empty one in their place): for followers that need
+# only the events' heads (topic, stream, tenant, time) or hold the states in memory.
+HEADS = COLUMNS.replace("state,", "''::bytea AS state,")
+READ_ALL_HEADS = READ_ALL.replace(COLUMNS, HEADS)
+REST_OF_TRANSACTION_HEADS = REST_OF_TRANSACTION.replace(COLUMNS, HEADS)
+STATES = (
+    "SELECT notification_id, state FROM stored_events WHERE notification_id = any($1::bigint[])"
+)

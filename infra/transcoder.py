@@ -14,8 +14,15 @@ from uuid import UUID
 import orjson
 from eventsourcing.persistence import Mapper, Transcoder
 
+# What orjson writes as it is: no call of `_tag` for them (most of an event's values).
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
 
 def _tag(obj: Any) -> Any:
+    if type(obj) is dict:
+        return {k: v if type(v) in _PLAIN else _tag(v) for k, v in obj.items()}
+    if type(obj) is list:
+        return [v if type(v) in _PLAIN else _tag(v) for v in obj]
     if isinstance(obj, dict):
         return {k: _tag(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):

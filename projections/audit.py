@@ -28,7 +28,7 @@ from infra.eventstore import Conn
 from infra.keys import KeyRing, is_erased
 from infra.sealing import ERASED, PLACEHOLDER
 from projections import audit_resources
-from projections.audit_resources import RESOURCES, state_of
+from projections.audit_resources import RESOURCES, json_rows, state_of
 
 NAME = "audit"
 # 2: list and object values in modifiedProperties are UTF-8 JSON (orjson), not \u-escaped.
@@ -47,6 +47,14 @@ ENTRY_COLUMNS = (
     " error_reason, target_type, target_id, target_name, source_id, initiated_by, method,"
     " path, http_status, duration_ms, positions, modified_properties, client_request_id,"
     " sealed"
+)
+_ENTRY_FIELDS = tuple(column.strip() for column in ENTRY_COLUMNS.split(","))
+_ENTRY_TYPES = (
+    "transaction_id bigint, id uuid, tenant_id uuid, activity_at timestamptz, change_id text,"
+    " action text, status text, error_code text, error_reason text, target_type text,"
+    " target_id uuid, target_name text, source_id text, initiated_by text, method text,"
+    " path text, http_status int, duration_ms float8, positions bigint[],"
+    " modified_properties jsonb, client_request_id text, sealed text"
 )
 
 # Entra's provisioning-log error codes, from the SCIM error a request got.
@@ -188,7 +196,7 @@ class _Entry:
             self.request.get("status"),
             self.request.get("durationMs"),
             self.positions,
-            orjson.dumps(properties).decode(),
+            properties,
             self.request.get("clientRequestId"),
             sealed,
         )
@@ -280,23 +288,14 @@ async def apply(
     await audit_resources.save(conn, resources, tables)
     if entries:
         keys = await audit_sealing.load(conn, (e.subject() for e in entries.values()))
-        rows = [e.row(keys) for e in entries.values()]
+        rows = [dict(zip(_ENTRY_FIELDS, e.row(keys), strict=True)) for e in entries.values()]
+        # The batch's entries as one JSON document: one parameter for PostgreSQL to read,
+        # instead of 22 arrays whose every element the driver checks and encodes.
         await conn.execute(
-            f"INSERT INTO {tables[ENTRIES]} ({ENTRY_COLUMNS})"
-            " SELECT transaction_id, id, tenant_id, activity_at, change_id, action, status,"
-            " error_code, error_reason, target_type, target_id, target_name, source_id,"
-            " initiated_by, method, path, http_status, duration_ms, positions::bigint[],"
-            " props::jsonb, client_request_id, sealed FROM unnest($1::bigint[], $2::uuid[],"
-            " $3::uuid[], $4::timestamptz[], $5::text[], $6::text[], $7::text[], $8::text[],"
-            " $9::text[], $10::text[], $11::uuid[], $12::text[], $13::text[], $14::text[],"
-            " $15::text[], $16::text[], $17::int[], $18::float8[], $19::text[], $20::text[],"
-            " $21::text[], $22::text[])"
-            " AS e (transaction_id, id, tenant_id, activity_at, change_id, action, status,"
-            " error_code, error_reason, target_type, target_id, target_name, source_id,"
-            " initiated_by, method, path, http_status, duration_ms, positions, props,"
-            " client_request_id, sealed)"
+            f"INSERT INTO {tables[ENTRIES]} ({ENTRY_COLUMNS}) SELECT {ENTRY_COLUMNS}"
+            f" FROM jsonb_to_recordset($1::text::jsonb) AS e ({_ENTRY_TYPES})"
             " ON CONFLICT (transaction_id) DO NOTHING",
-            *[list(c) for c in zip(*[_arrays(r) for r in rows], strict=True)],
+            json_rows(rows),
         )
     if erasures:
         await _scrub(conn, erasures, tables)
@@ -324,13 +323,6 @@ async def _scrub(
         [t for t, _ in erasures],
         [s for _, s in erasures],
     )
-
-
-def _arrays(row: tuple[Any, ...]) -> tuple[Any, ...]:
-    # unnest cannot take an array of arrays of varying length: positions travel as text.
-    values = list(row)
-    values[18] = "{" + ",".join(str(p) for p in values[18]) + "}"
-    return tuple(values)
 
 
 def _members(entry: _Entry, fields: Any, prefix: str) -> None:

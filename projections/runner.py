@@ -106,6 +106,9 @@ class Runner:
             except SESSION_LOST:
                 raise  # to `run`: a new session, on the writable primary (a failover)
             except Exception as e:  # a handler bug: record it, keep the checkpoint, retry
+                # The retry decodes from the store: events kept in memory may have been
+                # changed by the failed attempt.
+                self.db.store.recent.clear()
                 await self._record_error(conn, e)
                 await _wait(stop, self.poll_interval * 5)
                 continue
@@ -117,10 +120,11 @@ class Runner:
         """Apply one batch after the checkpoint; returns how many events it applied."""
         async with conn.transaction():
             position = await state.checkpoint(conn, self.projection.name, lock=True)
-            batch = await self.db.store.read_all(position, self.batch_size, conn=conn)
+            store = self.db.store
+            batch = await store.read_all(position, self.batch_size, conn=conn, heads=True)
             if not batch:
                 return 0
-            events = [self.db.store.to_domain(r) for r in batch] if self.projection.decodes else []
+            events = await store.decode(conn, batch) if self.projection.decodes else []
             await self.projection.apply(conn, events, self.tables, batch)
             await state.advance(conn, self.projection.name, batch[-1].position)
         self.applied += len(batch)

@@ -33,14 +33,7 @@ COLUMNS = (
 )
 
 
-def _upsert(table: str, first: int = 1) -> str:
-    """The upsert of rows given as 11 column arrays, numbered $first to $first+10."""
-    n = [f"${first + i}" for i in range(11)]
-    return f"""
-INSERT INTO {table} ({COLUMNS})
-SELECT * FROM unnest({n[0]}::uuid[], {n[1]}::uuid[], {n[2]}::text[], {n[3]}::text[],
-                     {n[4]}::bool[], {n[5]}::text[], {n[6]}::uuid[], {n[7]}::jsonb[],
-                     {n[8]}::bigint[], {n[9]}::timestamptz[], {n[10]}::timestamptz[])
+_ON_CONFLICT = """
 ON CONFLICT (tenant_id, id) DO UPDATE SET
     user_name = excluded.user_name, external_id = excluded.external_id,
     active = excluded.active, display_name = excluded.display_name,
@@ -49,9 +42,40 @@ ON CONFLICT (tenant_id, id) DO UPDATE SET
 """
 
 
-# The upsert that rides on the append of the users' events, in one statement (one round trip,
-# one transaction): its parameters come after the append's (EventStore.append_with).
+def _upsert(table: str, first: int = 1) -> str:
+    """The upsert of rows given as 11 column arrays, numbered $first to $first+10."""
+    n = [f"${first + i}" for i in range(11)]
+    return f"""
+INSERT INTO {table} ({COLUMNS})
+SELECT * FROM unnest({n[0]}::uuid[], {n[1]}::uuid[], {n[2]}::text[], {n[3]}::text[],
+                     {n[4]}::bool[], {n[5]}::text[], {n[6]}::uuid[], {n[7]}::jsonb[],
+                     {n[8]}::bigint[], {n[9]}::timestamptz[], {n[10]}::timestamptz[])
+{_ON_CONFLICT}"""
+
+
+def _upsert_one(table: str, first: int) -> str:
+    """The upsert of one row given as 11 values, numbered $first to $first+10 (no arrays to
+    build and encode: the common write changes one user)."""
+    n = [f"${first + i}" for i in range(11)]
+    return f"""
+INSERT INTO {table} ({COLUMNS})
+VALUES ({n[0]}::uuid, {n[1]}::uuid, {n[2]}::text, {n[3]}::text, {n[4]}::bool, {n[5]}::text,
+        {n[6]}::uuid, {n[7]}::jsonb, {n[8]}::bigint, {n[9]}::timestamptz, {n[10]}::timestamptz)
+{_ON_CONFLICT}"""
+
+
+# The upserts that ride on the append of the users' events, in one statement (one round trip,
+# one transaction): their parameters come after the append's (EventStore.append_with).
 APPEND_UPSERT = _upsert(USERS, first=APPEND_PARAMETERS + 1)
+APPEND_UPSERT_ONE = _upsert_one(USERS, first=APPEND_PARAMETERS + 1)
+
+
+def append_upsert(users: Sequence[User]) -> tuple[str, list[Any]]:
+    """The upsert of these users' rows for EventStore.append_with, and its arguments."""
+    rows = [row_of(u) for u in users]
+    if len(rows) == 1:
+        return APPEND_UPSERT_ONE, list(rows[0])
+    return APPEND_UPSERT, [list(column) for column in zip(*rows, strict=True)]
 
 
 def row_of(user: User) -> tuple[Any, ...]:

@@ -280,7 +280,7 @@ async def _load_user(
 
 async def _check_manager(uow: UnitOfWork, user: User) -> None:
     """A manager must be a user of the same tenant (Entra sets it only once both exist)."""
-    manager = user.state.get("manager")
+    manager = user.state_view.get("manager")  # not `state`: a sorted copy of it all
     if manager is None:
         return
     if not any(

@@ -57,8 +57,30 @@ def observe_request(request: web.Request, status: int, seconds: float) -> None:
         return
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
-    m.REQUESTS.labels(request.method, route, str(status)).inc()
-    m.REQUEST_SECONDS.labels(request.method, route).observe(seconds)
+    key = (request.method, route, status)
+    children = _CHILDREN.get(key)
+    if children is None:
+        children = _children(key)
+    children[0].inc()
+    children[1].observe(seconds)
+
+
+# The labelled series of each (method, route template, status), looked up once: `labels()`
+# takes a lock and builds a key on every call. Bounded: routes are templates, methods and
+# statuses few; past the bound `labels()` is asked every time.
+_CHILDREN: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+_CHILDREN_MAX = 4096
+
+
+def _children(key: tuple[str, str, int]) -> tuple[Any, Any]:
+    method, route, status = key
+    children = (
+        m.REQUESTS.labels(method, route, str(status)),
+        m.REQUEST_SECONDS.labels(method, route),
+    )
+    if len(_CHILDREN) < _CHILDREN_MAX:
+        _CHILDREN[key] = children
+    return children
 
 
 def sample_pool(pool: asyncpg.Pool) -> None:

@@ -4,6 +4,7 @@ per-token rate limit."""
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 import uuid
@@ -71,7 +72,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     The id is always ours: it is the audit entry's change id, which a client must not forge
     or collide. A client's own X-Request-Id (safe characters, at most 64) is kept beside it.
     """
-    request_id = uuid.uuid4().hex
+    request_id = os.urandom(16).hex()  # as random as uuid4().hex, without making a UUID
     request[REQUEST_ID] = request_id
     incoming = request.headers.get("X-Request-Id", "")
     client_request_id = incoming if _SAFE_REQUEST_ID.fullmatch(incoming) else None
@@ -253,10 +254,13 @@ async def concurrency_limit(request: web.Request, handler: Handler) -> web.Strea
     with Retry-After and is not recorded in the provisioning log, like the rate limit's.
     """
     principal = request.get(PRINCIPAL)
-    if principal is None:
-        return await handler(request)
     slots = request.app[REQUEST_SLOTS]
+    if principal is None or slots.limit <= 0:
+        return await handler(request)
     if slots.full(principal.token_id):
         request.pop(REQUEST_CONTEXT, None)
-    with slots.hold(principal.token_id):
+    slots.take(principal.token_id)
+    try:
         return await handler(request)
+    finally:
+        slots.give(principal.token_id)

@@ -102,12 +102,13 @@ def _text_safe(fields: dict[str, Any]) -> dict[str, Any]:
     (`/Users/%00`), which would stop the audit projection at this record. (Unpaired
     surrogates, which orjson refuses to write, are replaced too.) And bounded: the record is
     kept forever, and an error detail may quote a client's input at any length."""
-    return {
-        k: bounded(v.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8"))
-        if isinstance(v, str)
-        else v
-        for k, v in fields.items()
-    }
+    return {k: _safe(v) if isinstance(v, str) else v for k, v in fields.items()}
+
+
+def _safe(text: str) -> str:
+    if text.isascii() and "\x00" not in text:  # the usual: nothing to replace
+        return bounded(text)
+    return bounded(text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8"))
 
 
 def is_audited(request: web.Request) -> bool:

@@ -41,6 +41,14 @@ class TokenSlots:
 
     @contextmanager
     def hold(self, token_id: UUID) -> Iterator[None]:
+        self.take(token_id)
+        try:
+            yield
+        finally:
+            self.give(token_id)
+
+    def take(self, token_id: UUID) -> None:
+        """One more holder for the token (429 when it is full); `give` it back once done."""
         if self.full(token_id):
             raise ScimError(
                 429,
@@ -48,14 +56,13 @@ class TokenSlots:
                 headers={"Retry-After": "1"},
             )
         self._held[token_id] = self._held.get(token_id, 0) + 1
-        try:
-            yield
-        finally:
-            left = self._held[token_id] - 1
-            if left:
-                self._held[token_id] = left
-            else:
-                del self._held[token_id]
+
+    def give(self, token_id: UUID) -> None:
+        left = self._held[token_id] - 1
+        if left:
+            self._held[token_id] = left
+        else:
+            del self._held[token_id]
 
 
 # Requests in flight per token (SCIMLEDGER_MAX_CONCURRENT_PER_TOKEN): bearer-token requests in

@@ -51,6 +51,7 @@ class UnitOfWork:
         self.tenant_id = tenant_id
         self.request_id = request_id
         self.recorded: list[RecordedEvent] = []
+        self._appended: list[Any] = []  # the domain events of `recorded`
         self._users: dict[UUID, User] = {}
         self._groups: dict[UUID, Group] = {}
         self._queued: set[UUID] = set()
@@ -91,7 +92,7 @@ class UnitOfWork:
         if (exc_type is None or self._committed) and self.recorded:
             if self.audit is not None:
                 self.audit.recorded = True
-            self.db.store.notify()
+            self.db.store.committed(self.recorded, self._appended)
 
     def _reader(self) -> PoolConnectionProxy[Any]:
         """For plain reads (no lock): they need no transaction. Under READ COMMITTED each
@@ -182,27 +183,29 @@ class UnitOfWork:
         outcome: list[Any] = []
         if self.audit is not None:
             # The request's own record commits with its changes: one audit entry, whole.
-            record = ProvisioningRequest.record(
-                uuid.uuid4(),
-                self.tenant_id,
-                "success",
-                self.audit.describe(self.audit.success_status()),
-            )
-            outcome = list(record.collect_events())
+            outcome = [
+                ProvisioningRequest.recorded(
+                    uuid.uuid4(),
+                    self.tenant_id,
+                    "success",
+                    self.audit.describe(self.audit.success_status()),
+                )
+            ]
         events = [*user_events, *group_events, *outcome]
         if users and not groups and not any(u.deprovisioned for u in users):
             # The common write (a user created or changed): one statement, one round trip.
-            rows = [users_view.row_of(u) for u in users]
             assert self._conn is not None, "the unit of work is not open"
+            statement, args = users_view.append_upsert(users)
             recorded = await self.db.store.append_with(
-                self._conn,
-                self.tenant_id,
-                events,
-                self.request_id,
-                users_view.APPEND_UPSERT,
-                [list(column) for column in zip(*rows, strict=True)],
+                self._conn, self.tenant_id, events, self.request_id, statement, args
             )
             self._committed = self._tx is None
+            if self._committed:
+                # Kept for this process's followers at once: one woken by another commit
+                # may read these before this unit of work is closed.
+                self.db.store.recent.remember(recorded, events)
+                self.recorded.extend(recorded)
+                return recorded
         else:
             conn = await self.begin()
             recorded = await self.db.store.append(conn, self.tenant_id, events, self.request_id)
@@ -211,6 +214,7 @@ class UnitOfWork:
             if groups:
                 await groups_view.write(conn, groups, group_events)
         self.recorded.extend(recorded)
+        self._appended.extend(events)
         return recorded
 
 

@@ -88,7 +88,8 @@ async def json_body(request: web.Request) -> Any:
 
 
 def _parse_body(raw: bytes, max_length: int) -> Any:
-    if raw.count(b"{") + raw.count(b"[") > MAX_BODY_CONTAINERS:
+    containers = raw.count(b"{") + raw.count(b"[")
+    if containers > MAX_BODY_CONTAINERS:
         # Counted before parsing (at C speed): building 2 MiB of `[[[...]]]` as Python lists
         # would take half a second of the event loop. Brackets inside strings count too.
         raise invalid_value(
@@ -101,7 +102,9 @@ def _parse_body(raw: bytes, max_length: int) -> Any:
     if b"\\u0000" in raw and _holds_nul(body):
         # Valid JSON, but PostgreSQL text and jsonb cannot hold U+0000.
         raise invalid_value("Strings in the request body cannot contain NUL (U+0000)")
-    if isinstance(body, dict | list):
+    # A body of at most max_length bytes holds no longer string, and one with fewer brackets
+    # than MAX_BODY_DEPTH nests no deeper: then there is nothing for the walk to find.
+    if isinstance(body, dict | list) and (len(raw) > max_length or containers >= MAX_BODY_DEPTH):
         _check_string_lengths(body, max_length)
     elif isinstance(body, str):
         _check_length(body, max_length)
@@ -200,7 +203,8 @@ async def _resource_of_user(
     ):
         groups = (await groups_of(request, [user.id])).get(user.id)
     return user_resource(
-        user.state,
+        # Sorted as `user.state` is, not copied twice: user_resource copies what it shows.
+        dict(sorted(user.state_view.items())),
         user_id=str(user.id),
         version=user.version,
         created=user.created_on,
@@ -232,7 +236,9 @@ def _reply(
         q.get("excludedAttributes"),
         hidden(request[PRINCIPAL].declared, "User", q.get("attributes")),
     )
-    body = select_attributes(resource, q.get("attributes"), excluded)
+    attributes = q.get("attributes")
+    # A resource made for this reply is shown whole as it is when nothing is selected.
+    body = select_attributes(resource, attributes, excluded) if attributes or excluded else resource
     headers = {"ETag": etag(version)}
     if status == 201:
         headers["Location"] = resource["meta"]["location"]
