@@ -3,8 +3,10 @@ runs as a subprocess: views stale, `--dry-run` (no drift expected), views curren
 
     .venv/bin/python -m bench.rebuild [--events N] [--runs N] [--sealed]
 
-runs it alone, in clear or (--sealed, issue 17's cost on replay) after `scimledger erase
-migrate`; each run's rate and the median."""
+runs it alone, in clear or (--sealed) after `scimledger erase migrate`, from this checkout or
+(--code DIR) another one, e.g. a revision from before issue 17; each run's rate and the median.
+The row of the table seals the events unless the code under test predates sealing: issue 17's
+target is a sealed ledger's rebuild against the earlier code's over the same ledger in clear."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from rich.progress import Progress
 
 from bench.common import (
     CHILD,
+    ROOT,
     SCIMLEDGER,
     BenchError,
     Cpu,
@@ -43,6 +46,7 @@ from bench.history import seed
 from bench.table import Ctx, Row
 from infra.config import Settings
 from infra.database import open_database
+from infra.keys import MASTER_ENV
 from projections.registry import PROJECTIONS
 from projections.runner import Runner
 from projections.state import register
@@ -157,12 +161,29 @@ async def measured(dsn: str, size: int, postmaster: psutil.Process | None, dry_r
     return run
 
 
-async def seeded(dsn: str, n: int, progress: Progress) -> int:
-    """bench.history's tenant histories (events only), the asynchronous projections caught up
-    (their rebuild replays up to their live checkpoint); the events stored."""
+def seals(code: Path | None) -> bool:
+    """Can the code under test (a checkout on PYTHONPATH, else this one) read sealed events?
+    A revision from before issue 17 cannot: its rows measure the same ledger in clear."""
+    return ((code or ROOT) / "infra" / "sealing.py").exists()
+
+
+def code_under_test() -> Path | None:
+    path = os.environ.get("PYTHONPATH", "").split(os.pathsep)[0]
+    return Path(path) if path else None
+
+
+async def seeded(dsn: str, n: int, progress: Progress, *, sealed: bool) -> int:
+    """bench.history's tenant histories (events only), sealed if `sealed` (`scimledger erase
+    migrate`: what a ledger written with encryption holds), the asynchronous projections caught
+    up (their rebuild replays up to their live checkpoint); the events stored."""
     budgets = [TENANT_EVENTS] * (n // TENANT_EVENTS) + [n % TENANT_EVENTS] * bool(n % TENANT_EVENTS)
     histories = await seed(dsn, budgets, progress, recorded=False, chunk=CHUNK)
     n = sum(h.emitted for _, h in histories)
+    if sealed:
+        task = progress.add_task("erase migrate (seal the events)", total=None, rate="")
+        async with open_database(Settings(database_url=dsn, run_projections=False)) as db:
+            done = await migrate_all(db)
+        progress.update(task, total=done, completed=done)
     async with connected(dsn) as conn:
         if (stored := await conn.fetchval("SELECT count(*) FROM stored_events")) != n:
             raise BenchError(f"seeded {n:,} events but the store holds {stored:,}")
@@ -176,8 +197,12 @@ async def seeded(dsn: str, n: int, progress: Progress) -> int:
 async def rebuild(ctx: Ctx) -> None:
     """(5) the rebuild of every projection, views current, on a database of its own."""
     dsn = await make_database(ctx.dsn, "bench_rebuild")
+    code = code_under_test()
+    sealed = seals(code)
+    # One master key for the sealing here and the rebuilds it starts.
+    os.environ.setdefault(MASTER_ENV, base64.b64encode(os.urandom(32)).decode())
     with progress_bar() as progress:
-        n = await seeded(dsn, ctx.sizes.rebuild_events, progress)
+        n = await seeded(dsn, ctx.sizes.rebuild_events, progress, sealed=sealed)
         for label, dry_run in (("views stale", False), ("--dry-run", True), ("current", False)):
             task = progress.add_task(f"rebuild {n:,} events ({label})", total=None, rate="")
             run = await measured(dsn, n, ctx.postmaster, dry_run)
@@ -190,21 +215,23 @@ async def rebuild(ctx: Ctx) -> None:
         f"{rate:,.0f} events/s; peak RSS {run.peak_rss / 2**20:,.0f} MB; {run.seconds:.1f} s",
         "", f"≥ {TARGET:,} events/s", verdict(rate >= TARGET), f"rebuild {cores(run.cpu)} /"
         f" postgres {cores(run.postgres_cpu)} / other {cores(run.other_cpu)}"))  # fmt: skip
+    ledger = (
+        "sealed (`erase migrate`: the personal values encrypted, as a ledger written since"
+        " issue 17 holds them)"
+        if sealed
+        else f"in clear (the code under test, {code}, predates sealing: issue 17's target"
+        " compares a sealed ledger with this)"
+    )
     ctx.notes.append(
         "(5) events x projections / wall seconds of `projections rebuild --all` (start-up"
-        " included), over bench.history's tenant histories"
+        f" included), over bench.history's tenant histories, their events {ledger}"
     )
 
 
 async def alone(dsn: str, events: int, runs: int, sealed: bool) -> None:
     postmaster, _ = await postgres_facts(dsn)
     with progress_bar() as progress:
-        n = await seeded(dsn, events, progress)
-    if sealed:
-        async with open_database(Settings(database_url=dsn, run_projections=False)) as db:
-            print(f"sealed {await migrate_all(db):,} events in place")
-        async with connected(dsn) as conn:
-            await conn.execute("VACUUM ANALYZE stored_events")
+        n = await seeded(dsn, events, progress, sealed=sealed)
     rates = []
     for i in range(runs):
         got = await measured(dsn, n, postmaster, dry_run=False)
@@ -217,9 +244,18 @@ async def alone(dsn: str, events: int, runs: int, sealed: bool) -> None:
 @click.option("--events", default=100_000, show_default=True)
 @click.option("--runs", default=3, show_default=True)
 @click.option("--sealed", is_flag=True, help="`erase migrate` before the runs.")
-def main(events: int, runs: int, sealed: bool) -> None:
+@click.option(
+    "--code",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Run the rebuilds from this checkout (PYTHONPATH), e.g. an older revision.",
+)
+def main(events: int, runs: int, sealed: bool, code: Path | None) -> None:
+    if sealed and not seals(code):
+        raise click.UsageError(f"{code} predates sealing: it cannot read sealed events")
+    if code is not None:
+        os.environ["PYTHONPATH"] = str(code.resolve())
     # One master key for this process and the rebuilds it starts.
-    os.environ.setdefault("SCIMLEDGER_MASTER_KEY", base64.b64encode(os.urandom(32)).decode())
+    os.environ.setdefault(MASTER_ENV, base64.b64encode(os.urandom(32)).decode())
     with durable_postgres() as dsn:
         asyncio.run(alone(dsn, events, runs, sealed))
 

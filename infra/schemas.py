@@ -82,11 +82,12 @@ def index_name(
 ) -> str:
     """The name of the unique index behind a declared attribute of one tenant."""
     table, column = VIEWS[resource_type]
-    key = f"{table}\x1f{tenant_id}\x1f{_key(column, urn, name, case_exact, kind)}"
+    key = f"{table}\x1f{tenant_id}\x1f{index_key(column, urn, name, case_exact, kind)}"
     return f"{table}_{INDEX_PREFIX}{hashlib.sha256(key.encode()).hexdigest()[:32]}"
 
 
-def _key(column: str, urn: str, name: str, case_exact: bool, kind: str = "string") -> str:
+def index_key(column: str, urn: str, name: str, case_exact: bool, kind: str = "string") -> str:
+    """What the unique index of a declared attribute holds of a document (`column`)."""
     value = typed_sql(column, urn, name, kind)
     return value if case_exact or kind not in ("string", "reference") else f"lower({value})"
 
@@ -116,7 +117,7 @@ def unique_indexes(tenant_id: Any, resource_type: str, schema: Mapping[str, Any]
     out: dict[str, str] = {}
     for name, case_exact, kind in unique_indexed(schema):
         index = index_name(resource_type, tenant_id, schema["id"], name, case_exact, kind)
-        key = _key(column, schema["id"], name, case_exact, kind)
+        key = index_key(column, schema["id"], name, case_exact, kind)
         value = typed_sql(column, schema["id"], name, kind)
         out[index] = (
             f"CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS {index} ON {table}"
@@ -132,7 +133,7 @@ async def _duplicate(
     """The first value a new unique attribute already holds twice in the tenant, if any."""
     table, column = VIEWS[resource_type]
     for name, case_exact, kind in unique_indexed(schema):
-        key = _key(column, schema["id"], name, case_exact, kind)
+        key = index_key(column, schema["id"], name, case_exact, kind)
         found = await conn.fetchval(
             f"SELECT {key} FROM {table} WHERE tenant_id = $1 AND {key} IS NOT NULL"
             f" GROUP BY 1 HAVING count(*) > 1 LIMIT 1",

@@ -84,22 +84,33 @@ def error_code(error: Mapping[str, Any]) -> str:
 
 
 def _flat(state: Mapping[str, Any] | None) -> Mapping[str, str]:
-    """Attribute paths and their values as text, the way modifiedProperties shows them."""
+    """Attribute paths and their values as text, the way modifiedProperties shows them.
+    (Hot: an entry flattens its resource after every event; a replay, for each of the store.)"""
     out: dict[str, str] = {}
     for key, value in (state or {}).items():
         if isinstance(value, dict):
-            # An extension's attributes go by their full names, `urn:…:2.0:User:Attribute`.
-            separator = EXTENSION_SEPARATOR if is_extension_urn(key) else "."
+            prefix = _prefixes.get(key)
+            if prefix is None:
+                prefix = _prefix(key)
             for sub, sub_value in value.items():
-                out[f"{key}{separator}{sub}"] = _text(sub_value)
+                out[prefix + sub] = sub_value if type(sub_value) is str else _json(sub_value)
         else:
-            out[key] = _text(value)
+            out[key] = value if type(value) is str else _json(value)
     return out
 
 
-def _text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
+_prefixes: dict[str, str] = {}  # an attribute's name -> its sub-attributes' prefix
+
+
+def _prefix(key: str) -> str:
+    # An extension's attributes go by their full names, `urn:…:2.0:User:Attribute`.
+    prefix = key + (EXTENSION_SEPARATOR if is_extension_urn(key) else ".")
+    if len(_prefixes) < 1024:  # the names are declared ones, but a client's may be anything
+        _prefixes[key] = prefix
+    return prefix
+
+
+def _json(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
 
 

@@ -5,7 +5,8 @@ with PostgreSQL work (writing the shadow tables); one process keeps about one co
 projections are independent of each other (their own tables, their own swap), so `rebuild --all`
 runs them side by side, `jobs` at a time, and the machine's cores and PostgreSQL's share the
 load. Each process runs the same `Rebuilder` as a single rebuild; a failure in one leaves the
-others to finish and its own live view untouched.
+others to finish and its own live view untouched. With fewer processes than projections, those
+that fold only some events share one, and one read of the log (`workers`, projections/shared.py).
 
 The parent starts (or reaches) the database and migrates it once, and hands the workers its
 URL, so an embedded server is not started by every worker. Workers are forked (they start at
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import multiprocessing
 import queue as queues
 import time
@@ -30,8 +32,9 @@ from infra.config import Settings
 from infra.database import open_database, resolve_dsn
 from infra.embedded import EmbeddedPostgres
 from infra.migrations import migrate
-from projections.rebuild import Rebuilder, RebuildReport
+from projections.rebuild import BATCH_SIZE, Rebuilder, RebuildReport, read_batch
 from projections.registry import PROJECTIONS
+from projections.shared import SharedLog
 
 Tick = Callable[[str, int, int], None]  # (projection, events applied, events in the log)
 _TICK_EVERY = 0.2  # seconds between progress messages from a worker
@@ -45,31 +48,62 @@ class Failed:
     error: str
 
 
-def _worker(settings: Settings, name: str, dry_run: bool, out: Any) -> None:
+def _worker(settings: Settings, names: tuple[str, ...], dry_run: bool, out: Any) -> None:
+    """Rebuild `names` in this process; more than one share their bulk replay's read."""
     import uvloop
 
-    last = 0.0
+    last: dict[str, float] = {}
 
-    def tick(done: int, total: int) -> None:
-        nonlocal last
-        now = time.monotonic()
-        if now - last >= _TICK_EVERY:
-            last = now
-            out.put(("progress", name, done, total))
+    def ticker(name: str) -> Callable[[int, int], None]:
+        def tick(done: int, total: int) -> None:
+            now = time.monotonic()
+            if now - last.get(name, 0.0) >= _TICK_EVERY:
+                last[name] = now
+                out.put(("progress", name, done, total))
 
-    async def go() -> RebuildReport:
+        return tick
+
+    async def go() -> list[RebuildReport | BaseException]:
         async with open_database(settings, run_migrations=False) as db:
-            return await Rebuilder(db, PROJECTIONS[name], progress=tick).run(dry_run=dry_run)
+            shared = None
+            if len(names) > 1:
+                shared = SharedLog(db, len(names), functools.partial(read_batch, limit=BATCH_SIZE))
+            rebuilders = [
+                Rebuilder(db, PROJECTIONS[n], progress=ticker(n), shared=shared) for n in names
+            ]
+            try:
+                return await asyncio.gather(
+                    *(r.run(dry_run=dry_run) for r in rebuilders), return_exceptions=True
+                )
+            finally:
+                if shared is not None:
+                    await shared.close()
 
     try:
-        report = uvloop.run(go())
+        results = uvloop.run(go())
     except KeyboardInterrupt:
-        out.put(("failed", name, "interrupted"))
+        results = [KeyboardInterrupt() for _ in names]
     except Exception as e:
-        first_line = next(iter(str(e).splitlines()), "")  # PostgreSQL adds HINT/DETAIL lines
-        out.put(("failed", name, f"{type(e).__name__}: {first_line}"))
-    else:
-        out.put(("done", name, report))
+        results = [e for _ in names]
+    for name, result in zip(names, results, strict=True):
+        if isinstance(result, KeyboardInterrupt):
+            out.put(("failed", name, "interrupted"))
+        elif isinstance(result, BaseException):
+            first_line = next(iter(str(result).splitlines()), "")  # PostgreSQL adds HINT/DETAIL
+            out.put(("failed", name, f"{type(result).__name__}: {first_line}"))
+        else:
+            out.put(("done", name, result))
+
+
+def workers(names: Sequence[str], jobs: int) -> list[tuple[str, ...]]:
+    """The projections each process rebuilds: one each if there are processes enough; else
+    those that fold every event (the audit log) one each, and the rest together, sharing a
+    read of the log (projections/shared.py). The longest first, so that it starts earliest."""
+    alone = [n for n in names if PROJECTIONS[n].decodes and PROJECTIONS[n].handles is None]
+    rest = tuple(n for n in names if n not in alone)
+    if len(names) <= max(jobs, 1) or not rest:
+        return [(n,) for n in sorted(names, key=lambda n: n not in alone)]
+    return [*((n,) for n in alone), rest]
 
 
 def run(
@@ -116,19 +150,20 @@ def _supervise(
 ) -> list[RebuildReport | Failed]:
     ctx = multiprocessing.get_context("fork")
     out: Any = ctx.Queue()
-    # The longest first (the audit log folds every event), so the slowest starts earliest.
-    pending = sorted(names, key=lambda n: PROJECTIONS[n].mode != "async")
-    running: dict[str, Any] = {}
+    pending = workers(names, jobs)
+    running: dict[str, Any] = {}  # each projection -> the process rebuilding it
     results: dict[str, RebuildReport | Failed] = {}
     try:
         while pending or running:
-            while pending and len(running) < max(jobs, 1):
-                name = pending.pop(0)
+            while pending and len(set(map(id, running.values()))) < max(jobs, 1):
+                group = pending.pop(0)
                 proc = ctx.Process(
-                    target=_worker, args=(settings, name, dry_run, out), name=f"rebuild-{name}"
+                    target=_worker,
+                    args=(settings, group, dry_run, out),
+                    name=f"rebuild-{'-'.join(group)}",
                 )
                 proc.start()
-                running[name] = proc
+                running.update(dict.fromkeys(group, proc))
             try:
                 message = out.get(timeout=0.5)
             except queues.Empty:
@@ -140,13 +175,15 @@ def _supervise(
                                 _take(out.get(timeout=0.5), results, running, tick)
                         if name not in results:
                             results[name] = Failed(name, f"worker exited with {proc.exitcode}")
-                            running.pop(name).join()
+                            running.pop(name)
+                            if proc not in running.values():
+                                proc.join()
                 continue
             _take(message, results, running, tick)
     finally:
-        for proc in running.values():
+        for proc in set(running.values()):
             proc.terminate()
-        for proc in running.values():
+        for proc in set(running.values()):
             proc.join()
     return [results[n] for n in names]
 
@@ -164,5 +201,5 @@ def _take(
         return
     results[name] = rest[0] if kind == "done" else Failed(name, rest[0])
     proc = running.pop(name, None)
-    if proc is not None:
-        proc.join()
+    if proc is not None and proc not in running.values():
+        proc.join()  # its last projection

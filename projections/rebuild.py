@@ -30,17 +30,21 @@ from typing import Any
 import asyncpg
 from eventsourcing.utils import TopicError, resolve_topic
 
+from infra import eventstore_sql as q
 from infra.database import Database
 from infra.eventstore import START, Conn, Position, RecordedEvent
 from projections import state
 from projections.diff import TableDiff, diff
 from projections.registry import Projection
 from projections.shadow import create_shadow, drop_shadow, index_shadow, shadow_of, swap_in
+from projections.shared import SharedLog
 
 _COLUMNS = (
     "originator_id, originator_version, topic, state, notification_id, tenant_id, recorded_at,"
     " request_id, transaction_id"
 )
+_ERASURE = "domain.erasure:Erasure.SubjectErased"  # (infra.eventstore.load_keys)
+BATCH_SIZE = 5000
 Progress = Callable[[int, int], None]  # (events applied so far, events in the log)
 
 
@@ -85,17 +89,28 @@ def _folds(handles: tuple[type, ...], topic: str) -> bool:
         return True  # decode it: the mapper reports an unknown topic as it always has
 
 
+async def read_batch(source: Any, after: Position, limit: int) -> list[RecordedEvent]:
+    """EventStore.read_all's batch, without its keys (`_decode` loads those it needs)."""
+    rows = list(await source.fetch(q.READ_ALL, after[0], after[1], limit))
+    if len(rows) == limit:
+        last = rows[-1]
+        rows += await source.fetch(q.REST_OF_TRANSACTION, last[8], last[4])
+    return [RecordedEvent(*r) for r in rows]
+
+
 class Rebuilder:
     def __init__(
         self,
         db: Database,
         projection: Projection,
         *,
-        batch_size: int = 5000,
+        batch_size: int = BATCH_SIZE,
         progress: Progress | None = None,
         lock_timeout: str = "2s",
+        shared: SharedLog | None = None,
     ) -> None:
         self.db = db
+        self.shared = shared  # a bulk replay's read shared with other rebuilds (shared.py)
         self.projection = projection
         self.batch_size = batch_size
         self.progress = progress
@@ -138,20 +153,29 @@ class Rebuilder:
         await self._catch_up(conn, total, committed_only=True)
         return self.position
 
-    def _decode(self, batch: Sequence[RecordedEvent]) -> tuple[Sequence[RecordedEvent], list[Any]]:
+    async def _decode(
+        self, conn: Any, batch: Sequence[RecordedEvent]
+    ) -> tuple[Sequence[RecordedEvent], list[Any]]:
         # Decoding is most of a replay's cost: a projection that names the event classes it
-        # folds (`HANDLES`) gets only those, the ones its own filter would keep anyway.
+        # folds (`HANDLES`) gets only those, the ones its own filter would keep anyway; and
+        # only their subjects' data keys are loaded (none for a projection that never decodes),
+        # with the erasures among the rest, which drop an erased subject's cached key.
         if not self.projection.decodes:
             return batch, []
         handles = self.projection.handles
         mine = batch if handles is None else [r for r in batch if _folds(handles, r.topic)]
+        keyed = mine if handles is None else [*mine, *(r for r in batch if r.topic == _ERASURE)]
+        await self.db.store.load_keys(conn, keyed)
         return mine, [self.db.store.to_domain(r) for r in mine]
+
+    async def _rows(self, source: Any, after: Position) -> list[RecordedEvent]:
+        return await read_batch(source, after, self.batch_size)
 
     async def _apply(self, conn: Conn, batch: Sequence[RecordedEvent]) -> None:
         if isinstance(batch, _ReadAhead):
             mine, events = batch.mine, batch.events
         else:
-            mine, events = self._decode(batch)
+            mine, events = await self._decode(conn, batch)
         await self.projection.apply(conn, events, self.tables, mine)
         self.position = batch[-1].position
         self.applied += len(batch)
@@ -170,14 +194,15 @@ class Rebuilder:
             if early.after == self.position:
                 batch = early
         if not batch:
-            batch = await self.db.store.read_all(self.position, self.batch_size, conn=conn)
+            batch = await self._rows(conn, self.position)
         if len(batch) >= self.batch_size and (until is None or batch[-1].position < until):
             self._ahead = asyncio.ensure_future(self._read_ahead(batch[-1].position))
         return batch
 
     async def _read_ahead(self, after: Position) -> _ReadAhead:
-        rows = await self.db.store.read_all(after, self.batch_size)
-        return _ReadAhead(rows, after, *self._decode(rows))
+        async with self.db.pool.acquire() as conn:
+            rows = await self._rows(conn, after)
+            return _ReadAhead(rows, after, *await self._decode(conn, rows))
 
     async def _stop_reading_ahead(self) -> None:
         # Let it finish rather than cancel it: a query cancelled half-way can hand its pooled
@@ -220,7 +245,6 @@ class Rebuilder:
                         rows[-1]["notification_id"],
                     )
                 batch = [RecordedEvent(*r) for r in rows]
-                await self.db.store.load_keys(conn, batch)
             else:
                 batch = await self._read(conn, until)
             if until is not None and batch and batch[-1].position > until:
@@ -233,6 +257,19 @@ class Rebuilder:
                 self.progress(self.applied, max(total, self.applied))
         return done
 
+    async def _fold(
+        self, conn: Conn, total: int, until: Position | None, batch: list[RecordedEvent]
+    ) -> bool:
+        """A batch of a shared read (up to `until`); False once past it."""
+        past = until is not None and batch[-1].position > until
+        if past:
+            batch = [r for r in batch if r.position <= until]  # type: ignore[operator]
+        if batch:
+            await self._apply(conn, batch)
+            if self.progress:
+                self.progress(self.applied, max(total, self.applied))
+        return not past
+
     async def run(self, *, dry_run: bool = False) -> RebuildReport:
         started = time.perf_counter()
         cpu = _cpu()
@@ -244,6 +281,9 @@ class Rebuilder:
             # Bulk replay, then catch up with what was appended meanwhile until quiet. An
             # asynchronous projection's live view stands at its checkpoint: replay up to it.
             until = await self._live_checkpoint(conn)
+            if self.shared is not None:
+                shared, self.shared = self.shared, None
+                await shared.replay(functools.partial(self._fold, conn, total, until))
             await self._catch_up(conn, total, until=until)
             while await self._catch_up(conn, total, until=until):
                 pass
@@ -268,6 +308,8 @@ class Rebuilder:
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             )
         finally:
+            if self.shared is not None:
+                self.shared.skip()  # failed before its replay
             try:
                 await self._stop_reading_ahead()
                 for table in self.projection.tables:

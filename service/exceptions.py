@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from uuid import UUID
 
 from domain.errors import bounded
+
+if TYPE_CHECKING:
+    from service.taken import Held
 
 
 class ServiceError(Exception):
@@ -27,9 +31,9 @@ class Taken(ServiceError):
     """A value another resource of the tenant holds (409 uniqueness). `holder`: that resource,
     when known: the detail quotes its value, so its record is sealed under the holder's key."""
 
-    def __init__(self, detail: str, held: tuple[str, str] | None = None) -> None:
+    def __init__(self, detail: str, held: Held | None = None) -> None:
         super().__init__(detail)
-        self.held = held  # (User or Group, the value): service.taken finds the holder
+        self.held = held  # what service.taken finds the holder by
         self.holder: UUID | None = None
 
 

@@ -41,7 +41,7 @@ from service.commands import (
     Unique,
 )
 from service.exceptions import Conflict, Invalid, NotFound, PreconditionFailed, Taken
-from service.taken import holder_of
+from service.taken import Declared, holder_of
 from service.unit_of_work import UnitOfWork, is_unique_violation
 
 if TYPE_CHECKING:  # service.outcomes imports the app's state, which names Handlers
@@ -118,7 +118,7 @@ class Handlers:
                 return result
             except Taken as e:
                 if e.held is not None:  # its connection given back: no second one held
-                    e.holder = await holder_of(self.db.pool, caller.tenant_id, *e.held)
+                    e.holder = await holder_of(self.db.pool, caller.tenant_id, e.held)
                 raise
             except (OutOfOrder, _GroupsChanged):
                 # Not a conflict: If-Match was checked and holds; a new transaction succeeds.
@@ -296,25 +296,25 @@ def _taken(
     resource: User | Group,
     state: Mapping[str, Any],
     unique: tuple[Unique, ...],
-) -> dict[str, str]:
-    """Index name -> the value a clash on it names, for the declared unique attributes the
-    resource holds: each has a unique index per tenant (infra/schemas.py), so the write itself
-    refuses a taken value, with no lock and no extra query."""
-    out: dict[str, str] = {}
+) -> dict[str, tuple[str, Declared]]:
+    """Index name -> the value a clash on it names, and how to find its holder, for the
+    declared unique attributes the resource holds: each has a unique index per tenant
+    (infra/schemas.py), so the write itself refuses a taken value, with no lock and no extra
+    query."""
+    out: dict[str, tuple[str, Declared]] = {}
     if not resource.pending_events:
         return out
     for attribute in unique:
         value = (state.get(attribute.urn) or {}).get(attribute.attribute)
         if value is not None:
-            index = index_name(
-                resource_type,
-                resource.tenant_id,
-                attribute.urn,
-                attribute.attribute,
-                attribute.case_exact,
-                attribute.kind,
+            urn, name, exact, kind = (
+                attribute.urn, attribute.attribute, attribute.case_exact, attribute.kind
+            )  # fmt: skip
+            index = index_name(resource_type, resource.tenant_id, urn, name, exact, kind)
+            out[index] = (
+                f"{urn}:{name} {str(value)[:100]!r}",
+                Declared(resource_type, urn, name, exact, kind, value),
             )
-            out[index] = f"{attribute.urn}:{attribute.attribute} {str(value)[:100]!r}"
     return out
 
 
@@ -400,7 +400,7 @@ _INDEXED_ATTRIBUTES = {
 async def _flush(
     uow: UnitOfWork,
     name: str,
-    taken: Mapping[str, str] | None = None,
+    taken: Mapping[str, tuple[str, Declared]] | None = None,
     attribute: str = "userName",
 ) -> None:
     """Flush the unit of work; a value another resource holds is a 409 naming the attribute
@@ -414,8 +414,10 @@ async def _flush(
             raise Taken(f"{attribute} {name!r} is already taken", ("Group", name)) from None
         constraint = str(getattr(e, "constraint_name", None) or "")
         if INDEX_PREFIX in constraint:
-            what = (taken or {}).get(constraint, "a declared unique attribute's value")
-            raise Taken(f"{what} is already taken") from None
+            named = (taken or {}).get(constraint)
+            if named is None:
+                raise Taken("a declared unique attribute's value is already taken") from None
+            raise Taken(f"{named[0]} is already taken", named[1]) from None
         raise
     except asyncpg.ProgramLimitExceededError as e:
         # A long value that does not compress outgrows an index entry (about 2.7 kB); the
