@@ -145,6 +145,12 @@ async def test_large_bodies_are_served_by_the_bulk_process(fresh_dsn: str) -> No
                     created[name] = (await r.json(content_type=None), r.headers["X-Request-Id"])
             assert len(created["large@contoso.com"][0]["emails"]) == 60
             await _behind_everyone(db, proc.pid, bulk)
+            # The bulk process keeps its figures in its memory; the front's /metrics adds them.
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+                text = await r.text()
+            for projection in ("activity", "audit"):
+                active = f'scimledger_projection_runner_active{{projection="{projection}"}} 1.0'
+                assert active in text.splitlines()
             # Both are counted in /metrics, under the same names (the relayed one by the front).
             assert await _posted(http, port) == {"201": 2}
             for _, request_id in created.values():
