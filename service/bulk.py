@@ -233,9 +233,13 @@ def _refused(
 
 @web.middleware
 async def trust_front(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The bulk process's first middleware: the client is who the front says it is."""
-    from service.state import RELAYED_CLIENT
+    """The bulk process's first middleware: the client is who the front says it is. The
+    front's scrape of this process's figures is answered here, before any other middleware."""
+    from service.metrics import own_figures
+    from service.state import RELAYED_CLIENT, SETTINGS
 
+    if request.path == "/metrics" and request.app[SETTINGS].metrics:
+        return await own_figures(request)
     client = request.headers.get(CLIENT_HEADER)
     if client:
         request[RELAYED_CLIENT] = client

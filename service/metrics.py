@@ -127,21 +127,28 @@ async def _lag(pool: asyncpg.Pool) -> list[tuple[str, int, float]]:
     return out
 
 
-async def metrics(request: web.Request) -> web.Response:
-    pool = request.app[DATABASE].pool
-    sample_pool(pool)
-    settings = request.app[SETTINGS]
+def _base() -> CollectorRegistry:
     if multiprocess_dir():
         from prometheus_client import multiprocess
 
         base = CollectorRegistry()
         multiprocess.MultiProcessCollector(base)  # type: ignore[no-untyped-call]
-    else:
-        base = REGISTRY
-    if settings.bulk_peer:  # asked by the front (below): this process's own figures only
-        return web.Response(
-            body=generate_latest(base), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
+        return base
+    return REGISTRY
+
+
+async def own_figures(request: web.Request) -> web.Response:
+    """The bulk process's answer to its front's scrape (`_bulk_figures`): what this process
+    counted, nothing read from the database, and no log line (the front writes the scrape's)."""
+    sample_pool(request.app[DATABASE].pool)
+    body = generate_latest(_base())
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    pool = request.app[DATABASE].pool
+    sample_pool(pool)
+    base = _base()
     lag = CollectorRegistry(auto_describe=False)
     try:
         lag.register(_Lag(await _lag(pool)))

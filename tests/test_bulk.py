@@ -211,3 +211,5 @@ async def test_large_bodies_are_served_by_the_bulk_process(fresh_dsn: str) -> No
     served = [(line.get("process"), line["path"]) for line in lines if line["event"] == "request"]
     assert (None, "/scim/v2/Users") in served  # the small POST, where it arrived
     assert ("bulk", "/scim/v2/Users") in served  # the large ones
+    # One line per request: the front's scrape of the bulk process's figures writes none.
+    assert ("bulk", "/metrics") not in served and (None, "/metrics") in served
