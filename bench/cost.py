@@ -7,17 +7,19 @@ would compete with the benchmark itself for its share of a core); the hostile bo
 before the load starts (building one costs the client up to 0.1 s of CPU, which a real client
 spends on its own machine, not on the server's cores); and alone and under load alternate
 PAIRS times, each figure the median of its pairs, so that a burst of other work on the machine
-lands on both sides rather than on one."""
+lands on both sides rather than on one. A third phase in each pair puts a plain CPU-bound loop
+beside the server instead: on a machine of 2 cores that is the floor any competing work sets."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 import sys
 import time
 import uuid
 from asyncio.subprocess import PIPE
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -25,6 +27,7 @@ import orjson
 import psutil
 
 from bench.common import (
+    CHILD,
     PATCH_OP,
     ROOT,
     create_tenant,
@@ -276,7 +279,7 @@ async def cost(ctx: Ctx) -> None:
                 took = f"server CPU {worst.cpu:.3f} s, wall {worst.wall:.3f} s"
                 err.print(f"{shape.name}: {worst.status}, {worst.size / 1024:,.0f} KiB, {took}")
                 measured.append(worst)
-            alone, loaded, sent = [], [], 0
+            alone, loaded, hogged, sent = [], [], [], 0
             for _ in range(PAIRS):
                 alone.append(await _victim(origin, victim_token, victim_user, seconds))
                 stop = asyncio.Event()
@@ -286,22 +289,41 @@ async def cost(ctx: Ctx) -> None:
                 finally:
                     stop.set()
                     sent += await load
+                with _hog():
+                    hogged.append(await _victim(origin, victim_token, victim_user, seconds))
     worst = max(measured, key=lambda m: m.cpu)
     met = all(m.cpu <= TARGET_CPU and m.status != "no answer" for m in measured)
-    a, b = p99s(alone), p99s(loaded)
+    a, b, c = p99s(alone), p99s(loaded), p99s(hogged)
     ctx.add(Row("9", "the costliest request bodies (bench.cost): server CPU for one request;"
         " another tenant's GET p99 meanwhile", f"{len(measured)} shapes up to 2 MiB",
         f"most CPU {worst.cpu:.2f} s ({worst.shape}, {worst.status}); other tenant's p99"
-        f" {ms(median(a))} alone, {ms(median(b))} under the hostile load (medians of {PAIRS})",
+        f" {ms(median(a))} alone, {ms(median(b))} under the hostile load, {ms(median(c))} beside"
+        f" a CPU-bound loop (medians of {PAIRS})",
         "", f"≤ {TARGET_CPU:.0f} s of CPU per request", verdict(met)))  # fmt: skip
     shapes = "; ".join(f"{m.shape}: {m.status}, {m.cpu:.3f} s" for m in measured)
     ctx.notes.append(
         f"(9) each shape {samples} time(s) on an idle server, its CPU from /proc before and after;"
         f" the other tenant's GET /Users/{{id}} one at a time from its own process and session,"
         f" {PAIRS} pairs of {seconds:.0f} s alone then {seconds:.0f} s while the prebuilt shapes"
-        f" were sent back to back ({sent}), p99 per pair alone {_list(a)}, loaded {_list(b)};"
-        f" each: {shapes}"
+        f" were sent back to back ({sent}), then {seconds:.0f} s beside `{HOG}` in a session of"
+        f" its own (the floor: any program using a core); p99 per pair alone {_list(a)}, loaded"
+        f" {_list(b)}, beside the loop {_list(c)}; each: {shapes}"
     )
+
+
+HOG = "while True: pass"
+
+
+@contextlib.contextmanager
+def _hog() -> Iterator[None]:
+    """A plain CPU-bound program beside the server, at the default priority."""
+    argv = [sys.executable, "-c", HOG]
+    proc = subprocess.Popen(argv, start_new_session=True, **CHILD)
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def p99s(runs: list[list[float]]) -> list[float]:
