@@ -188,8 +188,9 @@ class Meter:
         self.server, self.postgres = server, postgres
 
     def read(self) -> Cpu:
-        """The counters now (seconds: the clock); subtract two readings for a phase."""
-        server = process_cpu(self.server) if self.server is not None else 0.0
+        """The counters now (seconds: the clock); subtract two readings for a phase. The server
+        is `serve` with its children: its bulk process runs the projection runners."""
+        server = tree_cpu(self.server) if self.server is not None else 0.0
         pg = tree_cpu(self.postgres) if self.postgres is not None else None
         return Cpu(time.perf_counter(), client_cpu(), server, pg, machine_busy())
 
@@ -324,8 +325,8 @@ def child_process(
 def server_process(
     dsn: str, port: int, log: Path
 ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
-    """`scimledger serve`, one process (the CPU sampled from its pid is one server's);
-    BENCH_WORKERS=N runs `serve --workers N` (CPU then counts the parent only)."""
+    """`scimledger serve`, one process and its bulk process (the CPU sampled from its pid and
+    its children is one server's); BENCH_WORKERS=N runs `serve --workers N`."""
     argv = [str(SCIMLEDGER), "serve", "--workers", os.environ.get("BENCH_WORKERS", "1")]
     argv += ["--port", str(port), "--database-url", dsn]
     # One token drives the whole load: the per-token rate limit and cap on requests in flight

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +23,16 @@ class DatabaseUnavailable(Exception):
     """The database could not be reached or started."""
 
 
+ConnectionHook = Callable[[asyncpg.Connection], Awaitable[None]]
+# Run on each new connection of this process (the bulk process lowers its backends' priority).
+_connection_hooks: list[ConnectionHook] = []
+
+
+def on_connect(hook: ConnectionHook) -> None:
+    """Run `hook` on every connection this process opens from now on."""
+    _connection_hooks.append(hook)
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec(
         "jsonb",
@@ -31,6 +41,8 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         schema="pg_catalog",
         format="binary",
     )
+    for hook in _connection_hooks:
+        await hook(conn)
 
 
 async def _reset_connection(conn: asyncpg.Connection) -> None:

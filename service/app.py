@@ -77,7 +77,7 @@ def create_app(
     if role == "worker" and settings.bulk_socket is not None:
         app.cleanup_ctx.append(bulk.bulk_client_ctx)  # the parent's bulk process
     app.cleanup_ctx.append(_pending_outcomes_ctx)  # unwound before the database closes
-    if settings.run_projections:
+    if settings.run_projections and not _has_bulk(settings, role):
         app.cleanup_ctx.append(_projection_runners_ctx)
     app[discovery.ENABLED_RESOURCES] = ("User", "Group")
     health.add_routes(app)
@@ -86,11 +86,20 @@ def create_app(
     groups.add_routes(app)
     audit_api.add_routes(app)
     audit_web.add_routes(app)
-    feeds.setup(app, background=settings.run_projections)
+    feeds.setup(app, background=settings.run_projections and not settings.bulk_peer)
     if settings.metrics:
         metrics.add_routes(app)
     paths.add_routes(app)  # last: other spellings of the routes above
     return app
+
+
+def _has_bulk(settings: Settings, role: Role) -> bool:
+    """Whether `serve` gives this process a bulk process, which then also runs the asynchronous
+    projections' runners (at its lower CPU priority: folding a 2 MiB event would stall the event
+    loop answering every tenant for tens of milliseconds)."""
+    if role == "worker":
+        return settings.bulk_socket is not None
+    return role == "process" and settings.bulk_body_bytes > 0
 
 
 def _wire(app: web.Application, database: Database) -> None:

@@ -14,6 +14,11 @@ The bulk process does everything else as if the request had come to it: authenti
 the per-token caps, the one log line per request (with `process: bulk`), the provisioning
 log entry (with the client's address, which the front forwards). If it is down, the front
 answers 503 with Retry-After and `serve` starts another.
+
+It also runs the asynchronous projections' runners (the front runs none): folding the events
+of a 2 MiB request takes tens of milliseconds of CPU in one piece, which on the front would
+stall every tenant's requests. It, and its PostgreSQL backends, run behind everyone else for
+the CPU (`behind_everyone`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from queue import Empty
 from typing import Any
 
 import aiohttp
+import asyncpg
+import psutil
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware as _Middleware
@@ -226,9 +233,13 @@ def _refused(
 
 @web.middleware
 async def trust_front(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The bulk process's first middleware: the client is who the front says it is."""
-    from service.state import RELAYED_CLIENT
+    """The bulk process's first middleware: the client is who the front says it is. The
+    front's scrape of this process's figures is answered here, before any other middleware."""
+    from service.metrics import own_figures
+    from service.state import RELAYED_CLIENT, SETTINGS
 
+    if request.path == "/metrics" and request.app[SETTINGS].metrics:
+        return await own_figures(request)
     client = request.headers.get(CLIENT_HEADER)
     if client:
         request[RELAYED_CLIENT] = client
@@ -246,7 +257,6 @@ class BulkProcess:
         self.path = str(self.directory / "bulk.sock")
         self.settings = replace(
             settings,
-            run_projections=False,
             pool_min=1,
             pool_max=max(2, min(settings.pool_max, 5)),
             bulk_body_bytes=0,
@@ -339,6 +349,37 @@ def _forget_metrics(proc: BaseProcess) -> None:
     forget(proc)
 
 
+def behind_everyone() -> None:
+    """This process, and the PostgreSQL backends it opens, yield the CPU to everyone else's.
+
+    Niceness alone does not do it on Linux: with autogroup (the default of desktop and server
+    kernels alike) each session is scheduled as one entity, and a nice value only orders the
+    processes within it. So the bulk process leaves `serve`'s session for one of its own and
+    lowers that group's weight (/proc/self/autogroup; where autogroup is off, its own niceness is
+    what counts); and its backends, which share PostgreSQL's session with the backends of every
+    other request, get the same niceness where PostgreSQL runs on this machine."""
+    with contextlib.suppress(OSError):
+        os.setsid()
+    with contextlib.suppress(OSError):
+        Path("/proc/self/autogroup").write_text(str(BULK_NICENESS))
+    with contextlib.suppress(OSError):
+        os.nice(BULK_NICENESS)
+    from infra.database import on_connect
+
+    on_connect(_renice_backend)
+
+
+async def _renice_backend(conn: asyncpg.Connection) -> None:
+    # Over TCP to another machine the pid is that machine's: only a local server's.
+    address = await conn.fetchval("SELECT inet_server_addr()")
+    if address is not None and not address.is_loopback:
+        return
+    pid = conn.get_server_pid()
+    with contextlib.suppress(psutil.Error, OSError):
+        if psutil.Process(pid).name() == "postgres":
+            os.setpriority(os.PRIO_PROCESS, pid, BULK_NICENESS)
+
+
 def _bulk_main(
     settings: Settings, path: str, messages: Any, supervisor: SupervisorStatus | None
 ) -> None:
@@ -347,10 +388,7 @@ def _bulk_main(
     _die_with_parent()
     logsetup.configure()
     structlog.contextvars.bind_contextvars(process="bulk")
-    # Behind the front for the CPU too: when the cores are busy, the scheduler serves the
-    # process answering everyone else first (its PostgreSQL backends keep their priority).
-    with contextlib.suppress(OSError):
-        os.nice(BULK_NICENESS)
+    behind_everyone()
     import uvloop
 
     with contextlib.suppress(KeyboardInterrupt):

@@ -19,11 +19,14 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import aiohttp
 import asyncpg
 from aiohttp import web
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from infra import metrics as m
@@ -146,28 +149,98 @@ async def _lag(pool: asyncpg.Pool) -> list[tuple[str, int, float]]:
     return out
 
 
-async def metrics(request: web.Request) -> web.Response:
-    pool = request.app[DATABASE].pool
-    sample_pool(pool)
+def _base() -> CollectorRegistry:
     if multiprocess_dir():
         from prometheus_client import multiprocess
 
         base = CollectorRegistry()
         multiprocess.MultiProcessCollector(base)  # type: ignore[no-untyped-call]
-    else:
-        base = REGISTRY
+        return base
+    return REGISTRY
+
+
+async def own_figures(request: web.Request) -> web.Response:
+    """The bulk process's answer to its front's scrape (`_bulk_figures`): what this process
+    counted, nothing read from the database, and no log line (the front writes the scrape's)."""
+    sample_pool(request.app[DATABASE].pool)
+    body = generate_latest(_base())
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    pool = request.app[DATABASE].pool
+    sample_pool(pool)
+    base = _base()
     lag = CollectorRegistry(auto_describe=False)
     try:
         lag.register(_Lag(await _lag(pool)))
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
         pass  # the database is away: the process's own figures still tell something
-    body = generate_latest(base) + generate_latest(lag)
+    own = generate_latest(base)
+    bulk = await _bulk_figures(request.app)
+    body = (own if bulk is None else _summed(own, bulk)) + generate_latest(lag)
     supervisor = request.app.get(SUPERVISOR)
     if supervisor is not None:
         supervision = CollectorRegistry(auto_describe=False)
         supervision.register(_Supervision(supervisor))
         body += generate_latest(supervision)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _bulk_figures(app: web.Application) -> str | None:
+    """`serve` as one process: what its bulk process counted (its appends, its projection
+    runners), kept in that process's memory. With several workers it is in their shared
+    directory already; None then, and while the bulk process is away."""
+    from service.bulk import BULK_CLIENT
+
+    session = app.get(BULK_CLIENT)
+    if session is None or multiprocess_dir():
+        return None
+    try:
+        async with session.get("http://bulk/metrics", timeout=_BULK_SCRAPE_TIMEOUT) as r:
+            return await r.text() if r.status == 200 else None
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        return None
+
+
+_BULK_SCRAPE_TIMEOUT = aiohttp.ClientTimeout(total=5)
+
+
+def _summed(own: bytes, bulk: str) -> bytes:
+    """This process's figures with the bulk process's added in (scimledger_ families; the
+    process_ and python_ ones stay this process's)."""
+    try:
+        families = list(text_string_to_metric_families(own.decode()))
+        theirs = list(text_string_to_metric_families(bulk))
+    except ValueError:
+        return own
+    by_name = {family.name: family for family in families}
+    for family in theirs:
+        mine = by_name.get(family.name)
+        if mine is None or not family.name.startswith("scimledger_"):
+            continue
+        index = {(s.name, tuple(s.labels.items())): i for i, s in enumerate(mine.samples)}
+        for sample in family.samples:
+            if sample.name.endswith("_created"):  # a timestamp, not a count
+                continue
+            at = index.get((sample.name, tuple(sample.labels.items())))
+            if at is None:
+                mine.samples.append(sample)
+            else:
+                mine.samples[at] = mine.samples[at]._replace(
+                    value=mine.samples[at].value + sample.value
+                )
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Parsed(families))
+    return generate_latest(registry)
+
+
+class _Parsed(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.families
 
 
 async def pool_sampler_ctx(app: web.Application) -> AsyncIterator[None]:

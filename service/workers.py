@@ -85,7 +85,15 @@ async def listen(
         await runner.cleanup()
         raise ListenError(f"cannot listen on {settings.host}:{settings.port}: {e.strerror}") from e
     settle_heap()
+    sys.setswitchinterval(LOOP_GIL_WAIT)
     return runner
+
+
+# Seconds the event loop may wait for the GIL while a worker thread holds it (CPython's
+# default is 5 ms). A body past 64 KiB that stays here, or a PATCH of a user of many values,
+# is worked on in a thread; every time the loop wakes up (a request arrives, PostgreSQL
+# answers) it waited up to this long for that thread, a few times per request of everyone.
+LOOP_GIL_WAIT = 0.0005
 
 
 # Young objects a request makes before the collector looks (CPython's default is 700).

@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import asyncpg
 import orjson
 import psutil
 
+from projections.registry import PROJECTIONS
+from projections.runner import LOCK_NAMESPACE
+from service.bulk import BULK_NICENESS
 from tests.test_cli import SCIMLEDGER, _stop, _token, free_port
 from tests.test_entra_users import entra_user
 from tests.test_runner import eventually
@@ -79,6 +83,41 @@ async def _posted(http: aiohttp.ClientSession, port: int) -> dict[str, int]:
     return counts
 
 
+async def _behind_everyone(db: asyncpg.Connection, front: int, bulk: psutil.Process) -> None:
+    """The asynchronous projections' runners lead from the bulk process, not the front; the
+    bulk process runs in a session (an autogroup) of its own, and it and its PostgreSQL
+    backends at a lower priority."""
+    leaders = """
+        SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+        WHERE l.locktype = 'advisory' AND l.granted AND l.classid = $1"""
+
+    async def runners_lead() -> bool:
+        return len(await db.fetch(leaders, LOCK_NAMESPACE)) == sum(
+            p.mode == "async" for p in PROJECTIONS.values()
+        )
+
+    await eventually(runners_lead)
+    assert {r[0] for r in await db.fetch(leaders, LOCK_NAMESPACE)} == {f"scimledger:{bulk.pid}"}
+    # Both POSTs are in the provisioning log: the runners fold what either process wrote.
+    await eventually(lambda: _count(db, "SELECT count(*) >= 2 FROM audit_entries"))
+    assert os.getsid(bulk.pid) == bulk.pid != os.getsid(front)
+    assert bulk.nice() == BULK_NICENESS and psutil.Process(front).nice() == 0
+    autogroup = Path(f"/proc/{bulk.pid}/autogroup")  # Linux with CONFIG_SCHED_AUTOGROUP
+    if autogroup.exists():  # noqa: ASYNC240 (procfs: no I/O wait)
+        assert autogroup.read_text().split()[-1] == str(BULK_NICENESS)  # noqa: ASYNC240
+    backends = await db.fetch(
+        "SELECT pid, application_name FROM pg_stat_activity WHERE application_name IN ($1, $2)",
+        f"scimledger:{bulk.pid}",
+        f"scimledger:{front}",
+    )
+    niceness = {(r[1], psutil.Process(r[0]).nice()) for r in backends}
+    assert niceness == {(f"scimledger:{bulk.pid}", BULK_NICENESS), (f"scimledger:{front}", 0)}
+
+
+async def _count(db: asyncpg.Connection, sql: str) -> bool:
+    return bool(await db.fetchval(sql))
+
+
 async def test_large_bodies_are_served_by_the_bulk_process(fresh_dsn: str) -> None:
     proc, banner, port = await _serve(fresh_dsn)
     base = f"http://127.0.0.1:{port}/scim/v2"
@@ -105,6 +144,13 @@ async def test_large_bodies_are_served_by_the_bulk_process(fresh_dsn: str) -> No
                     assert "X-Request-Id" in r.headers, (name, dict(r.headers))
                     created[name] = (await r.json(content_type=None), r.headers["X-Request-Id"])
             assert len(created["large@contoso.com"][0]["emails"]) == 60
+            await _behind_everyone(db, proc.pid, bulk)
+            # The bulk process keeps its figures in its memory; the front's /metrics adds them.
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+                text = await r.text()
+            for projection in ("activity", "audit"):
+                active = f'scimledger_projection_runner_active{{projection="{projection}"}} 1.0'
+                assert active in text.splitlines()
             # Both are counted in /metrics, under the same names (the relayed one by the front).
             assert await _posted(http, port) == {"201": 2}
             for _, request_id in created.values():
@@ -165,3 +211,5 @@ async def test_large_bodies_are_served_by_the_bulk_process(fresh_dsn: str) -> No
     served = [(line.get("process"), line["path"]) for line in lines if line["event"] == "request"]
     assert (None, "/scim/v2/Users") in served  # the small POST, where it arrived
     assert ("bulk", "/scim/v2/Users") in served  # the large ones
+    # One line per request: the front's scrape of the bulk process's figures writes none.
+    assert ("bulk", "/metrics") not in served and (None, "/metrics") in served

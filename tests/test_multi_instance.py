@@ -8,6 +8,7 @@ rebuild, and each write request has exactly one audit entry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -21,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import psutil
 from prometheus_client import REGISTRY
 
 from infra.database import Database
@@ -32,6 +34,7 @@ from tests.test_entra_groups import create_group
 from tests.test_entra_users import ENTERPRISE, PATCH_OP, entra_user, headers
 from tests.test_entra_users import create as create_user
 from tests.test_runner import eventually
+from tests.test_workers import is_bulk
 
 SCIMLEDGER = str(Path(sys.executable).parent / "scimledger")
 SCIM = "application/scim+json"
@@ -133,15 +136,25 @@ async def caught_up(database: Database) -> None:
     await eventually(behind_none)
 
 
+def _instance(pid: int) -> int:
+    """The `serve` a session's process belongs to: itself, or the parent of its bulk process
+    (where `serve` runs the projection runners, service/bulk.py)."""
+    with contextlib.suppress(psutil.Error):
+        proc = psutil.Process(pid)
+        if is_bulk(proc):
+            return proc.ppid()
+    return pid
+
+
 async def leaders(database: Database) -> dict[str, int]:
-    """Projection name -> OS pid of the process whose session holds its runner lock."""
+    """Projection name -> OS pid of the `serve` whose session holds its runner lock."""
     rows = await database.pool.fetch(
         "SELECT l.objid, a.application_name FROM pg_locks l"
         " JOIN pg_stat_activity a ON a.pid = l.pid"
         " WHERE l.locktype = 'advisory' AND l.classid = $1 AND l.granted",
         LOCK_NAMESPACE,
     )
-    by_key = {int(r["objid"]): int(r["application_name"].split(":")[1]) for r in rows}
+    by_key = {int(r["objid"]): _instance(int(r["application_name"].split(":")[1])) for r in rows}
     names = {}
     for name in ("activity", "audit"):
         key = await database.pool.fetchval("SELECT hashtext($1)::oid", name)
