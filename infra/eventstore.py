@@ -118,6 +118,8 @@ class RecentEvents:
         self, recorded: Sequence[RecordedEvent], events: Iterable[DomainEventProtocol[UUID]]
     ) -> None:
         """After the commit of `recorded`: the domain events they store (any order)."""
+        if not self.cap:  # no follower in this process reads them
+            return
         by_stream = {(e.originator_id, e.originator_version): e for e in events}
         for r in recorded:
             event = by_stream.get((r.originator_id, r.originator_version))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import Literal, cast
 
 import structlog
 from aiohttp import web
@@ -107,6 +107,9 @@ def _wire(app: web.Application, database: Database) -> None:
     database and the SCIM layer's documents (what a PATCH does to a user or a group)."""
     app[DATABASE] = database
     app[HANDLERS] = Handlers(database, ScimDocuments())
+    settings = app[SETTINGS]
+    if not settings.run_projections or _has_bulk(settings, cast(Role, app[_ROLE])):
+        database.store.recent.cap = 0  # the runners are elsewhere: keep no events for them
 
 
 async def _pending_outcomes_ctx(app: web.Application) -> AsyncIterator[None]:
