@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import multiprocessing
 import os
-import resource
 import time
 import uuid
 from typing import Any
@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import click
+import psutil
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -26,6 +27,7 @@ from bench.common import (
     make_database,
     median,
     postgres_facts,
+    process_cpu,
     tree_cpu,
     verdict,
 )
@@ -49,10 +51,43 @@ async def _fill(db: Database, conn: asyncpg.Connection, tenant_id: uuid.UUID, n:
         await db.store.append(conn, tenant_id, [e for u in made for e in u.collect_events()])
 
 
-def _cpu() -> float:
-    """CPU seconds of this process and of its finished children (the producer's workers)."""
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return client_cpu() + children.ru_utime + children.ru_stime
+class Meter:
+    """CPU seconds so far of each part of a catch-up: this process (the producer, and the
+    poll endpoint when polled), its signer processes (service/feeds/signing.py), the poll
+    consumer's process and PostgreSQL (when it runs here)."""
+
+    def __init__(self, postmaster: psutil.Process | None) -> None:
+        self.postmaster = postmaster
+        self.consumer: psutil.Process | None = None
+        self._gone: dict[int, float] = {}  # last seen CPU of children, kept when they exit
+
+    def sample(self) -> dict[str, float]:
+        signers = 0.0
+        consumer = 0.0
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                self._gone[child.pid] = process_cpu(child)
+        for pid, seconds in self._gone.items():
+            if self.consumer is not None and pid == self.consumer.pid:
+                consumer = seconds
+            else:
+                signers += seconds
+        return {
+            "producer": client_cpu(),
+            "signers": signers,
+            "consumer": consumer,
+            "postgres": tree_cpu(self.postmaster) if self.postmaster else 0.0,
+        }
+
+    @staticmethod
+    def per_set(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
+        """µs of CPU per SET of each part, and their total."""
+        parts = {k: (after[k] - before[k]) * 1e6 / max(n, 1) for k in before}
+        return {**parts, "total": sum(parts.values())}
+
+
+def _breakdown(parts: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:,.0f}" for k, v in parts.items() if k != "total" and v >= 0.5)
 
 
 async def _stream(
@@ -66,12 +101,13 @@ async def _stream(
 
 
 async def catch_up(dsn: str, n: int, runs: int = 1) -> tuple[float, int, float]:
-    """SETs/s, SETs made, and CPU seconds per SET (this process and the producer's workers):
+    """SETs/s, SETs made, and CPU seconds per SET (producer, signers and PostgreSQL):
     the median run's, each run a new stream from the start of the same log."""
     pool = await create_pool(dsn, min_size=1, max_size=4)
     db = Database(dsn=dsn, pool=pool, store=EventStore(pool), embedded=None)
     results: list[tuple[float, int, float]] = []
     postmaster, _ = await postgres_facts(dsn)
+    meter = Meter(postmaster)
     try:
         async with pool.acquire() as conn:
             issued = await create_tenant(conn, f"catchup-{uuid.uuid4().hex[:6]}")
@@ -81,7 +117,7 @@ async def catch_up(dsn: str, n: int, runs: int = 1) -> tuple[float, int, float]:
                 created = await _stream(conn, issued.tenant, f"replay{run}", None, True)
             stream_id = uuid.UUID(created["id"])
             producer = Producer(db, lambda: "http://127.0.0.1:8000/scim/v2")
-            cpu, pg = _cpu(), tree_cpu(postmaster) if postmaster else 0.0
+            before = meter.sample()
             started = time.perf_counter()
             async with pool.acquire() as conn:
                 while producer.produced < n:
@@ -89,12 +125,11 @@ async def catch_up(dsn: str, n: int, runs: int = 1) -> tuple[float, int, float]:
                         # the outbox is full: a consumer acknowledges (drop what is pending)
                         await conn.execute("DELETE FROM feed_sets WHERE stream_id = $1", stream_id)
             elapsed = time.perf_counter() - started
-            used = (_cpu() - cpu) / max(producer.produced, 1)
-            pg = ((tree_cpu(postmaster) - pg) if postmaster else 0.0) / max(producer.produced, 1)
-            results.append((n / elapsed, producer.produced, used))
+            parts = Meter.per_set(before, meter.sample(), producer.produced)
+            results.append((n / elapsed, producer.produced, parts["total"] / 1e6))
             print(
-                f"catch-up run {run + 1}: {n / elapsed:,.0f} SETs/s, {used * 1e6:,.0f} µs CPU/SET"
-                f" (PostgreSQL {pg * 1e6:,.0f} µs/SET)"
+                f"catch-up run {run + 1}: {n / elapsed:,.0f} SETs/s, {parts['total']:,.0f} µs"
+                f" CPU/SET ({_breakdown(parts)})"
             )
             async with pool.acquire() as conn:
                 await streams.delete(conn, issued.tenant, f"replay{run}")
@@ -127,6 +162,7 @@ async def polled_catch_up(dsn: str, n: int) -> tuple[float, int, float]:
     seconds per SET of this process (producer and server; not the consumer's)."""
     pool = await create_pool(dsn, min_size=2, max_size=10)
     db = Database(dsn=dsn, pool=pool, store=EventStore(pool), embedded=None)
+    meter = Meter((await postgres_facts(dsn))[0])
     settings = Settings(database_url=dsn, rate_limit=0, run_projections=False)
     spawn = multiprocessing.get_context("spawn")
     stop = spawn.Event()
@@ -142,7 +178,7 @@ async def polled_catch_up(dsn: str, n: int) -> tuple[float, int, float]:
             await _fill(db, conn, issued.tenant_id, n)
         running = asyncio.ensure_future(producer.run(halt))
         async with TestServer(app, host="127.0.0.1") as server:
-            cpu = _cpu()
+            before = meter.sample()
             started = time.perf_counter()
             async with pool.acquire() as conn:
                 made = await _stream(conn, issued.tenant, "replay", None, True)
@@ -150,6 +186,7 @@ async def polled_catch_up(dsn: str, n: int) -> tuple[float, int, float]:
             url = str(server.make_url(f"/events/{made['id']}"))
             consumer = spawn.Process(target=_consumer, args=(url, made["token"], stop))
             consumer.start()
+            meter.consumer = psutil.Process(consumer.pid)
             stream_id = uuid.UUID(made["id"])
             delivered = 0
             while delivered < n:
@@ -158,7 +195,7 @@ async def polled_catch_up(dsn: str, n: int) -> tuple[float, int, float]:
                     "SELECT delivered FROM feed_streams WHERE id = $1", stream_id
                 )
             elapsed = time.perf_counter() - started
-            used = (_cpu() - cpu) / n
+            parts = Meter.per_set(before, meter.sample(), n)
             stop.set()
             await asyncio.to_thread(consumer.join, 10)
         halt.set()
@@ -170,8 +207,11 @@ async def polled_catch_up(dsn: str, n: int) -> tuple[float, int, float]:
             consumer.terminate()
         FEED_SETTINGS.max_wait = wait
         await pool.close()
-    print(f"polled catch-up: {n / elapsed:,.0f} SETs/s, {used * 1e6:,.0f} µs CPU/SET")
-    return n / elapsed, n, used
+    print(
+        f"polled catch-up: {n / elapsed:,.0f} SETs/s, {parts['total']:,.0f} µs CPU/SET"
+        f" ({_breakdown(parts)}); producer held by a full outbox {producer.held} times"
+    )
+    return n / elapsed, n, parts["total"] / 1e6
 
 
 async def _writes(base: str, token: str, requests: int, concurrency: int) -> float:

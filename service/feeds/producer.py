@@ -32,13 +32,17 @@ from service.feeds.build import (
     Signer,
     StreamView,
     Token,
+    Unsigned,
     emit,
+    holds_values,
     method_of,
     needs_resource,
+    shape_of,
     transactions,
     txn_of,
 )
 from service.feeds.keys import KeyRing
+from service.feeds.signing import CHUNK, POOL_FROM, SIGNERS
 from service.feeds.streams import Stream
 
 log = structlog.get_logger("scimledger.feeds")
@@ -58,10 +62,6 @@ FEEDS_LOCK_NAMESPACE = LOCK_NAMESPACE + 1
 # works), a delivery's removal (sent again, the same `jti`).
 # At-least-once and the order hold; nothing is skipped.
 ASYNC_COMMIT = "SET LOCAL synchronous_commit = off"
-# Worker processes that build and sign a catch-up's SETs (0: none, all in the producer).
-# Opt-in: on the 2 shared cores measured (bench.feeds, load 7-14) the pool was slower than
-# the producer alone (3,770 vs 4,467 SETs/s, 105 vs 75 µs CPU per SET): it pays off only
-# with a core to spare.
 _STEP = """
 SELECT s.*, t.name AS tenant,
   (SELECT count(*) FROM (SELECT 1 FROM feed_sets f WHERE f.stream_id = s.id LIMIT $2) p)
@@ -275,18 +275,22 @@ class Producer:
             }
         joined: list[str] = []
         left: list[str] = []
-        out: list[Token] = []
+        # A catch-up's SETs are signed by the signer processes, a chunk at a time while the
+        # next ones are built; a live write's few here.
+        pooled = len(records) >= POOL_FROM and SIGNERS.workers > 0
+        signed: list[asyncio.Future[list[Token]]] = []
+        out: list[Unsigned] = []
         for transaction in transactions(records):
-            # Its keys again (a no-op when cached): the awaits of the transactions before may
-            # have let other readers evict them from the key cache (infra.keys).
-            await self.db.store.load_keys(conn, transaction)
-            decoded = [self.db.store.to_domain(r) for r in transaction]
+            decoded = await self._decoded(conn, transaction, view.full)
             method = method_of(decoded)
             changes = sets.changes_of(decoded)
             for change in changes:
                 if needs_resource(change, method, view):
                     change.data = await _resource_at(self.db, conn, change)
             out += emit(changes, method, txn_of(transaction), view, members, sign, joined, left)
+            if pooled and len(out) >= CHUNK:
+                signed.append(asyncio.ensure_future(sign.pooled(out)))
+                out = []
         if joined or left:
             await conn.execute(
                 "DELETE FROM feed_members WHERE stream_id = $1 AND member_id = any($2::uuid[])",
@@ -299,7 +303,27 @@ class Producer:
                 stream.id,
                 [m for m in joined if m not in left],
             )
-        return out
+        if not signed:
+            return sign.inline(out)
+        if out:
+            signed.append(asyncio.ensure_future(sign.pooled(out)))
+        return [token for chunk in await asyncio.gather(*signed) for token in chunk]
+
+    async def _decoded(
+        self, conn: Conn, transaction: Sequence[RecordedEvent], full: bool
+    ) -> list[Any]:
+        """A transaction's domain events: unsealed for a full-form stream, for a notice one
+        only those whose externalId it reports (build.shape_of: the others' names suffice)."""
+        store = self.db.store
+        sealed = transaction if full else [r for r in transaction if holds_values(r)]
+        if not sealed:
+            return [shape_of(r) for r in transaction]
+        # Their keys again (a no-op when cached): the awaits of the transactions before may
+        # have let other readers evict them from the key cache (infra.keys).
+        await store.load_keys(conn, sealed)
+        if full:
+            return [store.to_domain(r) for r in transaction]
+        return [store.to_domain(r) if holds_values(r) else shape_of(r) for r in transaction]
 
     async def _erased(self, conn: Conn, records: Sequence[RecordedEvent]) -> None:
         """Mark the subjects of these events erased whose erasure has committed (on any
