@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import click
+import orjson
 import psutil
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -148,9 +149,9 @@ def _consumer(url: str, token: str, stop: Any) -> None:
         headers = {"Authorization": f"Bearer {token}"}
         async with aiohttp.ClientSession() as session:
             while not stop.is_set():
-                body = {"ack": acks, "maxEvents": 1000, "returnImmediately": False}
-                async with session.post(url, json=body, headers=headers) as r:
-                    acks = list((await r.json())["sets"])
+                body = orjson.dumps({"ack": acks, "maxEvents": 1000, "returnImmediately": False})
+                async with session.post(url, data=body, headers=headers) as r:
+                    acks = list(orjson.loads(await r.read())["sets"])
 
     asyncio.run(go())
 

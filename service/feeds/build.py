@@ -27,6 +27,7 @@ from service.feeds import sets
 from service.feeds.keys import SigningKey
 from service.feeds.signing import SIGNERS
 
+clock = time.time  # `iat` (tests fix it)
 # (jti, kid, compact JWS, the subject whose personal values it carries)
 Token = tuple[str, str, str, uuid.UUID | None]
 # A SET before its signature: (jti, serialised claims, subject as in Token)
@@ -68,7 +69,7 @@ class Signer:
         self.key = key
         self.issuer = issuer
         self.audience = audience
-        self.iat = iat or int(time.time())
+        self.iat = iat or int(clock())
         # `feeds reset` starts a new epoch: a replay's SETs are new ones (streams.reset).
         self._stream = stream_id.bytes + epoch.to_bytes(4, "big")
         self._head = b'{"iss":%s,"iat":%d,"jti":"' % (orjson.dumps(issuer), self.iat)

@@ -80,7 +80,7 @@ def _workers() -> int:
 
 class SignerPool:
     """The signer processes, started at the first catch-up and kept; a broken pool (a
-    signer killed) is dropped and its chunk signed inline, the next catch-up starts a new one."""
+    signer killed) is dropped and its chunks signed inline, the next chunk starts a new one."""
 
     def __init__(self, workers: int | None = None) -> None:
         self.workers = _workers() if workers is None else workers
