@@ -50,6 +50,9 @@ async def _fill(db: Database, conn: asyncpg.Connection, tenant_id: uuid.UUID, n:
         users = [{"userName": f"u{i}@contoso.com"} for i in range(start, min(n, start + 1000))]
         made = [User.provision(uuid.uuid4(), tenant_id, u | {"displayName": "U"}) for u in users]
         await db.store.append(conn, tenant_id, [e for u in made for e in u.collect_events()])
+    # As a log that has been there a while: vacuumed and analysed (the autovacuum that a
+    # million fresh rows set off is not the catch-up's cost).
+    await conn.execute("VACUUM ANALYZE stored_events")
 
 
 class Meter:
@@ -193,7 +196,9 @@ async def polled_catch_up(dsn: str, n: int) -> tuple[float, int, float]:
             while delivered < n:
                 await asyncio.sleep(0.05)
                 delivered = await pool.fetchval(
-                    "SELECT delivered FROM feed_streams WHERE id = $1", stream_id
+                    "SELECT coalesce((SELECT delivered FROM feed_delivered"
+                    " WHERE stream_id = $1), 0)",
+                    stream_id,
                 )
             elapsed = time.perf_counter() - started
             parts = Meter.per_set(before, meter.sample(), n)

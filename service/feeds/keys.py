@@ -139,7 +139,9 @@ async def jwks(conn: Any, tenant_id: UUID | None = None) -> dict[str, Any]:
     rows = await conn.fetch(
         "SELECT k.kid, k.private_pem FROM feed_keys k"
         " WHERE ($1::uuid IS NULL OR k.tenant_id = $1)"
-        "   AND (k.retired_at IS NULL OR EXISTS (SELECT 1 FROM feed_sets s WHERE s.kid = k.kid))"
+        "   AND (k.retired_at IS NULL OR EXISTS (SELECT 1 FROM feed_streams t"
+        "     JOIN feed_sets s ON s.stream_id = t.id"
+        "     WHERE t.tenant_id = k.tenant_id AND s.kid = k.kid))"
         " ORDER BY k.created_at",
         tenant_id,
     )

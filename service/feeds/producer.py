@@ -115,6 +115,7 @@ class Producer:
         self.produced = 0
         self.held = 0  # steps that found their stream's outbox full
         self.woken = asyncio.Event()
+        self.freed = False  # woken by acknowledgements (FEED_CHANNEL), not by new commits
         # Set (and replaced) when a step has stored SETs: a waiting long poll of this
         # instance answers at once (poll.py), instead of at its next check.
         self.stored = asyncio.Event()
@@ -148,8 +149,12 @@ class Producer:
         def wake(*_: object) -> None:
             self.woken.set()
 
+        def freed(*_: object) -> None:
+            self.woken.set()
+            self.freed = True
+
         await conn.add_listener(NOTIFY_CHANNEL, wake)
-        await conn.add_listener(FEED_CHANNEL, wake)
+        await conn.add_listener(FEED_CHANNEL, freed)
         try:
             await self._steps(conn, stop)
         finally:
@@ -158,6 +163,7 @@ class Producer:
     async def _steps(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self.woken.clear()
+            self.freed = False
             busy = False
             ids = [
                 r[0]
@@ -177,7 +183,8 @@ class Producer:
             if busy:
                 continue
             await idle(conn, self.woken, stop, self.poll_interval)
-            if self.woken.is_set() and self.coalesce > 0:
+            # Room made by acknowledgements is filled at once: a held stream's consumer waits.
+            if self.woken.is_set() and not self.freed and self.coalesce > 0:
                 await asyncio.sleep(self.coalesce)
 
     async def step(self, conn: Conn, stream_id: uuid.UUID) -> int:
@@ -274,12 +281,12 @@ class Producer:
         issuer, audience = issuer_of(base), audience_of(base, stream.id)
         view = StreamView(stream.id, stream.full, stream.events, stream.scope_group)
         sign = Signer(key, issuer, audience, stream.id, epoch)
-        await self._erased(conn, records)
-        # The data keys of the events it will unseal, in one round trip (EventStore.load_keys;
-        # a notice stream's catch-up needs few or none: `_decoded`).
-        await self.db.store.load_keys(
-            conn, records if view.full else [r for r in records if holds_values(r)]
-        )
+        # The events whose values it reads (a notice stream: those with an externalId, the
+        # others' SETs carry none): their subjects' erasures, then their data keys, one round
+        # trip each (EventStore.load_keys).
+        valued = records if view.full else [r for r in records if holds_values(r)]
+        await self._erased(conn, valued)
+        await self.db.store.load_keys(conn, valued)
         members: set[str] | None = None
         if stream.scope_group is not None:
             members = {
@@ -381,6 +388,17 @@ def _young_objects_kept(catching_up: bool) -> Iterator[None]:
         yield
     finally:
         gc.enable()
+
+
+async def count_delivered(conn: Conn, stream_id: uuid.UUID, n: int) -> None:
+    """Count SETs delivered (acknowledged, accepted) in `feed_delivered`, not on the stream's
+    row, which a step holds while it builds and signs (migration 0025)."""
+    await conn.execute(
+        "INSERT INTO feed_delivered AS d (stream_id, delivered) VALUES ($1, $2)"
+        " ON CONFLICT (stream_id) DO UPDATE SET delivered = d.delivered + excluded.delivered",
+        stream_id,
+        n,
+    )
 
 
 async def read_log(source: Any, after: Position, limit: int) -> list[RecordedEvent]:
