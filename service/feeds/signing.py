@@ -19,6 +19,7 @@ import asyncio
 import binascii
 import multiprocessing
 import os
+import time
 from collections.abc import Sequence
 from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
 from typing import Any
@@ -34,6 +35,7 @@ log = structlog.get_logger("scimledger.feeds")
 # round trip to a signer would cost more than the signatures).
 POOL_FROM = 200
 CHUNK = 250  # SETs per task: the first chunk is signed while the next ones are built
+RETRY_AFTER = 60.0
 
 
 def _ecdsa() -> ec.ECDSA:
@@ -79,12 +81,14 @@ def _workers() -> int:
 
 
 class SignerPool:
-    """The signer processes, started at the first catch-up and kept; a broken pool (a
-    signer killed) is dropped and its chunks signed inline, the next chunk starts a new one."""
+    """The signer processes, started at the first catch-up and kept. A broken pool (a signer
+    killed, or one that could not start) is dropped and the producer signs alone for
+    `RETRY_AFTER` seconds, then a new pool is tried."""
 
     def __init__(self, workers: int | None = None) -> None:
         self.workers = _workers() if workers is None else workers
         self._pool: ProcessPoolExecutor | None = None
+        self._broken_at = -RETRY_AFTER  # monotonic time the pool last broke
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -94,14 +98,16 @@ class SignerPool:
 
     async def sign(self, kid: str, pem: str, header: bytes, payloads: list[bytes]) -> list[str]:
         """The tokens of these payloads, signed by a signer process (inline if none)."""
-        if self.workers == 0 or len(payloads) == 0:
+        if self.workers == 0 or not payloads or self._broken_at + RETRY_AFTER > time.monotonic():
             return self.inline(kid, pem, header, payloads)
         loop = asyncio.get_running_loop()
         try:
             executor = self._executor()
             return await loop.run_in_executor(executor, sign_chunk, kid, pem, header, payloads)
         except BrokenExecutor as e:
-            log.warning("feed signer lost, signing inline", error=f"{type(e).__name__}: {e}")
+            if self._pool is not None:  # once per broken pool, not once per chunk
+                log.warning("feed signer lost, signing inline", error=f"{type(e).__name__}: {e}")
+            self._broken_at = time.monotonic()
             self.close()
             return self.inline(kid, pem, header, payloads)
 
