@@ -130,14 +130,10 @@ async def _poll(request: web.Request) -> web.Response:
         # producer); another instance's are seen at the next check.
         stored = producer.stored if producer is not None else None
         rows = await pool.fetch(
-            "SELECT seq, jti, token FROM feed_sets WHERE stream_id = $1 AND seq >= $3"
-            " ORDER BY seq LIMIT $2",
+            "SELECT jti, token FROM feed_sets WHERE stream_id = $1 ORDER BY seq LIMIT $2",
             stream_id,
             max_events + 1,
-            _FLOORS.get(stream_id, 0),
         )
-        if rows:
-            _floor(stream_id, rows[0]["seq"])
         if rows or time.monotonic() >= deadline:
             break
         wait = min(FEED_SETTINGS.poll_check, max(0.0, deadline - time.monotonic()))
@@ -148,20 +144,6 @@ async def _poll(request: web.Request) -> web.Response:
                 await asyncio.wait_for(stored.wait(), wait)
     sets = {r["jti"]: r["token"] for r in rows[:max_events]}
     return _reply(sets, len(rows) > max_events)
-
-
-# Per stream, a seq no SET pending now or later is below: the first one a poll of this
-# process found. A stream's SETs are stored in seq order (its producer holds the stream's row)
-# and leave in any order, so the lowest pending seq only grows. A poll reads from there, not
-# over the index entries of the acknowledged SETs that vacuum has not yet removed (a
-# catch-up acknowledges thousands a second).
-_FLOORS: dict[uuid.UUID, int] = {}
-
-
-def _floor(stream_id: uuid.UUID, seq: int) -> None:
-    if len(_FLOORS) >= 10_000 and stream_id not in _FLOORS:
-        _FLOORS.clear()
-    _FLOORS[stream_id] = seq
 
 
 def _reply(sets: dict[str, str], more: bool) -> web.Response:
