@@ -1,9 +1,11 @@
 """Turning a transaction's domain events into one stream's signed SETs, without I/O.
 
-The producer (service/feeds/producer.py) decodes a batch of whole transactions (unsealing
-their personal values with the subjects' keys, which never leave the serving process) and
-hands them here; one core signs at most ~30,000 ES256 SETs a second, and decoding the events
-costs as much again. An erased subject's changes become notices: attribute names, never values.
+The producer (service/feeds/producer.py) decodes a batch of whole transactions (for a full
+stream unsealing their personal values with the subjects' keys, which never leave the serving
+process; for a notice stream only the externalIds, `shape_of`) and hands them here. `Signer`
+serialises each SET's claims; they are signed here (`inline`) or, in a catch-up, by the signer
+processes (`pooled`, service/feeds/signing.py): one core signs ~38,000 ES256 SETs a second.
+An erased subject's changes become notices: attribute names, never values.
 """
 
 from __future__ import annotations
