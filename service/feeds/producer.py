@@ -164,6 +164,7 @@ class Producer:
         while not stop.is_set():
             self.woken.clear()
             self.freed = False
+            held = self.held
             busy = False
             ids = [
                 r[0]
@@ -183,8 +184,9 @@ class Producer:
             if busy:
                 continue
             await idle(conn, self.woken, stop, self.poll_interval)
-            # Room made by acknowledgements is filled at once: a held stream's consumer waits.
-            if self.woken.is_set() and not self.freed and self.coalesce > 0:
+            # Room made by acknowledgements for a stream held full is filled at once (its
+            # consumer waits); other wake-ups wait for more commits.
+            if self.woken.is_set() and not (self.freed and self.held > held) and self.coalesce:
                 await asyncio.sleep(self.coalesce)
 
     async def step(self, conn: Conn, stream_id: uuid.UUID) -> int:
