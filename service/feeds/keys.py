@@ -7,19 +7,18 @@ what it is sent (`GET /.well-known/jwks.json`).
 
 from __future__ import annotations
 
-import base64
 import secrets
 from typing import Any
 from uuid import UUID
 
 import orjson
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from jwt.algorithms import ECAlgorithm
 
 from infra.eventstore import Conn
 from service.feeds.sealing import is_sealed, seal, unseal
+from service.feeds.signing import b64, compact
 
 ALGORITHM = "ES256"
 # RFC 8417 §2.3: explicit typing of SETs.
@@ -40,22 +39,14 @@ class SigningKey:
         self.private_pem = private_pem
         self.key: Any = serialization.load_pem_private_key(private_pem.encode(), password=None)
         header = orjson.dumps({"alg": ALGORITHM, "kid": kid, "typ": TYP})
-        self._header = _b64(header) + b"."
-        self._ecdsa = ec.ECDSA(hashes.SHA256())
+        self.header = b64(header) + b"."  # the encoded protected header and its dot
 
     def sign(self, claims: dict[str, Any]) -> str:
         return self.sign_json(orjson.dumps(claims))
 
     def sign_json(self, payload: bytes) -> str:
         """The compact JWS of a claims set already serialised (build.Signer's template)."""
-        signing_input = self._header + _b64(payload)
-        r, s = decode_dss_signature(self.key.sign(signing_input, self._ecdsa))
-        signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
-        return (signing_input + b"." + _b64(signature)).decode()
-
-
-def _b64(data: bytes) -> bytes:
-    return base64.urlsafe_b64encode(data).rstrip(b"=")
+        return compact(self.key, self.header, payload)
 
 
 def _new_pem() -> str:
@@ -148,7 +139,9 @@ async def jwks(conn: Any, tenant_id: UUID | None = None) -> dict[str, Any]:
     rows = await conn.fetch(
         "SELECT k.kid, k.private_pem FROM feed_keys k"
         " WHERE ($1::uuid IS NULL OR k.tenant_id = $1)"
-        "   AND (k.retired_at IS NULL OR EXISTS (SELECT 1 FROM feed_sets s WHERE s.kid = k.kid))"
+        "   AND (k.retired_at IS NULL OR EXISTS (SELECT 1 FROM feed_streams t"
+        "     JOIN feed_sets s ON s.stream_id = t.id"
+        "     WHERE t.tenant_id = k.tenant_id AND s.kid = k.kid))"
         " ORDER BY k.created_at",
         tenant_id,
     )

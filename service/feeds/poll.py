@@ -21,7 +21,7 @@ from aiohttp import web
 
 from service.feeds.config import FEED_SETTINGS
 from service.feeds.keys import jwks
-from service.feeds.producer import ASYNC_COMMIT, FEED_CHANNEL, PRODUCER
+from service.feeds.producer import ASYNC_COMMIT, FEED_CHANNEL, PRODUCER, count_delivered
 from service.state import DATABASE, PRINCIPAL
 
 log = structlog.get_logger("scimledger.feeds")
@@ -112,11 +112,7 @@ async def _poll(request: web.Request) -> web.Response:
                 FEED_CHANNEL,
             )
             if removed:
-                await conn.execute(
-                    "UPDATE feed_streams SET delivered = delivered + $2 WHERE id = $1",
-                    stream_id,
-                    removed,
-                )
+                await count_delivered(conn, stream_id, removed)
         for jti, err in list(errs.items())[:100]:
             log.warning(
                 "feed receiver reported a bad SET",

@@ -23,6 +23,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
+from infra import eventstore_sql as q
 from infra.database import Database
 from infra.eventstore import NOTIFY_CHANNEL, Conn, Position, RecordedEvent
 from infra.keys import PERSONAL_MODULES, is_erased
@@ -32,13 +33,17 @@ from service.feeds.build import (
     Signer,
     StreamView,
     Token,
+    Unsigned,
     emit,
+    holds_values,
     method_of,
     needs_resource,
+    shape_of,
     transactions,
     txn_of,
 )
 from service.feeds.keys import KeyRing
+from service.feeds.signing import CHUNK, POOL_FROM, SIGNERS
 from service.feeds.streams import Stream
 
 log = structlog.get_logger("scimledger.feeds")
@@ -58,16 +63,21 @@ FEEDS_LOCK_NAMESPACE = LOCK_NAMESPACE + 1
 # works), a delivery's removal (sent again, the same `jti`).
 # At-least-once and the order hold; nothing is skipped.
 ASYNC_COMMIT = "SET LOCAL synchronous_commit = off"
-# Worker processes that build and sign a catch-up's SETs (0: none, all in the producer).
-# Opt-in: on the 2 shared cores measured (bench.feeds, load 7-14) the pool was slower than
-# the producer alone (3,770 vs 4,467 SETs/s, 105 vs 75 µs CPU per SET): it pays off only
-# with a core to spare.
+# What is pending is counted (up to MAX_PENDING) only when the span of its seqs reaches
+# MAX_PENDING: the span, two probes of the index, bounds the count from above. Counting at
+# every step walked the pending rows (and the index entries of acknowledged ones not yet
+# vacuumed): a third of PostgreSQL's work per SET in a catch-up (bench.feeds).
 _STEP = """
 SELECT s.*, t.name AS tenant,
-  (SELECT count(*) FROM (SELECT 1 FROM feed_sets f WHERE f.stream_id = s.id LIMIT $2) p)
-    AS pending,
+  CASE WHEN w.span < $2 THEN w.span ELSE
+    (SELECT count(*) FROM (SELECT 1 FROM feed_sets f WHERE f.stream_id = s.id LIMIT $2) p)
+  END AS pending,
   (SELECT k.kid FROM feed_keys k WHERE k.tenant_id = s.tenant_id AND k.retired_at IS NULL) AS kid
-FROM feed_streams s JOIN tenants t ON t.id = s.tenant_id
+FROM feed_streams s JOIN tenants t ON t.id = s.tenant_id,
+LATERAL (SELECT coalesce(
+  (SELECT f.seq FROM feed_sets f WHERE f.stream_id = s.id ORDER BY f.seq DESC LIMIT 1)
+  - (SELECT f.seq FROM feed_sets f WHERE f.stream_id = s.id ORDER BY f.seq LIMIT 1) + 1, 0
+) AS span) w
 WHERE s.id = $1 AND s.paused_at IS NULL
 FOR UPDATE OF s
 """
@@ -105,6 +115,7 @@ class Producer:
         self.produced = 0
         self.held = 0  # steps that found their stream's outbox full
         self.woken = asyncio.Event()
+        self.freed = False  # woken by acknowledgements (FEED_CHANNEL), not by new commits
         # Set (and replaced) when a step has stored SETs: a waiting long poll of this
         # instance answers at once (poll.py), instead of at its next check.
         self.stored = asyncio.Event()
@@ -138,8 +149,12 @@ class Producer:
         def wake(*_: object) -> None:
             self.woken.set()
 
+        def freed(*_: object) -> None:
+            self.woken.set()
+            self.freed = True
+
         await conn.add_listener(NOTIFY_CHANNEL, wake)
-        await conn.add_listener(FEED_CHANNEL, wake)
+        await conn.add_listener(FEED_CHANNEL, freed)
         try:
             await self._steps(conn, stop)
         finally:
@@ -148,6 +163,8 @@ class Producer:
     async def _steps(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self.woken.clear()
+            self.freed = False
+            held = self.held
             busy = False
             ids = [
                 r[0]
@@ -167,7 +184,9 @@ class Producer:
             if busy:
                 continue
             await idle(conn, self.woken, stop, self.poll_interval)
-            if self.woken.is_set() and self.coalesce > 0:
+            # Room made by acknowledgements for a stream held full is filled at once (its
+            # consumer waits); other wake-ups wait for more commits.
+            if self.woken.is_set() and not (self.freed and self.held > held) and self.coalesce:
                 await asyncio.sleep(self.coalesce)
 
     async def step(self, conn: Conn, stream_id: uuid.UUID) -> int:
@@ -231,7 +250,7 @@ class Producer:
                     return await task
             else:
                 _drop(task)
-        return await self.db.store.read_all(position, self.batch_size, conn=conn)
+        return await read_log(conn, position, self.batch_size)
 
     def _read_ahead(self, stream_id: uuid.UUID, position: Position) -> None:
         """Read the batch after `position` on another connection of the pool while this step
@@ -241,7 +260,7 @@ class Producer:
             _drop(old[1])
         if len(self._ahead) >= MAX_READ_AHEAD:  # each holds a connection of the pool
             return
-        task = asyncio.ensure_future(self.db.store.read_all(position, self.batch_size))
+        task = asyncio.ensure_future(read_log(self.db.pool, position, self.batch_size))
         self._ahead[stream_id] = (position, task)
 
     def forget_reads(self) -> None:
@@ -264,7 +283,12 @@ class Producer:
         issuer, audience = issuer_of(base), audience_of(base, stream.id)
         view = StreamView(stream.id, stream.full, stream.events, stream.scope_group)
         sign = Signer(key, issuer, audience, stream.id, epoch)
-        await self._erased(conn, records)
+        # The events whose values it reads (a notice stream: those with an externalId, the
+        # others' SETs carry none): their subjects' erasures, then their data keys, one round
+        # trip each (EventStore.load_keys).
+        valued = records if view.full else [r for r in records if holds_values(r)]
+        await self._erased(conn, valued)
+        await self.db.store.load_keys(conn, valued)
         members: set[str] | None = None
         if stream.scope_group is not None:
             members = {
@@ -275,18 +299,22 @@ class Producer:
             }
         joined: list[str] = []
         left: list[str] = []
-        out: list[Token] = []
+        # A catch-up's SETs are signed by the signer processes, a chunk at a time while the
+        # next ones are built; a live write's few here.
+        pooled = len(records) >= POOL_FROM and SIGNERS.workers > 0
+        signed: list[asyncio.Future[list[Token]]] = []
+        out: list[Unsigned] = []
         for transaction in transactions(records):
-            # Its keys again (a no-op when cached): the awaits of the transactions before may
-            # have let other readers evict them from the key cache (infra.keys).
-            await self.db.store.load_keys(conn, transaction)
-            decoded = [self.db.store.to_domain(r) for r in transaction]
+            decoded = await self._decoded(conn, transaction, view.full)
             method = method_of(decoded)
             changes = sets.changes_of(decoded)
             for change in changes:
                 if needs_resource(change, method, view):
                     change.data = await _resource_at(self.db, conn, change)
             out += emit(changes, method, txn_of(transaction), view, members, sign, joined, left)
+            if pooled and len(out) >= CHUNK:
+                signed.append(asyncio.ensure_future(sign.pooled(out)))
+                out = []
         if joined or left:
             await conn.execute(
                 "DELETE FROM feed_members WHERE stream_id = $1 AND member_id = any($2::uuid[])",
@@ -299,7 +327,27 @@ class Producer:
                 stream.id,
                 [m for m in joined if m not in left],
             )
-        return out
+        if not signed:
+            return sign.inline(out)
+        if out:
+            signed.append(asyncio.ensure_future(sign.pooled(out)))
+        return [token for chunk in await asyncio.gather(*signed) for token in chunk]
+
+    async def _decoded(
+        self, conn: Conn, transaction: Sequence[RecordedEvent], full: bool
+    ) -> list[Any]:
+        """A transaction's domain events: unsealed for a full-form stream, for a notice one
+        only those whose externalId it reports (build.shape_of: the others' names suffice)."""
+        store = self.db.store
+        sealed = transaction if full else [r for r in transaction if holds_values(r)]
+        if not sealed:
+            return [shape_of(r) for r in transaction]
+        # Their keys again (a no-op when cached): the awaits of the transactions before may
+        # have let other readers evict them from the key cache (infra.keys).
+        await store.load_keys(conn, sealed)
+        if full:
+            return [store.to_domain(r) for r in transaction]
+        return [store.to_domain(r) if holds_values(r) else shape_of(r) for r in transaction]
 
     async def _erased(self, conn: Conn, records: Sequence[RecordedEvent]) -> None:
         """Mark the subjects of these events erased whose erasure has committed (on any
@@ -342,6 +390,27 @@ def _young_objects_kept(catching_up: bool) -> Iterator[None]:
         yield
     finally:
         gc.enable()
+
+
+async def count_delivered(conn: Conn, stream_id: uuid.UUID, n: int) -> None:
+    """Count SETs delivered (acknowledged, accepted) in `feed_delivered`, not on the stream's
+    row, which a step holds while it builds and signs (migration 0025)."""
+    await conn.execute(
+        "INSERT INTO feed_delivered AS d (stream_id, delivered) VALUES ($1, $2)"
+        " ON CONFLICT (stream_id) DO UPDATE SET delivered = d.delivered + excluded.delivered",
+        stream_id,
+        n,
+    )
+
+
+async def read_log(source: Any, after: Position, limit: int) -> list[RecordedEvent]:
+    """EventStore.read_all (whole transactions, commit-safe order) without its loading of
+    every personal event's data key: the producer loads the keys of what it unseals."""
+    rows = list(await source.fetch(q.READ_ALL, after[0], after[1], limit))
+    if len(rows) == limit:
+        last = rows[-1]
+        rows += await source.fetch(q.REST_OF_TRANSACTION, last[8], last[4])
+    return [RecordedEvent(*r) for r in rows]
 
 
 def _drop(task: asyncio.Future[Any]) -> None:

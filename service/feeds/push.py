@@ -27,7 +27,7 @@ from domain.request import ProvisioningRequest
 from infra.database import Database
 from projections.runner import _wait
 from service.feeds.config import FEED_SETTINGS
-from service.feeds.producer import ASYNC_COMMIT
+from service.feeds.producer import ASYNC_COMMIT, count_delivered
 from service.feeds.targets import PinnedResolver, TargetRefused, check_resolved
 
 log = structlog.get_logger("scimledger.feeds")
@@ -269,9 +269,5 @@ class Pusher:
                 stream_id,
                 seqs,
             )
-            await conn.execute(
-                "UPDATE feed_streams SET delivered = delivered + $2 WHERE id = $1",
-                stream_id,
-                removed,
-            )
+            await count_delivered(conn, stream_id, removed)
         DELIVERED.labels("push").inc(len(seqs))

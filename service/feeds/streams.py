@@ -23,7 +23,9 @@ from service.feeds.targets import check_endpoint
 COLUMNS = (
     "s.id, s.tenant_id, t.name AS tenant, s.name, s.delivery, s.endpoint, s.events,"
     " s.full_data, s.scope_group, s.token_id, s.paused_at, s.checkpoint_transaction,"
-    " s.checkpoint_position, s.produced, s.delivered, s.failing_since, s.last_error,"
+    " s.checkpoint_position, s.produced, s.delivered + coalesce((SELECT d.delivered"
+    " FROM feed_delivered d WHERE d.stream_id = s.id), 0) AS delivered,"
+    " s.failing_since, s.last_error,"
     " s.created_at, (SELECT count(*) FROM feed_sets f WHERE f.stream_id = s.id) AS pending"
 )
 

@@ -11,6 +11,7 @@ from aiohttp import web
 from service.feeds import poll
 from service.feeds.producer import PRODUCER, Producer
 from service.feeds.push import Pusher
+from service.feeds.signing import SIGNERS
 from service.state import DATABASE, SETTINGS
 
 
@@ -41,6 +42,7 @@ async def _feeds_ctx(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    SIGNERS.close()  # the signer processes end with the producer (a new one starts its own)
 
 
 def setup(app: web.Application, *, background: bool) -> None:
