@@ -14,7 +14,6 @@ import uuid
 from typing import Any
 
 import aiohttp
-import asyncpg
 import click
 import orjson
 import psutil
@@ -36,7 +35,7 @@ from bench.table import Ctx, Row
 from domain.user import User
 from infra.config import Settings
 from infra.database import Database, create_pool
-from infra.eventstore import EventStore
+from infra.eventstore import Conn, EventStore
 from infra.tenants import create_tenant
 from service.app import create_app
 from service.feeds import streams
@@ -44,7 +43,7 @@ from service.feeds.config import FEED_SETTINGS
 from service.feeds.producer import FEED_CHANNEL, PRODUCER, Producer
 
 
-async def _fill(db: Database, conn: asyncpg.Connection, tenant_id: uuid.UUID, n: int) -> None:
+async def _fill(db: Database, conn: Conn, tenant_id: uuid.UUID, n: int) -> None:
     """n UserProvisioned events, 1000 to a transaction, sealed as the service stores them."""
     for start in range(0, n, 1000):
         users = [{"userName": f"u{i}@contoso.com"} for i in range(start, min(n, start + 1000))]
@@ -95,7 +94,7 @@ def _breakdown(parts: dict[str, float]) -> str:
 
 
 async def _stream(
-    conn: asyncpg.Connection,
+    conn: Conn,
     tenant: str,
     name: str,
     endpoint: str | None,
