@@ -47,8 +47,7 @@ class ProvisioningRequest(Aggregate):
         """`request`: method, path, status, initiatedBy, client, targetType, targetId,
         clientRequestId (the client's X-Request-Id, if any), durationMs. `error` (failures
         only): status, scimType, detail."""
-        if outcome not in OUTCOMES:
-            raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}")
+        _check(outcome)
         return cls(
             id=request_id,
             tenant_id=tenant_id,
@@ -68,8 +67,7 @@ class ProvisioningRequest(Aggregate):
     ) -> Aggregate.Event:
         """The one event of `record(...)`, made as the library makes it, without the
         aggregate nothing reads (a request's record is written, never loaded, by its writer)."""
-        if outcome not in OUTCOMES:
-            raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}")
+        _check(outcome)
         event_class: Any = cls.RequestRecorded  # type: ignore[attr-defined]
         recorded: Aggregate.Event = event_class(
             originator_topic=_TOPIC,
@@ -85,3 +83,8 @@ class ProvisioningRequest(Aggregate):
 
 
 _TOPIC = get_topic(ProvisioningRequest)
+
+
+def _check(outcome: str) -> None:
+    if outcome not in OUTCOMES:
+        raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}")
