@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -37,6 +38,7 @@ from infra.config import Settings
 from infra.database import Database, create_pool
 from infra.eventstore import Conn, EventStore
 from infra.tenants import create_tenant
+from service import bulk
 from service.app import create_app
 from service.feeds import streams
 from service.feeds.config import FEED_SETTINGS
@@ -280,7 +282,9 @@ def _poller(url: str, token: str, stop: Any) -> None:
 async def with_streams(dsn: str, requests: int, rounds: int) -> tuple[float, float]:
     """POST /Users per second with the two streams paused and active, rounds alternating. The
     receiver and the poll consumer run in processes of their own (as they would elsewhere);
-    the app, its producer and pusher, and the load client share this one."""
+    the app is `serve`'s: this process is its front (sharing it with the load client), and
+    a bulk process (service/bulk.py) runs what `serve` gives it (the runners; the feeds'
+    producer and pusher where the code puts them)."""
     os.environ["SCIMLEDGER_FEED_ALLOW_PRIVATE"] = "1"
     pool = await create_pool(dsn, min_size=2, max_size=20)
     db = Database(dsn=dsn, pool=pool, store=EventStore(pool), embedded=None)
@@ -295,7 +299,14 @@ async def with_streams(dsn: str, requests: int, rounds: int) -> tuple[float, flo
     two: list[float] = []  # and active
     try:
         port = await asyncio.to_thread(ports.get, True, 60)
-        async with TestServer(create_app(settings, db), host="127.0.0.1") as server:
+        app = create_app(settings, db, role="process")
+
+        async def bulk_ctx(app: web.Application) -> AsyncIterator[None]:
+            async with bulk.serving_bulk(app, dsn, None):
+                yield
+
+        app.cleanup_ctx.append(bulk_ctx)
+        async with TestServer(app, host="127.0.0.1") as server:
             async with pool.acquire() as conn:
                 issued = await create_tenant(conn, f"writes-{uuid.uuid4().hex[:6]}")
                 polled = await _stream(conn, issued.tenant, "poll", None)

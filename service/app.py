@@ -86,7 +86,10 @@ def create_app(
     groups.add_routes(app)
     audit_api.add_routes(app)
     audit_web.add_routes(app)
-    feeds.setup(app, background=settings.run_projections and not settings.bulk_peer)
+    # The feeds' background work (producer, push delivery, signer processes) runs where the
+    # runners do: in `serve`'s bulk process when there is one (at its lower CPU priority, so
+    # POSTs on the front are not slowed by it); polls are served where they arrive.
+    feeds.setup(app, background=settings.run_projections and not _has_bulk(settings, role))
     if settings.metrics:
         metrics.add_routes(app)
     paths.add_routes(app)  # last: other spellings of the routes above

@@ -15,7 +15,8 @@ the per-token caps, the one log line per request (with `process: bulk`), the pro
 log entry (with the client's address, which the front forwards). If it is down, the front
 answers 503 with Retry-After and `serve` starts another.
 
-It also runs the asynchronous projections' runners (the front runs none): folding the events
+It also runs the asynchronous projections' runners and the feeds' producer, push delivery and
+signer processes (the front runs none of them; it serves the feeds' polls): folding the events
 of a 2 MiB request takes tens of milliseconds of CPU in one piece, which on the front would
 stall every tenant's requests. It, and its PostgreSQL backends, run behind everyone else for
 the CPU (`behind_everyone`).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +16,9 @@ import psutil
 from projections.registry import PROJECTIONS
 from projections.runner import LOCK_NAMESPACE
 from service.bulk import BULK_NICENESS
+from service.feeds import streams
+from service.feeds.producer import FEEDS_LOCK_NAMESPACE as FEEDS
+from service.feeds.sets import CREATE
 from tests.test_cli import SCIMLEDGER, _stop, _token, free_port
 from tests.test_entra_users import entra_user
 from tests.test_runner import eventually
@@ -83,6 +87,13 @@ async def _posted(http: aiohttp.ClientSession, port: int) -> dict[str, int]:
     return counts
 
 
+# Whether the feeds' producer leads from the process of this application_name (and none other).
+_FEEDS_LEADER = """
+    SELECT array_agg(a.application_name) = ARRAY[$2] FROM pg_locks l
+    JOIN pg_stat_activity a ON a.pid = l.pid
+    WHERE l.locktype = 'advisory' AND l.granted AND l.classid = $1"""
+
+
 async def _behind_everyone(db: asyncpg.Connection, front: int, bulk: psutil.Process) -> None:
     """The asynchronous projections' runners lead from the bulk process, not the front; the
     bulk process runs in a session (an autogroup) of its own, and it and its PostgreSQL
@@ -98,6 +109,8 @@ async def _behind_everyone(db: asyncpg.Connection, front: int, bulk: psutil.Proc
 
     await eventually(runners_lead)
     assert {r[0] for r in await db.fetch(leaders, LOCK_NAMESPACE)} == {f"scimledger:{bulk.pid}"}
+    # So does the feeds' producer (and its pusher): their CPU is not the front's.
+    await eventually(lambda: _count(db, _FEEDS_LEADER, FEEDS, f"scimledger:{bulk.pid}"))
     # Both POSTs are in the provisioning log: the runners fold what either process wrote.
     await eventually(lambda: _count(db, "SELECT count(*) >= 2 FROM audit_entries"))
     assert os.getsid(bulk.pid) == bulk.pid != os.getsid(front)
@@ -114,8 +127,39 @@ async def _behind_everyone(db: asyncpg.Connection, front: int, bulk: psutil.Proc
     assert niceness == {(f"scimledger:{bulk.pid}", BULK_NICENESS), (f"scimledger:{front}", 0)}
 
 
-async def _count(db: asyncpg.Connection, sql: str) -> bool:
-    return bool(await db.fetchval(sql))
+async def _count(db: asyncpg.Connection, sql: str, *args: object) -> bool:
+    return bool(await db.fetchval(sql, *args))
+
+
+async def _polled(
+    http: aiohttp.ClientSession, base: str, headers: dict[str, str], db: asyncpg.Connection
+) -> None:
+    """A poll stream served by the front while the bulk process produces its SETs: a write
+    after the stream's creation reaches a waiting long poll (the producer is woken through
+    PostgreSQL; the front's long poll sees the stored SETs at its next check)."""
+    made = await streams.create(
+        db, tenant="default", name="polled", endpoint=None,
+        events=streams.parse_events(None), full=False, scope_group=None,
+    )  # fmt: skip
+    url = base.removesuffix("/scim/v2") + f"/events/{made['id']}"
+    feed = {"Authorization": f"Bearer {made['token']}"}
+    async with http.post(url, json={"returnImmediately": True}, headers=feed) as r:
+        assert r.status == 200 and (await r.json())["sets"] == {}
+
+    async def write() -> None:
+        await asyncio.sleep(0.5)  # the poll below is waiting by then
+        raw = orjson.dumps(entra_user("followed@contoso.com"))
+        async with http.post(f"{base}/Users", data=raw, headers=headers) as r:
+            assert r.status == 201, await r.text()
+
+    writing = asyncio.create_task(write())
+    async with http.post(url, json={}, headers=feed) as r:  # a long poll
+        assert r.status == 200
+        tokens = list((await r.json())["sets"].values())
+    await writing
+    assert len(tokens) == 1
+    payload = orjson.loads(base64.urlsafe_b64decode(tokens[0].split(".")[1] + "=="))
+    assert list(payload["events"]) == [f"{CREATE}:notice"]
 
 
 async def test_large_bodies_are_served_by_the_bulk_process(fresh_dsn: str) -> None:
@@ -199,8 +243,12 @@ async def test_large_bodies_are_served_by_the_bulk_process(fresh_dsn: str) -> No
             assert statuses <= {201, 503}
             [replaced] = bulk_of(proc.pid)
             assert replaced.pid != bulk.pid
+            # The feeds' producer leads from the new bulk process; a poll on the front gets
+            # what it produces.
+            await eventually(lambda: _count(db, _FEEDS_LEADER, FEEDS, f"scimledger:{replaced.pid}"))
+            await _polled(http, base, headers, db)
         users = await db.fetchval("SELECT count(*) FROM scim_users")
-        assert users == 4  # small, large, chunked, and the first one answered again
+        assert users == 5  # small, large, chunked, the first one answered again, followed
     finally:
         await db.close()
         everything = psutil.Process(proc.pid).children(recursive=True)

@@ -127,7 +127,8 @@ async def _poll(request: web.Request) -> web.Response:
     producer = request.app.get(PRODUCER)
     while True:
         # Taken before the read: SETs stored after it set this event (this instance's
-        # producer); another instance's are seen at the next check.
+        # producer); another instance's, or under `serve` the bulk process's (wiring.py), are
+        # seen at the next check.
         stored = producer.stored if producer is not None else None
         rows = await pool.fetch(
             "SELECT jti, token FROM feed_sets WHERE stream_id = $1 ORDER BY seq LIMIT $2",

@@ -1,5 +1,11 @@
 """The feeds in the application: routes, and the producer and push deliverer as background
-tasks (started with the projection runners; one instance leads, the others stand by)."""
+tasks (started with the projection runners; one instance leads, the others stand by).
+
+Under `serve` they run where the runners do, in its bulk process (service/bulk.py, at a lower
+CPU priority); the front serves the polls. Every wake-up between them goes through
+PostgreSQL: commits wake the producer (the event store's NOTIFY), an acknowledgement that frees
+room wakes it (FEED_CHANNEL, poll.py), and a waiting long poll on the front finds the SETs the
+bulk process stored at its next check (`FeedSettings.poll_check`)."""
 
 from __future__ import annotations
 
