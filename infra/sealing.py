@@ -254,13 +254,22 @@ class SealingMapper(Mapper[UUID]):
                 originator_id,
                 stored_event.originator_version,
             )
-        event_state["originator_id"] = originator_id
-        event_state["originator_version"] = stored_event.originator_version
-        class_version = getattr(cls, "class_version", 1)
-        from_version = event_state.pop("class_version", 1)
-        while from_version < class_version:
-            getattr(cls, f"upcast_v{from_version}_v{from_version + 1}")(event_state)
-            from_version += 1
-        domain_event = object.__new__(cls)
-        object.__setattr__(domain_event, "__dict__", event_state)
-        return domain_event  # type: ignore[no-any-return]
+        event: DomainEventProtocol[UUID] = made(
+            cls, event_state, originator_id, stored_event.originator_version
+        )
+        return event
+
+
+def made(cls: type, state: dict[str, Any], originator_id: UUID, version: int) -> Any:
+    """The domain event of class `cls` from its decoded `state`, upcast to the class's version,
+    made as the library's mapper makes it (no __init__)."""
+    state["originator_id"] = originator_id
+    state["originator_version"] = version
+    class_version = getattr(cls, "class_version", 1)
+    from_version = state.pop("class_version", 1)
+    while from_version < class_version:
+        getattr(cls, f"upcast_v{from_version}_v{from_version + 1}")(state)
+        from_version += 1
+    event: Any = object.__new__(cls)
+    object.__setattr__(event, "__dict__", state)
+    return event

@@ -23,7 +23,7 @@ from eventsourcing.utils import resolve_topic
 from domain.request import ProvisioningRequest
 from infra.eventstore import RecordedEvent
 from infra.keys import is_erased
-from infra.sealing import PLACEHOLDER, SEALED, SEALED_DISPLAYS
+from infra.sealing import PLACEHOLDER, SEALED, SEALED_DISPLAYS, made
 from service.feeds import sets
 from service.feeds.keys import SigningKey
 from service.feeds.signing import SIGNERS
@@ -153,16 +153,7 @@ def shape_of(record: RecordedEvent) -> Any:
     state: dict[str, Any] = orjson.loads(record.state)
     state.pop(SEALED, None)
     state.pop(SEALED_DISPLAYS, None)  # members' displays: not in a notice
-    state["originator_id"] = record.originator_id
-    state["originator_version"] = record.originator_version
-    class_version = getattr(cls, "class_version", 1)
-    from_version = state.pop("class_version", 1)
-    while from_version < class_version:
-        getattr(cls, f"upcast_v{from_version}_v{from_version + 1}")(state)
-        from_version += 1
-    event = object.__new__(cls)
-    object.__setattr__(event, "__dict__", state)
-    return event
+    return made(cls, state, record.originator_id, record.originator_version)
 
 
 def transactions(records: Sequence[RecordedEvent]) -> list[list[RecordedEvent]]:
