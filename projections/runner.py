@@ -121,7 +121,11 @@ class Runner:
         async with conn.transaction():
             position = await state.checkpoint(conn, self.projection.name, lock=True)
             store = self.db.store
-            batch = await store.read_all(position, self.batch_size, conn=conn, heads=True)
+            # The states are read with the heads unless this process keeps events it wrote
+            # (RecentEvents): a bulk process's runners see mostly the front's events, and
+            # reading heads, then states, would be two queries for one batch.
+            heads = not self.projection.decodes or len(store.recent) > 0
+            batch = await store.read_all(position, self.batch_size, conn=conn, heads=heads)
             if not batch:
                 return 0
             events = await store.decode(conn, batch) if self.projection.decodes else []
