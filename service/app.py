@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Literal, cast
+from typing import Literal
 
 import structlog
 from aiohttp import web
@@ -36,6 +36,8 @@ from service.streams import REQUEST_SLOTS, STREAM_SLOTS, TokenSlots
 # `serve --workers N`, whose parent did both and applied the migrations.
 Role = Literal["app", "process", "worker"]
 _ROLE = web.AppKey("role", str)
+# Whether this process runs the followers (projection runners, the feeds' background work).
+_FOLLOWERS = web.AppKey("followers", bool)
 
 
 def create_app(
@@ -66,6 +68,7 @@ def create_app(
     app.on_response_prepare.append(stamp_request_id)
     app[SETTINGS] = settings
     app[_ROLE] = role
+    app[_FOLLOWERS] = followers = settings.run_projections and not _has_bulk(settings, role)
     app[REQUEST_SLOTS] = TokenSlots(settings.max_concurrent_per_token, "requests")
     app[STREAM_SLOTS] = TokenSlots(settings.max_streams_per_token, "streamed replies")
     app[AUTHENTICATOR] = Authenticator(lambda: app[DATABASE].pool)
@@ -77,7 +80,7 @@ def create_app(
     if role == "worker" and settings.bulk_socket is not None:
         app.cleanup_ctx.append(bulk.bulk_client_ctx)  # the parent's bulk process
     app.cleanup_ctx.append(_pending_outcomes_ctx)  # unwound before the database closes
-    if settings.run_projections and not _has_bulk(settings, role):
+    if followers:
         app.cleanup_ctx.append(_projection_runners_ctx)
     app[discovery.ENABLED_RESOURCES] = ("User", "Group")
     health.add_routes(app)
@@ -89,7 +92,7 @@ def create_app(
     # The feeds' background work (producer, push delivery, signer processes) runs where the
     # runners do: in `serve`'s bulk process when there is one (at its lower CPU priority, so
     # POSTs on the front are not slowed by it); polls are served where they arrive.
-    feeds.setup(app, background=settings.run_projections and not _has_bulk(settings, role))
+    feeds.setup(app, background=followers)
     if settings.metrics:
         metrics.add_routes(app)
     paths.add_routes(app)  # last: other spellings of the routes above
@@ -110,8 +113,7 @@ def _wire(app: web.Application, database: Database) -> None:
     database and the SCIM layer's documents (what a PATCH does to a user or a group)."""
     app[DATABASE] = database
     app[HANDLERS] = Handlers(database, ScimDocuments())
-    settings = app[SETTINGS]
-    if not settings.run_projections or _has_bulk(settings, cast(Role, app[_ROLE])):
+    if not app[_FOLLOWERS]:
         database.store.recent.cap = 0  # the runners are elsewhere: keep no events for them
 
 
