@@ -14,6 +14,7 @@ from typing import Any
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate, event
+from eventsourcing.utils import get_topic
 
 from domain.errors import AlreadyDeprovisioned, InvalidValue
 from domain.schema import (
@@ -85,7 +86,27 @@ class User(Aggregate):
         )
         _check_manager(attributes, user_id)
         user_name = attributes.pop(USER_NAME)
-        return cls(id=user_id, tenant_id=tenant_id, user_name=user_name, attributes=attributes)
+        # What `cls(id=…, …)` does, without the library's generic path (binding the arguments
+        # to __init__'s signature, resolving the topic back to this class, filtering the
+        # event's fields twice): half of this method's cost on every POST /Users. The same
+        # event (class, fields, timestamp) and the same aggregate as the @event body makes.
+        made: Any = cls.UserProvisioned  # type: ignore[attr-defined]  # made by @event
+        provisioned = made(
+            originator_topic=get_topic(cls),
+            originator_id=user_id,
+            originator_version=cls.INITIAL_VERSION,
+            timestamp=made.create_timestamp(),
+            tenant_id=tenant_id,
+            user_name=user_name,
+            attributes=attributes,
+        )
+        user = object.__new__(cls)
+        user.__base_init__(user_id, cls.INITIAL_VERSION, provisioned.timestamp)
+        user.tenant_id = tenant_id
+        user.deprovisioned = False
+        user._state = {USER_NAME: user_name, **_copy(attributes)}
+        user.pending_events.append(provisioned)
+        return user
 
     @classmethod
     def from_state(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime
@@ -85,7 +86,8 @@ class EventStore:
             return []
         new_keys = await self.keys.prepare(conn, tenant_id, events)
         stored = [self.mapper.to_stored_event(e) for e in events]
-        return await self._insert(conn, q.INSERT, stored, tenant_id, request_id, new_keys)
+        sql = q.INSERT_FIRST if _all_first(stored) else q.INSERT
+        return await self._insert(conn, sql, stored, tenant_id, request_id, new_keys)
 
     async def append_stored(
         self,
@@ -96,7 +98,8 @@ class EventStore:
     ) -> list[RecordedEvent]:
         if not stored:
             return []
-        return await self._insert(conn, q.INSERT, stored, tenant_id, request_id, [])
+        sql = q.INSERT_FIRST if _all_first(stored) else q.INSERT
+        return await self._insert(conn, sql, stored, tenant_id, request_id, [])
 
     async def append_with(
         self,
@@ -118,7 +121,7 @@ class EventStore:
             raise ValueError("append_with needs at least one event")
         new_keys = await self.keys.prepare(conn, tenant_id, events)
         stored = [self.mapper.to_stored_event(e) for e in events]
-        sql = q.APPEND_WITH.format(ctes=q.APPEND_CTES, insert=q.APPEND_INSERT, statement=statement)
+        sql = _append_with(statement, first=_all_first(stored))
         return await self._insert(conn, sql, stored, tenant_id, request_id, new_keys, *args)
 
     async def _insert(
@@ -398,6 +401,18 @@ class EventStore:
                 await listener.close()
             else:
                 await self.pool.release(listener)
+
+
+def _all_first(stored: Sequence[StoredEvent]) -> bool:
+    """Only first events (new streams): the append needs no order or erasure check."""
+    return all(s.originator_version == 1 for s in stored)
+
+
+@functools.lru_cache(maxsize=16)
+def _append_with(statement: str, *, first: bool) -> str:
+    if first:
+        return q.APPEND_WITH.format(ctes=q.FIRST_CTES, insert=q.FIRST_INSERT, statement=statement)
+    return q.APPEND_WITH.format(ctes=q.APPEND_CTES, insert=q.APPEND_INSERT, statement=statement)
 
 
 def _late_stream(stored: Sequence[StoredEvent], error: asyncpg.PostgresError) -> UUID:

@@ -53,7 +53,7 @@ SELECT * FROM unnest({n[0]}::uuid[], {n[1]}::uuid[], {n[2]}::text[], {n[3]}::tex
 {_ON_CONFLICT}"""
 
 
-def _upsert_one(table: str, first: int) -> str:
+def _upsert_one(table: str, first: int, on_conflict: str = _ON_CONFLICT) -> str:
     """The upsert of one row given as 11 values, numbered $first to $first+10 (no arrays to
     build and encode: the common write changes one user)."""
     n = [f"${first + i}" for i in range(11)]
@@ -61,20 +61,23 @@ def _upsert_one(table: str, first: int) -> str:
 INSERT INTO {table} ({COLUMNS})
 VALUES ({n[0]}::uuid, {n[1]}::uuid, {n[2]}::text, {n[3]}::text, {n[4]}::bool, {n[5]}::text,
         {n[6]}::uuid, {n[7]}::jsonb, {n[8]}::bigint, {n[9]}::timestamptz, {n[10]}::timestamptz)
-{_ON_CONFLICT}"""
+{on_conflict}"""
 
 
 # The upserts that ride on the append of the users' events, in one statement (one round trip,
 # one transaction): their parameters come after the append's (EventStore.append_with).
 APPEND_UPSERT = _upsert(USERS, first=APPEND_PARAMETERS + 1)
 APPEND_UPSERT_ONE = _upsert_one(USERS, first=APPEND_PARAMETERS + 1)
+# A user just provisioned (version 1: POST /Users) has no row yet: a plain INSERT, without the
+# speculative insertion ON CONFLICT makes (~0.015 ms of PostgreSQL per POST).
+APPEND_INSERT_NEW = _upsert_one(USERS, first=APPEND_PARAMETERS + 1, on_conflict="")
 
 
 def append_upsert(users: Sequence[User]) -> tuple[str, list[Any]]:
     """The upsert of these users' rows for EventStore.append_with, and its arguments."""
     rows = [row_of(u) for u in users]
     if len(rows) == 1:
-        return APPEND_UPSERT_ONE, list(rows[0])
+        return APPEND_INSERT_NEW if users[0].version == 1 else APPEND_UPSERT_ONE, list(rows[0])
     return APPEND_UPSERT, [list(column) for column in zip(*rows, strict=True)]
 
 

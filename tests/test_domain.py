@@ -106,6 +106,27 @@ def test_provision_records_one_event_with_the_whole_normalised_state() -> None:
     assert list(user.state) == sorted(user.state)
 
 
+def test_provision_makes_what_the_library_makes_from_the_event_body() -> None:
+    """`provision` builds the event and the aggregate itself (the hot path of POST /Users):
+    the same stored bytes and the same aggregate as the library's `User(...)`, and its event
+    replays to the same user."""
+    user_id = uuid4()
+    ours = provision(user_id=user_id)
+    attributes = User.normalise(ENTRA_POST)
+    user_name = attributes.pop("userName")
+    theirs = User(id=user_id, tenant_id=TENANT, user_name=user_name, attributes=attributes)
+    (ours_event,), (their_event,) = ours.pending_events, theirs.pending_events
+    # The same moment for both, then nothing may differ.
+    object.__setattr__(their_event, "timestamp", ours_event.timestamp)
+    theirs._created_on = theirs._modified_on = ours_event.timestamp
+    assert mapper().to_stored_event(ours_event) == mapper().to_stored_event(their_event)
+    assert vars(ours) == vars(theirs)
+    assert vars(replay([ours_event])) == {**vars(theirs), "_pending_events": []}
+    # The aggregate's state is its own, not the event's.
+    ours._state["emails"][0]["value"] = "changed"
+    assert ours_event.attributes["emails"][0]["value"] == "Test_User@contoso.com"
+
+
 @pytest.mark.parametrize("state", [{"userName": "a"}, {"userName": "a", "active": None}])
 def test_provision_without_active_is_active(state: dict[str, Any]) -> None:
     # The SP's documented default for a new user; only updates can leave `active` unassigned.
