@@ -13,9 +13,10 @@ from infra.config import Settings
 from infra.database import Database, open_database
 from infra.supervisor import supervised
 from infra.tenants import Authenticator, IssuedToken, create_tenant
-from service import audit_api, audit_web, bulk, discovery, health, metrics
+from service import audit_api, audit_web, bulk, discovery, health, limits_cost, metrics
 from service.feeds import wiring as feeds
 from service.handlers import Handlers
+from service.limits_cost import HEAVY_TOKENS, HeavyTokens
 from service.middlewares import (
     bearer_auth,
     concurrency_limit,
@@ -50,8 +51,11 @@ def create_app(
     # First of all: on `serve`, a large body leaves for the bulk process before anything reads
     # it; on the bulk process, the client's address is the one the front relayed.
     first: list[bulk.Middleware] = []
-    if role != "app" and settings.bulk_body_bytes > 0:
-        first.append(bulk.forward_large(settings.bulk_body_bytes))
+    heavy = HeavyTokens()
+    front = role != "app" and settings.bulk_body_bytes > 0
+    metering = front and settings.bulk_token_cpu > 0
+    if front:
+        first.append(bulk.forward_large(settings.bulk_body_bytes, heavy))
     elif settings.bulk_peer:
         first.append(bulk.trust_front)
     chain: list[bulk.Middleware] = [
@@ -61,12 +65,14 @@ def create_app(
         record_outcomes,
         scim_errors,
         bearer_auth,
+        *([limits_cost.metered(heavy, settings.bulk_token_cpu)] if metering else []),
         *([limit] if limit else []),
         concurrency_limit,
     ]
     app = web.Application(middlewares=chain, client_max_size=settings.max_body_bytes)
     app.on_response_prepare.append(stamp_request_id)
     app[SETTINGS] = settings
+    app[HEAVY_TOKENS] = heavy
     app[_ROLE] = role
     app[_FOLLOWERS] = followers = settings.run_projections and not _has_bulk(settings, role)
     app[REQUEST_SLOTS] = TokenSlots(settings.max_concurrent_per_token, "requests")
@@ -79,6 +85,8 @@ def create_app(
         app.cleanup_ctx.append(_database_ctx)
     if role == "worker" and settings.bulk_socket is not None:
         app.cleanup_ctx.append(bulk.bulk_client_ctx)  # the parent's bulk process
+    if metering:  # first: before anything starts a worker thread
+        app.cleanup_ctx.insert(0, limits_cost.metered_executor_ctx)
     app.cleanup_ctx.append(_pending_outcomes_ctx)  # unwound before the database closes
     if followers:
         app.cleanup_ctx.append(_projection_runners_ctx)

@@ -49,6 +49,7 @@ from infra import logging as logsetup
 from infra.config import Settings
 from infra.supervisor import SupervisorStatus
 from service.errors import ScimError
+from service.limits_cost import HeavyTokens
 from service.metrics import observe_request
 
 log = structlog.get_logger("scimledger.bulk")
@@ -140,12 +141,15 @@ async def serving_bulk(
             await watching
 
 
-def forward_large(threshold: int) -> Middleware:
-    """The front's first middleware: large bodies go to the bulk process."""
+def forward_large(threshold: int, heavy: HeavyTokens) -> Middleware:
+    """The front's first middleware: large bodies go to the bulk process, and so do the
+    bodies of a token whose requests cost the front much CPU (service/limits_cost.py)."""
 
     @web.middleware
     async def forward(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if BULK_CLIENT not in request.app or not goes_to_bulk(request, threshold):
+        if BULK_CLIENT not in request.app or not (
+            goes_to_bulk(request, threshold) or (goes_to_bulk(request, 0) and heavy.holds(request))
+        ):
             return await handler(request)
         return await _relay(request)
 
