@@ -25,12 +25,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
+import structlog
 from aiohttp import web
 
 from infra.tenants import digest
 from service.state import PRINCIPAL, Handler
 
 T = TypeVar("T")
+log = structlog.get_logger("scimledger.limits")
 
 # How long a token stays marked.
 HEAVY_FOR = 60.0
@@ -77,12 +79,14 @@ class HeavyTokens:
         self.limit = limit
         self._until: OrderedDict[bytes, float] = OrderedDict()
 
-    def mark(self, key: bytes, now: float | None = None) -> None:
+    def mark(self, key: bytes, now: float | None = None) -> bool:
+        """Mark the token (again) from `now`; whether it was not marked before."""
         now = time.monotonic() if now is None else now
-        self._until.pop(key, None)
+        until = self._until.pop(key, None)
         self._until[key] = now + self.seconds
         if len(self._until) > self.limit:
             self._until.popitem(last=False)
+        return until is None or until <= now
 
     def holds(self, request: web.Request, now: float | None = None) -> bool:
         """Whether the request's bearer token is marked (no hashing while none is)."""
@@ -128,8 +132,13 @@ def metered(heavy: HeavyTokens, most: float) -> Any:
             _SPENT.reset(reset)
             if spent.seconds > most:
                 key = _key(request)
-                if key is not None:
-                    heavy.mark(key)
+                if key is not None and heavy.mark(key):
+                    log.info(
+                        "token served by the bulk process",
+                        tenant=request[PRINCIPAL].tenant_name,
+                        cpu_ms=round(spent.seconds * 1000, 1),
+                        minutes=round(heavy.seconds / 60, 1),
+                    )
 
     return meter
 

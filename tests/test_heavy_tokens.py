@@ -57,7 +57,8 @@ def _request(token: str | None) -> aiohttp.web.Request:
 def test_a_mark_lasts_its_time_and_the_table_keeps_the_newest() -> None:
     heavy = HeavyTokens(seconds=60, limit=2)
     assert not heavy.holds(_request("a"))
-    heavy.mark(limits_cost.digest("a"), now=0.0)
+    assert heavy.mark(limits_cost.digest("a"), now=0.0)  # newly marked
+    assert not heavy.mark(limits_cost.digest("a"), now=0.0)  # marked again: not news
     assert heavy.holds(_request("a"), now=59.0)
     assert not heavy.holds(_request("b"), now=59.0) and not heavy.holds(_request(None), now=59.0)
     assert not heavy.holds(_request("a"), now=60.0) and len(heavy) == 0  # expired, dropped
@@ -141,3 +142,5 @@ async def test_a_token_that_costs_the_front_cpu_is_served_by_the_bulk_process(
         # body goes to the bulk process. A GET, and another tenant's requests, stay.
         expected |= {"costly": "front", "next": "bulk"}
     assert where == expected
+    marked = [line for line in lines if line["event"] == "token served by the bulk process"]
+    assert [(m["tenant"], m["cpu_ms"] > 1) for m in marked] == [("default", True)] * costly
