@@ -16,7 +16,7 @@ from infra.tenants import Authenticator, IssuedToken, create_tenant
 from service import audit_api, audit_web, bulk, discovery, health, limits_cost, metrics
 from service.feeds import wiring as feeds
 from service.handlers import Handlers
-from service.limits_cost import HEAVY_TOKENS, HeavyTokens
+from service.limits_cost import HeavyTokens
 from service.middlewares import (
     bearer_auth,
     concurrency_limit,
@@ -72,7 +72,6 @@ def create_app(
     app = web.Application(middlewares=chain, client_max_size=settings.max_body_bytes)
     app.on_response_prepare.append(stamp_request_id)
     app[SETTINGS] = settings
-    app[HEAVY_TOKENS] = heavy
     app[_ROLE] = role
     app[_FOLLOWERS] = followers = settings.run_projections and not _has_bulk(settings, role)
     app[REQUEST_SLOTS] = TokenSlots(settings.max_concurrent_per_token, "requests")

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from infra.tenants import digest
 from service.state import PRINCIPAL, Handler
@@ -113,10 +114,7 @@ def _key(request: web.Request) -> bytes | None:
     return digest(token) if scheme.lower() == "bearer" and token else None
 
 
-HEAVY_TOKENS = web.AppKey("heavy_tokens", HeavyTokens)
-
-
-def metered(heavy: HeavyTokens, most: float) -> Any:
+def metered(heavy: HeavyTokens, most: float) -> Middleware:
     """The middleware (after bearer_auth) that meters each authenticated request's worker-
     thread CPU and marks its token in `heavy` when it took more than `most` seconds."""
 
