@@ -13,7 +13,7 @@ from infra.config import Settings
 from infra.database import Database, open_database
 from infra.supervisor import supervised
 from infra.tenants import Authenticator, IssuedToken, create_tenant
-from service import audit_api, audit_web, bulk, discovery, health, limits_cost, metrics
+from service import audit_api, audit_web, bulk, discovery, health, limits_cost, limits_cpu, metrics
 from service.feeds import wiring as feeds
 from service.handlers import Handlers
 from service.limits_cost import HeavyTokens
@@ -57,7 +57,7 @@ def create_app(
     if front:
         first.append(bulk.forward_large(settings.bulk_body_bytes, heavy))
     elif settings.bulk_peer:
-        first.append(bulk.trust_front)
+        first += [bulk.trust_front, limits_cpu.serving]
     chain: list[bulk.Middleware] = [
         *first,
         paths.canonical_spelling,  # the middlewares after it see canonical paths
@@ -73,6 +73,8 @@ def create_app(
     app.on_response_prepare.append(stamp_request_id)
     app[SETTINGS] = settings
     app[_ROLE] = role
+    if settings.bulk_peer:
+        app[limits_cpu.SERVING_PRIORITY] = limits_cpu.ServingPriority()
     app[_FOLLOWERS] = followers = settings.run_projections and not _has_bulk(settings, role)
     app[REQUEST_SLOTS] = TokenSlots(settings.max_concurrent_per_token, "requests")
     app[STREAM_SLOTS] = TokenSlots(settings.max_streams_per_token, "streamed replies")
