@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -157,6 +158,8 @@ SHAPES: list[Shape] = [
           lambda t: _patch([_op("add" if i % 2 else "remove", "members", _members(t, 40))
                             for i in R])),
 ]  # fmt: skip
+if os.environ.get("BENCH_COST_SHAPES"):  # e.g. "7,13": those shapes only, to see one's effect
+    SHAPES = [SHAPES[int(i)] for i in os.environ["BENCH_COST_SHAPES"].split(",")]
 
 
 @dataclass
@@ -187,9 +190,8 @@ async def _targets(hostile: Client) -> Targets:
     if status != 201:
         raise RuntimeError(f"seeding the user of 1000 emails: {status} {raw[:200]!r}")
     t.full_user = orjson.loads(raw)["id"]
-    for i in range(3):
-        status, raw = await hostile.send("POST", "/Users", _user(f"member{i}@contoso.com"))
-        t.members.append(orjson.loads(raw)["id"])
+    sent = [await hostile.send("POST", "/Users", _user(f"member{i}@contoso.com")) for i in range(3)]
+    t.members = [orjson.loads(raw)["id"] for _, raw in sent]
     status, raw = await hostile.send("POST", "/Groups", orjson.dumps({"displayName": "Target"}))
     t.group = orjson.loads(raw)["id"]
     return t
@@ -254,8 +256,7 @@ async def _victim(origin: str, token: str, user: str, seconds: float) -> list[fl
     out, _ = await proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"the other tenant's GETs failed ({proc.returncode})")
-    samples: list[float] = orjson.loads(out)
-    return samples
+    return list(orjson.loads(out))
 
 
 async def cost(ctx: Ctx) -> None:
@@ -317,8 +318,7 @@ HOG = "while True: pass"
 @contextlib.contextmanager
 def _hog() -> Iterator[None]:
     """A plain CPU-bound program beside the server, at the default priority."""
-    argv = [sys.executable, "-c", HOG]
-    proc = subprocess.Popen(argv, start_new_session=True, **CHILD)
+    proc = subprocess.Popen([sys.executable, "-c", HOG], start_new_session=True, **CHILD)
     try:
         yield
     finally:

@@ -121,6 +121,12 @@ class Settings:
     bulk_body_bytes: int = field(
         default_factory=lambda: _int_env("SCIMLEDGER_BULK_BODY_BYTES", 64 * 1024)
     )
+    # Seconds of worker-thread CPU one request may cost the front process before its token's
+    # requests with a body go to the bulk process too, for a minute (service/limits_cost.py);
+    # 0 = by body size only.
+    bulk_token_cpu: float = field(
+        default_factory=lambda: _float_env("SCIMLEDGER_BULK_TOKEN_CPU", 0.01)
+    )
     # Set by `serve` on the front processes: the bulk process's Unix socket. On the bulk
     # process itself: `bulk_peer` (it trusts the client address the front forwards).
     bulk_socket: str | None = None

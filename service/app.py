@@ -13,9 +13,10 @@ from infra.config import Settings
 from infra.database import Database, open_database
 from infra.supervisor import supervised
 from infra.tenants import Authenticator, IssuedToken, create_tenant
-from service import audit_api, audit_web, bulk, discovery, health, metrics
+from service import audit_api, audit_web, bulk, discovery, health, limits_cost, limits_cpu, metrics
 from service.feeds import wiring as feeds
 from service.handlers import Handlers
+from service.limits_cost import HeavyTokens
 from service.middlewares import (
     bearer_auth,
     concurrency_limit,
@@ -50,10 +51,13 @@ def create_app(
     # First of all: on `serve`, a large body leaves for the bulk process before anything reads
     # it; on the bulk process, the client's address is the one the front relayed.
     first: list[bulk.Middleware] = []
-    if role != "app" and settings.bulk_body_bytes > 0:
-        first.append(bulk.forward_large(settings.bulk_body_bytes))
+    heavy = HeavyTokens()
+    front = role != "app" and settings.bulk_body_bytes > 0
+    metering = front and settings.bulk_token_cpu > 0
+    if front:
+        first.append(bulk.forward_large(settings.bulk_body_bytes, heavy))
     elif settings.bulk_peer:
-        first.append(bulk.trust_front)
+        first += [bulk.trust_front, limits_cpu.serving]
     chain: list[bulk.Middleware] = [
         *first,
         paths.canonical_spelling,  # the middlewares after it see canonical paths
@@ -61,6 +65,7 @@ def create_app(
         record_outcomes,
         scim_errors,
         bearer_auth,
+        *([limits_cost.metered(heavy, settings.bulk_token_cpu)] if metering else []),
         *([limit] if limit else []),
         concurrency_limit,
     ]
@@ -68,6 +73,8 @@ def create_app(
     app.on_response_prepare.append(stamp_request_id)
     app[SETTINGS] = settings
     app[_ROLE] = role
+    if settings.bulk_peer:
+        app[limits_cpu.SERVING_PRIORITY] = limits_cpu.ServingPriority()
     app[_FOLLOWERS] = followers = settings.run_projections and not _has_bulk(settings, role)
     app[REQUEST_SLOTS] = TokenSlots(settings.max_concurrent_per_token, "requests")
     app[STREAM_SLOTS] = TokenSlots(settings.max_streams_per_token, "streamed replies")
@@ -79,6 +86,8 @@ def create_app(
         app.cleanup_ctx.append(_database_ctx)
     if role == "worker" and settings.bulk_socket is not None:
         app.cleanup_ctx.append(bulk.bulk_client_ctx)  # the parent's bulk process
+    if metering:  # first: before anything starts a worker thread
+        app.cleanup_ctx.insert(0, limits_cost.metered_executor_ctx)
     app.cleanup_ctx.append(_pending_outcomes_ctx)  # unwound before the database closes
     if followers:
         app.cleanup_ctx.append(_projection_runners_ctx)

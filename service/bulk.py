@@ -19,7 +19,7 @@ It also runs the asynchronous projections' runners and the feeds' producer, push
 signer processes (the front runs none of them; it serves the feeds' polls): folding the events
 of a 2 MiB request takes tens of milliseconds of CPU in one piece, which on the front would
 stall every tenant's requests. It, and its PostgreSQL backends, run behind everyone else for
-the CPU (`behind_everyone`).
+the CPU (service/limits_cpu.py).
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ from queue import Empty
 from typing import Any
 
 import aiohttp
-import asyncpg
-import psutil
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware as _Middleware
@@ -49,6 +47,8 @@ from infra import logging as logsetup
 from infra.config import Settings
 from infra.supervisor import SupervisorStatus
 from service.errors import ScimError
+from service.limits_cost import HeavyTokens
+from service.limits_cpu import behind_everyone
 from service.metrics import observe_request
 
 log = structlog.get_logger("scimledger.bulk")
@@ -79,7 +79,6 @@ _HOP = frozenset(
 )
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 RETRY_AFTER_SECONDS = 1
-BULK_NICENESS = 10
 # Connections to the bulk process at once; the bulk process's own per-token caps answer 429
 # well before a single token could queue this many.
 MAX_FORWARDS = 64
@@ -140,12 +139,15 @@ async def serving_bulk(
             await watching
 
 
-def forward_large(threshold: int) -> Middleware:
-    """The front's first middleware: large bodies go to the bulk process."""
+def forward_large(threshold: int, heavy: HeavyTokens) -> Middleware:
+    """The front's first middleware: large bodies go to the bulk process, and so do the
+    bodies of a token whose requests cost the front much CPU (service/limits_cost.py)."""
 
     @web.middleware
     async def forward(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if BULK_CLIENT not in request.app or not goes_to_bulk(request, threshold):
+        if BULK_CLIENT not in request.app or not (
+            goes_to_bulk(request, threshold) or (goes_to_bulk(request, 0) and heavy.holds(request))
+        ):
             return await handler(request)
         return await _relay(request)
 
@@ -348,37 +350,6 @@ def _forget_metrics(proc: BaseProcess) -> None:
     from service.workers import _forget_metrics as forget
 
     forget(proc)
-
-
-def behind_everyone() -> None:
-    """This process, and the PostgreSQL backends it opens, yield the CPU to everyone else's.
-
-    Niceness alone does not do it on Linux: with autogroup (the default of desktop and server
-    kernels alike) each session is scheduled as one entity, and a nice value only orders the
-    processes within it. So the bulk process leaves `serve`'s session for one of its own and
-    lowers that group's weight (/proc/self/autogroup; where autogroup is off, its own niceness is
-    what counts); and its backends, which share PostgreSQL's session with the backends of every
-    other request, get the same niceness where PostgreSQL runs on this machine."""
-    with contextlib.suppress(OSError):
-        os.setsid()
-    with contextlib.suppress(OSError):
-        Path("/proc/self/autogroup").write_text(str(BULK_NICENESS))
-    with contextlib.suppress(OSError):
-        os.nice(BULK_NICENESS)
-    from infra.database import on_connect
-
-    on_connect(_renice_backend)
-
-
-async def _renice_backend(conn: asyncpg.Connection) -> None:
-    # Over TCP to another machine the pid is that machine's: only a local server's.
-    address = await conn.fetchval("SELECT inet_server_addr()")
-    if address is not None and not address.is_loopback:
-        return
-    pid = conn.get_server_pid()
-    with contextlib.suppress(psutil.Error, OSError):
-        if psutil.Process(pid).name() == "postgres":
-            os.setpriority(os.PRIO_PROCESS, pid, BULK_NICENESS)
 
 
 def _bulk_main(
