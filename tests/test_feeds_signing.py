@@ -133,7 +133,8 @@ async def test_a_notice_stream_reads_sealed_events_as_unsealing_them_would(
         shaped: list[tuple[Any, ...]] = []
         unsealed: list[tuple[Any, ...]] = []
         for transaction in build.transactions(records):
-            notice = await made._decoded(conn, transaction, False)
+            valued = {id(r) for r in transaction if build.holds_values(r)}
+            notice = await made._decoded(conn, transaction, valued)
             full = [database.store.to_domain(r) for r in transaction]
             shaped += [_notice_view(c) for c in sets.changes_of(notice)]
             unsealed += [_notice_view(c) for c in sets.changes_of(full)]

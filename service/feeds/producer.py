@@ -269,6 +269,7 @@ class Producer:
         # others' SETs carry none): their subjects' erasures, then their data keys, one round
         # trip each (EventStore.load_keys).
         valued = records if view.full else [r for r in records if holds_values(r)]
+        unsealed = None if view.full else {id(r) for r in valued}  # None: all of them
         await self._erased(conn, valued)
         await self.db.store.load_keys(conn, valued)
         members: set[str] | None = None
@@ -287,7 +288,7 @@ class Producer:
         signed: list[asyncio.Future[list[Token]]] = []
         out: list[Unsigned] = []
         for transaction in transactions(records):
-            decoded = await self._decoded(conn, transaction, view.full)
+            decoded = await self._decoded(conn, transaction, unsealed)
             method = method_of(decoded)
             changes = sets.changes_of(decoded)
             for change in changes:
@@ -316,20 +317,20 @@ class Producer:
         return [token for chunk in await asyncio.gather(*signed) for token in chunk]
 
     async def _decoded(
-        self, conn: Conn, transaction: Sequence[RecordedEvent], full: bool
+        self, conn: Conn, transaction: Sequence[RecordedEvent], unsealed: set[int] | None
     ) -> list[Any]:
-        """A transaction's domain events: unsealed for a full-form stream, for a notice one
-        only those whose externalId it reports (build.shape_of: the others' names suffice)."""
+        """A transaction's domain events: unsealed for a full-form stream (`unsealed` None), for
+        a notice one those in `unsealed` (build.holds_values; build.shape_of for the others)."""
         store = self.db.store
-        sealed = transaction if full else [r for r in transaction if holds_values(r)]
+        sealed = transaction if unsealed is None else [r for r in transaction if id(r) in unsealed]
         if not sealed:
             return [shape_of(r) for r in transaction]
         # Their keys again (a no-op when cached): the awaits of the transactions before may
         # have let other readers evict them from the key cache (infra.keys).
         await store.load_keys(conn, sealed)
-        if full:
+        if unsealed is None:
             return [store.to_domain(r) for r in transaction]
-        return [store.to_domain(r) if holds_values(r) else shape_of(r) for r in transaction]
+        return [store.to_domain(r) if id(r) in unsealed else shape_of(r) for r in transaction]
 
     async def _erased(self, conn: Conn, records: Sequence[RecordedEvent]) -> None:
         """Mark the subjects of these events erased whose erasure has committed (on any

@@ -281,20 +281,42 @@ def created_names(change: Change) -> list[str]:
     building the document (tests/test_feeds_perf.py checks the two agree)."""
     first: Any = change.history[0] if len(change.history) == 1 else None
     if change.data is None and type(first).__name__ == "UserProvisioned":
-        state = {USER_NAME: first.user_name, **first.attributes}
-        names = ["id"]
-        # The set attributes of `user_document`'s order, by a walk of the (few) set ones.
-        names += sorted(
-            (a for a, v in state.items() if v is not None and a in _CREATED_ORDER),
-            key=_CREATED_ORDER.__getitem__,
+        # The names depend only on the attributes' names, which are unset (None), the
+        # enterprise ones' names and whether a manager is set: a catch-up's users share a
+        # few such shapes, each named once.
+        attributes = first.attributes
+        shape = (
+            first.user_name is None,
+            tuple(attributes),
+            tuple(a for a, v in attributes.items() if v is None),
+            tuple(attributes.get(ENTERPRISE) or ()),
+            not attributes.get(MANAGER),
         )
-        extension = dict.fromkeys(state.get(ENTERPRISE) or {})
-        if state.get(MANAGER):
-            extension[MANAGER] = None
-        names += [f"{ENTERPRISE_SCHEMA}:{sub}" for sub in extension]
-        names += [key for key in state if is_extension_urn(key)]
-        return names
+        names = _NAMED.get(shape)
+        if names is None:
+            if len(_NAMED) >= 1024:
+                _NAMED.clear()
+            names = _NAMED[shape] = _created_names({USER_NAME: first.user_name, **attributes})
+        return list(names)
     return create_attributes(resource(change) or {})
+
+
+def _created_names(state: Mapping[str, Any]) -> list[str]:
+    """The set attributes of `user_document`'s order, by a walk of the (few) set ones."""
+    names = ["id"]
+    names += sorted(
+        (a for a, v in state.items() if v is not None and a in _CREATED_ORDER),
+        key=_CREATED_ORDER.__getitem__,
+    )
+    extension = dict.fromkeys(state.get(ENTERPRISE) or {})
+    if state.get(MANAGER):
+        extension[MANAGER] = None
+    names += [f"{ENTERPRISE_SCHEMA}:{sub}" for sub in extension]
+    names += [key for key in state if is_extension_urn(key)]
+    return names
+
+
+_NAMED: dict[tuple[Any, ...], list[str]] = {}
 
 
 def create_attributes(data: Mapping[str, Any]) -> list[str]:
