@@ -224,3 +224,25 @@ async def test_an_acknowledgement_wakes_the_producer_of_a_full_outbox(
     assert r.status == 200
     (token,) = (await r.json())["sets"].values()
     assert claims_of(token)["sub_id"]["uri"].startswith("/Users/")
+
+
+async def test_deleting_a_stream_deletes_its_pending_sets(
+    client: Client, database: Database, tenant: IssuedToken, auth: dict[str, str]
+) -> None:
+    """feed_sets has no foreign key to its stream (migration 0028): the deletion does it."""
+    async with database.pool.acquire() as conn:
+        for name in ("gone", "kept"):
+            await streams.create(
+                conn, tenant="acme", name=name, endpoint=None, events=streams.parse_events(None),
+                full=False, scope_group=None,
+            )  # fmt: skip
+    await create_user(client, auth, user_name="ada@example.com")
+    pending = "SELECT count(*) FROM feed_sets f JOIN feed_streams s ON s.id = f.stream_id"
+    deadline = time.monotonic() + DEADLINE
+    while await database.pool.fetchval(pending) < 2:
+        assert time.monotonic() < deadline, "the producer did not produce"
+        await asyncio.sleep(0.05)
+    async with database.pool.acquire() as conn:
+        await streams.delete(conn, "acme", "gone")
+    assert await database.pool.fetchval("SELECT count(*) FROM feed_sets") == 1
+    assert await database.pool.fetchval(pending) == 1
