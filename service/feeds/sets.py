@@ -135,6 +135,15 @@ def _set_or_remove(path: str, value: Any) -> dict[str, Any]:
     return {"op": "replace", "path": path, "value": value}
 
 
+def _resource_type(event: Any) -> str | None:
+    if isinstance(event, User.Event):
+        return "User"
+    return "Group" if isinstance(event, Group.Event) else None
+
+
+_RESOURCE_TYPES: dict[type, str | None] = {}
+
+
 def changes_of(events: Iterable[Any]) -> list[Change]:
     """One Change per resource, in the order the request first touched each, from its decoded
     domain events (a whole transaction; other aggregates' events are skipped)."""
@@ -142,11 +151,10 @@ def changes_of(events: Iterable[Any]) -> list[Change]:
     for event in events:
         kind = type(event).__name__
         fields: Any = event  # event classes made by @event have no static fields
-        if isinstance(event, User.Event):
-            resource_type = "User"
-        elif isinstance(event, Group.Event):
-            resource_type = "Group"
-        else:
+        resource_type = _RESOURCE_TYPES.get(type(event), "")
+        if resource_type == "":  # once per event class: the aggregates' Event classes are ABCs
+            resource_type = _RESOURCE_TYPES[type(event)] = _resource_type(event)
+        if resource_type is None:
             continue
         change = changes.get(event.originator_id)
         if change is None:
