@@ -135,6 +135,22 @@ def test_create_notice_names_from_state_agree_with_the_document() -> None:
     fast = sets.created_names(change)
     assert fast == sets.create_attributes(sets.user_data(uid, events[0].mutate(None).state_view))
     assert fast[0] == "id" and sets.ENTERPRISE_SCHEMA + ":department" in fast
+    # Named once per shape (sets._NAMED): users of one shape and of others, named again from
+    # the cache, still agree with their documents.
+    variants = [
+        state,
+        {**state, "userName": "other", "title": "Clerk", "manager": str(uuid.uuid4())},
+        {k: v for k, v in state.items() if k not in ("manager", "title")},
+        {**state, "enterprise": {"costCenter": "9"}},
+        {"userName": "plain"},
+        {"userName": "plain2", "displayName": "P"},
+    ]
+    for variant in variants * 2:
+        uid = uuid.uuid4()
+        events = list(User.provision(uid, uuid.uuid4(), variant).collect_events())
+        (change,) = sets.changes_of(events)
+        document = sets.user_data(uid, events[0].mutate(None).state_view)
+        assert sets.created_names(change) == sets.create_attributes(document), variant
 
 
 async def test_signing_keys_are_sealed_at_rest(

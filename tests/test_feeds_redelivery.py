@@ -224,3 +224,46 @@ async def test_an_acknowledgement_wakes_the_producer_of_a_full_outbox(
     assert r.status == 200
     (token,) = (await r.json())["sets"].values()
     assert claims_of(token)["sub_id"]["uri"].startswith("/Users/")
+
+
+async def test_deleting_a_stream_deletes_its_pending_sets(
+    client: Client, database: Database, tenant: IssuedToken, auth: dict[str, str]
+) -> None:
+    """feed_sets has no foreign key to its stream (migration 0028): the deletion does it."""
+    async with database.pool.acquire() as conn:
+        for name in ("gone", "kept"):
+            await streams.create(
+                conn, tenant="acme", name=name, endpoint=None, events=streams.parse_events(None),
+                full=False, scope_group=None,
+            )  # fmt: skip
+    await create_user(client, auth, user_name="ada@example.com")
+    pending = "SELECT count(*) FROM feed_sets f JOIN feed_streams s ON s.id = f.stream_id"
+    deadline = time.monotonic() + DEADLINE
+    while await database.pool.fetchval(pending) < 2:
+        assert time.monotonic() < deadline, "the producer did not produce"
+        await asyncio.sleep(0.05)
+    async with database.pool.acquire() as conn:
+        await streams.delete(conn, "acme", "gone")
+    assert await database.pool.fetchval("SELECT count(*) FROM feed_sets") == 1
+    assert await database.pool.fetchval(pending) == 1
+
+
+async def test_acknowledgements_remove_exactly_the_sets_they_name(
+    client: Client, database: Database, tenant: IssuedToken, auth: dict[str, str]
+) -> None:
+    """The oldest pending SETs acknowledged go by their range (poll._acknowledge); any other
+    acknowledgement (out of order, a part, twice, unknown) removes exactly what it names."""
+    async with database.pool.acquire() as conn:
+        stream = await streams.create(
+            conn, tenant="acme", name="acks", endpoint=None, events=streams.parse_events(None),
+            full=False, scope_group=None,
+        )  # fmt: skip
+    for name in ("a", "b", "c", "d", "e"):
+        await create_user(client, auth, user_name=f"{name}@example.com")
+    a, b, c, d, e = list(await _until(client, stream, 5))
+    assert list(await _poll(client, stream, [b, "unknown"])) == [a, c, d, e]
+    assert list(await _poll(client, stream, [a, c])) == [d, e]  # the oldest: by range
+    assert list(await _poll(client, stream, [a, e])) == [d]  # `a` twice, `e` not the oldest
+    assert list(await _poll(client, stream, [d])) == []
+    delivered = "SELECT delivered FROM feed_delivered WHERE stream_id = $1"
+    assert await database.pool.fetchval(delivered, uuid.UUID(stream["id"])) == 5

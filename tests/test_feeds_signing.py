@@ -133,7 +133,8 @@ async def test_a_notice_stream_reads_sealed_events_as_unsealing_them_would(
         shaped: list[tuple[Any, ...]] = []
         unsealed: list[tuple[Any, ...]] = []
         for transaction in build.transactions(records):
-            notice = await made._decoded(conn, transaction, False)
+            valued = {id(r) for r in transaction if build.holds_values(r)}
+            notice = await made._decoded(conn, transaction, valued)
             full = [database.store.to_domain(r) for r in transaction]
             shaped += [_notice_view(c) for c in sets.changes_of(notice)]
             unsealed += [_notice_view(c) for c in sets.changes_of(full)]
@@ -143,3 +144,19 @@ async def test_a_notice_stream_reads_sealed_events_as_unsealing_them_would(
     assert any(view[7] == "kim-2" for view in shaped)  # an externalId, unsealed for sub_id
     # Most events a notice stream reads stay sealed: only those with an externalId are opened.
     assert sum(build.holds_values(r) for r in records) < len(records) / 2
+
+
+def test_the_raw_signature_is_the_der_one_re_encoded() -> None:
+    """signing.raw_signature (a slice of the DER) gives what decoding the DER gives, also for
+    an R or S shorter than 32 bytes (its leading byte zero) and one with a sign byte."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    lengths: set[int] = set()
+    for i in range(3000):
+        der = key.sign(b"m%d" % i, signing._ECDSA)
+        r, s = decode_dss_signature(der)
+        assert signing.raw_signature(der) == r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        lengths.add(der[3])
+    assert {31, 32, 33} <= lengths  # short, plain and signed R were all met

@@ -199,7 +199,7 @@ def emit(
     group's members, for a scoped stream) is updated, and who joined or left is recorded."""
     out: list[Unsigned] = []
     for change in changes:
-        rid = str(change.resource_id)
+        rid = str(change.resource_id) if members is not None else ""
         entering: list[str] = []
         leaving: list[str] = []
         if members is not None:

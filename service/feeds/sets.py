@@ -135,6 +135,15 @@ def _set_or_remove(path: str, value: Any) -> dict[str, Any]:
     return {"op": "replace", "path": path, "value": value}
 
 
+def _resource_type(event: Any) -> str | None:
+    if isinstance(event, User.Event):
+        return "User"
+    return "Group" if isinstance(event, Group.Event) else None
+
+
+_RESOURCE_TYPES: dict[type, str | None] = {}
+
+
 def changes_of(events: Iterable[Any]) -> list[Change]:
     """One Change per resource, in the order the request first touched each, from its decoded
     domain events (a whole transaction; other aggregates' events are skipped)."""
@@ -142,11 +151,10 @@ def changes_of(events: Iterable[Any]) -> list[Change]:
     for event in events:
         kind = type(event).__name__
         fields: Any = event  # event classes made by @event have no static fields
-        if isinstance(event, User.Event):
-            resource_type = "User"
-        elif isinstance(event, Group.Event):
-            resource_type = "Group"
-        else:
+        resource_type = _RESOURCE_TYPES.get(type(event), "")
+        if resource_type == "":  # once per event class: the aggregates' Event classes are ABCs
+            resource_type = _RESOURCE_TYPES[type(event)] = _resource_type(event)
+        if resource_type is None:
             continue
         change = changes.get(event.originator_id)
         if change is None:
@@ -281,20 +289,42 @@ def created_names(change: Change) -> list[str]:
     building the document (tests/test_feeds_perf.py checks the two agree)."""
     first: Any = change.history[0] if len(change.history) == 1 else None
     if change.data is None and type(first).__name__ == "UserProvisioned":
-        state = {USER_NAME: first.user_name, **first.attributes}
-        names = ["id"]
-        # The set attributes of `user_document`'s order, by a walk of the (few) set ones.
-        names += sorted(
-            (a for a, v in state.items() if v is not None and a in _CREATED_ORDER),
-            key=_CREATED_ORDER.__getitem__,
+        # The names depend only on the attributes' names, which are unset (None), the
+        # enterprise ones' names and whether a manager is set: a catch-up's users share a
+        # few such shapes, each named once.
+        attributes = first.attributes
+        shape = (
+            first.user_name is None,
+            tuple(attributes),
+            tuple(a for a, v in attributes.items() if v is None),
+            tuple(attributes.get(ENTERPRISE) or ()),
+            not attributes.get(MANAGER),
         )
-        extension = dict.fromkeys(state.get(ENTERPRISE) or {})
-        if state.get(MANAGER):
-            extension[MANAGER] = None
-        names += [f"{ENTERPRISE_SCHEMA}:{sub}" for sub in extension]
-        names += [key for key in state if is_extension_urn(key)]
-        return names
+        names = _NAMED.get(shape)
+        if names is None:
+            if len(_NAMED) >= 1024:
+                _NAMED.clear()
+            names = _NAMED[shape] = _created_names({USER_NAME: first.user_name, **attributes})
+        return list(names)
     return create_attributes(resource(change) or {})
+
+
+def _created_names(state: Mapping[str, Any]) -> list[str]:
+    """The set attributes of `user_document`'s order, by a walk of the (few) set ones."""
+    names = ["id"]
+    names += sorted(
+        (a for a, v in state.items() if v is not None and a in _CREATED_ORDER),
+        key=_CREATED_ORDER.__getitem__,
+    )
+    extension = dict.fromkeys(state.get(ENTERPRISE) or {})
+    if state.get(MANAGER):
+        extension[MANAGER] = None
+    names += [f"{ENTERPRISE_SCHEMA}:{sub}" for sub in extension]
+    names += [key for key in state if is_extension_urn(key)]
+    return names
+
+
+_NAMED: dict[tuple[Any, ...], list[str]] = {}
 
 
 def create_attributes(data: Mapping[str, Any]) -> list[str]:

@@ -28,7 +28,6 @@ import structlog
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 log = structlog.get_logger("scimledger.feeds")
 # A step's SETs go to the pool from this many on (a live write's few are signed inline: the
@@ -61,8 +60,17 @@ def compact(key: Any, header: bytes, payload: bytes) -> str:
     """The compact JWS (RFC 7515 §7.1) of one serialised claims set: `header` is the encoded
     protected header and its dot; the signature is R || S, 32 bytes each (RFC 7518 §3.4)."""
     signing_input = header + b64(payload)
-    r, s = decode_dss_signature(key.sign(signing_input, _ECDSA))
-    return (signing_input + b"." + b64(r.to_bytes(32, "big") + s.to_bytes(32, "big"))).decode()
+    return (signing_input + b"." + b64(raw_signature(key.sign(signing_input, _ECDSA)))).decode()
+
+
+def raw_signature(der: bytes) -> bytes:
+    """R || S of a DER ECDSA-Sig-Value (SEQUENCE of two INTEGERs; a P-256 one is under 128
+    bytes, so every length is one byte): each integer without its sign byte, left-padded to
+    32 bytes. A slice, not cryptography's decode_dss_signature and two int conversions: ~2 µs
+    of a catch-up's SET (bench.feeds)."""
+    r_len = der[3]
+    r, s = der[4 : 4 + r_len], der[6 + r_len :]
+    return r[-32:].rjust(32, b"\0") + s[-32:].rjust(32, b"\0")
 
 
 def sign_chunk(kid: str, pem: str, header: bytes, payloads: Sequence[bytes]) -> list[str]:

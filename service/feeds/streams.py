@@ -225,6 +225,9 @@ async def delete(conn: Conn, tenant: str, name: str) -> None:
     row = await find(conn, tenant, name)
     async with conn.transaction():
         await conn.execute("DELETE FROM feed_streams WHERE id = $1", row["id"])
+        # No foreign key cascades to them (migration 0028): the stream's row, deleted first,
+        # waits for a producer's step that holds it, so what that step stored goes too.
+        await conn.execute("DELETE FROM feed_sets WHERE stream_id = $1", row["id"])
         if row["token_id"] is not None:
             await conn.execute(
                 "UPDATE tokens SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL",
