@@ -35,7 +35,7 @@ from infra.database import Database
 from infra.eventstore import START, Conn, Position, RecordedEvent
 from projections import state
 from projections.diff import TableDiff, diff
-from projections.registry import Projection
+from projections.registry import Projection, Replay
 from projections.shadow import create_shadow, drop_shadow, index_shadow, shadow_of, swap_in
 from projections.shared import SharedLog
 
@@ -119,6 +119,7 @@ class Rebuilder:
         self.applied = 0
         self.tables = {t: shadow_of(t) for t in projection.tables}
         self._ahead: asyncio.Task[_ReadAhead] | None = None
+        self._replay: Replay | None = None  # the bulk replay's folding, if the projection has one
 
     @property
     def is_async(self) -> bool:
@@ -176,7 +177,10 @@ class Rebuilder:
             mine, events = batch.mine, batch.events
         else:
             mine, events = await self._decode(conn, batch)
-        await self.projection.apply(conn, events, self.tables, mine)
+        if self._replay is not None:
+            await self._replay.apply(conn, events, self.tables, mine)
+        else:
+            await self.projection.apply(conn, events, self.tables, mine)
         self.position = batch[-1].position
         self.applied += len(batch)
 
@@ -281,12 +285,18 @@ class Rebuilder:
             # Bulk replay, then catch up with what was appended meanwhile until quiet. An
             # asynchronous projection's live view stands at its checkpoint: replay up to it.
             until = await self._live_checkpoint(conn)
+            self._replay = self.projection.replay()
             if self.shared is not None:
                 shared, self.shared = self.shared, None
                 await shared.replay(functools.partial(self._fold, conn, total, until))
             await self._catch_up(conn, total, until=until)
             while await self._catch_up(conn, total, until=until):
                 pass
+            # What the replay held in memory goes to the shadow before anything reads it in a
+            # transaction that may roll back (the comparison, the swap).
+            if self._replay is not None:
+                replay, self._replay = self._replay, None
+                await replay.flush(conn, self.tables)
             for table in self.projection.tables:
                 await index_shadow(conn, table)
             # The differences are taken in a snapshot, with no lock on the live view (at a
