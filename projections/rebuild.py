@@ -35,6 +35,7 @@ from eventsourcing.utils import TopicError, resolve_topic
 from infra import eventstore_sql as q
 from infra.database import Database
 from infra.eventstore import START, Conn, Position, RecordedEvent
+from infra.sealing import SealingMapper
 from projections import state
 from projections.diff import TableDiff, diff
 from projections.registry import Projection, Replay
@@ -175,6 +176,12 @@ class Rebuilder:
         mine = batch if handles is None else [r for r in batch if _folds(handles, r.topic)]
         keyed = mine if handles is None else [*mine, *(r for r in batch if r.topic == _ERASURE)]
         await self.db.store.load_keys(conn, keyed)
+        mapper = self.db.store.mapper
+        if isinstance(mapper, SealingMapper):  # without a StoredEvent made for each
+            decoded = mapper.decoded
+            return mine, [
+                decoded(r.topic, r.state, r.originator_id, r.originator_version) for r in mine
+            ]
         return mine, [self.db.store.to_domain(r) for r in mine]
 
     async def _rows(self, source: Any, after: Position) -> list[RecordedEvent]:
