@@ -28,7 +28,7 @@ from infra.eventstore import Conn
 from infra.keys import KeyRing, is_erased
 from infra.sealing import ERASED, PLACEHOLDER
 from projections import audit_resources
-from projections.audit_resources import RESOURCES, json_rows, state_of
+from projections.audit_resources import RESOURCES, Held, json_rows, state_of
 
 NAME = "audit"
 # 2: list and object values in modifiedProperties are UTF-8 JSON (orjson), not \u-escaped.
@@ -225,9 +225,10 @@ async def apply(
     events: Sequence[Any],
     tables: Mapping[str, str] = LIVE,
     recorded: Sequence[Any] | None = None,
+    held: Held | None = None,
 ) -> None:
     assert recorded is not None, "the audit projection needs the recorded events"
-    resources = await audit_resources.load(conn, events, recorded, tables)
+    resources = await audit_resources.load(conn, events, recorded, tables, held)
     entries: dict[int, _Entry] = {}
     flats: dict[UUID, Mapping[str, str]] = {}
     erasures: list[tuple[UUID, UUID]] = []
@@ -272,6 +273,8 @@ async def apply(
             kind = "User" if isinstance(event, User.Event) else "Group"
             _add_target(entry, kind, rid, ERASED, None)
             resources.pop(rid, None)
+            if held is not None:
+                held.drop((rid,))
             if type(event).__name__ == "GroupMembershipChanged" and not _is_main(entry, rid):
                 # Named by its id in another subject's entry: that stays (as it was live).
                 _members(entry, fields, group_labels.prefix(audit_sealing.ring(), rid, None))
@@ -296,7 +299,7 @@ async def apply(
                     else group_labels.prefix(audit_sealing.ring(), rid, current.display_name)
                 )
                 _members(entry, fields, prefix)
-    await audit_resources.save(conn, resources, tables)
+    await audit_resources.save(conn, resources, tables, held)
     if entries:
         keys = await audit_sealing.load(conn, (e.subject() for e in entries.values()))
         rows = [dict(zip(_ENTRY_FIELDS, e.row(keys), strict=True)) for e in entries.values()]
@@ -309,7 +312,25 @@ async def apply(
             json_rows(rows),
         )
     if erasures:
+        if held is not None:
+            held.drop(subject for _, subject in erasures)
         await _scrub(conn, erasures, tables)
+
+
+class Replay:
+    """A rebuild's bulk replay: `apply` with the resources' copies held in memory between
+    batches (audit_resources.Held), written by `flush` at its end."""
+
+    def __init__(self) -> None:
+        self.held = Held()
+
+    async def apply(
+        self, conn: Conn, events: Sequence[Any], tables: Mapping[str, str], recorded: Sequence[Any]
+    ) -> None:
+        await apply(conn, events, tables, recorded, self.held)
+
+    async def flush(self, conn: Conn, tables: Mapping[str, str]) -> None:
+        await audit_resources.flush(conn, self.held, tables)
 
 
 async def _scrub(

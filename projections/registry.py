@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 from infra.eventstore import Conn
 from projections import activity, audit, groups, users
@@ -59,6 +59,21 @@ class Projection(Protocol):
         """A row of one of its tables, as a rebuild's diff names it."""
         ...
 
+    def replay(self) -> Replay | None:
+        """What a rebuild's bulk replay folds with instead of `apply`, if anything."""
+        ...
+
+
+class Replay(Protocol):
+    """A bulk replay's folding that keeps state in memory between batches (the rebuild has its
+    shadow tables to itself until then), written to them by `flush` at the replay's end."""
+
+    async def apply(
+        self, conn: Conn, events: Sequence[Any], tables: Mapping[str, str], recorded: Sequence[Any]
+    ) -> None: ...
+
+    async def flush(self, conn: Conn, tables: Mapping[str, str]) -> None: ...
+
 
 @dataclass(frozen=True)
 class ModuleProjection:
@@ -99,6 +114,11 @@ class ModuleProjection:
     def describe(self, table: str, row: Mapping[str, Any]) -> str:
         text: str = self.module.describe(table, row)
         return text
+
+    def replay(self) -> Replay | None:
+        """The module's `Replay`, if it has one (the audit log's)."""
+        factory = getattr(self.module, "Replay", None)
+        return None if factory is None else cast(Replay, factory())
 
 
 PROJECTIONS: dict[str, Projection] = {
