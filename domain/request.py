@@ -13,7 +13,8 @@ from typing import Any
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate, event
-from eventsourcing.utils import get_topic
+
+from domain.created import created
 
 OUTCOMES = ("success", "skipped", "failure")
 
@@ -68,21 +69,16 @@ class ProvisioningRequest(Aggregate):
         """The one event of `record(...)`, made as the library makes it, without the
         aggregate nothing reads (a request's record is written, never loaded, by its writer)."""
         _check(outcome)
-        event_class: Any = cls.RequestRecorded  # type: ignore[attr-defined]
-        recorded: Aggregate.Event = event_class(
-            originator_topic=_TOPIC,
-            originator_id=request_id,
-            originator_version=cls.INITIAL_VERSION,
-            timestamp=event_class.create_timestamp(),
+        recorded: Aggregate.Event = created(
+            cls,
+            cls.RequestRecorded,  # type: ignore[attr-defined]  # made by @event
+            request_id,
             tenant_id=tenant_id,
             outcome=outcome,
             request=dict(request),
             error=dict(error) if error is not None else None,
         )
         return recorded
-
-
-_TOPIC = get_topic(ProvisioningRequest)
 
 
 def _check(outcome: str) -> None:
