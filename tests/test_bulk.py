@@ -19,7 +19,8 @@ from service.feeds import streams
 from service.feeds.producer import FEEDS_LOCK_NAMESPACE as FEEDS
 from service.feeds.sets import CREATE
 from service.limits_cpu import BULK_NICENESS
-from tests.test_cli import SCIMLEDGER, _stop, _token, free_port
+from tests.test_cli import _serve as serve
+from tests.test_cli import _stop, _token
 from tests.test_entra_users import entra_user
 from tests.test_runner import eventually
 from tests.test_workers import bulk_of, workers_of
@@ -29,32 +30,8 @@ MAX_BODY = 64 * 1024
 
 
 async def _serve(dsn: str) -> tuple[asyncio.subprocess.Process, str, int]:
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        SCIMLEDGER,
-        "serve",
-        "--workers",
-        "1",
-        "--port",
-        str(port),
-        "--database-url",
-        dsn,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={
-            **os.environ,
-            "SCIMLEDGER_BULK_BODY_BYTES": str(THRESHOLD),
-            "SCIMLEDGER_MAX_BODY_BYTES": str(MAX_BODY),
-        },
-    )
-    assert proc.stdout is not None
-    banner = ""
-    while "Secret Token:" not in banner:
-        line = await asyncio.wait_for(proc.stdout.readline(), timeout=60)
-        assert line, "serve exited"
-        banner += line.decode()
-    banner += (await asyncio.wait_for(proc.stdout.readline(), timeout=10)).decode()
-    return proc, banner, port
+    env = {"SCIMLEDGER_BULK_BODY_BYTES": str(THRESHOLD), "SCIMLEDGER_MAX_BODY_BYTES": str(MAX_BODY)}
+    return await serve("--workers", "1", "--database-url", dsn, env=env)
 
 
 def _big_user(user_name: str) -> bytes:

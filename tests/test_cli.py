@@ -76,7 +76,11 @@ async def test_unreachable_database_exits_1_with_one_line() -> None:
     assert "cannot connect to the database" in err
 
 
-async def _serve(*args: str) -> tuple[asyncio.subprocess.Process, str, int]:
+async def _serve(
+    *args: str, env: dict[str, str] | None = None
+) -> tuple[asyncio.subprocess.Process, str, int]:
+    """`scimledger serve ARGS` on a free port (with `env` added to the environment), its
+    banner read up to the token."""
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
         SCIMLEDGER,
@@ -86,6 +90,7 @@ async def _serve(*args: str) -> tuple[asyncio.subprocess.Process, str, int]:
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
     )
     assert proc.stdout is not None
     banner = ""

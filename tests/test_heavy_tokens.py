@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import os
 import time
 
 import aiohttp
@@ -17,7 +16,8 @@ from aiohttp.test_utils import make_mocked_request
 from infra.tenants import create_tenant
 from service import limits_cost
 from service.limits_cost import HeavyTokens, MeteredExecutor, Spent
-from tests.test_cli import SCIMLEDGER, _stop, _token, free_port
+from tests.test_cli import _serve as serve
+from tests.test_cli import _stop, _token
 from tests.test_entra_users import entra_user
 
 
@@ -69,22 +69,9 @@ def test_a_mark_lasts_its_time_and_the_table_keeps_the_newest() -> None:
 
 
 async def _serve(dsn: str) -> tuple[asyncio.subprocess.Process, str, int]:
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        SCIMLEDGER,
-        *("serve", "--workers", "1", "--port", str(port), "--database-url", dsn),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        # 1 ms: a PATCH of a user of 1000 values takes more in a worker thread on any machine.
-        env={**os.environ, "SCIMLEDGER_BULK_TOKEN_CPU": "0.001"},
-    )
-    assert proc.stdout is not None
-    banner = ""
-    while "Secret Token:" not in banner:
-        line = await asyncio.wait_for(proc.stdout.readline(), timeout=60)
-        assert line, "serve exited"
-        banner += line.decode()
-    return proc, banner, port
+    # 1 ms: a PATCH of a user of 1000 values takes more in a worker thread on any machine.
+    env = {"SCIMLEDGER_BULK_TOKEN_CPU": "0.001"}
+    return await serve("--workers", "1", "--database-url", dsn, env=env)
 
 
 @pytest.mark.parametrize("costly", [True, False])
