@@ -28,6 +28,14 @@ from service.app import create_app
 # servers on other data directories all read the same events. (test_erasure tests the default.)
 os.environ.setdefault("SCIMLEDGER_MASTER_KEY", "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
 
+# Processes a test starts (`.venv/bin/scimledger`) import the code of this checkout, as the
+# test itself does, not whichever checkout the virtualenv's editable install names (a git
+# worktree sharing one virtualenv would otherwise test another tree's code in subprocesses).
+_ROOT = str(Path(__file__).resolve().parent.parent)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [_ROOT, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != _ROOT]]
+)
+
 TEMPLATE = "scimledger_template"
 # Feed signing keys are sealed with this (service/feeds/sealing.py), not with a file in ./var.
 os.environ.setdefault("SCIMLEDGER_FEED_KEY", "c2NpbWxlZGdlci10ZXN0cy1mZWVkLXNlYWxpbmctayE")
