@@ -15,12 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import subprocess
 import sys
 import time
 import uuid
 from asyncio.subprocess import PIPE
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -28,15 +27,16 @@ import orjson
 import psutil
 
 from bench.common import (
-    CHILD,
-    PATCH_OP,
     ROOT,
     create_tenant,
     err,
     make_database,
     median,
     ms,
+    patch_body,
     percentile,
+    request,
+    scimledger,
     serving,
     tree_cpu,
     verdict,
@@ -60,10 +60,6 @@ def _fill(make: Callable[[int], object], per_item: int) -> list[object]:
 
 def _user(user_name: str, **attributes: object) -> bytes:
     return orjson.dumps({"schemas": [USER], "userName": user_name, **attributes})
-
-
-def _patch(operations: list[object]) -> bytes:
-    return orjson.dumps({"schemas": [PATCH_OP], "Operations": operations})
 
 
 def _email(i: int) -> dict[str, str]:
@@ -138,16 +134,16 @@ SHAPES: list[Shape] = [
     Shape("POST /Users, 2 MiB of one-character member names", "POST", USERS,
           lambda t: _user(_unique("keys"), name={f"k{i}": "v" for i in range(LIMIT // 16)})),
     Shape("PATCH /Users, 1000 filtered operations on a user of 1000 emails", "PATCH", FULL,
-          lambda t: _patch([_op("replace", f'emails[value eq "user{i:06d}@contoso.com"].display',
-                                f"d{uuid.uuid4().hex[:6]}") for i in R])),
+          lambda t: patch_body([_op("replace", f'emails[value eq "{_email(i)["value"]}"].display',
+                                    f"d{uuid.uuid4().hex[:6]}") for i in R])),
     Shape("PATCH /Users, Entra-style remove listing 1000 values, on 1000 emails", "PATCH", FULL,
-          lambda t: _patch([_op("remove", "emails", [
+          lambda t: patch_body([_op("remove", "emails", [
               {"value": f"USER{i:06d}@contoso.com", "type": "x"} for i in R])])),
     Shape("PATCH /Users, 1000 operations adding emails, 2 MiB", "PATCH", FULL,
-          lambda t: _patch([_op("add", "emails", [_email(1000 + i * 40 + j) for j in range(40)])
-                            for i in R])),
+          lambda t: patch_body([_op("add", "emails", [_email(1000 + i * 40 + j) for j in range(40)])
+                                for i in R])),
     Shape("PATCH /Users, 1000 removes with 1 KB value filters (40 terms), on 1000 emails",
-          "PATCH", FULL, lambda t: _patch([_op("remove", _or_terms(i)) for i in R])),
+          "PATCH", FULL, lambda t: patch_body([_op("remove", _or_terms(i)) for i in R])),
     Shape("POST /Groups, 10,000 members (the cap; 3 users, repeated)", "POST", GROUPS,
           lambda t: _group(_members(t, 10_000))),
     Shape("POST /Groups, 2 MiB of members (3 users, repeated)", "POST", GROUPS,
@@ -155,8 +151,8 @@ SHAPES: list[Shape] = [
     Shape("POST /Groups, 2 MiB of members (distinct ids, none exists)", "POST", GROUPS,
           lambda t: _group(_fill(lambda i: {"value": str(uuid.uuid4())}, 50))),
     Shape("PATCH /Groups, 1000 operations of 40 members (2 MiB)", "PATCH", GROUP,
-          lambda t: _patch([_op("add" if i % 2 else "remove", "members", _members(t, 40))
-                            for i in R])),
+          lambda t: patch_body([_op("add" if i % 2 else "remove", "members", _members(t, 40))
+                                for i in R])),
 ]  # fmt: skip
 if os.environ.get("BENCH_COST_SHAPES"):  # e.g. "7,13": those shapes only, to see one's effect
     SHAPES = [SHAPES[int(i)] for i in os.environ["BENCH_COST_SHAPES"].split(",")]
@@ -171,16 +167,14 @@ class Measured:
     wall: float
 
 
+@dataclass
 class Client:
-    def __init__(self, session: aiohttp.ClientSession, base: str, token: str) -> None:
-        self.session, self.base = session, base
-        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/scim+json"}
+    session: aiohttp.ClientSession
+    base: str
+    token: str
 
     async def send(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        async with self.session.request(
-            method, self.base + path, data=body, headers=self.headers
-        ) as r:
-            return r.status, await r.read()
+        return await request(self.session, method, self.base + path, self.token, body)
 
 
 async def _targets(hostile: Client) -> Targets:
@@ -264,7 +258,7 @@ async def cost(ctx: Ctx) -> None:
     dsn = await make_database(ctx.dsn, "bench_cost")
     samples, seconds = ctx.sizes.cost
     token, victim_token = create_tenant(dsn), create_tenant(dsn)
-    async with serving(dsn) as (origin, proc):
+    async with scimledger(dsn) as (origin, proc):
         server = psutil.Process(proc.pid)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT + 60)) as hs:
             hostile = Client(hs, f"{origin}/scim/v2", token)
@@ -290,7 +284,7 @@ async def cost(ctx: Ctx) -> None:
                 finally:
                     stop.set()
                     sent += await load
-                with _hog():
+                async with serving([sys.executable, "-c", HOG], None):  # the default priority
                     hogged.append(await _victim(origin, victim_token, victim_user, seconds))
     worst = max(measured, key=lambda m: m.cpu)
     met = all(m.cpu <= TARGET_CPU and m.status != "no answer" for m in measured)
@@ -313,17 +307,6 @@ async def cost(ctx: Ctx) -> None:
 
 
 HOG = "while True: pass"
-
-
-@contextlib.contextmanager
-def _hog() -> Iterator[None]:
-    """A plain CPU-bound program beside the server, at the default priority."""
-    proc = subprocess.Popen([sys.executable, "-c", HOG], start_new_session=True, **CHILD)
-    try:
-        yield
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def p99s(runs: list[list[float]]) -> list[float]:

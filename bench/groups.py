@@ -20,13 +20,13 @@ from rich.progress import Progress
 
 from bench.common import (
     ENTERPRISE,
-    PATCH_OP,
     BenchError,
     Cpu,
     create_tenant,
     drain,
     entra_body,
     ms,
+    patch_body,
     percentile,
     progress_bar,
     send,
@@ -52,7 +52,7 @@ def group_body(name: str, *, entra: bool = True) -> bytes:
 def members_patch(op: str, ids: Sequence[str]) -> bytes:
     """Entra's default style, for adds and for removes: the members in `value`."""
     operation = {"op": op, "path": "members", "value": [{"$ref": None, "value": i} for i in ids]}
-    return orjson.dumps({"schemas": [PATCH_OP], "Operations": [operation]})
+    return patch_body([operation])
 
 
 @dataclass
@@ -95,8 +95,7 @@ class Groups:
         if not self.peer:
             return members_patch("Add", [user]), members_patch("Remove", [user])
         remove = {"op": "remove", "path": f'members[value eq "{user}"]'}
-        body = {"schemas": [PATCH_OP], "Operations": [remove]}
-        return members_patch("Add", [user]), orjson.dumps(body)
+        return members_patch("Add", [user]), patch_body([remove])
 
     async def pairs(self, g: Measured, n: int, keep: bool = True) -> None:
         """n add/remove pairs, one request at a time, each with the next spare user."""
@@ -250,8 +249,7 @@ async def entra_cycle(
 
     async def manager(i: int) -> None:
         op = {"op": "add", "path": f"{ENTERPRISE}:manager", "value": ids[(i - 1) // 10]}
-        patch = orjson.dumps({"schemas": [PATCH_OP], "Operations": [op]})
-        await call("PATCH", f"{base}/Users/{ids[i]}", patch, (200, 204))
+        await call("PATCH", f"{base}/Users/{ids[i]}", patch_body([op]), (200, 204))
 
     async def group(g: int) -> None:
         display = f"Cycle {run} Group {g:04d}"
