@@ -10,11 +10,13 @@ import random
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlencode
 
 import aiohttp
 
 from bench.common import (
     BenchError,
+    Scim,
     cli,
     connected,
     make_database,
@@ -127,18 +129,12 @@ async def measure(
     """Each filter's samples after a warm-up, one request at a time; seconds per page."""
     measured: dict[str, list[float]] = {}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-        url, headers = f"{origin}/audit/v1/entries", {"Authorization": f"Bearer {token}"}
+        api = Scim(session, f"{origin}/audit/v1", token)
 
         async def page(params: dict[str, str]) -> tuple[float, str | None]:
             started = time.perf_counter()
-            async with session.get(url, params=params, headers=headers) as r:
-                body = await r.read()
-                elapsed = time.perf_counter() - started
-                if r.status != 200:
-                    failed = f"GET /audit/v1/entries?{params} -> {r.status}"
-                    raise BenchError(f"{failed}: {body[:300]!r}")
-            nxt: str | None = json.loads(body)["next"]
-            return elapsed, nxt
+            body = await api.send("GET", f"/entries?{urlencode(params)}")
+            return time.perf_counter() - started, json.loads(body)["next"]
 
         with progress_bar() as progress:
             for name, params in kinds:

@@ -66,26 +66,34 @@ def patch_body(operations: list[object]) -> bytes:
     return orjson.dumps({"schemas": [PATCH_OP], "Operations": operations})
 
 
-async def request(
-    session: aiohttp.ClientSession, method: str, url: str, token: str, body: bytes | None = None
-) -> tuple[int, bytes]:
-    """One SCIM request to `url` (already encoded); the reply's status and body."""
-    headers = {"Authorization": f"Bearer {token}", "Accept": SCIM}
-    headers |= {} if body is None else {"Content-Type": SCIM}
-    encoded = yarl.URL(url, encoded=True)
-    async with session.request(method, encoded, data=body, headers=headers) as r:
-        return r.status, await r.read()
+@dataclass
+class Scim:
+    """SCIM requests to one server: its `base` (e.g. http://127.0.0.1:8000/scim/v2), a token."""
 
+    session: aiohttp.ClientSession
+    base: str
+    token: str
 
-async def send(
-    session: aiohttp.ClientSession, method: str, url: str, token: str, body: bytes | None = None,
-    expect: tuple[int, ...] = (200,),
-) -> bytes:  # fmt: skip
-    """`request`; the reply's body, or BenchError if its status is not one of `expect`."""
-    status, raw = await request(session, method, url, token, body)
-    if status not in expect:
-        raise BenchError(f"{method} {url} -> {status}: {raw[:300]!r}")
-    return raw
+    async def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        """One request to base + `path` (already encoded); the reply's status and body."""
+        headers = {"Authorization": f"Bearer {self.token}", "Accept": SCIM}
+        headers |= {} if body is None else {"Content-Type": SCIM}
+        url = yarl.URL(self.base + path, encoded=True)
+        async with self.session.request(method, url, data=body, headers=headers) as r:
+            return r.status, await r.read()
+
+    async def send(
+        self, method: str, path: str, body: bytes | None = None, expect: tuple[int, ...] = (200,)
+    ) -> bytes:
+        """`request`; the reply's body, or BenchError if its status is not one of `expect`."""
+        status, raw = await self.request(method, path, body)
+        if status not in expect:
+            raise BenchError(f"{method} {self.base}{path} -> {status}: {raw[:300]!r}")
+        return raw
+
+    async def create(self, kind: str, body: bytes) -> str:
+        """POST /`kind` (Users, Groups), which must answer 201; the new resource's id."""
+        return str(orjson.loads(await self.send("POST", f"/{kind}", body, (201,)))["id"])
 
 
 async def drain(items: Iterable[T], one: Callable[[T], Awaitable[object]], workers: int) -> None:

@@ -20,7 +20,7 @@ import time
 import uuid
 from asyncio.subprocess import PIPE
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiohttp
 import orjson
@@ -28,6 +28,7 @@ import psutil
 
 from bench.common import (
     ROOT,
+    Scim,
     create_tenant,
     err,
     make_database,
@@ -35,7 +36,6 @@ from bench.common import (
     ms,
     patch_body,
     percentile,
-    request,
     scimledger,
     serving,
     tree_cpu,
@@ -70,9 +70,9 @@ def _email(i: int) -> dict[str, str]:
 class Targets:
     """Resources the shapes aim at: a user holding 1000 emails, three users, a group."""
 
-    full_user: str = ""
-    members: list[str] = field(default_factory=list)
-    group: str = ""
+    full_user: str
+    members: list[str]
+    group: str
 
 
 @dataclass
@@ -167,38 +167,20 @@ class Measured:
     wall: float
 
 
-@dataclass
-class Client:
-    session: aiohttp.ClientSession
-    base: str
-    token: str
-
-    async def send(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        return await request(self.session, method, self.base + path, self.token, body)
-
-
-async def _targets(hostile: Client) -> Targets:
-    t = Targets()
-    full = _user("full@contoso.com", emails=[_email(i) for i in range(1000)])
-    status, raw = await hostile.send("POST", "/Users", full)
-    if status != 201:
-        raise RuntimeError(f"seeding the user of 1000 emails: {status} {raw[:200]!r}")
-    t.full_user = orjson.loads(raw)["id"]
-    sent = [await hostile.send("POST", "/Users", _user(f"member{i}@contoso.com")) for i in range(3)]
-    t.members = [orjson.loads(raw)["id"] for _, raw in sent]
-    status, raw = await hostile.send("POST", "/Groups", orjson.dumps({"displayName": "Target"}))
-    t.group = orjson.loads(raw)["id"]
-    return t
+async def _targets(hostile: Scim) -> Targets:
+    full = await hostile.create("Users", _user("full@contoso.com", emails=[*map(_email, R)]))
+    members = [await hostile.create("Users", _user(f"member{i}@contoso.com")) for i in range(3)]
+    return Targets(full, members, await hostile.create("Groups", b'{"displayName": "Target"}'))
 
 
 async def _one(
-    hostile: Client, shape: Shape, body: bytes, t: Targets, server: psutil.Process
+    hostile: Scim, shape: Shape, body: bytes, t: Targets, server: psutil.Process
 ) -> Measured:
     body = _fresh(body)
     # The server's CPU and its bulk process's (service/bulk.py), which serves large bodies.
     cpu_before, started = tree_cpu(server), time.perf_counter()
     try:
-        request = hostile.send(shape.method, shape.path(t), body)
+        request = hostile.request(shape.method, shape.path(t), body)
         status, raw = await asyncio.wait_for(request, TIMEOUT)
         shown = str(status)
         if status >= 400:
@@ -209,9 +191,7 @@ async def _one(
     return Measured(shape.name, len(body), shown.strip(), tree_cpu(server) - cpu_before, wall)
 
 
-async def _hostile_load(
-    hostile: Client, bodies: list[bytes], t: Targets, stop: asyncio.Event
-) -> int:
+async def _hostile_load(hostile: Scim, bodies: list[bytes], t: Targets, stop: asyncio.Event) -> int:
     """The shapes back to back, one at a time, until `stop`; how many were sent."""
     sent = 0
     while not stop.is_set():
@@ -220,7 +200,7 @@ async def _hostile_load(
                 break
             with contextlib.suppress(TimeoutError, aiohttp.ClientError):
                 await asyncio.wait_for(
-                    hostile.send(shape.method, shape.path(t), _fresh(body)), TIMEOUT
+                    hostile.request(shape.method, shape.path(t), _fresh(body)), TIMEOUT
                 )
             sent += 1
     return sent
@@ -229,11 +209,11 @@ async def _hostile_load(
 async def _gets(origin: str, token: str, user: str, seconds: float) -> list[float]:
     samples: list[float] = []
     async with aiohttp.ClientSession() as session:
-        victim = Client(session, f"{origin}/scim/v2", token)
+        victim = Scim(session, f"{origin}/scim/v2", token)
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline:
             started = time.perf_counter()
-            status, _ = await victim.send("GET", f"/Users/{user}")
+            status, _ = await victim.request("GET", f"/Users/{user}")
             if status != 200:
                 raise RuntimeError(f"the other tenant's GET answered {status}")
             samples.append(time.perf_counter() - started)
@@ -261,12 +241,11 @@ async def cost(ctx: Ctx) -> None:
     async with scimledger(dsn) as (origin, proc):
         server = psutil.Process(proc.pid)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT + 60)) as hs:
-            hostile = Client(hs, f"{origin}/scim/v2", token)
+            hostile = Scim(hs, f"{origin}/scim/v2", token)
             t = await _targets(hostile)
             bodies = [shape.body(t) for shape in SHAPES]
-            victim = Client(hs, f"{origin}/scim/v2", victim_token)
-            _, raw = await victim.send("POST", "/Users", _user("victim@contoso.com"))
-            victim_user = orjson.loads(raw)["id"]
+            victim = Scim(hs, f"{origin}/scim/v2", victim_token)
+            victim_user = await victim.create("Users", _user("victim@contoso.com"))
             measured = []
             for shape, body in zip(SHAPES, bodies, strict=True):
                 tries = [await _one(hostile, shape, body, t, server) for _ in range(samples)]

@@ -19,7 +19,7 @@ import click
 import psutil
 import uvloop
 from rich.console import Console
-from rich.table import Table
+from rich.markdown import Markdown
 
 from bench import wrk
 from bench.audit import audit
@@ -44,7 +44,7 @@ from bench.groups import cycle, groups
 from bench.lookups import lookups
 from bench.posts import post_users
 from bench.rebuild import rebuild
-from bench.table import COLUMNS, CONCURRENCY, FULL, QUICK, Ctx, Server, render_markdown
+from bench.table import CONCURRENCY, FULL, QUICK, Ctx, Server, render_markdown
 
 PEER = ROOT / ".venv" / "bin" / "scim2-server"
 DIR = click.Path(file_okay=False, path_type=Path)
@@ -106,29 +106,23 @@ async def run_rows(ctx: Ctx) -> None:
 
 
 def report(ctx: Ctx, load_before: tuple[float, ...], rev: str, started: float) -> None:
+    """The table, the machine and the notes: into bench/results/, and shown."""
     ctx.rows.sort(key=lambda r: int(r.item))
     machine = machine_description(ctx.pg_version, load_before, rev)
     ctx.notes.append(f"the whole run took {time.perf_counter() - started:,.0f} s")
-    title = "scimledger benchmark" + (" (quick sizes)" if ctx.quick else "")
-    table = Table(*COLUMNS, title=title, show_lines=True)
-    for row in ctx.rows:
-        table.add_row(*row.cells())
-    out = Console(width=None if sys.stdout.isatty() else 220)
-    out.print(table)
-    out.print(machine, highlight=False)
-    for note in ctx.notes:
-        out.print(f"- {note}", highlight=False, markup=False)
     name = "quick" if ctx.quick else "latest"
     only = [n for n in PARTS[1:] if n not in ctx.skip]
     if len(only) < len(PARTS) - 1:
         name += "-" + "-".join(only)
     name += "-set" if any(n.startswith("sizes set") for n in ctx.notes) else ""
     target = ROOT / "bench" / "results" / f"{name}.md"
-    make = "make bench-quick" if ctx.quick else "make bench"
-    stamp = f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, `{make}`"
+    title = "scimledger benchmark" + (" (quick sizes)" if ctx.quick else "")
+    stamp = f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, `make bench{'-quick' * ctx.quick}`"
+    text = render_markdown(f"{title}, {stamp}", ctx.rows, ctx.notes, machine)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(render_markdown(f"{title}, {stamp}", ctx.rows, ctx.notes, machine))
-    out.print(f"written to {target.relative_to(ROOT)}")
+    target.write_text(text)
+    Console(width=None if sys.stdout.isatty() else 220).print(Markdown(text))
+    err.print(f"written to {target.relative_to(ROOT)}")
 
 
 def parts(value: str) -> frozenset[str]:

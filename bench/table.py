@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import psutil
 
-from bench.common import Meter, err
+from bench.common import Meter, Scim, err
 
 COLUMNS = ("#", "measurement", "size", "scimledger", "scim2-server (peer)", "target", "verdict",
     "CPU in cores: client / server / postgres / other")  # fmt: skip
@@ -91,6 +91,9 @@ class Server:
     proc: subprocess.Popen[bytes]
     meter: Meter
     profile: Path | None = None  # py-spy records it during the measured wrk runs, into here
+
+    def scim(self, session: aiohttp.ClientSession) -> Scim:
+        return Scim(session, self.base, self.token)
 
 
 @dataclass
