@@ -73,13 +73,9 @@ async def over_http(ctx: Ctx, rows: list[Callable[[Ctx], Awaitable[None]]]) -> N
         else:
             origin = f"http://127.0.0.1:{peer_port}"
             argv = [str(PEER), "--port", str(peer_port), "--bearer-token", peer_token]
-            ready, headers = (
-                f"{origin}/v2/ServiceProviderConfig",
-                {"Authorization": f"Bearer {peer_token}"},
-            )
-            peer = await servers.enter_async_context(
-                serving(argv, ready, headers=headers, stop_timeout=10)
-            )
+            ready, auth = f"{origin}/v2/ServiceProviderConfig", f"Bearer {peer_token}"
+            started = serving(argv, ready, headers={"Authorization": auth}, stop_timeout=10)
+            peer = await servers.enter_async_context(started)
             meter = Meter(psutil.Process(peer.pid), None)
             ctx.peer = Server(origin, f"{origin}/v2", peer_token, peer, meter)
         origin, proc = await servers.enter_async_context(scimledger(ctx.dsn))
