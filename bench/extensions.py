@@ -8,13 +8,13 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
-import orjson
 from aiohttp.test_utils import TestClient, TestServer
 
-from bench.common import drain, entra_body, make_database, median, verdict
+from bench.common import drain, make_database, median, verdict
 from bench.table import Ctx, Row
 from infra.config import Settings
 from infra.database import open_database
@@ -36,8 +36,14 @@ CONCURRENCY = 8
 
 
 def body(user_name: str, extended: bool) -> dict[str, Any]:
-    """Entra's POST /Users body (bench.common), with the 20 attributes if `extended`."""
-    user: dict[str, Any] = orjson.loads(entra_body(0, user_name))
+    user: dict[str, Any] = {
+        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+        "externalId": str(uuid.uuid4()),
+        "userName": user_name,
+        "active": True,
+        "emails": [{"primary": True, "type": "work", "value": user_name}],
+        "name": {"formatted": "Given Family", "familyName": "Family", "givenName": "Given"},
+    }
     if extended:
         sample = {"string": "value", "integer": 7, "decimal": 1.5, "boolean": "True"}
         values: dict[str, Any] = {"badge": f"B-{user_name}"}
