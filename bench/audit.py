@@ -10,22 +10,23 @@ import random
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlencode
 
 import aiohttp
 
 from bench.common import (
     BenchError,
+    Scim,
     cli,
     connected,
     make_database,
     ms,
     percentile,
     progress_bar,
-    serving,
+    scimledger,
     verdict,
 )
-from bench.history import FAMILY, seed
-from bench.rebuild import catch_up
+from bench.history import FAMILY, catch_up, seed, settle
 from bench.table import Ctx, Row
 
 TARGET_MS = 50.0
@@ -38,9 +39,8 @@ Params = Callable[[int], dict[str, str]]
 
 async def seed_log(dsn: str, entries: int) -> tuple[str, list[str]]:
     """The tenants' requests, one transaction each; the queried tenant and some user names."""
-    budgets = [entries // TENANTS + (i < entries % TENANTS) for i in range(TENANTS)]
     with progress_bar() as progress:
-        histories = await seed(dsn, budgets, progress, recorded=True)
+        histories = await seed(dsn, entries, TENANTS, progress, recorded=True)
     name, history = histories[0]
     sampled = random.Random(1).sample(history.people, min(500, len(history.people)))
     return name, [p.user_name for p in sampled]
@@ -64,8 +64,7 @@ async def build_entries(dsn: str, requests: int) -> None:
             end - timedelta(days=DAYS),
             DAYS * 86400 / max(n, 1),
         )
-        await conn.execute("VACUUM ANALYZE stored_events")
-        await conn.execute("CHECKPOINT")
+        await settle(conn)
         with progress_bar() as progress:
             await catch_up(dsn, ["activity"], progress)
         await conn.execute(
@@ -130,18 +129,12 @@ async def measure(
     """Each filter's samples after a warm-up, one request at a time; seconds per page."""
     measured: dict[str, list[float]] = {}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-        url, headers = f"{origin}/audit/v1/entries", {"Authorization": f"Bearer {token}"}
+        api = Scim(session, f"{origin}/audit/v1", token)
 
         async def page(params: dict[str, str]) -> tuple[float, str | None]:
             started = time.perf_counter()
-            async with session.get(url, params=params, headers=headers) as r:
-                body = await r.read()
-                elapsed = time.perf_counter() - started
-                if r.status != 200:
-                    failed = f"GET /audit/v1/entries?{params} -> {r.status}"
-                    raise BenchError(f"{failed}: {body[:300]!r}")
-            nxt: str | None = json.loads(body)["next"]
-            return elapsed, nxt
+            body = await api.send("GET", f"/entries?{urlencode(params)}")
+            return time.perf_counter() - started, json.loads(body)["next"]
 
         with progress_bar() as progress:
             for name, params in kinds:
@@ -172,7 +165,7 @@ async def audit(ctx: Ctx) -> None:
     kinds = await filters(dsn, tenant, user_names)
     create = ["tokens", "create", "--tenant", tenant, "--role", "audit", "--json"]
     token = json.loads(cli(*create, "--name", "bench", "--database-url", dsn))["token"]
-    async with serving(dsn) as (origin, _):
+    async with scimledger(dsn) as (origin, _):
         measured = await measure(origin, token, kinds, ctx.sizes.audit_samples)
     p95 = {name: percentile(samples, 95) for name, samples in measured.items()}
     worst = max(p95, key=lambda k: p95[k])

@@ -61,19 +61,39 @@ def entra_body(i: int, name: str | None = None) -> bytes:
     return orjson.dumps(body)
 
 
-async def send(
-    session: aiohttp.ClientSession, method: str, url: str, token: str, body: bytes | None = None,
-    expect: tuple[int, ...] = (200,),
-) -> bytes:  # fmt: skip
-    """One SCIM request to `url` (already encoded); the reply's body, or BenchError."""
-    headers = {"Authorization": f"Bearer {token}", "Accept": SCIM}
-    headers |= {} if body is None else {"Content-Type": SCIM}
-    encoded = yarl.URL(url, encoded=True)
-    async with session.request(method, encoded, data=body, headers=headers) as r:
-        raw = await r.read()
-        if r.status not in expect:
-            raise BenchError(f"{method} {url} -> {r.status}: {raw[:300]!r}")
-    return raw
+def patch_body(operations: list[object]) -> bytes:
+    """A SCIM PATCH request's body."""
+    return orjson.dumps({"schemas": [PATCH_OP], "Operations": operations})
+
+
+@dataclass
+class Scim:
+    """SCIM requests to one server: its `base` (e.g. http://127.0.0.1:8000/scim/v2), a token."""
+
+    session: aiohttp.ClientSession
+    base: str
+    token: str
+
+    async def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        """One request to base + `path` (already encoded); the reply's status and body."""
+        headers = {"Authorization": f"Bearer {self.token}", "Accept": SCIM}
+        headers |= {} if body is None else {"Content-Type": SCIM}
+        url = yarl.URL(self.base + path, encoded=True)
+        async with self.session.request(method, url, data=body, headers=headers) as r:
+            return r.status, await r.read()
+
+    async def send(
+        self, method: str, path: str, body: bytes | None = None, expect: tuple[int, ...] = (200,)
+    ) -> bytes:
+        """`request`; the reply's body, or BenchError if its status is not one of `expect`."""
+        status, raw = await self.request(method, path, body)
+        if status not in expect:
+            raise BenchError(f"{method} {self.base}{path} -> {status}: {raw[:300]!r}")
+        return raw
+
+    async def create(self, kind: str, body: bytes) -> str:
+        """POST /`kind` (Users, Groups), which must answer 201; the new resource's id."""
+        return str(orjson.loads(await self.send("POST", f"/{kind}", body, (201,)))["id"])
 
 
 async def drain(items: Iterable[T], one: Callable[[T], Awaitable[object]], workers: int) -> None:
@@ -283,13 +303,69 @@ CHILD: dict[str, Any] = {  # how the benchmark starts its processes
 }
 
 
+@dataclass
+class Finished:
+    """A child process run to its end: its output, wall seconds, and CPU (wait4's rusage: its
+    own and that of the children it reaped); `peak_rss` the sum of their VmHWM, if watched."""
+
+    out: str
+    errors: str
+    seconds: float
+    cpu: float
+    peak_rss: int
+
+
+def high_water(pid: int) -> int:
+    """VmHWM: the peak RSS of the process since its exec (0 if unknown). Not `wait4`'s
+    ru_maxrss: a child created by fork inherits the parent's high-water mark through exec."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def finished(
+    argv: list[str], *, timeout: float = 7200, watch: bool = False, session: bool = False
+) -> Finished:
+    """Runs `argv` to its end (blocks: run it in a thread), in a session of its own if
+    `session` (Ctrl-C reaches only us), its process group killed if it outlives `timeout` or
+    we are interrupted; BenchError if it fails. `watch`: its and its children's VmHWM."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as errors:
+        started, marks = time.perf_counter(), dict[int, int]()
+        proc = subprocess.Popen(argv, stdout=out, stderr=errors, start_new_session=session, **CHILD)
+        watched = psutil.Process(proc.pid)
+        try:
+            while not (reaped := os.wait4(proc.pid, os.WNOHANG))[0]:
+                if time.perf_counter() - started > timeout:
+                    raise BenchError(f"{Path(argv[0]).name} still running after {timeout:.0f} s")
+                with contextlib.suppress(psutil.Error):
+                    for p in [watched, *watched.children(recursive=True)] if watch else []:
+                        marks[p.pid] = max(marks.get(p.pid, 0), high_water(p.pid))
+                time.sleep(0.05)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                if session:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                else:
+                    proc.terminate()
+            proc.wait()
+            raise
+        seconds, (_, status, usage) = time.perf_counter() - started, reaped
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        errors.seek(0)
+        text, problems = (f.read().decode(errors="replace") for f in (out, errors))
+    if proc.returncode != 0:
+        failed = f"{Path(argv[0]).name} {' '.join(argv[1:4])} exited with {proc.returncode}"
+        raise BenchError(f"{failed}:\n{text[-2000:]}\n{problems[-2000:]}")
+    cpu = usage.ru_utime + usage.ru_stime
+    return Finished(text, problems, seconds, cpu, sum(marks.values()))
+
+
 def cli(*args: str, timeout: float = 600) -> str:
     """`scimledger ARGS`; its stdout."""
-    argv = [str(SCIMLEDGER), *args]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **CHILD)
-    if done.returncode != 0:
-        raise BenchError(f"scimledger {' '.join(args[:2])} failed: {done.stderr.strip()}")
-    return str(done.stdout)
+    return finished([str(SCIMLEDGER), *args], timeout=timeout).out
 
 
 def create_tenant(dsn: str) -> str:
@@ -297,42 +373,6 @@ def create_tenant(dsn: str) -> str:
     out = cli("tenants", "create", f"bench-{uuid.uuid4().hex[:8]}", "--json", "--database-url", dsn)
     token: str = json.loads(out.strip().splitlines()[-1])["token"]
     return token
-
-
-@contextlib.contextmanager
-def child_process(
-    argv: list[str], log: Path, *, env: dict[str, str] | None = None, stop_timeout: float = 30
-) -> Iterator[subprocess.Popen[bytes]]:
-    """A server of the benchmark's, in its own session (Ctrl-C reaches only us), its output in
-    `log`; SIGTERM on the way out, SIGKILL if it ignores that for `stop_timeout` seconds."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **CHILD
-        )
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=stop_timeout)
-                except subprocess.TimeoutExpired:
-                    err.print(f"[yellow]{Path(argv[0]).name} ignored SIGTERM; killing it")
-                    proc.kill()
-                    proc.wait()
-
-
-def server_process(
-    dsn: str, port: int, log: Path
-) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
-    """`scimledger serve`, one process and its bulk process (the CPU sampled from its pid and
-    its children is one server's); BENCH_WORKERS=N runs `serve --workers N`."""
-    argv = [str(SCIMLEDGER), "serve", "--workers", os.environ.get("BENCH_WORKERS", "1")]
-    argv += ["--port", str(port), "--database-url", dsn]
-    # One token drives the whole load: the per-token rate limit and cap on requests in flight
-    # (16 connections > its default 10) would measure themselves.
-    unlimited = {"SCIMLEDGER_RATE_LIMIT": "0", "SCIMLEDGER_MAX_CONCURRENT_PER_TOKEN": "0"}
-    return child_process(argv, log, env={**os.environ, **unlimited})
 
 
 def py_spy(pid: int, folded: Path, seconds: float) -> subprocess.Popen[bytes]:
@@ -355,37 +395,60 @@ def tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
-async def wait_ready(
-    session: aiohttp.ClientSession, url: str, proc: subprocess.Popen[bytes], log: Path,
-    headers: dict[str, str] | None = None,
-) -> None:  # fmt: skip
-    """Until GET `url` answers 200 (e.g. `/readyz`), or the process exits."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(f"{log.stem} exited with {proc.returncode}:\n{tail(log)}")
-        with contextlib.suppress(aiohttp.ClientError, OSError):
-            async with session.get(url, headers=headers) as r:
-                if r.status == 200:
-                    return
-        await asyncio.sleep(0.2)
-    raise BenchError(f"{url} not ready after 120 s:\n{tail(log)}")
+@contextlib.asynccontextmanager
+async def serving(
+    argv: list[str], ready: str | None, *, headers: dict[str, str] | None = None,
+    env: dict[str, str] | None = None, stop_timeout: float = 30,
+) -> AsyncIterator[subprocess.Popen[bytes]]:  # fmt: skip
+    """A process of the benchmark's, ready once GET `ready` answers 200 (or at once), in its
+    own session (Ctrl-C reaches only us), its output in a log whose end is reported if it fails
+    or a connection to it does; SIGTERM on the way out, SIGKILL if it ignores that for
+    `stop_timeout` seconds."""
+    with tempfile.TemporaryDirectory(prefix="scimledger-bench-") as tmp:
+        log = Path(tmp) / f"{Path(argv[0]).name}.log"
+        with log.open("wb") as out:
+            # Popen does not wait for the child: nothing blocks the event loop here.
+            proc = subprocess.Popen(  # noqa: ASYNC220
+                argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **CHILD
+            )
+        try:
+            deadline = time.monotonic() + 120
+            async with aiohttp.ClientSession() as session:
+                while ready is not None:
+                    if proc.poll() is not None:
+                        raise BenchError(f"{log.stem} exited with {proc.returncode}:\n{tail(log)}")
+                    if time.monotonic() > deadline:
+                        raise BenchError(f"{ready} not ready after 120 s:\n{tail(log)}")
+                    with contextlib.suppress(aiohttp.ClientError, OSError):
+                        async with session.get(ready, headers=headers) as r:
+                            ready = None if r.status == 200 else ready
+                    await asyncio.sleep(0.2 if ready else 0)
+            yield proc
+        except (aiohttp.ClientError, OSError) as e:
+            raise BenchError(f"{type(e).__name__}: {e}\n{log.stem} log:\n{tail(log)}") from e
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=stop_timeout)
+                except subprocess.TimeoutExpired:
+                    err.print(f"[yellow]{Path(argv[0]).name} ignored SIGTERM; killing it")
+                    proc.kill()
+                    proc.wait()
 
 
 @contextlib.asynccontextmanager
-async def serving(dsn: str) -> AsyncIterator[tuple[str, subprocess.Popen[bytes]]]:
-    """`scimledger serve` on `dsn`, ready: its origin and process. A failed connection to it
-    is reported with the end of its log."""
+async def scimledger(dsn: str) -> AsyncIterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`scimledger serve` on `dsn`, ready: its origin and process (the CPU sampled from its pid
+    and its children is one server's); BENCH_WORKERS=N runs `serve --workers N`."""
     origin = f"http://127.0.0.1:{(port := free_port())}"
-    with tempfile.TemporaryDirectory(prefix="scimledger-bench-") as tmp:
-        log = Path(tmp) / "serve.log"
-        with server_process(dsn, port, log) as proc:
-            try:
-                async with aiohttp.ClientSession() as session:
-                    await wait_ready(session, f"{origin}/readyz", proc, log)
-                yield origin, proc
-            except (aiohttp.ClientError, OSError) as e:
-                raise BenchError(f"{type(e).__name__}: {e}\nserver log:\n{tail(log)}") from e
+    argv = [str(SCIMLEDGER), "serve", "--workers", os.environ.get("BENCH_WORKERS", "1")]
+    argv += ["--port", str(port), "--database-url", dsn]
+    # One token drives the whole load: the per-token rate limit and cap on requests in flight
+    # (16 connections > its default 10) would measure themselves.
+    unlimited = {"SCIMLEDGER_RATE_LIMIT": "0", "SCIMLEDGER_MAX_CONCURRENT_PER_TOKEN": "0"}
+    async with serving(argv, f"{origin}/readyz", env={**os.environ, **unlimited}) as proc:
+        yield origin, proc
 
 
 # --- the machine

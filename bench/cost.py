@@ -15,28 +15,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import subprocess
 import sys
 import time
 import uuid
 from asyncio.subprocess import PIPE
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import aiohttp
 import orjson
 import psutil
 
 from bench.common import (
-    CHILD,
-    PATCH_OP,
     ROOT,
+    Scim,
     create_tenant,
     err,
     make_database,
     median,
     ms,
+    patch_body,
     percentile,
+    scimledger,
     serving,
     tree_cpu,
     verdict,
@@ -62,10 +62,6 @@ def _user(user_name: str, **attributes: object) -> bytes:
     return orjson.dumps({"schemas": [USER], "userName": user_name, **attributes})
 
 
-def _patch(operations: list[object]) -> bytes:
-    return orjson.dumps({"schemas": [PATCH_OP], "Operations": operations})
-
-
 def _email(i: int) -> dict[str, str]:
     return {"type": "work", "value": f"user{i:06d}@contoso.com"}
 
@@ -74,9 +70,9 @@ def _email(i: int) -> dict[str, str]:
 class Targets:
     """Resources the shapes aim at: a user holding 1000 emails, three users, a group."""
 
-    full_user: str = ""
-    members: list[str] = field(default_factory=list)
-    group: str = ""
+    full_user: str
+    members: list[str]
+    group: str
 
 
 @dataclass
@@ -138,16 +134,16 @@ SHAPES: list[Shape] = [
     Shape("POST /Users, 2 MiB of one-character member names", "POST", USERS,
           lambda t: _user(_unique("keys"), name={f"k{i}": "v" for i in range(LIMIT // 16)})),
     Shape("PATCH /Users, 1000 filtered operations on a user of 1000 emails", "PATCH", FULL,
-          lambda t: _patch([_op("replace", f'emails[value eq "user{i:06d}@contoso.com"].display',
-                                f"d{uuid.uuid4().hex[:6]}") for i in R])),
+          lambda t: patch_body([_op("replace", f'emails[value eq "{_email(i)["value"]}"].display',
+                                    f"d{uuid.uuid4().hex[:6]}") for i in R])),
     Shape("PATCH /Users, Entra-style remove listing 1000 values, on 1000 emails", "PATCH", FULL,
-          lambda t: _patch([_op("remove", "emails", [
+          lambda t: patch_body([_op("remove", "emails", [
               {"value": f"USER{i:06d}@contoso.com", "type": "x"} for i in R])])),
     Shape("PATCH /Users, 1000 operations adding emails, 2 MiB", "PATCH", FULL,
-          lambda t: _patch([_op("add", "emails", [_email(1000 + i * 40 + j) for j in range(40)])
-                            for i in R])),
+          lambda t: patch_body([_op("add", "emails", [_email(1000 + i * 40 + j) for j in range(40)])
+                                for i in R])),
     Shape("PATCH /Users, 1000 removes with 1 KB value filters (40 terms), on 1000 emails",
-          "PATCH", FULL, lambda t: _patch([_op("remove", _or_terms(i)) for i in R])),
+          "PATCH", FULL, lambda t: patch_body([_op("remove", _or_terms(i)) for i in R])),
     Shape("POST /Groups, 10,000 members (the cap; 3 users, repeated)", "POST", GROUPS,
           lambda t: _group(_members(t, 10_000))),
     Shape("POST /Groups, 2 MiB of members (3 users, repeated)", "POST", GROUPS,
@@ -155,8 +151,8 @@ SHAPES: list[Shape] = [
     Shape("POST /Groups, 2 MiB of members (distinct ids, none exists)", "POST", GROUPS,
           lambda t: _group(_fill(lambda i: {"value": str(uuid.uuid4())}, 50))),
     Shape("PATCH /Groups, 1000 operations of 40 members (2 MiB)", "PATCH", GROUP,
-          lambda t: _patch([_op("add" if i % 2 else "remove", "members", _members(t, 40))
-                            for i in R])),
+          lambda t: patch_body([_op("add" if i % 2 else "remove", "members", _members(t, 40))
+                                for i in R])),
 ]  # fmt: skip
 if os.environ.get("BENCH_COST_SHAPES"):  # e.g. "7,13": those shapes only, to see one's effect
     SHAPES = [SHAPES[int(i)] for i in os.environ["BENCH_COST_SHAPES"].split(",")]
@@ -171,40 +167,20 @@ class Measured:
     wall: float
 
 
-class Client:
-    def __init__(self, session: aiohttp.ClientSession, base: str, token: str) -> None:
-        self.session, self.base = session, base
-        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/scim+json"}
-
-    async def send(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        async with self.session.request(
-            method, self.base + path, data=body, headers=self.headers
-        ) as r:
-            return r.status, await r.read()
-
-
-async def _targets(hostile: Client) -> Targets:
-    t = Targets()
-    full = _user("full@contoso.com", emails=[_email(i) for i in range(1000)])
-    status, raw = await hostile.send("POST", "/Users", full)
-    if status != 201:
-        raise RuntimeError(f"seeding the user of 1000 emails: {status} {raw[:200]!r}")
-    t.full_user = orjson.loads(raw)["id"]
-    sent = [await hostile.send("POST", "/Users", _user(f"member{i}@contoso.com")) for i in range(3)]
-    t.members = [orjson.loads(raw)["id"] for _, raw in sent]
-    status, raw = await hostile.send("POST", "/Groups", orjson.dumps({"displayName": "Target"}))
-    t.group = orjson.loads(raw)["id"]
-    return t
+async def _targets(hostile: Scim) -> Targets:
+    full = await hostile.create("Users", _user("full@contoso.com", emails=[*map(_email, R)]))
+    members = [await hostile.create("Users", _user(f"member{i}@contoso.com")) for i in range(3)]
+    return Targets(full, members, await hostile.create("Groups", b'{"displayName": "Target"}'))
 
 
 async def _one(
-    hostile: Client, shape: Shape, body: bytes, t: Targets, server: psutil.Process
+    hostile: Scim, shape: Shape, body: bytes, t: Targets, server: psutil.Process
 ) -> Measured:
     body = _fresh(body)
     # The server's CPU and its bulk process's (service/bulk.py), which serves large bodies.
     cpu_before, started = tree_cpu(server), time.perf_counter()
     try:
-        request = hostile.send(shape.method, shape.path(t), body)
+        request = hostile.request(shape.method, shape.path(t), body)
         status, raw = await asyncio.wait_for(request, TIMEOUT)
         shown = str(status)
         if status >= 400:
@@ -215,9 +191,7 @@ async def _one(
     return Measured(shape.name, len(body), shown.strip(), tree_cpu(server) - cpu_before, wall)
 
 
-async def _hostile_load(
-    hostile: Client, bodies: list[bytes], t: Targets, stop: asyncio.Event
-) -> int:
+async def _hostile_load(hostile: Scim, bodies: list[bytes], t: Targets, stop: asyncio.Event) -> int:
     """The shapes back to back, one at a time, until `stop`; how many were sent."""
     sent = 0
     while not stop.is_set():
@@ -226,7 +200,7 @@ async def _hostile_load(
                 break
             with contextlib.suppress(TimeoutError, aiohttp.ClientError):
                 await asyncio.wait_for(
-                    hostile.send(shape.method, shape.path(t), _fresh(body)), TIMEOUT
+                    hostile.request(shape.method, shape.path(t), _fresh(body)), TIMEOUT
                 )
             sent += 1
     return sent
@@ -235,11 +209,11 @@ async def _hostile_load(
 async def _gets(origin: str, token: str, user: str, seconds: float) -> list[float]:
     samples: list[float] = []
     async with aiohttp.ClientSession() as session:
-        victim = Client(session, f"{origin}/scim/v2", token)
+        victim = Scim(session, f"{origin}/scim/v2", token)
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline:
             started = time.perf_counter()
-            status, _ = await victim.send("GET", f"/Users/{user}")
+            status, _ = await victim.request("GET", f"/Users/{user}")
             if status != 200:
                 raise RuntimeError(f"the other tenant's GET answered {status}")
             samples.append(time.perf_counter() - started)
@@ -264,15 +238,14 @@ async def cost(ctx: Ctx) -> None:
     dsn = await make_database(ctx.dsn, "bench_cost")
     samples, seconds = ctx.sizes.cost
     token, victim_token = create_tenant(dsn), create_tenant(dsn)
-    async with serving(dsn) as (origin, proc):
+    async with scimledger(dsn) as (origin, proc):
         server = psutil.Process(proc.pid)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT + 60)) as hs:
-            hostile = Client(hs, f"{origin}/scim/v2", token)
+            hostile = Scim(hs, f"{origin}/scim/v2", token)
             t = await _targets(hostile)
             bodies = [shape.body(t) for shape in SHAPES]
-            victim = Client(hs, f"{origin}/scim/v2", victim_token)
-            _, raw = await victim.send("POST", "/Users", _user("victim@contoso.com"))
-            victim_user = orjson.loads(raw)["id"]
+            victim = Scim(hs, f"{origin}/scim/v2", victim_token)
+            victim_user = await victim.create("Users", _user("victim@contoso.com"))
             measured = []
             for shape, body in zip(SHAPES, bodies, strict=True):
                 tries = [await _one(hostile, shape, body, t, server) for _ in range(samples)]
@@ -290,7 +263,7 @@ async def cost(ctx: Ctx) -> None:
                 finally:
                     stop.set()
                     sent += await load
-                with _hog():
+                async with serving([sys.executable, "-c", HOG], None):  # the default priority
                     hogged.append(await _victim(origin, victim_token, victim_user, seconds))
     worst = max(measured, key=lambda m: m.cpu)
     met = all(m.cpu <= TARGET_CPU and m.status != "no answer" for m in measured)
@@ -313,17 +286,6 @@ async def cost(ctx: Ctx) -> None:
 
 
 HOG = "while True: pass"
-
-
-@contextlib.contextmanager
-def _hog() -> Iterator[None]:
-    """A plain CPU-bound program beside the server, at the default priority."""
-    proc = subprocess.Popen([sys.executable, "-c", HOG], start_new_session=True, **CHILD)
-    try:
-        yield
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def p99s(runs: list[list[float]]) -> list[float]:

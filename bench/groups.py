@@ -14,22 +14,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from time import perf_counter
 
-import aiohttp
 import orjson
 from rich.progress import Progress
 
 from bench.common import (
     ENTERPRISE,
-    PATCH_OP,
     BenchError,
     Cpu,
+    Scim,
     create_tenant,
     drain,
     entra_body,
     ms,
+    patch_body,
     percentile,
     progress_bar,
-    send,
     verdict,
 )
 from bench.lookups import SPARE, ensure_users
@@ -52,7 +51,7 @@ def group_body(name: str, *, entra: bool = True) -> bytes:
 def members_patch(op: str, ids: Sequence[str]) -> bytes:
     """Entra's default style, for adds and for removes: the members in `value`."""
     operation = {"op": op, "path": "members", "value": [{"$ref": None, "value": i} for i in ids]}
-    return orjson.dumps({"schemas": [PATCH_OP], "Operations": [operation]})
+    return patch_body([operation])
 
 
 @dataclass
@@ -67,48 +66,35 @@ class Measured:
 class Groups:
     """The group requests on one server; every reply is checked."""
 
-    def __init__(
-        self, session: aiohttp.ClientSession, server: Server, spare: list[str], peer: bool
-    ) -> None:
-        self.session, self.server, self.spare, self.peer = session, server, spare, peer
+    def __init__(self, scim: Scim, server: Server, spare: list[str], peer: bool) -> None:
+        self.scim, self.server, self.spare, self.peer = scim, server, spare, peer
         self.turn = 0
 
-    def url(self, group_id: str) -> str:
-        return f"{self.server.base}/Groups/{group_id}"
-
-    async def create(self, name: str) -> str:
-        body = group_body(name, entra=not self.peer)
-        url = f"{self.server.base}/Groups"
-        raw = await send(self.session, "POST", url, self.server.token, body, (201,))
-        return str(orjson.loads(raw)["id"])
-
-    async def patch(self, url: str, body: bytes) -> None:
-        await send(self.session, "PATCH", url, self.server.token, body, (200, 204))
+    async def patch(self, group_id: str, body: bytes) -> None:
+        await self.scim.send("PATCH", f"/Groups/{group_id}", body, (200, 204))
 
     async def grow(self, g: Measured, members: list[str], progress: Progress) -> None:
         task = progress.add_task(f"grow → {len(members):,} members", total=len(members), rate="")
         for k in range(0, len(members), BATCH):
-            await self.patch(self.url(g.group_id), members_patch("Add", members[k : k + BATCH]))
+            await self.patch(g.group_id, members_patch("Add", members[k : k + BATCH]))
             progress.update(task, completed=min(len(members), k + BATCH))
 
     def pair(self, user: str) -> tuple[bytes, bytes]:
         if not self.peer:
             return members_patch("Add", [user]), members_patch("Remove", [user])
         remove = {"op": "remove", "path": f'members[value eq "{user}"]'}
-        body = {"schemas": [PATCH_OP], "Operations": [remove]}
-        return members_patch("Add", [user]), orjson.dumps(body)
+        return members_patch("Add", [user]), patch_body([remove])
 
     async def pairs(self, g: Measured, n: int, keep: bool = True) -> None:
         """n add/remove pairs, one request at a time, each with the next spare user."""
-        url = self.url(g.group_id)
         bodies = [self.pair(self.spare[(self.turn + k) % len(self.spare)]) for k in range(n)]
         self.turn += n
         before = self.server.meter.read()
         for add, remove in bodies:
             t0 = perf_counter()
-            await self.patch(url, add)
+            await self.patch(g.group_id, add)
             t1 = perf_counter()
-            await self.patch(url, remove)
+            await self.patch(g.group_id, remove)
             if keep:
                 g.add.append(t1 - t0)
                 g.remove.append(perf_counter() - t1)
@@ -133,7 +119,7 @@ async def measure(ctx: Ctx, server: Server, ids: dict[int, str], who: str) -> li
         ctx.notes.append(f"(3) {who}: too few users stored for the group measurements")
         return []
     members = [ids[k] for k in available[:-SPARE]]
-    run = Groups(session, server, [ids[k] for k in available[-SPARE:]], peer)
+    run = Groups(server.scim(session), server, [ids[k] for k in available[-SPARE:]], peer)
     limit = s.peer_group_timeout if peer else None
     measured: list[Measured] = []
     bounded: list[str] = []
@@ -143,7 +129,7 @@ async def measure(ctx: Ctx, server: Server, ids: dict[int, str], who: str) -> li
                 bounded.append(f"{size:,}: only {len(members):,} users stored")
                 continue
             name = f"Bench {who} Group {size:,} {uuid.uuid4().hex[:6]}"
-            g = Measured(size, await run.create(name))
+            g = Measured(size, await run.scim.create("Groups", group_body(name, entra=not peer)))
             try:
                 await asyncio.wait_for(run.grow(g, members[:size], progress), limit)
             except TimeoutError:
@@ -220,7 +206,7 @@ async def entra_cycle(
     """Entra's initial cycle with `connections`: users (lookup, create), managers, groups
     (lookup, create), then memberships in PATCHes of ≤ MEMBER_BATCH; (requests, CPU)."""
     (session, ours), (n_users, n_groups, n_members) = ctx.http(), ctx.sizes.cycle
-    base, rng = ours.base, random.Random(8)
+    scim, rng = Scim(session, ours.base, token), random.Random(8)
     run = uuid.uuid4().hex[:6]
     ids: list[str] = [""] * n_users
     group_ids: list[str] = [""] * n_groups
@@ -229,34 +215,33 @@ async def entra_cycle(
     what = f"Entra cycle {n_users:,}/{n_groups}/{n_members:,}, {connections} connections"
     task = progress.add_task(what, total=total, rate="")
 
-    async def call(method: str, url: str, body: bytes | None, expect: tuple[int, ...]) -> bytes:
+    async def call(method: str, path: str, body: bytes | None, expect: tuple[int, ...]) -> bytes:
         nonlocal requests
-        raw = await send(session, method, url, token, body, expect)
+        raw = await scim.send(method, path, body, expect)
         requests += 1
         progress.advance(task)
         return raw
 
     async def absent(kind: str, attribute: str, value: str, extra: str = "") -> None:
         quoted = value.replace("@", "%40").replace(" ", "+")
-        url = f"{base}/{kind}?{extra}filter={attribute}+eq+%22{quoted}%22"
-        if orjson.loads(await call("GET", url, None, (200,)))["totalResults"] != 0:
+        path = f"/{kind}?{extra}filter={attribute}+eq+%22{quoted}%22"
+        if orjson.loads(await call("GET", path, None, (200,)))["totalResults"] != 0:
             raise BenchError(f"{value} should not exist yet")
 
     async def user(i: int) -> None:
         name = f"Cycle_{run}_{i:06d}@Contoso.com"
         await absent("Users", "userName", name)
-        created = await call("POST", f"{base}/Users", entra_body(i, name), (201,))
+        created = await call("POST", "/Users", entra_body(i, name), (201,))
         ids[i] = orjson.loads(created)["id"]
 
     async def manager(i: int) -> None:
         op = {"op": "add", "path": f"{ENTERPRISE}:manager", "value": ids[(i - 1) // 10]}
-        patch = orjson.dumps({"schemas": [PATCH_OP], "Operations": [op]})
-        await call("PATCH", f"{base}/Users/{ids[i]}", patch, (200, 204))
+        await call("PATCH", f"/Users/{ids[i]}", patch_body([op]), (200, 204))
 
     async def group(g: int) -> None:
         display = f"Cycle {run} Group {g:04d}"
         await absent("Groups", "displayName", display, "excludedAttributes=members&")
-        created = await call("POST", f"{base}/Groups", group_body(display), (201,))
+        created = await call("POST", "/Groups", group_body(display), (201,))
         group_ids[g] = orjson.loads(created)["id"]
 
     batches: list[tuple[int, list[int]]] = []
@@ -268,7 +253,7 @@ async def entra_cycle(
     async def members(b: int) -> None:
         g, chosen = batches[b]
         body = members_patch("Add", [ids[u] for u in chosen])
-        await call("PATCH", f"{base}/Groups/{group_ids[g]}", body, (200, 204))
+        await call("PATCH", f"/Groups/{group_ids[g]}", body, (200, 204))
 
     before = ours.meter.read()
     await drain(range(n_users), user, connections)

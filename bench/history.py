@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from asyncpg import Connection
 from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import StoredEvent
 from rich.progress import Progress
@@ -21,11 +22,15 @@ from bench.common import connected
 from domain.group import Group
 from domain.request import ProvisioningRequest
 from domain.user import User
-from infra.database import create_pool
+from infra.config import Settings
+from infra.database import create_pool, open_database
 from infra.eventstore import EventStore
 from infra.migrations import migrate
 from infra.tenants import create_tenant
 from infra.transcoder import make_mapper
+from projections.registry import PROJECTIONS
+from projections.runner import Runner
+from projections.state import register
 
 Event = DomainEventProtocol[uuid.UUID]
 
@@ -347,14 +352,15 @@ class TenantHistory:
 
 
 async def seed(
-    dsn: str, budgets: list[int], progress: Progress, *, recorded: bool, chunk: int = 0
+    dsn: str, total: int, tenants: int, progress: Progress, *, recorded: bool, chunk: int = 0
 ) -> list[tuple[str, TenantHistory]]:
-    """A tenant per budget (`infra.tenants.create_tenant`), its history appended: each tenant's
-    requests in order on a connection of its own, tenants concurrently (up to 8 at once).
+    """`total` split between `tenants` (`infra.tenants.create_tenant`), the histories appended:
+    each tenant's requests in order on a connection of its own, tenants concurrently (up to 8).
     chunk=0: one transaction per request with its change id, as the service appends them (the
     audit projection makes one entry per transaction); else `chunk` events or more to a
     transaction, never splitting a request. Seeding commits need not wait for their WAL flush
     (synchronous_commit=off: the measurements run with the server's own settings)."""
+    budgets = [total // tenants + (i < total % tenants) for i in range(tenants)]
     async with connected(dsn) as conn:
         await migrate(conn)
         names = [f"bench-{i:03d}-{uuid.uuid4().hex[:6]}" for i in range(len(budgets))]
@@ -368,7 +374,7 @@ async def seed(
     pool = await create_pool(dsn, min_size=size, max_size=size, server_settings=settings)
     store, mapper = EventStore(pool), make_mapper()
     unit = "requests" if recorded else "events"
-    task = progress.add_task(f"seed {sum(budgets):,} {unit}", total=sum(budgets), rate="")
+    task = progress.add_task(f"seed {total:,} {unit}", total=total, rate="")
 
     async def writer(h: TenantHistory) -> None:
         async with pool.acquire() as conn:
@@ -392,3 +398,25 @@ async def seed(
         await store.close()
         await pool.close()
     return list(zip(names, histories, strict=True))
+
+
+async def settle(conn: Connection) -> None:
+    """What autovacuum would have done by now to the seeded log; and no checkpoint due mid-run."""
+    await conn.execute("VACUUM ANALYZE stored_events")
+    await conn.execute("CHECKPOINT")
+
+
+async def catch_up(dsn: str, names: list[str], progress: Progress) -> None:
+    """Bring projections to the head with their own runner's step, as `serve` would."""
+    async with open_database(Settings(database_url=dsn, run_projections=False)) as db:
+        conn = await db.connect()
+        try:
+            await register(conn, list(PROJECTIONS.values()))
+            for name in names:
+                runner = Runner(db, PROJECTIONS[name], batch_size=5000)
+                task = progress.add_task(f"{name} runner catch-up", total=None, rate="")
+                while await runner.step(conn):
+                    progress.update(task, completed=runner.applied)
+                progress.update(task, total=runner.applied)
+        finally:
+            await conn.close()

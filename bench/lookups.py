@@ -10,7 +10,7 @@ import aiohttp
 import orjson
 
 from bench import wrk
-from bench.common import NAME_FORMAT, drain, entra_body, ms, progress_bar, send, verdict
+from bench.common import NAME_FORMAT, drain, entra_body, ms, progress_bar, verdict
 from bench.common import wait_for_projections as caught_up
 from bench.posts import row_maker, seed_users, wrk_phase
 from bench.table import CONCURRENCY, Ctx, Row, Server
@@ -22,7 +22,7 @@ class PeerSeeder:
     """Users 0, 1, … through the peer's POST /Users at concurrency 16, their ids kept."""
 
     def __init__(self, session: aiohttp.ClientSession, peer: Server, ids: dict[int, str]) -> None:
-        self.session, self.ids, self.peer = session, ids, peer
+        self.scim, self.ids = peer.scim(session), ids
         self.stored = 0  # users of whole seeding steps
         self.landed = 0  # users it answered 201 for
         # Set once its growth timed out: it is grown no further (POSTs cut short by the timeout
@@ -36,11 +36,8 @@ class PeerSeeder:
 
         async def one(i: int) -> None:
             bodies[i - first].pop("manager", None)
-            data = orjson.dumps(bodies[i - first])
-            url, token = f"{self.peer.base}/Users", self.peer.token
-            raw = await send(self.session, "POST", url, token, data, (201,))
+            self.ids[i] = await self.scim.create("Users", orjson.dumps(bodies[i - first]))
             self.landed += 1
-            self.ids[i] = orjson.loads(raw)["id"]
 
         await drain(range(first, target), one, CONCURRENCY)
         self.stored = max(self.stored, target)

@@ -9,6 +9,7 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -86,38 +87,46 @@ async def row_maker(dsn: str, token: str) -> RowMaker:
     return RowMaker(principal.tenant_id, principal.token_name)
 
 
+async def insert(
+    pool: asyncpg.Pool, n: int, args: Callable[[int], tuple[Any, ...]], workers: int,
+    progress: Progress, task: str,
+) -> list[float]:  # fmt: skip
+    """POST_ROWS_SQL with args(i) for i in range(n), on `workers` connections of `pool`; the
+    seconds of each statement."""
+    latencies, counter, shown = [0.0] * n, iter(range(n)), progress.add_task(task, total=n, rate="")
+
+    async def worker() -> None:
+        async with pool.acquire() as conn:
+            for i in counter:
+                row, t0 = args(i), time.perf_counter()
+                await conn.execute(POST_ROWS_SQL, *row)
+                latencies[i] = time.perf_counter() - t0
+                progress.advance(shown)
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return latencies
+
+
 async def seed_users(ctx: Ctx, maker: RowMaker, last: int, progress: Progress, keep: int) -> float:
     """Users ctx.stored..last-1 (NAME_FORMAT), straight into the store; seconds. The
     ids of users below `keep` go to ctx.ids (the group members)."""
-    first, ids = ctx.stored, ctx.ids
+    first, started = ctx.stored, time.perf_counter()
     if last <= first:
         return 0.0
     ctx.stored = last
+
+    def made(k: int) -> tuple[Any, ...]:
+        user_id, row = maker.make(entra_body(first + k))
+        if first + k < keep:
+            ctx.ids[first + k] = str(user_id)
+        return row
+
     settings = {"synchronous_commit": "off"}
     pool = await create_pool(ctx.dsn, min_size=4, max_size=4, server_settings=settings)
-    task = progress.add_task(f"seed users → {last:,}", total=last - first, rate="")
-    counter = iter(range(first, last))
-    done = 0
-    started = time.perf_counter()
-
-    async def worker() -> None:
-        nonlocal done
-        async with pool.acquire() as conn:
-            for i in counter:
-                user_id, args = maker.make(entra_body(i))
-                await conn.execute(POST_ROWS_SQL, *args)
-                if i < keep:
-                    ids[i] = str(user_id)
-                done += 1
-                if done % 500 == 0:
-                    rate = done / (time.perf_counter() - started)
-                    progress.update(task, completed=done, rate=f"{rate:,.0f}/s")
-
     try:
-        await asyncio.gather(*(worker() for _ in range(4)))
+        await insert(pool, last - first, made, 4, progress, f"seed users → {last:,}")
     finally:
         await pool.close()
-    progress.update(task, completed=done)
     return time.perf_counter() - started
 
 
@@ -137,21 +146,9 @@ async def floor(ctx: Ctx, maker: RowMaker, progress: Progress) -> tuple[float, l
     pool = await asyncpg.create_pool(
         ctx.dsn, min_size=CONCURRENCY, max_size=CONCURRENCY, init=jsonb
     )
-    latencies = [0.0] * n
-    counter = iter(range(n))
-    task = progress.add_task("floor: plain asyncpg", total=n, rate="")
-
-    async def worker() -> None:
-        async with pool.acquire() as conn:
-            for i in counter:
-                t0 = time.perf_counter()
-                await conn.execute(POST_ROWS_SQL, *rows[i])
-                latencies[i] = time.perf_counter() - t0
-                progress.advance(task)
-
     try:
         before = meter.read()
-        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+        latencies = await insert(pool, n, rows.__getitem__, CONCURRENCY, progress, "floor")
         cpu = meter.since(before)
     finally:
         await pool.close()

@@ -8,7 +8,6 @@ import contextlib
 import os
 import signal
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -20,7 +19,7 @@ import click
 import psutil
 import uvloop
 from rich.console import Console
-from rich.table import Table
+from rich.markdown import Markdown
 
 from bench import wrk
 from bench.audit import audit
@@ -28,7 +27,6 @@ from bench.common import (
     ROOT,
     BenchError,
     Meter,
-    child_process,
     create_tenant,
     durable_postgres,
     err,
@@ -36,8 +34,8 @@ from bench.common import (
     machine_description,
     postgres_facts,
     revision,
+    scimledger,
     serving,
-    wait_ready,
 )
 from bench.cost import cost
 from bench.extensions import extensions
@@ -46,7 +44,7 @@ from bench.groups import cycle, groups
 from bench.lookups import lookups
 from bench.posts import post_users
 from bench.rebuild import rebuild
-from bench.table import COLUMNS, CONCURRENCY, FULL, QUICK, Ctx, Server, render_markdown
+from bench.table import CONCURRENCY, FULL, QUICK, Ctx, Server, render_markdown
 
 PEER = ROOT / ".venv" / "bin" / "scim2-server"
 DIR = click.Path(file_okay=False, path_type=Path)
@@ -62,74 +60,65 @@ ROWS: list[tuple[str, Callable[[Ctx], Awaitable[None]], bool]] = [
 PARTS = ("peer", *(name for name, _, _ in ROWS))
 
 
-async def over_http(ctx: Ctx, rows: list[Callable[[Ctx], Awaitable[None]]], tmp: Path) -> None:
+async def over_http(ctx: Ctx, rows: list[Callable[[Ctx], Awaitable[None]]]) -> None:
     """The rows that talk to `scimledger serve` (and the peer), with both up meanwhile."""
     peer_port, peer_token, token = free_port(), uuid.uuid4().hex, create_tenant(ctx.dsn)
-    with contextlib.ExitStack() as servers:
-        peer = None
+    connector = aiohttp.TCPConnector(limit=CONCURRENCY, limit_per_host=CONCURRENCY)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with contextlib.AsyncExitStack() as servers:
         if "peer" in ctx.skip:
             ctx.notes.append("(8) the peer was skipped (--skip peer)")
         elif not PEER.exists():
             ctx.notes.append(f"(8) the peer is not installed ({PEER}): `make bench` installs it")
         else:
+            origin = f"http://127.0.0.1:{peer_port}"
             argv = [str(PEER), "--port", str(peer_port), "--bearer-token", peer_token]
-            peer = servers.enter_context(child_process(argv, tmp / "peer.log", stop_timeout=10))
-        connector = aiohttp.TCPConnector(limit=CONCURRENCY, limit_per_host=CONCURRENCY)
-        timeout = aiohttp.ClientTimeout(total=600)
-        async with (
-            serving(ctx.dsn) as (origin, proc),
-            aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
-        ):
-            meter = Meter(psutil.Process(proc.pid), ctx.postmaster)
-            ctx.ours = Server(origin, f"{origin}/scim/v2", token, proc, meter, ctx.profile)
-            ctx.session = session
-            if peer is not None:
-                origin = f"http://127.0.0.1:{peer_port}"
-                meter = Meter(psutil.Process(peer.pid), None)
-                ctx.peer = Server(origin, f"{origin}/v2", peer_token, peer, meter)
-                headers = {"Authorization": f"Bearer {peer_token}"}
-                url = f"{ctx.peer.base}/ServiceProviderConfig"
-                await wait_ready(session, url, peer, tmp / "peer.log", headers)
-            try:
-                for row in rows:
-                    await row(ctx)
-            finally:
-                ctx.session = ctx.ours = ctx.peer = None
+            ready, auth = f"{origin}/v2/ServiceProviderConfig", f"Bearer {peer_token}"
+            started = serving(argv, ready, headers={"Authorization": auth}, stop_timeout=10)
+            peer = await servers.enter_async_context(started)
+            meter = Meter(psutil.Process(peer.pid), None)
+            ctx.peer = Server(origin, f"{origin}/v2", peer_token, peer, meter)
+        origin, proc = await servers.enter_async_context(scimledger(ctx.dsn))
+        meter = Meter(psutil.Process(proc.pid), ctx.postmaster)
+        ctx.ours = Server(origin, f"{origin}/scim/v2", token, proc, meter, ctx.profile)
+        ctx.session = await servers.enter_async_context(
+            aiohttp.ClientSession(connector=connector, timeout=timeout)
+        )
+        try:
+            for row in rows:
+                await row(ctx)
+        finally:
+            ctx.session = ctx.ours = ctx.peer = None
 
 
-async def run_rows(ctx: Ctx, tmp: Path) -> None:
+async def run_rows(ctx: Ctx) -> None:
     ctx.postmaster, ctx.pg_version = await postgres_facts(ctx.dsn)
     served = [f for name, f, http in ROWS if http and name not in ctx.skip]
     if served:
-        await over_http(ctx, served, tmp)
+        await over_http(ctx, served)
     for name, row, http in ROWS:
         if not http and name not in ctx.skip:
             await row(ctx)
 
 
 def report(ctx: Ctx, load_before: tuple[float, ...], rev: str, started: float) -> None:
+    """The table, the machine and the notes: into bench/results/, and shown."""
     ctx.rows.sort(key=lambda r: int(r.item))
     machine = machine_description(ctx.pg_version, load_before, rev)
     ctx.notes.append(f"the whole run took {time.perf_counter() - started:,.0f} s")
-    title = "scimledger benchmark" + (" (quick sizes)" if ctx.quick else "")
-    table = Table(*COLUMNS, title=title, show_lines=True)
-    for row in ctx.rows:
-        table.add_row(*row.cells())
-    out = Console(width=None if sys.stdout.isatty() else 220)
-    out.print(table)
-    out.print(machine, highlight=False)
-    for note in ctx.notes:
-        out.print(f"- {note}", highlight=False, markup=False)
     name = "quick" if ctx.quick else "latest"
     only = [n for n in PARTS[1:] if n not in ctx.skip]
     if len(only) < len(PARTS) - 1:
         name += "-" + "-".join(only)
+    name += "-set" if any(n.startswith("sizes set") for n in ctx.notes) else ""
     target = ROOT / "bench" / "results" / f"{name}.md"
-    make = "make bench-quick" if ctx.quick else "make bench"
-    stamp = f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, `{make}`"
+    title = "scimledger benchmark" + (" (quick sizes)" if ctx.quick else "")
+    stamp = f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, `make bench{'-quick' * ctx.quick}`"
+    text = render_markdown(f"{title}, {stamp}", ctx.rows, ctx.notes, machine)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(render_markdown(f"{title}, {stamp}", ctx.rows, ctx.notes, machine))
-    out.print(f"written to {target.relative_to(ROOT)}")
+    target.write_text(text)
+    Console(width=None if sys.stdout.isatty() else 220).print(Markdown(text))
+    err.print(f"written to {target.relative_to(ROOT)}")
 
 
 def parts(value: str) -> frozenset[str]:
@@ -145,8 +134,21 @@ def parts(value: str) -> frozenset[str]:
 @click.option("--only", default="", help="The rows to run (and the peer), comma-separated.")
 @click.option("--profile", type=DIR, help="py-spy profiles of the server's wrk runs, into DIR.")
 @click.option("--code", type=CHECKOUT, help="Run the servers from this checkout (PYTHONPATH).")
-def main(quick: bool, skip: str, only: str, profile: Path | None, code: Path | None) -> None:
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="A size of bench/table.py's Sizes, e.g. rebuild_events=50000, users=1000,2000,3000.",
+)
+def main(
+    quick: bool, skip: str, only: str, profile: Path | None, code: Path | None, sets: list[str]
+) -> None:  # fmt: skip
     left_out = parts(skip) | (frozenset(PARTS[1:]) - parts(only) if only else frozenset())
+    try:
+        sizes = (QUICK if quick else FULL).with_set(sets)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--set") from e
     if code is not None:
         os.environ["PYTHONPATH"] = str(code.resolve())
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -158,12 +160,13 @@ def main(quick: bool, skip: str, only: str, profile: Path | None, code: Path | N
             stack.callback(signal.signal, signal.SIGINT, signal.getsignal(signal.SIGINT))
             err.print("starting a durable embedded PostgreSQL …")
             dsn = stack.enter_context(durable_postgres())
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="scimledger-")))
             stack.callback(signal.signal, signal.SIGINT, signal.SIG_IGN)
-            ctx = Ctx(QUICK if quick else FULL, quick, dsn, skip=left_out, profile=profile)
+            ctx = Ctx(sizes, quick, dsn, skip=left_out, profile=profile)
             if left_out:
                 ctx.notes.append(f"parts left out of this run: {', '.join(sorted(left_out))}")
-            uvloop.run(run_rows(ctx, tmp))
+            if sets:
+                ctx.notes.append(f"sizes set (--set): {', '.join(sets)}")
+            uvloop.run(run_rows(ctx))
     except wrk.WrkMissing as e:
         err.print(f"[red]{e}[/red]", markup=True, highlight=False)
         sys.exit(2)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass, field
+from dataclasses import astuple, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import psutil
 
-from bench.common import Meter, err
+from bench.common import Meter, Scim, err
 
 COLUMNS = ("#", "measurement", "size", "scimledger", "scim2-server (peer)", "target", "verdict",
     "CPU in cores: client / server / postgres / other")  # fmt: skip
@@ -33,6 +35,21 @@ class Sizes:
     peer_group_timeout: float  # seconds allowed to grow one of the peer's groups
     cost: tuple[int, float]  # tries per shape, seconds of the other tenant's GETs
     extensions: tuple[int, int]  # rounds, users per tenant and round
+    rebuild_runs: int = 1  # runs with the views current; the row is the median's
+    rebuild_sealed: bool = True  # the ledger sealed, unless the code under test predates sealing
+
+    def with_set(self, assignments: Sequence[str]) -> Sizes:
+        """These sizes with `--set NAME=VALUE`s: VALUE a number (0 or 1 for a flag), or numbers
+        comma-separated for a tuple; ValueError for a NAME or VALUE that does not fit."""
+        changed: dict[str, Any] = {}
+        for name, _, value in (assignment.partition("=") for assignment in assignments):
+            if name not in (names := [f.name for f in fields(self)]):
+                raise ValueError(f"{name!r} is none of {', '.join(names)}")
+            now = getattr(self, name)
+            was = now if isinstance(now, tuple) else (now,)
+            new = [type(x)(v) for x, v in zip(was, json.loads(f"[{value}]"), strict=True)]
+            changed[name] = tuple(new) if isinstance(now, tuple) else new[0]
+        return replace(self, **changed)
 
 
 # The peer slows down as it grows (each POST and each member add scans what it holds): its
@@ -74,6 +91,9 @@ class Server:
     proc: subprocess.Popen[bytes]
     meter: Meter
     profile: Path | None = None  # py-spy records it during the measured wrk runs, into here
+
+    def scim(self, session: aiohttp.ClientSession) -> Scim:
+        return Scim(session, self.base, self.token)
 
 
 @dataclass

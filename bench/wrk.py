@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
+
+from bench.common import finished
 
 RESULT = "WRK-RESULT "
 SAMPLE = "WRK-SAMPLE "
@@ -166,23 +166,12 @@ def parse(output: str) -> dict[str, Any]:
 
 def run(origin: str, script: str, seconds: float, connections: int, threads: int = 1) -> WrkRun:
     """wrk with `script` against `origin` for `seconds`; blocks (run it in a thread)."""
-    exe = executable()
-    with tempfile.TemporaryDirectory(prefix="scimledger-wrk-") as tmp:
-        path = Path(tmp) / "script.lua"
-        path.write_text(script)
-        out = Path(tmp) / "out.txt"
-        with out.open("wb") as sink:
-            argv = [exe, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s"]
-            argv += ["--timeout", "60s", "-s", str(path), origin]
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink)
-            # wait4: the child's own rusage, reaped.
-            _, status, usage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-        text = out.read_text(errors="replace")
-    if proc.returncode != 0:
-        raise RuntimeError(f"wrk exited with {proc.returncode}:\n{text[-2000:]}")
-    found = parse(text)
+    with tempfile.NamedTemporaryFile("w", prefix="scimledger-wrk-", suffix=".lua") as lua:
+        lua.write(script)
+        lua.flush()
+        argv = [executable(), f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s"]
+        done = finished([*argv, "--timeout", "60s", "-s", lua.name, origin])
+    found = parse(done.out + done.errors)
     seconds, p50, p99 = (float(found[k]) / 1e6 for k in ("duration_us", "p50_us", "p99_us"))
     requests, bad, errors = (int(found[k]) for k in ("requests", "bad", "socket_errors"))
-    cpu = usage.ru_utime + usage.ru_stime
-    return WrkRun(requests, seconds, p50, p99, bad, errors, str(found["sample"]), cpu)
+    return WrkRun(requests, seconds, p50, p99, bad, errors, str(found["sample"]), done.cpu)
