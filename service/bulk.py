@@ -46,6 +46,7 @@ from aiohttp.typedefs import Middleware as _Middleware
 from infra import logging as logsetup
 from infra.config import Settings
 from infra.supervisor import SupervisorStatus
+from service.bulk_handoff import can_hand_off, hand_off, handoff_path, taking_handoffs
 from service.errors import ScimError
 from service.limits_cost import HeavyTokens
 from service.limits_cpu import behind_everyone
@@ -57,8 +58,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = _Middleware
 
 BULK_CLIENT = web.AppKey("bulk_client", aiohttp.ClientSession)
+# The bulk process's hand-off socket (service/bulk_handoff.py), set with BULK_CLIENT.
+BULK_HANDOFF = web.AppKey("bulk_handoff", str)
 # The client's address as the front saw it; trusted only on the bulk process's socket.
 CLIENT_HEADER = "X-Scimledger-Client"
+_CLIENT_HEADER_KEY = CLIENT_HEADER.lower().encode()
 # Headers of one hop (RFC 9110 §7.6.1), not relayed either way; the lengths are recomputed.
 _HOP = frozenset(
     h.lower()
@@ -114,6 +118,7 @@ async def _client(app: web.Application, socket: str) -> AsyncIterator[None]:
         connector=connector, timeout=timeout, auto_decompress=False
     ) as session:
         app[BULK_CLIENT] = session
+        app[BULK_HANDOFF] = handoff_path(socket)
         yield
 
 
@@ -149,9 +154,31 @@ def forward_large(threshold: int, heavy: HeavyTokens) -> Middleware:
             goes_to_bulk(request, threshold) or (goes_to_bulk(request, 0) and heavy.holds(request))
         ):
             return await handler(request)
+        if can_hand_off(request):
+            return await _hand_off(request)
         return await _relay(request)
 
     return forward
+
+
+async def _hand_off(request: web.Request) -> web.StreamResponse:
+    """The connection goes to the bulk process (service/bulk_handoff.py), which answers, logs
+    and counts the request; or, when it is away, the front's 503 with Retry-After."""
+    started = time.perf_counter()
+    if await hand_off(request, request.app[BULK_HANDOFF], _CLIENT_HEADER_KEY):
+        # Never sent: the front no longer has the connection (aiohttp's write of it fails
+        # quietly as a client gone, and the connection is forgotten).
+        return web.Response(status=204)
+    response = _refused(
+        request,
+        503,
+        "The server is restarting a process; retry later",
+        started,
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+    response.force_close()  # the rest of the body is not read
+    observe_request(request, 503, time.perf_counter() - started)
+    return response
 
 
 async def _relay(request: web.Request) -> web.StreamResponse:
@@ -239,8 +266,14 @@ async def trust_front(request: web.Request, handler: Handler) -> web.StreamRespo
     """The bulk process's first middleware: the client is who the front says it is. The
     front's scrape of this process's figures is answered here, before any other middleware."""
     from service.metrics import own_figures
-    from service.state import RELAYED_CLIENT, SETTINGS
+    from service.state import HANDED_OFF, RELAYED_CLIENT, SETTINGS
 
+    transport = request.transport
+    if transport is not None and isinstance(transport.get_extra_info("peername"), tuple):
+        # A client's own connection, handed over by a front: its address is the socket's,
+        # and it is answered (and counted) here.
+        request[HANDED_OFF] = True
+        return await handler(request)
     if request.path == "/metrics" and request.app[SETTINGS].metrics:
         return await own_figures(request)
     client = request.headers.get(CLIENT_HEADER)
@@ -285,8 +318,9 @@ class BulkProcess:
         await self.stop()
 
     def _start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        for path in (self.path, handoff_path(self.path)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         self.proc = self.context.Process(
             target=_bulk_main,
             args=(self.settings, self.path, self.messages, self.supervisor),
@@ -340,8 +374,9 @@ class BulkProcess:
             _forget_metrics(proc)
         self.messages.close()
         self.messages.join_thread()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        for path in (self.path, handoff_path(self.path)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         with contextlib.suppress(OSError):
             self.directory.rmdir()
 
@@ -393,10 +428,14 @@ async def _bulk(
             await runner.cleanup()
             messages.put(f"the bulk process cannot listen on {path}: {e.strerror}")
             return
-        settle_heap()
-        messages.put(None)
+        assert runner.server is not None
         try:
-            await stop.wait()
+            async with taking_handoffs(runner.server, handoff_path(path), settings.max_body_bytes):
+                settle_heap()
+                messages.put(None)
+                await stop.wait()
+        except OSError as e:
+            messages.put(f"the bulk process cannot listen on {handoff_path(path)}: {e.strerror}")
         finally:
             await runner.cleanup()
 
