@@ -172,8 +172,14 @@ async def _take(conn: socket.socket, server: web.Server, most: int) -> None:
                 return
             prefix = await _received(loop, conn, length, fds)
             client = socket.socket(fileno=fds.pop())
+            try:
+                # Said first: a front that gave up waiting (and answered 503 itself) has closed
+                # its end, and this fails, so the request is never answered twice.
+                await loop.sock_sendall(conn, _ACK)
+            except OSError:
+                client.close()
+                raise
             await loop.connect_accepted_socket(lambda: _Fed(server(), prefix), client)
-            await loop.sock_sendall(conn, _ACK)
     except (OSError, TimeoutError, ValueError) as e:
         log.warning("hand-off failed", error=type(e).__name__)
     finally:
