@@ -16,17 +16,20 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from aiohttp.test_utils import TestClient
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from domain.errors import InvalidValue
 from domain.user import User
+from infra.config import Settings
 from infra.database import Database
 from infra.tenants import IssuedToken, issue_token
+from service.app import create_app
 from service.commands import GroupEdit
 from service.errors import ScimError
 from service.scim.filter import (
@@ -43,7 +46,7 @@ from service.scim.group_patch import fold_operations
 from service.scim.groups import _change_from_body
 from service.scim.patch import apply_patch, parse_patch_request
 from service.scim.representation import user_document, user_from_scim
-from tests.fuzz import cost
+from tests.fuzz import cost, cpu
 from tests.fuzz import strategies as fz
 from tests.fuzz.harness import SCIM_TYPES, Harness
 from tests.test_projections import rebuild_all, settle
@@ -66,6 +69,18 @@ parser_settings = settings(
 
 
 # -- the HTTP endpoints ----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def client(settings: Settings, database: Database) -> AsyncIterator[TestClient[Any, Any]]:
+    """The app, its requests' CPU measurable on their own (tests/fuzz/cpu.py): the runners in a
+    thread of their own, the worker threads' CPU charged to the request that used them."""
+    app = create_app(cpu.without_followers(settings), database)
+    app.middlewares.insert(0, cpu.meter())
+    app.cleanup_ctx.insert(0, cpu.metered_executor_ctx)
+    async with cpu.runners_in_a_thread(settings):
+        async with TestClient(TestServer(app, host="127.0.0.1")) as c:
+            yield c
 
 
 def _seed_requests() -> list[fz.Request]:
