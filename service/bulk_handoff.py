@@ -37,7 +37,13 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
+from service.state import Handler
+
 log = structlog.get_logger("scimledger.bulk")
+
+# The client's address as the front saw it, on a request it relays; believed only from the
+# bulk process's own Unix socket, and never passed on with a connection handed over.
+CLIENT_HEADER = "X-Scimledger-Client"
 
 # The hand-off socket, beside the bulk process's HTTP socket in its private (0700) directory.
 HANDOFF_NAME = "handoff.sock"
@@ -47,7 +53,10 @@ _ACK = b"\x01"
 _LENGTH = struct.Struct("!I")
 # Past the body limit, what a request head may add (aiohttp's own limits are far lower).
 _HEAD_ALLOWANCE = 256 * 1024
-_DROPPED = frozenset({b"connection", b"keep-alive", b"proxy-connection"})
+# Hop-by-hop, and Expect: the front's aiohttp has already answered a `100-continue`.
+_DROPPED = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"expect", CLIENT_HEADER.lower().encode()}
+)
 
 
 def handoff_path(bulk_socket: str) -> str:
@@ -70,22 +79,20 @@ def can_hand_off(request: web.Request) -> bool:
     return sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
 
 
-def head(request: web.Request, dropped: bytes) -> bytes:
+def head(request: web.Request) -> bytes:
     """The request line and headers as the client sent them, asking for the connection's
-    close, without the hop-by-hop headers and without the header named `dropped`."""
+    close, without the hop-by-hop headers and without CLIENT_HEADER."""
     version = request.version
     line = f"{request.method} {request.raw_path} HTTP/{version.major}.{version.minor}"
     lines = [line.encode("utf-8", "surrogateescape")]
     lines += [
-        name + b": " + value
-        for name, value in request.raw_headers
-        if name.lower() not in _DROPPED and name.lower() != dropped
+        name + b": " + value for name, value in request.raw_headers if name.lower() not in _DROPPED
     ]
     lines.append(b"Connection: close")
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-async def hand_off(request: web.Request, path: str, dropped: bytes) -> bool:
+async def hand_off(request: web.Request, path: str) -> bool:
     """Give the request's connection to the bulk process listening on `path`. True: it now
     serves the request, and the front has forgotten the connection. False: the bulk process
     did not take it (away, restarting); the front has read part of the body and must answer
@@ -94,7 +101,7 @@ async def hand_off(request: web.Request, path: str, dropped: bytes) -> bool:
     assert transport is not None
     # Everything aiohttp took from the socket, then no more reading: synchronous, so no byte
     # arrives between the two (read_nowait may resume reading; pausing comes after it).
-    prefix = head(request, dropped) + request.content.read_nowait()
+    prefix = head(request) + request.content.read_nowait()
     transport.pause_reading()
     fd = transport.get_extra_info("socket").fileno()
     loop = asyncio.get_running_loop()
@@ -122,6 +129,27 @@ async def hand_off(request: web.Request, path: str, dropped: bytes) -> bool:
 
 
 # -- the bulk process's side -----------------------------------------------------------------
+
+
+@web.middleware
+async def trust_front(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The bulk process's first middleware: the client is who the front says it is. The
+    front's scrape of this process's figures is answered here, before any other middleware."""
+    from service.metrics import own_figures
+    from service.state import HANDED_OFF, RELAYED_CLIENT, SETTINGS
+
+    transport = request.transport
+    if transport is not None and isinstance(transport.get_extra_info("peername"), tuple):
+        # A client's own connection, handed over by a front: its address is the socket's,
+        # and it is answered (and counted) here.
+        request[HANDED_OFF] = True
+        return await handler(request)
+    if request.path == "/metrics" and request.app[SETTINGS].metrics:
+        return await own_figures(request)
+    client = request.headers.get(CLIENT_HEADER)
+    if client:
+        request[RELAYED_CLIENT] = client
+    return await handler(request)
 
 
 @contextlib.asynccontextmanager

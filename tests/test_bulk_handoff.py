@@ -193,6 +193,10 @@ async def test_several_workers_hand_off_to_their_bulk_process(fresh_dsn: str) ->
             )
             [(status, headers, body)] = _replies(raw)
             assert status == 201 and headers["connection"] == "close" and closed, body
+        # Counted once each, where they were answered (the bulk process, whose figures the
+        # workers' shared directory holds).
+        async with aiohttp.ClientSession() as http:
+            assert await _posted(http, port) == {"201": 4}
         # No process keeps a descriptor of a connection that was handed off.
         for process in (psutil.Process(proc.pid), bulk):
             served = [c for c in process.net_connections("tcp") if c.laddr.port == port]
