@@ -15,11 +15,14 @@ import copy
 import json
 import os
 import re
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -125,6 +128,38 @@ async def run_fuzz(
 async def audit_token(database: Database) -> str:
     async with database.pool.acquire() as conn:
         return (await issue_token(conn, "acme", "audit", "fuzz")).token
+
+
+def _burn(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+async def test_a_request_s_cpu_is_its_own_and_not_the_process_s() -> None:
+    """The harness's figure (tests/fuzz/cpu.py) counts the request's work on the loop and in
+    the worker threads it used, and not a busy thread of the same process beside it (where the
+    whole process's clock counted the runners' batches)."""
+    app = web.Application(middlewares=[cpu.meter()])
+    app.cleanup_ctx.append(cpu.metered_executor_ctx)
+
+    async def handler(request: web.Request) -> web.Response:
+        _burn(0.05)  # on the loop
+        await asyncio.to_thread(_burn, 0.15)  # in a worker thread
+        return web.Response(text="done")
+
+    app.router.add_get("/", handler)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        beside = threading.Thread(target=_burn, args=(0.6,))
+        process = time.process_time()
+        beside.start()
+        with cpu.RequestCpu("1") as measured:
+            async with client.get("/", headers={cpu.SEQUENCE_HEADER: "1"}) as r:
+                assert r.status == 200 and await r.text() == "done"
+        await asyncio.to_thread(beside.join)
+        process = time.process_time() - process
+    assert 0.19 < measured.seconds < 0.4, measured.seconds
+    assert process > measured.seconds + 0.5  # what the old figure would have counted
 
 
 async def test_fuzzed_requests_never_500_and_rejected_ones_write_nothing(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -33,6 +34,24 @@ SEQUENCE_HEADER = "X-Fuzz-Sequence"
 # harness takes each one's figure as its reply arrives, and sends one request at a time).
 WORKER_CPU: dict[str, Spent] = {}
 _MOST_KEPT = 1000
+
+
+class RequestCpu:
+    """Around one request sent from the app's loop thread: its CPU (`seconds`), the loop
+    thread's over the window plus what the app's meter charged to `sequence`."""
+
+    def __init__(self, sequence: str) -> None:
+        self.sequence = sequence
+        self.seconds = 0.0
+
+    def __enter__(self) -> RequestCpu:
+        self.started = time.thread_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        workers = WORKER_CPU.pop(self.sequence, None)
+        self.seconds = time.thread_time() - self.started
+        self.seconds += workers.seconds if workers is not None else 0.0
 
 
 def meter() -> Middleware:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from yarl import URL
 
 from infra.database import Database
 from service.scim.paths import canonical_path
-from tests.fuzz.cpu import SEQUENCE_HEADER, WORKER_CPU
+from tests.fuzz.cpu import SEQUENCE_HEADER, RequestCpu
 from tests.fuzz.strategies import Request
 
 ERROR_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:Error"
@@ -154,23 +153,23 @@ class Harness:
         sequence = headers[SEQUENCE_HEADER] = str(self._sequence)
         before = await self.fingerprint()
         url = self.url(request)
-        cpu = time.thread_time()  # this thread is the app's loop thread
+        measured = RequestCpu(sequence)  # this thread is the app's loop thread
         try:
-            async with self._http.request(
-                request.method, url, data=body, headers=headers, skip_auto_headers=["Content-Type"]
-            ) as response:
-                raw = await response.read()
-                status = response.status
-                reply_headers = response.headers
+            with measured:
+                async with self._http.request(
+                    request.method, url, data=body, headers=headers,
+                    skip_auto_headers=["Content-Type"],
+                ) as response:  # fmt: skip
+                    raw = await response.read()
+                    status = response.status
+                    reply_headers = response.headers
         except (TimeoutError, aiohttp.ClientError) as e:
             # e.g. an export that failed after its headers went out: the reply never ends.
             self.tried += 1
             summary = f"{request.method} {str(url)[:300]}"
             self.failures.append(Failure("no complete reply", summary, 0, repr(e)))
             return 0
-        cpu = time.thread_time() - cpu
-        workers = WORKER_CPU.pop(sequence, None)
-        cpu += workers.seconds if workers is not None else 0.0
+        cpu = measured.seconds
         self.tried += 1
         self.statuses[status] += 1
         self.kinds[_kind(request)] += 1
