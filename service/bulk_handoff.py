@@ -169,7 +169,12 @@ async def taking_handoffs(server: web.Server, path: str, max_body: int) -> Async
     async def accept() -> None:
         loop = asyncio.get_running_loop()
         while True:
-            conn, _ = await loop.sock_accept(listener)
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError as e:  # out of descriptors, say: the fronts answer 503 meanwhile
+                log.warning("hand-off not accepted", error=type(e).__name__)
+                await asyncio.sleep(0.1)
+                continue
             task = asyncio.create_task(_take(conn, server, max_body + _HEAD_ALLOWANCE))
             taking.add(task)
             task.add_done_callback(taking.discard)
