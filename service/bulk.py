@@ -7,12 +7,14 @@ behind it a few milliseconds at a time (bench.cost: another tenant's p99 went fr
 process, the bulk process: the same app on the same database, listening on a Unix socket in
 a private directory, with no projection runners and a small pool. The process that took the
 connection (the front) hands every request whose body is larger than
-SCIMLEDGER_BULK_BODY_BYTES (or of unknown length, chunked) to it as it arrives, and relays
-the reply: copying bytes between two sockets is all its event loop does for such a request.
+SCIMLEDGER_BULK_BODY_BYTES to it as it arrives, with the client's connection
+(service/bulk_handoff.py): the bulk process answers on the client's socket. A body of unknown
+length (chunked) or compressed is relayed instead (`_relay`), and so is its reply.
 
 The bulk process does everything else as if the request had come to it: authentication,
 the per-token caps, the one log line per request (with `process: bulk`), the provisioning
-log entry (with the client's address, which the front forwards). If it is down, the front
+log entry (with the client's address: its socket's, or the one the front forwards with a
+relayed request). If it is down, the front
 answers 503 with Retry-After and `serve` starts another.
 
 It also runs the asynchronous projections' runners and the feeds' producer, push delivery and
@@ -46,6 +48,9 @@ from aiohttp.typedefs import Middleware as _Middleware
 from infra import logging as logsetup
 from infra.config import Settings
 from infra.supervisor import SupervisorStatus
+from service.bulk_handoff import CLIENT_HEADER as CLIENT_HEADER
+from service.bulk_handoff import can_hand_off, hand_off, handoff_path, taking_handoffs
+from service.bulk_handoff import trust_front as trust_front
 from service.errors import ScimError
 from service.limits_cost import HeavyTokens
 from service.limits_cpu import behind_everyone
@@ -57,8 +62,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = _Middleware
 
 BULK_CLIENT = web.AppKey("bulk_client", aiohttp.ClientSession)
-# The client's address as the front saw it; trusted only on the bulk process's socket.
-CLIENT_HEADER = "X-Scimledger-Client"
+# The bulk process's hand-off socket (service/bulk_handoff.py), set with BULK_CLIENT.
+BULK_HANDOFF = web.AppKey("bulk_handoff", str)
 # Headers of one hop (RFC 9110 §7.6.1), not relayed either way; the lengths are recomputed.
 _HOP = frozenset(
     h.lower()
@@ -114,6 +119,7 @@ async def _client(app: web.Application, socket: str) -> AsyncIterator[None]:
         connector=connector, timeout=timeout, auto_decompress=False
     ) as session:
         app[BULK_CLIENT] = session
+        app[BULK_HANDOFF] = handoff_path(socket)
         yield
 
 
@@ -149,9 +155,31 @@ def forward_large(threshold: int, heavy: HeavyTokens) -> Middleware:
             goes_to_bulk(request, threshold) or (goes_to_bulk(request, 0) and heavy.holds(request))
         ):
             return await handler(request)
+        if can_hand_off(request):
+            return await _hand_off(request)
         return await _relay(request)
 
     return forward
+
+
+async def _hand_off(request: web.Request) -> web.StreamResponse:
+    """The connection goes to the bulk process (service/bulk_handoff.py), which answers, logs
+    and counts the request; or, when it is away, the front's 503 with Retry-After."""
+    started = time.perf_counter()
+    if await hand_off(request, request.app[BULK_HANDOFF]):
+        # Never sent: the front no longer has the connection (aiohttp's write of it fails
+        # quietly as a client gone, and the connection is forgotten).
+        return web.Response(status=204)
+    response = _refused(
+        request,
+        503,
+        "The server is restarting a process; retry later",
+        started,
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+    response.force_close()  # the rest of the body is not read
+    observe_request(request, 503, time.perf_counter() - started)
+    return response
 
 
 async def _relay(request: web.Request) -> web.StreamResponse:
@@ -234,21 +262,6 @@ def _refused(
     return ScimError(status, detail, headers=headers).response()
 
 
-@web.middleware
-async def trust_front(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The bulk process's first middleware: the client is who the front says it is. The
-    front's scrape of this process's figures is answered here, before any other middleware."""
-    from service.metrics import own_figures
-    from service.state import RELAYED_CLIENT, SETTINGS
-
-    if request.path == "/metrics" and request.app[SETTINGS].metrics:
-        return await own_figures(request)
-    client = request.headers.get(CLIENT_HEADER)
-    if client:
-        request[RELAYED_CLIENT] = client
-    return await handler(request)
-
-
 # -- the process ---------------------------------------------------------------------------
 
 
@@ -285,8 +298,9 @@ class BulkProcess:
         await self.stop()
 
     def _start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        for path in (self.path, handoff_path(self.path)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         self.proc = self.context.Process(
             target=_bulk_main,
             args=(self.settings, self.path, self.messages, self.supervisor),
@@ -340,8 +354,9 @@ class BulkProcess:
             _forget_metrics(proc)
         self.messages.close()
         self.messages.join_thread()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        for path in (self.path, handoff_path(self.path)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         with contextlib.suppress(OSError):
             self.directory.rmdir()
 
@@ -393,10 +408,14 @@ async def _bulk(
             await runner.cleanup()
             messages.put(f"the bulk process cannot listen on {path}: {e.strerror}")
             return
-        settle_heap()
-        messages.put(None)
+        assert runner.server is not None
         try:
-            await stop.wait()
+            async with taking_handoffs(runner.server, handoff_path(path), settings.max_body_bytes):
+                settle_heap()
+                messages.put(None)
+                await stop.wait()
+        except OSError as e:
+            messages.put(f"the bulk process cannot listen on {handoff_path(path)}: {e.strerror}")
         finally:
             await runner.cleanup()
 

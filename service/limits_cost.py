@@ -18,9 +18,10 @@ the loop, with no worker thread) is never marked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextvars import ContextVar
 from typing import Any, TypeVar
@@ -62,6 +63,16 @@ class MeteredExecutor(ThreadPoolExecutor):
         if spent is None:
             return super().submit(fn, *args, **kwargs)
         return super().submit(_metered, spent, fn, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def charged_to(spent: Spent) -> Iterator[Spent]:
+    """Within: what MeteredExecutor runs for this context (a request) is added to `spent`."""
+    reset = _SPENT.set(spent)
+    try:
+        yield spent
+    finally:
+        _SPENT.reset(reset)
 
 
 def _metered(spent: Spent, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -123,11 +134,10 @@ def metered(heavy: HeavyTokens, most: float) -> Middleware:
         if PRINCIPAL not in request:
             return await handler(request)
         spent = Spent()
-        reset = _SPENT.set(spent)
         try:
-            return await handler(request)
+            with charged_to(spent):
+                return await handler(request)
         finally:
-            _SPENT.reset(reset)
             if spent.seconds > most:
                 key = _key(request)
                 if key is not None and heavy.mark(key):

@@ -33,7 +33,7 @@ from infra import metrics as m
 from infra.supervisor import SupervisorStatus
 from projections import state
 from projections.registry import PROJECTIONS
-from service.state import DATABASE, SETTINGS, SUPERVISOR
+from service.state import DATABASE, HANDED_OFF, SETTINGS, SUPERVISOR
 
 # Bounds the work of one scrape when a projection is far behind: the gauge then reads "at least".
 _LAG_COUNT_CAP = 10_000
@@ -54,9 +54,10 @@ def multiprocess_dir() -> str | None:
 
 def observe_request(request: web.Request, status: int, seconds: float) -> None:
     """Count one answered request under its route template (never the raw path). Not on the
-    bulk process: the front that relayed the request counts it (service/bulk.py)."""
+    bulk process for a request a front relayed: that front counts it (service/bulk.py); a
+    connection handed over (service/bulk_handoff.py) is answered, and counted, there."""
     settings = request.app.get(SETTINGS)
-    if settings is not None and settings.bulk_peer:
+    if settings is not None and settings.bulk_peer and not request.get(HANDED_OFF, False):
         return
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"

@@ -32,6 +32,8 @@ REQUEST_ID = web.RequestKey("request_id", str)
 CLIENT_REQUEST_ID = web.RequestKey("client_request_id", str)
 # The client's address as the front process saw it, on a request it relayed (service/bulk.py).
 RELAYED_CLIENT = web.RequestKey("relayed_client", str)
+# On the bulk process: a request on a client's connection that a front handed over to it.
+HANDED_OFF = web.RequestKey("handed_off", bool)
 REQUEST_CONTEXT = web.RequestKey("request_context", Any)  # service.outcomes.RequestContext
 PRINCIPAL = web.RequestKey("principal", Principal)
 # The digest of a bearer token that could not be checked (the database away): the request's

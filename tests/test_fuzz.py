@@ -15,18 +15,24 @@ import copy
 import json
 import os
 import re
+import threading
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from aiohttp.test_utils import TestClient
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from domain.errors import InvalidValue
 from domain.user import User
+from infra.config import Settings
 from infra.database import Database
 from infra.tenants import IssuedToken, issue_token
+from service.app import create_app
 from service.commands import GroupEdit
 from service.errors import ScimError
 from service.scim.filter import (
@@ -43,7 +49,7 @@ from service.scim.group_patch import fold_operations
 from service.scim.groups import _change_from_body
 from service.scim.patch import apply_patch, parse_patch_request
 from service.scim.representation import user_document, user_from_scim
-from tests.fuzz import cost
+from tests.fuzz import cost, cpu
 from tests.fuzz import strategies as fz
 from tests.fuzz.harness import SCIM_TYPES, Harness
 from tests.test_projections import rebuild_all, settle
@@ -66,6 +72,18 @@ parser_settings = settings(
 
 
 # -- the HTTP endpoints ----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def client(settings: Settings, database: Database) -> AsyncIterator[TestClient[Any, Any]]:
+    """The app, its requests' CPU measurable on their own (tests/fuzz/cpu.py): the runners in a
+    thread of their own, the worker threads' CPU charged to the request that used them."""
+    app = create_app(cpu.without_followers(settings), database)
+    app.middlewares.insert(0, cpu.meter())
+    app.cleanup_ctx.insert(0, cpu.metered_executor_ctx)
+    async with cpu.runners_in_a_thread(settings):
+        async with TestClient(TestServer(app, host="127.0.0.1")) as c:
+            yield c
 
 
 def _seed_requests() -> list[fz.Request]:
@@ -110,6 +128,38 @@ async def run_fuzz(
 async def audit_token(database: Database) -> str:
     async with database.pool.acquire() as conn:
         return (await issue_token(conn, "acme", "audit", "fuzz")).token
+
+
+def _burn(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+async def test_a_request_s_cpu_is_its_own_and_not_the_process_s() -> None:
+    """The harness's figure (tests/fuzz/cpu.py) counts the request's work on the loop and in
+    the worker threads it used, and not a busy thread of the same process beside it (where the
+    whole process's clock counted the runners' batches)."""
+    app = web.Application(middlewares=[cpu.meter()])
+    app.cleanup_ctx.append(cpu.metered_executor_ctx)
+
+    async def handler(request: web.Request) -> web.Response:
+        _burn(0.05)  # on the loop
+        await asyncio.to_thread(_burn, 0.15)  # in a worker thread
+        return web.Response(text="done")
+
+    app.router.add_get("/", handler)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        beside = threading.Thread(target=_burn, args=(0.6,))
+        process = time.process_time()
+        beside.start()
+        with cpu.RequestCpu("1") as measured:
+            async with client.get("/", headers={cpu.SEQUENCE_HEADER: "1"}) as r:
+                assert r.status == 200 and await r.text() == "done"
+        await asyncio.to_thread(beside.join)
+        process = time.process_time() - process
+    assert 0.19 < measured.seconds < 0.4, measured.seconds
+    assert process > measured.seconds + 0.5  # what the old figure would have counted
 
 
 async def test_fuzzed_requests_never_500_and_rejected_ones_write_nothing(

@@ -4,9 +4,9 @@ For every request: status < 500; a 4xx carries a SCIM Error body whose `status` 
 status and whose scimType, if any, is one RFC 7644 / RFC 9865 define; and a rejected request
 appends no event but its own audit record (RequestRecorded, outcome failure) and changes no
 row of the users and groups views. Failures are collected, not raised, so one run reports all
-of them. The CPU each request took (this process's: the app runs in it) is kept: the report
-names the slowest, and `max_cpu` (SCIMLEDGER_FUZZ_MAX_CPU in `make fuzz`) makes one past it a
-failure.
+of them. The CPU each request took (the app's loop thread and the request's worker threads:
+tests/fuzz/cpu.py) is kept: the report names the slowest, and `max_cpu`
+(SCIMLEDGER_FUZZ_MAX_CPU in `make fuzz`) makes one past it a failure.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from yarl import URL
 
 from infra.database import Database
 from service.scim.paths import canonical_path
+from tests.fuzz.cpu import SEQUENCE_HEADER, RequestCpu
 from tests.fuzz.strategies import Request
 
 ERROR_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:Error"
@@ -86,6 +86,7 @@ class Harness:
     max_cpu: float | None = None
     slowest_cpu: float = 0.0
     slowest: str = ""
+    _sequence: int = 0
     _http: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Harness:
@@ -148,28 +149,32 @@ class Harness:
         if "X-Request-Id" not in request.headers:
             headers["X-Request-Id"] = f"fuzz-{uuid.uuid4().hex}"
         body = None if request.body is None else self.fill_bytes(request.body)
+        self._sequence += 1
+        sequence = headers[SEQUENCE_HEADER] = str(self._sequence)
         before = await self.fingerprint()
         url = self.url(request)
-        cpu = time.process_time()
+        measured = RequestCpu(sequence)  # this thread is the app's loop thread
         try:
-            async with self._http.request(
-                request.method, url, data=body, headers=headers, skip_auto_headers=["Content-Type"]
-            ) as response:
-                raw = await response.read()
-                status = response.status
-                reply_headers = response.headers
+            with measured:
+                async with self._http.request(
+                    request.method, url, data=body, headers=headers,
+                    skip_auto_headers=["Content-Type"],
+                ) as response:  # fmt: skip
+                    raw = await response.read()
+                    status = response.status
+                    reply_headers = response.headers
         except (TimeoutError, aiohttp.ClientError) as e:
             # e.g. an export that failed after its headers went out: the reply never ends.
             self.tried += 1
             summary = f"{request.method} {str(url)[:300]}"
             self.failures.append(Failure("no complete reply", summary, 0, repr(e)))
             return 0
-        cpu = time.process_time() - cpu
+        cpu = measured.seconds
         self.tried += 1
         self.statuses[status] += 1
         self.kinds[_kind(request)] += 1
         path = canonical_path(url.raw_path) or url.raw_path  # /scim/v2//users/ is /Users
-        shown = {k: v for k, v in headers.items() if k != "Authorization"}
+        shown = {k: v for k, v in headers.items() if k not in ("Authorization", SEQUENCE_HEADER)}
         summary = f"{request.method} {str(url)[:300]} {shown} body={(body or b'')[:300]!r}"
 
         def fail(what: str) -> None:
