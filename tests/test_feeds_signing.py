@@ -132,7 +132,7 @@ async def test_a_notice_stream_reads_sealed_events_as_unsealing_them_would(
         await database.store.load_keys(conn, records)
         shaped: list[tuple[Any, ...]] = []
         unsealed: list[tuple[Any, ...]] = []
-        for transaction in build.transactions(records):
+        for transaction in build.by_request(records):
             valued = {id(r) for r in transaction if build.holds_values(r)}
             notice = await made._decoded(conn, transaction, valued)
             full = [database.store.to_domain(r) for r in transaction]

@@ -34,12 +34,12 @@ from service.feeds.build import (
     StreamView,
     Token,
     Unsigned,
+    by_request,
     emit,
     holds_values,
     method_of,
     needs_resource,
     shape_of,
-    transactions,
     txn_of,
 )
 from service.feeds.keys import KeyRing
@@ -287,7 +287,7 @@ class Producer:
         pooled = len(records) >= POOL_FROM and SIGNERS.workers > 0
         signed: list[asyncio.Future[list[Token]]] = []
         out: list[Unsigned] = []
-        for transaction in transactions(records):
+        for transaction in by_request(records):
             decoded = await self._decoded(conn, transaction, unsealed)
             method = method_of(decoded)
             changes = sets.changes_of(decoded)
