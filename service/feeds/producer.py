@@ -88,6 +88,7 @@ class Producer(Builder):
         self.active = False
         self.produced = 0
         self.held = 0  # steps that found their stream's outbox full
+        self.built_ahead = 0  # steps that stored a batch built ahead (batch.Ahead)
         self.woken = asyncio.Event()
         self.freed = False  # woken by acknowledgements (FEED_CHANNEL), not by new commits
         # Set (and replaced) when a step has stored SETs: a waiting long poll of this
@@ -184,6 +185,7 @@ class Producer(Builder):
             catching_up = len(batch) >= self.batch_size
             mine = [r for r in batch if r.tenant_id == stream.tenant_id]
             built = ahead.built if ahead is not None else None
+            self.built_ahead += ahead is not None
             with young_objects_kept(catching_up):
                 if built is None and mine:
                     built = await self._build(conn, stream, mine, row["kid"], row["epoch"])
