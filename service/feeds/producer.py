@@ -7,7 +7,8 @@ and moves that stream's checkpoint in the same transaction, with the stream's ro
 SET survives restarts, a redelivery resends the same token, and a SET produced again after a
 lost commit carries the same `jti` (derived from the event it reports, build.Signer). A stream
 with `MAX_PENDING` SETs not yet delivered waits (its checkpoint stays), so a consumer that
-stops polling costs a bounded table, not an unbounded one.
+stops polling costs a bounded table, not an unbounded one. In a catch-up the next batch is
+read and its SETs built while a step's are signed and stored (service/feeds/batch.py).
 """
 
 from __future__ import annotations
