@@ -130,18 +130,6 @@ class Builder:
     base_url: Callable[[], str]
     keys: KeyRing
 
-    async def _sets(
-        self,
-        conn: Conn,
-        stream: Stream,
-        records: Sequence[RecordedEvent],
-        kid: str | None,
-        epoch: int = 0,
-    ) -> list[Token]:
-        """(jti, kid, compact JWS, subject) of each SET these events make for the stream, in
-        order."""
-        return await (await self._build(conn, stream, records, kid, epoch)).signed()
-
     async def _build(
         self,
         conn: Conn,
