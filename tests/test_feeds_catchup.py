@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from domain.user import User
 from infra.config import Settings
 from infra.database import Database
 from infra.tenants import IssuedToken
@@ -222,3 +223,27 @@ async def test_a_push_connects_to_the_address_its_check_vetted(
     monkeypatch.setenv("SCIMLEDGER_FEED_ALLOW_PRIVATE", "0")
     with pytest.raises(TargetRefused, match="private or loopback"):
         await check_resolved(f"https://{socket.gethostname()}/set")  # /etc/hosts: 127.0.0.1
+
+
+async def test_two_requests_committed_in_one_transaction_get_two_txns(
+    database: Database, tenant: IssuedToken
+) -> None:
+    """RFC 9967 §2.2: `txn` names the SCIM request, not the database transaction. A group
+    commit holds several requests in one transaction: each request's SETs share its `txn`, the
+    next request's have their own, and the log's order holds."""
+    users = [User.provision(uuid.uuid4(), tenant.tenant_id, {"userName": f"t{i}@x.com"})
+             for i in range(3)]  # fmt: skip
+    store = database.store
+    async with database.pool.acquire() as conn, conn.transaction():
+        first = await store.append(conn, tenant.tenant_id, [*users[0].collect_events(),
+                                   *users[1].collect_events()], "request-a")  # fmt: skip
+        second = await store.append(conn, tenant.tenant_id, users[2].collect_events(), "request-b")
+    assert {r.transaction_id for r in first + second} == {first[0].transaction_id}
+    stream = await _stream(database, "txn", full=False)
+    tokens = await _produce(database, Producer(database, lambda: BASE), stream)
+    claims = [jwt.decode(t, options={"verify_signature": False}) for t in tokens]
+    assert [(c["sub_id"]["uri"], c["txn"]) for c in claims] == [
+        (f"/Users/{users[0].id}", "request-a"),
+        (f"/Users/{users[1].id}", "request-a"),
+        (f"/Users/{users[2].id}", "request-b"),
+    ]

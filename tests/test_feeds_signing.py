@@ -15,7 +15,7 @@ from infra.config import Settings
 from infra.database import Database
 from infra.eventstore import START
 from infra.tenants import IssuedToken
-from service.feeds import build, producer, sets, signing
+from service.feeds import batch, build, sets, signing
 from service.feeds.keys import current_key, jwks
 from service.feeds.producer import Producer, read_log
 from tests.test_entra_users import create as create_user
@@ -52,14 +52,14 @@ async def test_the_signer_processes_sign_what_the_producer_alone_signs(
             await patch_user(client, auth, user["id"], off)
     stream_id = await _stream(database, "signed", full=full)
     monkeypatch.setattr(build, "clock", lambda: 1_700_000_000.0)  # one iat for all runs
-    monkeypatch.setattr(producer, "SIGNERS", signing.SignerPool(0))
+    monkeypatch.setattr(batch, "SIGNERS", signing.SignerPool(0))
     alone = await _produce(database, Producer(database, lambda: BASE), stream_id)
 
     pool = signing.SignerPool(2)
     monkeypatch.setattr(build, "SIGNERS", pool)
-    monkeypatch.setattr(producer, "SIGNERS", pool)
-    monkeypatch.setattr(producer, "POOL_FROM", 1)  # every step through the pool,
-    monkeypatch.setattr(producer, "CHUNK", 3)  # in chunks that split transactions
+    monkeypatch.setattr(batch, "SIGNERS", pool)
+    monkeypatch.setattr(batch, "POOL_FROM", 1)  # every step through the pool,
+    monkeypatch.setattr(batch, "CHUNK", 3)  # in chunks that split transactions
     await _replay(database, stream_id)
     try:
         pooled = await _produce(database, Producer(database, lambda: BASE), stream_id)
@@ -132,7 +132,7 @@ async def test_a_notice_stream_reads_sealed_events_as_unsealing_them_would(
         await database.store.load_keys(conn, records)
         shaped: list[tuple[Any, ...]] = []
         unsealed: list[tuple[Any, ...]] = []
-        for transaction in build.transactions(records):
+        for transaction in build.by_request(records):
             valued = {id(r) for r in transaction if build.holds_values(r)}
             notice = await made._decoded(conn, transaction, valued)
             full = [database.store.to_domain(r) for r in transaction]

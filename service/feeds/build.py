@@ -156,10 +156,15 @@ def shape_of(record: RecordedEvent) -> Any:
     return made(cls, state, record.originator_id, record.originator_version)
 
 
-def transactions(records: Sequence[RecordedEvent]) -> list[list[RecordedEvent]]:
+def by_request(records: Sequence[RecordedEvent]) -> list[list[RecordedEvent]]:
+    """The records split by SCIM request, in the log's order: a request's events are one
+    append (consecutive in its transaction), and a group commit puts several requests in one
+    transaction, each with its own `txn` (RFC 9967 §2.2)."""
     out: list[list[RecordedEvent]] = []
     for record in records:
-        if out and out[-1][0].transaction_id == record.transaction_id:
+        if out and (last := out[-1][0]).transaction_id == record.transaction_id and (
+            last.request_id == record.request_id
+        ):
             out[-1].append(record)
         else:
             out.append([record])
@@ -176,7 +181,8 @@ def method_of(decoded: Sequence[Any]) -> str | None:
 
 
 def txn_of(transaction: Sequence[RecordedEvent]) -> str:
-    """txn (RFC 9967 §2.2): the request's change id, the same on every stream."""
+    """txn (RFC 9967 §2.2): the request's change id, the same on every stream (a write
+    without a request id: its transaction's)."""
     return transaction[0].request_id or f"tx-{transaction[0].transaction_id}"
 
 

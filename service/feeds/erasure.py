@@ -11,7 +11,8 @@ change as a notice, `attributes` naming what changed, with no values, and §2.1 
 The streams' rows are locked `FOR KEY SHARE`: that waits for a producer's step (it holds its
 stream `FOR UPDATE`), whose SETs are then rewritten here, while polls and pushes (which only
 update the row's counters) go on. A step after the erasure sees the subject erased
-(producer._erased) and makes notices itself.
+(batch.Builder._erased) and makes notices itself, also of SETs built ahead before the erasure
+(batch.Ahead.fits).
 """
 
 from __future__ import annotations

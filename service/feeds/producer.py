@@ -7,16 +7,16 @@ and moves that stream's checkpoint in the same transaction, with the stream's ro
 SET survives restarts, a redelivery resends the same token, and a SET produced again after a
 lost commit carries the same `jti` (derived from the event it reports, build.Signer). A stream
 with `MAX_PENDING` SETs not yet delivered waits (its checkpoint stays), so a consumer that
-stops polling costs a bounded table, not an unbounded one.
+stops polling costs a bounded table, not an unbounded one. In a catch-up the next batch is
+read and its SETs built while a step's are signed and stored (service/feeds/batch.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -26,28 +26,14 @@ from aiohttp import web
 from infra import eventstore_sql as q
 from infra.database import Database
 from infra.eventstore import NOTIFY_CHANNEL, Conn, Position, RecordedEvent
-from infra.keys import PERSONAL_MODULES, is_erased
 from projections.runner import LOCK_NAMESPACE, SESSION_LOST, idle, lead
-from service.feeds import sets
-from service.feeds.build import (
-    Signer,
-    StreamView,
-    Token,
-    Unsigned,
-    emit,
-    holds_values,
-    method_of,
-    needs_resource,
-    shape_of,
-    transactions,
-    txn_of,
-)
+from service.feeds.batch import Ahead, Builder, audience_of, issuer_of, young_objects_kept
+from service.feeds.build import Token
 from service.feeds.keys import KeyRing
-from service.feeds.signing import CHUNK, POOL_FROM, SIGNERS
 from service.feeds.streams import Stream
 
 log = structlog.get_logger("scimledger.feeds")
-_PERSONAL = tuple(m + ":" for m in PERSONAL_MODULES)
+__all__ = ["audience_of", "issuer_of"]  # where the SETs' claims are made (batch.py)
 MAX_PENDING = 10_000
 # Acknowledgements that free room in a stream's outbox wake the producer (poll.py), so a
 # stream held at MAX_PENDING resumes at once, not at the next `poll_interval`.
@@ -83,18 +69,7 @@ FOR UPDATE OF s
 """
 
 
-def issuer_of(base: str) -> str:
-    """RFC 9967 examples: `iss` is the provider; ours is the tenant's SCIM base URL."""
-    return base.rstrip("/")
-
-
-def audience_of(base: str, stream_id: uuid.UUID) -> str:
-    """`aud`: the stream (RFC 9967 §2.3.1 Figure 2 names a feed by URL)."""
-    origin = base.rstrip("/").removesuffix("/scim/v2")
-    return f"{origin}/events/{stream_id}"
-
-
-class Producer:
+class Producer(Builder):
     def __init__(
         self,
         db: Database,
@@ -114,12 +89,13 @@ class Producer:
         self.active = False
         self.produced = 0
         self.held = 0  # steps that found their stream's outbox full
+        self.built_ahead = 0  # steps that stored a batch built ahead (batch.Ahead)
         self.woken = asyncio.Event()
         self.freed = False  # woken by acknowledgements (FEED_CHANNEL), not by new commits
         # Set (and replaced) when a step has stored SETs: a waiting long poll of this
         # instance answers at once (poll.py), instead of at its next check.
         self.stored = asyncio.Event()
-        self._ahead: dict[uuid.UUID, tuple[Position, asyncio.Future[list[RecordedEvent]]]] = {}
+        self._built: dict[uuid.UUID, asyncio.Future[Ahead]] = {}  # next batches, built ahead
         # After a wake-up, wait this long for more commits: one step per stream then covers
         # many SCIM requests, instead of a handful of round trips per stream per request.
         self.coalesce = coalesce
@@ -201,17 +177,22 @@ class Producer:
                 self.held += 1
                 return 0
             position = Position(row["checkpoint_transaction"], row["checkpoint_position"])
-            batch = await self._batch(conn, stream_id, position)
+            stream = Stream.of(row)
+            depends = (stream, row["kid"], row["epoch"], self.base_url())
+            ahead = await self._built_ahead(conn, stream_id, position, depends)
+            batch = ahead.records if ahead is not None else await self._batch(conn, position)
             if not batch:
                 return 0
-            if len(batch) >= self.batch_size:  # a catch-up: read the next batch meanwhile
-                self._read_ahead(stream_id, batch[-1].position)
-            stream = Stream.of(row)
+            catching_up = len(batch) >= self.batch_size
             mine = [r for r in batch if r.tenant_id == stream.tenant_id]
-            tokens: list[Token] = []
-            if mine:
-                with _young_objects_kept(len(batch) >= self.batch_size):
-                    tokens = await self._sets(conn, stream, mine, row["kid"], row["epoch"])
+            built = ahead.built if ahead is not None else None
+            self.built_ahead += ahead is not None
+            with young_objects_kept(catching_up):
+                if built is None and mine:
+                    built = await self._build(conn, stream, mine, row["kid"], row["epoch"])
+                if catching_up:  # the next batch read and built while these are signed, stored
+                    self._read_ahead(stream, batch[-1].position, depends)
+                tokens = await built.signed() if built is not None else []
             made = await _store(conn, stream_id, tokens, batch[-1].position)
         self.produced += made
         if made:
@@ -219,134 +200,58 @@ class Producer:
             self.stored = asyncio.Event()
         return len(batch)
 
-    async def _batch(
-        self, conn: Conn, stream_id: uuid.UUID, position: Position
-    ) -> list[RecordedEvent]:
-        """The events after `position`: read ahead by the previous step if it guessed this
-        position (the committed log after a position never changes), else read now."""
-        ahead = self._ahead.pop(stream_id, None)
-        if ahead is not None:
-            at, task = ahead
-            if at == position:
-                with contextlib.suppress(Exception):  # a failed read-ahead: read again
-                    return await task
-            else:
-                _drop(task)
+    async def _built_ahead(
+        self, conn: Conn, stream_id: uuid.UUID, position: Position, depends: tuple[Any, ...]
+    ) -> Ahead | None:
+        """The batch after `position` as the previous step's build ahead made it, if it fits
+        (batch.Ahead.fits: nothing it depended on changed); else None, to be built now."""
+        task = self._built.pop(stream_id, None)
+        if task is None:
+            return None
+        ahead: Ahead | None = None
+        with contextlib.suppress(Exception):  # a failed build ahead: built again, now
+            ahead = await task
+        if ahead is not None and ahead.after == position and await ahead.fits(conn, self, depends):
+            return ahead
+        if ahead is not None and ahead.built is not None:
+            ahead.built.drop()
+        return None
+
+    async def _batch(self, conn: Conn, position: Position) -> list[RecordedEvent]:
         return await read_log(conn, position, self.batch_size)
 
-    def _read_ahead(self, stream_id: uuid.UUID, position: Position) -> None:
-        """Read the batch after `position` on another connection of the pool while this step
-        builds and signs its SETs: the database's work overlaps the producer's."""
-        old = self._ahead.pop(stream_id, None)
+    def _read_ahead(self, stream: Stream, position: Position, depends: tuple[Any, ...]) -> None:
+        """Read the batch after `position` on another connection of the pool and build its
+        SETs (batch.py) while this step's are signed and stored: the database's work, the
+        signers' and the producer's overlap. The committed log after a position never
+        changes; the next step checks that the rest still holds (batch.Ahead.fits)."""
+        old = self._built.pop(stream.id, None)
         if old is not None:
-            _drop(old[1])
-        if len(self._ahead) >= MAX_READ_AHEAD:  # each holds a connection of the pool
+            _drop(old)
+        if len(self._built) >= MAX_READ_AHEAD:  # each holds a connection of the pool
             return
-        task = asyncio.ensure_future(read_log(self.db.pool, position, self.batch_size))
-        self._ahead[stream_id] = (position, task)
+        self._built[stream.id] = asyncio.ensure_future(self._ahead_of(stream, position, depends))
+
+    async def _ahead_of(
+        self, stream: Stream, position: Position, depends: tuple[Any, ...]
+    ) -> Ahead:
+        records = await read_log(self.db.pool, position, self.batch_size)
+        mine = [r for r in records if r.tenant_id == stream.tenant_id]
+        _, kid, epoch, _ = depends
+        # A scoped stream's members are read and written in the step; a missing key is made
+        # there too.
+        if not mine or stream.scope_group is not None or kid is None:
+            built = None
+        else:
+            async with self.db.pool.acquire() as conn:
+                with young_objects_kept(len(records) >= self.batch_size):
+                    built = await self._build(conn, stream, mine, kid, epoch)
+        return Ahead(position, depends, records, built)
 
     def forget_reads(self) -> None:
-        for _, task in self._ahead.values():
+        for task in self._built.values():
             _drop(task)
-        self._ahead.clear()
-
-    async def _sets(
-        self,
-        conn: Conn,
-        stream: Stream,
-        records: Sequence[RecordedEvent],
-        kid: str | None,
-        epoch: int = 0,
-    ) -> list[Token]:
-        """(jti, kid, compact JWS, subject) of each SET these events make for the stream, in
-        order."""
-        key = await self.keys.current(conn, stream.tenant_id, kid)
-        base = self.base_url()
-        issuer, audience = issuer_of(base), audience_of(base, stream.id)
-        view = StreamView(stream.id, stream.full, stream.events, stream.scope_group)
-        sign = Signer(key, issuer, audience, stream.id, epoch)
-        # The events whose values it reads (a notice stream: those with an externalId, the
-        # others' SETs carry none): their subjects' erasures, then their data keys, one round
-        # trip each (EventStore.load_keys).
-        valued = records if view.full else [r for r in records if holds_values(r)]
-        unsealed = None if view.full else {id(r) for r in valued}  # None: all of them
-        await self._erased(conn, valued)
-        await self.db.store.load_keys(conn, valued)
-        members: set[str] | None = None
-        if stream.scope_group is not None:
-            members = {
-                str(r[0])
-                for r in await conn.fetch(
-                    "SELECT member_id FROM feed_members WHERE stream_id = $1", stream.id
-                )
-            }
-        joined: list[str] = []
-        left: list[str] = []
-        # A catch-up's SETs are signed by the signer processes, a chunk at a time while the
-        # next ones are built; a live write's few here.
-        pooled = len(records) >= POOL_FROM and SIGNERS.workers > 0
-        signed: list[asyncio.Future[list[Token]]] = []
-        out: list[Unsigned] = []
-        for transaction in transactions(records):
-            decoded = await self._decoded(conn, transaction, unsealed)
-            method = method_of(decoded)
-            changes = sets.changes_of(decoded)
-            for change in changes:
-                if needs_resource(change, method, view):
-                    change.data = await _resource_at(self.db, conn, change)
-            out += emit(changes, method, txn_of(transaction), view, members, sign, joined, left)
-            if pooled and len(out) >= CHUNK:
-                signed.append(asyncio.ensure_future(sign.pooled(out)))
-                out = []
-        if joined or left:
-            await conn.execute(
-                "DELETE FROM feed_members WHERE stream_id = $1 AND member_id = any($2::uuid[])",
-                stream.id,
-                left,
-            )
-            await conn.execute(
-                "INSERT INTO feed_members (stream_id, member_id)"
-                " SELECT $1, unnest($2::uuid[]) ON CONFLICT DO NOTHING",
-                stream.id,
-                [m for m in joined if m not in left],
-            )
-        if not signed:
-            return sign.inline(out)
-        if out:
-            signed.append(asyncio.ensure_future(sign.pooled(out)))
-        return [token for chunk in await asyncio.gather(*signed) for token in chunk]
-
-    async def _decoded(
-        self, conn: Conn, transaction: Sequence[RecordedEvent], unsealed: set[int] | None
-    ) -> list[Any]:
-        """A transaction's domain events: unsealed for a full-form stream (`unsealed` None), for
-        a notice one those in `unsealed` (build.holds_values; build.shape_of for the others)."""
-        store = self.db.store
-        sealed = transaction if unsealed is None else [r for r in transaction if id(r) in unsealed]
-        if not sealed:
-            return [shape_of(r) for r in transaction]
-        # Their keys again (a no-op when cached): the awaits of the transactions before may
-        # have let other readers evict them from the key cache (infra.keys).
-        await store.load_keys(conn, sealed)
-        if unsealed is None:
-            return [store.to_domain(r) for r in transaction]
-        return [store.to_domain(r) if id(r) in unsealed else shape_of(r) for r in transaction]
-
-    async def _erased(self, conn: Conn, records: Sequence[RecordedEvent]) -> None:
-        """Mark the subjects of these events erased whose erasure has committed (on any
-        instance: this one may still hold the key cached), before their SETs are built: an
-        erased subject's SETs are notices (build.emit). The erasure waits for this step's
-        stream lock, then rewrites what the step stored (service/feeds/erasure.py)."""
-        subjects = list({r.originator_id for r in records if r.topic.startswith(_PERSONAL)})
-        if not subjects:
-            return
-        for row in await conn.fetch(
-            "SELECT subject_id FROM subject_keys WHERE subject_id = any($1::uuid[])"
-            " AND wrapped IS NULL",
-            subjects,
-        ):
-            if not is_erased(row[0]):
-                self.db.store.keys.erased(row[0])
+        self._built.clear()
 
     async def _record_error(self, conn: Conn, stream_id: uuid.UUID, error: Exception) -> None:
         text = f"{type(error).__name__}: {error}"[:2000]
@@ -355,24 +260,6 @@ class Producer:
             await conn.execute(
                 "UPDATE feed_streams SET last_error = $2 WHERE id = $1", stream_id, text
             )
-
-
-@contextlib.contextmanager
-def _young_objects_kept(catching_up: bool) -> Iterator[None]:
-    """A catch-up batch's objects (events, changes, claims: tens per SET) live for its whole
-    step, so the collector would promote them to the oldest generation, and every quarter of
-    that generation's size so promoted runs a full collection: over a large heap (a key cache
-    of a million subjects) that cost ~50 µs per SET (bench.feeds). The cyclic collector waits
-    while a catch-up batch is built; refcounting frees the batch after, and what is left is
-    collected as usual."""
-    if not catching_up or not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 async def _store(conn: Conn, stream_id: uuid.UUID, tokens: list[Token], last: Position) -> int:
@@ -434,17 +321,6 @@ def _drop(task: asyncio.Future[Any]) -> None:
             task.exception()  # retrieved: a failed read-ahead is read again, not logged
     else:
         task.cancel()
-
-
-async def _resource_at(db: Database, conn: Conn, change: sets.Change) -> dict[str, Any] | None:
-    """The resource as it was right after the change (for `put:full` data; a group with its
-    members), by replay of its stream up to the change's version."""
-    events = [
-        db.store.to_domain(record)
-        for record in await db.store.read_stream(conn, change.resource_id)
-        if record.originator_version <= change.version
-    ]
-    return sets.replayed(change.resource_id, events)
 
 
 PRODUCER = web.AppKey("feed_producer", Producer)
