@@ -92,6 +92,11 @@ class Settings:
         default_factory=lambda: _int_env("SCIMLEDGER_MAX_QUEUED_OUTCOMES", 10000)
     )
     metrics: bool = field(default_factory=lambda: os.environ.get("SCIMLEDGER_METRICS", "1") != "0")
+    # POST /Users of concurrent requests appended in one transaction (service/group_commit.py);
+    # 0: each request in its own.
+    group_commit: bool = field(
+        default_factory=lambda: os.environ.get("SCIMLEDGER_GROUP_COMMIT", "1") != "0"
+    )
     # Events one audit time-travel request (`/audit/v1/resources/{id}?at=`) may replay.
     max_replay_events: int = field(
         default_factory=lambda: _int_env("SCIMLEDGER_MAX_REPLAY_EVENTS", 10000)

@@ -72,6 +72,8 @@ class Database:
     connect_timeout: float = 60.0
     # A session-mode URL when `dsn` goes through a transaction-pooling PgBouncer.
     direct_dsn: str | None = None
+    # Append concurrent POST /Users together (Settings.group_commit, service/group_commit.py).
+    group_commit: bool = True
 
     async def connect(self) -> asyncpg.Connection:
         """A connection outside the pool, a real session (for LISTEN, session locks and
@@ -180,6 +182,7 @@ async def open_database(
                 embedded,
                 settings.db_connect_timeout,
                 settings.direct_database_url,
+                settings.group_commit,
             )
             try:
                 if run_migrations:

@@ -39,6 +39,7 @@ from infra.records import OutOfOrder as OutOfOrder
 from infra.records import Position as Position
 from infra.records import RecentEvents as RecentEvents
 from infra.records import RecordedEvent as RecordedEvent
+from infra.records import stream_named
 from infra.sealing import SealingMapper, display_members, is_personal_topic
 
 NOTIFY_CHANNEL = "scimledger_events"
@@ -119,8 +120,30 @@ class EventStore:
         """
         if not events:
             raise ValueError("append_with needs at least one event")
+        stored, new_keys = await self.seal(conn, tenant_id, events)
+        return await self.append_sealed_with(
+            conn, tenant_id, stored, new_keys, request_id, statement, args
+        )
+
+    async def seal(
+        self, conn: Conn, tenant_id: UUID, events: Sequence[DomainEventProtocol[UUID]]
+    ) -> tuple[list[StoredEvent], list[tuple[UUID, int, bytes]]]:
+        """The events as stored (personal ones sealed), and the new subjects' keys that their
+        append must store (KeyRing.prepare)."""
         new_keys = await self.keys.prepare(conn, tenant_id, events)
-        stored = [self.mapper.to_stored_event(e) for e in events]
+        return [self.mapper.to_stored_event(e) for e in events], new_keys
+
+    async def append_sealed_with(
+        self,
+        conn: Conn,
+        tenant_id: UUID,
+        stored: Sequence[StoredEvent],
+        new_keys: Sequence[tuple[UUID, int, bytes]],
+        request_id: str | None,
+        statement: str,
+        args: Sequence[Any],
+    ) -> list[RecordedEvent]:
+        """`append_with` of events `seal` made (e.g. retried alone after a group commit)."""
         sql = _append_with(statement, first=_all_first(stored))
         return await self._insert(conn, sql, stored, tenant_id, request_id, new_keys, *args)
 
@@ -176,13 +199,13 @@ class EventStore:
             if getattr(error, "constraint_name", None) != q.PRIMARY_KEY:
                 return error  # a view's unique index, in the same statement
             metrics.CONFLICTS.labels("version").inc()
-            return ConcurrencyError(_conflicting_stream(stored, error))
+            return ConcurrencyError(stream_named(stored, getattr(error, "detail", "") or ""))
         if isinstance(error, asyncpg.PostgresError):
             if error.sqlstate == q.OUT_OF_ORDER:
                 metrics.CONFLICTS.labels("order").inc()
-                return OutOfOrder(_late_stream(stored, error))
+                return OutOfOrder(stream_named(stored, str(error)))
             if error.sqlstate == q.ERASED:
-                subject = _late_stream(stored, error)
+                subject = stream_named(stored, str(error))
                 self.keys.erased(subject)
                 return SubjectErased(subject)
         return error
@@ -413,20 +436,3 @@ def _append_with(statement: str, *, first: bool) -> str:
     if first:
         return q.APPEND_WITH.format(ctes=q.FIRST_CTES, insert=q.FIRST_INSERT, statement=statement)
     return q.APPEND_WITH.format(ctes=q.APPEND_CTES, insert=q.APPEND_INSERT, statement=statement)
-
-
-def _late_stream(stored: Sequence[StoredEvent], error: asyncpg.PostgresError) -> UUID:
-    message = str(error)
-    for s in stored:
-        if str(s.originator_id) in message:
-            return UUID(str(s.originator_id))
-    return UUID(str(stored[0].originator_id))
-
-
-def _conflicting_stream(stored: Iterable[StoredEvent], error: asyncpg.UniqueViolationError) -> UUID:
-    detail = getattr(error, "detail", "") or ""
-    for s in stored:
-        if str(s.originator_id) in detail:
-            return UUID(str(s.originator_id))
-    first = next(iter(stored))
-    return UUID(str(first.originator_id))

@@ -107,3 +107,15 @@ class RecentEvents:
 
     def __len__(self) -> int:
         return len(self._events)
+
+
+def stream_named(stored: Iterable[StoredEvent], message: str) -> UUID:
+    """The stream among `stored` that an error's message (or detail) names; the first if none."""
+    first: UUID | None = None
+    for s in stored:
+        if first is None:
+            first = UUID(str(s.originator_id))
+        if str(s.originator_id) in message:
+            return UUID(str(s.originator_id))
+    assert first is not None, "an append of no events"
+    return first

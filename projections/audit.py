@@ -2,11 +2,14 @@
 
 An asynchronous projection. Every request that writes appends a `RequestRecorded` event (its
 outcome, method, path, token, duration) and, when it changed something, its domain events,
-all in one transaction; a batch always holds whole transactions (see EventStore.read_all).
-The entry for a transaction combines them: what was asked, what happened, and for each
-attribute the value before and after. Values before come from `audit_resources`, the
-projection's own copy of each resource's state, folded with the same aggregate code as the
-views.
+all in one transaction, each event stamped with the request's id; a batch always holds whole
+transactions (see EventStore.read_all). A transaction may hold several requests (POST /Users
+commits concurrent requests together: service/group_commit.py): the entry is a request's, the
+events of one transaction with one request id, keyed by the position of its first event
+(`entry_position`, the same in a rebuild). The entry for a request combines them: what was
+asked, what happened, and for each attribute the value before and after. Values before come
+from `audit_resources`, the projection's own copy of each resource's state, folded with the
+same aggregate code as the views.
 """
 
 from __future__ import annotations
@@ -43,18 +46,18 @@ TABLES = (ENTRIES, RESOURCES)
 LIVE: Mapping[str, str] = {ENTRIES: ENTRIES, RESOURCES: RESOURCES}
 
 ENTRY_COLUMNS = (
-    "transaction_id, id, tenant_id, activity_at, change_id, action, status, error_code,"
-    " error_reason, target_type, target_id, target_name, source_id, initiated_by, method,"
-    " path, http_status, duration_ms, positions, modified_properties, client_request_id,"
-    " sealed"
+    "entry_position, transaction_id, id, tenant_id, activity_at, change_id, action, status,"
+    " error_code, error_reason, target_type, target_id, target_name, source_id, initiated_by,"
+    " method, path, http_status, duration_ms, positions, modified_properties,"
+    " client_request_id, sealed"
 )
 _ENTRY_FIELDS = tuple(column.strip() for column in ENTRY_COLUMNS.split(","))
 _ENTRY_TYPES = (
-    "transaction_id bigint, id uuid, tenant_id uuid, activity_at timestamptz, change_id text,"
-    " action text, status text, error_code text, error_reason text, target_type text,"
-    " target_id uuid, target_name text, source_id text, initiated_by text, method text,"
-    " path text, http_status int, duration_ms float8, positions bigint[],"
-    " modified_properties jsonb, client_request_id text, sealed text"
+    "entry_position bigint, transaction_id bigint, id uuid, tenant_id uuid,"
+    " activity_at timestamptz, change_id text, action text, status text, error_code text,"
+    " error_reason text, target_type text, target_id uuid, target_name text, source_id text,"
+    " initiated_by text, method text, path text, http_status int, duration_ms float8,"
+    " positions bigint[], modified_properties jsonb, client_request_id text, sealed text"
 )
 
 # Entra's provisioning-log error codes, from the SCIM error a request got.
@@ -128,6 +131,7 @@ def _changes(old: Mapping[str, str], new: Mapping[str, str]) -> list[dict[str, A
 class _Entry:
     def __init__(self, record: Any) -> None:
         self.transaction_id = record.transaction_id
+        self.entry_position = record.notification_id  # its first event's: the entry's key
         self.id: UUID | None = None
         self.tenant_id = record.tenant_id
         self.activity_at = record.recorded_at
@@ -188,6 +192,7 @@ class _Entry:
             self.properties, reason,
         )  # fmt: skip
         return (
+            self.entry_position,
             self.transaction_id,
             self.id,
             self.tenant_id,
@@ -229,13 +234,15 @@ async def apply(
 ) -> None:
     assert recorded is not None, "the audit projection needs the recorded events"
     resources = await audit_resources.load(conn, events, recorded, tables, held)
-    entries: dict[int, _Entry] = {}
+    # One entry per request: the events of one transaction with one request id.
+    entries: dict[tuple[int, str | None], _Entry] = {}
     flats: dict[UUID, Mapping[str, str]] = {}
     erasures: list[tuple[UUID, UUID]] = []
     for event, record in zip(events, recorded, strict=True):
-        entry = entries.get(record.transaction_id)
+        key = (record.transaction_id, record.request_id)
+        entry = entries.get(key)
         if entry is None:
-            entry = entries[record.transaction_id] = _Entry(record)
+            entry = entries[key] = _Entry(record)
         entry.positions.append(record.notification_id)
         fields: Any = event  # event classes made by @event have no static fields
         if isinstance(event, ProvisioningRequest.Event):
@@ -308,7 +315,7 @@ async def apply(
         await conn.execute(
             f"INSERT INTO {tables[ENTRIES]} ({ENTRY_COLUMNS}) SELECT {ENTRY_COLUMNS}"
             f" FROM jsonb_to_recordset($1::text::jsonb) AS e ({_ENTRY_TYPES})"
-            " ON CONFLICT (transaction_id) DO NOTHING",
+            " ON CONFLICT (entry_position) DO NOTHING",
             json_rows(rows),
         )
     if erasures:

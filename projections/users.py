@@ -16,6 +16,7 @@ from uuid import UUID
 from asyncpg import Pool
 
 from domain.user import User
+from infra import eventstore_batch as batch
 from infra.eventstore import APPEND_PARAMETERS, Conn
 
 NAME = "users"
@@ -42,7 +43,7 @@ ON CONFLICT (tenant_id, id) DO UPDATE SET
 """
 
 
-def _upsert(table: str, first: int = 1) -> str:
+def _upsert(table: str, first: int = 1, on_conflict: str = _ON_CONFLICT) -> str:
     """The upsert of rows given as 11 column arrays, numbered $first to $first+10."""
     n = [f"${first + i}" for i in range(11)]
     return f"""
@@ -50,7 +51,7 @@ INSERT INTO {table} ({COLUMNS})
 SELECT * FROM unnest({n[0]}::uuid[], {n[1]}::uuid[], {n[2]}::text[], {n[3]}::text[],
                      {n[4]}::bool[], {n[5]}::text[], {n[6]}::uuid[], {n[7]}::jsonb[],
                      {n[8]}::bigint[], {n[9]}::timestamptz[], {n[10]}::timestamptz[])
-{_ON_CONFLICT}"""
+{on_conflict}"""
 
 
 def _upsert_one(table: str, first: int, on_conflict: str = _ON_CONFLICT) -> str:
@@ -71,6 +72,8 @@ APPEND_UPSERT_ONE = _upsert_one(USERS, first=APPEND_PARAMETERS + 1)
 # A user just provisioned (version 1: POST /Users) has no row yet: a plain INSERT, without the
 # speculative insertion ON CONFLICT makes (~0.015 ms of PostgreSQL per POST).
 APPEND_INSERT_NEW = _upsert_one(USERS, first=APPEND_PARAMETERS + 1, on_conflict="")
+# The same for the users of several requests, appended together (service/group_commit.py).
+BATCH_APPEND_NEW = batch.statement(_upsert(USERS, first=batch.BATCH_PARAMETERS + 1, on_conflict=""))
 
 
 def append_upsert(users: Sequence[User]) -> tuple[str, list[Any]]:

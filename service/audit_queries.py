@@ -124,48 +124,70 @@ class AuditFilter:
 
 
 def encode_next(row: Any) -> str:
-    """A page token: the id of the page's last entry. Never its transaction id, a global
-    counter whose gaps would tell other tenants' volume (issue 14); only an entry without an
-    id (none is made today) falls back to (activity_at, transaction_id)."""
+    """A page token: the id of the page's last entry. Never its transaction id or position,
+    global counters whose gaps would tell other tenants' volume (issue 14); only an entry
+    without an id (none is made today) falls back to (activity_at, transaction_id,
+    entry_position)."""
     if row["id"] is not None:
         raw = orjson.dumps(str(row["id"]))
     else:
-        raw = orjson.dumps([row["activity_at"].isoformat(), row["transaction_id"]])
+        raw = orjson.dumps(
+            [row["activity_at"].isoformat(), row["transaction_id"], row["entry_position"]]
+        )
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_next(token: str) -> UUID | tuple[datetime, int]:
-    """The entry id (or (activity_at, transaction_id)) a page token of encode_next holds; a
-    forged one is refused here, before its values reach a uuid, a bigint or a timestamptz."""
+def decode_next(token: str) -> UUID | tuple[datetime, int, int | None]:
+    """The entry id (or (activity_at, transaction_id, entry_position)) a page token of
+    encode_next holds; a forged one is refused here, before its values reach a uuid, a bigint
+    or a timestamptz. A token made before entries were per request (issue 16) holds no
+    position: None."""
     try:
         held = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         if isinstance(held, str):
             return UUID(held)
-        at, txid = held
+        at, txid, *rest = held
+        if len(rest) > 1:
+            raise ValueError("too many values")
+        position = rest[0] if rest else None
         moment = datetime.fromisoformat(at)
     except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
         raise BadQuery("next is not a page token of this API") from None
     if moment.tzinfo is None or in_utc(moment) is None or not is_bigint(txid):
         raise BadQuery("next is not a page token of this API")
-    return moment, txid
+    if position is not None and not is_bigint(position):
+        raise BadQuery("next is not a page token of this API")
+    return moment, txid, position
 
 
 async def resolve_next(
     conn: Conn | asyncpg.Pool, tenant_id: UUID, token: str
 ) -> tuple[datetime, int]:
-    """Where the page after `token` starts: (activity_at, transaction_id) of the tenant's
+    """Where the page after `token` starts: (activity_at, entry_position) of the tenant's
     entry it names, read here so that neither leaves the service."""
     held = decode_next(token)
-    if not isinstance(held, UUID):
-        return held
-    row = await conn.fetchrow(
-        "SELECT activity_at, transaction_id FROM audit_entries WHERE tenant_id = $1 AND id = $2",
-        tenant_id,
-        held,
-    )
+    if isinstance(held, UUID):
+        row = await conn.fetchrow(
+            "SELECT activity_at, entry_position FROM audit_entries"
+            " WHERE tenant_id = $1 AND id = $2",
+            tenant_id,
+            held,
+        )
+    else:
+        moment, txid, position = held
+        if position is not None:
+            return moment, position
+        # A token of the entry of a transaction (one request each, when it was made).
+        row = await conn.fetchrow(
+            "SELECT activity_at, entry_position FROM audit_entries WHERE tenant_id = $1"
+            " AND activity_at = $2 AND transaction_id = $3 ORDER BY entry_position LIMIT 1",
+            tenant_id,
+            moment,
+            txid,
+        )
     if row is None:
         raise BadQuery("next is not a page token of this API")
-    return row["activity_at"], row["transaction_id"]
+    return row["activity_at"], row["entry_position"]
 
 
 # The streams whose events name a SCIM resource, by the class part of the event's topic.
@@ -264,15 +286,16 @@ async def _rows(
     limit: int,
     after: tuple[datetime, int] | None,
 ) -> list[asyncpg.Record]:
-    """Up to `limit` selected rows, newest first, older than `after` (activity_at, txid)."""
+    """Up to `limit` selected rows, newest first, older than `after` (activity_at,
+    entry_position)."""
     sql, args = where.where(tenant_id)
     if after is not None:
         args += list(after)
-        sql += f" AND (activity_at, transaction_id) < (${len(args) - 1}, ${len(args)})"
+        sql += f" AND (activity_at, entry_position) < (${len(args) - 1}, ${len(args)})"
     args.append(limit)
     statement = (
         f"SELECT {ENTRY_COLUMNS} FROM audit_entries WHERE {sql}"
-        f" ORDER BY activity_at DESC, transaction_id DESC LIMIT ${len(args)}"
+        f" ORDER BY activity_at DESC, entry_position DESC LIMIT ${len(args)}"
     )
     if where.identity:
         # "contains" must be planned for its value: a generic plan always takes the trigram
@@ -320,13 +343,13 @@ async def history(
     args: list[Any] = [tenant_id, resource_id]
     after = ""
     if next_token:
-        at, txid = await resolve_next(conn, tenant_id, next_token)
-        args += [at, txid]
-        after = " AND (activity_at, transaction_id) > ($3, $4)"
+        at, position = await resolve_next(conn, tenant_id, next_token)
+        args += [at, position]
+        after = " AND (activity_at, entry_position) > ($3, $4)"
     args.append(limit + 1)
     rows = await conn.fetch(
         f"SELECT {ENTRY_COLUMNS} FROM audit_entries WHERE tenant_id = $1 AND target_id = $2"
-        f"{after} ORDER BY activity_at, transaction_id LIMIT ${len(args)}",
+        f"{after} ORDER BY activity_at, entry_position LIMIT ${len(args)}",
         *args,
     )
     more = len(rows) > limit
@@ -365,7 +388,7 @@ async def stream(
             yield entry_json(row, events)
         if len(rows) < chunk:
             return
-        after = (rows[-1]["activity_at"], rows[-1]["transaction_id"])
+        after = (rows[-1]["activity_at"], rows[-1]["entry_position"])
 
 
 # The lag is counted over at most this many of the tenant's newest events; past it, "at least".

@@ -30,6 +30,7 @@ from infra.eventstore import RecordedEvent
 from projections import groups as groups_view
 from projections import users as users_view
 from projections.memberships import Memberships
+from service import group_commit
 
 if TYPE_CHECKING:  # service.outcomes imports the app's state, which names the handlers
     from service.outcomes import RequestContext
@@ -195,10 +196,16 @@ class UnitOfWork:
         if users and not groups and not any(u.deprovisioned for u in users):
             # The common write (a user created or changed): one statement, one round trip.
             assert self._conn is not None, "the unit of work is not open"
-            statement, args = users_view.append_upsert(users)
-            recorded = await self.db.store.append_with(
-                self._conn, self.tenant_id, events, self.request_id, statement, args
-            )
+            if self._tx is None and self.db.group_commit and _new_user(users, events):
+                # POST /Users: with those of concurrent requests, in one transaction.
+                recorded = await group_commit.of(self.db.store).append_new_user(
+                    self._conn, self.tenant_id, events, self.request_id, users[0]
+                )
+            else:
+                statement, args = users_view.append_upsert(users)
+                recorded = await self.db.store.append_with(
+                    self._conn, self.tenant_id, events, self.request_id, statement, args
+                )
             self._committed = self._tx is None
             if self._committed:
                 # Kept for this process's followers at once: one woken by another commit
@@ -216,6 +223,11 @@ class UnitOfWork:
         self.recorded.extend(recorded)
         self._appended.extend(events)
         return recorded
+
+
+def _new_user(users: list[User], events: list[Any]) -> bool:
+    """One new user, and only first events (its own and its request's record)."""
+    return len(users) == 1 and all(e.originator_version == 1 for e in events)
 
 
 def is_unique_violation(error: BaseException, index: str) -> bool:

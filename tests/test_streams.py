@@ -117,10 +117,11 @@ async def big_group(served: Served) -> str:
 async def seed_audit_log(served: Served, entries: int = 12_000) -> None:
     """Tenant A's provisioning log: about 13 MB as JSON lines (rows of the audit view)."""
     await served.pool.execute(
-        "INSERT INTO audit_entries (transaction_id, id, tenant_id, activity_at, action, status,"
-        " target_type, target_id, target_name, method, path, http_status, duration_ms)"
-        " SELECT g, gen_random_uuid(), $1, now() - g * interval '1 second', 'update', 'success',"
-        " 'User', gen_random_uuid(), repeat('x', 900), 'PATCH', '/scim/v2/Users/x', 200, 1.0"
+        "INSERT INTO audit_entries (entry_position, transaction_id, id, tenant_id, activity_at,"
+        " action, status, target_type, target_id, target_name, method, path, http_status,"
+        " duration_ms) SELECT -g, g, gen_random_uuid(), $1, now() - g * interval '1 second',"
+        " 'update', 'success', 'User', gen_random_uuid(), repeat('x', 900), 'PATCH',"
+        " '/scim/v2/Users/x', 200, 1.0"
         " FROM generate_series(1, $2::int) g",
         served.tenant_a.tenant_id,
         entries,
