@@ -11,9 +11,11 @@ timer, no wait when idle.
 - Nothing is acknowledged before its transaction committed: a request returns from `append`
   once the statement that holds its events returned.
 - A batch that fails (a userName or another unique value taken, by a committed user or by
-  another request of the batch; a value too long for its index; anything) wrote nothing; each
-  of its requests is then appended alone, on its own connection, and gets its own outcome:
-  its own SCIM error, or its commit. One request's error never fails another's.
+  another request of the batch; a value too long for its index) wrote nothing; each of its
+  requests is then appended alone, on its own connection, and gets its own outcome: its own
+  SCIM error, or its commit. One request's error never fails another's. A batch whose commit
+  is unknown (the connection lost mid-statement) fails all its requests as a lone request's
+  would (`wrote_nothing`).
 - The batch runs on the connection of the request that leads it (each request holds one from
   its unit of work), so it never waits for the pool.
 
@@ -29,6 +31,7 @@ from collections import deque
 from collections.abc import Sequence
 from uuid import UUID
 
+import asyncpg
 from eventsourcing.domain import DomainEventProtocol
 
 from domain.user import User
@@ -130,7 +133,11 @@ class GroupCommit:
         except BaseException:
             pass  # the batch's error: settled below, as for the others
         self._settle(batch, task)
-        if task.cancelled() or task.exception() is not None:
+        if task.cancelled():
+            return await self._alone(me.conn, me.sealed)
+        if (error := task.exception()) is not None:
+            if not wrote_nothing(error):
+                raise error
             return await self._alone(me.conn, me.sealed)
         return task.result()[0]
 
@@ -139,10 +146,16 @@ class GroupCommit:
     ) -> None:
         """The batch's others get their events as recorded, or (a failed batch wrote nothing)
         the word to append alone; the next waiting request leads."""
-        failed = task.cancelled() or task.exception() is not None
+        error = None if task.cancelled() else task.exception()
         for i, other in enumerate(batch[1:], 1):
-            if not other.outcome.done():
-                other.outcome.set_result(_ALONE if failed else task.result()[i])
+            if other.outcome.done():
+                continue
+            if error is not None and not wrote_nothing(error):
+                other.outcome.set_exception(error)  # as the leader's: committed or not, unknown
+            elif task.cancelled() or error is not None:
+                other.outcome.set_result(_ALONE)
+            else:
+                other.outcome.set_result(task.result()[i])
         self._hand_on()
 
     def _hand_on(self) -> None:
@@ -165,6 +178,24 @@ class GroupCommit:
             users_view.APPEND_INSERT_NEW,
             list(sealed.rows[0]),
         )
+
+
+# SQLSTATE classes of errors PostgreSQL reports for a statement it did not commit (a value
+# refused, a unique value taken, a conflict, a limit, a cancelled statement), after which the
+# batch's requests are each appended alone. Any other error (the connection lost, the server
+# shutting down or failing) leaves unknown whether the batch committed: its requests all fail
+# as a lone request would, never retried into a false 409 for a user that was created.
+_NOT_WRITTEN = {"22", "23", "40", "42", "53", "54", "57014"}
+
+
+def wrote_nothing(error: BaseException) -> bool:
+    """Whether a failed batch statement certainly wrote nothing (PostgreSQL said so)."""
+    state = getattr(error, "sqlstate", None)
+    return (
+        isinstance(error, asyncpg.PostgresError)
+        and isinstance(state, str)
+        and (state[:2] in _NOT_WRITTEN or state in _NOT_WRITTEN)
+    )
 
 
 _COMMITS: weakref.WeakKeyDictionary[EventStore, GroupCommit] = weakref.WeakKeyDictionary()

@@ -7,6 +7,7 @@ import asyncio
 import uuid
 from typing import Any
 
+import asyncpg
 from aiohttp.test_utils import TestClient
 
 from domain.request import ProvisioningRequest
@@ -187,3 +188,48 @@ async def test_a_cancelled_waiter_never_stalls_the_others(
         " WHERE topic LIKE 'domain.user:%'"
     )
     assert stored == sorted(committed) and len(stored) == 4
+
+
+async def test_a_batch_whose_commit_is_unknown_fails_all_its_requests(
+    database: Database, tenant: IssuedToken
+) -> None:
+    """A batch whose connection dies under it may or may not have committed: its requests all
+    get the leader's error (a lone request's outcome then), none is retried alone into a 409
+    for a user it created; a batch PostgreSQL refused (a unique value taken) is retried."""
+    commits = group_commit.GroupCommit(database.store)
+    conns = [await database.pool.acquire() for _ in range(3)]
+    tasks: list[asyncio.Task[list[Any]]] = []
+    try:
+        commits._busy = True  # a flush in flight: the three queue behind it
+        for i, conn in enumerate(conns):
+            user, events = _events(tenant, f"lost{i}@x.com")
+            append = commits.append_new_user(conn, tenant.tenant_id, events, f"lost{i}", user)
+            tasks.append(asyncio.create_task(append))
+        for _ in range(1000):  # each seals its events first (a query), then queues
+            if len(commits._queue) == 3:
+                break
+            await asyncio.sleep(0.01)
+        leader = await commits._queue[0].conn.fetchval("SELECT pg_backend_pid()")
+        assert await database.pool.fetchval("SELECT pg_terminate_backend($1, 10000)", leader)
+        commits._hand_on()  # the first leads, on its dead connection
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        for conn in conns:
+            await database.pool.release(conn)
+    assert all(isinstance(d, Exception) for d in done), done
+    assert len({type(d) for d in done}) == 1  # the same error for each
+    assert not group_commit.wrote_nothing(done[0])
+    assert not commits._busy and not commits._queue
+    stored = await database.pool.fetchval(
+        "SELECT count(*) FROM stored_events WHERE request_id LIKE 'lost%'"
+    )
+    assert stored == 0
+    # What PostgreSQL refuses is known not written: such a batch's requests go alone.
+    error = None
+    async with database.pool.acquire() as conn:
+        try:
+            await conn.execute("CREATE TEMP TABLE twice (k int PRIMARY KEY)")
+            await conn.execute("INSERT INTO twice VALUES (1), (1)")
+        except asyncpg.UniqueViolationError as e:
+            error = e
+    assert error is not None and group_commit.wrote_nothing(error)
