@@ -135,17 +135,14 @@ async def floor(ctx: Ctx, maker: RowMaker, progress: Progress) -> tuple[float, l
     n, meter = ctx.sizes.floor_rows, Meter(None, ctx.postmaster)
     rows = [maker.make(entra_body(10_000_000 + i))[1] for i in range(n)]
 
-    async def jsonb(conn: asyncpg.Connection) -> None:
-        await conn.set_type_codec(
-            "jsonb",
-            schema="pg_catalog",
-            encoder=lambda v: orjson.dumps(v).decode(),
-            decoder=orjson.loads,
-        )
+    def dumps(value: object) -> str:
+        return orjson.dumps(value).decode()
 
-    pool = await asyncpg.create_pool(
-        ctx.dsn, min_size=CONCURRENCY, max_size=CONCURRENCY, init=jsonb
-    )
+    async def jsonb(conn: asyncpg.Connection) -> None:
+        await conn.set_type_codec("jsonb", schema="pg_catalog", encoder=dumps, decoder=orjson.loads)
+
+    size = CONCURRENCY
+    pool = await asyncpg.create_pool(ctx.dsn, min_size=size, max_size=size, init=jsonb)
     try:
         before = meter.read()
         latencies = await insert(pool, n, rows.__getitem__, CONCURRENCY, progress, "floor")
