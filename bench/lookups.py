@@ -10,7 +10,7 @@ import aiohttp
 import orjson
 
 from bench import wrk
-from bench.common import NAME_FORMAT, drain, entra_body, ms, progress_bar, verdict
+from bench.common import NAME_FORMAT, drain, entra_body, ms, verdict
 from bench.common import wait_for_projections as caught_up
 from bench.posts import row_maker, seed_users, wrk_phase
 from bench.table import CONCURRENCY, Ctx, Row, Server
@@ -62,26 +62,23 @@ async def lookups(ctx: Ctx) -> None:
     seeder = PeerSeeder(session, peer, ctx.peer_ids) if peer is not None else None
     seeded = catch_up = 0.0
     gets: list[tuple[int, wrk.WrkRun, str, str, str]] = []
-    with progress_bar() as progress:
-        for size in s.users:
-            seeded += await seed_users(ctx, maker, size, progress, max(s.groups) + SPARE)
-            catch_up += await caught_up(ctx.dsn, 3600)
-            script = wrk.find_users_script("/scim/v2/Users", ours.token, size, NAME_FORMAT)
-            await wrk_phase(ours, script, 2)
-            got, cpu = await wrk_phase(ours, script, s.get_seconds, f"scimledger GET at {size:,}")
-            peer_text = ratio = ""
-            if peer is not None and seeder is not None:
-                why = await seeder.grow(size, s.peer_seed_timeout)
-                peer_text = why or "no users stored"
-                if seeder.stored:
-                    script = wrk.find_users_script(
-                        "/v2/Users", peer.token, seeder.stored, NAME_FORMAT
-                    )
-                    theirs, _ = await wrk_phase(peer, script, s.get_seconds, "scim2-server GET")
-                    peer_text = f"{theirs.rate:,.0f} req/s; p99 {ms(theirs.p99)}"
-                    peer_text += f" ({why})" if why else ""
-                    ratio = f"{got.rate / theirs.rate:.1f} x the peer's rate"
-            gets.append((size, got, cpu.text(), peer_text or ctx.no_peer, ratio))
+    for size in s.users:
+        seeded += await seed_users(ctx, maker, size, max(s.groups) + SPARE)
+        catch_up += await caught_up(ctx.dsn, 3600)
+        script = wrk.find_users_script("/scim/v2/Users", ours.token, size, NAME_FORMAT)
+        await wrk_phase(ours, script, 2)
+        got, cpu = await wrk_phase(ours, script, s.get_seconds, f"scimledger GET at {size:,}")
+        peer_text = ratio = ""
+        if peer is not None and seeder is not None:
+            why = await seeder.grow(size, s.peer_seed_timeout)
+            peer_text = why or "no users stored"
+            if seeder.stored:
+                script = wrk.find_users_script("/v2/Users", peer.token, seeder.stored, NAME_FORMAT)
+                theirs, _ = await wrk_phase(peer, script, s.get_seconds, "scim2-server GET")
+                peer_text = f"{theirs.rate:,.0f} req/s; p99 {ms(theirs.p99)}"
+                peer_text += f" ({why})" if why else ""
+                ratio = f"{got.rate / theirs.rate:.1f} x the peer's rate"
+        gets.append((size, got, cpu.text(), peer_text or ctx.no_peer, ratio))
     base_rate = gets[0][1].rate
     for size, got, cpu_text, peer_text, ratio in gets:
         target = verdict_text = ""
@@ -115,9 +112,8 @@ async def ensure_users(ctx: Ctx, n: int) -> None:
     """At least n users stored (ours, and the peer's within its limit) when (2) did not run."""
     _, ours = ctx.http()
     if ctx.stored < n:
-        with progress_bar() as progress:
-            maker = await row_maker(ctx.dsn, ours.token)
-            await seed_users(ctx, maker, n, progress, n)
+        maker = await row_maker(ctx.dsn, ours.token)
+        await seed_users(ctx, maker, n, n)
         await caught_up(ctx.dsn, 3600)
     if ctx.peer is not None and ctx.session is not None and not ctx.peer_ids:
         started = time.perf_counter()
