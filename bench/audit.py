@@ -37,14 +37,6 @@ TENANTS = 5
 Params = Callable[[int], dict[str, str]]
 
 
-async def seed_log(dsn: str, entries: int) -> tuple[str, list[str]]:
-    """The tenants' requests, one transaction each; the queried tenant and some user names."""
-    histories = await seed(dsn, entries, TENANTS, recorded=True)
-    name, history = histories[0]
-    sampled = random.Random(1).sample(history.people, min(500, len(history.people)))
-    return name, [p.user_name for p in sampled]
-
-
 async def build_entries(dsn: str, requests: int) -> None:
     """recorded_at over the last DAYS, the activity runner and the audit rebuild, as above."""
     async with connected(dsn) as conn:
@@ -157,9 +149,10 @@ async def audit(ctx: Ctx) -> None:
     """(6) the slowest filter's p95, over HTTP."""
     dsn = await make_database(ctx.dsn, "bench_audit")
     n = ctx.sizes.audit_entries
-    tenant, user_names = await seed_log(dsn, n)
+    tenant, history = (await seed(dsn, n, TENANTS, recorded=True))[0]  # one request a transaction
     await build_entries(dsn, n)
-    kinds = await filters(dsn, tenant, user_names)
+    sampled = random.Random(1).sample(history.people, min(500, len(history.people)))
+    kinds = await filters(dsn, tenant, [p.user_name for p in sampled])
     create = ["tokens", "create", "--tenant", tenant, "--role", "audit", "--json"]
     token = json.loads(cli(*create, "--name", "bench", "--database-url", dsn))["token"]
     async with scimledger(dsn) as (origin, _):

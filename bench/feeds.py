@@ -85,10 +85,6 @@ class Meter:
         return {**parts, "total": sum(parts.values())}
 
 
-def _breakdown(parts: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:,.0f}" for k, v in parts.items() if k != "total" and v >= 0.5)
-
-
 async def _stream(
     conn: Conn, tenant: str, name: str, endpoint: str | None, from_start: bool = False
 ) -> dict[str, Any]:
@@ -167,9 +163,10 @@ async def polled_catch_up(dsn: str, n: int) -> tuple[float, int, float]:
             consumer.terminate()
         FEED_SETTINGS.max_wait = wait
         await pool.close()
+    each = ", ".join(f"{k} {v:,.0f}" for k, v in parts.items() if k != "total" and v >= 0.5)
     print(
-        f"polled catch-up: {n / elapsed:,.0f} SETs/s, {parts['total']:,.0f} µs CPU/SET"
-        f" ({_breakdown(parts)}); producer held by a full outbox {producer.held} times"
+        f"polled catch-up: {n / elapsed:,.0f} SETs/s, {parts['total']:,.0f} µs CPU/SET ({each});"
+        f" producer held by a full outbox {producer.held} times"
     )
     return n / elapsed, n, parts["total"] / 1e6
 

@@ -360,14 +360,11 @@ async def seed(
     transaction, never splitting a request. Seeding commits need not wait for their WAL flush
     (synchronous_commit=off: the measurements run with the server's own settings)."""
     budgets = [total // tenants + (i < total % tenants) for i in range(tenants)]
+    names = [f"bench-{i:03d}-{uuid.uuid4().hex[:6]}" for i in range(tenants)]
     async with connected(dsn) as conn:
         await migrate(conn)
-        names = [f"bench-{i:03d}-{uuid.uuid4().hex[:6]}" for i in range(len(budgets))]
         ids = [(await create_tenant(conn, name)).tenant_id for name in names]
-    histories = [
-        TenantHistory(t, b, i + 1, recorded=recorded)
-        for i, (t, b) in enumerate(zip(ids, budgets, strict=True))
-    ]
+    histories = [TenantHistory(ids[i], b, i + 1, recorded=recorded) for i, b in enumerate(budgets)]
     size = min(8, len(histories))
     settings = {"synchronous_commit": "off"}
     pool = await create_pool(dsn, min_size=size, max_size=size, server_settings=settings)

@@ -29,25 +29,20 @@ class PeerSeeder:
         # may have landed all the same, and resuming would send their userNames again: 409).
         self.stopped = False
 
-    async def seed_to(self, target: int) -> None:
-        first = self.stored
-        # Entra's body less `"manager": null`, which scim2-server refuses (extra input).
-        bodies = [orjson.loads(entra_body(i)) for i in range(first, target)]
-
-        async def one(i: int) -> None:
-            bodies[i - first].pop("manager", None)
-            self.ids[i] = await self.scim.create("Users", orjson.dumps(bodies[i - first]))
-            self.landed += 1
-
-        await drain(range(first, target), one, CONCURRENCY)
-        self.stored = max(self.stored, target)
+    async def one(self, i: int) -> None:
+        """User i, Entra's body less `"manager": null`, which scim2-server refuses."""
+        body = orjson.loads(entra_body(i))
+        body.pop("manager", None)
+        self.ids[i] = await self.scim.create("Users", orjson.dumps(body))
+        self.landed += 1
 
     async def grow(self, size: int, limit: float) -> str:
         """Grow to `size` users within `limit` seconds; why not, if it could not."""
         if self.stopped:
             return f"not grown past {self.stored:,} (its time ran out at a smaller size)"
         try:
-            await asyncio.wait_for(self.seed_to(size), limit)
+            await asyncio.wait_for(drain(range(self.stored, size), self.one, CONCURRENCY), limit)
+            self.stored = max(self.stored, size)
         except TimeoutError:
             self.stopped = True
             reached = f"its POSTs reached {self.landed:,} users of {size:,} in {limit:.0f} s"
