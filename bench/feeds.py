@@ -57,9 +57,9 @@ async def _fill(db: Database, conn: Conn, tenant_id: uuid.UUID, n: int) -> None:
 
 
 class Meter:
-    """CPU seconds so far of each part of a catch-up: this process (the producer, and the
-    poll endpoint when polled), its signer processes (service/feeds/signing.py), the poll
-    consumer's process and PostgreSQL (when it runs here)."""
+    """CPU seconds so far of each part of a catch-up: this process (the producer and the poll
+    endpoint), its signer processes (service/feeds/signing.py), the poll consumer's process
+    and PostgreSQL (when it runs here)."""
 
     def __init__(self, postmaster: psutil.Process | None) -> None:
         self.postmaster = postmaster
@@ -77,12 +77,6 @@ class Meter:
             "consumer": consumer,
             "postgres": tree_cpu(self.postmaster) if self.postmaster else 0.0,
         }
-
-    @staticmethod
-    def per_set(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
-        """µs of CPU per SET of each part, and their total."""
-        parts = {k: (after[k] - before[k]) * 1e6 / max(n, 1) for k in before}
-        return {**parts, "total": sum(parts.values())}
 
 
 async def _stream(
@@ -151,7 +145,8 @@ async def polled_catch_up(dsn: str, n: int) -> tuple[float, int, float]:
                 await asyncio.sleep(0.05)
                 delivered = await pool.fetchval(sql, stream_id)
             elapsed = time.perf_counter() - started
-            parts = Meter.per_set(before, meter.sample(), n)
+            after = meter.sample()
+            parts = {k: (after[k] - before[k]) * 1e6 / n for k in before}  # µs per SET
             stop.set()
             await asyncio.to_thread(consumer.join, 10)
         halt.set()
@@ -163,12 +158,13 @@ async def polled_catch_up(dsn: str, n: int) -> tuple[float, int, float]:
             consumer.terminate()
         FEED_SETTINGS.max_wait = wait
         await pool.close()
-    each = ", ".join(f"{k} {v:,.0f}" for k, v in parts.items() if k != "total" and v >= 0.5)
+    total = sum(parts.values())
+    each = ", ".join(f"{k} {v:,.0f}" for k, v in parts.items() if v >= 0.5)
     print(
-        f"polled catch-up: {n / elapsed:,.0f} SETs/s, {parts['total']:,.0f} µs CPU/SET ({each});"
+        f"polled catch-up: {n / elapsed:,.0f} SETs/s, {total:,.0f} µs CPU/SET ({each});"
         f" producer held by a full outbox {producer.held} times"
     )
-    return n / elapsed, n, parts["total"] / 1e6
+    return n / elapsed, n, total / 1e6
 
 
 async def _writes(base: str, token: str, requests: int, concurrency: int) -> float:
