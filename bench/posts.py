@@ -88,9 +88,8 @@ async def row_maker(dsn: str, token: str) -> RowMaker:
 
 
 async def insert(
-    pool: asyncpg.Pool, n: int, args: Callable[[int], tuple[Any, ...]], workers: int,
-    task: str,
-) -> list[float]:  # fmt: skip
+    pool: asyncpg.Pool, n: int, args: Callable[[int], tuple[Any, ...]], workers: int, task: str
+) -> list[float]:
     """POST_ROWS_SQL with args(i) for i in range(n), on `workers` connections of `pool`; the
     seconds of each statement."""
     latencies, counter, shown = [0.0] * n, iter(range(n)), PROGRESS.add_task(task, total=n, rate="")
