@@ -1,6 +1,6 @@
 """Row (10), SCIM event feeds: a poll stream's catch-up from the start to a poll consumer
-(signed SETs/s; `--direct`: the producer's steps alone), and POST /Users per second with two
-active streams (poll + push) against none, rounds alternating."""
+(signed SETs/s), and POST /Users per second with two active streams (poll + push) against
+none, rounds alternating. Its sizes: `--set feeds=EVENTS,REQUESTS,ROUNDS` (bench/table.py)."""
 
 from __future__ import annotations
 
