@@ -15,6 +15,7 @@ from urllib.parse import urlencode
 import aiohttp
 
 from bench.common import (
+    PROGRESS,
     BenchError,
     Scim,
     cli,
@@ -22,7 +23,6 @@ from bench.common import (
     make_database,
     ms,
     percentile,
-    progress_bar,
     scimledger,
     verdict,
 )
@@ -35,15 +35,6 @@ DEEP_PAGES = 50
 TENANTS = 5
 
 Params = Callable[[int], dict[str, str]]
-
-
-async def seed_log(dsn: str, entries: int) -> tuple[str, list[str]]:
-    """The tenants' requests, one transaction each; the queried tenant and some user names."""
-    with progress_bar() as progress:
-        histories = await seed(dsn, entries, TENANTS, progress, recorded=True)
-    name, history = histories[0]
-    sampled = random.Random(1).sample(history.people, min(500, len(history.people)))
-    return name, [p.user_name for p in sampled]
 
 
 async def build_entries(dsn: str, requests: int) -> None:
@@ -65,8 +56,7 @@ async def build_entries(dsn: str, requests: int) -> None:
             DAYS * 86400 / max(n, 1),
         )
         await settle(conn)
-        with progress_bar() as progress:
-            await catch_up(dsn, ["activity"], progress)
+        await catch_up(dsn, ["activity"])
         await conn.execute(
             "UPDATE projection_state SET (checkpoint_transaction, checkpoint_position) ="
             " (SELECT transaction_id, notification_id FROM stored_events"
@@ -136,23 +126,22 @@ async def measure(
             body = await api.send("GET", f"/entries?{urlencode(params)}")
             return time.perf_counter() - started, json.loads(body)["next"]
 
-        with progress_bar() as progress:
-            for name, params in kinds:
-                deep = name.startswith("deep")
-                n = max(2, samples // 25) if deep else samples
-                task = progress.add_task(f"query: {name}", total=n, rate="")
-                out = measured[name] = []
-                for i in range(-(1 if deep else 5), n):  # warm-up samples are not counted
-                    elapsed, token_next = await page(params(i))
-                    for _ in range(DEEP_PAGES if deep else 0):
-                        if token_next is None:
-                            raise BenchError("the log ended before the deep page")
-                        elapsed, token_next = await page({"next": token_next})
-                        if i >= 0:
-                            out.append(elapsed)
-                    if i >= 0 and not deep:
+        for name, params in kinds:
+            deep = name.startswith("deep")
+            n = max(2, samples // 25) if deep else samples
+            task = PROGRESS.add_task(f"query: {name}", total=n, rate="")
+            out = measured[name] = []
+            for i in range(-(1 if deep else 5), n):  # warm-up samples are not counted
+                elapsed, token_next = await page(params(i))
+                for _ in range(DEEP_PAGES if deep else 0):
+                    if token_next is None:
+                        raise BenchError("the log ended before the deep page")
+                    elapsed, token_next = await page({"next": token_next})
+                    if i >= 0:
                         out.append(elapsed)
-                    progress.update(task, completed=max(0, i + 1))
+                if i >= 0 and not deep:
+                    out.append(elapsed)
+                PROGRESS.update(task, completed=max(0, i + 1))
     return measured
 
 
@@ -160,9 +149,10 @@ async def audit(ctx: Ctx) -> None:
     """(6) the slowest filter's p95, over HTTP."""
     dsn = await make_database(ctx.dsn, "bench_audit")
     n = ctx.sizes.audit_entries
-    tenant, user_names = await seed_log(dsn, n)
+    tenant, history = (await seed(dsn, n, TENANTS, recorded=True))[0]  # one request a transaction
     await build_entries(dsn, n)
-    kinds = await filters(dsn, tenant, user_names)
+    sampled = random.Random(1).sample(history.people, min(500, len(history.people)))
+    kinds = await filters(dsn, tenant, [p.user_name for p in sampled])
     create = ["tokens", "create", "--tenant", tenant, "--role", "audit", "--json"]
     token = json.loads(cli(*create, "--name", "bench", "--database-url", dsn))["token"]
     async with scimledger(dsn) as (origin, _):

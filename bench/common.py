@@ -133,11 +133,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def progress_bar() -> rp.Progress:
-    columns: tuple[rp.ProgressColumn, ...] = (rp.TextColumn("{task.description:<36}"),)
-    columns += (rp.BarColumn(), rp.MofNCompleteColumn(), rp.TextColumn("{task.fields[rate]:>12}"))
-    columns += (rp.TimeElapsedColumn(), rp.TextColumn("ETA"), rp.TimeRemainingColumn())
-    return rp.Progress(*columns, console=err)
+# The suite's one progress display: the rows add their tasks, the suite shows each row's.
+PROGRESS = rp.Progress(
+    rp.TextColumn("{task.description:<36}"), rp.BarColumn(), rp.MofNCompleteColumn(),
+    rp.TextColumn("{task.fields[rate]:>12}"), rp.TimeElapsedColumn(), rp.TextColumn("ETA"),
+    rp.TimeRemainingColumn(), console=err,
+)  # fmt: skip
 
 
 # --- CPU accounting

@@ -1,11 +1,10 @@
 """Row (10), SCIM event feeds: a poll stream's catch-up from the start to a poll consumer
-(signed SETs/s; `--direct`: the producer's steps alone), and POST /Users per second with two
-active streams (poll + push) against none, rounds alternating."""
+(signed SETs/s), and POST /Users per second with two active streams (poll + push) against
+none, rounds alternating. Its sizes: `--set feeds=EVENTS,REQUESTS,ROUNDS` (bench/table.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import multiprocessing
 import os
@@ -15,16 +14,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import click
 import orjson
 import psutil
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from bench.common import (
+    Scim,
     client_cpu,
     drain,
-    durable_postgres,
     make_database,
     median,
     postgres_facts,
@@ -44,6 +42,8 @@ from service.feeds import streams
 from service.feeds.config import FEED_SETTINGS
 from service.feeds.producer import FEED_CHANNEL, PRODUCER, Producer
 
+USER = "urn:ietf:params:scim:schemas:core:2.0:User"
+
 
 async def _fill(db: Database, conn: Conn, tenant_id: uuid.UUID, n: int) -> None:
     """n UserProvisioned events, 1000 to a transaction, sealed as the service stores them."""
@@ -57,9 +57,9 @@ async def _fill(db: Database, conn: Conn, tenant_id: uuid.UUID, n: int) -> None:
 
 
 class Meter:
-    """CPU seconds so far of each part of a catch-up: this process (the producer, and the
-    poll endpoint when polled), its signer processes (service/feeds/signing.py), the poll
-    consumer's process and PostgreSQL (when it runs here)."""
+    """CPU seconds so far of each part of a catch-up: this process (the producer and the poll
+    endpoint), its signer processes (service/feeds/signing.py), the poll consumer's process
+    and PostgreSQL (when it runs here)."""
 
     def __init__(self, postmaster: psutil.Process | None) -> None:
         self.postmaster = postmaster
@@ -67,107 +67,46 @@ class Meter:
         self._gone: dict[int, float] = {}  # last seen CPU of children, kept when they exit
 
     def sample(self) -> dict[str, float]:
-        signers = 0.0
-        consumer = 0.0
         for child in psutil.Process().children(recursive=True):
             with contextlib.suppress(psutil.Error):
                 self._gone[child.pid] = process_cpu(child)
-        for pid, seconds in self._gone.items():
-            if self.consumer is not None and pid == self.consumer.pid:
-                consumer = seconds
-            else:
-                signers += seconds
+        consumer = self._gone.get(self.consumer.pid, 0.0) if self.consumer else 0.0
         return {
             "producer": client_cpu(),
-            "signers": signers,
+            "signers": sum(self._gone.values()) - consumer,
             "consumer": consumer,
             "postgres": tree_cpu(self.postmaster) if self.postmaster else 0.0,
         }
 
-    @staticmethod
-    def per_set(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
-        """µs of CPU per SET of each part, and their total."""
-        parts = {k: (after[k] - before[k]) * 1e6 / max(n, 1) for k in before}
-        return {**parts, "total": sum(parts.values())}
-
-
-def _breakdown(parts: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:,.0f}" for k, v in parts.items() if k != "total" and v >= 0.5)
-
 
 async def _stream(
-    conn: Conn,
-    tenant: str,
-    name: str,
-    endpoint: str | None,
-    from_start: bool = False,
-    full: bool = False,
+    conn: Conn, tenant: str, name: str, endpoint: str | None, from_start: bool = False
 ) -> dict[str, Any]:
+    """A notice-form stream of every event (a poll stream if `endpoint` is None)."""
     events = streams.parse_events(None)
     return await streams.create(
-        conn, tenant=tenant, name=name, endpoint=endpoint, events=events, full=full,
+        conn, tenant=tenant, name=name, endpoint=endpoint, events=events, full=False,
         scope_group=None, from_start=from_start,
     )  # fmt: skip
 
 
-async def catch_up(
-    dsn: str, n: int, runs: int = 1, full: bool = False
-) -> tuple[float, int, float]:
-    """SETs/s, SETs made, and CPU seconds per SET (producer, signers and PostgreSQL):
-    the median run's, each run a new stream from the start of the same log."""
-    pool = await create_pool(dsn, min_size=1, max_size=4)
-    db = Database(dsn=dsn, pool=pool, store=EventStore(pool), embedded=None)
-    results: list[tuple[float, int, float]] = []
-    postmaster, _ = await postgres_facts(dsn)
-    meter = Meter(postmaster)
-    try:
-        async with pool.acquire() as conn:
-            issued = await create_tenant(conn, f"catchup-{uuid.uuid4().hex[:6]}")
-            await _fill(db, conn, issued.tenant_id, n)
-        for run in range(runs):
-            async with pool.acquire() as conn:
-                created = await _stream(conn, issued.tenant, f"replay{run}", None, True, full)
-            stream_id = uuid.UUID(created["id"])
-            producer = Producer(db, lambda: "http://127.0.0.1:8000/scim/v2")
-            before = meter.sample()
-            started = time.perf_counter()
-            async with pool.acquire() as conn:
-                while producer.produced < n:
-                    if await producer.step(conn, stream_id) == 0:
-                        # the outbox is full: a consumer acknowledges (drop what is pending)
-                        await conn.execute("DELETE FROM feed_sets WHERE stream_id = $1", stream_id)
-            elapsed = time.perf_counter() - started
-            parts = Meter.per_set(before, meter.sample(), producer.produced)
-            results.append((n / elapsed, producer.produced, parts["total"] / 1e6))
-            print(
-                f"catch-up run {run + 1}: {n / elapsed:,.0f} SETs/s, {parts['total']:,.0f} µs"
-                f" CPU/SET ({_breakdown(parts)})"
-            )
-            async with pool.acquire() as conn:
-                await streams.delete(conn, issued.tenant, f"replay{run}")
-    finally:
-        await pool.close()
-    results.sort()
-    return results[len(results) // 2]
-
-
-def _consumer(url: str, token: str, stop: Any) -> None:
-    """A catch-up's poll consumer (RFC 8936), in a process of its own: 1,000 SETs a poll,
-    each poll acknowledging the last one's."""
+def _poller(url: str, token: str, stop: Any, most: int) -> None:
+    """A poll consumer (RFC 8936), in a process of its own like a real one: long polls of
+    `most` SETs, each acknowledging what the last one gave."""
 
     async def go() -> None:
         acks: list[str] = []
         headers = {"Authorization": f"Bearer {token}"}
         async with aiohttp.ClientSession() as session:
             while not stop.is_set():
-                body = orjson.dumps({"ack": acks, "maxEvents": 1000, "returnImmediately": False})
+                body = orjson.dumps({"ack": acks, "maxEvents": most, "returnImmediately": False})
                 async with session.post(url, data=body, headers=headers) as r:
                     acks = list(orjson.loads(await r.read())["sets"])
 
     asyncio.run(go())
 
 
-async def polled_catch_up(dsn: str, n: int, full: bool = False) -> tuple[float, int, float]:
+async def polled_catch_up(dsn: str, n: int) -> tuple[float, int, float]:
     """End to end: the producer as the service runs it (its own task, woken by commits and
     acknowledgements) and the poll endpoint serve a consumer in another process, from a new
     stream's creation until the consumer has acknowledged `n` SETs. SETs/s, SETs, CPU
@@ -193,23 +132,21 @@ async def polled_catch_up(dsn: str, n: int, full: bool = False) -> tuple[float, 
             before = meter.sample()
             started = time.perf_counter()
             async with pool.acquire() as conn:
-                made = await _stream(conn, issued.tenant, "replay", None, True, full)
+                made = await _stream(conn, issued.tenant, "replay", None, True)
                 await conn.execute("SELECT pg_notify($1, '')", FEED_CHANNEL)
             url = str(server.make_url(f"/events/{made['id']}"))
-            consumer = spawn.Process(target=_consumer, args=(url, made["token"], stop))
+            consumer = spawn.Process(target=_poller, args=(url, made["token"], stop, 1000))
             consumer.start()
             meter.consumer = psutil.Process(consumer.pid)
             stream_id = uuid.UUID(made["id"])
+            sql = "SELECT coalesce((SELECT delivered FROM feed_delivered WHERE stream_id = $1), 0)"
             delivered = 0
             while delivered < n:
                 await asyncio.sleep(0.05)
-                delivered = await pool.fetchval(
-                    "SELECT coalesce((SELECT delivered FROM feed_delivered"
-                    " WHERE stream_id = $1), 0)",
-                    stream_id,
-                )
+                delivered = await pool.fetchval(sql, stream_id)
             elapsed = time.perf_counter() - started
-            parts = Meter.per_set(before, meter.sample(), n)
+            after = meter.sample()
+            parts = {k: (after[k] - before[k]) * 1e6 / n for k in before}  # µs per SET
             stop.set()
             await asyncio.to_thread(consumer.join, 10)
         halt.set()
@@ -221,26 +158,24 @@ async def polled_catch_up(dsn: str, n: int, full: bool = False) -> tuple[float, 
             consumer.terminate()
         FEED_SETTINGS.max_wait = wait
         await pool.close()
+    total = sum(parts.values())
+    each = ", ".join(f"{k} {v:,.0f}" for k, v in parts.items() if v >= 0.5)
     print(
-        f"polled catch-up: {n / elapsed:,.0f} SETs/s, {parts['total']:,.0f} µs CPU/SET"
-        f" ({_breakdown(parts)}); producer held by a full outbox {producer.held} times"
+        f"polled catch-up: {n / elapsed:,.0f} SETs/s, {total:,.0f} µs CPU/SET ({each});"
+        f" producer held by a full outbox {producer.held} times"
     )
-    return n / elapsed, n, parts["total"] / 1e6
+    return n / elapsed, n, total / 1e6
 
 
 async def _writes(base: str, token: str, requests: int, concurrency: int) -> float:
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/scim+json"}
-    schemas = ["urn:ietf:params:scim:schemas:core:2.0:User"]
+    """POST /Users per second, `concurrency` at a time."""
     async with aiohttp.ClientSession() as session:
+        scim = Scim(session, f"{base}/scim/v2", token)
 
         async def post(_: int) -> None:
-            body = {
-                "schemas": schemas,
-                "userName": f"{uuid.uuid4().hex}@contoso.com",
-                "active": True,
-            }
-            async with session.post(f"{base}/scim/v2/Users", json=body, headers=headers) as r:
-                assert r.status == 201, await r.text()
+            name = f"{uuid.uuid4().hex}@contoso.com"
+            body = {"schemas": [USER], "userName": name, "active": True}
+            await scim.send("POST", "/Users", orjson.dumps(body), (201,))
 
         started = time.perf_counter()
         await drain(range(requests), post, concurrency)
@@ -260,21 +195,6 @@ def _receiver(ports: Any, stop: Any) -> None:
         async with TestServer(app, host="127.0.0.1") as server:
             ports.put(server.port)
             await asyncio.to_thread(stop.wait)
-
-    asyncio.run(go())
-
-
-def _poller(url: str, token: str, stop: Any) -> None:
-    """A poll consumer (RFC 8936): long polls, acknowledging what the last poll gave."""
-
-    async def go() -> None:
-        acks: list[str] = []
-        headers = {"Authorization": f"Bearer {token}"}
-        async with aiohttp.ClientSession() as session:
-            while not stop.is_set():
-                body = {"ack": acks, "maxEvents": 500, "returnImmediately": False}
-                async with session.post(url, json=body, headers=headers) as r:
-                    acks = list((await r.json())["sets"])
 
     asyncio.run(go())
 
@@ -312,7 +232,7 @@ async def with_streams(dsn: str, requests: int, rounds: int) -> tuple[float, flo
                 polled = await _stream(conn, issued.tenant, "poll", None)
                 await _stream(conn, issued.tenant, "push", f"http://127.0.0.1:{port}/set")
             base = str(server.make_url("")).rstrip("/")
-            args = (f"{base}/events/{polled['id']}", polled["token"], stop)
+            args = (f"{base}/events/{polled['id']}", polled["token"], stop, 500)
             poller = spawn.Process(target=_poller, args=args, daemon=True)
             poller.start()
             processes.append(poller)
@@ -339,8 +259,7 @@ async def with_streams(dsn: str, requests: int, rounds: int) -> tuple[float, flo
 async def feeds(ctx: Ctx) -> None:
     """(10) the catch-up of a poll stream from the start, and the writes with two streams."""
     target = await make_database(ctx.dsn, "bench_feeds", migrated=True)
-    events = 20_000 if ctx.quick else 200_000
-    requests, rounds = (300, 1) if ctx.quick else (2000, 3)
+    events, requests, rounds = ctx.sizes.feeds
     rate, produced, per_set = await polled_catch_up(target, events)
     none, two = await with_streams(target, requests, rounds)
     met = two / none >= 0.9 and rate >= 20_000
@@ -350,41 +269,3 @@ async def feeds(ctx: Ctx) -> None:
         f"{produced:,} events", f"writes {two:,.0f}/s vs {none:,.0f}/s = {two / none:.2f};"
         f" catch-up {rate:,.0f} SETs/s ({per_set * 1e6:,.0f} µs CPU per SET)", "",
         "≥ 0.90 of none; ≥ 20,000 SETs/s", verdict(met)))  # fmt: skip
-
-
-@click.command(help="Row (10) alone: a poll stream's catch-up, and POST /Users with two streams.")
-@click.option("--events", default=200_000, show_default=True, help="Events of the catch-up.")
-@click.option("--runs", default=1, show_default=True, help="Catch-up runs over the same log.")
-@click.option("--requests", default=2000, show_default=True, help="POSTs per writes round.")
-@click.option("--rounds", default=3, show_default=True, help="Writes rounds (0: none).")
-@click.option(
-    "--polled/--direct",
-    default=True,
-    show_default=True,
-    help="Catch-up through the poll endpoint to a consumer process, or the producer's steps"
-    " alone (the outbox emptied by SQL).",
-)
-@click.option("--full", is_flag=True, help="A full-form stream (data), not notices.")
-def main(events: int, runs: int, requests: int, rounds: int, polled: bool, full: bool) -> None:
-    os.environ.setdefault("SCIMLEDGER_MASTER_KEY", base64.b64encode(os.urandom(32)).decode())
-
-    async def go(dsn: str) -> None:
-        target = await make_database(dsn, "bench_feeds", migrated=True)
-        if polled:
-            rate, produced, per_set = await polled_catch_up(target, events, full)
-        else:
-            rate, produced, per_set = await catch_up(target, events, runs, full)
-        form = "full" if full else "notice"
-        print(f"{form}-form catch-up of {produced:,} events: {rate:,.0f} SETs/s signed,"
-              f" {per_set * 1e6:,.0f} µs CPU per SET (median of {runs})")  # fmt: skip
-        if rounds:
-            none, two = await with_streams(target, requests, rounds)
-            print(f"POST /Users: {two:,.0f}/s with two streams vs {none:,.0f}/s with none"
-                  f" = {two / none:.2f}")  # fmt: skip
-
-    with durable_postgres() as dsn:
-        asyncio.run(go(dsn))
-
-
-if __name__ == "__main__":
-    main()

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from time import perf_counter
 
 import orjson
-from rich.progress import Progress
 
 from bench.common import (
     ENTERPRISE,
+    PROGRESS,
     BenchError,
     Cpu,
     Scim,
@@ -28,7 +28,6 @@ from bench.common import (
     ms,
     patch_body,
     percentile,
-    progress_bar,
     verdict,
 )
 from bench.lookups import SPARE, ensure_users
@@ -73,11 +72,11 @@ class Groups:
     async def patch(self, group_id: str, body: bytes) -> None:
         await self.scim.send("PATCH", f"/Groups/{group_id}", body, (200, 204))
 
-    async def grow(self, g: Measured, members: list[str], progress: Progress) -> None:
-        task = progress.add_task(f"grow → {len(members):,} members", total=len(members), rate="")
+    async def grow(self, g: Measured, members: list[str]) -> None:
+        task = PROGRESS.add_task(f"grow → {len(members):,} members", total=len(members), rate="")
         for k in range(0, len(members), BATCH):
             await self.patch(g.group_id, members_patch("Add", members[k : k + BATCH]))
-            progress.update(task, completed=min(len(members), k + BATCH))
+            PROGRESS.update(task, completed=min(len(members), k + BATCH))
 
     def pair(self, user: str) -> tuple[bytes, bytes]:
         if not self.peer:
@@ -123,29 +122,28 @@ async def measure(ctx: Ctx, server: Server, ids: dict[int, str], who: str) -> li
     limit = s.peer_group_timeout if peer else None
     measured: list[Measured] = []
     bounded: list[str] = []
-    with progress_bar() as progress:
-        for size in s.groups:
-            if size > len(members):
-                bounded.append(f"{size:,}: only {len(members):,} users stored")
-                continue
-            name = f"Bench {who} Group {size:,} {uuid.uuid4().hex[:6]}"
-            g = Measured(size, await run.scim.create("Groups", group_body(name, entra=not peer)))
-            try:
-                await asyncio.wait_for(run.grow(g, members[:size], progress), limit)
-            except TimeoutError:
-                growing = f"growing the group by PATCHes of {BATCH}"
-                bounded.append(f"{size:,}: {growing} did not finish in {limit:.0f} s")
-                break
-            measured.append(g)
-        task = progress.add_task(f"{who}: add/remove pairs", total=None, rate="")
+    for size in s.groups:
+        if size > len(members):
+            bounded.append(f"{size:,}: only {len(members):,} users stored")
+            continue
+        name = f"Bench {who} Group {size:,} {uuid.uuid4().hex[:6]}"
+        g = Measured(size, await run.scim.create("Groups", group_body(name, entra=not peer)))
         try:
-            pairs = min(s.pairs, PEER_PAIRS) if peer else s.pairs
-            await asyncio.wait_for(run.rounds(measured, pairs, 2 if peer else 10), limit)
+            await asyncio.wait_for(run.grow(g, members[:size]), limit)
         except TimeoutError:
-            done = ", ".join(f"{len(g.add)} at {g.size:,}" for g in measured)
-            bounded.append(f"pairs: cut short after {limit:.0f} s; pairs measured: {done}")
-            measured = [g for g in measured if g.add and g.remove]
-        progress.update(task, total=1, completed=1)
+            growing = f"growing the group by PATCHes of {BATCH}"
+            bounded.append(f"{size:,}: {growing} did not finish in {limit:.0f} s")
+            break
+        measured.append(g)
+    task = PROGRESS.add_task(f"{who}: add/remove pairs", total=None, rate="")
+    try:
+        pairs = min(s.pairs, PEER_PAIRS) if peer else s.pairs
+        await asyncio.wait_for(run.rounds(measured, pairs, 2 if peer else 10), limit)
+    except TimeoutError:
+        done = ", ".join(f"{len(g.add)} at {g.size:,}" for g in measured)
+        bounded.append(f"pairs: cut short after {limit:.0f} s; pairs measured: {done}")
+        measured = [g for g in measured if g.add and g.remove]
+    PROGRESS.update(task, total=1, completed=1)
     for text in bounded:
         ctx.notes.append(f"(3, 8) peer {text}" if peer else f"(3) scimledger: {text}")
     return measured
@@ -200,9 +198,7 @@ CONNECTIONS = 8
 MEMBER_BATCH = 100  # member ids per PATCH in the Entra cycle (ENTRA.md: "several")
 
 
-async def entra_cycle(
-    ctx: Ctx, token: str, progress: Progress, connections: int = CONNECTIONS
-) -> tuple[int, Cpu]:
+async def entra_cycle(ctx: Ctx, token: str, connections: int = CONNECTIONS) -> tuple[int, Cpu]:
     """Entra's initial cycle with `connections`: users (lookup, create), managers, groups
     (lookup, create), then memberships in PATCHes of ≤ MEMBER_BATCH; (requests, CPU)."""
     (session, ours), (n_users, n_groups, n_members) = ctx.http(), ctx.sizes.cycle
@@ -213,13 +209,13 @@ async def entra_cycle(
     requests = 0
     total = 3 * n_users - 1 + 2 * n_groups + -(-n_members // MEMBER_BATCH)
     what = f"Entra cycle {n_users:,}/{n_groups}/{n_members:,}, {connections} connections"
-    task = progress.add_task(what, total=total, rate="")
+    task = PROGRESS.add_task(what, total=total, rate="")
 
     async def call(method: str, path: str, body: bytes | None, expect: tuple[int, ...]) -> bytes:
         nonlocal requests
         raw = await scim.send(method, path, body, expect)
         requests += 1
-        progress.advance(task)
+        PROGRESS.advance(task)
         return raw
 
     async def absent(kind: str, attribute: str, value: str, extra: str = "") -> None:
@@ -265,11 +261,10 @@ async def entra_cycle(
 
 async def cycle(ctx: Ctx) -> None:
     """(4) the cycle at 8 connections and, on a fresh tenant, at 16."""
-    with progress_bar() as progress:
-        requests, c = await entra_cycle(ctx, create_tenant(ctx.dsn), progress)
-        # The same cycle, on a tenant of its own, by a client with twice the connections:
-        # if we set the pace at 8, more connections cannot make it go faster.
-        wider, w = await entra_cycle(ctx, create_tenant(ctx.dsn), progress, 2 * CONNECTIONS)
+    requests, c = await entra_cycle(ctx, create_tenant(ctx.dsn))
+    # The same cycle, on a tenant of its own, by a client with twice the connections:
+    # if we set the pace at 8, more connections cannot make it go faster.
+    wider, w = await entra_cycle(ctx, create_tenant(ctx.dsn), 2 * CONNECTIONS)
     rate, wider_rate = requests / c.seconds, wider / w.seconds
     speedup = wider_rate / rate
     cpu = {"client": c.client, "server": c.server, "postgres": c.postgres or 0.0}

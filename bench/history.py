@@ -16,9 +16,8 @@ from typing import Any
 from asyncpg import Connection
 from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import StoredEvent
-from rich.progress import Progress
 
-from bench.common import connected
+from bench.common import PROGRESS, connected
 from domain.group import Group
 from domain.request import ProvisioningRequest
 from domain.user import User
@@ -352,7 +351,7 @@ class TenantHistory:
 
 
 async def seed(
-    dsn: str, total: int, tenants: int, progress: Progress, *, recorded: bool, chunk: int = 0
+    dsn: str, total: int, tenants: int, *, recorded: bool, chunk: int = 0
 ) -> list[tuple[str, TenantHistory]]:
     """`total` split between `tenants` (`infra.tenants.create_tenant`), the histories appended:
     each tenant's requests in order on a connection of its own, tenants concurrently (up to 8).
@@ -361,20 +360,17 @@ async def seed(
     transaction, never splitting a request. Seeding commits need not wait for their WAL flush
     (synchronous_commit=off: the measurements run with the server's own settings)."""
     budgets = [total // tenants + (i < total % tenants) for i in range(tenants)]
+    names = [f"bench-{i:03d}-{uuid.uuid4().hex[:6]}" for i in range(tenants)]
     async with connected(dsn) as conn:
         await migrate(conn)
-        names = [f"bench-{i:03d}-{uuid.uuid4().hex[:6]}" for i in range(len(budgets))]
         ids = [(await create_tenant(conn, name)).tenant_id for name in names]
-    histories = [
-        TenantHistory(t, b, i + 1, recorded=recorded)
-        for i, (t, b) in enumerate(zip(ids, budgets, strict=True))
-    ]
+    histories = [TenantHistory(ids[i], b, i + 1, recorded=recorded) for i, b in enumerate(budgets)]
     size = min(8, len(histories))
     settings = {"synchronous_commit": "off"}
     pool = await create_pool(dsn, min_size=size, max_size=size, server_settings=settings)
     store, mapper = EventStore(pool), make_mapper()
     unit = "requests" if recorded else "events"
-    task = progress.add_task(f"seed {total:,} {unit}", total=total, rate="")
+    task = PROGRESS.add_task(f"seed {total:,} {unit}", total=total, rate="")
 
     async def writer(h: TenantHistory) -> None:
         async with pool.acquire() as conn:
@@ -386,9 +382,9 @@ async def seed(
                     await store.append_stored(conn, h.tenant_id, batch, change)
                     batch = []
                     done = sum(h.made if recorded else h.emitted for h in histories)
-                    progress.update(task, completed=done)
+                    PROGRESS.update(task, completed=done)
             await store.append_stored(conn, h.tenant_id, batch, "bench-seed")
-        progress.update(task, completed=sum(h.made if recorded else h.emitted for h in histories))
+        PROGRESS.update(task, completed=sum(h.made if recorded else h.emitted for h in histories))
 
     try:
         async with asyncio.TaskGroup() as group:
@@ -406,7 +402,7 @@ async def settle(conn: Connection) -> None:
     await conn.execute("CHECKPOINT")
 
 
-async def catch_up(dsn: str, names: list[str], progress: Progress) -> None:
+async def catch_up(dsn: str, names: list[str]) -> None:
     """Bring projections to the head with their own runner's step, as `serve` would."""
     async with open_database(Settings(database_url=dsn, run_projections=False)) as db:
         conn = await db.connect()
@@ -414,9 +410,9 @@ async def catch_up(dsn: str, names: list[str], progress: Progress) -> None:
             await register(conn, list(PROJECTIONS.values()))
             for name in names:
                 runner = Runner(db, PROJECTIONS[name], batch_size=5000)
-                task = progress.add_task(f"{name} runner catch-up", total=None, rate="")
+                task = PROGRESS.add_task(f"{name} runner catch-up", total=None, rate="")
                 while await runner.step(conn):
-                    progress.update(task, completed=runner.applied)
-                progress.update(task, total=runner.applied)
+                    PROGRESS.update(task, completed=runner.applied)
+                PROGRESS.update(task, total=runner.applied)
         finally:
             await conn.close()

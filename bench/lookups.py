@@ -10,7 +10,7 @@ import aiohttp
 import orjson
 
 from bench import wrk
-from bench.common import NAME_FORMAT, drain, entra_body, ms, progress_bar, verdict
+from bench.common import NAME_FORMAT, drain, entra_body, ms, verdict
 from bench.common import wait_for_projections as caught_up
 from bench.posts import row_maker, seed_users, wrk_phase
 from bench.table import CONCURRENCY, Ctx, Row, Server
@@ -29,25 +29,20 @@ class PeerSeeder:
         # may have landed all the same, and resuming would send their userNames again: 409).
         self.stopped = False
 
-    async def seed_to(self, target: int) -> None:
-        first = self.stored
-        # Entra's body less `"manager": null`, which scim2-server refuses (extra input).
-        bodies = [orjson.loads(entra_body(i)) for i in range(first, target)]
-
-        async def one(i: int) -> None:
-            bodies[i - first].pop("manager", None)
-            self.ids[i] = await self.scim.create("Users", orjson.dumps(bodies[i - first]))
-            self.landed += 1
-
-        await drain(range(first, target), one, CONCURRENCY)
-        self.stored = max(self.stored, target)
+    async def one(self, i: int) -> None:
+        """User i, Entra's body less `"manager": null`, which scim2-server refuses."""
+        body = orjson.loads(entra_body(i))
+        body.pop("manager", None)
+        self.ids[i] = await self.scim.create("Users", orjson.dumps(body))
+        self.landed += 1
 
     async def grow(self, size: int, limit: float) -> str:
         """Grow to `size` users within `limit` seconds; why not, if it could not."""
         if self.stopped:
             return f"not grown past {self.stored:,} (its time ran out at a smaller size)"
         try:
-            await asyncio.wait_for(self.seed_to(size), limit)
+            await asyncio.wait_for(drain(range(self.stored, size), self.one, CONCURRENCY), limit)
+            self.stored = max(self.stored, size)
         except TimeoutError:
             self.stopped = True
             reached = f"its POSTs reached {self.landed:,} users of {size:,} in {limit:.0f} s"
@@ -62,26 +57,23 @@ async def lookups(ctx: Ctx) -> None:
     seeder = PeerSeeder(session, peer, ctx.peer_ids) if peer is not None else None
     seeded = catch_up = 0.0
     gets: list[tuple[int, wrk.WrkRun, str, str, str]] = []
-    with progress_bar() as progress:
-        for size in s.users:
-            seeded += await seed_users(ctx, maker, size, progress, max(s.groups) + SPARE)
-            catch_up += await caught_up(ctx.dsn, 3600)
-            script = wrk.find_users_script("/scim/v2/Users", ours.token, size, NAME_FORMAT)
-            await wrk_phase(ours, script, 2)
-            got, cpu = await wrk_phase(ours, script, s.get_seconds, f"scimledger GET at {size:,}")
-            peer_text = ratio = ""
-            if peer is not None and seeder is not None:
-                why = await seeder.grow(size, s.peer_seed_timeout)
-                peer_text = why or "no users stored"
-                if seeder.stored:
-                    script = wrk.find_users_script(
-                        "/v2/Users", peer.token, seeder.stored, NAME_FORMAT
-                    )
-                    theirs, _ = await wrk_phase(peer, script, s.get_seconds, "scim2-server GET")
-                    peer_text = f"{theirs.rate:,.0f} req/s; p99 {ms(theirs.p99)}"
-                    peer_text += f" ({why})" if why else ""
-                    ratio = f"{got.rate / theirs.rate:.1f} x the peer's rate"
-            gets.append((size, got, cpu.text(), peer_text or ctx.no_peer, ratio))
+    for size in s.users:
+        seeded += await seed_users(ctx, maker, size, max(s.groups) + SPARE)
+        catch_up += await caught_up(ctx.dsn, 3600)
+        script = wrk.find_users_script("/scim/v2/Users", ours.token, size, NAME_FORMAT)
+        await wrk_phase(ours, script, 2)
+        got, cpu = await wrk_phase(ours, script, s.get_seconds, f"scimledger GET at {size:,}")
+        peer_text = ratio = ""
+        if peer is not None and seeder is not None:
+            why = await seeder.grow(size, s.peer_seed_timeout)
+            peer_text = why or "no users stored"
+            if seeder.stored:
+                script = wrk.find_users_script("/v2/Users", peer.token, seeder.stored, NAME_FORMAT)
+                theirs, _ = await wrk_phase(peer, script, s.get_seconds, "scim2-server GET")
+                peer_text = f"{theirs.rate:,.0f} req/s; p99 {ms(theirs.p99)}"
+                peer_text += f" ({why})" if why else ""
+                ratio = f"{got.rate / theirs.rate:.1f} x the peer's rate"
+        gets.append((size, got, cpu.text(), peer_text or ctx.no_peer, ratio))
     base_rate = gets[0][1].rate
     for size, got, cpu_text, peer_text, ratio in gets:
         target = verdict_text = ""
@@ -115,9 +107,8 @@ async def ensure_users(ctx: Ctx, n: int) -> None:
     """At least n users stored (ours, and the peer's within its limit) when (2) did not run."""
     _, ours = ctx.http()
     if ctx.stored < n:
-        with progress_bar() as progress:
-            maker = await row_maker(ctx.dsn, ours.token)
-            await seed_users(ctx, maker, n, progress, n)
+        maker = await row_maker(ctx.dsn, ours.token)
+        await seed_users(ctx, maker, n, n)
         await caught_up(ctx.dsn, 3600)
     if ctx.peer is not None and ctx.session is not None and not ctx.peer_ids:
         started = time.perf_counter()

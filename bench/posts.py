@@ -14,17 +14,17 @@ from typing import Any
 
 import asyncpg
 import orjson
-from rich.progress import Progress
 
 from bench import wrk
 from bench.common import (
+    PROGRESS,
     BenchError,
     Cpu,
     Meter,
     entra_body,
+    err,
     ms,
     percentile,
-    progress_bar,
     py_spy,
     verdict,
 )
@@ -88,12 +88,11 @@ async def row_maker(dsn: str, token: str) -> RowMaker:
 
 
 async def insert(
-    pool: asyncpg.Pool, n: int, args: Callable[[int], tuple[Any, ...]], workers: int,
-    progress: Progress, task: str,
-) -> list[float]:  # fmt: skip
+    pool: asyncpg.Pool, n: int, args: Callable[[int], tuple[Any, ...]], workers: int, task: str
+) -> list[float]:
     """POST_ROWS_SQL with args(i) for i in range(n), on `workers` connections of `pool`; the
     seconds of each statement."""
-    latencies, counter, shown = [0.0] * n, iter(range(n)), progress.add_task(task, total=n, rate="")
+    latencies, counter, shown = [0.0] * n, iter(range(n)), PROGRESS.add_task(task, total=n, rate="")
 
     async def worker() -> None:
         async with pool.acquire() as conn:
@@ -101,13 +100,13 @@ async def insert(
                 row, t0 = args(i), time.perf_counter()
                 await conn.execute(POST_ROWS_SQL, *row)
                 latencies[i] = time.perf_counter() - t0
-                progress.advance(shown)
+                PROGRESS.advance(shown)
 
     await asyncio.gather(*(worker() for _ in range(workers)))
     return latencies
 
 
-async def seed_users(ctx: Ctx, maker: RowMaker, last: int, progress: Progress, keep: int) -> float:
+async def seed_users(ctx: Ctx, maker: RowMaker, last: int, keep: int) -> float:
     """Users ctx.stored..last-1 (NAME_FORMAT), straight into the store; seconds. The
     ids of users below `keep` go to ctx.ids (the group members)."""
     first, started = ctx.stored, time.perf_counter()
@@ -124,31 +123,28 @@ async def seed_users(ctx: Ctx, maker: RowMaker, last: int, progress: Progress, k
     settings = {"synchronous_commit": "off"}
     pool = await create_pool(ctx.dsn, min_size=4, max_size=4, server_settings=settings)
     try:
-        await insert(pool, last - first, made, 4, progress, f"seed users → {last:,}")
+        await insert(pool, last - first, made, 4, f"seed users → {last:,}")
     finally:
         await pool.close()
     return time.perf_counter() - started
 
 
-async def floor(ctx: Ctx, maker: RowMaker, progress: Progress) -> tuple[float, list[float], Cpu]:
+async def floor(ctx: Ctx, maker: RowMaker) -> tuple[float, list[float], Cpu]:
     """The users' rows (made beforehand) by plain asyncpg, one statement each, concurrency 16."""
     n, meter = ctx.sizes.floor_rows, Meter(None, ctx.postmaster)
     rows = [maker.make(entra_body(10_000_000 + i))[1] for i in range(n)]
 
-    async def jsonb(conn: asyncpg.Connection) -> None:
-        await conn.set_type_codec(
-            "jsonb",
-            schema="pg_catalog",
-            encoder=lambda v: orjson.dumps(v).decode(),
-            decoder=orjson.loads,
-        )
+    def dumps(value: object) -> str:
+        return orjson.dumps(value).decode()
 
-    pool = await asyncpg.create_pool(
-        ctx.dsn, min_size=CONCURRENCY, max_size=CONCURRENCY, init=jsonb
-    )
+    async def jsonb(conn: asyncpg.Connection) -> None:
+        await conn.set_type_codec("jsonb", schema="pg_catalog", encoder=dumps, decoder=orjson.loads)
+
+    size = CONCURRENCY
+    pool = await asyncpg.create_pool(ctx.dsn, min_size=size, max_size=size, init=jsonb)
     try:
         before = meter.read()
-        latencies = await insert(pool, n, rows.__getitem__, CONCURRENCY, progress, "floor")
+        latencies = await insert(pool, n, rows.__getitem__, CONCURRENCY, "floor")
         cpu = meter.since(before)
     finally:
         await pool.close()
@@ -188,19 +184,18 @@ async def post_users(ctx: Ctx) -> None:
     template = orjson.loads(entra_body(0))
     template["userName"] = template["emails"][0]["value"] = wrk.NAME
     template["externalId"] = wrk.EXTERNAL_ID
-    with progress_bar() as progress:
-        progress.console.print("POST /Users with wrk …")
-        await wrk_phase(ours, post_script(ours, template, "Warm"), 2)
-        script = post_script(ours, template, "Post")
-        post, cpu = await wrk_phase(ours, script, s.post_seconds, "scimledger POST /Users")
-        maker = await row_maker(ctx.dsn, ours.token)
-        floor_rate, floor_lat, floor_cpu = await floor(ctx, maker, progress)
-        peer_post = None
-        if peer is not None:
-            progress.console.print("POST /Users on the peer with wrk …")
-            template.pop("manager", None)
-            script = post_script(peer, template, "Post")
-            peer_post, peer_cpu = await wrk_phase(peer, script, s.post_seconds, "scim2-server POST")
+    err.print("POST /Users with wrk …")
+    await wrk_phase(ours, post_script(ours, template, "Warm"), 2)
+    script = post_script(ours, template, "Post")
+    post, cpu = await wrk_phase(ours, script, s.post_seconds, "scimledger POST /Users")
+    maker = await row_maker(ctx.dsn, ours.token)
+    floor_rate, floor_lat, floor_cpu = await floor(ctx, maker)
+    peer_post = None
+    if peer is not None:
+        err.print("POST /Users on the peer with wrk …")
+        template.pop("manager", None)
+        script = post_script(peer, template, "Post")
+        peer_post, peer_cpu = await wrk_phase(peer, script, s.post_seconds, "scim2-server POST")
     to_floor = post.rate / floor_rate
     to_peer = post.rate / peer_post.rate if peer_post else None
     ok = to_floor >= 0.6 and (to_peer is None or to_peer >= 3)

@@ -17,9 +17,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
-from rich.progress import Progress
 
 from bench.common import (
+    PROGRESS,
     ROOT,
     SCIMLEDGER,
     BenchError,
@@ -29,7 +29,6 @@ from bench.common import (
     connected,
     finished,
     make_database,
-    progress_bar,
     verdict,
 )
 from bench.history import catch_up, seed, settle
@@ -83,23 +82,23 @@ async def measured(dsn: str, size: int, postmaster: psutil.Process | None, dry_r
     return Run(done, cpu, sum(replayed.values()), drift)
 
 
-async def seeded(dsn: str, n: int, progress: Progress, *, sealed: bool) -> int:
+async def seeded(dsn: str, n: int, *, sealed: bool) -> int:
     """bench.history's tenant histories (events only), sealed if `sealed` (`scimledger erase
     migrate`: what a ledger written with encryption holds), the asynchronous projections caught
     up (their rebuild replays up to their live checkpoint); the events stored."""
     tenants = -(-n // TENANT_EVENTS)
-    histories = await seed(dsn, n, tenants, progress, recorded=False, chunk=CHUNK)
+    histories = await seed(dsn, n, tenants, recorded=False, chunk=CHUNK)
     n = sum(h.emitted for _, h in histories)
     if sealed:
-        task = progress.add_task("erase migrate (seal the events)", total=None, rate="")
+        task = PROGRESS.add_task("erase migrate (seal the events)", total=None, rate="")
         async with open_database(Settings(database_url=dsn, run_projections=False)) as db:
             done = await migrate_all(db)
-        progress.update(task, total=done, completed=done)
+        PROGRESS.update(task, total=done, completed=done)
     async with connected(dsn) as conn:
         if (stored := await conn.fetchval("SELECT count(*) FROM stored_events")) != n:
             raise BenchError(f"seeded {n:,} events but the store holds {stored:,}")
         await settle(conn)
-    await catch_up(dsn, [p.name for p in PROJECTIONS.values() if p.mode == "async"], progress)
+    await catch_up(dsn, [p.name for p in PROJECTIONS.values() if p.mode == "async"])
     return n
 
 
@@ -115,16 +114,15 @@ async def rebuild(ctx: Ctx) -> None:
     # One master key for the sealing here and the rebuilds it starts.
     os.environ.setdefault(MASTER_ENV, base64.b64encode(os.urandom(32)).decode())
     runs: list[Run] = []
-    with progress_bar() as progress:
-        n = await seeded(dsn, ctx.sizes.rebuild_events, progress, sealed=sealed)
-        current = [("current", False)] * ctx.sizes.rebuild_runs
-        for label, dry_run in [("views stale", False), ("--dry-run", True), *current]:
-            task = progress.add_task(f"rebuild {n:,} events ({label})", total=None, rate="")
-            run = await measured(dsn, n, ctx.postmaster, dry_run)
-            progress.update(task, total=1, completed=1, rate=f"{run.rate:,.0f}/s")
-            if dry_run and run.drift:
-                raise BenchError(f"a dry run right after a rebuild found drift:\n{run.done.out}")
-            runs += [run] if label == "current" else []
+    n = await seeded(dsn, ctx.sizes.rebuild_events, sealed=sealed)
+    current = [("current", False)] * ctx.sizes.rebuild_runs
+    for label, dry_run in [("views stale", False), ("--dry-run", True), *current]:
+        task = PROGRESS.add_task(f"rebuild {n:,} events ({label})", total=None, rate="")
+        run = await measured(dsn, n, ctx.postmaster, dry_run)
+        PROGRESS.update(task, total=1, completed=1, rate=f"{run.rate:,.0f}/s")
+        if dry_run and run.drift:
+            raise BenchError(f"a dry run right after a rebuild found drift:\n{run.done.out}")
+        runs += [run] if label == "current" else []
     runs.sort(key=lambda r: r.rate)
     run, rates = runs[len(runs) // 2], [r.rate for r in runs]
     seconds, rate, cpu = run.done.seconds, run.rate, run.cpu

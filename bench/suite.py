@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from rich.markdown import Markdown
 from bench import wrk
 from bench.audit import audit
 from bench.common import (
+    PROGRESS,
     ROOT,
     BenchError,
     Meter,
@@ -86,7 +87,8 @@ async def over_http(ctx: Ctx, rows: list[Callable[[Ctx], Awaitable[None]]]) -> N
         )
         try:
             for row in rows:
-                await row(ctx)
+                with shown():
+                    await row(ctx)
         finally:
             ctx.session = ctx.ours = ctx.peer = None
 
@@ -98,7 +100,17 @@ async def run_rows(ctx: Ctx) -> None:
         await over_http(ctx, served)
     for name, row, http in ROWS:
         if not http and name not in ctx.skip:
-            await row(ctx)
+            with shown():
+                await row(ctx)
+
+
+@contextlib.contextmanager
+def shown() -> Iterator[None]:
+    """A row's progress on screen while it runs (its bars left above), cleared for the next."""
+    with PROGRESS:
+        yield
+    for task in PROGRESS.task_ids:
+        PROGRESS.remove_task(task)
 
 
 def report(ctx: Ctx, load_before: tuple[float, ...], rev: str, started: float) -> None:

@@ -35,6 +35,7 @@ class Sizes:
     peer_group_timeout: float  # seconds allowed to grow one of the peer's groups
     cost: tuple[int, float]  # tries per shape, seconds of the other tenant's GETs
     extensions: tuple[int, int]  # rounds, users per tenant and round
+    feeds: tuple[int, int, int]  # events caught up on, POSTs per writes round, rounds
     rebuild_runs: int = 1  # runs with the views current; the row is the median's
     rebuild_sealed: bool = True  # the ledger sealed, unless the code under test predates sealing
 
@@ -58,12 +59,12 @@ FULL = Sizes(post_seconds=30, floor_rows=40_000, users=(10_000, 100_000, 1_000_0
     get_seconds=20, groups=(10, 10_000, 100_000), pairs=500, cycle=(10_000, 100, 50_000),
     rebuild_events=1_000_000, audit_entries=1_000_000, audit_samples=100,
     peer_seed_timeout=180, peer_group_timeout=120, cost=(3, 20.0),
-    extensions=(10, 500))  # fmt: skip
+    extensions=(10, 500), feeds=(200_000, 2000, 3))  # fmt: skip
 QUICK = Sizes(post_seconds=10, floor_rows=8_000, users=(1_000, 10_000, 50_000),
     get_seconds=8, groups=(10, 1_000, 10_000), pairs=150, cycle=(1_000, 20, 5_000),
     rebuild_events=100_000, audit_entries=100_000, audit_samples=30,
     peer_seed_timeout=60, peer_group_timeout=60, cost=(1, 5.0),
-    extensions=(4, 200))  # fmt: skip
+    extensions=(4, 200), feeds=(20_000, 300, 1))  # fmt: skip
 
 
 @dataclass
@@ -76,9 +77,6 @@ class Row:
     target: str = ""
     verdict: str = ""
     cpu: str = ""
-
-    def cells(self) -> list[str]:
-        return [str(cell) for cell in astuple(self)]
 
 
 @dataclass
@@ -134,7 +132,7 @@ def render_markdown(title: str, rows: Sequence[Row], notes: Sequence[str], machi
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
 
-    table = [COLUMNS, ["---"] * len(COLUMNS), *([cell(c) for c in r.cells()] for r in rows)]
+    table = [COLUMNS, ["---"] * len(COLUMNS), *([cell(c) for c in astuple(r)] for r in rows)]
     lines = [f"# {title}", "", *("| " + " | ".join(cells) + " |" for cells in table), ""]
     lines += ["## Machine", "", machine, "", "## Notes", "", *(f"- {n}" for n in notes), ""]
     return "\n".join(lines)

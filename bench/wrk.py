@@ -8,7 +8,6 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
 
@@ -153,17 +152,6 @@ class WrkRun:
         return self.requests / self.seconds if self.seconds else 0.0
 
 
-def parse(output: str) -> dict[str, Any]:
-    lines = output.splitlines()
-    for line in lines:
-        if line.startswith(RESULT):
-            found: dict[str, Any] = orjson.loads(line[len(RESULT) :])
-            found["sample"] = next((x[len(SAMPLE) :] for x in lines if x.startswith(SAMPLE)), "")
-            found["sample"] = found["sample"].strip()
-            return found
-    raise ValueError(f"wrk printed no result line:\n{output[-2000:]}")
-
-
 def run(origin: str, script: str, seconds: float, connections: int, threads: int = 1) -> WrkRun:
     """wrk with `script` against `origin` for `seconds`; blocks (run it in a thread)."""
     with tempfile.NamedTemporaryFile("w", prefix="scimledger-wrk-", suffix=".lua") as lua:
@@ -171,7 +159,11 @@ def run(origin: str, script: str, seconds: float, connections: int, threads: int
         lua.flush()
         argv = [executable(), f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s"]
         done = finished([*argv, "--timeout", "60s", "-s", lua.name, origin])
-    found = parse(done.out + done.errors)
+    lines = (done.out + done.errors).splitlines()
+    found = next((orjson.loads(x[len(RESULT) :]) for x in lines if x.startswith(RESULT)), None)
+    if found is None:
+        raise ValueError(f"wrk printed no result line:\n{(done.out + done.errors)[-2000:]}")
+    sample = next((x[len(SAMPLE) :].strip() for x in lines if x.startswith(SAMPLE)), "")
     seconds, p50, p99 = (float(found[k]) / 1e6 for k in ("duration_us", "p50_us", "p99_us"))
     requests, bad, errors = (int(found[k]) for k in ("requests", "bad", "socket_errors"))
-    return WrkRun(requests, seconds, p50, p99, bad, errors, str(found["sample"]), done.cpu)
+    return WrkRun(requests, seconds, p50, p99, bad, errors, sample, done.cpu)
