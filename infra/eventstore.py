@@ -39,7 +39,7 @@ from infra.records import OutOfOrder as OutOfOrder
 from infra.records import Position as Position
 from infra.records import RecentEvents as RecentEvents
 from infra.records import RecordedEvent as RecordedEvent
-from infra.records import stream_named
+from infra.records import appended, stream_named
 from infra.sealing import SealingMapper, display_members, is_personal_topic
 
 NOTIFY_CHANNEL = "scimledger_events"
@@ -185,12 +185,8 @@ class EventStore:
             metrics.APPEND_SECONDS.observe(time.perf_counter() - started)
         metrics.APPENDS.inc()
         metrics.EVENTS_APPENDED.inc(len(rows))
-        sent = {(s.originator_id, s.originator_version): s for s in stored}
-        return [
-            RecordedEvent(oid, v, sent[(oid, v)].topic, sent[(oid, v)].state, n, tenant_id, at,
-                          request_id, tx)
-            for oid, v, n, at, tx in rows
-        ]  # fmt: skip
+        at = {(oid, v): (oid, n, when, tx) for oid, v, n, when, tx in rows}
+        return appended(stored, at, tenant_id, request_id)
 
     def _refusal(self, stored: Sequence[StoredEvent], error: BaseException) -> BaseException:
         """What a failed append raises: ours for a version conflict, a stream written out of

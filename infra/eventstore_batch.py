@@ -23,6 +23,7 @@ from eventsourcing.persistence import StoredEvent
 
 from infra import metrics
 from infra.eventstore import Conn, RecordedEvent
+from infra.records import appended
 
 # The batch statement's own parameters; a view's statement riding on it numbers its own from
 # BATCH_PARAMETERS + 1 (as for EventStore.append_with).
@@ -67,13 +68,14 @@ def statement(view: str) -> str:
 async def append_batch(conn: Conn, sql: str, batch: Sequence[Sealed]) -> list[list[RecordedEvent]]:
     """Append every request of `batch` in one statement (outside a transaction: its own,
     committed when this returns); what each request's events were recorded as, in order.
-    On an error nothing is written, and the new keys stay cached for the retries alone."""
+    On an error the new keys stay cached: the caller appends each request alone with them,
+    or forgets them if the batch's commit is unknown (service/group_commit.py)."""
     events = [(p, s) for p in batch for s in p.stored]
     keys = [(p.tenant_id, k) for p in batch for k in p.new_keys]
     rows = [r for p in batch for r in p.rows]
     started = time.perf_counter()
     try:
-        appended = await conn.fetch(
+        appended_rows = await conn.fetch(
             sql,
             [s.originator_id for _, s in events],
             [s.originator_version for _, s in events],
@@ -90,16 +92,6 @@ async def append_batch(conn: Conn, sql: str, batch: Sequence[Sealed]) -> list[li
     finally:
         metrics.APPEND_SECONDS.observe(time.perf_counter() - started)
     metrics.APPENDS.inc()
-    metrics.EVENTS_APPENDED.inc(len(appended))
-    at = {(oid, v): (oid, n, when, tx) for oid, v, n, when, tx in appended}
-    out: list[list[RecordedEvent]] = []
-    for p in batch:
-        mine = []
-        for s in p.stored:
-            oid, n, when, tx = at[(s.originator_id, s.originator_version)]
-            mine.append(
-                RecordedEvent(oid, s.originator_version, s.topic, s.state, n,
-                              p.tenant_id, when, p.request_id, tx)
-            )  # fmt: skip
-        out.append(mine)
-    return out
+    metrics.EVENTS_APPENDED.inc(len(appended_rows))
+    at = {(oid, v): (oid, n, when, tx) for oid, v, n, when, tx in appended_rows}
+    return [appended(p.stored, at, p.tenant_id, p.request_id) for p in batch]

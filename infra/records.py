@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from uuid import UUID
 
 from eventsourcing.domain import DomainEventProtocol
@@ -119,3 +119,20 @@ def stream_named(stored: Iterable[StoredEvent], message: str) -> UUID:
             return UUID(str(s.originator_id))
     assert first is not None, "an append of no events"
     return first
+
+
+def appended(
+    stored: Iterable[StoredEvent],
+    at: dict[tuple[Any, int], tuple[UUID, int, datetime, int]],
+    tenant_id: UUID,
+    request_id: str | None,
+) -> list[RecordedEvent]:
+    """`stored` as an append recorded them: `at` maps (originator_id, originator_version) to
+    the row its statement returned (originator_id, notification_id, recorded_at,
+    transaction_id)."""
+    out = []
+    for s in stored:
+        oid, n, when, tx = at[(s.originator_id, s.originator_version)]
+        out.append(RecordedEvent(oid, s.originator_version, s.topic, s.state, n,
+                                 tenant_id, when, request_id, tx))  # fmt: skip
+    return out

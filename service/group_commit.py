@@ -147,6 +147,10 @@ class GroupCommit:
         """The batch's others get their events as recorded, or (a failed batch wrote nothing)
         the word to append alone; the next waiting request leads."""
         error = None if task.cancelled() else task.exception()
+        if error is not None and not wrote_nothing(error):
+            # Not retried: its new subjects' keys are forgotten, as a lone append's would be
+            # (EventStore._insert); read again from the database if the batch did commit.
+            self.store.keys.forget(k[0] for w in batch for k in w.sealed.new_keys)
         for i, other in enumerate(batch[1:], 1):
             if other.outcome.done():
                 continue
