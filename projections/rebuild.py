@@ -20,18 +20,18 @@ projections/diff.py; this module replays, catches up and swaps.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import gc
 import resource
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 from eventsourcing.utils import TopicError, resolve_topic
 
+from infra import collector
 from infra import eventstore_sql as q
 from infra.database import Database
 from infra.eventstore import START, Conn, Position, RecordedEvent
@@ -292,7 +292,7 @@ class Rebuilder:
         return not past
 
     async def run(self, *, dry_run: bool = False) -> RebuildReport:
-        with _collector_paused():
+        with collector.paused():
             return await self._run(dry_run)
 
     async def _run(self, dry_run: bool) -> RebuildReport:
@@ -409,23 +409,3 @@ class Rebuilder:
 def _cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-_rebuilds = 0  # running in this process
-_collector_was_enabled = True
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """The cyclic collector off while any rebuild of this process runs (see COLLECT_EVERY)."""
-    global _rebuilds, _collector_was_enabled
-    if _rebuilds == 0:
-        _collector_was_enabled = gc.isenabled()
-        gc.disable()
-    _rebuilds += 1
-    try:
-        yield
-    finally:
-        _rebuilds -= 1
-        if _rebuilds == 0 and _collector_was_enabled:
-            gc.enable()

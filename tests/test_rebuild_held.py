@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
+from infra import collector
 from infra.database import Database
-from projections import audit, audit_resources, rebuild
+from projections import audit, audit_resources
 from projections.rebuild import Rebuilder
 from projections.registry import PROJECTIONS
 from tests.test_projections import Scim, settle, snapshot, workload
@@ -51,14 +52,14 @@ async def test_the_audit_log_rebuilds_the_same_with_its_copies_held_between_batc
 
 def test_the_collector_pauses_while_any_rebuild_of_the_process_runs() -> None:
     assert gc.isenabled()
-    with rebuild._collector_paused():
-        with rebuild._collector_paused():
+    with collector.paused():
+        with collector.paused():
             assert not gc.isenabled()
         assert not gc.isenabled()
     assert gc.isenabled()
     gc.disable()
     try:
-        with rebuild._collector_paused():
+        with collector.paused():
             pass
         assert not gc.isenabled()  # someone else's choice stays
     finally:

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from infra import collector
 from infra.database import Database
 from infra.eventstore import Conn, Position, RecordedEvent
 from infra.keys import PERSONAL_MODULES, is_erased
@@ -98,29 +98,16 @@ def erased_among(records: Sequence[RecordedEvent]) -> frozenset[uuid.UUID]:
     return frozenset(r.originator_id for r in records if is_erased(r.originator_id))
 
 
-_kept = 0  # nested holds of the collector (a step and a build ahead overlap)
-
-
 @contextlib.contextmanager
 def young_objects_kept(catching_up: bool) -> Iterator[None]:
     """A catch-up batch's objects (events, changes, claims: tens per SET) live for its whole
-    step, so the collector would promote them to the oldest generation, and every quarter of
-    that generation's size so promoted runs a full collection: over a large heap (a key cache
-    of a million subjects) that cost ~50 µs per SET (bench.feeds). The cyclic collector waits
-    while a catch-up batch is built (until the last of overlapping holds ends); refcounting
-    frees the batch after, and what is left is collected as usual."""
-    global _kept
-    if not catching_up or (_kept == 0 and not gc.isenabled()):
+    step, so the cyclic collector waits while a catch-up batch is built (infra/collector.py);
+    refcounting frees the batch after, and what is left is collected as usual."""
+    if not catching_up:
         yield
         return
-    _kept += 1
-    gc.disable()
-    try:
+    with collector.paused():
         yield
-    finally:
-        _kept -= 1
-        if _kept == 0:
-            gc.enable()
 
 
 class Builder:
