@@ -113,10 +113,7 @@ median = statistics.median
 
 def percentile(samples: list[float], pct: float) -> float:
     ordered = sorted(samples)
-    if not ordered:
-        return float("nan")
-    k = min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))
-    return ordered[k]
+    return ordered[round(pct / 100 * (len(ordered) - 1))]
 
 
 def ms(seconds: float) -> str:

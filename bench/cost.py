@@ -18,19 +18,19 @@ import os
 import sys
 import time
 import uuid
-from asyncio.subprocess import PIPE
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import aiohttp
 import orjson
 import psutil
 
 from bench.common import (
-    ROOT,
     Scim,
     create_tenant,
     err,
+    finished,
     make_database,
     median,
     ms,
@@ -169,22 +169,26 @@ async def _targets(hostile: Scim) -> Targets:
     return Targets(full, members, await hostile.create("Groups", b'{"displayName": "Target"}'))
 
 
+async def _send(hostile: Scim, shape: Shape, body: bytes, t: Targets) -> str:
+    """The shape once, with a fresh name; the reply's status and scimType, or "no answer"."""
+    try:
+        request = hostile.request(shape.method, shape.path(t), _fresh(body))
+        status, raw = await asyncio.wait_for(request, TIMEOUT)
+    except (TimeoutError, aiohttp.ClientError):
+        return "no answer"
+    with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+        return f"{status} {orjson.loads(raw).get('scimType') or ''}".strip()
+    return str(status)
+
+
 async def _one(
     hostile: Scim, shape: Shape, body: bytes, t: Targets, server: psutil.Process
 ) -> Measured:
-    body = _fresh(body)
     # The server's CPU and its bulk process's (service/bulk.py), which serves large bodies.
     cpu_before, started = tree_cpu(server), time.perf_counter()
-    try:
-        request = hostile.request(shape.method, shape.path(t), body)
-        status, raw = await asyncio.wait_for(request, TIMEOUT)
-        shown = str(status)
-        if status >= 400:
-            shown += " " + str(orjson.loads(raw).get("scimType") or "")
-    except (TimeoutError, aiohttp.ClientError):
-        shown = "no answer"
+    shown = await _send(hostile, shape, body, t)
     wall = time.perf_counter() - started
-    return Measured(shape.name, len(body), shown.strip(), tree_cpu(server) - cpu_before, wall)
+    return Measured(shape.name, len(body), shown, tree_cpu(server) - cpu_before, wall)
 
 
 async def _hostile_load(hostile: Scim, bodies: list[bytes], t: Targets, stop: asyncio.Event) -> int:
@@ -194,10 +198,7 @@ async def _hostile_load(hostile: Scim, bodies: list[bytes], t: Targets, stop: as
         for shape, body in zip(SHAPES, bodies, strict=True):
             if stop.is_set():
                 break
-            with contextlib.suppress(TimeoutError, aiohttp.ClientError):
-                await asyncio.wait_for(
-                    hostile.request(shape.method, shape.path(t), _fresh(body)), TIMEOUT
-                )
+            await _send(hostile, shape, body, t)
             sent += 1
     return sent
 
@@ -209,9 +210,7 @@ async def _gets(origin: str, token: str, user: str, seconds: float) -> list[floa
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline:
             started = time.perf_counter()
-            status, _ = await victim.request("GET", f"/Users/{user}")
-            if status != 200:
-                raise RuntimeError(f"the other tenant's GET answered {status}")
+            await victim.send("GET", f"/Users/{user}")
             samples.append(time.perf_counter() - started)
     return samples
 
@@ -219,14 +218,9 @@ async def _gets(origin: str, token: str, user: str, seconds: float) -> list[floa
 async def _victim(origin: str, token: str, user: str, seconds: float) -> list[float]:
     """The other tenant's GETs, timed in a process (and a session) of their own: sending 2 MiB
     bodies from here would stall this event loop and count as the server's latency."""
-    argv = ["-m", "bench.cost", orjson.dumps([origin, token, user, seconds]).decode()]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, *argv, stdout=PIPE, cwd=ROOT, start_new_session=True
-    )
-    out, _ = await proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"the other tenant's GETs failed ({proc.returncode})")
-    return list(orjson.loads(out))
+    args = orjson.dumps([origin, token, user, seconds]).decode()
+    argv = [sys.executable, "-m", "bench.cost", args]
+    return list(orjson.loads((await asyncio.to_thread(finished, argv, session=True)).out))
 
 
 async def cost(ctx: Ctx) -> None:
@@ -240,8 +234,10 @@ async def cost(ctx: Ctx) -> None:
             hostile = Scim(hs, f"{origin}/scim/v2", token)
             t = await _targets(hostile)
             bodies = [shape.body(t) for shape in SHAPES]
-            victim = Scim(hs, f"{origin}/scim/v2", victim_token)
-            victim_user = await victim.create("Users", _user("victim@contoso.com"))
+            victim_user = await Scim(hs, hostile.base, victim_token).create(
+                "Users", _user("victim@contoso.com")
+            )
+            gets = partial(_victim, origin, victim_token, victim_user, seconds)
             measured = []
             for shape, body in zip(SHAPES, bodies, strict=True):
                 tries = [await _one(hostile, shape, body, t, server) for _ in range(samples)]
@@ -251,16 +247,16 @@ async def cost(ctx: Ctx) -> None:
                 measured.append(worst)
             alone, loaded, hogged, sent = [], [], [], 0
             for _ in range(PAIRS):
-                alone.append(await _victim(origin, victim_token, victim_user, seconds))
+                alone.append(await gets())
                 stop = asyncio.Event()
                 load = asyncio.create_task(_hostile_load(hostile, bodies, t, stop))
                 try:
-                    loaded.append(await _victim(origin, victim_token, victim_user, seconds))
+                    loaded.append(await gets())
                 finally:
                     stop.set()
                     sent += await load
                 async with serving([sys.executable, "-c", HOG], None):  # the default priority
-                    hogged.append(await _victim(origin, victim_token, victim_user, seconds))
+                    hogged.append(await gets())
     worst = max(measured, key=lambda m: m.cpu)
     met = all(m.cpu <= TARGET_CPU and m.status != "no answer" for m in measured)
     a, b, c = p99s(alone), p99s(loaded), p99s(hogged)

@@ -154,43 +154,36 @@ async def groups(ctx: Ctx) -> None:
     await ensure_users(ctx, max(ctx.sizes.groups) + SPARE)
     _, ours = ctx.http()
     mine = await measure(ctx, ours, ctx.ids, "scimledger")
-    small = mine[0] if mine else None
-    rows: dict[int, Row] = {}
-    p50: dict[int, tuple[float, float]] = {}  # ours, by size
-    for g in mine:
-        add, rem = percentile(g.add, 50), percentile(g.remove, 50)
-        p50[g.size] = (add, rem)
-        target = verdict_text = ""
-        if small is not None and g is mine[-1] and g is not small:
-            ra, rr = add / percentile(small.add, 50), rem / percentile(small.remove, 50)
-            target = f"within 1.2 x of {small.size}"
-            verdict_text = f"{verdict(ra <= 1.2 and rr <= 1.2)}: add {ra:.2f} x, remove {rr:.2f} x"
-        rows[g.size] = Row("3", "add / remove one member, one request at a time",
-            f"{g.size:,} members", f"add p50 {ms(add)} (p99 {ms(percentile(g.add, 99))}),"
-            f" remove p50 {ms(rem)} (p99 {ms(percentile(g.remove, 99))})", ctx.no_peer, target,
-            verdict_text, g.cpu.text())  # fmt: skip
     ctx.notes.append(
         f"(3) groups grown by Entra-style PATCH adds of 500 ids; {ctx.sizes.pairs} add/remove"
         f" pairs per size, sizes taking turns in {ROUNDS} rounds (bench.groups)"
     )
+    theirs: dict[int, Measured] = {}
     if ctx.peer is not None:
         theirs = {g.size: g for g in await measure(ctx, ctx.peer, ctx.peer_ids, "peer")}
-        for size, row in rows.items():
-            t = theirs.get(size)
-            if t is None:
-                row.peer = "not measured (see the notes)"
-                continue
-            add, rem = percentile(t.add, 50), percentile(t.remove, 50)
-            row.peer = f"add p50 {ms(add)}, remove p50 {ms(rem)} ({len(t.add)} pairs)"
-            a, r = p50[size]
-            ratio = f"peer's p50 / ours: add {add / a:.1f} x, remove {rem / r:.1f} x"
-            row.verdict = "; ".join(part for part in (row.verdict, ratio) if part)
         ctx.notes.append(
             "(3, 8) peer groups: created without the ADSCIM schema URN and members removed with"
             ' a filter path (`members[value eq "id"]`): scim2-server refuses Entra\'s group body'
             " and its remove-with-value style"
         )
-    for row in rows.values():
+    for g in mine:
+        add, rem = percentile(g.add, 50), percentile(g.remove, 50)
+        row = Row("3", "add / remove one member, one request at a time", f"{g.size:,} members",
+            f"add p50 {ms(add)} (p99 {ms(percentile(g.add, 99))}),"
+            f" remove p50 {ms(rem)} (p99 {ms(percentile(g.remove, 99))})", ctx.no_peer,
+            cpu=g.cpu.text())  # fmt: skip
+        if g is mine[-1] and g is not mine[0]:
+            small = mine[0]
+            ra, rr = add / percentile(small.add, 50), rem / percentile(small.remove, 50)
+            row.target = f"within 1.2 x of {small.size}"
+            row.verdict = f"{verdict(ra <= 1.2 and rr <= 1.2)}: add {ra:.2f} x, remove {rr:.2f} x"
+        if (t := theirs.get(g.size)) is not None:
+            peer_add, peer_rem = percentile(t.add, 50), percentile(t.remove, 50)
+            row.peer = f"add p50 {ms(peer_add)}, remove p50 {ms(peer_rem)} ({len(t.add)} pairs)"
+            ratio = f"peer's p50 / ours: add {peer_add / add:.1f} x, remove {peer_rem / rem:.1f} x"
+            row.verdict = "; ".join(part for part in (row.verdict, ratio) if part)
+        elif ctx.peer is not None:
+            row.peer = "not measured (see the notes)"
         ctx.add(row)
 
 

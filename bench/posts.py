@@ -32,6 +32,7 @@ from bench.table import CONCURRENCY, Ctx, Row, Server
 from domain.request import ProvisioningRequest
 from domain.user import User
 from infra.database import create_pool
+from infra.tenants import authenticate
 from infra.transcoder import make_mapper
 from projections import users as users_view
 from service.scim.representation import user_from_scim
@@ -76,8 +77,6 @@ class RowMaker:
 
 
 async def row_maker(dsn: str, token: str) -> RowMaker:
-    from infra.tenants import authenticate
-
     pool = await create_pool(dsn, min_size=1, max_size=1)
     try:
         principal = await authenticate(pool, token)
@@ -199,12 +198,8 @@ async def post_users(ctx: Ctx) -> None:
     to_floor = post.rate / floor_rate
     to_peer = post.rate / peer_post.rate if peer_post else None
     ok = to_floor >= 0.6 and (to_peer is None or to_peer >= 3)
-    theirs = ctx.no_peer
-    if peer_post is not None:
-        theirs = f"{peer_post.rate:,.0f} req/s; p50 {ms(peer_post.p50)}, p99 {ms(peer_post.p99)}"
     ctx.add(Row("1", f"POST /Users, concurrency {CONCURRENCY} (wrk)", f"{post.requests:,} requests",
-        f"{post.rate:,.0f} req/s; p50 {ms(post.p50)}, p99 {ms(post.p99)}",
-        theirs, "≥ 0.6 x floor and ≥ 3 x peer",
+        post.text(), peer_post.text() if peer_post else ctx.no_peer, "≥ 0.6 x floor and ≥ 3 x peer",
         f"{verdict(ok)}: {to_floor:.2f} x floor, "
         + (f"{to_peer:.1f} x peer" if to_peer else "no peer"), cpu.text()))  # fmt: skip
     ctx.add(Row("7", f"floor: the rows of (1) by plain asyncpg, concurrency {CONCURRENCY}",

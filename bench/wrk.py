@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from bench.common import finished
+from bench.common import SCIM, finished, ms
 
 RESULT = "WRK-RESULT "
 SAMPLE = "WRK-SAMPLE "
@@ -40,9 +40,8 @@ def _lua_string(text: str) -> str:
 
 
 def _headers(token: str, *, body: bool) -> str:
-    pairs = {"Authorization": f"Bearer {token}", "Accept": "application/scim+json"}
-    if body:
-        pairs["Content-Type"] = "application/scim+json"
+    pairs = {"Authorization": f"Bearer {token}", "Accept": SCIM}
+    pairs |= {"Content-Type": SCIM} if body else {}
     items = ", ".join(f"[ {_lua_string(k)} ] = {_lua_string(v)}" for k, v in pairs.items())
     return f"local headers = {{{items}}}"
 
@@ -150,6 +149,10 @@ class WrkRun:
     @property
     def rate(self) -> float:
         return self.requests / self.seconds if self.seconds else 0.0
+
+    def text(self, *, p50: bool = True) -> str:
+        """Its rate and latencies, as the table shows them."""
+        return f"{self.rate:,.0f} req/s; " + f"p50 {ms(self.p50)}, " * p50 + f"p99 {ms(self.p99)}"
 
 
 def run(origin: str, script: str, seconds: float, connections: int, threads: int = 1) -> WrkRun:
