@@ -84,7 +84,7 @@ class Groups:
         remove = {"op": "remove", "path": f'members[value eq "{user}"]'}
         return members_patch("Add", [user]), patch_body([remove])
 
-    async def pairs(self, g: Measured, n: int, keep: bool = True) -> None:
+    async def pairs(self, g: Measured, n: int) -> None:
         """n add/remove pairs, one request at a time, each with the next spare user."""
         bodies = [self.pair(self.spare[(self.turn + k) % len(self.spare)]) for k in range(n)]
         self.turn += n
@@ -94,16 +94,15 @@ class Groups:
             await self.patch(g.group_id, add)
             t1 = perf_counter()
             await self.patch(g.group_id, remove)
-            if keep:
-                g.add.append(t1 - t0)
-                g.remove.append(perf_counter() - t1)
-        if keep:
-            g.cpu += self.server.meter.since(before)
+            g.add.append(t1 - t0)
+            g.remove.append(perf_counter() - t1)
+        g.cpu += self.server.meter.since(before)
 
     async def rounds(self, groups: list[Measured], pairs: int, warmup: int) -> None:
-        """Warm-up, then the rounds: every size in turn, so that noise hits them all alike."""
+        """Warm-up (not kept), then the rounds: every size in turn, so that noise hits them all
+        alike."""
         for g in groups:
-            await self.pairs(g, warmup, keep=False)
+            await self.pairs(Measured(g.size, g.group_id), warmup)
         for r in range(ROUNDS):
             for g in groups:
                 await self.pairs(g, pairs // ROUNDS + (1 if r < pairs % ROUNDS else 0))
@@ -155,7 +154,7 @@ async def groups(ctx: Ctx) -> None:
     _, ours = ctx.http()
     mine = await measure(ctx, ours, ctx.ids, "scimledger")
     ctx.notes.append(
-        f"(3) groups grown by Entra-style PATCH adds of 500 ids; {ctx.sizes.pairs} add/remove"
+        f"(3) groups grown by Entra-style PATCH adds of {BATCH} ids; {ctx.sizes.pairs} add/remove"
         f" pairs per size, sizes taking turns in {ROUNDS} rounds (bench.groups)"
     )
     theirs: dict[int, Measured] = {}
@@ -199,15 +198,18 @@ async def entra_cycle(ctx: Ctx, token: str, connections: int = CONNECTIONS) -> t
     run = uuid.uuid4().hex[:6]
     ids: list[str] = [""] * n_users
     group_ids: list[str] = [""] * n_groups
-    requests = 0
-    total = 3 * n_users - 1 + 2 * n_groups + -(-n_members // MEMBER_BATCH)
+    batches: list[tuple[int, list[int]]] = []
+    for g in range(n_groups):
+        count = n_members // n_groups + (1 if g < n_members % n_groups else 0)
+        picked = rng.sample(range(n_users), min(count, n_users))
+        batches += [(g, picked[k : k + MEMBER_BATCH]) for k in range(0, len(picked), MEMBER_BATCH)]
+
+    total = 3 * n_users - 1 + 2 * n_groups + len(batches)  # every request, each checked
     what = f"Entra cycle {n_users:,}/{n_groups}/{n_members:,}, {connections} connections"
     task = PROGRESS.add_task(what, total=total, rate="")
 
     async def call(method: str, path: str, body: bytes | None, expect: tuple[int, ...]) -> bytes:
-        nonlocal requests
         raw = await scim.send(method, path, body, expect)
-        requests += 1
         PROGRESS.advance(task)
         return raw
 
@@ -233,12 +235,6 @@ async def entra_cycle(ctx: Ctx, token: str, connections: int = CONNECTIONS) -> t
         created = await call("POST", "/Groups", group_body(display), (201,))
         group_ids[g] = orjson.loads(created)["id"]
 
-    batches: list[tuple[int, list[int]]] = []
-    for g in range(n_groups):
-        count = n_members // n_groups + (1 if g < n_members % n_groups else 0)
-        picked = rng.sample(range(n_users), min(count, n_users))
-        batches += [(g, picked[k : k + MEMBER_BATCH]) for k in range(0, len(picked), MEMBER_BATCH)]
-
     async def members(b: int) -> None:
         g, chosen = batches[b]
         body = members_patch("Add", [ids[u] for u in chosen])
@@ -249,7 +245,7 @@ async def entra_cycle(ctx: Ctx, token: str, connections: int = CONNECTIONS) -> t
     await drain(range(1, n_users), manager, connections)
     await drain(range(n_groups), group, connections)
     await drain(range(len(batches)), members, connections)
-    return requests, ours.meter.since(before)
+    return total, ours.meter.since(before)
 
 
 async def cycle(ctx: Ctx) -> None:

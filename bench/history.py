@@ -161,11 +161,9 @@ class TenantHistory:
             elif kind < 0.77:  # a new family name: display name, name, userName and e-mail
                 person.family = rng.choice(FAMILY)
                 full, name = f"{person.given} {person.family}", person.user_name
-                desired["displayName"] = full
-                name_ = {"formatted": full, "familyName": person.family, "givenName": person.given}
-                desired["name"] = name_
-                desired["userName"] = name
-                desired["emails"] = [{"primary": True, "type": "work", "value": name}]
+                names = {"formatted": full, "familyName": person.family, "givenName": person.given}
+                desired |= {"displayName": full, "userName": name, "name": names,
+                    "emails": [{"primary": True, "type": "work", "value": name}]}  # fmt: skip
             elif kind < 0.83:  # a second address, or back to one
                 emails = desired.get("emails", [])
                 if len(emails) > 1:
