@@ -129,7 +129,7 @@ async def measure(
         for name, params in kinds:
             deep = name.startswith("deep")
             n = max(2, samples // 25) if deep else samples
-            task = PROGRESS.add_task(f"query: {name}", total=n, rate="")
+            task = PROGRESS.add_task(f"query: {name}", total=n)
             out = measured[name] = []
             for i in range(-(1 if deep else 5), n):  # warm-up samples are not counted
                 elapsed, token_next = await page(params(i))

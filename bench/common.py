@@ -133,7 +133,7 @@ def free_port() -> int:
 # The suite's one progress display: the rows add their tasks, the suite shows each row's.
 PROGRESS = rp.Progress(
     rp.TextColumn("{task.description:<36}"), rp.BarColumn(), rp.MofNCompleteColumn(),
-    rp.TextColumn("{task.fields[rate]:>12}"), rp.TimeElapsedColumn(), rp.TextColumn("ETA"),
+    rp.TimeElapsedColumn(), rp.TextColumn("ETA"),
     rp.TimeRemainingColumn(), console=err,
 )  # fmt: skip
 

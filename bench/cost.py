@@ -93,10 +93,6 @@ def _unique(kind: str) -> str:
     return f"{kind}-{FRESH.decode()}"
 
 
-def _fresh(body: bytes) -> bytes:
-    return body.replace(FRESH, uuid.uuid4().hex.encode())
-
-
 def _members(t: Targets, n: int) -> list[object]:
     return [{"value": t.members[j % 3]} for j in range(n)]
 
@@ -107,10 +103,6 @@ def _op(op: str, path: str, value: object = None) -> dict[str, object]:
 
 def _group(members: list[object]) -> bytes:
     return orjson.dumps({"displayName": _unique("g"), "members": members})
-
-
-def _or_terms(i: int) -> str:
-    return "emails[" + " or ".join(f'value eq "{i}-{j}"' for j in range(40)) + "].display"
 
 
 USERS, FULL = (lambda t: "/Users"), (lambda t: f"/Users/{t.full_user}")
@@ -139,11 +131,12 @@ SHAPES: list[Shape] = [
           lambda t: patch_body([_op("add", "emails", [_email(1000 + i * 40 + j) for j in range(40)])
                                 for i in R])),
     Shape("PATCH /Users, 1000 removes with 1 KB value filters (40 terms), on 1000 emails",
-          "PATCH", FULL, lambda t: patch_body([_op("remove", _or_terms(i)) for i in R])),
+          "PATCH", FULL, lambda t: patch_body([_op("remove", "emails[" + " or ".join(
+              f'value eq "{i}-{j}"' for j in range(40)) + "].display") for i in R])),
     Shape("POST /Groups, 10,000 members (the cap; 3 users, repeated)", "POST", GROUPS,
           lambda t: _group(_members(t, 10_000))),
     Shape("POST /Groups, 2 MiB of members (3 users, repeated)", "POST", GROUPS,
-          lambda t: _group(_fill(lambda i: {"value": t.members[i % 3]}, 50))),
+          lambda t: _group(_members(t, LIMIT // 50))),
     Shape("POST /Groups, 2 MiB of members (distinct ids, none exists)", "POST", GROUPS,
           lambda t: _group(_fill(lambda i: {"value": str(uuid.uuid4())}, 50))),
     Shape("PATCH /Groups, 1000 operations of 40 members (2 MiB)", "PATCH", GROUP,
@@ -172,7 +165,8 @@ async def _targets(hostile: Scim) -> Targets:
 async def _send(hostile: Scim, shape: Shape, body: bytes, t: Targets) -> str:
     """The shape once, with a fresh name; the reply's status and scimType, or "no answer"."""
     try:
-        request = hostile.request(shape.method, shape.path(t), _fresh(body))
+        fresh = body.replace(FRESH, uuid.uuid4().hex.encode())
+        request = hostile.request(shape.method, shape.path(t), fresh)
         status, raw = await asyncio.wait_for(request, TIMEOUT)
     except (TimeoutError, aiohttp.ClientError):
         return "no answer"

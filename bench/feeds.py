@@ -25,7 +25,6 @@ from bench.common import (
     drain,
     make_database,
     median,
-    postgres_facts,
     process_cpu,
     tree_cpu,
     verdict,
@@ -106,14 +105,13 @@ def _poller(url: str, token: str, stop: Any, most: int) -> None:
     asyncio.run(go())
 
 
-async def polled_catch_up(dsn: str, n: int) -> tuple[float, float]:
+async def polled_catch_up(dsn: str, n: int, meter: Meter) -> tuple[float, float]:
     """End to end: the producer as the service runs it (its own task, woken by commits and
     acknowledgements) and the poll endpoint serve a consumer in another process, from a new
     stream's creation until the consumer has acknowledged `n` SETs. SETs/s, and CPU seconds
     per SET (producer and server, signers, consumer and PostgreSQL)."""
     pool = await create_pool(dsn, min_size=2, max_size=10)
     db = Database(dsn=dsn, pool=pool, store=EventStore(pool), embedded=None)
-    meter = Meter((await postgres_facts(dsn))[0])
     settings = Settings(database_url=dsn, rate_limit=0, run_projections=False)
     spawn = multiprocessing.get_context("spawn")
     stop = spawn.Event()
@@ -254,7 +252,7 @@ async def feeds(ctx: Ctx) -> None:
     """(10) the catch-up of a poll stream from the start, and the writes with two streams."""
     target = await make_database(ctx.dsn, "bench_feeds", migrated=True)
     events, requests, rounds = ctx.sizes.feeds
-    rate, per_set = await polled_catch_up(target, events)
+    rate, per_set = await polled_catch_up(target, events, Meter(ctx.postmaster))
     none, two = await with_streams(target, requests, rounds)
     met = two / none >= 0.9 and rate >= 20_000
     ctx.add(Row("10", "SCIM event feeds (bench.feeds): POST /Users with two active streams (poll"

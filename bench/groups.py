@@ -73,7 +73,7 @@ class Groups:
         await self.scim.send("PATCH", f"/Groups/{group_id}", body, (200, 204))
 
     async def grow(self, g: Measured, members: list[str]) -> None:
-        task = PROGRESS.add_task(f"grow → {len(members):,} members", total=len(members), rate="")
+        task = PROGRESS.add_task(f"grow → {len(members):,} members", total=len(members))
         for k in range(0, len(members), BATCH):
             await self.patch(g.group_id, members_patch("Add", members[k : k + BATCH]))
             PROGRESS.update(task, completed=min(len(members), k + BATCH))
@@ -134,7 +134,7 @@ async def measure(ctx: Ctx, server: Server, ids: dict[int, str], who: str) -> li
             bounded.append(f"{size:,}: {growing} did not finish in {limit:.0f} s")
             break
         measured.append(g)
-    task = PROGRESS.add_task(f"{who}: add/remove pairs", total=None, rate="")
+    task = PROGRESS.add_task(f"{who}: add/remove pairs", total=None)
     try:
         pairs = min(s.pairs, PEER_PAIRS) if peer else s.pairs
         await asyncio.wait_for(run.rounds(measured, pairs, 2 if peer else 10), limit)
@@ -206,7 +206,7 @@ async def entra_cycle(ctx: Ctx, token: str, connections: int = CONNECTIONS) -> t
 
     total = 3 * n_users - 1 + 2 * n_groups + len(batches)  # every request, each checked
     what = f"Entra cycle {n_users:,}/{n_groups}/{n_members:,}, {connections} connections"
-    task = PROGRESS.add_task(what, total=total, rate="")
+    task = PROGRESS.add_task(what, total=total)
 
     async def call(method: str, path: str, body: bytes | None, expect: tuple[int, ...]) -> bytes:
         raw = await scim.send(method, path, body, expect)

@@ -368,7 +368,7 @@ async def seed(
     pool = await create_pool(dsn, min_size=size, max_size=size, server_settings=settings)
     store, mapper = EventStore(pool), make_mapper()
     unit = "requests" if recorded else "events"
-    task = PROGRESS.add_task(f"seed {total:,} {unit}", total=total, rate="")
+    task = PROGRESS.add_task(f"seed {total:,} {unit}", total=total)
 
     async def writer(h: TenantHistory) -> None:
         async with pool.acquire() as conn:
@@ -408,7 +408,7 @@ async def catch_up(dsn: str, names: list[str]) -> None:
             await register(conn, list(PROJECTIONS.values()))
             for name in names:
                 runner = Runner(db, PROJECTIONS[name], batch_size=5000)
-                task = PROGRESS.add_task(f"{name} runner catch-up", total=None, rate="")
+                task = PROGRESS.add_task(f"{name} runner catch-up", total=None)
                 while await runner.step(conn):
                     PROGRESS.update(task, completed=runner.applied)
                 PROGRESS.update(task, total=runner.applied)

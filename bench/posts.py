@@ -86,12 +86,10 @@ async def row_maker(dsn: str, token: str) -> RowMaker:
     return RowMaker(principal.tenant_id, principal.token_name)
 
 
-async def insert(
-    pool: asyncpg.Pool, n: int, args: Callable[[int], tuple[Any, ...]], workers: int, task: str
-) -> list[float]:
-    """POST_ROWS_SQL with args(i) for i in range(n), on `workers` connections of `pool`; the
-    seconds of each statement."""
-    latencies, counter, shown = [0.0] * n, iter(range(n)), PROGRESS.add_task(task, total=n, rate="")
+async def insert(pool: asyncpg.Pool, n: int, args: Callable[[int], Any], task: str) -> list[float]:
+    """POST_ROWS_SQL with args(i) for i in range(n), on every connection of `pool`; the seconds
+    of each statement."""
+    latencies, counter, shown = [0.0] * n, iter(range(n)), PROGRESS.add_task(task, total=n)
 
     async def worker() -> None:
         async with pool.acquire() as conn:
@@ -101,7 +99,7 @@ async def insert(
                 latencies[i] = time.perf_counter() - t0
                 PROGRESS.advance(shown)
 
-    await asyncio.gather(*(worker() for _ in range(workers)))
+    await asyncio.gather(*(worker() for _ in range(pool.get_max_size())))
     return latencies
 
 
@@ -122,7 +120,7 @@ async def seed_users(ctx: Ctx, maker: RowMaker, last: int, keep: int) -> float:
     settings = {"synchronous_commit": "off"}
     pool = await create_pool(ctx.dsn, min_size=4, max_size=4, server_settings=settings)
     try:
-        await insert(pool, last - first, made, 4, f"seed users → {last:,}")
+        await insert(pool, last - first, made, f"seed users → {last:,}")
     finally:
         await pool.close()
     return time.perf_counter() - started
@@ -143,7 +141,7 @@ async def floor(ctx: Ctx, maker: RowMaker) -> tuple[float, list[float], Cpu]:
     pool = await asyncpg.create_pool(ctx.dsn, min_size=size, max_size=size, init=jsonb)
     try:
         before = meter.read()
-        latencies = await insert(pool, n, rows.__getitem__, CONCURRENCY, "floor")
+        latencies = await insert(pool, n, rows.__getitem__, "floor")
         cpu = meter.since(before)
     finally:
         await pool.close()
