@@ -209,12 +209,13 @@ async def _gets(origin: str, token: str, user: str, seconds: float) -> list[floa
     return samples
 
 
-async def _victim(origin: str, token: str, user: str, seconds: float) -> list[float]:
+async def _victim(origin: str, token: str, user: str, seconds: float) -> float:
     """The other tenant's GETs, timed in a process (and a session) of their own: sending 2 MiB
-    bodies from here would stall this event loop and count as the server's latency."""
+    bodies from here would stall this event loop and count as the server's latency; their p99."""
     args = orjson.dumps([origin, token, user, seconds]).decode()
     argv = [sys.executable, "-m", "bench.cost", args]
-    return list(orjson.loads((await asyncio.to_thread(finished, argv, session=True)).out))
+    done = await asyncio.to_thread(finished, argv, session=True)
+    return percentile(orjson.loads(done.out), 99)
 
 
 async def cost(ctx: Ctx) -> None:
@@ -239,21 +240,20 @@ async def cost(ctx: Ctx) -> None:
                 took = f"server CPU {worst.cpu:.3f} s, wall {worst.wall:.3f} s"
                 err.print(f"{shape.name}: {worst.status}, {worst.size / 1024:,.0f} KiB, {took}")
                 measured.append(worst)
-            alone, loaded, hogged, sent = [], [], [], 0
+            a, b, c, sent = [], [], [], 0  # the other tenant's p99s: alone, loaded, by a loop
             for _ in range(PAIRS):
-                alone.append(await gets())
+                a.append(await gets())
                 stop = asyncio.Event()
                 load = asyncio.create_task(_hostile_load(hostile, bodies, t, stop))
                 try:
-                    loaded.append(await gets())
+                    b.append(await gets())
                 finally:
                     stop.set()
                     sent += await load
                 async with serving([sys.executable, "-c", HOG], None):  # the default priority
-                    hogged.append(await gets())
+                    c.append(await gets())
     worst = max(measured, key=lambda m: m.cpu)
     met = all(m.cpu <= TARGET_CPU and m.status != "no answer" for m in measured)
-    a, b, c = p99s(alone), p99s(loaded), p99s(hogged)
     ctx.add(Row("9", "the costliest request bodies (bench.cost): server CPU for one request;"
         " another tenant's GET p99 meanwhile", f"{len(measured)} shapes up to 2 MiB",
         f"most CPU {worst.cpu:.2f} s ({worst.shape}, {worst.status}); other tenant's p99"
@@ -272,10 +272,6 @@ async def cost(ctx: Ctx) -> None:
 
 
 HOG = "while True: pass"
-
-
-def p99s(runs: list[list[float]]) -> list[float]:
-    return [percentile(run, 99) for run in runs if run]
 
 
 def _list(values: list[float]) -> str:

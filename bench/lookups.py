@@ -10,9 +10,8 @@ import aiohttp
 import orjson
 
 from bench import wrk
-from bench.common import NAME_FORMAT, drain, entra_body, verdict
-from bench.common import wait_for_projections as caught_up
-from bench.posts import row_maker, seed_users, wrk_phase
+from bench.common import NAME_FORMAT, drain, entra_body, verdict, wait_for_projections
+from bench.posts import seed_users, wrk_phase
 from bench.table import CONCURRENCY, Ctx, Row, Server
 
 SPARE = 200  # users in no group, for the add/remove pairs
@@ -53,13 +52,12 @@ class PeerSeeder:
 async def lookups(ctx: Ctx) -> None:
     """(2) GET by userName at three store sizes, ours and the peer's."""
     s, (session, ours), peer = ctx.sizes, ctx.http(), ctx.peer
-    maker = await row_maker(ctx.dsn, ours.token)
     seeder = PeerSeeder(session, peer, ctx.peer_ids) if peer is not None else None
     seeded = catch_up = base_rate = 0.0
     what = f'GET /Users?filter=userName eq "…", concurrency {CONCURRENCY} (wrk)'
     for size in s.users:
-        seeded += await seed_users(ctx, maker, size, max(s.groups) + SPARE)
-        catch_up += await caught_up(ctx.dsn, 3600)
+        seeded += await seed_users(ctx, size, max(s.groups) + SPARE)
+        catch_up += await wait_for_projections(ctx.dsn, 3600)
         script = wrk.find_users_script("/scim/v2/Users", ours.token, size, NAME_FORMAT)
         await wrk_phase(ours, script, 2)
         got, cpu = await wrk_phase(ours, script, s.get_seconds, f"scimledger GET at {size:,}")
@@ -99,12 +97,11 @@ async def lookups(ctx: Ctx) -> None:
 
 async def ensure_users(ctx: Ctx, n: int) -> None:
     """At least n users stored (ours, and the peer's within its limit) when (2) did not run."""
-    _, ours = ctx.http()
     if ctx.stored < n:
-        maker = await row_maker(ctx.dsn, ours.token)
-        await seed_users(ctx, maker, n, n)
-        await caught_up(ctx.dsn, 3600)
-    if ctx.peer is not None and ctx.session is not None and not ctx.peer_ids:
+        await seed_users(ctx, n, n)
+        await wait_for_projections(ctx.dsn, 3600)
+    session, _ = ctx.http()
+    if ctx.peer is not None and not ctx.peer_ids:
         started = time.perf_counter()
-        await PeerSeeder(ctx.session, ctx.peer, ctx.peer_ids).grow(n, ctx.sizes.peer_seed_timeout)
+        await PeerSeeder(session, ctx.peer, ctx.peer_ids).grow(n, ctx.sizes.peer_seed_timeout)
         ctx.notes.append(f"(3) the peer's users seeded in {time.perf_counter() - started:.0f} s")

@@ -103,13 +103,13 @@ async def insert(pool: asyncpg.Pool, n: int, args: Callable[[int], Any], task: s
     return latencies
 
 
-async def seed_users(ctx: Ctx, maker: RowMaker, last: int, keep: int) -> float:
+async def seed_users(ctx: Ctx, last: int, keep: int) -> float:
     """Users ctx.stored..last-1 (NAME_FORMAT), straight into the store; seconds. The
     ids of users below `keep` go to ctx.ids (the group members)."""
     first, started = ctx.stored, time.perf_counter()
     if last <= first:
         return 0.0
-    ctx.stored = last
+    ctx.stored, maker = last, await row_maker(ctx.dsn, ctx.http()[1].token)
 
     def made(k: int) -> tuple[Any, ...]:
         user_id, row = maker.make(entra_body(first + k))
