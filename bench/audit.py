@@ -14,20 +14,9 @@ from urllib.parse import urlencode
 
 import aiohttp
 
-from bench.common import (
-    PROGRESS,
-    BenchError,
-    Scim,
-    cli,
-    connected,
-    make_database,
-    ms,
-    percentile,
-    scimledger,
-    verdict,
-)
+from bench.common import PROGRESS, BenchError, Scim, cli, connected, make_database, scimledger
 from bench.history import FAMILY, catch_up, seed, settle
-from bench.table import Ctx, Row
+from bench.table import Ctx, Row, ms, percentile, verdict
 
 TARGET_MS = 50.0
 DAYS = 90

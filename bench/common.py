@@ -12,7 +12,6 @@ import resource
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -105,23 +104,6 @@ async def drain(items: Iterable[T], one: Callable[[T], Awaitable[object]], worke
             await one(item)
 
     await asyncio.gather(*(worker() for _ in range(workers)))
-
-
-# --- figures
-median = statistics.median
-
-
-def percentile(samples: list[float], pct: float) -> float:
-    ordered = sorted(samples)
-    return ordered[round(pct / 100 * (len(ordered) - 1))]
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.1f} ms"
-
-
-def verdict(ok: bool | None) -> str:
-    return "inconclusive" if ok is None else ("met" if ok else "MISSED")
 
 
 def free_port() -> int:
@@ -343,10 +325,7 @@ def finished(
                 time.sleep(0.05)
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
-                if session:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                else:
-                    proc.terminate()
+                (os.killpg if session else os.kill)(proc.pid, signal.SIGTERM)
             proc.wait()
             raise
         seconds, (_, status, usage) = time.perf_counter() - started, reaped

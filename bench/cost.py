@@ -32,16 +32,12 @@ from bench.common import (
     err,
     finished,
     make_database,
-    median,
-    ms,
     patch_body,
-    percentile,
     scimledger,
     serving,
     tree_cpu,
-    verdict,
 )
-from bench.table import Ctx, Row
+from bench.table import Ctx, Row, median, ms, percentile, verdict
 
 LIMIT = 2 * 1024 * 1024 - 4096  # bodies just under the default SCIMLEDGER_MAX_BODY_BYTES
 TARGET_CPU = 1.0  # server CPU seconds per request

@@ -18,8 +18,8 @@ import orjson
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 
-from bench.common import BenchError, Scim, drain, make_database, median, verdict
-from bench.table import Ctx, Row
+from bench.common import BenchError, Scim, drain, make_database
+from bench.table import Ctx, Row, median, verdict
 from infra.config import Settings
 from infra.database import open_database
 from infra.logging import configure

@@ -19,17 +19,8 @@ import psutil
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from bench.common import (
-    Scim,
-    client_cpu,
-    drain,
-    make_database,
-    median,
-    process_cpu,
-    tree_cpu,
-    verdict,
-)
-from bench.table import Ctx, Row
+from bench.common import Scim, client_cpu, drain, make_database, process_cpu, tree_cpu
+from bench.table import Ctx, Row, median, verdict
 from domain.user import User
 from infra.config import Settings
 from infra.database import Database, create_pool

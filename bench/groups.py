@@ -25,13 +25,10 @@ from bench.common import (
     create_tenant,
     drain,
     entra_body,
-    ms,
     patch_body,
-    percentile,
-    verdict,
 )
 from bench.lookups import SPARE, ensure_users
-from bench.table import Ctx, Row, Server
+from bench.table import Ctx, Row, Server, ms, percentile, verdict
 
 GROUP_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:Group"
 AD_GROUP_SCHEMA = "http://schemas.microsoft.com/2006/11/ResourceManagement/ADSCIM/2.0/Group"

@@ -10,9 +10,9 @@ import aiohttp
 import orjson
 
 from bench import wrk
-from bench.common import NAME_FORMAT, drain, entra_body, verdict, wait_for_projections
+from bench.common import NAME_FORMAT, drain, entra_body, wait_for_projections
 from bench.posts import seed_users, wrk_phase
-from bench.table import CONCURRENCY, Ctx, Row, Server
+from bench.table import CONCURRENCY, Ctx, Row, Server, verdict
 
 SPARE = 200  # users in no group, for the add/remove pairs
 

@@ -16,19 +16,8 @@ import asyncpg
 import orjson
 
 from bench import wrk
-from bench.common import (
-    PROGRESS,
-    BenchError,
-    Cpu,
-    Meter,
-    entra_body,
-    err,
-    ms,
-    percentile,
-    py_spy,
-    verdict,
-)
-from bench.table import CONCURRENCY, Ctx, Row, Server
+from bench.common import PROGRESS, BenchError, Cpu, Meter, entra_body, err, py_spy
+from bench.table import CONCURRENCY, Ctx, Row, Server, ms, percentile, verdict
 from domain.request import ProvisioningRequest
 from domain.user import User
 from infra.database import create_pool

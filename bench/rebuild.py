@@ -29,10 +29,9 @@ from bench.common import (
     connected,
     finished,
     make_database,
-    verdict,
 )
 from bench.history import catch_up, seed, settle
-from bench.table import Ctx, Row
+from bench.table import Ctx, Row, verdict
 from infra.config import Settings
 from infra.database import open_database
 from infra.keys import MASTER_ENV

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import orjson
 
-from bench.common import SCIM, finished, ms
+from bench.common import SCIM, finished
+from bench.table import ms
 
 RESULT = "WRK-RESULT "
 SAMPLE = "WRK-SAMPLE "
