@@ -348,8 +348,7 @@ def cli(*args: str, timeout: float = 600) -> str:
 def create_tenant(dsn: str) -> str:
     """`scimledger tenants create … --json` under a fresh name; the token it prints."""
     out = cli("tenants", "create", f"bench-{uuid.uuid4().hex[:8]}", "--json", "--database-url", dsn)
-    token: str = json.loads(out.strip().splitlines()[-1])["token"]
-    return token
+    return str(json.loads(out.strip().splitlines()[-1])["token"])
 
 
 def py_spy(pid: int, folded: Path, seconds: float) -> subprocess.Popen[bytes]:

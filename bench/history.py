@@ -89,8 +89,9 @@ class TenantHistory:
         self.made = 0  # requests
 
     @property
-    def spent(self) -> bool:
-        return (self.made if self.recorded else self.emitted) >= self.budget
+    def counted(self) -> int:
+        """What the budget counts: requests if recorded, else events."""
+        return self.made if self.recorded else self.emitted
 
     def _uuid(self) -> uuid.UUID:
         return uuid.UUID(int=self.rng.getrandbits(128), version=4)
@@ -307,7 +308,7 @@ class TenantHistory:
 
     def _play(self, steps: Iterable[Callable[[], Request | None]]) -> Iterator[Request]:
         for step in steps:
-            if self.spent:
+            if self.counted >= self.budget:
                 return
             if request := step():
                 yield request
@@ -316,7 +317,7 @@ class TenantHistory:
         """Initial sync, then churn, until the budget is spent (the last request may overrun)."""
         users = max(10, self.budget * 12 // 100)
         yield from self._play([self.join] * users + [self.create_group] * max(10, users // 30))
-        if self.spent:
+        if self.counted >= self.budget:
             return
         # Everyone in one all-staff group, and in two or three others, in batches.
         everyone, ids = self.teams[self.team_order[0]], [str(p.user.id) for p in self.people]
@@ -379,10 +380,9 @@ async def seed(
                     change = request.change_id or "bench-seed"
                     await store.append_stored(conn, h.tenant_id, batch, change)
                     batch = []
-                    done = sum(h.made if recorded else h.emitted for h in histories)
-                    PROGRESS.update(task, completed=done)
+                    PROGRESS.update(task, completed=sum(h.counted for h in histories))
             await store.append_stored(conn, h.tenant_id, batch, "bench-seed")
-        PROGRESS.update(task, completed=sum(h.made if recorded else h.emitted for h in histories))
+        PROGRESS.update(task, completed=sum(h.counted for h in histories))
 
     try:
         async with asyncio.TaskGroup() as group:

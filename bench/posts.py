@@ -167,9 +167,7 @@ def post_script(server: Server, template: dict[str, Any], prefix: str) -> str:
 async def post_users(ctx: Ctx) -> None:
     """(1) POST /Users at concurrency 16 by wrk, ours and the peer's; (7) the floor."""
     s, (_, ours), peer = ctx.sizes, ctx.http(), ctx.peer
-    template = orjson.loads(entra_body(0))
-    template["userName"] = template["emails"][0]["value"] = wrk.NAME
-    template["externalId"] = wrk.EXTERNAL_ID
+    template = orjson.loads(entra_body(0, wrk.NAME)) | {"externalId": wrk.EXTERNAL_ID}
     err.print("POST /Users with wrk …")
     await wrk_phase(ours, post_script(ours, template, "Warm"), 2)
     script = post_script(ours, template, "Post")

@@ -145,10 +145,8 @@ class Ctx:
 
 
 def render_markdown(title: str, rows: Sequence[Row], notes: Sequence[str], machine: str) -> str:
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|")
-
-    table = [COLUMNS, ["---"] * len(COLUMNS), *([cell(c) for c in astuple(r)] for r in rows)]
+    escaped = ([text.replace("|", "\\|") for text in astuple(r)] for r in rows)
+    table = [COLUMNS, ["---"] * len(COLUMNS), *escaped]
     lines = [f"# {title}", "", *("| " + " | ".join(cells) + " |" for cells in table), ""]
     lines += ["## Machine", "", machine, "", "## Notes", "", *(f"- {n}" for n in notes), ""]
     return "\n".join(lines)

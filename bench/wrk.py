@@ -25,8 +25,7 @@ class WrkMissing(Exception):
 
 
 def executable() -> str:
-    found = shutil.which("wrk")
-    if found is None:
+    if (found := shutil.which("wrk")) is None:
         raise WrkMissing("wrk is not installed; the benchmark's load client: `apt-get install wrk`")
     return found
 
@@ -36,8 +35,7 @@ def _lua_string(text: str) -> str:
     level = 0
     while f"]{'=' * level}]" in text:
         level += 1
-    eq = "=" * level
-    return f"[{eq}[{text}]{eq}]"
+    return f"[{'=' * level}[{text}]{'=' * level}]"
 
 
 def _headers(token: str, *, body: bool) -> str:
