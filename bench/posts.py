@@ -27,10 +27,10 @@ from projections import users as users_view
 from service.scim.representation import user_from_scim
 
 # Both stored events and the view row in one statement: one round trip, one transaction.
+STORED_COLUMNS = ("originator_id", "originator_version", "topic", "state")  # $1 to $4
 POST_ROWS_SQL = f"""
 WITH events AS (
-    INSERT INTO stored_events
-        (originator_id, originator_version, topic, state, tenant_id, request_id)
+    INSERT INTO stored_events ({", ".join(STORED_COLUMNS)}, tenant_id, request_id)
     SELECT e.o, e.v, e.t, e.s, $5::uuid, $6::text
     FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bytea[]) AS e (o, v, t, s)
 )
@@ -54,15 +54,8 @@ class RowMaker:
         record = ProvisioningRequest.record(uuid.uuid4(), self.tenant_id, "success", described)
         events = [*user.collect_events(), *record.collect_events()]
         stored = [self.mapper.to_stored_event(e) for e in events]
-        return user.id, (
-            [s.originator_id for s in stored],
-            [s.originator_version for s in stored],
-            [s.topic for s in stored],
-            [s.state for s in stored],
-            self.tenant_id,
-            uuid.uuid4().hex,
-            *users_view.row_of(user)[1:],
-        )
+        arrays = [[getattr(s, c) for s in stored] for c in STORED_COLUMNS]
+        return user.id, (*arrays, self.tenant_id, uuid.uuid4().hex, *users_view.row_of(user)[1:])
 
 
 async def row_maker(dsn: str, token: str) -> RowMaker:
