@@ -9,16 +9,12 @@ import logging
 import tempfile
 import time
 import uuid
-from functools import partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
-import orjson
-from aiohttp import ClientSession
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import TestClient, TestServer
 
-from bench.common import BenchError, Scim, drain, make_database
+from bench.common import drain, make_database
 from bench.table import Ctx, Row, median, verdict
 from infra.config import Settings
 from infra.database import open_database
@@ -34,11 +30,12 @@ SCHEMA = {
     "attributes": [{"name": "badge", "type": "string", "uniqueness": "server"}]
     + [{"name": f"a{i}", "type": kind} for i, kind in enumerate(TYPES[1:], 1)],
 }
+SCIM = {"Content-Type": "application/scim+json"}
 TARGET = 1.2
 CONCURRENCY = 8
 
 
-def body(user_name: str, extended: bool) -> bytes:
+def body(user_name: str, extended: bool) -> dict[str, Any]:
     user: dict[str, Any] = {
         "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
         "externalId": str(uuid.uuid4()),
@@ -52,23 +49,33 @@ def body(user_name: str, extended: bool) -> bytes:
         user[URN] = {"badge": f"B-{user_name}"} | {
             f"a{i}": sample.get(kind, "2026-01-05T09:00:00Z") for i, kind in enumerate(TYPES[1:], 1)
         }
-    return orjson.dumps(user)
+    return user
 
 
-async def call(scim: Scim, op: str, ext: bool, name: str) -> None:
+Client = TestClient[Any, Any]
+
+
+async def call(c: Client, auth: dict[str, str], op: str, ext: bool, name: str) -> None:
     """One POST, or one lookup that must find the user."""
     if op == "POST":
-        await scim.create("Users", body(name, ext))
+        r = await c.post("/scim/v2/Users", json=body(name, ext), headers={**auth, **SCIM})
+        assert r.status == 201, await r.text()
         return
     query = f'{URN}:badge eq "b-{name}"' if ext else f'userName eq "{name.upper()}"'
-    found = orjson.loads(await scim.send("GET", f"/Users?filter={quote(query)}"))
-    if found["totalResults"] != 1:
-        raise BenchError(f"{query!r} found {found['totalResults']} users")
+    r = await c.get("/scim/v2/Users", params={"filter": query}, headers=auth)
+    found = await r.json(content_type=None)
+    assert r.status == 200 and found["totalResults"] == 1, found
+
+
+async def timed(c: Client, auth: dict[str, str], op: str, ext: bool, names: list[str]) -> float:
+    """Mean seconds per request over `names`, CONCURRENCY at a time."""
+    started = time.perf_counter()
+    await drain(names, lambda name: call(c, auth, op, ext, name), CONCURRENCY)
+    return (time.perf_counter() - started) / len(names)
 
 
 async def run(dsn: str, rounds: int, batch: int) -> list[tuple[str, float, float]]:
-    """Per operation: the median over rounds of the mean seconds per request (CONCURRENCY at a
-    time), plain and ext."""
+    """Per operation: the median over rounds of the mean seconds per request, plain and ext."""
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(
             data_dir=Path(tmp), database_url=dsn, rate_limit=0, max_concurrent_per_token=0
@@ -77,18 +84,14 @@ async def run(dsn: str, rounds: int, batch: int) -> list[tuple[str, float, float
             async with db.pool.acquire() as conn:
                 tokens = {t: (await create_tenant(conn, t)).token for t in ("plain", "ext")}
                 await declare(conn, db.store, "ext", parse_declaration(SCHEMA), "User", "bench")
+            auth = {t: {"Authorization": f"Bearer {token}"} for t, token in tokens.items()}
             seconds: dict[tuple[str, str], list[float]] = {}
-            app = create_app(settings, db)
-            async with TestServer(app, host="127.0.0.1") as server, ClientSession() as session:
-                base = str(server.make_url("/scim/v2"))
+            async with TestClient(TestServer(create_app(settings, db), host="127.0.0.1")) as c:
                 for n in range(rounds):
                     for tenant in ("plain", "ext") if n % 2 == 0 else ("ext", "plain"):
-                        scim, ext = Scim(session, base, tokens[tenant]), tenant == "ext"
                         names = [f"u{n}-{i}@{tenant}.example" for i in range(batch)]
                         for op in ("POST", "filter lookup"):
-                            started = time.perf_counter()
-                            await drain(names, partial(call, scim, op, ext), CONCURRENCY)
-                            took = (time.perf_counter() - started) / batch
+                            took = await timed(c, auth[tenant], op, tenant == "ext", names)
                             seconds.setdefault((op, tenant), []).append(took)
     ops = ("POST", "filter lookup")
     return [(op, median(seconds[(op, "plain")]), median(seconds[(op, "ext")])) for op in ops]
