@@ -14,20 +14,9 @@ from urllib.parse import urlencode
 
 import aiohttp
 
-from bench.common import (
-    PROGRESS,
-    BenchError,
-    Scim,
-    cli,
-    connected,
-    make_database,
-    ms,
-    percentile,
-    scimledger,
-    verdict,
-)
+from bench.common import PROGRESS, BenchError, Scim, cli, connected, make_database, scimledger
 from bench.history import FAMILY, catch_up, seed, settle
-from bench.table import Ctx, Row
+from bench.table import Ctx, Row, ms, percentile, verdict
 
 TARGET_MS = 50.0
 DAYS = 90
@@ -129,7 +118,7 @@ async def measure(
         for name, params in kinds:
             deep = name.startswith("deep")
             n = max(2, samples // 25) if deep else samples
-            task = PROGRESS.add_task(f"query: {name}", total=n, rate="")
+            task = PROGRESS.add_task(f"query: {name}", total=n)
             out = measured[name] = []
             for i in range(-(1 if deep else 5), n):  # warm-up samples are not counted
                 elapsed, token_next = await page(params(i))

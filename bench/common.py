@@ -12,7 +12,6 @@ import resource
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -107,26 +106,6 @@ async def drain(items: Iterable[T], one: Callable[[T], Awaitable[object]], worke
     await asyncio.gather(*(worker() for _ in range(workers)))
 
 
-# --- figures
-median = statistics.median
-
-
-def percentile(samples: list[float], pct: float) -> float:
-    ordered = sorted(samples)
-    if not ordered:
-        return float("nan")
-    k = min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))
-    return ordered[k]
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.1f} ms"
-
-
-def verdict(ok: bool | None) -> str:
-    return "inconclusive" if ok is None else ("met" if ok else "MISSED")
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -136,7 +115,7 @@ def free_port() -> int:
 # The suite's one progress display: the rows add their tasks, the suite shows each row's.
 PROGRESS = rp.Progress(
     rp.TextColumn("{task.description:<36}"), rp.BarColumn(), rp.MofNCompleteColumn(),
-    rp.TextColumn("{task.fields[rate]:>12}"), rp.TimeElapsedColumn(), rp.TextColumn("ETA"),
+    rp.TimeElapsedColumn(), rp.TextColumn("ETA"),
     rp.TimeRemainingColumn(), console=err,
 )  # fmt: skip
 
@@ -346,10 +325,7 @@ def finished(
                 time.sleep(0.05)
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
-                if session:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                else:
-                    proc.terminate()
+                (os.killpg if session else os.kill)(proc.pid, signal.SIGTERM)
             proc.wait()
             raise
         seconds, (_, status, usage) = time.perf_counter() - started, reaped
@@ -372,8 +348,7 @@ def cli(*args: str, timeout: float = 600) -> str:
 def create_tenant(dsn: str) -> str:
     """`scimledger tenants create … --json` under a fresh name; the token it prints."""
     out = cli("tenants", "create", f"bench-{uuid.uuid4().hex[:8]}", "--json", "--database-url", dsn)
-    token: str = json.loads(out.strip().splitlines()[-1])["token"]
-    return token
+    return str(json.loads(out.strip().splitlines()[-1])["token"])
 
 
 def py_spy(pid: int, folded: Path, seconds: float) -> subprocess.Popen[bytes]:

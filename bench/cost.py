@@ -18,30 +18,26 @@ import os
 import sys
 import time
 import uuid
-from asyncio.subprocess import PIPE
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import aiohttp
 import orjson
 import psutil
 
 from bench.common import (
-    ROOT,
     Scim,
     create_tenant,
     err,
+    finished,
     make_database,
-    median,
-    ms,
     patch_body,
-    percentile,
     scimledger,
     serving,
     tree_cpu,
-    verdict,
 )
-from bench.table import Ctx, Row
+from bench.table import Ctx, Row, median, ms, percentile, verdict
 
 LIMIT = 2 * 1024 * 1024 - 4096  # bodies just under the default SCIMLEDGER_MAX_BODY_BYTES
 TARGET_CPU = 1.0  # server CPU seconds per request
@@ -93,10 +89,6 @@ def _unique(kind: str) -> str:
     return f"{kind}-{FRESH.decode()}"
 
 
-def _fresh(body: bytes) -> bytes:
-    return body.replace(FRESH, uuid.uuid4().hex.encode())
-
-
 def _members(t: Targets, n: int) -> list[object]:
     return [{"value": t.members[j % 3]} for j in range(n)]
 
@@ -107,10 +99,6 @@ def _op(op: str, path: str, value: object = None) -> dict[str, object]:
 
 def _group(members: list[object]) -> bytes:
     return orjson.dumps({"displayName": _unique("g"), "members": members})
-
-
-def _or_terms(i: int) -> str:
-    return "emails[" + " or ".join(f'value eq "{i}-{j}"' for j in range(40)) + "].display"
 
 
 USERS, FULL = (lambda t: "/Users"), (lambda t: f"/Users/{t.full_user}")
@@ -139,11 +127,12 @@ SHAPES: list[Shape] = [
           lambda t: patch_body([_op("add", "emails", [_email(1000 + i * 40 + j) for j in range(40)])
                                 for i in R])),
     Shape("PATCH /Users, 1000 removes with 1 KB value filters (40 terms), on 1000 emails",
-          "PATCH", FULL, lambda t: patch_body([_op("remove", _or_terms(i)) for i in R])),
+          "PATCH", FULL, lambda t: patch_body([_op("remove", "emails[" + " or ".join(
+              f'value eq "{i}-{j}"' for j in range(40)) + "].display") for i in R])),
     Shape("POST /Groups, 10,000 members (the cap; 3 users, repeated)", "POST", GROUPS,
           lambda t: _group(_members(t, 10_000))),
     Shape("POST /Groups, 2 MiB of members (3 users, repeated)", "POST", GROUPS,
-          lambda t: _group(_fill(lambda i: {"value": t.members[i % 3]}, 50))),
+          lambda t: _group(_members(t, LIMIT // 50))),
     Shape("POST /Groups, 2 MiB of members (distinct ids, none exists)", "POST", GROUPS,
           lambda t: _group(_fill(lambda i: {"value": str(uuid.uuid4())}, 50))),
     Shape("PATCH /Groups, 1000 operations of 40 members (2 MiB)", "PATCH", GROUP,
@@ -169,22 +158,27 @@ async def _targets(hostile: Scim) -> Targets:
     return Targets(full, members, await hostile.create("Groups", b'{"displayName": "Target"}'))
 
 
+async def _send(hostile: Scim, shape: Shape, body: bytes, t: Targets) -> str:
+    """The shape once, with a fresh name; the reply's status and scimType, or "no answer"."""
+    try:
+        fresh = body.replace(FRESH, uuid.uuid4().hex.encode())
+        request = hostile.request(shape.method, shape.path(t), fresh)
+        status, raw = await asyncio.wait_for(request, TIMEOUT)
+    except (TimeoutError, aiohttp.ClientError):
+        return "no answer"
+    with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+        return f"{status} {orjson.loads(raw).get('scimType') or ''}".strip()
+    return str(status)
+
+
 async def _one(
     hostile: Scim, shape: Shape, body: bytes, t: Targets, server: psutil.Process
 ) -> Measured:
-    body = _fresh(body)
     # The server's CPU and its bulk process's (service/bulk.py), which serves large bodies.
     cpu_before, started = tree_cpu(server), time.perf_counter()
-    try:
-        request = hostile.request(shape.method, shape.path(t), body)
-        status, raw = await asyncio.wait_for(request, TIMEOUT)
-        shown = str(status)
-        if status >= 400:
-            shown += " " + str(orjson.loads(raw).get("scimType") or "")
-    except (TimeoutError, aiohttp.ClientError):
-        shown = "no answer"
+    shown = await _send(hostile, shape, body, t)
     wall = time.perf_counter() - started
-    return Measured(shape.name, len(body), shown.strip(), tree_cpu(server) - cpu_before, wall)
+    return Measured(shape.name, len(body), shown, tree_cpu(server) - cpu_before, wall)
 
 
 async def _hostile_load(hostile: Scim, bodies: list[bytes], t: Targets, stop: asyncio.Event) -> int:
@@ -194,10 +188,7 @@ async def _hostile_load(hostile: Scim, bodies: list[bytes], t: Targets, stop: as
         for shape, body in zip(SHAPES, bodies, strict=True):
             if stop.is_set():
                 break
-            with contextlib.suppress(TimeoutError, aiohttp.ClientError):
-                await asyncio.wait_for(
-                    hostile.request(shape.method, shape.path(t), _fresh(body)), TIMEOUT
-                )
+            await _send(hostile, shape, body, t)
             sent += 1
     return sent
 
@@ -209,24 +200,18 @@ async def _gets(origin: str, token: str, user: str, seconds: float) -> list[floa
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline:
             started = time.perf_counter()
-            status, _ = await victim.request("GET", f"/Users/{user}")
-            if status != 200:
-                raise RuntimeError(f"the other tenant's GET answered {status}")
+            await victim.send("GET", f"/Users/{user}")
             samples.append(time.perf_counter() - started)
     return samples
 
 
-async def _victim(origin: str, token: str, user: str, seconds: float) -> list[float]:
+async def _victim(origin: str, token: str, user: str, seconds: float) -> float:
     """The other tenant's GETs, timed in a process (and a session) of their own: sending 2 MiB
-    bodies from here would stall this event loop and count as the server's latency."""
-    argv = ["-m", "bench.cost", orjson.dumps([origin, token, user, seconds]).decode()]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, *argv, stdout=PIPE, cwd=ROOT, start_new_session=True
-    )
-    out, _ = await proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"the other tenant's GETs failed ({proc.returncode})")
-    return list(orjson.loads(out))
+    bodies from here would stall this event loop and count as the server's latency; their p99."""
+    args = orjson.dumps([origin, token, user, seconds]).decode()
+    argv = [sys.executable, "-m", "bench.cost", args]
+    done = await asyncio.to_thread(finished, argv, session=True)
+    return percentile(orjson.loads(done.out), 99)
 
 
 async def cost(ctx: Ctx) -> None:
@@ -240,8 +225,10 @@ async def cost(ctx: Ctx) -> None:
             hostile = Scim(hs, f"{origin}/scim/v2", token)
             t = await _targets(hostile)
             bodies = [shape.body(t) for shape in SHAPES]
-            victim = Scim(hs, f"{origin}/scim/v2", victim_token)
-            victim_user = await victim.create("Users", _user("victim@contoso.com"))
+            victim_user = await Scim(hs, hostile.base, victim_token).create(
+                "Users", _user("victim@contoso.com")
+            )
+            gets = partial(_victim, origin, victim_token, victim_user, seconds)
             measured = []
             for shape, body in zip(SHAPES, bodies, strict=True):
                 tries = [await _one(hostile, shape, body, t, server) for _ in range(samples)]
@@ -249,21 +236,20 @@ async def cost(ctx: Ctx) -> None:
                 took = f"server CPU {worst.cpu:.3f} s, wall {worst.wall:.3f} s"
                 err.print(f"{shape.name}: {worst.status}, {worst.size / 1024:,.0f} KiB, {took}")
                 measured.append(worst)
-            alone, loaded, hogged, sent = [], [], [], 0
+            a, b, c, sent = [], [], [], 0  # the other tenant's p99s: alone, loaded, by a loop
             for _ in range(PAIRS):
-                alone.append(await _victim(origin, victim_token, victim_user, seconds))
+                a.append(await gets())
                 stop = asyncio.Event()
                 load = asyncio.create_task(_hostile_load(hostile, bodies, t, stop))
                 try:
-                    loaded.append(await _victim(origin, victim_token, victim_user, seconds))
+                    b.append(await gets())
                 finally:
                     stop.set()
                     sent += await load
                 async with serving([sys.executable, "-c", HOG], None):  # the default priority
-                    hogged.append(await _victim(origin, victim_token, victim_user, seconds))
+                    c.append(await gets())
     worst = max(measured, key=lambda m: m.cpu)
     met = all(m.cpu <= TARGET_CPU and m.status != "no answer" for m in measured)
-    a, b, c = p99s(alone), p99s(loaded), p99s(hogged)
     ctx.add(Row("9", "the costliest request bodies (bench.cost): server CPU for one request;"
         " another tenant's GET p99 meanwhile", f"{len(measured)} shapes up to 2 MiB",
         f"most CPU {worst.cpu:.2f} s ({worst.shape}, {worst.status}); other tenant's p99"
@@ -282,10 +268,6 @@ async def cost(ctx: Ctx) -> None:
 
 
 HOG = "while True: pass"
-
-
-def p99s(runs: list[list[float]]) -> list[float]:
-    return [percentile(run, 99) for run in runs if run]
 
 
 def _list(values: list[float]) -> str:

@@ -14,8 +14,8 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient, TestServer
 
-from bench.common import drain, make_database, median, verdict
-from bench.table import Ctx, Row
+from bench.common import drain, make_database
+from bench.table import Ctx, Row, median, verdict
 from infra.config import Settings
 from infra.database import open_database
 from infra.logging import configure
@@ -46,10 +46,9 @@ def body(user_name: str, extended: bool) -> dict[str, Any]:
     }
     if extended:
         sample = {"string": "value", "integer": 7, "decimal": 1.5, "boolean": "True"}
-        values: dict[str, Any] = {"badge": f"B-{user_name}"}
-        for i, kind in enumerate(TYPES[1:], 1):
-            values[f"a{i}"] = sample.get(kind, "2026-01-05T09:00:00Z")
-        user[URN] = values
+        user[URN] = {"badge": f"B-{user_name}"} | {
+            f"a{i}": sample.get(kind, "2026-01-05T09:00:00Z") for i, kind in enumerate(TYPES[1:], 1)
+        }
     return user
 
 

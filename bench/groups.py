@@ -25,13 +25,10 @@ from bench.common import (
     create_tenant,
     drain,
     entra_body,
-    ms,
     patch_body,
-    percentile,
-    verdict,
 )
 from bench.lookups import SPARE, ensure_users
-from bench.table import Ctx, Row, Server
+from bench.table import Ctx, Row, Server, ms, percentile, verdict
 
 GROUP_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:Group"
 AD_GROUP_SCHEMA = "http://schemas.microsoft.com/2006/11/ResourceManagement/ADSCIM/2.0/Group"
@@ -73,7 +70,7 @@ class Groups:
         await self.scim.send("PATCH", f"/Groups/{group_id}", body, (200, 204))
 
     async def grow(self, g: Measured, members: list[str]) -> None:
-        task = PROGRESS.add_task(f"grow → {len(members):,} members", total=len(members), rate="")
+        task = PROGRESS.add_task(f"grow → {len(members):,} members", total=len(members))
         for k in range(0, len(members), BATCH):
             await self.patch(g.group_id, members_patch("Add", members[k : k + BATCH]))
             PROGRESS.update(task, completed=min(len(members), k + BATCH))
@@ -84,7 +81,7 @@ class Groups:
         remove = {"op": "remove", "path": f'members[value eq "{user}"]'}
         return members_patch("Add", [user]), patch_body([remove])
 
-    async def pairs(self, g: Measured, n: int, keep: bool = True) -> None:
+    async def pairs(self, g: Measured, n: int) -> None:
         """n add/remove pairs, one request at a time, each with the next spare user."""
         bodies = [self.pair(self.spare[(self.turn + k) % len(self.spare)]) for k in range(n)]
         self.turn += n
@@ -94,16 +91,15 @@ class Groups:
             await self.patch(g.group_id, add)
             t1 = perf_counter()
             await self.patch(g.group_id, remove)
-            if keep:
-                g.add.append(t1 - t0)
-                g.remove.append(perf_counter() - t1)
-        if keep:
-            g.cpu += self.server.meter.since(before)
+            g.add.append(t1 - t0)
+            g.remove.append(perf_counter() - t1)
+        g.cpu += self.server.meter.since(before)
 
     async def rounds(self, groups: list[Measured], pairs: int, warmup: int) -> None:
-        """Warm-up, then the rounds: every size in turn, so that noise hits them all alike."""
+        """Warm-up (not kept), then the rounds: every size in turn, so that noise hits them all
+        alike."""
         for g in groups:
-            await self.pairs(g, warmup, keep=False)
+            await self.pairs(Measured(g.size, g.group_id), warmup)
         for r in range(ROUNDS):
             for g in groups:
                 await self.pairs(g, pairs // ROUNDS + (1 if r < pairs % ROUNDS else 0))
@@ -135,7 +131,7 @@ async def measure(ctx: Ctx, server: Server, ids: dict[int, str], who: str) -> li
             bounded.append(f"{size:,}: {growing} did not finish in {limit:.0f} s")
             break
         measured.append(g)
-    task = PROGRESS.add_task(f"{who}: add/remove pairs", total=None, rate="")
+    task = PROGRESS.add_task(f"{who}: add/remove pairs", total=None)
     try:
         pairs = min(s.pairs, PEER_PAIRS) if peer else s.pairs
         await asyncio.wait_for(run.rounds(measured, pairs, 2 if peer else 10), limit)
@@ -154,43 +150,36 @@ async def groups(ctx: Ctx) -> None:
     await ensure_users(ctx, max(ctx.sizes.groups) + SPARE)
     _, ours = ctx.http()
     mine = await measure(ctx, ours, ctx.ids, "scimledger")
-    small = mine[0] if mine else None
-    rows: dict[int, Row] = {}
-    p50: dict[int, tuple[float, float]] = {}  # ours, by size
-    for g in mine:
-        add, rem = percentile(g.add, 50), percentile(g.remove, 50)
-        p50[g.size] = (add, rem)
-        target = verdict_text = ""
-        if small is not None and g is mine[-1] and g is not small:
-            ra, rr = add / percentile(small.add, 50), rem / percentile(small.remove, 50)
-            target = f"within 1.2 x of {small.size}"
-            verdict_text = f"{verdict(ra <= 1.2 and rr <= 1.2)}: add {ra:.2f} x, remove {rr:.2f} x"
-        rows[g.size] = Row("3", "add / remove one member, one request at a time",
-            f"{g.size:,} members", f"add p50 {ms(add)} (p99 {ms(percentile(g.add, 99))}),"
-            f" remove p50 {ms(rem)} (p99 {ms(percentile(g.remove, 99))})", ctx.no_peer, target,
-            verdict_text, g.cpu.text())  # fmt: skip
     ctx.notes.append(
-        f"(3) groups grown by Entra-style PATCH adds of 500 ids; {ctx.sizes.pairs} add/remove"
+        f"(3) groups grown by Entra-style PATCH adds of {BATCH} ids; {ctx.sizes.pairs} add/remove"
         f" pairs per size, sizes taking turns in {ROUNDS} rounds (bench.groups)"
     )
+    theirs: dict[int, Measured] = {}
     if ctx.peer is not None:
         theirs = {g.size: g for g in await measure(ctx, ctx.peer, ctx.peer_ids, "peer")}
-        for size, row in rows.items():
-            t = theirs.get(size)
-            if t is None:
-                row.peer = "not measured (see the notes)"
-                continue
-            add, rem = percentile(t.add, 50), percentile(t.remove, 50)
-            row.peer = f"add p50 {ms(add)}, remove p50 {ms(rem)} ({len(t.add)} pairs)"
-            a, r = p50[size]
-            ratio = f"peer's p50 / ours: add {add / a:.1f} x, remove {rem / r:.1f} x"
-            row.verdict = "; ".join(part for part in (row.verdict, ratio) if part)
         ctx.notes.append(
             "(3, 8) peer groups: created without the ADSCIM schema URN and members removed with"
             ' a filter path (`members[value eq "id"]`): scim2-server refuses Entra\'s group body'
             " and its remove-with-value style"
         )
-    for row in rows.values():
+    for g in mine:
+        add, rem = percentile(g.add, 50), percentile(g.remove, 50)
+        row = Row("3", "add / remove one member, one request at a time", f"{g.size:,} members",
+            f"add p50 {ms(add)} (p99 {ms(percentile(g.add, 99))}),"
+            f" remove p50 {ms(rem)} (p99 {ms(percentile(g.remove, 99))})", ctx.no_peer,
+            cpu=g.cpu.text())  # fmt: skip
+        if g is mine[-1] and g is not mine[0]:
+            small = mine[0]
+            ra, rr = add / percentile(small.add, 50), rem / percentile(small.remove, 50)
+            row.target = f"within 1.2 x of {small.size}"
+            row.verdict = f"{verdict(ra <= 1.2 and rr <= 1.2)}: add {ra:.2f} x, remove {rr:.2f} x"
+        if (t := theirs.get(g.size)) is not None:
+            peer_add, peer_rem = percentile(t.add, 50), percentile(t.remove, 50)
+            row.peer = f"add p50 {ms(peer_add)}, remove p50 {ms(peer_rem)} ({len(t.add)} pairs)"
+            ratio = f"peer's p50 / ours: add {peer_add / add:.1f} x, remove {peer_rem / rem:.1f} x"
+            row.verdict = "; ".join(part for part in (row.verdict, ratio) if part)
+        elif ctx.peer is not None:
+            row.peer = "not measured (see the notes)"
         ctx.add(row)
 
 
@@ -206,15 +195,18 @@ async def entra_cycle(ctx: Ctx, token: str, connections: int = CONNECTIONS) -> t
     run = uuid.uuid4().hex[:6]
     ids: list[str] = [""] * n_users
     group_ids: list[str] = [""] * n_groups
-    requests = 0
-    total = 3 * n_users - 1 + 2 * n_groups + -(-n_members // MEMBER_BATCH)
+    batches: list[tuple[int, list[int]]] = []
+    for g in range(n_groups):
+        count = n_members // n_groups + (1 if g < n_members % n_groups else 0)
+        picked = rng.sample(range(n_users), min(count, n_users))
+        batches += [(g, picked[k : k + MEMBER_BATCH]) for k in range(0, len(picked), MEMBER_BATCH)]
+
+    total = 3 * n_users - 1 + 2 * n_groups + len(batches)  # every request, each checked
     what = f"Entra cycle {n_users:,}/{n_groups}/{n_members:,}, {connections} connections"
-    task = PROGRESS.add_task(what, total=total, rate="")
+    task = PROGRESS.add_task(what, total=total)
 
     async def call(method: str, path: str, body: bytes | None, expect: tuple[int, ...]) -> bytes:
-        nonlocal requests
         raw = await scim.send(method, path, body, expect)
-        requests += 1
         PROGRESS.advance(task)
         return raw
 
@@ -240,12 +232,6 @@ async def entra_cycle(ctx: Ctx, token: str, connections: int = CONNECTIONS) -> t
         created = await call("POST", "/Groups", group_body(display), (201,))
         group_ids[g] = orjson.loads(created)["id"]
 
-    batches: list[tuple[int, list[int]]] = []
-    for g in range(n_groups):
-        count = n_members // n_groups + (1 if g < n_members % n_groups else 0)
-        picked = rng.sample(range(n_users), min(count, n_users))
-        batches += [(g, picked[k : k + MEMBER_BATCH]) for k in range(0, len(picked), MEMBER_BATCH)]
-
     async def members(b: int) -> None:
         g, chosen = batches[b]
         body = members_patch("Add", [ids[u] for u in chosen])
@@ -256,7 +242,7 @@ async def entra_cycle(ctx: Ctx, token: str, connections: int = CONNECTIONS) -> t
     await drain(range(1, n_users), manager, connections)
     await drain(range(n_groups), group, connections)
     await drain(range(len(batches)), members, connections)
-    return requests, ours.meter.since(before)
+    return total, ours.meter.since(before)
 
 
 async def cycle(ctx: Ctx) -> None:

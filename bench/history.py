@@ -89,8 +89,9 @@ class TenantHistory:
         self.made = 0  # requests
 
     @property
-    def spent(self) -> bool:
-        return (self.made if self.recorded else self.emitted) >= self.budget
+    def counted(self) -> int:
+        """What the budget counts: requests if recorded, else events."""
+        return self.made if self.recorded else self.emitted
 
     def _uuid(self) -> uuid.UUID:
         return uuid.UUID(int=self.rng.getrandbits(128), version=4)
@@ -161,11 +162,9 @@ class TenantHistory:
             elif kind < 0.77:  # a new family name: display name, name, userName and e-mail
                 person.family = rng.choice(FAMILY)
                 full, name = f"{person.given} {person.family}", person.user_name
-                desired["displayName"] = full
-                name_ = {"formatted": full, "familyName": person.family, "givenName": person.given}
-                desired["name"] = name_
-                desired["userName"] = name
-                desired["emails"] = [{"primary": True, "type": "work", "value": name}]
+                names = {"formatted": full, "familyName": person.family, "givenName": person.given}
+                desired |= {"displayName": full, "userName": name, "name": names,
+                    "emails": [{"primary": True, "type": "work", "value": name}]}  # fmt: skip
             elif kind < 0.83:  # a second address, or back to one
                 emails = desired.get("emails", [])
                 if len(emails) > 1:
@@ -309,7 +308,7 @@ class TenantHistory:
 
     def _play(self, steps: Iterable[Callable[[], Request | None]]) -> Iterator[Request]:
         for step in steps:
-            if self.spent:
+            if self.counted >= self.budget:
                 return
             if request := step():
                 yield request
@@ -318,7 +317,7 @@ class TenantHistory:
         """Initial sync, then churn, until the budget is spent (the last request may overrun)."""
         users = max(10, self.budget * 12 // 100)
         yield from self._play([self.join] * users + [self.create_group] * max(10, users // 30))
-        if self.spent:
+        if self.counted >= self.budget:
             return
         # Everyone in one all-staff group, and in two or three others, in batches.
         everyone, ids = self.teams[self.team_order[0]], [str(p.user.id) for p in self.people]
@@ -370,7 +369,7 @@ async def seed(
     pool = await create_pool(dsn, min_size=size, max_size=size, server_settings=settings)
     store, mapper = EventStore(pool), make_mapper()
     unit = "requests" if recorded else "events"
-    task = PROGRESS.add_task(f"seed {total:,} {unit}", total=total, rate="")
+    task = PROGRESS.add_task(f"seed {total:,} {unit}", total=total)
 
     async def writer(h: TenantHistory) -> None:
         async with pool.acquire() as conn:
@@ -381,10 +380,9 @@ async def seed(
                     change = request.change_id or "bench-seed"
                     await store.append_stored(conn, h.tenant_id, batch, change)
                     batch = []
-                    done = sum(h.made if recorded else h.emitted for h in histories)
-                    PROGRESS.update(task, completed=done)
+                    PROGRESS.update(task, completed=sum(h.counted for h in histories))
             await store.append_stored(conn, h.tenant_id, batch, "bench-seed")
-        PROGRESS.update(task, completed=sum(h.made if recorded else h.emitted for h in histories))
+        PROGRESS.update(task, completed=sum(h.counted for h in histories))
 
     try:
         async with asyncio.TaskGroup() as group:
@@ -410,7 +408,7 @@ async def catch_up(dsn: str, names: list[str]) -> None:
             await register(conn, list(PROJECTIONS.values()))
             for name in names:
                 runner = Runner(db, PROJECTIONS[name], batch_size=5000)
-                task = PROGRESS.add_task(f"{name} runner catch-up", total=None, rate="")
+                task = PROGRESS.add_task(f"{name} runner catch-up", total=None)
                 while await runner.step(conn):
                     PROGRESS.update(task, completed=runner.applied)
                 PROGRESS.update(task, total=runner.applied)

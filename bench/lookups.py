@@ -10,10 +10,9 @@ import aiohttp
 import orjson
 
 from bench import wrk
-from bench.common import NAME_FORMAT, drain, entra_body, ms, verdict
-from bench.common import wait_for_projections as caught_up
-from bench.posts import row_maker, seed_users, wrk_phase
-from bench.table import CONCURRENCY, Ctx, Row, Server
+from bench.common import NAME_FORMAT, drain, entra_body, wait_for_projections
+from bench.posts import seed_users, wrk_phase
+from bench.table import CONCURRENCY, Ctx, Row, Server, verdict
 
 SPARE = 200  # users in no group, for the add/remove pairs
 
@@ -53,38 +52,31 @@ class PeerSeeder:
 async def lookups(ctx: Ctx) -> None:
     """(2) GET by userName at three store sizes, ours and the peer's."""
     s, (session, ours), peer = ctx.sizes, ctx.http(), ctx.peer
-    maker = await row_maker(ctx.dsn, ours.token)
     seeder = PeerSeeder(session, peer, ctx.peer_ids) if peer is not None else None
-    seeded = catch_up = 0.0
-    gets: list[tuple[int, wrk.WrkRun, str, str, str]] = []
+    seeded = catch_up = base_rate = 0.0
+    what = f'GET /Users?filter=userName eq "…", concurrency {CONCURRENCY} (wrk)'
     for size in s.users:
-        seeded += await seed_users(ctx, maker, size, max(s.groups) + SPARE)
-        catch_up += await caught_up(ctx.dsn, 3600)
+        seeded += await seed_users(ctx, size, max(s.groups) + SPARE)
+        catch_up += await wait_for_projections(ctx.dsn, 3600)
         script = wrk.find_users_script("/scim/v2/Users", ours.token, size, NAME_FORMAT)
         await wrk_phase(ours, script, 2)
         got, cpu = await wrk_phase(ours, script, s.get_seconds, f"scimledger GET at {size:,}")
-        peer_text = ratio = ""
+        base_rate = base_rate or got.rate
+        row = Row("2", what, f"{size:,} users", got.text(p50=False), ctx.no_peer, cpu=cpu.text())
+        if size == s.users[-1]:
+            ok = got.p99 <= 0.010 and got.rate >= 0.8 * base_rate
+            row.target = f"p99 ≤ 10 ms and ≥ 0.8 x the rate at {s.users[0]:,}"
+            row.verdict = f"{verdict(ok)}: {got.rate / base_rate:.2f} x the rate at {s.users[0]:,}"
         if peer is not None and seeder is not None:
             why = await seeder.grow(size, s.peer_seed_timeout)
-            peer_text = why or "no users stored"
+            row.peer = why or "no users stored"
             if seeder.stored:
                 script = wrk.find_users_script("/v2/Users", peer.token, seeder.stored, NAME_FORMAT)
                 theirs, _ = await wrk_phase(peer, script, s.get_seconds, "scim2-server GET")
-                peer_text = f"{theirs.rate:,.0f} req/s; p99 {ms(theirs.p99)}"
-                peer_text += f" ({why})" if why else ""
+                row.peer = theirs.text(p50=False) + (f" ({why})" if why else "")
                 ratio = f"{got.rate / theirs.rate:.1f} x the peer's rate"
-        gets.append((size, got, cpu.text(), peer_text or ctx.no_peer, ratio))
-    base_rate = gets[0][1].rate
-    for size, got, cpu_text, peer_text, ratio in gets:
-        target = verdict_text = ""
-        if size == s.users[-1]:
-            ok = got.p99 <= 0.010 and got.rate >= 0.8 * base_rate
-            target = f"p99 ≤ 10 ms and ≥ 0.8 x the rate at {s.users[0]:,}"
-            verdict_text = f"{verdict(ok)}: {got.rate / base_rate:.2f} x the rate at {s.users[0]:,}"
-        what = f'GET /Users?filter=userName eq "…", concurrency {CONCURRENCY} (wrk)'
-        verdicts = "; ".join(part for part in (verdict_text, ratio) if part)
-        rate = f"{got.rate:,.0f} req/s; p99 {ms(got.p99)}"
-        ctx.add(Row("2", what, f"{size:,} users", rate, peer_text, target, verdicts, cpu_text))
+                row.verdict = "; ".join(part for part in (row.verdict, ratio) if part)
+        ctx.add(row)
     ctx.notes.append(
         f"(2) {ctx.stored:,} users seeded in {seeded:,.0f} s"
         f" ({ctx.stored / max(seeded, 1e-9):,.0f}/s) straight into the store: what POST /Users"
@@ -105,12 +97,11 @@ async def lookups(ctx: Ctx) -> None:
 
 async def ensure_users(ctx: Ctx, n: int) -> None:
     """At least n users stored (ours, and the peer's within its limit) when (2) did not run."""
-    _, ours = ctx.http()
     if ctx.stored < n:
-        maker = await row_maker(ctx.dsn, ours.token)
-        await seed_users(ctx, maker, n, n)
-        await caught_up(ctx.dsn, 3600)
-    if ctx.peer is not None and ctx.session is not None and not ctx.peer_ids:
+        await seed_users(ctx, n, n)
+        await wait_for_projections(ctx.dsn, 3600)
+    session, _ = ctx.http()
+    if ctx.peer is not None and not ctx.peer_ids:
         started = time.perf_counter()
-        await PeerSeeder(ctx.session, ctx.peer, ctx.peer_ids).grow(n, ctx.sizes.peer_seed_timeout)
+        await PeerSeeder(session, ctx.peer, ctx.peer_ids).grow(n, ctx.sizes.peer_seed_timeout)
         ctx.notes.append(f"(3) the peer's users seeded in {time.perf_counter() - started:.0f} s")

@@ -16,31 +16,21 @@ import asyncpg
 import orjson
 
 from bench import wrk
-from bench.common import (
-    PROGRESS,
-    BenchError,
-    Cpu,
-    Meter,
-    entra_body,
-    err,
-    ms,
-    percentile,
-    py_spy,
-    verdict,
-)
-from bench.table import CONCURRENCY, Ctx, Row, Server
+from bench.common import PROGRESS, BenchError, Cpu, Meter, entra_body, err, py_spy
+from bench.table import CONCURRENCY, Ctx, Row, Server, ms, percentile, verdict
 from domain.request import ProvisioningRequest
 from domain.user import User
 from infra.database import create_pool
+from infra.tenants import authenticate
 from infra.transcoder import make_mapper
 from projections import users as users_view
 from service.scim.representation import user_from_scim
 
 # Both stored events and the view row in one statement: one round trip, one transaction.
+STORED_COLUMNS = ("originator_id", "originator_version", "topic", "state")  # $1 to $4
 POST_ROWS_SQL = f"""
 WITH events AS (
-    INSERT INTO stored_events
-        (originator_id, originator_version, topic, state, tenant_id, request_id)
+    INSERT INTO stored_events ({", ".join(STORED_COLUMNS)}, tenant_id, request_id)
     SELECT e.o, e.v, e.t, e.s, $5::uuid, $6::text
     FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bytea[]) AS e (o, v, t, s)
 )
@@ -64,20 +54,11 @@ class RowMaker:
         record = ProvisioningRequest.record(uuid.uuid4(), self.tenant_id, "success", described)
         events = [*user.collect_events(), *record.collect_events()]
         stored = [self.mapper.to_stored_event(e) for e in events]
-        return user.id, (
-            [s.originator_id for s in stored],
-            [s.originator_version for s in stored],
-            [s.topic for s in stored],
-            [s.state for s in stored],
-            self.tenant_id,
-            uuid.uuid4().hex,
-            *users_view.row_of(user)[1:],
-        )
+        arrays = [[getattr(s, c) for s in stored] for c in STORED_COLUMNS]
+        return user.id, (*arrays, self.tenant_id, uuid.uuid4().hex, *users_view.row_of(user)[1:])
 
 
 async def row_maker(dsn: str, token: str) -> RowMaker:
-    from infra.tenants import authenticate
-
     pool = await create_pool(dsn, min_size=1, max_size=1)
     try:
         principal = await authenticate(pool, token)
@@ -87,12 +68,10 @@ async def row_maker(dsn: str, token: str) -> RowMaker:
     return RowMaker(principal.tenant_id, principal.token_name)
 
 
-async def insert(
-    pool: asyncpg.Pool, n: int, args: Callable[[int], tuple[Any, ...]], workers: int, task: str
-) -> list[float]:
-    """POST_ROWS_SQL with args(i) for i in range(n), on `workers` connections of `pool`; the
-    seconds of each statement."""
-    latencies, counter, shown = [0.0] * n, iter(range(n)), PROGRESS.add_task(task, total=n, rate="")
+async def insert(pool: asyncpg.Pool, n: int, args: Callable[[int], Any], task: str) -> list[float]:
+    """POST_ROWS_SQL with args(i) for i in range(n), on every connection of `pool`; the seconds
+    of each statement."""
+    latencies, counter, shown = [0.0] * n, iter(range(n)), PROGRESS.add_task(task, total=n)
 
     async def worker() -> None:
         async with pool.acquire() as conn:
@@ -102,17 +81,17 @@ async def insert(
                 latencies[i] = time.perf_counter() - t0
                 PROGRESS.advance(shown)
 
-    await asyncio.gather(*(worker() for _ in range(workers)))
+    await asyncio.gather(*(worker() for _ in range(pool.get_max_size())))
     return latencies
 
 
-async def seed_users(ctx: Ctx, maker: RowMaker, last: int, keep: int) -> float:
+async def seed_users(ctx: Ctx, last: int, keep: int) -> float:
     """Users ctx.stored..last-1 (NAME_FORMAT), straight into the store; seconds. The
     ids of users below `keep` go to ctx.ids (the group members)."""
     first, started = ctx.stored, time.perf_counter()
     if last <= first:
         return 0.0
-    ctx.stored = last
+    ctx.stored, maker = last, await row_maker(ctx.dsn, ctx.http()[1].token)
 
     def made(k: int) -> tuple[Any, ...]:
         user_id, row = maker.make(entra_body(first + k))
@@ -123,7 +102,7 @@ async def seed_users(ctx: Ctx, maker: RowMaker, last: int, keep: int) -> float:
     settings = {"synchronous_commit": "off"}
     pool = await create_pool(ctx.dsn, min_size=4, max_size=4, server_settings=settings)
     try:
-        await insert(pool, last - first, made, 4, f"seed users → {last:,}")
+        await insert(pool, last - first, made, f"seed users → {last:,}")
     finally:
         await pool.close()
     return time.perf_counter() - started
@@ -144,7 +123,7 @@ async def floor(ctx: Ctx, maker: RowMaker) -> tuple[float, list[float], Cpu]:
     pool = await asyncpg.create_pool(ctx.dsn, min_size=size, max_size=size, init=jsonb)
     try:
         before = meter.read()
-        latencies = await insert(pool, n, rows.__getitem__, CONCURRENCY, "floor")
+        latencies = await insert(pool, n, rows.__getitem__, "floor")
         cpu = meter.since(before)
     finally:
         await pool.close()
@@ -181,9 +160,7 @@ def post_script(server: Server, template: dict[str, Any], prefix: str) -> str:
 async def post_users(ctx: Ctx) -> None:
     """(1) POST /Users at concurrency 16 by wrk, ours and the peer's; (7) the floor."""
     s, (_, ours), peer = ctx.sizes, ctx.http(), ctx.peer
-    template = orjson.loads(entra_body(0))
-    template["userName"] = template["emails"][0]["value"] = wrk.NAME
-    template["externalId"] = wrk.EXTERNAL_ID
+    template = orjson.loads(entra_body(0, wrk.NAME)) | {"externalId": wrk.EXTERNAL_ID}
     err.print("POST /Users with wrk …")
     await wrk_phase(ours, post_script(ours, template, "Warm"), 2)
     script = post_script(ours, template, "Post")
@@ -199,12 +176,8 @@ async def post_users(ctx: Ctx) -> None:
     to_floor = post.rate / floor_rate
     to_peer = post.rate / peer_post.rate if peer_post else None
     ok = to_floor >= 0.6 and (to_peer is None or to_peer >= 3)
-    theirs = ctx.no_peer
-    if peer_post is not None:
-        theirs = f"{peer_post.rate:,.0f} req/s; p50 {ms(peer_post.p50)}, p99 {ms(peer_post.p99)}"
     ctx.add(Row("1", f"POST /Users, concurrency {CONCURRENCY} (wrk)", f"{post.requests:,} requests",
-        f"{post.rate:,.0f} req/s; p50 {ms(post.p50)}, p99 {ms(post.p99)}",
-        theirs, "≥ 0.6 x floor and ≥ 3 x peer",
+        post.text(), peer_post.text() if peer_post else ctx.no_peer, "≥ 0.6 x floor and ≥ 3 x peer",
         f"{verdict(ok)}: {to_floor:.2f} x floor, "
         + (f"{to_peer:.1f} x peer" if to_peer else "no peer"), cpu.text()))  # fmt: skip
     ctx.add(Row("7", f"floor: the rows of (1) by plain asyncpg, concurrency {CONCURRENCY}",

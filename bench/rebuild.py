@@ -29,10 +29,9 @@ from bench.common import (
     connected,
     finished,
     make_database,
-    verdict,
 )
 from bench.history import catch_up, seed, settle
-from bench.table import Ctx, Row
+from bench.table import Ctx, Row, verdict
 from infra.config import Settings
 from infra.database import open_database
 from infra.keys import MASTER_ENV
@@ -90,7 +89,7 @@ async def seeded(dsn: str, n: int, *, sealed: bool) -> int:
     histories = await seed(dsn, n, tenants, recorded=False, chunk=CHUNK)
     n = sum(h.emitted for _, h in histories)
     if sealed:
-        task = PROGRESS.add_task("erase migrate (seal the events)", total=None, rate="")
+        task = PROGRESS.add_task("erase migrate (seal the events)", total=None)
         async with open_database(Settings(database_url=dsn, run_projections=False)) as db:
             done = await migrate_all(db)
         PROGRESS.update(task, total=done, completed=done)
@@ -117,9 +116,10 @@ async def rebuild(ctx: Ctx) -> None:
     n = await seeded(dsn, ctx.sizes.rebuild_events, sealed=sealed)
     current = [("current", False)] * ctx.sizes.rebuild_runs
     for label, dry_run in [("views stale", False), ("--dry-run", True), *current]:
-        task = PROGRESS.add_task(f"rebuild {n:,} events ({label})", total=None, rate="")
+        task = PROGRESS.add_task(f"rebuild {n:,} events ({label})", total=None)
         run = await measured(dsn, n, ctx.postmaster, dry_run)
-        PROGRESS.update(task, total=1, completed=1, rate=f"{run.rate:,.0f}/s")
+        done = f"rebuild {n:,} events ({label}): {run.rate:,.0f}/s"
+        PROGRESS.update(task, total=1, completed=1, description=done)
         if dry_run and run.drift:
             raise BenchError(f"a dry run right after a rebuild found drift:\n{run.done.out}")
         runs += [run] if label == "current" else []

@@ -1,8 +1,10 @@
-"""The benchmark's table: its rows, the sizes they run at, and what the rows share in a run."""
+"""The benchmark's table: its rows, the sizes they run at, what the rows share in a run, and
+how its cells write figures."""
 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 from collections.abc import Sequence
 from dataclasses import astuple, dataclass, field, fields, replace
@@ -17,6 +19,20 @@ from bench.common import Meter, Scim, err
 COLUMNS = ("#", "measurement", "size", "scimledger", "scim2-server (peer)", "target", "verdict",
     "CPU in cores: client / server / postgres / other")  # fmt: skip
 CONCURRENCY = 16
+median = statistics.median
+
+
+def percentile(samples: list[float], pct: float) -> float:
+    ordered = sorted(samples)
+    return ordered[round(pct / 100 * (len(ordered) - 1))]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def verdict(ok: bool | None) -> str:
+    return "inconclusive" if ok is None else ("met" if ok else "MISSED")
 
 
 @dataclass(frozen=True)
@@ -129,10 +145,8 @@ class Ctx:
 
 
 def render_markdown(title: str, rows: Sequence[Row], notes: Sequence[str], machine: str) -> str:
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|")
-
-    table = [COLUMNS, ["---"] * len(COLUMNS), *([cell(c) for c in astuple(r)] for r in rows)]
+    escaped = ([text.replace("|", "\\|") for text in astuple(r)] for r in rows)
+    table = [COLUMNS, ["---"] * len(COLUMNS), *escaped]
     lines = [f"# {title}", "", *("| " + " | ".join(cells) + " |" for cells in table), ""]
     lines += ["## Machine", "", machine, "", "## Notes", "", *(f"- {n}" for n in notes), ""]
     return "\n".join(lines)

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import orjson
 
-from bench.common import finished
+from bench.common import SCIM, finished
+from bench.table import ms
 
 RESULT = "WRK-RESULT "
 SAMPLE = "WRK-SAMPLE "
@@ -24,8 +25,7 @@ class WrkMissing(Exception):
 
 
 def executable() -> str:
-    found = shutil.which("wrk")
-    if found is None:
+    if (found := shutil.which("wrk")) is None:
         raise WrkMissing("wrk is not installed; the benchmark's load client: `apt-get install wrk`")
     return found
 
@@ -35,14 +35,12 @@ def _lua_string(text: str) -> str:
     level = 0
     while f"]{'=' * level}]" in text:
         level += 1
-    eq = "=" * level
-    return f"[{eq}[{text}]{eq}]"
+    return f"[{'=' * level}[{text}]{'=' * level}]"
 
 
 def _headers(token: str, *, body: bool) -> str:
-    pairs = {"Authorization": f"Bearer {token}", "Accept": "application/scim+json"}
-    if body:
-        pairs["Content-Type"] = "application/scim+json"
+    pairs = {"Authorization": f"Bearer {token}", "Accept": SCIM}
+    pairs |= {"Content-Type": SCIM} if body else {}
     items = ", ".join(f"[ {_lua_string(k)} ] = {_lua_string(v)}" for k, v in pairs.items())
     return f"local headers = {{{items}}}"
 
@@ -150,6 +148,10 @@ class WrkRun:
     @property
     def rate(self) -> float:
         return self.requests / self.seconds if self.seconds else 0.0
+
+    def text(self, *, p50: bool = True) -> str:
+        """Its rate and latencies, as the table shows them."""
+        return f"{self.rate:,.0f} req/s; " + f"p50 {ms(self.p50)}, " * p50 + f"p99 {ms(self.p99)}"
 
 
 def run(origin: str, script: str, seconds: float, connections: int, threads: int = 1) -> WrkRun:
