@@ -1,5 +1,11 @@
-"""Provisioning-log entries as export files: the one writer behind the API's, the web page's and
-the CLI's exports (they differ only in where the bytes go).
+"""Provisioning-log exports: the pages one request returns, and the one writer behind the API's,
+the web page's and the CLI's exports (they differ only in where the bytes go).
+
+One request returns at most `SCIMLEDGER_MAX_EXPORT_ENTRIES` entries (and stops starting new
+ones past `SCIMLEDGER_MAX_EXPORT_BYTES` of their stored values); the rest is named by a page
+token, as the API's `next`: the reply's `Link: <...>; rel="next"`. A continued page carries no
+CSV header, so the pages one after the other are the whole file; the CLI and the web page
+follow the pages into one file.
 
 CSV cells are neutralised for spreadsheets (OWASP's CSV injection rule): a cell that begins
 with `=`, `+`, `-`, `@`, a tab or a carriage return is prefixed with a single quote, so a
@@ -12,9 +18,17 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 import orjson
+from asyncpg import Pool
+
+from infra import audit_sealing
+from infra.eventstore import Conn
+from service import audit_queries as q
 
 FORMATS = ("csv", "jsonl")
 CONTENT_TYPES = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}
@@ -81,16 +95,17 @@ def csv_row(entry: Mapping[str, Any]) -> list[Any]:
 
 class ExportWriter:
     """Entries in, bytes out, a chunk at a time: `add` each entry, `take` the bytes when
-    `full` (and once at the end). CSV starts with its header row."""
+    `full` (and once at the end). CSV starts with its header row, unless it continues a file
+    (`header=False`: an export's later pages)."""
 
-    def __init__(self, fmt: str) -> None:
+    def __init__(self, fmt: str, *, header: bool = True) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}")
         self.fmt = fmt
         self._text = io.StringIO()
         self._csv = csv.writer(self._text)
         self._lines: list[bytes] = []
-        if fmt == "csv":
+        if fmt == "csv" and header:
             self._csv.writerow(CSV_COLUMNS)
 
     def add(self, entry: Mapping[str, Any]) -> None:
@@ -112,13 +127,121 @@ class ExportWriter:
         return data
 
 
-async def chunks(entries: AsyncIterable[Mapping[str, Any]], fmt: str) -> AsyncIterator[bytes]:
-    """The export file of `entries` in `fmt`, a few hundred KB at a time (never empty): what
-    the API, the web page and the CLI send on, each to its own sink."""
-    out = ExportWriter(fmt)
+async def chunks(
+    entries: AsyncIterable[Mapping[str, Any]], fmt: str, *, header: bool = True
+) -> AsyncIterator[bytes]:
+    """The export file of `entries` in `fmt` (or its continuation, without a CSV header), a few
+    hundred KB at a time (never empty): what the API, the web page and the CLI send on, each
+    to its own sink."""
+    out = ExportWriter(fmt, header=header)
     async for entry in entries:
         out.add(entry)
         if out.full:
             yield out.take()
     if data := out.take():
         yield data
+
+
+# -- pages --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExportPage:
+    """What one export request returns: the selected entries after `after` (exclusive) down
+    to `last` (inclusive; None: none), and the token of the rest (None: it is the last page)."""
+
+    after: tuple[datetime, int] | None
+    last: tuple[datetime, int] | None
+    next_token: str | None
+
+
+# What an entry costs an export, in stored bytes: its values (sealed, or in clear) and reason.
+_ENTRY_BYTES = (
+    "coalesce(octet_length(sealed), 0) + coalesce(octet_length(error_reason), 0)"
+    " + coalesce(pg_column_size(modified_properties), 0)"
+)
+
+
+async def export_page(
+    conn: Conn | Pool,
+    tenant_id: UUID,
+    where: q.AuditFilter,
+    next_token: str | None,
+    max_entries: int,
+    max_bytes: int,
+) -> ExportPage:
+    """Where one export request ends (raises BadQuery for a token that is not one): at most
+    `max_entries` entries, and none that starts past `max_bytes` of stored values (a first
+    entry always fits). Decided before the reply starts, so that its headers name the next
+    page; one query over the keys and sizes of at most max_entries + 1 rows. The next page
+    starts after this page's last entry, as the API's `next` does: entries the log gains
+    meanwhile are newer and belong to no later page, none is repeated or skipped."""
+    after = await q.resolve_next(conn, tenant_id, next_token) if next_token else None
+    sql, args = where.where(tenant_id)
+    if after is not None:
+        args += list(after)
+        sql += f" AND (activity_at, entry_position) < (${len(args) - 1}, ${len(args)})"
+    args += [max(1, max_entries) + 1, max(1, max_entries), max_bytes]
+    scanned, cap, budget = (f"${len(args) - k}" for k in (2, 1, 0))
+    row = await conn.fetchrow(
+        "SELECT id, activity_at, transaction_id, entry_position, n, scanned FROM ("
+        "  SELECT e.*, row_number() OVER w AS n, count(*) OVER () AS scanned,"
+        "         sum(size) OVER w - size AS before"
+        f"  FROM (SELECT id, activity_at, transaction_id, entry_position, {_ENTRY_BYTES} AS size"
+        f"        FROM audit_entries WHERE {sql}"
+        f"        ORDER BY activity_at DESC, entry_position DESC LIMIT {scanned}) e"
+        "  WINDOW w AS (ORDER BY activity_at DESC, entry_position DESC ROWS UNBOUNDED PRECEDING)"
+        f") s WHERE n <= {cap} AND (n = 1 OR before < {budget}) ORDER BY n DESC LIMIT 1",
+        *args,
+    )
+    if row is None:
+        return ExportPage(after, None, None)
+    more = row["scanned"] > row["n"]
+    return ExportPage(
+        after, (row["activity_at"], row["entry_position"]), q.encode_next(row) if more else None
+    )
+
+
+async def export_entries(
+    source: Conn | Pool, tenant_id: UUID, where: q.AuditFilter, page: ExportPage
+) -> AsyncIterator[dict[str, Any]]:
+    """The entries of an export page, newest first, read in keyset chunks of at most
+    _EXPORT_CHUNK (constant memory). From a pool, each chunk is read in a connection
+    acquisition of its own, so a consumer that waits between entries (an HTTP client that
+    reads slowly) holds no connection."""
+    if page.last is None:
+        return
+    sql, args = where.where(tenant_id)
+    args += list(page.last)
+    sql += f" AND (activity_at, entry_position) >= (${len(args) - 1}, ${len(args)})"
+    after = page.after
+    while True:
+        rows = await q.select_rows(source, tenant_id, where, _EXPORT_CHUNK, after, (sql, args))
+        events = await q.stored_events(source, tenant_id, rows)
+        for row in await audit_sealing.open_entries(source, rows):
+            yield q.entry_json(row, events)
+        if len(rows) < _EXPORT_CHUNK:
+            return
+        after = (rows[-1]["activity_at"], rows[-1]["entry_position"])
+
+
+async def whole_export(
+    source: Conn | Pool,
+    tenant_id: UUID,
+    where: q.AuditFilter,
+    max_entries: int,
+    max_bytes: int,
+) -> AsyncIterator[dict[str, Any]]:
+    """Every selected entry, newest first: the export's pages one after the other, each
+    continued from the one before (the CLI's export, one file)."""
+    token = None
+    while True:
+        page = await export_page(source, tenant_id, where, token, max_entries, max_bytes)
+        async for entry in export_entries(source, tenant_id, where, page):
+            yield entry
+        if page.next_token is None:
+            return
+        token = page.next_token
+
+
+_EXPORT_CHUNK = 2000

@@ -20,6 +20,7 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 from markupsafe import Markup
+from yarl import URL
 
 from infra.tenants import Principal, authenticate
 from service import audit_api
@@ -361,10 +362,18 @@ async def export_page(request: web.Request, principal: Principal) -> web.StreamR
         if fmt not in ("csv", "jsonl"):
             raise q.BadQuery("The export format must be csv or jsonl.")
         where = filters.audit_filter(now)
+        page = await audit_api.export_page_of(request, principal.tenant_id, where)
     except q.BadQuery as e:
         return _message(request, principal, "Export", str(e), status=400)
     name = f"provisioning-log-{now:%Y%m%dT%H%M%SZ}"
-    return await audit_api.write_export(request, principal.tenant_id, where, fmt, name)
+    next_url = None
+    if page.next_token:
+        # The rest of this export, from the same moment ("last 7 days" as of the first page).
+        pinned = filters.pinned(where)
+        next_url = URL(f"/audit/export?{pinned.query(format=fmt, next=page.next_token)}")
+    return await audit_api.write_export(
+        request, principal.tenant_id, where, page, fmt, next_url, name
+    )
 
 
 def _list_url(filters: Filters) -> str:

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from infra.eventstore import Conn
 from service import audit_queries as q
-from service.audit_export import chunks
+from service.audit_export import chunks, whole_export
 from service.cli.common import (
     CliError,
     F,
@@ -315,7 +315,8 @@ def audit_export(
     database_url: str | None,
     **filters: str | None,
 ) -> None:
-    """Every selected entry, newest first, streamed in constant memory."""
+    """Every selected entry, newest first, streamed in constant memory: the export's pages
+    (as the API returns them) one after the other, in one file."""
     where = _audit_filter(**filters)
     settings = settings_for(data_dir, database_url)
 
@@ -326,7 +327,10 @@ def audit_export(
 
             async def counted() -> AsyncIterator[dict[str, Any]]:
                 nonlocal count
-                async for entry in q.stream(conn, tenant_id, where):
+                entries = whole_export(
+                    conn, tenant_id, where, settings.max_export_entries, settings.max_export_bytes
+                )
+                async for entry in entries:
                     count += 1
                     yield entry
 
