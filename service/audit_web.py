@@ -2,7 +2,8 @@
 
 Server-rendered HTML from Jinja2 templates (service/templates/audit/, autoescaped; through
 aiohttp-jinja2): plain forms and links, no script needed (one small optional one,
-service/static/audit/audit.js, fills in "custom" when a date is typed). Sessions are in
+service/static/audit/audit.js, fills in "custom" when a date is typed, and joins an export's
+pages into one file; without it an export link saves its first page). Sessions are in
 service/audit_sessions.py. The JSON API under /audit/v1/ is separate and keeps bearer tokens.
 """
 
@@ -124,7 +125,9 @@ def _lag_notice(lag: Mapping[str, Any]) -> str:
 
 _SECURITY_HEADERS = {
     "Content-Security-Policy": (
+        # connect-src: audit.js fetches an export's pages (and nothing else) to join them.
         "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self';"
+        " connect-src 'self';"
         " form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
