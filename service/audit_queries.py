@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -200,15 +201,23 @@ def event_json(stream: UUID, version: int, topic: str) -> dict[str, Any]:
 
     Never its global position: the gaps between an entry's positions and the next entry's
     would count the events of every other tenant stored meanwhile (issue 14)."""
+    prefix, name = _topic(topic)
+    text = str(stream)
+    return {
+        "resource": prefix + text if prefix else None,
+        "stream": text,
+        "version": version,
+        "type": name,
+    }
+
+
+@functools.lru_cache(maxsize=256)
+def _topic(topic: str) -> tuple[str | None, str]:
+    """(the resource path prefix of its stream, if a SCIM resource's; the event's type) of an
+    event topic: a handful of topics, parsed once each rather than once per event read."""
     qualname = topic.partition(":")[2]
     kind, _, name = qualname.rpartition(".")
-    prefix = _RESOURCE_PATHS.get(kind)
-    return {
-        "resource": f"{prefix}{stream}" if prefix else None,
-        "stream": str(stream),
-        "version": version,
-        "type": name or qualname,
-    }
+    return _RESOURCE_PATHS.get(kind), name or qualname
 
 
 async def stored_events(
