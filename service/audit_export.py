@@ -176,6 +176,8 @@ class ExportPage:
     next_token: str | None
 
 
+# Rows an export reads at a time (in a connection acquisition of its own, from a pool).
+_EXPORT_CHUNK = 2000
 # What an entry costs an export, in stored bytes: its values (sealed, or in clear) and reason.
 _ENTRY_BYTES = (
     "coalesce(octet_length(sealed), 0) + coalesce(octet_length(error_reason), 0)"
@@ -203,18 +205,21 @@ async def export_page(
         args += list(after)
         sql += f" AND (activity_at, entry_position) < (${len(args) - 1}, ${len(args)})"
     args += [max(1, max_entries) + 1, max(1, max_entries), max_bytes]
-    scanned, cap, budget = (f"${len(args) - k}" for k in (2, 1, 0))
-    row = await conn.fetchrow(
+    read, cap, budget = (f"${len(args) - k}" for k in (2, 1, 0))
+    found = await q.fetch_selected(
+        conn,
+        where,
         "SELECT id, activity_at, transaction_id, entry_position, n, scanned FROM ("
         "  SELECT e.*, row_number() OVER w AS n, count(*) OVER () AS scanned,"
         "         sum(size) OVER w - size AS before"
         f"  FROM (SELECT id, activity_at, transaction_id, entry_position, {_ENTRY_BYTES} AS size"
         f"        FROM audit_entries WHERE {sql}"
-        f"        ORDER BY activity_at DESC, entry_position DESC LIMIT {scanned}) e"
+        f"        ORDER BY activity_at DESC, entry_position DESC LIMIT {read}) e"
         "  WINDOW w AS (ORDER BY activity_at DESC, entry_position DESC ROWS UNBOUNDED PRECEDING)"
         f") s WHERE n <= {cap} AND (n = 1 OR before < {budget}) ORDER BY n DESC LIMIT 1",
-        *args,
+        args,
     )
+    row = found[0] if found else None
     if row is None:
         return ExportPage(after, None, None)
     more = row["scanned"] > row["n"]
@@ -263,6 +268,3 @@ async def whole_export(
         if page.next_token is None:
             return
         token = page.next_token
-
-
-_EXPORT_CHUNK = 2000

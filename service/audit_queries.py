@@ -308,6 +308,13 @@ async def select_rows(
         f"SELECT {ENTRY_COLUMNS} FROM audit_entries WHERE {sql}"
         f" ORDER BY activity_at DESC, entry_position DESC LIMIT ${len(args)}"
     )
+    return await fetch_selected(conn, where, statement, args)
+
+
+async def fetch_selected(
+    conn: Conn | asyncpg.Pool, where: AuditFilter, statement: str, args: list[Any]
+) -> list[asyncpg.Record]:
+    """The rows of `statement`, a query over the entries `where` selects."""
     if where.identity:
         # "contains" must be planned for its value: a generic plan always takes the trigram
         # index, which cannot narrow a one- or two-letter term and rechecks every row.

@@ -140,8 +140,12 @@ async def test_a_byte_budget_ends_a_page_after_its_first_entry(
     settings = replace(app[SETTINGS], max_export_entries=100, max_export_bytes=1)
     async with TestClient(TestServer(create_app(settings, database), host="127.0.0.1")) as tiny:
         got = await pages(tiny, reader, "/audit/v1/export?format=jsonl&status=success")
+        named = await pages(tiny, reader, "/audit/v1/export?format=jsonl&identity=P1")
     successes = [e for e in listed if e["provisioningStatusInfo"]["status"] == "success"]
     assert [orjson.loads(p) for p in got] == successes  # one entry a page, the filter kept
+    r = await client.get("/audit/v1/entries?identity=P1", headers=reader)
+    assert [orjson.loads(p) for p in named] == (await r.json())["entries"]
+    assert len(named) == 2  # p1's create and update (its failed duplicate names no target)
 
 
 async def test_forged_or_foreign_page_tokens_are_400(
