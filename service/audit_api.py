@@ -17,8 +17,8 @@ from service.audit_export import (
     CONTENT_TYPES,
     FORMATS,
     ExportPage,
-    chunks,
-    export_entries,
+    ExportWriter,
+    export_chunks,
     export_page,
 )
 from service.boundary import in_utc
@@ -120,10 +120,11 @@ async def write_export(
         headers["Link"] = f'<{next_url}>; rel="next"'
     response = web.StreamResponse(headers=headers)
     # Read in chunks from the pool one at a time: no connection is held while the client reads.
-    entries = export_entries(request.app[DATABASE].pool, tenant_id, where, page)
+    out = ExportWriter(fmt, header=page.after is None)
+    data = export_chunks(request.app[DATABASE].pool, tenant_id, where, page, out)
     async with streaming(request, response) as stream:
-        async for data in chunks(entries, fmt, header=page.after is None):
-            await stream.write(data)
+        async for piece in data:
+            await stream.write(piece)
     return response
 
 

@@ -182,8 +182,9 @@ class Harness:
 
         if cpu > self.slowest_cpu:
             self.slowest_cpu = cpu
-            sent = summary.split(" body=", 1)[-1][:160]
-            self.slowest = f"{_kind(request)} -> {status}, {len(body or b''):,} bytes: {sent}"
+            sent = summary.split(" body=", 1)[-1][:160] if body else f"?{url.raw_query_string}"
+            self.slowest = f"{_kind(request)} -> {status}, {len(body or b''):,} bytes: {sent[:200]}"
+            self.slowest += f", reply {len(raw):,} bytes"
         if self.max_cpu is not None and cpu > self.max_cpu:
             fail(f"over {self.max_cpu:g} s of CPU ({cpu:.2f} s)")
 
