@@ -28,7 +28,9 @@ def prefix(keys: KeyRing, group_id: UUID, name: Any) -> str:
 
 async def name_groups(conn: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Entries' rows (opened) with `group <id>: ` in attribute names shown as the group's
-    current displayName, in place. One query for the page."""
+    current displayName, in place. One query for the page; each name is matched once, and only
+    the rows that name a group are rewritten (an export reads thousands of rows a page)."""
+    labelled: list[tuple[dict[str, Any], list[tuple[int, UUID, int]]]] = []
     wanted: set[tuple[UUID, UUID]] = set()
     for r in rows:
         properties = r.get("modified_properties")
@@ -36,10 +38,16 @@ async def name_groups(conn: Any, rows: list[dict[str, Any]]) -> list[dict[str, A
             if "group " not in properties:
                 continue
             properties = r["modified_properties"] = orjson.loads(properties)
-        for p in properties or []:
-            found = _LABEL.match(str(p.get("displayName", "")))
-            if found:
-                wanted.add((r["tenant_id"], UUID(found.group(1))))
+        found = []
+        for i, p in enumerate(properties or ()):
+            name = p.get("displayName", "")
+            if type(name) is not str:
+                name = str(name)
+            if name.startswith("group ") and (label := _LABEL.match(name)):
+                found.append((i, UUID(label.group(1)), label.end()))
+                wanted.add((r["tenant_id"], found[-1][1]))
+        if found:
+            labelled.append((r, found))
     if not wanted:
         return rows
     # By the primary key (tenant, id): one index probe per group (by id alone, the whole index).
@@ -53,14 +61,12 @@ async def name_groups(conn: Any, rows: list[dict[str, Any]]) -> list[dict[str, A
             [i for _, i in wanted],
         )
     }
-    for r in rows:
-        shown = []
-        for p in r.get("modified_properties") or []:
-            found = _LABEL.match(str(p.get("displayName", "")))
-            name = names.get((r.get("tenant_id"), UUID(found.group(1)))) if found else None
-            if found and name is not None:
-                rest = str(p["displayName"])[found.end() :]
-                p = {**p, "displayName": f"group {name}: {rest}"}
-            shown.append(p)
+    for r, found in labelled:
+        shown = list(r["modified_properties"])
+        for i, group_id, end in found:
+            name = names.get((r.get("tenant_id"), group_id))
+            if name is not None:
+                p = shown[i]
+                shown[i] = {**p, "displayName": f"group {name}: {str(p['displayName'])[end:]}"}
         r["modified_properties"] = shown
     return rows

@@ -8,11 +8,19 @@ from uuid import UUID
 
 import orjson
 from aiohttp import web
+from yarl import URL
 
 from domain.group import Group
 from domain.user import User
 from service import audit_queries as q
-from service.audit_export import CONTENT_TYPES, chunks
+from service.audit_export import (
+    CONTENT_TYPES,
+    FORMATS,
+    ExportPage,
+    ExportWriter,
+    export_chunks,
+    export_page,
+)
 from service.boundary import in_utc
 from service.errors import ScimError
 from service.scim.groups import group_resource, member_entry
@@ -66,31 +74,57 @@ async def entry(request: web.Request) -> web.Response:
 
 async def export(request: web.Request) -> web.StreamResponse:
     fmt = request.query.get("format", "jsonl")
-    if fmt not in ("csv", "jsonl"):
+    if fmt not in FORMATS:
         raise ScimError(400, "format must be csv or jsonl", "invalidValue")
-    return await write_export(request, request[PRINCIPAL].tenant_id, _filter(request), fmt)
+    where, tenant_id = _filter(request), request[PRINCIPAL].tenant_id
+    try:
+        page = await export_page_of(request, tenant_id, where)
+    except q.BadQuery as e:
+        raise ScimError(400, str(e), "invalidValue") from None
+    next_url = request.rel_url.update_query(next=page.next_token) if page.next_token else None
+    return await write_export(request, tenant_id, where, page, fmt, next_url)
+
+
+async def export_page_of(request: web.Request, tenant_id: UUID, where: q.AuditFilter) -> ExportPage:
+    """The page of the export this request asks for (its `next`, if any), within the limits
+    (SCIMLEDGER_MAX_EXPORT_ENTRIES, SCIMLEDGER_MAX_EXPORT_BYTES); BadQuery for a bad token."""
+    settings = request.app[SETTINGS]
+    return await export_page(
+        request.app[DATABASE].pool,
+        tenant_id,
+        where,
+        request.query.get("next") or None,
+        settings.max_export_entries,
+        settings.max_export_bytes,
+    )
 
 
 async def write_export(
     request: web.Request,
     tenant_id: UUID,
     where: q.AuditFilter,
+    page: ExportPage,
     fmt: str,
+    next_url: URL | None,
     filename: str = "provisioning-log",
 ) -> web.StreamResponse:
-    """Stream every selected entry as CSV or JSON lines (shared with the web pages)."""
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": CONTENT_TYPES[fmt],
-            "Content-Disposition": f'attachment; filename="{filename}.{fmt}"',
-            "Cache-Control": "no-store",
-        }
-    )
-    # Pages read from the pool one at a time: no connection is held while the client reads.
-    entries = q.stream(request.app[DATABASE].pool, tenant_id, where)
+    """Stream a page of the export as CSV or JSON lines (shared with the web pages); a page
+    that continues a file has no CSV header, and one that is not the last names the next in
+    its `Link` header."""
+    headers = {
+        "Content-Type": CONTENT_TYPES[fmt],
+        "Content-Disposition": f'attachment; filename="{filename}.{fmt}"',
+        "Cache-Control": "no-store",
+    }
+    if next_url is not None:
+        headers["Link"] = f'<{next_url}>; rel="next"'
+    response = web.StreamResponse(headers=headers)
+    # Read in chunks from the pool one at a time: no connection is held while the client reads.
+    out = ExportWriter(fmt, header=page.after is None)
+    data = export_chunks(request.app[DATABASE].pool, tenant_id, where, page, out)
     async with streaming(request, response) as stream:
-        async for data in chunks(entries, fmt):
-            await stream.write(data)
+        async for piece in data:
+            await stream.write(piece)
     return response
 
 

@@ -83,6 +83,14 @@ class Filters:
             params["to"] = until.isoformat() if until else ""
         return q.AuditFilter.parse(params)
 
+    def pinned(self, where: q.AuditFilter) -> Filters:
+        """These filters with a relative date range ("last 7 days") as the dates it meant
+        when `where` was made from them: what the next page of an export is asked with."""
+        if RANGES[self.values["range"]][1] is None or where.since is None:
+            return self
+        since = where.since.isoformat()
+        return Filters({**self.values, "range": "custom", "from": since}, self.limit, None)
+
     def query(self, **extra: str | None) -> str:
         """The filters (and `extra`) as a query string, empty values left out."""
         pairs = [(k, v) for k, v in self.values.items() if v]

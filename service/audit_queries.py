@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -200,15 +201,23 @@ def event_json(stream: UUID, version: int, topic: str) -> dict[str, Any]:
 
     Never its global position: the gaps between an entry's positions and the next entry's
     would count the events of every other tenant stored meanwhile (issue 14)."""
+    prefix, name = _topic(topic)
+    text = str(stream)
+    return {
+        "resource": prefix + text if prefix else None,
+        "stream": text,
+        "version": version,
+        "type": name,
+    }
+
+
+@functools.lru_cache(maxsize=256)
+def _topic(topic: str) -> tuple[str | None, str]:
+    """(the resource path prefix of its stream, if a SCIM resource's; the event's type) of an
+    event topic: a handful of topics, parsed once each rather than once per event read."""
     qualname = topic.partition(":")[2]
     kind, _, name = qualname.rpartition(".")
-    prefix = _RESOURCE_PATHS.get(kind)
-    return {
-        "resource": f"{prefix}{stream}" if prefix else None,
-        "stream": str(stream),
-        "version": version,
-        "type": name or qualname,
-    }
+    return _RESOURCE_PATHS.get(kind), name or qualname
 
 
 async def stored_events(
@@ -271,7 +280,7 @@ async def page(
     """Newest first, keyset-paginated (never OFFSET)."""
     limit = max(1, min(limit, MAX_LIMIT))
     after = await resolve_next(conn, tenant_id, next_token) if next_token else None
-    rows = await _rows(conn, tenant_id, where, limit + 1, after)
+    rows = await select_rows(conn, tenant_id, where, limit + 1, after)
     more = len(rows) > limit
     rows = rows[:limit]
     events = await stored_events(conn, tenant_id, rows)
@@ -279,16 +288,18 @@ async def page(
     return [entry_json(r, events) for r in opened], encode_next(rows[-1]) if more and rows else None
 
 
-async def _rows(
+async def select_rows(
     conn: Conn | asyncpg.Pool,
     tenant_id: UUID,
     where: AuditFilter,
     limit: int,
     after: tuple[datetime, int] | None,
+    selected: tuple[str, list[Any]] | None = None,
 ) -> list[asyncpg.Record]:
     """Up to `limit` selected rows, newest first, older than `after` (activity_at,
-    entry_position)."""
-    sql, args = where.where(tenant_id)
+    entry_position). `selected`: the WHERE clause and its arguments, if not `where`'s own."""
+    sql, args = selected or where.where(tenant_id)
+    args = list(args)
     if after is not None:
         args += list(after)
         sql += f" AND (activity_at, entry_position) < (${len(args) - 1}, ${len(args)})"
@@ -297,6 +308,13 @@ async def _rows(
         f"SELECT {ENTRY_COLUMNS} FROM audit_entries WHERE {sql}"
         f" ORDER BY activity_at DESC, entry_position DESC LIMIT ${len(args)}"
     )
+    return await fetch_selected(conn, where, statement, args)
+
+
+async def fetch_selected(
+    conn: Conn | asyncpg.Pool, where: AuditFilter, statement: str, args: list[Any]
+) -> list[asyncpg.Record]:
+    """The rows of `statement`, a query over the entries `where` selects."""
     if where.identity:
         # "contains" must be planned for its value: a generic plan always takes the trigram
         # index, which cannot narrow a one- or two-letter term and rechecks every row.
@@ -370,25 +388,6 @@ async def member_types(
         ids,
     )
     return {r["id"]: "Group" for r in rows}
-
-
-async def stream(
-    source: Conn | asyncpg.Pool, tenant_id: UUID, where: AuditFilter, chunk: int = 2000
-) -> AsyncIterator[dict[str, Any]]:
-    """Every selected entry, newest first, in keyset pages (constant memory).
-
-    From a pool, each page is read in a connection acquisition of its own, so a consumer that
-    waits between entries (an HTTP client that reads slowly) holds no connection. Entries the
-    log gains meanwhile may or may not be included; none is repeated or skipped."""
-    after: tuple[datetime, int] | None = None
-    while True:
-        rows = await _rows(source, tenant_id, where, chunk, after)
-        events = await stored_events(source, tenant_id, rows)
-        for row in await audit_sealing.open_entries(source, rows):
-            yield entry_json(row, events)
-        if len(rows) < chunk:
-            return
-        after = (rows[-1]["activity_at"], rows[-1]["entry_position"])
 
 
 # The lag is counted over at most this many of the tenant's newest events; past it, "at least".

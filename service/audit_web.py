@@ -2,7 +2,8 @@
 
 Server-rendered HTML from Jinja2 templates (service/templates/audit/, autoescaped; through
 aiohttp-jinja2): plain forms and links, no script needed (one small optional one,
-service/static/audit/audit.js, fills in "custom" when a date is typed). Sessions are in
+service/static/audit/audit.js, fills in "custom" when a date is typed, and joins an export's
+pages into one file; without it an export link saves its first page). Sessions are in
 service/audit_sessions.py. The JSON API under /audit/v1/ is separate and keeps bearer tokens.
 """
 
@@ -20,6 +21,7 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 from markupsafe import Markup
+from yarl import URL
 
 from infra.tenants import Principal, authenticate
 from service import audit_api
@@ -123,7 +125,9 @@ def _lag_notice(lag: Mapping[str, Any]) -> str:
 
 _SECURITY_HEADERS = {
     "Content-Security-Policy": (
+        # connect-src: audit.js fetches an export's pages (and nothing else) to join them.
         "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self';"
+        " connect-src 'self';"
         " form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
@@ -361,10 +365,18 @@ async def export_page(request: web.Request, principal: Principal) -> web.StreamR
         if fmt not in ("csv", "jsonl"):
             raise q.BadQuery("The export format must be csv or jsonl.")
         where = filters.audit_filter(now)
+        page = await audit_api.export_page_of(request, principal.tenant_id, where)
     except q.BadQuery as e:
         return _message(request, principal, "Export", str(e), status=400)
     name = f"provisioning-log-{now:%Y%m%dT%H%M%SZ}"
-    return await audit_api.write_export(request, principal.tenant_id, where, fmt, name)
+    next_url = None
+    if page.next_token:
+        # The rest of this export, from the same moment ("last 7 days" as of the first page).
+        pinned = filters.pinned(where)
+        next_url = URL(f"/audit/export?{pinned.query(format=fmt, next=page.next_token)}")
+    return await audit_api.write_export(
+        request, principal.tenant_id, where, page, fmt, next_url, name
+    )
 
 
 def _list_url(filters: Filters) -> str:

@@ -12,6 +12,7 @@ import io
 import os
 import re
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from playwright.async_api import Browser, async_playwright, expect
 
+from infra.config import Settings
 from infra.database import Database
 from infra.tenants import IssuedToken, create_tenant, issue_token, revoke_token
 from service import audit_web
@@ -29,6 +31,7 @@ from tests.test_entra_users import entra_user, headers, patch
 
 Client = TestClient[Any, Any]
 CHROMIUM = "/usr/bin/chromium"
+MAX_EXPORT_ENTRIES = 2
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -214,6 +217,16 @@ async def test_filters_paging_export_and_tenants(
     assert [e["provisioningAction"] for e in lines] == ["update"]
     r = await client.get("/audit/export?format=xml")
     assert r.status == 400
+    # Exports come in pages of MAX_EXPORT_ENTRIES; "last 7 days" is pinned to the first page's.
+    r = await client.get("/audit/export?format=jsonl")
+    first = statuses(await r.read())
+    found = re.fullmatch(r'<(/audit/export\?[^>]+)>; rel="next"', r.headers["Link"])
+    assert found and "range=custom" in found.group(1) and "from=" in found.group(1)
+    r = await client.get(found.group(1))
+    rest = statuses(await r.read())
+    assert first + rest == ["failure", "success", "success"] and "Link" not in r.headers
+    r = await client.get("/audit/export?format=csv&next=%25%25%25")
+    assert r.status == 400 and "next is not a page token" in await r.text()
 
     html = await (await client.get("/audit/?range=all")).text()
     entry_ids = set(re.findall(r'href="/audit/entries/([0-9a-f-]{36})', html))
@@ -231,6 +244,16 @@ async def test_filters_paging_export_and_tenants(
     assert (await client.get(f"/audit/entries/{entry_ids.pop()}")).status == 404
     r = await client.get("/audit/export?format=csv&range=all")
     assert (await r.text()).count("\n") == 1  # the header alone
+
+
+def statuses(jsonl: bytes) -> list[str]:
+    return [orjson.loads(line)["provisioningStatusInfo"]["status"] for line in jsonl.splitlines()]
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """Exports in pages of two entries: the three of `activity` take two."""
+    return replace(settings, max_export_entries=MAX_EXPORT_ENTRIES)
 
 
 @pytest.fixture
@@ -313,6 +336,26 @@ async def test_compliance_officer_in_the_browser(
     assert [(r["status"], r["errorCode"], r["clientRequestId"]) for r in exported] == [
         ("failure", "EntryConflict", "dup-1")
     ]
+
+    # All of it: two pages (MAX_EXPORT_ENTRIES), joined into one file by the page's script.
+    await page.get_by_label("Status").select_option("")
+    await page.get_by_role("button", name="Apply").click()
+    await expect(rows).to_have_count(3)
+    for name in ("Download CSV", "Download JSON lines"):
+        async with page.expect_download() as info:
+            await page.get_by_role("link", name=name).click()
+        download = await info.value
+        text = (await download.path()).read_text(encoding="utf-8")
+        if name == "Download CSV":
+            assert download.suggested_filename.endswith(".csv")
+            got = [r["status"] for r in csv.DictReader(io.StringIO(text, newline=""))]
+        else:
+            assert download.suggested_filename.endswith(".jsonl")
+            got = statuses(text.encode())
+        assert got == ["failure", "success", "success"], name
+    await page.get_by_label("Status").select_option("failure")
+    await page.get_by_role("button", name="Apply").click()
+    await expect(rows).to_have_count(1)
 
     # The failure's detail: steps, error code and reason, the request.
     await rows.first.get_by_role("link", name="Details").click()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 from uuid import UUID
@@ -17,7 +17,7 @@ from rich.table import Table
 
 from infra.eventstore import Conn
 from service import audit_queries as q
-from service.audit_export import chunks
+from service.audit_export import ExportWriter, whole_export
 from service.cli.common import (
     CliError,
     F,
@@ -315,25 +315,20 @@ def audit_export(
     database_url: str | None,
     **filters: str | None,
 ) -> None:
-    """Every selected entry, newest first, streamed in constant memory."""
+    """Every selected entry, newest first, streamed in constant memory: the export's pages
+    (as the API returns them) one after the other, in one file."""
     where = _audit_filter(**filters)
     settings = settings_for(data_dir, database_url)
 
     def export_to(sink: BinaryIO) -> int:
         async def work(conn: Conn) -> int:
             tenant_id = await find_tenant(conn, tenant)
-            count = 0
-
-            async def counted() -> AsyncIterator[dict[str, Any]]:
-                nonlocal count
-                async for entry in q.stream(conn, tenant_id, where):
-                    count += 1
-                    yield entry
-
+            out = ExportWriter(fmt)
+            limits = settings.max_export_entries, settings.max_export_bytes
             async with conn.transaction(readonly=True):
-                async for data in chunks(counted(), fmt):
+                async for data in whole_export(conn, tenant_id, where, out, *limits):
                     sink.write(data)
-            return count
+            return out.entries
 
         return on_connection(settings, work)
 
