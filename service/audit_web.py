@@ -29,7 +29,7 @@ from service import audit_queries as q
 from service import audit_sessions as sessions
 from service.audit_filters import PAGE_SIZE, RANGES, Filters, local_input
 from service.audit_sessions import COOKIE_PATH
-from service.state import DATABASE, Handler
+from service.state import DATABASE, SETTINGS, Handler
 from service.streams import REQUEST_SLOTS
 
 # Entra's "Troubleshooting & recommendations", for the error codes the audit projection gives.
@@ -282,6 +282,7 @@ async def log_page(request: web.Request, principal: Principal) -> web.StreamResp
         lag=lag,
         filters=filters,
         page_size=PAGE_SIZE,
+        export_cap=request.app[SETTINGS].max_export_entries,
         ranges=[(key, label) for key, (label, _) in RANGES.items()],
         actions=[("", "All"), *((a, a.capitalize()) for a in q.ACTIONS)],
         statuses=[("", "All"), *((s, s.capitalize()) for s in q.STATUSES)],

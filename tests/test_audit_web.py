@@ -229,6 +229,8 @@ async def test_filters_paging_export_and_tenants(
     assert r.status == 400 and "next is not a page token" in await r.text()
 
     html = await (await client.get("/audit/?range=all")).text()
+    # Without the script that follows the pages, the page says what a download holds.
+    assert f"a download holds at most the newest {MAX_EXPORT_ENTRIES:,} entries" in html
     entry_ids = set(re.findall(r'href="/audit/entries/([0-9a-f-]{36})', html))
     assert len(entry_ids) == 3
     assert (await client.get(f"/audit/entries/{entry_ids.pop()}")).status == 200
