@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import types
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from infra.config import Settings
 from infra.database import Database
@@ -80,6 +85,36 @@ async def test_the_signer_processes_sign_what_the_producer_alone_signs(
     claims = _verify(pooled, keys)
     assert len({c["jti"] for c in claims}) == len(claims)
     assert {c["iat"] for c in claims} == {1_700_000_000}
+
+
+async def test_a_signer_process_does_not_run_the_main_module_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signer needs signing.py alone: spawning one must not run the parent's main module (under
+    `serve` the CLI, which imports the whole service) as multiprocessing's spawn does."""
+    ran = tmp_path / "ran"
+    script = tmp_path / "cli.py"
+    script.write_text(f"open({str(ran)!r}, 'w').close()\n")
+    main = types.ModuleType("__main__")
+    main.__file__ = str(script)
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    header = signing.b64(b'{"alg":"ES256","kid":"k"}') + b"."
+    pool = signing.SignerPool(1)
+    try:
+        payloads = [b'{"jti":"1"}', b'{"jti":"2"}']
+        tokens = await pool.sign("k", pem, header, payloads)
+        assert pool._pool is not None  # signed by a signer process, not inline
+        assert tokens == signing.SignerPool.inline("k", pem, header, payloads)
+    finally:
+        pool.close()
+    assert not ran.exists()
+    assert main.__file__ == str(script) and main.__spec__ is None  # put back
 
 
 async def test_inline_signatures_are_deterministic_and_verify(
