@@ -16,6 +16,7 @@ from asyncpg import Pool
 
 from domain.group import Group
 from infra.eventstore import Conn
+from projections.fold import take_out_and_fold
 
 NAME = "groups"
 # Bump when what the handlers write changes: `projections status` then says a rebuild is due.
@@ -133,21 +134,13 @@ def _columns(rows: Any) -> list[list[Any]]:
 
 
 async def apply(conn: Conn, events: Sequence[Any], tables: Mapping[str, str] = LIVE) -> None:
-    """Replay handler: fold a batch of events (any aggregates) into the given tables."""
-    mine = [e for e in events if isinstance(e, HANDLES)]
-    if not mine:
-        return
-    ids = list({e.originator_id for e in mine})
-    groups: dict[UUID, Group | None] = dict.fromkeys(ids)
-    # As for users: out and back in, so a displayName freed and taken again within the batch
-    # never meets the shadow's unique index half-way. Membership rows stay where they are.
-    for row in await conn.fetch(
-        f"DELETE FROM {tables[GROUPS]} WHERE id = any($1::uuid[]) RETURNING {COLUMNS}", ids
-    ):
-        groups[row["id"]] = _from_row(row)
-    for event in mine:
-        groups[event.originator_id] = event.mutate(groups[event.originator_id])
-    await write(conn, [g for g in groups.values() if g is not None], mine, tables)
+    """Replay handler: fold a batch of events (any aggregates) into the given tables; the
+    membership rows stay where they are."""
+    mine, groups = await take_out_and_fold(
+        conn, events, HANDLES, tables[GROUPS], COLUMNS, _from_row
+    )
+    if mine:
+        await write(conn, groups, mine, tables)
 
 
 def _from_row(row: Any) -> Group:

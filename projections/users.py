@@ -18,6 +18,7 @@ from asyncpg import Pool
 from domain.user import User
 from infra import eventstore_batch as batch
 from infra.eventstore import APPEND_PARAMETERS, Conn
+from projections.fold import take_out_and_fold
 
 NAME = "users"
 # Bump when what the handlers write changes: `projections status` then says a rebuild is due.
@@ -121,29 +122,20 @@ async def write(conn: Conn, users: Sequence[User], tables: Mapping[str, str] = L
 
 async def apply(conn: Conn, events: Sequence[Any], tables: Mapping[str, str] = LIVE) -> None:
     """Replay handler: fold a batch of events (any aggregates) into the given table."""
-    mine = [e for e in events if isinstance(e, HANDLES)]
-    if not mine:
-        return
-    ids = list({e.originator_id for e in mine})
-    users: dict[UUID, User | None] = dict.fromkeys(ids)
-    # Take the batch's rows out and write back where they end up: a batch spans several
-    # commits, and a userName one of them freed (delete, rename) may be taken by another.
-    # Row by row upserts would trip the shadow's unique index on such an intermediate state.
-    for row in await conn.fetch(
-        f"DELETE FROM {tables[USERS]} WHERE id = any($1::uuid[]) RETURNING {COLUMNS}", ids
-    ):
-        users[row["id"]] = User.from_state(
-            row["id"],
-            row["version"],
-            row["tenant_id"],
-            row["resource"],
-            row["created"],
-            row["last_modified"],
-            owned=True,
-        )
-    for event in mine:
-        users[event.originator_id] = event.mutate(users[event.originator_id])
-    await write(conn, [u for u in users.values() if u is not None], tables)
+    _, users = await take_out_and_fold(conn, events, HANDLES, tables[USERS], COLUMNS, _from_row)
+    await write(conn, users, tables)
+
+
+def _from_row(row: Any) -> User:
+    return User.from_state(
+        row["id"],
+        row["version"],
+        row["tenant_id"],
+        row["resource"],
+        row["created"],
+        row["last_modified"],
+        owned=True,
+    )
 
 
 async def fetch(conn: Conn | Pool, tenant_id: UUID, ids: Sequence[UUID]) -> list[Any]:

@@ -37,8 +37,6 @@ from service.scim.lists import (
     View,
     fetch_page,
     list_response,
-    parse_list_query,
-    search_params,
 )
 from service.scim.patch import parse_patch_request
 from service.scim.representation import extensions_from_scim, scim_timestamp, select_attributes
@@ -48,6 +46,7 @@ from service.scim.users import (
     handlers,
     json_body,
     json_object,
+    list_endpoints,
     off_loop,
     parse_id,
     rejects_undeclared,
@@ -201,17 +200,6 @@ async def _next_member_page(
         return await memberships.member_page(conn, tenant_id, group_id, after)
 
 
-async def list_(request: web.Request) -> web.Response:
-    query = parse_list_query(request.query, request.app[SETTINGS].max_results)
-    return scim_json(await _search(request, query))
-
-
-async def search(request: web.Request) -> web.Response:
-    params = search_params(await json_body(request))
-    query = parse_list_query(params, request.app[SETTINGS].max_results)
-    return scim_json(await _search(request, query))
-
-
 GROUPS_VIEW = View("scim_groups", "g", groups_view.COLUMNS, group_filter_sql, group_sort_sql)
 
 
@@ -237,6 +225,9 @@ async def _search(request: web.Request, query: ListQuery) -> dict[str, Any]:
     excluded = excluding(query.excluded_attributes, names)
     selected = [select_attributes(r, query.attributes, excluded) for r in resources]
     return list_response(selected, page.total, query, page.next_cursor)
+
+
+list_, search = list_endpoints(_search)
 
 
 # -- writes ---------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, TypeVar
 from uuid import UUID
@@ -47,6 +47,7 @@ from service.state import (
 )
 
 T = TypeVar("T")
+Endpoint = Callable[[web.Request], Awaitable[web.Response]]
 
 
 def caller(request: web.Request) -> Caller:
@@ -341,17 +342,6 @@ async def delete(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-async def list_(request: web.Request) -> web.Response:
-    query = parse_list_query(request.query, request.app[SETTINGS].max_results)
-    return scim_json(await _search(request, query))
-
-
-async def search(request: web.Request) -> web.Response:
-    params = search_params(await json_body(request))
-    query = parse_list_query(params, request.app[SETTINGS].max_results)
-    return scim_json(await _search(request, query))
-
-
 USERS_VIEW = View("scim_users", "u", users_view.COLUMNS, user_filter_sql, user_sort_sql)
 
 async def _search(request: web.Request, query: ListQuery) -> dict[str, Any]:
@@ -362,6 +352,27 @@ async def _search(request: web.Request, query: ListQuery) -> dict[str, Any]:
     page = await fetch_page(pool, USERS_VIEW, request[PRINCIPAL].tenant_id, query, extra, declared)
     resources = _page(request, page.rows, query, wants)
     return list_response(resources, page.total, query, page.next_cursor)
+
+
+def list_endpoints(
+    page: Callable[[web.Request, ListQuery], Awaitable[dict[str, Any]]],
+) -> tuple[Endpoint, Endpoint]:
+    """GET /{type} and POST /{type}/.search of a resource type (RFC 7644 §3.4.2, §3.4.3):
+    the same ListQuery, from the query string or from a SearchRequest body, answered by `page`."""
+
+    async def list_(request: web.Request) -> web.Response:
+        query = parse_list_query(request.query, request.app[SETTINGS].max_results)
+        return scim_json(await page(request, query))
+
+    async def search(request: web.Request) -> web.Response:
+        params = search_params(await json_body(request))
+        query = parse_list_query(params, request.app[SETTINGS].max_results)
+        return scim_json(await page(request, query))
+
+    return list_, search
+
+
+list_, search = list_endpoints(_search)
 
 
 def _page(
