@@ -17,6 +17,7 @@ borrows one.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -64,7 +65,13 @@ class UnitOfWork:
         self._open = False
         self._tx: Transaction | None = None
         self._committed = False  # a flush without a transaction: committed by its statement
-        self.memberships = Memberships(self.begin, tenant_id)
+
+    @functools.cached_property
+    def memberships(self) -> Memberships:
+        """The memberships repository, on this unit's transaction. Made when first asked (a
+        group write, a user's delete): it refers back to the unit (a reference cycle), which
+        a user's write, freed as it ends, never has to wait for the cyclic collector to free."""
+        return Memberships(self.begin, self.tenant_id)
 
     async def __aenter__(self) -> UnitOfWork:
         self._open = True
