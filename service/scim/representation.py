@@ -388,10 +388,12 @@ def user_resource(
         manager["$ref"] = location.removesuffix(user_id) + manager["value"]
     if groups is not None:
         resource["groups"] = groups
+    created_at = scim_timestamp(created)
     resource["meta"] = {
         "resourceType": "User",
-        "created": scim_timestamp(created),
-        "lastModified": scim_timestamp(last_modified),
+        "created": created_at,
+        # (A user just created: the same moment, written once.)
+        "lastModified": created_at if last_modified == created else scim_timestamp(last_modified),
         "location": location,
         "version": f'W/"{version}"',
     }
