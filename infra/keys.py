@@ -276,8 +276,6 @@ class KeyRing:
         self._evict(keep)
 
     def _evict(self, keep: Iterable[UUID]) -> None:
-        if len(self._subjects) + len(self._absent) <= self.cache_size:
-            return  # (the usual: nothing to evict)
         kept = keep if isinstance(keep, set | frozenset) else set(keep)
         for cache in (self._absent, self._subjects):
             while self.cached() > self.cache_size and cache:
