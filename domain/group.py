@@ -223,11 +223,14 @@ def normalise_extensions(extensions: Mapping[str, Any]) -> dict[str, Any]:
     return dict(sorted(canonical.items()))
 
 
+_CONTAINERS = (dict, list)  # (a tuple: `dict | list` inline builds a union on each call)
+
+
 def _copy(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _copy(v) if isinstance(v, dict | list) else v for k, v in value.items()}
+        return {k: _copy(v) if isinstance(v, _CONTAINERS) else v for k, v in value.items()}
     if isinstance(value, list):
-        return [_copy(v) if isinstance(v, dict | list) else v for v in value]
+        return [_copy(v) if isinstance(v, _CONTAINERS) else v for v in value]
     return value
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 from domain.core_schemas import (
@@ -170,22 +170,25 @@ def normalise_user(state: Mapping[str, Any]) -> dict[str, Any]:
             raise InvalidValue(ACTIVE, "active must be a boolean")
         canonical[ACTIVE] = active
 
+    # (Absent attributes, most of them, are skipped here rather than by the helpers.)
     for attribute in USER_STRING_ATTRIBUTES:
-        value = _string(state.get(attribute), attribute)
-        if value is not None:
-            canonical[attribute] = value
+        value = state.get(attribute)
+        if value is not None and value != "":
+            canonical[attribute] = _string(value, attribute)
 
-    name = _sub_attributes(state.get(NAME), NAME, NAME_SUB_ATTRIBUTES)
+    name = _sub_attributes(state.get(NAME), NAME, _NAME_SORTED)
     if name:
         canonical[NAME] = name
-    enterprise = _sub_attributes(state.get(ENTERPRISE), ENTERPRISE, USER_ENTERPRISE_ATTRIBUTES)
+    enterprise = _sub_attributes(state.get(ENTERPRISE), ENTERPRISE, _ENTERPRISE_SORTED)
     if enterprise:
         canonical[ENTERPRISE] = enterprise
 
     for attribute in USER_MULTI_VALUED_ATTRIBUTES:
-        values = _multi_valued(state.get(attribute), attribute)
-        if values:
-            canonical[attribute] = values
+        value = state.get(attribute)
+        if value is not None:
+            values = _multi_valued(value, attribute)
+            if values:
+                canonical[attribute] = values
 
     manager = _string(state.get(MANAGER), MANAGER)
     if manager is not None:
@@ -219,15 +222,27 @@ def _string(value: object, attribute: str) -> str | None:
     return value
 
 
+_NAME_SORTED = tuple(sorted(NAME_SUB_ATTRIBUTES))
+_ENTERPRISE_SORTED = tuple(sorted(USER_ENTERPRISE_ATTRIBUTES))
+
+
+def _is_mapping(value: object) -> bool:
+    return type(value) is dict or isinstance(value, Mapping)  # (states are made of dicts)
+
+
 def _sub_attributes(value: object, attribute: str, known: tuple[str, ...]) -> dict[str, str] | None:
+    """`known`: sorted."""
     if value is None:
         return None
-    if not isinstance(value, Mapping):
+    if not _is_mapping(value):
         raise InvalidValue(attribute, f"{attribute} must be an object")
-    subs = {}
-    for key in sorted(known):
-        sub_value = _string(value.get(key), f"{attribute}.{key}")
-        if sub_value is not None:
+    get = cast(Mapping[str, Any], value).get
+    subs: dict[str, str] = {}
+    for key in known:
+        sub_value = get(key)
+        if sub_value is not None and sub_value != "":
+            if not isinstance(sub_value, str):
+                raise InvalidValue(f"{attribute}.{key}", f"{attribute}.{key} must be a string")
             subs[key] = sub_value
     return subs or None
 
@@ -235,21 +250,22 @@ def _sub_attributes(value: object, attribute: str, known: tuple[str, ...]) -> di
 def _multi_valued(value: object, attribute: str) -> list[dict[str, Any]]:
     if value is None:
         return []
-    if not isinstance(value, list | tuple):
+    if not isinstance(value, (list, tuple)):
         raise InvalidValue(attribute, f"{attribute} must be a list of objects")
     items: list[dict[str, Any]] = []
     seen: set[tuple[tuple[str, str | bool], ...]] = set()
     for raw in value:
-        if not isinstance(raw, Mapping):
+        if not _is_mapping(raw):
             raise InvalidValue(attribute, f"{attribute} must be a list of objects")
-        if not all(isinstance(key, str) for key in raw):
-            raise InvalidValue(attribute, f"{attribute} sub-attribute names must be strings")
+        for key in raw:
+            if not isinstance(key, str):
+                raise InvalidValue(attribute, f"{attribute} sub-attribute names must be strings")
         item = {}
         for key in sorted(raw):
             sub_value = raw[key]
             if sub_value is None or sub_value == "":
                 continue
-            if not isinstance(sub_value, str | bool):
+            if not isinstance(sub_value, (str, bool)):
                 raise InvalidValue(attribute, f"{attribute} values must be strings or booleans")
             item[key] = sub_value
         # SCIM order is the client's, so it is kept; exact repeats say nothing new. Items are

@@ -126,10 +126,14 @@ class EventStore:
         )
 
     async def seal(
-        self, conn: Conn, tenant_id: UUID, events: Sequence[DomainEventProtocol[UUID]]
+        self,
+        conn: Conn | asyncpg.Pool,
+        tenant_id: UUID,
+        events: Sequence[DomainEventProtocol[UUID]],
     ) -> tuple[list[StoredEvent], list[tuple[UUID, int, bytes]]]:
         """The events as stored (personal ones sealed), and the new subjects' keys that their
-        append must store (KeyRing.prepare)."""
+        append must store (KeyRing.prepare, which reads the database only for keys it does not
+        hold: on `conn`, or the pool)."""
         new_keys = await self.keys.prepare(conn, tenant_id, events)
         return [self.mapper.to_stored_event(e) for e in events], new_keys
 

@@ -203,27 +203,47 @@ class Authenticator:
     async def _lookups(self) -> None:
         try:
             while self._waiting:
-                batch, self._waiting = self._waiting, {}
+                # Lookups that follow each other (a busy server's) share one connection: a
+                # pool's acquisition and release cost the front about what the lookup does.
                 try:
-                    found = await authenticate_many(self._pool(), list(batch))
-                except BaseException as e:
-                    # Each waiter fails as its own lookup would have (503 for an outage), or
-                    # is cancelled with it (shutdown).
-                    for _, future in _pending(batch):
-                        if isinstance(e, asyncio.CancelledError):
-                            future.cancel()
-                        else:
-                            future.set_exception(e)
+                    async with self._pool().acquire() as conn:
+                        while self._waiting and await self._lookup(conn):
+                            pass
+                except BaseException as e:  # no connection (an outage, a shutdown)
+                    batch, self._waiting = self._waiting, {}
+                    _fail(batch, e)
                     if not isinstance(e, Exception):
                         raise
-                    continue
-                for wanted, future in _pending(batch):
-                    future.set_result(found.get(wanted))
         finally:
             self._task = None
             waiting, self._waiting = self._waiting, {}
             for _, future in _pending(waiting):  # only when cancelled (shutdown)
                 future.cancel()
+
+    async def _lookup(self, conn: Conn) -> bool:
+        """One lookup for every request waiting; False if it failed (the connection with it,
+        maybe: the next lookup takes another)."""
+        batch, self._waiting = self._waiting, {}
+        try:
+            found = await authenticate_many(conn, list(batch))
+        except BaseException as e:
+            _fail(batch, e)
+            if not isinstance(e, Exception):
+                raise
+            return False
+        for wanted, future in _pending(batch):
+            future.set_result(found.get(wanted))
+        return True
+
+
+def _fail(waiting: dict[bytes, list[asyncio.Future[Principal | None]]], e: BaseException) -> None:
+    """Each waiter fails as its own lookup would have (503 for an outage), or is cancelled
+    with it (shutdown)."""
+    for _, future in _pending(waiting):
+        if isinstance(e, asyncio.CancelledError):
+            future.cancel()
+        else:
+            future.set_exception(e)
 
 
 def _pending(

@@ -19,13 +19,27 @@ _PLAIN = frozenset({str, int, float, bool, type(None)})
 
 
 def _tag(obj: Any) -> Any:
+    """`obj` as orjson must write it to keep its types: itself when nothing in it needs a tag
+    (the callers only serialise what this returns), else a copy with the tags in."""
     if type(obj) is dict:
-        return {k: v if type(v) in _PLAIN else _tag(v) for k, v in obj.items()}
+        copied: dict[Any, Any] | None = None
+        for k, v in obj.items():
+            if type(v) not in _PLAIN and (tagged := _tag(v)) is not v:
+                if copied is None:
+                    copied = dict(obj)
+                copied[k] = tagged
+        return obj if copied is None else copied
     if type(obj) is list:
-        return [v if type(v) in _PLAIN else _tag(v) for v in obj]
+        items: list[Any] | None = None
+        for i, v in enumerate(obj):
+            if type(v) not in _PLAIN and (tagged := _tag(v)) is not v:
+                if items is None:
+                    items = list(obj)
+                items[i] = tagged
+        return obj if items is None else items
     if isinstance(obj, dict):
         return {k: _tag(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
+    if isinstance(obj, (list, tuple)):
         return [_tag(v) for v in obj]
     if isinstance(obj, UUID):
         return {"_type_": "uuid_hex", "_data_": obj.hex}

@@ -16,8 +16,10 @@ timer, no wait when idle.
   SCIM error, or its commit. One request's error never fails another's. A batch whose commit
   is unknown (the connection lost mid-statement) fails all its requests as a lone request's
   would (`wrote_nothing`).
-- The batch runs on the connection of the request that leads it (each request holds one from
-  its unit of work), so it never waits for the pool.
+- The batch runs on the connection of the request that leads it; a request that holds none
+  (its unit of work borrows one at its first statement, and a POST's first is its append)
+  borrows one from the pool once it leads, or appends alone. A request appended by another's
+  batch never borrows one.
 
 SCIMLEDGER_GROUP_COMMIT=0 appends each request alone (Settings.group_commit).
 """
@@ -53,7 +55,7 @@ _ALONE = _Turn()
 class _Waiting:
     __slots__ = ("conn", "outcome", "sealed")
 
-    def __init__(self, conn: Conn, sealed: Sealed) -> None:
+    def __init__(self, conn: Conn | None, sealed: Sealed) -> None:
         self.conn = conn
         self.sealed = sealed
         self.outcome: asyncio.Future[list[RecordedEvent] | _Turn] = (
@@ -72,15 +74,17 @@ class GroupCommit:
 
     async def append_new_user(
         self,
-        conn: Conn,
+        conn: Conn | None,
         tenant_id: UUID,
         events: Sequence[DomainEventProtocol[UUID]],
         request_id: str | None,
         user: User,
     ) -> list[RecordedEvent]:
         """Append the events of a request that provisions `user` (first events only: the
-        user's and its request record's), with the user's row, committed when this returns."""
-        stored, new_keys = await self.store.seal(conn, tenant_id, events)
+        user's and its request record's), with the user's row, committed when this returns.
+        `conn`: the request's connection, or None to borrow one only if this request appends
+        (alone, or leading a batch)."""
+        stored, new_keys = await self.store.seal(conn or self.store.pool, tenant_id, events)
         sealed = Sealed(tenant_id, request_id, stored, new_keys, [users_view.row_of(user)])
         if not self._busy:
             self._busy = True
@@ -119,9 +123,7 @@ class GroupCommit:
         # The batch runs on the leader's connection, in a task of its own: should the leader
         # be cancelled, the batch still ends (and settles the others) before the connection
         # goes back to the pool.
-        task = asyncio.ensure_future(
-            append_batch(me.conn, users_view.BATCH_APPEND_NEW, [w.sealed for w in batch])
-        )
+        task = asyncio.ensure_future(self._batch(me.conn, [w.sealed for w in batch]))
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -171,8 +173,19 @@ class GroupCommit:
                 return
         self._busy = False
 
-    async def _alone(self, conn: Conn, sealed: Sealed) -> list[RecordedEvent]:
-        """The one-statement append of a single request (EventStore.append_with)."""
+    async def _batch(self, conn: Conn | None, batch: list[Sealed]) -> list[list[RecordedEvent]]:
+        """The batch's one statement, on `conn` or on a connection borrowed for it."""
+        if conn is not None:
+            return await append_batch(conn, users_view.BATCH_APPEND_NEW, batch)
+        async with self.store.pool.acquire() as borrowed:
+            return await append_batch(borrowed, users_view.BATCH_APPEND_NEW, batch)
+
+    async def _alone(self, conn: Conn | None, sealed: Sealed) -> list[RecordedEvent]:
+        """The one-statement append of a single request (EventStore.append_with), on `conn`
+        or on a connection borrowed for it."""
+        if conn is None:
+            async with self.store.pool.acquire() as borrowed:
+                return await self._alone(borrowed, sealed)
         return await self.store.append_sealed_with(
             conn,
             sealed.tenant_id,

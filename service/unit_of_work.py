@@ -9,10 +9,15 @@ write that took no lock (POST /Users, PATCH /Users) needs none: its flush is ONE
 events' INSERT with the users view's upsert), which PostgreSQL runs as its own transaction;
 POST /Users is one round trip instead of four. Nothing may fail after such a flush: it is
 committed when `flush` returns.
+
+The connection is borrowed from the pool at the unit's first statement, not when it opens: a
+POST /Users whose events another request appends with its own (service/group_commit.py) never
+borrows one.
 """
 
 from __future__ import annotations
 
+import functools
 import uuid
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -56,23 +61,37 @@ class UnitOfWork:
         self._users: dict[UUID, User] = {}
         self._groups: dict[UUID, Group] = {}
         self._queued: set[UUID] = set()
-        self._conn: PoolConnectionProxy[Any] | None = None
+        self._conn: PoolConnectionProxy[Any] | None = None  # borrowed at the first statement
+        self._open = False
         self._tx: Transaction | None = None
         self._committed = False  # a flush without a transaction: committed by its statement
-        self.memberships = Memberships(self.begin, tenant_id)
+
+    @functools.cached_property
+    def memberships(self) -> Memberships:
+        """The memberships repository, on this unit's transaction. Made when first asked (a
+        group write, a user's delete): it refers back to the unit (a reference cycle), which
+        a user's write, freed as it ends, never has to wait for the cyclic collector to free."""
+        return Memberships(self.begin, self.tenant_id)
 
     async def __aenter__(self) -> UnitOfWork:
-        self._conn = await self.db.pool.acquire()
+        self._open = True
         return self
+
+    async def _connection(self) -> PoolConnectionProxy[Any]:
+        """The unit's connection, borrowed from the pool on the first call."""
+        assert self._open, "the unit of work is not open"
+        if self._conn is None:
+            self._conn = await self.db.pool.acquire()
+        return self._conn
 
     async def begin(self) -> PoolConnectionProxy[Any]:
         """The connection, in this unit's transaction (started on the first call)."""
-        assert self._conn is not None, "the unit of work is not open"
+        conn = await self._connection()
         if self._tx is None:
             assert not self._committed, "this unit of work already committed"
-            self._tx = self._conn.transaction()
+            self._tx = conn.transaction()
             await self._tx.start()
-        return self._conn
+        return conn
 
     async def __aexit__(
         self,
@@ -80,7 +99,7 @@ class UnitOfWork:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        assert self._conn is not None
+        self._open = False
         try:
             if self._tx is not None:
                 if exc_type is None:
@@ -88,19 +107,19 @@ class UnitOfWork:
                 else:
                     await self._tx.rollback()
         finally:
-            await self.db.pool.release(self._conn)
-            self._conn = None
+            if self._conn is not None:
+                await self.db.pool.release(self._conn)
+                self._conn = None
         if (exc_type is None or self._committed) and self.recorded:
             if self.audit is not None:
                 self.audit.recorded = True
             self.db.store.committed(self.recorded, self._appended)
 
-    def _reader(self) -> PoolConnectionProxy[Any]:
+    async def _reader(self) -> PoolConnectionProxy[Any]:
         """For plain reads (no lock): they need no transaction. Under READ COMMITTED each
         statement sees what was committed when it started, in a transaction or not; a user's
         stream is guarded by its version (a rival append makes the flush a ConcurrencyError)."""
-        assert self._conn is not None, "the unit of work is not open"
-        return self._conn
+        return await self._connection()
 
     @property
     def conn(self) -> PoolConnectionProxy[Any]:
@@ -111,7 +130,7 @@ class UnitOfWork:
 
     async def user(self, user_id: UUID) -> User | None:
         """The user of this tenant, replayed from its stream; None if absent or another tenant's."""
-        aggregate = await self.db.store.load(self._reader(), user_id)
+        aggregate = await self.db.store.load(await self._reader(), user_id)
         if not isinstance(aggregate, User) or aggregate.tenant_id != self.tenant_id:
             return None
         self._users[user_id] = aggregate
@@ -171,7 +190,7 @@ class UnitOfWork:
         self._groups[group.id] = group
 
     async def user_exists(self, user_id: UUID) -> bool:
-        return await users_view.exists(self._reader(), self.tenant_id, user_id)
+        return await users_view.exists(await self._reader(), self.tenant_id, user_id)
 
     async def flush(self) -> list[RecordedEvent]:
         """Append pending events and update inline views; raises before commit on conflicts."""
@@ -195,16 +214,21 @@ class UnitOfWork:
         events = [*user_events, *group_events, *outcome]
         if users and not groups and not any(u.deprovisioned for u in users):
             # The common write (a user created or changed): one statement, one round trip.
-            assert self._conn is not None, "the unit of work is not open"
             if self._tx is None and self.db.group_commit and _new_user(users, events):
-                # POST /Users: with those of concurrent requests, in one transaction.
+                # POST /Users: with those of concurrent requests, in one transaction (on a
+                # connection borrowed then, unless this unit holds one already).
                 recorded = await group_commit.of(self.db.store).append_new_user(
                     self._conn, self.tenant_id, events, self.request_id, users[0]
                 )
             else:
                 statement, args = users_view.append_upsert(users)
                 recorded = await self.db.store.append_with(
-                    self._conn, self.tenant_id, events, self.request_id, statement, args
+                    await self._connection(),
+                    self.tenant_id,
+                    events,
+                    self.request_id,
+                    statement,
+                    args,
                 )
             self._committed = self._tx is None
             if self._committed:

@@ -27,6 +27,7 @@ BOB = "Bob.Quoted@contoso.com"
 async def _request_errors(database: Database) -> list[dict[str, Any]]:
     rows = await database.pool.fetch(
         "SELECT state FROM stored_events WHERE topic LIKE 'domain.request:%'"
+        " ORDER BY transaction_id, notification_id"  # as written (a heap's order may differ)
     )
     errors = [orjson.loads(r[0]).get("error") for r in rows]
     return [e for e in errors if e]

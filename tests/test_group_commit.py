@@ -91,6 +91,29 @@ async def test_concurrent_posts_commit_together_and_fail_alone(
         assert not report.drift, (name, report.diffs)
 
 
+async def test_posts_appended_by_another_borrow_no_connection(
+    client: Client, auth: dict[str, str], database: Database
+) -> None:
+    """A POST's unit of work borrows a connection at its first statement, its append: one
+    appended in another request's batch borrows none. With a single connection free, eight
+    concurrent POSTs still commit together (each holding one from the start, they would take
+    turns on it, each alone)."""
+    pool = database.pool
+    held = [await pool.acquire() for _ in range(pool.get_max_size() - 1)]
+    try:
+        names = [f"one-conn{i}@contoso.com" for i in range(8)]
+        replies = await asyncio.gather(*(_post(client, auth, n) for n in names))
+    finally:
+        for conn in held:
+            await pool.release(conn)
+    assert [status for status, _, _ in replies] == [201] * len(names)
+    shared = await database.pool.fetchval(
+        "SELECT max(n) FROM (SELECT count(DISTINCT request_id) AS n FROM stored_events"
+        " WHERE topic LIKE 'domain.user:%' GROUP BY transaction_id) t"
+    )
+    assert shared > 1, "no two POSTs were committed in one transaction"
+
+
 async def test_a_request_alone_is_appended_alone(
     client: Client, auth: dict[str, str], database: Database
 ) -> None:

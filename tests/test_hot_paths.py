@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import gc
 import uuid
+import weakref
 from typing import Any
 
 import asyncpg
@@ -142,6 +144,23 @@ async def test_a_user_write_is_all_or_nothing_in_one_statement(database: Databas
     )
     assert name == "Two"
     assert await _counts(database) == (2, 1)
+
+
+async def test_a_user_write_is_freed_without_the_cyclic_collector(database: Database) -> None:
+    """A user's write holds no reference cycle: its unit of work (the aggregate, the events as
+    recorded, the request's record) is freed as it ends, not left for the collector's pauses."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        async with UnitOfWork(database, TENANT, "freed") as uow:
+            uow.add_user(User.provision(uuid.uuid4(), TENANT, {"userName": "freed@x"}))
+            await uow.flush()
+        gone = weakref.ref(uow)
+        del uow
+        assert gone() is None
+    finally:
+        if collecting:
+            gc.enable()
 
 
 async def test_listed_users_carry_their_groups_as_a_get_by_id_does(

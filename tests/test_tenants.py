@@ -4,6 +4,7 @@ use recorded cheaply; the secret never listed and never logged."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -243,6 +244,7 @@ class _HeldPool:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
         self.lookups = 0
+        self.borrowed = self.returned = 0
         self.gate = asyncio.Event()
         self.answered = asyncio.Event()
         # Token checks through this pool, as the middleware makes them.
@@ -257,6 +259,15 @@ class _HeldPool:
 
     async def execute(self, sql: str, *args: object) -> str:
         return await self.pool.execute(sql, *args)
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[_HeldPool]:
+        """Lookups run on a connection of the pool: this one's are the gated statements."""
+        self.borrowed += 1
+        try:
+            yield self
+        finally:
+            self.returned += 1
 
 
 async def test_concurrent_requests_share_a_lookup_and_each_gets_its_principal(
@@ -285,6 +296,24 @@ async def test_concurrent_requests_share_a_lookup_and_each_gets_its_principal(
             assert principal is None
     # Alone, a request gets a lookup of its own at once.
     assert await check(other.token) is not None and held.lookups == 3
+
+
+async def test_lookups_that_follow_each_other_share_a_connection(
+    database: Database, tenant: IssuedToken
+) -> None:
+    """A busy server's lookups, each starting as the one before ends, run on one connection;
+    it goes back to the pool once no request waits."""
+    held = _HeldPool(database.pool)
+    check = held.check
+    first = asyncio.create_task(check(tenant.token))
+    await held.answered.wait()
+    second = asyncio.create_task(check(tenant.token))  # waits for the next lookup
+    await asyncio.sleep(0)
+    held.gate.set()
+    assert all(p is not None for p in await asyncio.gather(first, second))
+    assert (held.lookups, held.borrowed, held.returned) == (2, 1, 1)
+    assert await check(tenant.token) is not None  # idle meanwhile: a connection borrowed again
+    assert (held.lookups, held.borrowed, held.returned) == (3, 2, 2)
 
 
 async def test_a_request_never_joins_a_lookup_that_began_before_it(

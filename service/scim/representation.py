@@ -15,7 +15,7 @@ import copy
 import functools
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from domain.schema import (
     ACTIVE,
@@ -92,25 +92,36 @@ def to_boolean(value: object, attribute: str) -> bool | None:
     raise invalid_value(f"{attribute} must be a boolean, not {value!r}")
 
 
+def _is_mapping(value: object) -> bool:
+    return type(value) is dict or isinstance(value, Mapping)  # (a JSON body's are dicts)
+
+
 def to_sub_attributes(
     value: object, attribute: str, known: tuple[str, ...]
 ) -> dict[str, str] | None:
     """A complex attribute of string sub-attributes (name, the enterprise strings)."""
     if value is None or value == "":
         return None
-    if not isinstance(value, Mapping):
+    if not _is_mapping(value):
         raise invalid_value(f"{attribute} must be an object")
+    spelling = _by_folded(known)
     subs: dict[str, str] = {}
-    for key, sub_value in value.items():
-        sub = lookup(known, key) if isinstance(key, str) else None
+    for key, sub_value in cast(Mapping[Any, Any], value).items():
+        sub = spelling.get(key.casefold()) if isinstance(key, str) else None
         if sub is None:
             continue
-        text = to_string(sub_value, f"{attribute}.{sub}")
-        if text is None:
+        if sub_value is None or sub_value == "":
             subs.pop(sub, None)
         else:
-            subs[sub] = text
+            subs[sub] = _text(sub_value, attribute, sub)
     return subs or None
+
+
+def _text(value: object, attribute: str, sub: str) -> str:
+    """to_string of a value known not to be absent, named `attribute.sub` in its error."""
+    if not isinstance(value, str):
+        raise invalid_value(f"{attribute}.{sub} must be a string")
+    return value
 
 
 def to_item_value(value: object, attribute: str, sub: str) -> str | bool | None:
@@ -122,19 +133,20 @@ def to_item_value(value: object, attribute: str, sub: str) -> str | bool | None:
 
 def to_item(value: object, attribute: str) -> dict[str, Any]:
     """One item of a multi-valued attribute, sub-attributes in canonical spelling."""
-    if not isinstance(value, Mapping):
+    if not _is_mapping(value):
         raise invalid_value(f"{attribute} must be a list of objects")
-    known = MULTI_VALUED_SUB_ATTRIBUTES[attribute]
+    spelling = _by_folded(MULTI_VALUED_SUB_ATTRIBUTES[attribute])
     item: dict[str, Any] = {}
-    for key, sub_value in value.items():
-        sub = lookup(known, key) if isinstance(key, str) else None
+    for key, sub_value in cast(Mapping[Any, Any], value).items():
+        sub = spelling.get(key.casefold()) if isinstance(key, str) else None
         if sub is None:
             continue
-        coerced = to_item_value(sub_value, attribute, sub)
-        if coerced is None:
+        if sub_value is None or sub_value == "":
             item.pop(sub, None)
+        elif sub == PRIMARY:
+            item[sub] = to_boolean(sub_value, f"{attribute}.{sub}")
         else:
-            item[sub] = coerced
+            item[sub] = _text(sub_value, attribute, sub)
     return item
 
 
@@ -178,9 +190,9 @@ def to_manager(value: object) -> str | None:
 
 
 def _mapping(body: object) -> Mapping[str, Any]:
-    if not isinstance(body, Mapping):
+    if not _is_mapping(body):
         raise ScimError(400, "the request body must be a JSON object", "invalidSyntax")
-    return body
+    return cast(Mapping[str, Any], body)
 
 
 def _keyed(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -271,10 +283,11 @@ def user_from_scim(
     fields = _keyed(_mapping(body))
     state: dict[str, Any] = {}
 
+    # (Absent attributes, most of them, are skipped here rather than by the helpers.)
     for attribute, folded in _CORE_STRINGS_FOLDED:
-        text = to_string(fields.get(folded), attribute)
-        if text is not None:
-            state[attribute] = text
+        value = fields.get(folded)
+        if value is not None and value != "":
+            state[attribute] = to_string(value, attribute)
     active = to_boolean(fields.get(ACTIVE.casefold()), ACTIVE)
     if active is not None:
         state[ACTIVE] = active
@@ -282,12 +295,14 @@ def user_from_scim(
     if name:
         state[NAME] = name
     for attribute, folded in _MULTI_VALUED_FOLDED:
-        items = to_items(fields.get(folded), attribute, max_values)
-        if items:
-            state[attribute] = items
+        value = fields.get(folded)
+        if value is not None and value != "":
+            items = to_items(value, attribute, max_values)
+            if items:
+                state[attribute] = items
 
     extension = fields.get(ENTERPRISE_SCHEMA.casefold())
-    if extension is not None and not isinstance(extension, Mapping):
+    if extension is not None and not _is_mapping(extension):
         raise invalid_value(f"{ENTERPRISE_SCHEMA} must be an object")
     extension_fields = _keyed(extension or {})
     enterprise = to_sub_attributes(extension_fields, ENTERPRISE_SCHEMA, USER_ENTERPRISE_ATTRIBUTES)
@@ -373,10 +388,12 @@ def user_resource(
         manager["$ref"] = location.removesuffix(user_id) + manager["value"]
     if groups is not None:
         resource["groups"] = groups
+    created_at = scim_timestamp(created)
     resource["meta"] = {
         "resourceType": "User",
-        "created": scim_timestamp(created),
-        "lastModified": scim_timestamp(last_modified),
+        "created": created_at,
+        # (A user just created: the same moment, written once.)
+        "lastModified": created_at if last_modified == created else scim_timestamp(last_modified),
         "location": location,
         "version": f'W/"{version}"',
     }
