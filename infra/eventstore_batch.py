@@ -7,8 +7,10 @@ own tenant and request id (its provisioning-log entry groups by them, projection
 
 Only first events (new streams) are batched: they need neither the order nor the erasure
 check of a later version (infra/eventstore_sql.py), and a clash of their keys is impossible
-short of a repeated uuid4. A batch that fails fails whole (nothing written); the caller then
-appends each request alone, so each gets its own error or its own commit.
+short of a repeated uuid4. A batch PostgreSQL refused wrote nothing, and the caller appends
+each request alone, so each gets its own error or its own commit; a batch whose commit is
+unknown (its connection lost mid-statement) fails every request in it, as a lone request's
+would fail (service/group_commit.py, `wrote_nothing`).
 """
 
 from __future__ import annotations
