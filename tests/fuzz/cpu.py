@@ -35,20 +35,23 @@ SEQUENCE_HEADER = "X-Fuzz-Sequence"
 # harness takes each one's figure as its reply arrives, and sends one request at a time).
 WORKER_CPU: dict[str, Spent] = {}
 _MOST_KEPT = 1000
+# The names of the app's worker threads (metered_executor_ctx).
+WORKERS = "fuzz-app-worker"
 
 
 class RequestCpu:
     """Around one request sent from the app's loop thread: its CPU (`seconds`), the loop
     thread's over the window plus what the app's meter charged to `sequence`; and the part of
-    the loop thread's that the cyclic garbage collector took (`collector`): a full collection
-    walks the whole heap of the test process (hypothesis, the harness), far larger than a
-    server's, and is paid by whichever request's allocations happen to set it off."""
+    the loop thread's and its worker threads' that the cyclic garbage collector took
+    (`collector`): a full collection walks the whole heap of the test process (hypothesis, the
+    harness), far larger than a server's, and is paid by whichever request's allocations happen
+    to set it off."""
 
     def __init__(self, sequence: str) -> None:
         self.sequence = sequence
         self.seconds = 0.0
         self.collector = 0.0
-        self._collecting: float | None = None
+        self._collecting: dict[int, float] = {}  # by thread: when its collection started
 
     def __enter__(self) -> RequestCpu:
         self._thread = threading.get_ident()
@@ -63,13 +66,15 @@ class RequestCpu:
         gc.callbacks.remove(self._collected)
 
     def _collected(self, phase: str, info: dict[str, int]) -> None:
-        if threading.get_ident() != self._thread:
+        # A collection in the loop thread, or in a worker thread of the app's meter (one
+        # request at a time: whatever runs there runs for this one); not the runners' thread.
+        thread = threading.get_ident()
+        if thread != self._thread and not threading.current_thread().name.startswith(WORKERS):
             return
         if phase == "start":
-            self._collecting = time.thread_time()
-        elif self._collecting is not None:
-            self.collector += time.thread_time() - self._collecting
-            self._collecting = None
+            self._collecting[thread] = time.thread_time()
+        elif (started := self._collecting.pop(thread, None)) is not None:
+            self.collector += time.thread_time() - started
 
 
 def meter() -> Middleware:
@@ -91,7 +96,7 @@ def meter() -> Middleware:
 
 async def metered_executor_ctx(app: web.Application) -> AsyncIterator[None]:
     loop = asyncio.get_running_loop()
-    loop.set_default_executor(MeteredExecutor(thread_name_prefix="fuzz-app-worker"))
+    loop.set_default_executor(MeteredExecutor(thread_name_prefix=WORKERS))
     yield
 
 
