@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -116,6 +117,34 @@ class _Pool(asyncpg.Pool):
             # and statements theirs (command_timeout).
             return super().acquire()
         return super().acquire(timeout=self.acquire_timeout if timeout is None else timeout)
+
+
+_DROPPING: set[int] = set()  # pools whose sessions are being dropped (by id)
+
+
+async def drop_sessions(pool: asyncpg.Pool) -> None:
+    """Every session of `pool` off its server now (the server turned read-only: a demoted
+    primary). asyncpg's expire_connections closes an idle connection only when it is next
+    acquired, and its free holders are a stack: after a demotion, the few acquisitions a quiet
+    pool makes (each failing to connect, its holder put back on top) would leave the sessions
+    below on the old server. So every free holder is taken at once, concurrently, each closing
+    its old connection; connecting anew fails until a writable server answers, which is
+    expected here. Connections in use close as they are released."""
+    await pool.expire_connections()
+    free = getattr(pool, "_queue", None)  # asyncpg's queue of free connection holders
+    if free is None or id(pool) in _DROPPING:
+        return
+    _DROPPING.add(id(pool))
+    try:
+
+        async def cycle() -> None:
+            with contextlib.suppress(Exception):
+                async with pool.acquire(timeout=5.0):
+                    pass
+
+        await asyncio.gather(*(cycle() for _ in range(free.qsize())))
+    finally:
+        _DROPPING.discard(id(pool))
 
 
 async def create_pool(

@@ -14,6 +14,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from infra.database import drop_sessions
 from infra.tenants import Principal, digest
 from service.boundary import is_credential
 from service.errors import ScimError, scim_error_of
@@ -140,7 +141,7 @@ async def scim_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             # The server this connection reached is a standby now (demoted, or a URL naming
             # it): drop every pooled connection; new ones go to the writable primary
             # (target_session_attrs=read-write in the URL).
-            await request.app[DATABASE].pool.expire_connections()
+            await drop_sessions(request.app[DATABASE].pool)
         log.warning(
             "database unavailable", error=type(e).__name__, request_id=request.get(REQUEST_ID)
         )

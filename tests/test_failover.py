@@ -33,6 +33,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from infra.config import Settings
 from infra.tenants import create_tenant
 from service.app import create_app
+from service.state import DATABASE
 from tests.pg_pair import PgPair
 from tests.test_entra_groups import GROUP
 from tests.test_entra_users import PATCH_OP, entra_user
@@ -216,11 +217,14 @@ async def _read_only_primary(client: Client, auth: dict[str, str], pair: PgPair)
         except AssertionError:
             left = await asyncio.to_thread(
                 pair.primary.psql,
-                "SELECT string_agg(application_name || ' ' || state || ' ' || left(query, 60),"
+                "SELECT string_agg(pid || ' ' || application_name || ' ' || state || ' '"
+                " || state_change::text || ' ' || left(query, 60),"
                 " ' | ')"
                 " FROM pg_stat_activity WHERE application_name LIKE 'scimledger:%'",
             )
-            raise AssertionError(f"sessions left on the read-only server: {left}") from None
+            raise AssertionError(
+                f"sessions left on the read-only server: {left}; {_pool_holders(client)}"
+            ) from None
     finally:
         await asyncio.to_thread(
             pair.primary.psql, "ALTER SYSTEM RESET default_transaction_read_only"
@@ -234,6 +238,18 @@ async def _read_only_primary(client: Client, auth: dict[str, str], pair: PgPair)
         return again.status == 201
 
     await eventually(writable, 10)
+
+
+def _pool_holders(client: Client) -> str:
+    """The service's pool as asyncpg holds it (for a failure's message): each holder's backend
+    pid, whether it is in use, its generation against the pool's (expire_connections)."""
+    pool = client.server.app[DATABASE].pool
+    holders = [
+        (h._con.get_server_pid() if h._con is not None else None, h._in_use is not None,
+         h._generation)
+        for h in pool._holders
+    ]  # fmt: skip
+    return f"pool generation {pool._generation}, holders {holders}, free {pool._queue.qsize()}"
 
 
 async def _failover(pair: PgPair, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from infra.config import Settings
-from infra.database import create_pool
+from infra.database import create_pool, drop_sessions
 from infra.tenants import create_tenant
 from service.app import create_app
 from tests.test_entra_groups import GROUP
@@ -227,3 +227,38 @@ async def test_waiting_for_a_pooled_connection_is_bounded(fresh_dsn: str) -> Non
             assert await conn.fetchval("SELECT 2") == 2
     finally:
         await pool.close()
+
+
+async def test_dropping_sessions_closes_the_idle_ones_at_once(fresh_dsn: str) -> None:
+    """After a demotion every session of the pool must leave the old server. asyncpg's
+    expire_connections closes an idle connection only when it is next acquired (a quiet pool
+    may take minutes); drop_sessions closes them all now, and the pool works on after it."""
+    pool = await create_pool(fresh_dsn, min_size=4, max_size=4)
+    backends = "SELECT count(*) FROM pg_stat_activity WHERE pid = any($1::int[])"
+    try:
+        held = [await pool.acquire() for _ in range(4)]
+        pids = [c.get_server_pid() for c in held]
+        for conn in held[1:]:
+            await pool.release(conn)  # three idle, one in use
+        watcher = await asyncpg.connect(fresh_dsn)
+        try:
+            await pool.expire_connections()
+            assert await watcher.fetchval(backends, pids) == 4  # why drop_sessions exists
+            await drop_sessions(pool)
+
+            async def idle_closed() -> bool:
+                return await watcher.fetchval(backends, pids[1:]) == 0
+
+            await eventually(idle_closed, 5)
+            assert await watcher.fetchval(backends, pids[:1]) == 1  # in use: closed on release
+            await pool.release(held[0])
+
+            async def all_closed() -> bool:
+                return await watcher.fetchval(backends, pids) == 0
+
+            await eventually(all_closed, 5)
+        finally:
+            await watcher.close()
+        assert await pool.fetchval("SELECT 1") == 1
+    finally:
+        pool.terminate()  # (close() would wait for a connection a failed assertion held)
