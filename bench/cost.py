@@ -193,6 +193,20 @@ async def _hostile_load(hostile: Scim, bodies: list[bytes], t: Targets, stop: as
     return sent
 
 
+async def _plain_load(origin: str, token: str, user: str, rate: float, stop: asyncio.Event) -> None:
+    """The hostile tenant's plain GET of one of its users, `rate` a second, each on a connection
+    of its own (as each hostile body is: the bulk process's reply closes it), until `stop`."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        plain, started, sent = Scim(session, f"{origin}/scim/v2", token), time.perf_counter(), 0
+        while not stop.is_set():
+            await plain.send("GET", f"/Users/{user}")
+            sent += 1
+            with contextlib.suppress(TimeoutError):
+                pause = started + sent / rate - time.perf_counter()
+                await asyncio.wait_for(stop.wait(), max(pause, 0))
+
+
 async def _gets(origin: str, token: str, user: str, seconds: float) -> list[float]:
     samples: list[float] = []
     async with aiohttp.ClientSession() as session:
@@ -236,7 +250,8 @@ async def cost(ctx: Ctx) -> None:
                 took = f"server CPU {worst.cpu:.3f} s, wall {worst.wall:.3f} s"
                 err.print(f"{shape.name}: {worst.status}, {worst.size / 1024:,.0f} KiB, {took}")
                 measured.append(worst)
-            a, b, c, sent = [], [], [], 0  # the other tenant's p99s: alone, loaded, by a loop
+            # The other tenant's p99s: alone, loaded, beside as many plain requests, by a loop.
+            a, b, p, c, sent = [], [], [], [], 0
             for _ in range(PAIRS):
                 a.append(await gets())
                 stop = asyncio.Event()
@@ -245,7 +260,17 @@ async def cost(ctx: Ctx) -> None:
                     b.append(await gets())
                 finally:
                     stop.set()
-                    sent += await load
+                    sent_now = await load
+                    sent += sent_now
+                stop = asyncio.Event()
+                rate = max(sent_now / seconds, 1.0)
+                plain = asyncio.create_task(_plain_load(origin, token, t.members[0], rate, stop))
+                try:
+                    async with serving([sys.executable, "-c", HOG], None):
+                        p.append(await gets())
+                finally:
+                    stop.set()
+                    await plain
                 async with serving([sys.executable, "-c", HOG], None):  # the default priority
                     c.append(await gets())
     worst = max(measured, key=lambda m: m.cpu)
@@ -253,17 +278,21 @@ async def cost(ctx: Ctx) -> None:
     ctx.add(Row("9", "the costliest request bodies (bench.cost): server CPU for one request;"
         " another tenant's GET p99 meanwhile", f"{len(measured)} shapes up to 2 MiB",
         f"most CPU {worst.cpu:.2f} s ({worst.shape}, {worst.status}); other tenant's p99"
-        f" {ms(median(a))} alone, {ms(median(b))} under the hostile load, {ms(median(c))} beside"
-        f" a CPU-bound loop (medians of {PAIRS})",
+        f" {ms(median(a))} alone, {ms(median(b))} under the hostile load, {ms(median(p))} beside as"
+        f" many plain requests and a CPU-bound loop, {ms(median(c))} beside the loop alone"
+        f" (medians of {PAIRS})",
         "", f"≤ {TARGET_CPU:.0f} s of CPU per request", verdict(met)))  # fmt: skip
     shapes = "; ".join(f"{m.shape}: {m.status}, {m.cpu:.3f} s" for m in measured)
     ctx.notes.append(
         f"(9) each shape {samples} time(s) on an idle server, its CPU from /proc before and after;"
         f" the other tenant's GET /Users/{{id}} one at a time from its own process and session,"
         f" {PAIRS} pairs of {seconds:.0f} s alone then {seconds:.0f} s while the prebuilt shapes"
-        f" were sent back to back ({sent}), then {seconds:.0f} s beside `{HOG}` in a session of"
-        f" its own (the floor: any program using a core); p99 per pair alone {_list(a)}, loaded"
-        f" {_list(b)}, beside the loop {_list(c)}; each: {shapes}"
+        f" were sent back to back ({sent}), then {seconds:.0f} s while the hostile tenant sent as"
+        f" many plain GETs a second, each on a new connection as each hostile body is, beside"
+        f" `{HOG}` in a session of its own (the floor: as much ordinary traffic on the event"
+        f" loop, and a program using a core, which the hostile bodies' work is), then"
+        f" {seconds:.0f} s beside the loop alone; p99 per pair alone {_list(a)}, loaded"
+        f" {_list(b)}, the floor {_list(p)}, beside the loop {_list(c)}; each: {shapes}"
     )
 
 
