@@ -107,19 +107,21 @@ class _Pool(asyncpg.Pool):
     make every other request wait forever). TimeoutError past it: a 503 for HTTP requests."""
 
     acquire_timeout: float | None = None
+    dropping = False  # drop_sessions is running on this pool
+
+    def free_holders(self) -> int:
+        """How many connection holders are free now (asyncpg's queue of them)."""
+        free = getattr(self, "_queue", None)
+        return 0 if free is None else int(free.qsize())
 
     def acquire(self, *, timeout: float | None = None) -> Any:
-        free = getattr(self, "_queue", None)  # asyncpg's queue of free connection holders
-        if timeout is None and free is not None and free.qsize() > 0:
+        if timeout is None and self.free_holders() > 0:
             # A connection is free: there is no wait to bound (asyncpg would still run the
             # acquisition under a timeout, a task and a timer per request). Connecting a
             # holder whose connection was closed keeps its own bound (the connect timeout),
             # and statements theirs (command_timeout).
             return super().acquire()
         return super().acquire(timeout=self.acquire_timeout if timeout is None else timeout)
-
-
-_DROPPING: set[int] = set()  # pools whose sessions are being dropped (by id)
 
 
 async def drop_sessions(pool: asyncpg.Pool) -> None:
@@ -131,10 +133,9 @@ async def drop_sessions(pool: asyncpg.Pool) -> None:
     its old connection; connecting anew fails until a writable server answers, which is
     expected here. Connections in use close as they are released."""
     await pool.expire_connections()
-    free = getattr(pool, "_queue", None)  # asyncpg's queue of free connection holders
-    if free is None or id(pool) in _DROPPING:
+    if not isinstance(pool, _Pool) or pool.dropping:
         return
-    _DROPPING.add(id(pool))
+    pool.dropping = True
     try:
 
         async def cycle() -> None:
@@ -142,9 +143,9 @@ async def drop_sessions(pool: asyncpg.Pool) -> None:
                 async with pool.acquire(timeout=5.0):
                     pass
 
-        await asyncio.gather(*(cycle() for _ in range(free.qsize())))
+        await asyncio.gather(*(cycle() for _ in range(pool.free_holders())))
     finally:
-        _DROPPING.discard(id(pool))
+        pool.dropping = False
 
 
 async def create_pool(
