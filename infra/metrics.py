@@ -88,3 +88,10 @@ OUTCOMES_DROPPED = Counter(
     "Queued request outcomes dropped: the queue was full (SCIMLEDGER_MAX_QUEUED_OUTCOMES) or"
     " the process stopped before the database came back. Each is a gap in the provisioning log.",
 )
+BULK_HANDOFFS = Counter(
+    "scimledger_bulk_handoffs",
+    "Client connections a front handed to the bulk process, by when: at accept, before reading"
+    " a byte (a large body first on its connection), or within a request (after its head and"
+    " first segments: a large body later on a kept-alive connection, or a heavy token's).",
+    ["at"],
+)

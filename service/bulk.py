@@ -48,6 +48,7 @@ from aiohttp.typedefs import Middleware as _Middleware
 from infra import logging as logsetup
 from infra.config import Settings
 from infra.supervisor import SupervisorStatus
+from service.bulk_accept import Refused
 from service.bulk_handoff import CLIENT_HEADER as CLIENT_HEADER
 from service.bulk_handoff import can_hand_off, hand_off, handoff_path, taking_handoffs
 from service.bulk_handoff import trust_front as trust_front
@@ -166,7 +167,10 @@ async def _hand_off(request: web.Request) -> web.StreamResponse:
     """The connection goes to the bulk process (service/bulk_handoff.py), which answers, logs
     and counts the request; or, when it is away, the front's 503 with Retry-After."""
     started = time.perf_counter()
-    if await hand_off(request, request.app[BULK_HANDOFF]):
+    # A connection the bulk process did not take as it was accepted is not offered again.
+    transport = request.transport
+    refused = transport is not None and isinstance(transport.get_protocol(), Refused)
+    if not refused and await hand_off(request, request.app[BULK_HANDOFF]):
         # Never sent: the front no longer has the connection (aiohttp's write of it fails
         # quietly as a client gone, and the connection is forgotten).
         return web.Response(status=204)

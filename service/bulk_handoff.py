@@ -37,6 +37,7 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
+from infra.metrics import BULK_HANDOFFS
 from service.state import Handler
 
 log = structlog.get_logger("scimledger.bulk")
@@ -103,7 +104,19 @@ async def hand_off(request: web.Request, path: str) -> bool:
     # arrives between the two (read_nowait may resume reading; pausing comes after it).
     prefix = head(request) + request.content.read_nowait()
     transport.pause_reading()
-    fd = transport.get_extra_info("socket").fileno()
+    if not await send_connection(path, transport.get_extra_info("socket").fileno(), prefix):
+        transport.resume_reading()  # for aiohttp to discard the rest of the body
+        return False
+    # Close our copy of the descriptor: the bulk process holds the connection, so nothing is
+    # sent to the client (no FIN while another descriptor is open; nothing unread here).
+    request.protocol.force_close()
+    BULK_HANDOFFS.labels("request").inc()
+    return True
+
+
+async def send_connection(path: str, fd: int, prefix: bytes) -> bool:
+    """Send the connection `fd` and the bytes already read from it (`prefix`, perhaps none)
+    to the bulk process listening on `path`; whether it said it took the connection."""
     loop = asyncio.get_running_loop()
     control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     control.setblocking(False)
@@ -113,19 +126,14 @@ async def hand_off(request: web.Request, path: str) -> bool:
             await loop.sock_connect(control, path)
             # A fresh connection's buffer is empty: four bytes and a descriptor never block.
             socket.send_fds(control, [_LENGTH.pack(len(prefix))], [fd])
-            await loop.sock_sendall(control, prefix)
+            if prefix:
+                await loop.sock_sendall(control, prefix)
             ack = await loop.sock_recv(control, 1)
     except (OSError, TimeoutError) as e:
         log.warning("bulk process unreachable", error=type(e).__name__, handoff=True)
     finally:
         control.close()
-    if ack != _ACK:
-        transport.resume_reading()  # for aiohttp to discard the rest of the body
-        return False
-    # Close our copy of the descriptor: the bulk process holds the connection, so nothing is
-    # sent to the client (no FIN while another descriptor is open; nothing unread here).
-    request.protocol.force_close()
-    return True
+    return ack == _ACK
 
 
 # -- the bulk process's side -----------------------------------------------------------------
@@ -141,9 +149,16 @@ async def trust_front(request: web.Request, handler: Handler) -> web.StreamRespo
     transport = request.transport
     if transport is not None and isinstance(transport.get_extra_info("peername"), tuple):
         # A client's own connection, handed over by a front: its address is the socket's,
-        # and it is answered (and counted) here.
+        # and it is answered (and counted) here. One request per connection, whatever its
+        # outcome, and the reply says so: the client's next request reaches a front again.
         request[HANDED_OFF] = True
-        return await handler(request)
+        try:
+            response = await handler(request)
+        except web.HTTPException as e:
+            e.force_close()
+            raise
+        response.force_close()
+        return response
     if request.path == "/metrics" and request.app[SETTINGS].metrics:
         return await own_figures(request)
     client = request.headers.get(CLIENT_HEADER)
@@ -234,7 +249,8 @@ class _Fed(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.inner.connection_made(transport)
         prefix, self.prefix = self.prefix, b""
-        self.inner.data_received(prefix)
+        if prefix:  # none when the front handed the connection over before reading it
+            self.inner.data_received(prefix)
 
     def data_received(self, data: bytes) -> None:
         self.inner.data_received(data)

@@ -39,6 +39,7 @@ from infra.database import open_database
 from infra.supervisor import SupervisorStatus, supervised
 from infra.tenants import IssuedToken
 from service.app import first_start
+from service.bulk_accept import FrontSite
 
 log = structlog.get_logger("scimledger.workers")
 
@@ -82,7 +83,7 @@ async def listen(
         read_bufsize=READ_BUFSIZE,
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
+    site = FrontSite(runner, settings.host, settings.port, reuse_port=reuse_port, early=True)
     try:
         await site.start()
     except OSError as e:
