@@ -137,6 +137,12 @@ async def scim_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         }.get(e.status, e.reason)
         return ScimError(e.status, detail).response()
     except DATABASE_GONE as e:
+        if _client_gone(request, e):
+            # Not the database: the client closed its connection before its request was
+            # whole (its body cut short). Nothing was written; no reply reaches it, but the
+            # log line, the figures and the provisioning log say what happened.
+            log.info("client went away", request_id=request.get(REQUEST_ID))
+            return ScimError(400, CLIENT_GONE, "invalidSyntax").response()
         if isinstance(e, asyncpg.ReadOnlySQLTransactionError):
             # The server this connection reached is a standby now (demoted, or a URL naming
             # it): drop every pooled connection; new ones go to the writable primary
@@ -153,6 +159,16 @@ async def scim_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except Exception:
         log.exception("unhandled error", request_id=request.get(REQUEST_ID))
         return ScimError(500, "Internal server error").response()
+
+
+CLIENT_GONE = "The client closed the connection before the request was complete"
+
+
+def _client_gone(request: web.Request, error: BaseException) -> bool:
+    """Whether `error` is aiohttp's word that the client's connection was lost mid-request
+    (its transport gone), rather than a connection to the database."""
+    transport = request.transport
+    return isinstance(error, ConnectionResetError) and (transport is None or transport.is_closing())
 
 
 def _bearer(request: web.Request) -> str | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 import structlog
 from aiohttp.test_utils import TestClient
@@ -244,3 +245,56 @@ async def test_requests_the_http_parser_refuses_leave_one_log_line_each(fresh_ds
     parser = [line for line in lines if line["event"] == "request refused by the HTTP parser"]
     assert [line["status"] for line in parser] == [400] * len(refused), lines
     assert "x" * 100 not in err  # what the client sent is not echoed
+
+
+async def test_a_body_the_client_cuts_short_is_its_failure_not_the_databases(
+    fresh_dsn: str,
+) -> None:
+    """A client that closes its connection halfway through its body: logged, counted and
+    recorded as a 400 invalidSyntax of the client's, not as the database unavailable (503)."""
+    from service.middlewares import CLIENT_GONE
+    from tests.test_bulk import THRESHOLD, _big_user
+    from tests.test_bulk import _serve as serve_one
+    from tests.test_cli import _token
+
+    proc, banner, port = await serve_one(fresh_dsn)
+    token = _token(banner)
+    # A small body stays on the front; a large one goes to the bulk process.
+    bodies = [b'{"userName": "cut@contoso.com", "active": true}', _big_user("cut2@contoso.com")]
+    assert len(bodies[0]) < THRESHOLD < len(bodies[1])
+    try:
+        for body in bodies:
+            head = (
+                "POST /scim/v2/Users HTTP/1.1\r\nHost: x\r\nContent-Type: application/scim+json\r\n"
+                f"Authorization: Bearer {token}\r\nContent-Length: {len(body)}\r\n\r\n"
+            )
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(head.encode() + body[: len(body) // 2])
+            await writer.drain()
+            await asyncio.sleep(0.3)  # the server is reading the body by now
+            writer.close()
+            await writer.wait_closed()
+        db = await asyncpg.connect(fresh_dsn)
+        try:
+            for _ in range(100):  # the provisioning log's projection catches up
+                entries = await db.fetch(
+                    "SELECT status, http_status, error_code, error_reason FROM audit_entries"
+                )
+                if len(entries) == 2:
+                    break
+                await asyncio.sleep(0.1)
+            assert await db.fetchval("SELECT count(*) FROM scim_users") == 0  # nothing written
+        finally:
+            await db.close()
+    finally:
+        assert await _stop(proc) == 0
+    assert [tuple(e) for e in entries] == [("failure", 400, "InvalidInput", CLIENT_GONE)] * 2
+    assert proc.stderr is not None
+    lines = [json.loads(line) for line in (await proc.stderr.read()).splitlines()]
+    posts = sorted(
+        (line.get("process", "front"), line["status"])
+        for line in lines
+        if line["event"] == "request" and line["method"] == "POST"
+    )
+    assert posts == [("bulk", 400), ("front", 400)], lines
+    assert not [line for line in lines if line["event"] == "database unavailable"]
