@@ -50,6 +50,7 @@ from service.scim.group_patch import fold_operations
 from service.scim.groups import _change_from_body
 from service.scim.patch import apply_patch, parse_patch_request
 from service.scim.representation import user_document, user_from_scim
+from service.workers import settle_heap
 from tests.fuzz import cost, cpu
 from tests.fuzz import strategies as fz
 from tests.fuzz.harness import SCIM_TYPES, Harness
@@ -84,7 +85,17 @@ async def client(settings: Settings, database: Database) -> AsyncIterator[TestCl
     app.cleanup_ctx.insert(0, cpu.metered_executor_ctx)
     async with cpu.runners_in_a_thread(settings):
         async with TestClient(TestServer(app, host="127.0.0.1")) as c:
-            yield c
+            # The collector as `serve` leaves it once set up (service/workers.py settle_heap):
+            # what exists now is frozen, so a full collection walks what the requests made,
+            # not the whole test process (hypothesis, the other test modules), which a server
+            # does not hold. Put back afterwards for the tests that follow.
+            thresholds = gc.get_threshold()
+            settle_heap()
+            try:
+                yield c
+            finally:
+                gc.unfreeze()
+                gc.set_threshold(*thresholds)
 
 
 def _seed_requests() -> list[fz.Request]:
