@@ -148,14 +148,11 @@ class _Sniffer(asyncio.Protocol):
 
 class FrontSite(web.TCPSite):
     """aiohttp's TCP site, whose connections are accepted once their first bytes are in and
-    pass the sniffer first (`early`; None: straight to aiohttp, as TCPSite's)."""
+    pass the sniffer first, when the app has a bulk process (`early`); otherwise TCPSite's."""
 
-    def __init__(
-        self, runner: web.AppRunner, host: str, port: int, *, reuse_port: bool, early: bool
-    ) -> None:
+    def __init__(self, runner: web.AppRunner, host: str, port: int, *, reuse_port: bool) -> None:
         super().__init__(runner, host, port, reuse_port=reuse_port or None)
         self.early: Early | None = None
-        self._wants_early = early
 
     async def start(self) -> None:
         # TCPSite.start, with the sniffer as the protocol factory.
@@ -168,7 +165,7 @@ class FrontSite(web.TCPSite):
         assert server is not None and isinstance(self._runner, web.AppRunner)
         app = self._runner.app
         factory: Callable[[], asyncio.BaseProtocol] = server
-        if self._wants_early and BULK_HANDOFF in app:
+        if BULK_HANDOFF in app:
             settings = app[SETTINGS]
             early = Early(server, app[BULK_HANDOFF], settings.bulk_body_bytes,
                           settings.max_body_bytes)  # fmt: skip
@@ -183,8 +180,8 @@ class FrontSite(web.TCPSite):
             reuse_port=self._reuse_port,
         )
         self._server = listening
-        for sock in listening.sockets:
-            if self.early is not None:
+        if self.early is not None:
+            for sock in listening.sockets:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_SECONDS)
         self._bound_port = listening.sockets[0].getsockname()[1]
 

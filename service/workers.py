@@ -83,7 +83,7 @@ async def listen(
         read_bufsize=READ_BUFSIZE,
     )
     await runner.setup()
-    site = FrontSite(runner, settings.host, settings.port, reuse_port=reuse_port, early=True)
+    site = FrontSite(runner, settings.host, settings.port, reuse_port=reuse_port)
     try:
         await site.start()
     except OSError as e:

@@ -255,6 +255,7 @@ async def test_a_body_the_client_cuts_short_is_its_failure_not_the_databases(
     from service.middlewares import CLIENT_GONE
     from tests.test_bulk import THRESHOLD, _big_user
     from tests.test_bulk import _serve as serve_one
+    from tests.test_bulk_handoff import answered_posts
     from tests.test_cli import _token
 
     proc, banner, port = await serve_one(fresh_dsn)
@@ -291,10 +292,5 @@ async def test_a_body_the_client_cuts_short_is_its_failure_not_the_databases(
     assert [tuple(e) for e in entries] == [("failure", 400, "InvalidInput", CLIENT_GONE)] * 2
     assert proc.stderr is not None
     lines = [json.loads(line) for line in (await proc.stderr.read()).splitlines()]
-    posts = sorted(
-        (line.get("process", "front"), line["status"])
-        for line in lines
-        if line["event"] == "request" and line["method"] == "POST"
-    )
-    assert posts == [("bulk", 400), ("front", 400)], lines
+    assert answered_posts(lines) == [("bulk", 400), ("front", 400)], lines
     assert not [line for line in lines if line["event"] == "database unavailable"]

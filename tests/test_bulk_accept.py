@@ -14,7 +14,7 @@ import pytest
 from service.bulk_accept import large_body
 from tests.test_bulk import THRESHOLD, _big_user
 from tests.test_bulk import _serve as serve_one
-from tests.test_bulk_handoff import CLIENT, _complete, _exchange, _replies, _request
+from tests.test_bulk_handoff import CLIENT, _exchange, _replies, _request, answered_posts
 from tests.test_cli import _stop, _token
 from tests.test_workers import bulk_of
 
@@ -68,29 +68,6 @@ async def _handoffs(http: aiohttp.ClientSession, port: int) -> dict[str, float]:
     }
 
 
-async def _one_by_one(port: int, *requests: bytes) -> tuple[list[int], bool]:
-    """`requests` on one keep-alive connection, each once the last is answered: the statuses,
-    and whether the server closed the connection after the last."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(CLIENT, 0))
-    try:
-        statuses = []
-        for request in requests:
-            writer.write(request)
-            received = b""
-            while not _complete(received):
-                data = await asyncio.wait_for(reader.read(1 << 16), 15)
-                assert data, f"closed after {statuses}"
-                received += data
-            statuses += [status for status, _, _ in _replies(received)]
-        try:
-            closed = await asyncio.wait_for(reader.read(1), 1) == b""
-        except TimeoutError:
-            closed = False
-        return statuses, closed
-    finally:
-        writer.close()
-
-
 async def _expecting(port: int, request: bytes) -> tuple[bytes, bytes]:
     """`request` sent as curl sends a large body: the head with `Expect: 100-continue`, the
     body once the server says to go on; the interim reply and the final one."""
@@ -133,8 +110,8 @@ async def test_a_large_body_first_on_its_connection_is_handed_over_unread(fresh_
 
             # After a small request on a kept-alive connection: from within the request.
             small = _request("GET", "/scim/v2/Users?count=1", token)
-            statuses, closed = await _one_by_one(port, small, post("second@contoso.com"))
-            assert statuses == [200, 201] and closed
+            raw, closed = await _exchange(port, small, post("second@contoso.com"))
+            assert [r[0] for r in _replies(raw)] == [200, 201] and closed
             assert await _handoffs(http, port) == {"accept": 1.0, "request": 1.0}
 
             # As curl sends it (Expect: 100-continue, the body after the interim reply): the
@@ -166,11 +143,6 @@ async def test_a_large_body_first_on_its_connection_is_handed_over_unread(fresh_
         assert await _stop(proc) == 0
     assert proc.stderr is not None
     lines = [orjson.loads(line) for line in (await proc.stderr.read()).splitlines()]
-    posts = sorted(
-        (line.get("process", "front"), line["status"])
-        for line in lines
-        if line["event"] == "request" and line["method"] == "POST"
-    )
     # One line per request, where it was answered; nothing went wrong on the way.
-    assert posts == [("bulk", 201)] * 4 + [("front", 400)]
+    assert answered_posts(lines) == [("bulk", 201)] * 4 + [("front", 400)]
     assert not [line for line in lines if line.get("level") in ("warning", "error", "critical")]
