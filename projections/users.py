@@ -138,13 +138,16 @@ def _from_row(row: Any) -> User:
     )
 
 
-async def fetch(conn: Conn | Pool, tenant_id: UUID, ids: Sequence[UUID]) -> list[Any]:
-    return list(
-        await conn.fetch(
-            f"SELECT {COLUMNS} FROM scim_users WHERE tenant_id = $1 AND id = any($2::uuid[])",
-            tenant_id,
-            list(ids),
-        )
+async def fetch_one(
+    conn: Conn | Pool, tenant_id: UUID, user_id: UUID, extra: str | None = None
+) -> Any:
+    """One user's row, or None. `extra`: a SQL expression over the row `p` (as for a list
+    page's, e.g. the user's groups), selected as the column `extra` in the same round trip."""
+    return await conn.fetchrow(
+        f"SELECT {COLUMNS}, {extra or 'NULL'} AS extra FROM scim_users p"
+        " WHERE tenant_id = $1 AND id = $2",
+        tenant_id,
+        user_id,
     )
 
 

@@ -4,6 +4,7 @@
 - A user write is one statement (events and view row): all or nothing, and a stream clash is
   still a ConcurrencyError.
 - A list page carries each user's groups from its own query, as GET /Users/{id} does.
+- GET /Users/{id} reads the user and its groups in one statement.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from domain.user import User
+from infra import database as database_module
+from infra.config import Settings
 from infra.database import Database
 from infra.eventstore import ConcurrencyError
+from service.app import create_app
 from service.errors import ScimError
 from service.scim.filter import (
     GROUP_ATTRIBUTES,
@@ -31,6 +35,7 @@ from service.scim.filter import (
     compile_filter,
 )
 from service.unit_of_work import UnitOfWork
+from tests.conftest import database_on
 from tests.test_entra_users import create, entra_user, headers
 
 Client = TestClient[Any, Any]
@@ -203,3 +208,35 @@ async def test_listed_users_carry_their_groups_as_a_get_by_id_does(
     assert "groups" not in (await r.json(content_type=None))["Resources"][0]
     assert c["id"] == listed[2]["id"]
     assert entra_user()["userName"] not in {u["userName"] for u in listed}
+
+
+async def test_a_user_and_its_groups_are_read_in_one_statement(
+    settings: Settings, fresh_dsn: str, auth: dict[str, str]
+) -> None:
+    """On a busy server each round trip waits for the backend and then the front to be
+    scheduled again: GET /Users/{id} makes one besides the token check, groups included."""
+    statements: list[str] = []
+
+    async def record(conn: asyncpg.Connection) -> None:
+        conn.add_query_logger(lambda q: statements.append(q.query))
+
+    database_module.on_connect(record)
+    try:
+        async with database_on(fresh_dsn) as db:
+            app = create_app(settings, db)
+            async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+                user = await create(client, auth, user_name="a@contoso.com")
+                group = {"displayName": "Sales", "members": [{"value": user["id"]}]}
+                r = await client.post("/scim/v2/Groups", json=group, headers=headers(auth))
+                assert r.status == 201, await r.text()
+                for query, groups in (("", ["Sales"]), ("?excludedAttributes=groups", None)):
+                    statements.clear()
+                    r = await client.get(f"/scim/v2/Users/{user['id']}{query}", headers=auth)
+                    got = await r.json(content_type=None)
+                    assert r.status == 200 and got["userName"] == "a@contoso.com"
+                    shown = [g["display"] for g in got["groups"]] if "groups" in got else None
+                    assert shown == groups
+                    reads = [s for s in statements if "scim_users" in s or "scim_group" in s]
+                    assert len(reads) == 1, reads
+    finally:
+        database_module._connection_hooks.remove(record)
