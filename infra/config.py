@@ -141,6 +141,10 @@ class Settings:
     bulk_token_cpu: float = field(
         default_factory=lambda: _float_env("SCIMLEDGER_BULK_TOKEN_CPU", 0.01)
     )
+    # The CPUs the bulk process and its PostgreSQL backends on this machine may run on
+    # (service/limits_cpu.py): "auto" (the last quarter of those `serve` may use, at least
+    # one, where there are two or more), "all", or a list such as "3" or "2-3,6".
+    bulk_cpus: str = field(default_factory=lambda: os.environ.get("SCIMLEDGER_BULK_CPUS", "auto"))
     # Set by `serve` on the front processes: the bulk process's Unix socket. On the bulk
     # process itself: `bulk_peer` (it trusts the client address the front forwards).
     bulk_socket: str | None = None

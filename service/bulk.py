@@ -54,7 +54,7 @@ from service.bulk_handoff import can_hand_off, hand_off, handoff_path, taking_ha
 from service.bulk_handoff import trust_front as trust_front
 from service.errors import ScimError
 from service.limits_cost import HeavyTokens
-from service.limits_cpu import behind_everyone
+from service.limits_cpu import behind_everyone, bulk_cpu_set, cpu_list
 from service.metrics import observe_request
 
 log = structlog.get_logger("scimledger.bulk")
@@ -379,7 +379,11 @@ def _bulk_main(
     _die_with_parent()
     logsetup.configure()
     structlog.contextvars.bind_contextvars(process="bulk")
-    behind_everyone()
+    # `serve` checked the setting before it started anything (service/cli/server.py).
+    cpus = bulk_cpu_set(settings.bulk_cpus, os.sched_getaffinity(0))
+    behind_everyone(cpus)
+    if cpus is not None:
+        log.info("bulk process confined", cpus=cpu_list(cpus))
     import uvloop
 
     with contextlib.suppress(KeyboardInterrupt):

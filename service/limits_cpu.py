@@ -17,6 +17,15 @@ projection runners and the feeds' background work should keep up with everyone's
 it runs at SERVING_NICENESS only while it serves requests, and for SERVING_LINGER seconds
 after the last: a burst of large bodies lowers it once, not once per request (the kernel
 lets an unprivileged process change a group's weight at most every 100 ms anyway).
+
+Weight and priority decide who runs first, not where. With the CPUs shared freely, the
+other tenants' requests still waited behind the bulk process's work: a request's database
+round trips (the backend woken to read the query, the front to read the answer) were what
+grew, not its statements, and neither a lower priority (SCHED_IDLE for the bulk process and
+its backends), shorter slices nor a CPU quota of 30% of one core took that away. Confining the
+bulk process and its local backends to some of the CPUs did (SCIMLEDGER_BULK_CPUS, by
+default the last quarter of those `serve` may use, at least one, where there are two or
+more): whatever large bodies a client sends, the other CPUs never run their work.
 """
 
 from __future__ import annotations
@@ -25,6 +34,9 @@ import asyncio
 import contextlib
 import errno
 import os
+import re
+from collections.abc import Collection
+from functools import partial
 from pathlib import Path
 
 import asyncpg
@@ -39,28 +51,84 @@ SERVING_LINGER = 1.0
 _AUTOGROUP = Path("/proc/self/autogroup")
 
 
-def behind_everyone() -> None:
-    """This process, and the PostgreSQL backends it opens, yield the CPU to everyone else's."""
+# Linux's own bound on CPU numbers (CONFIG_NR_CPUS at most 8192).
+_MAX_CPUS = 8192
+_CPU_RANGE = re.compile(r"(\d{1,4})(?:-(\d{1,4}))?", re.ASCII)
+
+
+def bulk_cpu_set(spec: str, allowed: Collection[int]) -> frozenset[int] | None:
+    """The CPUs SCIMLEDGER_BULK_CPUS (`spec`) confines the bulk process to, or None (all of
+    them, where the scheduler likes); `allowed`: those this process may use. ValueError for a
+    list that is malformed or names a CPU outside `allowed`."""
+    usable = sorted(allowed)
+    wanted = spec.strip().lower()
+    if wanted == "all":
+        return None
+    if wanted == "auto":
+        return frozenset(usable[-max(1, len(usable) // 4) :]) if len(usable) >= 2 else None
+    chosen: set[int] = set()
+    for part in wanted.split(","):
+        found = _CPU_RANGE.fullmatch(part.strip())
+        low, high = (int(found[1]), int(found[2] or found[1])) if found else (1, 0)
+        if low > high or high >= _MAX_CPUS:
+            raise ValueError(
+                f"SCIMLEDGER_BULK_CPUS={spec!r}: not a list of CPUs such as 3 or 2-3,6"
+                " (or auto, or all)"
+            )
+        chosen.update(range(low, high + 1))
+    outside = sorted(chosen.difference(usable))
+    if outside:
+        raise ValueError(
+            f"SCIMLEDGER_BULK_CPUS={spec!r}: CPU {outside[0]} is not one serve may use"
+            f" ({cpu_list(usable)})"
+        )
+    return frozenset(chosen)
+
+
+def cpu_list(cpus: Collection[int]) -> str:
+    """CPUs as Linux lists them (Cpus_allowed_list): 0-3,6."""
+    ranges: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if ranges and ranges[-1][1] == cpu - 1:
+            ranges[-1][1] = cpu
+        else:
+            ranges.append([cpu, cpu])
+    return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in ranges)
+
+
+def behind_everyone(cpus: frozenset[int] | None = None) -> None:
+    """This process, and the PostgreSQL backends it opens, yield the CPU to everyone else's,
+    and run on `cpus` only (None: on any)."""
     with contextlib.suppress(OSError):
         os.setsid()
     with contextlib.suppress(OSError):
         _AUTOGROUP.write_text(str(BULK_NICENESS))
     with contextlib.suppress(OSError):
         os.nice(BULK_NICENESS)
+    if cpus is not None:
+        # Every thread there is; those started later inherit it.
+        with contextlib.suppress(OSError):
+            for task in os.listdir("/proc/self/task"):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(task), cpus)
     from infra.database import on_connect
 
-    on_connect(_renice_backend)
+    on_connect(partial(_lower_backend, cpus))
 
 
-async def _renice_backend(conn: asyncpg.Connection) -> None:
+async def _lower_backend(cpus: frozenset[int] | None, conn: asyncpg.Connection) -> None:
     # Over TCP to another machine the pid is that machine's: only a local server's.
     address = await conn.fetchval("SELECT inet_server_addr()")
     if address is not None and not address.is_loopback:
         return
     pid = conn.get_server_pid()
     with contextlib.suppress(psutil.Error, OSError):
-        if psutil.Process(pid).name() == "postgres":
+        if psutil.Process(pid).name() != "postgres":
+            return
+        with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, pid, BULK_NICENESS)
+        if cpus is not None:
+            os.sched_setaffinity(pid, cpus)
 
 
 class ServingPriority:

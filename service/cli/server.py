@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from pathlib import Path
 
@@ -36,9 +37,14 @@ def serve(
 ) -> None:
     """Serve SCIM at http://HOST:PORT/scim/v2/."""
     # The app (aiohttp, scim2-models) takes a second to import: only `serve` pays for it.
+    from service.limits_cpu import bulk_cpu_set
     from service.workers import ListenError, default_workers, serve_workers
 
     settings = settings_for(data_dir, database_url, host=host, port=port)
+    try:  # the bulk process's CPUs (service/limits_cpu.py): a bad list stops us here
+        bulk_cpu_set(settings.bulk_cpus, os.sched_getaffinity(0))
+    except ValueError as e:
+        raise CliError(str(e)) from None
     logsetup.configure()
     count = workers or default_workers()
     try:
