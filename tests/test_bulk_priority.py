@@ -100,9 +100,9 @@ async def test_the_bulk_process_and_its_backends_keep_to_their_cpus(fresh_dsn: s
         if setting is not None:
             env["SCIMLEDGER_BULK_CPUS"] = setting
         proc, banner, port = await serve("--workers", "1", "--database-url", fresh_dsn, env=env)
-        token = token or _token(banner)  # the first start's (the tenant it made)
-        headers = {"Authorization": f"Bearer {token}"}
         try:
+            token = token or _token(banner)  # the first start's (the tenant it made)
+            headers = {"Authorization": f"Bearer {token}"}
             [bulk] = bulk_of(proc.pid)
             user = entra_user(f"big-{setting}@contoso.com")
             user["emails"] = [{"type": "work", "value": f"a{i}@contoso.com"} for i in range(80)]
