@@ -23,9 +23,11 @@ other tenants' requests still waited behind the bulk process's work: a request's
 round trips (the backend woken to read the query, the front to read the answer) were what
 grew, not its statements, and neither a lower priority (SCHED_IDLE for the bulk process and
 its backends), shorter slices nor a CPU quota of 30% of one core took that away. Confining the
-bulk process and its local backends to some of the CPUs did (SCIMLEDGER_BULK_CPUS, by
-default the last quarter of those `serve` may use, at least one, where there are two or
-more): whatever large bodies a client sends, the other CPUs never run their work.
+bulk process and its local backends to some of the CPUs took most of it away
+(SCIMLEDGER_BULK_CPUS, by default the last quarter of those `serve` may use, at least one,
+where there are two or more): whatever large bodies a client sends, the other CPUs never run
+their work. What is left on 2 cores is the other requests' own: with one CPU left to them, a
+client, the front and a backend wait behind each other there (docs/operations.md).
 """
 
 from __future__ import annotations
