@@ -73,6 +73,8 @@ def create_app(
     app.on_response_prepare.append(stamp_request_id)
     app[SETTINGS] = settings
     app[_ROLE] = role
+    if metering:
+        app[limits_cost.HEAVY_TOKENS] = heavy
     if settings.bulk_peer:
         app[limits_cpu.SERVING_PRIORITY] = limits_cpu.ServingPriority()
     app[_FOLLOWERS] = followers = settings.run_projections and not _has_bulk(settings, role)

@@ -14,8 +14,11 @@ accept a connection only once its first bytes have arrived (TCP_DEFER_ACCEPT, as
 (MSG_PEEK): a whole request head of POST, PUT or PATCH whose Content-Length is past the bulk
 threshold (and within the body limit), neither chunked nor compressed, goes to the bulk
 process with nothing read, and the bulk process reads the request from the socket itself.
-Anything else (the head not all there yet, a small body, a chunked one, a large body later
-on a kept-alive connection, a heavy token's small body) is aiohttp's, as before, and goes
+So does a small body of a token marked heavy (service/limits_cost.py): its
+requests with a body all go to the bulk process for a while, and a front that parsed each one
+and ran it to the first middleware spent 1.5 ms on it (a PATCH of 46 KB, bench.cost), where
+another tenant's GETs waited. Anything else (the head not all there yet, a small body, a
+chunked one, a large body later on a kept-alive connection) is aiohttp's, as before, and goes
 to the bulk process from within aiohttp where it should.
 
 If the bulk process does not take the connection, aiohttp serves it, and its 503 comes at
@@ -36,6 +39,7 @@ from aiohttp import web
 
 from infra.metrics import BULK_HANDOFFS
 from service.bulk_handoff import _Fed, send_connection
+from service.limits_cost import HEAVY_TOKENS, HeavyTokens
 
 # What the front looks at of a connection's first bytes for a request head (aiohttp's own
 # limits allow longer heads: those are aiohttp's to parse, and go on from there).
@@ -48,10 +52,13 @@ _VERSIONS = (b" HTTP/1.1", b" HTTP/1.0")
 _LENGTH_DIGITS = 18  # past this, no body is within any limit (and int() stays cheap)
 
 
-def large_body(head: bytes, threshold: int, most: int) -> bool:
+def large_body(
+    head: bytes, threshold: int, most: int, heavy: HeavyTokens | None = None
+) -> bool:
     """Whether `head`, a connection's first bytes, holds a whole request head of POST, PUT or
-    PATCH with one Content-Length in (threshold, most], no Transfer-Encoding, and no
-    Content-Encoding but identity. Anything unusual is False: aiohttp's to judge."""
+    PATCH with one Content-Length in (threshold, most] (in (0, most] when its bearer token is
+    marked in `heavy`), no Transfer-Encoding, and no Content-Encoding but identity. Anything
+    unusual is False: aiohttp's to judge."""
     end = head.find(b"\r\n\r\n")
     if end < 0:
         return False
@@ -60,6 +67,7 @@ def large_body(head: bytes, threshold: int, most: int) -> bool:
     if method not in _BODY_METHODS or not rest.endswith(_VERSIONS):
         return False
     length = None
+    authorization: bytes | None = None
     for item in fields:
         name, colon, value = item.partition(b":")
         if not colon or not name or name[-1:] in b" \t" or name[:1] in b" \t":
@@ -73,7 +81,15 @@ def large_body(head: bytes, threshold: int, most: int) -> bool:
             return False
         elif name == b"content-encoding" and value.lower() != b"identity":
             return False
-    return length is not None and threshold < length <= most
+        elif name == b"authorization":
+            authorization = value if authorization is None else b""  # two: neither counts
+    if length is None or not 0 < length <= most:
+        return False
+    if length > threshold:
+        return True
+    # A heavy token's small body (service/limits_cost.py), as forward_large sends it on.
+    credentials = (authorization or b"").decode("utf-8", "surrogateescape")
+    return heavy is not None and heavy.holds_credentials(credentials)
 
 
 def _peek(sock: socket.socket) -> bytes:
@@ -100,6 +116,7 @@ class Early:
     path: str  # the bulk process's hand-off socket
     threshold: int  # SCIMLEDGER_BULK_BODY_BYTES
     most: int  # SCIMLEDGER_MAX_BODY_BYTES
+    heavy: HeavyTokens | None = None  # the tokens whose bodies all go (service/limits_cost.py)
     handing: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -117,7 +134,7 @@ class _Sniffer(asyncio.Protocol):
         if (
             sock is None
             or sock.family not in (socket.AF_INET, socket.AF_INET6)
-            or not large_body(_peek(sock), early.threshold, early.most)
+            or not large_body(_peek(sock), early.threshold, early.most, early.heavy)
         ):
             transport.set_protocol(protocol := early.server())
             protocol.connection_made(transport)
@@ -168,7 +185,7 @@ class FrontSite(web.TCPSite):
         if BULK_HANDOFF in app:
             settings = app[SETTINGS]
             early = Early(server, app[BULK_HANDOFF], settings.bulk_body_bytes,
-                          settings.max_body_bytes)  # fmt: skip
+                          settings.max_body_bytes, app.get(HEAVY_TOKENS))  # fmt: skip
             self.early = early
             factory = partial(_Sniffer, early)
         listening = await loop.create_server(

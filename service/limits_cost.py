@@ -112,9 +112,13 @@ class HeavyTokens:
 
     def holds(self, request: web.Request, now: float | None = None) -> bool:
         """Whether the request's bearer token is marked (no hashing while none is)."""
+        return self.holds_credentials(request.headers.get("Authorization", ""), now)
+
+    def holds_credentials(self, authorization: str, now: float | None = None) -> bool:
+        """Whether the bearer token of an Authorization header's value is marked."""
         if not self._until:
             return False
-        key = _key(request)
+        key = bearer_key(authorization)
         if key is None:
             return False
         until = self._until.get(key)
@@ -129,8 +133,13 @@ class HeavyTokens:
         return len(self._until)
 
 
-def _key(request: web.Request) -> bytes | None:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+# A front's marks, where its listening sites' sniffer reads them (service/bulk_accept.py).
+HEAVY_TOKENS = web.AppKey("heavy_tokens", HeavyTokens)
+
+
+def bearer_key(authorization: str) -> bytes | None:
+    """The digest HeavyTokens keys a bearer token by, from an Authorization header's value."""
+    scheme, _, token = authorization.strip().partition(" ")
     token = token.strip()
     return digest(token) if scheme.lower() == "bearer" and token else None
 
@@ -149,7 +158,7 @@ def metered(heavy: HeavyTokens, most: float) -> Middleware:
                 return await handler(request)
         finally:
             if spent.seconds > most:
-                key = _key(request)
+                key = bearer_key(request.headers.get("Authorization", ""))
                 if key is not None and heavy.mark(key):
                     log.info(
                         "token served by the bulk process",

@@ -11,7 +11,9 @@ import orjson
 import psutil
 import pytest
 
+from infra.tenants import digest
 from service.bulk_accept import large_body
+from service.limits_cost import HeavyTokens
 from tests.test_bulk import THRESHOLD, _big_user
 from tests.test_bulk import _serve as serve_one
 from tests.test_bulk_handoff import CLIENT, _exchange, _replies, _request, answered_posts
@@ -55,6 +57,57 @@ def _head(*fields: str, line: str = "POST /scim/v2/Users HTTP/1.1") -> bytes:
 )
 def test_which_heads_are_handed_over_at_accept(head: bytes, large: bool) -> None:
     assert large_body(head, THRESHOLD, MOST) is large
+    assert large_body(head, THRESHOLD, MOST, HeavyTokens()) is large
+
+
+@pytest.mark.parametrize(
+    ("head", "handed"),
+    [
+        # A heavy token's small body, however its credentials are spelt.
+        (_head("Content-Length: 10", "Authorization: Bearer heavy"), True),
+        (_head("Content-Length: 10", "authorization:bearer  heavy "), True),
+        (
+            _head(
+                "Authorization: Bearer heavy",
+                "Content-Length: 1",
+                line="PATCH /scim/v2/Users/1 HTTP/1.1",
+            ),
+            True,
+        ),
+        # Another token's, none, another scheme, two Authorization headers.
+        (_head("Content-Length: 10", "Authorization: Bearer light"), False),
+        (_head("Content-Length: 10"), False),
+        (_head("Content-Length: 10", "Authorization: Basic heavy"), False),
+        (
+            _head("Content-Length: 10", "Authorization: Bearer heavy", "Authorization: Bearer x"),
+            False,
+        ),
+        # Without a body, or not a body method, or a body past the limit: as for any token.
+        (_head("Content-Length: 0", "Authorization: Bearer heavy"), False),
+        (_head("Authorization: Bearer heavy"), False),
+        (
+            _head(
+                "Content-Length: 10",
+                "Authorization: Bearer heavy",
+                line="GET /scim/v2/Users HTTP/1.1",
+            ),
+            False,
+        ),
+        (_head(f"Content-Length: {MOST + 1}", "Authorization: Bearer heavy"), False),
+        (
+            _head(
+                "Content-Length: 10", "Authorization: Bearer heavy", "Transfer-Encoding: chunked"
+            ),
+            False,
+        ),
+    ],
+)
+def test_a_heavy_token_s_small_body_is_handed_over_at_accept(head: bytes, handed: bool) -> None:
+    heavy = HeavyTokens()
+    assert not large_body(head, THRESHOLD, MOST, heavy)  # nothing marked yet
+    heavy.mark(digest("heavy"))
+    assert large_body(head, THRESHOLD, MOST, heavy) is handed
+    assert not large_body(head, THRESHOLD, MOST)  # a front without marks
 
 
 async def _handoffs(http: aiohttp.ClientSession, port: int) -> dict[str, float]:

@@ -16,6 +16,7 @@ from aiohttp.test_utils import make_mocked_request
 from infra.tenants import create_tenant
 from service import limits_cost
 from service.limits_cost import HeavyTokens, MeteredExecutor, Spent
+from tests.test_bulk_accept import _handoffs
 from tests.test_cli import _serve as serve
 from tests.test_cli import _stop, _token
 from tests.test_entra_users import entra_user
@@ -114,6 +115,13 @@ async def test_a_token_that_costs_the_front_cpu_is_served_by_the_bulk_process(
             await send(hostile, "POST", "/Users", entra_user("next@contoso.com"), "next")
             await send(hostile, "GET", f"/Users/{created[0]}", None, "get")
             await send(other, "POST", "/Users", entra_user("other@contoso.com"), "other")
+        # First on a new connection, a heavy token's small body is handed over as the front
+        # accepts it, before aiohttp reads a byte (service/bulk_accept.py).
+        fresh = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=fresh) as http:
+            await send(hostile, "POST", "/Users", entra_user("fresh@contoso.com"), "fresh")
+            await send(other, "POST", "/Users", entra_user("other2@contoso.com"), "other2")
+            handoffs = await _handoffs(http, port)
     finally:
         assert await _stop(proc) == 0
     assert proc.stderr is not None
@@ -124,10 +132,13 @@ async def test_a_token_that_costs_the_front_cpu_is_served_by_the_bulk_process(
         if line["event"] == "request" and line.get("request_id") in served
     }
     expected = {"create": "front", "next": "front", "get": "front", "other": "front"}
+    expected |= {"fresh": "front", "other2": "front"}
     if costly:
         # The costly request itself was served by the front; the token's next request with a
         # body goes to the bulk process. A GET, and another tenant's requests, stay.
-        expected |= {"costly": "front", "next": "bulk"}
+        expected |= {"costly": "front", "next": "bulk", "fresh": "bulk"}
     assert where == expected
+    # `next` from within aiohttp (its connection was kept alive), `fresh` at accept.
+    assert handoffs == ({"request": 1.0, "accept": 1.0} if costly else {})
     marked = [line for line in lines if line["event"] == "token served by the bulk process"]
     assert [(m["tenant"], m["cpu_ms"] > 1) for m in marked] == [("default", True)] * costly
