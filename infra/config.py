@@ -136,8 +136,8 @@ class Settings:
         default_factory=lambda: _int_env("SCIMLEDGER_BULK_BODY_BYTES", 64 * 1024)
     )
     # Seconds of worker-thread CPU one request may cost the front process before its token's
-    # requests with a body go to the bulk process too, for a minute (service/limits_cost.py);
-    # 0 = by body size only.
+    # requests with a body go to the bulk process too, until a minute after the last of them
+    # (service/limits_cost.py); 0 = by body size only.
     bulk_token_cpu: float = field(
         default_factory=lambda: _float_env("SCIMLEDGER_BULK_TOKEN_CPU", 0.01)
     )

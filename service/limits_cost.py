@@ -9,10 +9,12 @@ tenant sent such requests among its 2 MiB bodies).
 
 So the front meters the CPU its worker threads spend on each request (the loop's default
 executor, `MeteredExecutor`), and a token one of whose requests took more than
-SCIMLEDGER_BULK_TOKEN_CPU seconds has its next requests with a body relayed to the bulk
-process, as large bodies are, for HEAVY_FOR seconds. A client that sends such requests
-costs the front one of them per HEAVY_FOR. Ordinary traffic (Entra's writes are parsed on
-the loop, with no worker thread) is never marked.
+SCIMLEDGER_BULK_TOKEN_CPU seconds has its next requests with a body sent to the bulk
+process, as large bodies are, until HEAVY_FOR seconds after the last of them. A client that
+keeps sending such requests costs the front one of them, not one per HEAVY_FOR: marks that
+ran out each minute had the front work on one again, 30-60 ms in one piece, and a tenant
+sending 200 GETs a second saw a dozen of them wait for it. Ordinary traffic (Entra's writes
+are parsed on the loop, with no worker thread) is never marked.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from service.state import PRINCIPAL, Handler
 T = TypeVar("T")
 log = structlog.get_logger("scimledger.limits")
 
-# How long a token stays marked.
+# How long a token stays marked after its last request with a body.
 HEAVY_FOR = 60.0
 # Tokens remembered at once; past it the oldest mark is dropped (it is only a routing hint).
 MAX_MARKED = 10_000
@@ -111,11 +113,13 @@ class HeavyTokens:
         return until is None or until <= now
 
     def holds(self, request: web.Request, now: float | None = None) -> bool:
-        """Whether the request's bearer token is marked (no hashing while none is)."""
+        """Whether the request's bearer token is marked (no hashing while none is); if it is,
+        the mark runs from `now` again: asked only of a request with a body, which goes to
+        the bulk process if it is."""
         return self.holds_credentials(request.headers.get("Authorization", ""), now)
 
     def holds_credentials(self, authorization: str, now: float | None = None) -> bool:
-        """Whether the bearer token of an Authorization header's value is marked."""
+        """`holds`, for the bearer token of an Authorization header's value."""
         if not self._until:
             return False
         key = bearer_key(authorization)
@@ -124,9 +128,13 @@ class HeavyTokens:
         until = self._until.get(key)
         if until is None:
             return False
-        if until <= (time.monotonic() if now is None else now):
+        now = time.monotonic() if now is None else now
+        if until <= now:
             del self._until[key]
             return False
+        # Held again from now: the token's request goes to the bulk process, not the front.
+        self._until.move_to_end(key)
+        self._until[key] = now + self.seconds
         return True
 
     def __len__(self) -> int:

@@ -55,18 +55,25 @@ def _request(token: str | None) -> aiohttp.web.Request:
     return make_mocked_request("POST", "/scim/v2/Users", headers=headers)
 
 
-def test_a_mark_lasts_its_time_and_the_table_keeps_the_newest() -> None:
+def test_a_mark_lasts_its_time_after_the_last_request_and_the_table_keeps_the_newest() -> None:
     heavy = HeavyTokens(seconds=60, limit=2)
     assert not heavy.holds(_request("a"))
     assert heavy.mark(limits_cost.digest("a"), now=0.0)  # newly marked
     assert not heavy.mark(limits_cost.digest("a"), now=0.0)  # marked again: not news
     assert heavy.holds(_request("a"), now=59.0)
     assert not heavy.holds(_request("b"), now=59.0) and not heavy.holds(_request(None), now=59.0)
-    assert not heavy.holds(_request("a"), now=60.0) and len(heavy) == 0  # expired, dropped
+    # Held at 59 s, so marked until 119 s: a token that keeps sending never gets back to the
+    # front; one that stops for the whole time does.
+    assert heavy.holds(_request("a"), now=118.0)
+    assert not heavy.holds(_request("a"), now=178.0) and len(heavy) == 0  # expired, dropped
     for name in ("a", "b", "c"):
-        heavy.mark(limits_cost.digest(name), now=100.0)
-    assert len(heavy) == 2 and not heavy.holds(_request("a"), now=101.0)
-    assert heavy.holds(_request("b"), now=101.0) and heavy.holds(_request("c"), now=101.0)
+        heavy.mark(limits_cost.digest(name), now=200.0)
+    assert len(heavy) == 2 and not heavy.holds(_request("a"), now=201.0)
+    assert heavy.holds(_request("b"), now=201.0) and heavy.holds(_request("c"), now=201.0)
+    # Held, a mark is the newest: "b" is kept when another comes, "c" is dropped.
+    assert heavy.holds(_request("b"), now=202.0)
+    heavy.mark(limits_cost.digest("d"), now=203.0)
+    assert heavy.holds(_request("b"), now=204.0) and not heavy.holds(_request("c"), now=204.0)
 
 
 async def _serve(dsn: str) -> tuple[asyncio.subprocess.Process, str, int]:
