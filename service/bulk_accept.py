@@ -52,9 +52,7 @@ _VERSIONS = (b" HTTP/1.1", b" HTTP/1.0")
 _LENGTH_DIGITS = 18  # past this, no body is within any limit (and int() stays cheap)
 
 
-def large_body(
-    head: bytes, threshold: int, most: int, heavy: HeavyTokens | None = None
-) -> bool:
+def large_body(head: bytes, threshold: int, most: int, heavy: HeavyTokens | None = None) -> bool:
     """Whether `head`, a connection's first bytes, holds a whole request head of POST, PUT or
     PATCH with one Content-Length in (threshold, most] (in (0, most] when its bearer token is
     marked in `heavy`), no Transfer-Encoding, and no Content-Encoding but identity. Anything
@@ -88,8 +86,9 @@ def large_body(
     if length > threshold:
         return True
     # A heavy token's small body (service/limits_cost.py), as forward_large sends it on.
-    credentials = (authorization or b"").decode("utf-8", "surrogateescape")
-    return heavy is not None and heavy.holds_credentials(credentials)
+    return heavy is not None and heavy.holds_credentials(
+        (authorization or b"").decode("utf-8", "surrogateescape")
+    )
 
 
 def _peek(sock: socket.socket) -> bytes:

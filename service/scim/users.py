@@ -179,14 +179,19 @@ async def groups_of(request: web.Request, user_ids: list[UUID]) -> dict[UUID, li
     found: dict[UUID, list[dict[str, str]]] = {}
     for row in rows:
         found.setdefault(row["member_id"], []).append(
-            {
-                "value": str(row["id"]),
-                "$ref": f"{base}/Groups/{row['id']}",
-                "display": row["display_name"],
-                "type": "direct",
-            }
+            _group_ref(base, str(row["id"]), row["display_name"])
         )
     return found
+
+
+def _group_ref(base: str, group_id: str, display: str) -> dict[str, str]:
+    """One of a user's `groups` (RFC 7643 §4.1.2): its direct groups only."""
+    return {
+        "value": group_id,
+        "$ref": f"{base}/Groups/{group_id}",
+        "display": display,
+        "type": "direct",
+    }
 
 
 def _wants_groups(attributes: str | None, excluded: str | None) -> bool:
@@ -299,16 +304,13 @@ async def get(request: web.Request) -> web.StreamResponse:
     if_none_match = request.headers.get("If-None-Match")
     if if_none_match and etag_matches(if_none_match, row["version"]):
         return web.Response(status=304, headers={"ETag": etag(row["version"])})
-    groups = _groups_of_extra(request, row["extra"]) if wants and row["extra"] else None
+    groups = _groups_of_extra(base_url(request), row["extra"]) if wants and row["extra"] else None
     return _reply(request, _resource_of_row(request, row, groups), row["version"])
 
 
-def _groups_of_extra(request: web.Request, extra: list[list[str]]) -> list[dict[str, str]]:
+def _groups_of_extra(base: str, extra: list[list[str]]) -> list[dict[str, str]]:
     """The `groups` attribute from GROUPS_OF_ROW's [[id, displayName], ...]."""
-    base = base_url(request)
-    return [
-        {"value": i, "$ref": f"{base}/Groups/{i}", "display": d, "type": "direct"} for i, d in extra
-    ]
+    return [_group_ref(base, group_id, display) for group_id, display in extra]
 
 
 async def replace(request: web.Request) -> web.Response:
@@ -392,9 +394,10 @@ def _page(
     excluded = excluding(query.excluded_attributes, names)
     groups: dict[UUID, list[dict[str, str]]] = {}
     if wants:
+        base = base_url(request)
         for row in rows:
             if row["extra"]:
-                groups[row["id"]] = _groups_of_extra(request, row["extra"])
+                groups[row["id"]] = _groups_of_extra(base, row["extra"])
     return [
         select_attributes(
             _resource_of_row(request, row, groups.get(row["id"])),
