@@ -240,20 +240,6 @@ async def _alternating(
     return spans
 
 
-async def _plain(origin: str, token: str, user: str, rate: float, seconds: float) -> list[Span]:
-    """The hostile tenant's plain GET of one of its users, `rate` a second for `seconds`, each
-    on a connection of its own (as each hostile body is: the bulk process's reply closes it)."""
-    connector = aiohttp.TCPConnector(force_close=True)
-    spans: list[Span] = []
-    async with aiohttp.ClientSession(connector=connector) as session:
-        plain, began = Scim(session, f"{origin}/scim/v2", token), time.monotonic()
-        while (started := time.monotonic()) < began + seconds:
-            await plain.send("GET", f"/Users/{user}")
-            spans.append((started, time.monotonic()))
-            await asyncio.sleep(max(began + len(spans) / rate - time.monotonic(), 0))
-    return spans
-
-
 async def _hostile(
     origin: str, token: str, targets: dict[str, Any], cpus: list[int], mode: str,
     seconds: float, rate: float,
@@ -271,16 +257,19 @@ async def _hostile(
         await asyncio.to_thread(sys.stdin.readline)
         if mode == "bodies":
             return await _alternating(hostile, bodies, t, seconds)
-        return await _plain(origin, token, t.members[0], rate, seconds)
+        # Plain GETs of one of its users, each on a connection of its own (as each hostile
+        # body is: the bulk process's reply closes it).
+        return await _gets(origin, token, t.members[0], seconds, rate, fresh=True)
 
 
 async def _gets(
-    origin: str, token: str, user: str, seconds: float, rate: float = 0.0
+    origin: str, token: str, user: str, seconds: float, rate: float = 0.0, fresh: bool = False
 ) -> list[Span]:
-    """The other tenant's GETs for `seconds`: one after another, or `rate` a second (each
-    timed from when it was due, so that a wait to send it counts)."""
+    """GETs of `user` for `seconds`: one after another, or `rate` a second (each timed from
+    when it was due, so that a wait to send it counts); each on a new connection if `fresh`."""
     samples: list[Span] = []
-    async with aiohttp.ClientSession() as session:
+    connector = aiohttp.TCPConnector(force_close=fresh)
+    async with aiohttp.ClientSession(connector=connector) as session:
         victim = Scim(session, f"{origin}/scim/v2", token)
         began = time.monotonic()
         while (started := time.monotonic()) < began + seconds:
@@ -317,6 +306,10 @@ class Run:
         # Where an attacker's client is kept: the CPUs of the bulk process by default.
         allowed = os.sched_getaffinity(0)
         self.cpus = sorted(bulk_cpu_set("auto", allowed) or allowed)
+
+    async def durations(self, mode: str, seconds: float, **options: float) -> list[float]:
+        """How long each of the other tenant's GETs took (see __call__)."""
+        return [ended - started for started, ended in (await self(mode, seconds, **options))[0]]
 
     async def __call__(
         self, mode: str, seconds: float, rate: float = 0.0, pace: float = 0.0
@@ -378,15 +371,15 @@ async def cost(ctx: Ctx) -> None:
                   f" second from CPUs {cpu_list(run.cpus)}")  # fmt: skip
         gets, sent = await run("bodies", seconds)
         by = _classes(gets, sent)
-        by["idle"] = [b - a for a, b in (await run("none", phase))[0]]
+        by["idle"] = await run.durations("none", phase)
         err.print(f"again, the other tenant's GETs {PACE:.0f} a second")
         paced = _classes(*await run("bodies", seconds, pace=PACE))
-        paced["idle"] = [b - a for a, b in (await run("none", phase, pace=PACE))[0]]
+        paced["idle"] = await run.durations("none", phase, pace=PACE)
         # As many plain requests a second as bodies were sent while sending, beside the loop.
         rate = max(len(sent) / (seconds / 2), 1.0)
         async with serving([sys.executable, "-c", HOG], None):
-            by["floor"] = [b - a for a, b in (await run("plain", phase, rate))[0]]
-            by["loop"] = [b - a for a, b in (await run("none", phase))[0]]
+            by["floor"] = await run.durations("plain", phase, rate=rate)
+            by["loop"] = await run.durations("none", phase)
     worst = max(measured, key=lambda m: m.cpu)
     runs = {"one after another": by, f"{PACE:.0f} a second": paced}
     if missing := [f"{name} ({how})" for how, run_ in runs.items() for name, xs in run_.items()
