@@ -414,16 +414,22 @@ async def serving(
 
 
 @contextlib.asynccontextmanager
-async def scimledger(dsn: str) -> AsyncIterator[tuple[str, subprocess.Popen[bytes]]]:
+async def scimledger(
+    dsn: str, cpus: str = ""
+) -> AsyncIterator[tuple[str, subprocess.Popen[bytes]]]:
     """`scimledger serve` on `dsn`, ready: its origin and process (the CPU sampled from its pid
-    and its children is one server's); BENCH_WORKERS=N runs `serve --workers N`."""
+    and its children is one server's); BENCH_WORKERS=N runs `serve --workers N`. With `cpus`
+    (a list such as 1 or 2-3), the server and its bulk process, with that process's database
+    backends, are confined to those CPUs."""
     origin = f"http://127.0.0.1:{(port := free_port())}"
     argv = [str(SCIMLEDGER), "serve", "--workers", os.environ.get("BENCH_WORKERS", "1")]
     argv += ["--port", str(port), "--database-url", dsn]
     # One token drives the whole load: the per-token rate limit and cap on requests in flight
     # (16 connections > its default 10) would measure themselves.
-    unlimited = {"SCIMLEDGER_RATE_LIMIT": "0", "SCIMLEDGER_MAX_CONCURRENT_PER_TOKEN": "0"}
-    async with serving(argv, f"{origin}/readyz", env={**os.environ, **unlimited}) as proc:
+    env = {**os.environ, "SCIMLEDGER_RATE_LIMIT": "0", "SCIMLEDGER_MAX_CONCURRENT_PER_TOKEN": "0"}
+    if cpus:
+        argv, env["SCIMLEDGER_BULK_CPUS"] = ["taskset", "-c", cpus, *argv], cpus
+    async with serving(argv, f"{origin}/readyz", env=env) as proc:
         yield origin, proc
 
 

@@ -59,13 +59,11 @@ import psutil
 
 from bench.common import (
     CHILD,
-    SCIMLEDGER,
     BenchError,
     Scim,
     create_tenant,
     err,
     finished,
-    free_port,
     make_database,
     patch_body,
     scimledger,
@@ -364,13 +362,8 @@ async def _elsewhere(dsn: str, cpus: list[int]) -> AsyncIterator[tuple[str, str,
     hostile bodies' database work): its origin, a tenant's token and targets, the tenant
     marked heavy (each shape sent once), so that all its bodies go to the bulk process."""
     own = await make_database(dsn, "bench_cost_elsewhere")
-    token, where = create_tenant(own), cpu_list(cpus)
-    origin = f"http://127.0.0.1:{(port := free_port())}"
-    argv = ["taskset", "-c", where, str(SCIMLEDGER), "serve", "--workers", "1"]
-    argv += ["--port", str(port), "--database-url", own]
-    env = {**os.environ, "SCIMLEDGER_BULK_CPUS": where, "SCIMLEDGER_RATE_LIMIT": "0",
-           "SCIMLEDGER_MAX_CONCURRENT_PER_TOKEN": "0"}  # fmt: skip
-    async with serving(argv, f"{origin}/readyz", env=env):
+    token = create_tenant(own)
+    async with scimledger(own, cpu_list(cpus)) as (origin, _):
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT + 60)) as s:
             hostile = Scim(s, f"{origin}/scim/v2", token)
             t = await _targets(hostile)
